@@ -1,0 +1,3 @@
+from trioanubis.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,196 @@
+"""One client connection: pick a server → connect (with failover) → relay.
+
+Theory of operation: `handle_connection` owns the client socket from the
+moment the listener accepted it, and the server socket from the moment a
+connect succeeded; both are closed in its `finally`, whatever happens. The
+pool's `active` counter is raised by `acquire` and lowered by `release` in a
+`try/finally` around the relay, so a cancelled or failed connection never
+leaks a count.
+
+Connecting: the pool's strategy picks a server, `open_server_socket` tries its
+addresses within `connect_timeout`. A failure (refused, reset, timeout) is
+reported to the pool (passive ejection) and another server is picked, never
+one already tried, up to `retries` more attempts and within
+`failover_timeout`. While connecting, a second task watches the client: a
+client that closes meanwhile cancels the attempt (HAProxy's abortonclose),
+so a blackholed server never holds a socket for a client that has left.
+
+`OSError` from connecting is translated here, once, into `ConnectFailed`.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from dataclasses import dataclass, field
+from typing import final
+
+import trio
+
+from trioanubis.errors import ConnectFailed
+from trioanubis.pool import Pool, Server
+from trioanubis.relay import Relay
+
+log = logging.getLogger("trioanubis.connection")
+access_log = logging.getLogger("trioanubis.access")
+
+
+@final
+@dataclass(slots=True)
+class ConnectionRecord:
+    """What the access log and the counters learn about one finished connection."""
+
+    listener: str
+    client: str
+    server: str = "-"
+    bytes_in: int = 0
+    bytes_out: int = 0
+    started: float = 0.0
+    end: str = ""
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def close_socket(sock: socket.socket) -> None:
+    """Close a socket, first waking any task that waits on it (Trio requires this)."""
+    if sock.fileno() >= 0:
+        trio.lowlevel.notify_closing(sock)
+    sock.close()
+
+
+def _new_socket(family: int) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _reason(code: int) -> str:
+    if code == errno.ECONNREFUSED:
+        return "refused"
+    if code in (errno.ECONNRESET, errno.EPIPE):
+        return "reset"
+    if code in (errno.ETIMEDOUT,):
+        return "timeout"
+    if code in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+        return "unreachable"
+    return errno.errorcode.get(code, str(code)).lower()
+
+
+async def open_server_socket(server: Server, timeout: float) -> socket.socket:
+    """Connect to one of `server`'s addresses within `timeout`; ConnectFailed otherwise."""
+    last = ConnectFailed(f"connecting to {server.address}: no address resolved", "unresolved")
+    with trio.move_on_after(timeout) as scope:
+        for family, sockaddr in server.sockaddrs:
+            sock = _new_socket(family)
+            try:
+                code = sock.connect_ex(sockaddr)
+                if code == errno.EINPROGRESS:
+                    await trio.lowlevel.wait_writable(sock)
+                    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if code == 0:
+                    return sock
+                reason = _reason(code)
+                last = ConnectFailed(f"connecting to {server.address}: {reason}", reason)
+            except BaseException:
+                close_socket(sock)
+                raise
+            close_socket(sock)
+    if scope.cancelled_caught:
+        raise ConnectFailed(f"connecting to {server.address}: timeout after {timeout:g}s", "timeout")
+    raise last
+
+
+async def _watch_client_abort(client: socket.socket, scope: trio.CancelScope) -> None:
+    """Cancel `scope` if the client closes or resets before the server answers."""
+    await trio.lowlevel.wait_readable(client)
+    try:
+        data = client.recv(1, socket.MSG_PEEK)
+    except BlockingIOError:
+        return
+    except OSError:
+        data = b""
+    if not data:
+        scope.cancel()
+
+
+async def connect_with_failover(
+    pool: Pool, client: socket.socket, client_key: bytes, record: ConnectionRecord
+) -> tuple[Server, socket.socket] | None:
+    """Pick and connect, failing over to other servers; None when every attempt failed."""
+    config = pool.config
+    tried: list[Server] = []
+    budget = config.failover_timeout or float("inf")
+    with trio.move_on_after(budget) as overall:
+        async with trio.open_nursery() as nursery:
+            abort = trio.CancelScope()
+            nursery.start_soon(_watch_client_abort, client, abort)
+            try:
+                with abort:
+                    for _ in range(config.retries + 1):
+                        server = pool.pick(client_key, tried)
+                        if server is None:
+                            break
+                        tried.append(server)
+                        started = trio.current_time()
+                        try:
+                            sock = await open_server_socket(server, config.connect_timeout)
+                        except ConnectFailed as exc:
+                            log.info("%s (pool %s, client %s)", exc, pool.name, record.client)
+                            pool.record_connect_failure(server, exc.reason)
+                            continue
+                        pool.record_connect_success(server, trio.current_time() - started)
+                        return server, sock
+            finally:
+                nursery.cancel_scope.cancel()
+            if abort.cancelled_caught:
+                record.end = "client_abort"
+                return None
+    if overall.cancelled_caught:
+        log.info("pool %s: failover_timeout reached after %d attempts", pool.name, len(tried))
+    if not tried:
+        pool.no_server += 1
+        if pool.candidates():
+            pool.all_full += 1
+            record.end = "no_server"
+            log.warning("pool %s: every server is at max_connections; closing client %s",
+                        pool.name, record.client)  # fmt: skip
+        else:
+            record.end = "no_server"
+            log.warning("pool %s: no server available; closing client %s", pool.name, record.client)
+        return None
+    pool.no_server += 1
+    record.end = "connect_failed"
+    return None
+
+
+async def handle_connection(
+    client: socket.socket, client_addr: str, client_key: bytes, pool: Pool, record: ConnectionRecord
+) -> None:
+    """Serve one accepted client until it ends; closes the client socket in every case."""
+    server_sock: socket.socket | None = None
+    try:
+        picked = await connect_with_failover(pool, client, client_key, record)
+        if picked is None:
+            return
+        server, server_sock = picked
+        record.server = server.name
+        pool.acquire(server)
+        relay = Relay(
+            client,
+            server_sock,
+            idle_timeout=pool.config.idle_timeout,
+            half_close_timeout=pool.config.half_close_timeout,
+            pool=pool,
+            server_record=server,
+        )
+        try:
+            await relay.run()
+        finally:
+            record.bytes_in, record.bytes_out = relay.bytes_in, relay.bytes_out
+            record.end = relay.end or "shutdown"
+            pool.release(server, relay.bytes_in, relay.bytes_out)
+    finally:
+        if server_sock is not None:
+            close_socket(server_sock)
+        close_socket(client)

@@ -1,0 +1,28 @@
+"""The exception hierarchy: everything the balancer raises on purpose is an AnubisError.
+
+`OSError` is translated once, at the socket boundary (`connect.py`), into a
+`ConnectFailed` that says what was being done; nothing above that layer
+inspects errno values or matches error strings.
+"""
+
+from __future__ import annotations
+
+
+class AnubisError(Exception):
+    """Base of every error trioanubis raises deliberately."""
+
+
+class ConfigError(AnubisError):
+    """A configuration file or argument is invalid; the message names file, key and value."""
+
+
+class NoServerAvailable(AnubisError):
+    """No server of a pool could take a new connection."""
+
+
+class ConnectFailed(AnubisError):
+    """Connecting to one server failed; `reason` is a short word for logs and health state."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason

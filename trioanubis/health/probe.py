@@ -1,0 +1,85 @@
+"""One health check of one server: a TCP connect or an HTTP/1.1 GET spoken with h11.
+
+Each probe returns `(ok, reason)`; the reason is what the logs show when the
+state changes: "refused", "timeout", "status 503", "body lacks 'up'", …
+The whole probe (connect, request, response) is bounded by `timeout`.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import h11
+import trio
+
+from trioanubis.config import HealthConfig
+from trioanubis.connection import close_socket, open_server_socket
+from trioanubis.errors import ConnectFailed
+from trioanubis.pool import Server
+
+# The most of a health response body we read: enough for any status page
+# that says "up", small enough that a misbehaving server cannot bloat us.
+MAX_BODY: Final = 65536
+MAX_HEADERS: Final = 16384
+
+Result = tuple[bool, str]
+
+
+async def probe(server: Server, config: HealthConfig) -> Result:
+    """Run one check of `config.check` kind against `server`."""
+    with trio.move_on_after(config.timeout):
+        try:
+            sock = await open_server_socket(server, config.timeout)
+        except ConnectFailed as exc:
+            return False, exc.reason
+        try:
+            if config.check == "tcp":
+                return True, "connected"
+            stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+            return await _http_check(stream, server, config)
+        finally:
+            close_socket(sock)
+    return False, "timeout"
+
+
+async def _http_check(stream: trio.SocketStream, server: Server, config: HealthConfig) -> Result:
+    conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADERS)
+    host = config.host or str(server.address)
+    request = h11.Request(
+        method="GET",
+        target=config.path,
+        headers=[("Host", host), ("User-Agent", "trioanubis-health"), ("Connection", "close")],
+    )
+    try:
+        await stream.send_all(conn.send(request) + conn.send(h11.EndOfMessage()))
+        status, body = await _read_response(stream, conn)
+    except (OSError, trio.BrokenResourceError):
+        return False, "reset"
+    except h11.RemoteProtocolError as exc:
+        return False, f"bad response: {exc}"
+    if status != config.expect_status:
+        return False, f"status {status}"
+    if config.expect_body and config.expect_body.encode() not in body:
+        return False, f"body lacks {config.expect_body!r}"
+    return True, f"status {status}"
+
+
+async def _read_response(stream: trio.SocketStream, conn: h11.Connection) -> tuple[int, bytes]:
+    status = 0
+    body = bytearray()
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            data = await stream.receive_some(MAX_HEADERS)
+            conn.receive_data(data)
+            continue
+        if isinstance(event, h11.Response):
+            status = event.status_code
+        elif isinstance(event, h11.Data):
+            body += event.data[: MAX_BODY - len(body)]
+            if len(body) >= MAX_BODY:
+                return status, bytes(body)
+        elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+            if not status:
+                raise h11.RemoteProtocolError("connection closed before a response")
+            return status, bytes(body)

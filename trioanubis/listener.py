@@ -1,0 +1,195 @@
+"""Listeners: bind a socket, accept connections, start one task per connection.
+
+Theory of operation: `Listener.serve` binds its socket, reports the bound
+address through `task_status.started`, then accepts until cancelled. Accepted
+connections are started in a *separate* nursery that the caller owns, so
+closing a listener (drain, reload) stops new connections without touching the
+open ones. The listen socket is closed in `finally` the moment its accept
+loop is cancelled.
+
+Accepting drains the backlog (several connections per wake-up) and waits for
+readiness only on EAGAIN. Errors that mean "out of resources" (EMFILE,
+ENFILE, ENOBUFS, ENOMEM) are logged once per episode and retried after a
+short sleep, like Trio's `serve_listeners`; any other error propagates.
+
+Limits: a listener's `max_connections` and the process-wide `Limits` are
+checked right after accept; a client over either limit is closed at once and
+counted in `rejected`.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from typing import Final, final
+
+import trio
+
+from trioanubis.accesslog import AccessLog
+from trioanubis.config import Address, ListenerConfig
+from trioanubis.connection import ConnectionRecord, close_socket, handle_connection
+from trioanubis.errors import AnubisError
+from trioanubis.pool import Pool
+
+log = logging.getLogger("trioanubis.listener")
+
+ACCEPT_OVERLOAD_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# How long to back off when the process is out of file descriptors: the
+# same 100 ms as Trio's serve_listeners; long enough not to spin, short
+# enough that a freed descriptor is used soon.
+ACCEPT_BACKOFF: Final = 0.1
+# Accepts in a row before yielding to the connections already running.
+ACCEPTS_PER_CHECKPOINT: Final = 64
+
+
+def somaxconn() -> int:
+    try:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return socket.SOMAXCONN
+
+
+@final
+class Limits:
+    """The process-wide connection limit, shared by every listener."""
+
+    def __init__(self, max_connections: int) -> None:
+        self.max_connections = max_connections
+        self.active = 0
+
+
+@final
+class Listener:
+    """One bound socket and its counters."""
+
+    def __init__(self, config: ListenerConfig, pool: Pool, limits: Limits, access: AccessLog):
+        self.config = config
+        self.name = config.name
+        self.pool = pool
+        self.limits = limits
+        self.access = access
+        self.accepted = 0
+        self.active = 0
+        self.rejected = 0
+        self.overloads = 0
+        self.bound: Address | None = None
+        self.draining = False
+        self.scope = trio.CancelScope()
+        self._idle = trio.lowlevel.ParkingLot()
+
+    async def serve(
+        self,
+        connections: trio.Nursery,
+        *,
+        task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Bind, report the bound address, and accept into `connections` until cancelled."""
+        with self.scope:
+            sock = await open_listen_socket(self.config.bind, self.config.backlog or somaxconn())
+            try:
+                host, port = sock.getsockname()[:2]
+                self.bound = Address(host, port)
+                log.info("listener %s: listening on %s (pool %s)", self.name, self.bound,
+                         self.pool.name)  # fmt: skip
+                task_status.started(self.bound)
+                await self._accept_loop(sock, connections)
+            finally:
+                close_socket(sock)
+
+    async def _accept_loop(self, sock: socket.socket, connections: trio.Nursery) -> None:
+        overloaded = False
+        in_a_row = 0
+        while True:
+            try:
+                client, addr = sock.accept()
+            except BlockingIOError:
+                in_a_row = 0
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            except OSError as exc:
+                if exc.errno not in ACCEPT_OVERLOAD_ERRNOS:
+                    raise
+                self.overloads += 1
+                if not overloaded:
+                    log.error("listener %s: accept failed: %s; backing off %gs and retrying",
+                              self.name, exc.strerror, ACCEPT_BACKOFF)  # fmt: skip
+                overloaded = True
+                await trio.sleep(ACCEPT_BACKOFF)
+                continue
+            if overloaded:
+                log.warning("listener %s: accepting again", self.name)
+                overloaded = False
+            self.accepted += 1
+            if self._over_limit():
+                self.rejected += 1
+                client.close()
+                continue
+            client.setblocking(False)
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.active += 1
+            self.limits.active += 1
+            connections.start_soon(self._serve_client, client, addr)
+            in_a_row += 1
+            if in_a_row >= ACCEPTS_PER_CHECKPOINT:
+                in_a_row = 0
+                await trio.lowlevel.checkpoint()
+
+    def _over_limit(self) -> bool:
+        limits = self.limits
+        if self.config.max_connections and self.active >= self.config.max_connections:
+            return True
+        return bool(limits.max_connections and limits.active >= limits.max_connections)
+
+    async def _serve_client(self, client: socket.socket, addr: tuple[object, ...]) -> None:
+        host = str(addr[0])
+        record = ConnectionRecord(self.name, f"[{host}]:{addr[1]}" if ":" in host else
+                                  f"{host}:{addr[1]}", started=trio.current_time())  # fmt: skip
+        try:
+            await handle_connection(client, record.client, _client_key(host), self.pool, record)
+        finally:
+            self.active -= 1
+            self.limits.active -= 1
+            if self.draining and record.end in ("client_eof", "server_eof"):
+                record.end = "drained"
+            self.access.log(record)
+            if not self.active:
+                self._idle.unpark_all()
+
+    async def wait_idle(self) -> None:
+        """Return once this listener has no open connections."""
+        while self.active:
+            await self._idle.park()
+
+
+def _client_key(host: str) -> bytes:
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return socket.inet_pton(family, host)
+    except OSError:
+        return host.encode()
+
+
+async def open_listen_socket(bind: Address, backlog: int) -> socket.socket:
+    """A non-blocking listening socket; "" as host means every IPv4 interface.
+
+    A host name is resolved without blocking the event loop; failures become
+    AnubisError naming the address.
+    """
+    host = bind.host or "0.0.0.0"
+    try:
+        infos = await trio.socket.getaddrinfo(host, bind.port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise AnubisError(f"binding {bind}: cannot resolve {host!r}: {exc}") from None
+    family, _, _, _, sockaddr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise AnubisError(f"binding {bind}: {exc.strerror or exc}") from None
+    return sock

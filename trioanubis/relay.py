@@ -1,0 +1,207 @@
+"""The relay: two pumps moving bytes between a client and a server socket.
+
+Theory of operation: one `Relay` per connection holds both sockets and the
+counters of both directions. `run()` opens a nursery with one pump per
+direction and, in its own body, watches for inactivity.
+
+- A pump calls the non-blocking `recv_into` / `send` first and waits for
+  readiness (`trio.lowlevel.wait_readable` / `wait_writable`) only when the
+  kernel says EAGAIN, so a busy connection costs one syscall per chunk.
+- Every pump reads into one process-wide scratch buffer and sends from it
+  before its next checkpoint, which is safe because Trio runs one task at a
+  time. Only the bytes the peer did not accept yet are copied out, into a
+  buffer the pump owns until they are sent. So an idle connection holds no
+  buffer, and a blocked one holds at most one chunk per direction: a pump
+  reads again only after the previous chunk is sent (backpressure).
+- EOF from one side shuts down writing towards the other side and ends that
+  pump; the other direction keeps flowing (half-close). When both pumps have
+  seen EOF the relay ends normally.
+- A reset or error on either socket ends the whole relay at once: the pump
+  records why (`end`) and cancels the nursery; the caller closes both sockets.
+- The body of `run()` is the idle watchdog: no byte in either direction for
+  `idle_timeout` (or `half_close_timeout` once one side has sent EOF) ends
+  the relay with `end = "idle_timeout"`.
+
+Sockets are stdlib sockets in non-blocking mode; this module never closes
+them (the connection that opened them does, after the nursery has exited, so
+no task is waiting on them any more).
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import TYPE_CHECKING, Final, final
+
+import trio
+
+if TYPE_CHECKING:
+    from trioanubis.pool import Pool, Server
+
+# One read's worth of bytes; also the most a pump ever holds while its peer
+# is not reading (per direction). 64 KiB is the size where loopback
+# throughput stops improving with bigger reads.
+CHUNK_SIZE: Final = 65536
+
+# A pump that never finds its socket empty checkpoints after this many full
+# chunks, so other connections and cancellation get a turn.
+FULL_READS_PER_CHECKPOINT: Final = 16
+
+_scratch = bytearray(CHUNK_SIZE)
+_SCRATCH: Final = memoryview(_scratch)
+
+_current_time = trio.current_time
+_wait_readable = trio.lowlevel.wait_readable
+_wait_writable = trio.lowlevel.wait_writable
+_checkpoint = trio.lowlevel.checkpoint
+
+
+@final
+class Relay:
+    """Both directions of one proxied connection, and what happened to them."""
+
+    __slots__ = (
+        "bytes_in", "bytes_out", "client", "end", "eofs", "first_sent", "half_close_timeout",
+        "idle_timeout", "last_activity", "pending_in", "pending_out", "pool", "scope", "server",
+        "server_record",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        client: socket.socket,
+        server: socket.socket,
+        *,
+        idle_timeout: float,
+        half_close_timeout: float,
+        pool: Pool | None = None,
+        server_record: Server | None = None,
+    ) -> None:
+        self.client = client
+        self.server = server
+        self.idle_timeout = idle_timeout
+        self.half_close_timeout = half_close_timeout
+        self.pool = pool  # where first-byte latency samples go (least_time)
+        self.server_record = server_record
+        self.bytes_in = 0  # client → server
+        self.bytes_out = 0  # server → client
+        self.pending_in = 0  # bytes read from the client, not yet accepted by the server
+        self.pending_out = 0
+        self.eofs: list[str] = []  # "client_eof" / "server_eof", in the order they happened
+        self.end = ""  # why the relay ended; "" while running or when cut from outside
+        self.first_sent = 0.0  # when the first client byte went to the server
+        self.last_activity = 0.0
+        self.scope: trio.CancelScope | None = None
+
+    async def run(self) -> None:
+        """Relay until both sides sent EOF, one side failed, or the connection went idle.
+
+        Cancellation from outside (shutdown) leaves `end` empty and propagates.
+        """
+        self.last_activity = _current_time()
+        async with trio.open_nursery() as nursery:
+            self.scope = nursery.cancel_scope
+            nursery.start_soon(self._pump, self.client, self.server, True)
+            nursery.start_soon(self._pump, self.server, self.client, False)
+            await self._watch_idle()
+
+    def _finish(self, end: str) -> None:
+        if not self.end:
+            self.end = end
+        assert self.scope is not None
+        self.scope.cancel()
+
+    async def _watch_idle(self) -> None:
+        while True:
+            limit = self.half_close_timeout if self.eofs else self.idle_timeout
+            deadline = self.last_activity + limit
+            if _current_time() >= deadline:
+                self._finish("idle_timeout")
+                return
+            await trio.sleep_until(deadline)
+
+    async def _pump(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
+        buffer = _SCRATCH
+        full_reads = 0
+        while True:
+            try:
+                received = src.recv_into(buffer)
+            except BlockingIOError:
+                await _wait_readable(src)
+                continue
+            except OSError:
+                self._finish("client_reset" if upstream else "server_reset")
+                return
+            if not received:
+                self._on_eof(dst, upstream)
+                return
+            now = _current_time()
+            self.last_activity = now
+            if upstream:
+                self.bytes_in += received
+                if not self.first_sent:
+                    self.first_sent = now
+            else:
+                if not self.bytes_out and self.first_sent and self.pool is not None:
+                    self._record_first_byte(now)
+                self.bytes_out += received
+            try:
+                sent = dst.send(buffer[:received])
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self._finish("server_reset" if upstream else "client_reset")
+                return
+            if sent < received:
+                if not await self._send_rest(dst, bytes(buffer[sent:received]), upstream):
+                    return
+                full_reads = 0
+            elif received < CHUNK_SIZE:
+                # A short read drained the socket: wait rather than pay for an EAGAIN.
+                await _wait_readable(src)
+                full_reads = 0
+            else:
+                full_reads += 1
+                if full_reads >= FULL_READS_PER_CHECKPOINT:
+                    await _checkpoint()
+                    full_reads = 0
+
+    async def _send_rest(self, dst: socket.socket, data: bytes, upstream: bool) -> bool:
+        """Send what the peer did not take at once; False when the relay ended meanwhile."""
+        view = memoryview(data)
+        try:
+            while view:
+                self._set_pending(upstream, len(view))
+                await _wait_writable(dst)
+                try:
+                    sent = dst.send(view)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    self._finish("server_reset" if upstream else "client_reset")
+                    return False
+                view = view[sent:]
+                self.last_activity = _current_time()
+        finally:
+            self._set_pending(upstream, 0)
+        return True
+
+    def _set_pending(self, upstream: bool, count: int) -> None:
+        if upstream:
+            self.pending_in = count
+        else:
+            self.pending_out = count
+
+    def _on_eof(self, dst: socket.socket, upstream: bool) -> None:
+        self.eofs.append("client_eof" if upstream else "server_eof")
+        self.last_activity = _current_time()
+        try:
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._finish("server_reset" if upstream else "client_reset")
+            return
+        if len(self.eofs) == 2:
+            self._finish(self.eofs[0])
+
+    def _record_first_byte(self, now: float) -> None:
+        assert self.pool is not None and self.server_record is not None
+        if self.pool.config.least_time == "first_byte":
+            self.pool.record_time(self.server_record, now - self.first_sent)
