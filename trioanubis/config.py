@@ -161,7 +161,10 @@ def parse_duration(value: object) -> float:
 
 
 def parse_address(text: str, *, allow_any_host: bool = False) -> Address:
-    """Parse "host:port", "[v6]:port" or (if allowed) ":port"; ValueError with a reason."""
+    """Parse "host:port", "[v6]:port" or, for a place to listen, ":port" and port 0.
+
+    Raises ValueError with the reason.
+    """
     if not isinstance(text, str):
         raise ValueError("must be a string \"host:port\"")
     if text.startswith("["):
@@ -181,8 +184,9 @@ def parse_address(text: str, *, allow_any_host: bool = False) -> Address:
             raise ValueError("IPv6 addresses must be written \"[addr]:port\"")
     if not host and not allow_any_host:
         raise ValueError("the host is missing")
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError("the port must be a number from 1 to 65535")
+    lowest = 0 if allow_any_host else 1  # a listener may ask for any free port with 0
+    if not port_text.isdigit() or not lowest <= int(port_text) < 65536:
+        raise ValueError(f"the port must be a number from {lowest} to 65535")
     return Address(host, int(port_text))
 
 

@@ -1,0 +1,172 @@
+"""Shared test helpers: real loopback backends, a balancer in the test's nursery, waits."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
+
+import trio
+
+from trioanubis.app import Balancer
+from trioanubis.config import Address, parse_config
+
+# Deadline for "eventually": generous, since these machines are shared and noisy.
+EVENTUALLY = 20.0
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = EVENTUALLY) -> None:
+    """Poll `predicate` until true; fail the test after `timeout` seconds."""
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.005)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@contextmanager
+def no_fd_leak() -> Iterator[None]:
+    before = open_fds()
+    yield
+    after = open_fds()
+    assert after <= before, f"file descriptors leaked: {before} before, {after} after"
+
+
+async def echo_handler(stream: trio.SocketStream) -> None:
+    """Echo every byte; on EOF send EOF back (half-close preserved)."""
+    try:
+        while data := await stream.receive_some(65536):
+            await stream.send_all(data)
+        await stream.send_eof()
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    finally:
+        await stream.aclose()
+
+
+class Backend:
+    """An in-process TCP server on 127.0.0.1:0 that counts its connections."""
+
+    def __init__(self, handler: Callable[[trio.SocketStream], Awaitable[None]], name: str):
+        self.handler = handler
+        self.name = name
+        self.connections = 0
+        self.active = 0
+        self.port = 0
+        self.scope = trio.CancelScope()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        self.active += 1
+        try:
+            await self.handler(stream)
+        finally:
+            self.active -= 1
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED, port: int = 0) -> None:
+        with self.scope:
+            listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
+            self.port = listeners[0].socket.getsockname()[1]
+            task_status.started(self)
+            await trio.serve_listeners(self._handle, listeners)
+
+    def stop(self) -> None:
+        self.scope.cancel()
+
+
+async def start_backend(
+    nursery: trio.Nursery,
+    handler: Callable[[trio.SocketStream], Awaitable[None]] = echo_handler,
+    name: str = "backend",
+    port: int = 0,
+) -> Backend:
+    backend = Backend(handler, name)
+    await nursery.start(lambda task_status: backend.run(task_status=task_status, port=port))
+    return backend
+
+
+def config_for(servers: list[Any], **pool: Any) -> dict[str, Any]:
+    """A one-listener config dict on 127.0.0.1:0 balancing to `servers`."""
+    health = pool.pop("health", {"check": "none"})
+    listener = pool.pop("listener", {})
+    settings = pool.pop("settings", {})
+    return {
+        "settings": settings,
+        "listeners": {"test": {"bind": "127.0.0.1:0", "pool": "test", **listener}},
+        "pools": {"test": {"servers": servers, "health": health, **pool}},
+    }
+
+
+@asynccontextmanager
+async def running_balancer(
+    data: Mapping[str, Any],
+) -> AsyncIterator[tuple[Balancer, Address]]:
+    """Run a Balancer for `data` in a nursery of its own; yield it and its first bound address."""
+    config = parse_config(data, "test.toml")
+    balancer = Balancer(config)
+    async with trio.open_nursery() as nursery:
+        bound = await nursery.start(balancer.run)
+        yield balancer, next(iter(bound.values()))
+        nursery.cancel_scope.cancel()
+
+
+async def connect(address: Address) -> trio.SocketStream:
+    return await trio.open_tcp_stream(address.host, address.port)
+
+
+async def receive_all(stream: trio.SocketStream, limit: int = 1 << 26) -> bytes:
+    """Everything until EOF (raises if the peer resets)."""
+    chunks = bytearray()
+    while data := await stream.receive_some(65536):
+        chunks += data
+        assert len(chunks) <= limit
+    return bytes(chunks)
+
+
+async def request(address: Address, payload: bytes = b"ping") -> bytes:
+    """Send `payload`, half-close, and return the whole answer."""
+    stream = await connect(address)
+    async with stream:
+        await stream.send_all(payload)
+        await stream.send_eof()
+        return await receive_all(stream)
+
+
+async def closed_without_answer(address: Address) -> bool:
+    """Connect and wait: True when the balancer closes (or resets) without a byte."""
+    stream = await connect(address)
+    async with stream:
+        try:
+            return await stream.receive_some(1) == b""
+        except trio.BrokenResourceError:
+            return True
+
+
+def name_handler(name: str) -> Callable[[trio.SocketStream], Awaitable[None]]:
+    """A backend that answers every connection with its name, after reading to EOF."""
+
+    async def handler(stream: trio.SocketStream) -> None:
+        try:
+            while await stream.receive_some(65536):
+                pass
+            await stream.send_all(name.encode())
+        except trio.BrokenResourceError:
+            pass
+        finally:
+            await stream.aclose()
+
+    return handler
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

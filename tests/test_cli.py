@@ -1,0 +1,166 @@
+"""The real `anubis` command in subprocesses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+
+from tests.conftest import free_port, name_handler, start_backend
+from trioanubis import __version__
+
+ROOT = Path(__file__).resolve().parent.parent
+ANUBIS = [sys.executable, "-m", "trioanubis"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*ANUBIS, *args], capture_output=True, text=True, timeout=60, cwd=ROOT)
+
+
+@asynccontextmanager
+async def anubis(*args: str, cwd: Path = ROOT) -> AsyncIterator[trio.Process]:
+    """Start `anubis ARGS`, yield the process, SIGTERM it at the end and expect exit 0."""
+    process = await trio.lowlevel.open_process(
+        [*ANUBIS, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            await process.wait()
+    assert process.returncode == 0, await _stderr(process)
+
+
+async def _stderr(process: trio.Process) -> str:
+    assert process.stderr is not None
+    chunks = []
+    with trio.move_on_after(5):
+        while data := await process.stderr.receive_some():
+            chunks.append(data)
+    return b"".join(chunks).decode(errors="replace")
+
+
+async def http_get(port: int, path: str = "/", timeout: float = 30) -> bytes:
+    """GET over plain TCP, retrying until the port answers (the process may still start)."""
+    with trio.fail_after(timeout):
+        while True:
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                await trio.sleep(0.05)
+                continue
+            async with stream:
+                await stream.send_all(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+                await stream.send_eof()
+                answer = b""
+                try:
+                    while data := await stream.receive_some(65536):
+                        answer += data
+                except trio.BrokenResourceError:
+                    pass
+            if answer:
+                return answer
+            await trio.sleep(0.05)
+
+
+def test_version() -> None:
+    result = run_cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"anubis {__version__}"
+
+
+def test_check_accepts_the_shipped_config_and_summarises_it() -> None:
+    result = run_cli("check", "-c", "anubis.toml")
+    assert result.returncode == 0, result.stderr
+    assert "anubis.toml: ok" in result.stdout
+    assert "listener web: :8000 -> pool web" in result.stdout
+    assert "server web2: 127.0.0.1:9002 weight 1" in result.stdout
+
+
+def test_check_rejects_bad_config_without_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    text = (ROOT / "anubis.toml").read_text().replace('strategy = "round_robin"', 'strategy = 7')
+    bad.write_text(text)
+    result = run_cli("check", "-c", str(bad))
+    assert result.returncode == 1
+    assert result.stderr.strip().endswith(f"{bad}: pools.web.strategy: must be a string, got 7")
+    assert "Traceback" not in result.stderr
+
+
+def test_run_with_missing_config_is_a_clear_error(tmp_path: Path) -> None:
+    result = run_cli("run", "-c", str(tmp_path / "missing.toml"))
+    assert result.returncode == 1
+    assert "cannot read the config file" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("proxy", f"127.0.0.1:{port}", "127.0.0.1:1")
+    assert result.returncode == 1
+    assert f"binding 127.0.0.1:{port}: Address already in use" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+async def test_proxy_answers_a_real_request(nursery: trio.Nursery) -> None:
+    one = await start_backend(nursery, name_handler("one"))
+    two = await start_backend(nursery, name_handler("two"))
+    port = free_port()
+    async with anubis("proxy", f"127.0.0.1:{port}", one.address, two.address):
+        answers = {await http_get(port) for _ in range(4)}
+    assert answers == {b"one", b"two"}
+
+
+async def test_demo_answers_hello_and_health(tmp_path: Path) -> None:
+    ports = [free_port() for _ in range(4)]
+    text = (ROOT / "anubis.toml").read_text().replace('":8000"', f'"127.0.0.1:{ports[0]}"')
+    for i, port in enumerate(ports[1:], start=1):
+        text = text.replace(f"127.0.0.1:900{i}", f"127.0.0.1:{port}")
+    config = tmp_path / "demo.toml"
+    config.write_text(text)
+    async with anubis("demo", "-c", str(config)) as process:
+        answers = {await http_get(ports[0]) for _ in range(3)}
+        health = await http_get(ports[0], "/health")
+        assert process.stdout is not None
+        banner = await process.stdout.receive_some()
+    bodies = {a.split(b"\r\n\r\n", 1)[1] for a in answers}
+    assert bodies == {b"hello from web1\n", b"hello from web2\n", b"hello from web3\n"}
+    assert health.startswith(b"HTTP/1.1 200") and health.endswith(b"up\n")
+    assert b"curl http://127.0.0.1:" in banner
+
+
+async def test_sigterm_exits_zero_after_draining(nursery: trio.Nursery) -> None:
+    backend = await start_backend(nursery, name_handler("x"))
+    port = free_port()
+    async with anubis("proxy", f"127.0.0.1:{port}", backend.address) as process:
+        assert await http_get(port) == b"x"
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            await process.wait()
+    assert process.returncode == 0
+
+
+def test_python_dash_m_and_console_script_agree() -> None:
+    script = Path(sys.executable).with_name("anubis")
+    if not script.exists():
+        import pytest
+
+        pytest.skip("the console script is only installed by pip install")
+    result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=60,
+                            env={**os.environ})  # fmt: skip
+    assert result.stdout.strip() == f"anubis {__version__}"
+
+

@@ -1,0 +1,220 @@
+"""End-to-end relay behaviour over real loopback sockets."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import socket
+import struct
+
+import pytest
+import trio
+import trio.testing
+
+from tests.conftest import (
+    closed_without_answer,
+    config_for,
+    connect,
+    echo_handler,
+    free_port,
+    name_handler,
+    no_fd_leak,
+    receive_all,
+    request,
+    running_balancer,
+    start_backend,
+    wait_until,
+)
+
+MIB = 1 << 20
+
+
+def reset(stream: trio.SocketStream) -> None:
+    """Close with SO_LINGER 0 so the peer gets a TCP reset."""
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    stream.socket.close()
+
+
+async def test_concurrent_large_payloads_are_byte_exact_both_ways(nursery: trio.Nursery) -> None:
+    backends = [await start_backend(nursery, echo_handler, f"b{i}") for i in range(2)]
+    async with running_balancer(config_for([b.address for b in backends])) as (_, address):
+        results: dict[int, tuple[str, str]] = {}
+
+        async def one(index: int) -> None:
+            payload = os.urandom(16 * MIB)
+            stream = await connect(address)
+            async with stream, trio.open_nursery() as inner:
+
+                async def send() -> None:
+                    for offset in range(0, len(payload), 100_003):  # odd-sized writes
+                        await stream.send_all(payload[offset : offset + 100_003])
+                    await stream.send_eof()
+
+                inner.start_soon(send)
+                echoed = await receive_all(stream)
+            results[index] = (hashlib.sha256(payload).hexdigest(), hashlib.sha256(echoed).hexdigest())
+
+        async with trio.open_nursery() as clients:
+            for index in range(4):
+                clients.start_soon(one, index)
+    assert len(results) == 4
+    for sent, received in results.values():
+        assert sent == received
+    assert all(b.connections >= 1 for b in backends)
+
+
+async def test_client_half_close_reaches_server_and_reply_still_arrives(nursery: trio.Nursery) -> None:
+    backend = await start_backend(nursery, name_handler("reply-after-eof"))
+    async with running_balancer(config_for([backend.address])) as (_, address):
+        # name_handler answers only after it saw EOF: the FIN must cross the balancer.
+        assert await request(address, b"request") == b"reply-after-eof"
+
+
+async def test_server_half_close_keeps_client_direction_flowing(nursery: trio.Nursery) -> None:
+    got_after_eof = trio.Event()
+    received: list[bytes] = []
+
+    async def banner_then_read(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"banner" * 1000)
+        await stream.send_eof()
+        received.append(await receive_all(stream))
+        got_after_eof.set()
+        await stream.aclose()
+
+    backend = await start_backend(nursery, banner_then_read)
+    async with running_balancer(config_for([backend.address])) as (_, address):
+        stream = await connect(address)
+        async with stream:
+            assert await receive_all(stream) == b"banner" * 1000  # everything, then EOF
+            await stream.send_all(b"still flowing")
+            await stream.send_eof()
+            with trio.fail_after(20):
+                await got_after_eof.wait()
+    assert received == [b"still flowing"]
+
+
+async def test_server_reset_delivers_received_bytes_then_closes_client(nursery: trio.Nursery) -> None:
+    client_got_data = trio.Event()
+
+    async def send_then_reset(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"x" * 50_000)
+        await client_got_data.wait()
+        reset(stream)
+
+    backend = await start_backend(nursery, send_then_reset)
+    async with running_balancer(config_for([backend.address])) as (balancer, address):
+        stream = await connect(address)
+        async with stream:
+            data = b""
+            while len(data) < 50_000:
+                data += await stream.receive_some(65536)
+            client_got_data.set()
+            with trio.fail_after(20):
+                try:
+                    rest = await receive_all(stream)
+                except trio.BrokenResourceError:
+                    rest = b""
+        assert data + rest == b"x" * 50_000
+        await wait_until(lambda: balancer.access.counts.get("server_reset") == 1)
+
+
+async def test_client_reset_closes_server_side(nursery: trio.Nursery) -> None:
+    server_saw_end = trio.Event()
+
+    async def read_until_closed(stream: trio.SocketStream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError):
+            await receive_all(stream)
+        server_saw_end.set()
+
+    backend = await start_backend(nursery, read_until_closed)
+    async with running_balancer(config_for([backend.address])) as (balancer, address):
+        stream = await connect(address)
+        await stream.send_all(b"some bytes")
+        await wait_until(lambda: backend.connections == 1)
+        reset(stream)
+        with trio.fail_after(20):
+            await server_saw_end.wait()
+        await wait_until(lambda: balancer.access.counts.get("client_reset") == 1)
+        await wait_until(lambda: balancer.pools["test"].active == 0)
+
+
+async def test_connect_refused_closes_client_and_keeps_running(nursery: trio.Nursery) -> None:
+    backend = await start_backend(nursery, name_handler("alive"))
+    dead = f"127.0.0.1:{free_port()}"
+    data = config_for([dead], eject_after=0, retries=0)
+    async with running_balancer(data) as (balancer, address):
+        with trio.fail_after(20):
+            assert await closed_without_answer(address)
+        assert balancer.pools["test"].no_server == 1
+        assert balancer.access.counts == {"connect_failed": 1}
+    # The same balancer shape with a live server still answers.
+    async with running_balancer(config_for([backend.address])) as (_, address):
+        assert await request(address) == b"alive"
+
+
+async def test_idle_timeout_closes_both_sides(nursery: trio.Nursery) -> None:
+    server_closed = trio.Event()
+
+    async def silent(stream: trio.SocketStream) -> None:
+        await receive_all(stream)  # returns at EOF, when the balancer gives up
+        server_closed.set()
+
+    backend = await start_backend(nursery, silent)
+    async with running_balancer(config_for([backend.address], idle_timeout="300ms")) as (
+        balancer,
+        address,
+    ):
+        stream = await connect(address)
+        async with stream:
+            with trio.fail_after(20):
+                assert await receive_all(stream) == b""
+                await server_closed.wait()
+        assert balancer.access.counts == {"idle_timeout": 1}
+
+
+async def test_activity_in_one_direction_keeps_the_connection_open(nursery: trio.Nursery) -> None:
+    async def trickle(stream: trio.SocketStream) -> None:
+        for _ in range(8):
+            await stream.send_all(b".")
+            await trio.sleep(0.1)  # the behaviour under test: bytes spaced below the idle limit
+        await stream.aclose()
+
+    backend = await start_backend(nursery, trickle)
+    async with running_balancer(config_for([backend.address], idle_timeout="1s")) as (b, address):
+        stream = await connect(address)
+        async with stream:
+            with trio.fail_after(20):
+                assert await receive_all(stream) == b"." * 8
+        await wait_until(lambda: b.access.counts.get("server_eof") == 1)
+
+
+async def test_cancelling_the_root_scope_closes_every_socket(nursery: trio.Nursery) -> None:
+    backend = await start_backend(nursery, echo_handler)
+    await trio.testing.wait_all_tasks_blocked()
+    with no_fd_leak():
+        clients = []
+        async with running_balancer(config_for([backend.address])) as (balancer, address):
+            for _ in range(10):
+                stream = await connect(address)
+                await stream.send_all(b"hello")
+                assert await stream.receive_some(5) == b"hello"
+                clients.append(stream)
+            assert balancer.pools["test"].active == 10
+            # leaving the block cancels the balancer's nursery with connections mid-relay
+        for stream in clients:
+            with trio.fail_after(20):
+                assert await receive_all(stream) == b""
+            await stream.aclose()
+        await wait_until(lambda: backend.active == 0)
+
+
+@pytest.mark.parametrize("strategy", ["round_robin", "least_connections"])
+async def test_many_short_connections(nursery: trio.Nursery, strategy: str) -> None:
+    backends = [await start_backend(nursery, name_handler(f"s{i}")) for i in range(3)]
+    async with running_balancer(config_for([b.address for b in backends], strategy=strategy)) as (
+        _,
+        address,
+    ):
+        answers = [await request(address) for _ in range(30)]
+    assert sorted(set(answers)) == [b"s0", b"s1", b"s2"]
