@@ -186,8 +186,9 @@ class Pool:
                     f" ({reason})" if reason else "")  # fmt: skip
         self.changed()
 
-    def mark_down(self, server: Server, reason: str) -> None:
-        if not server.healthy:
+    def mark_down(self, server: Server, reason: str, *, first_check: bool = False) -> None:
+        """Take `server` out; `first_check` logs it even though servers start down."""
+        if not server.healthy and not first_check:
             return
         server.healthy = False
         log.warning("pool %s: server %s is down (%s)", self.name, server.name, reason)

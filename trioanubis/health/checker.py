@@ -89,9 +89,9 @@ async def _probe_forever(pool: Pool, server: Server, first: trio.Event) -> None:
             if now_up and not was_up:
                 ramp = _ramp_up(ramps, pool, server)
                 pool.mark_up(server, trio.current_time(), reason)
-            elif was_up and not now_up:
+            elif not now_up and (was_up or not first.is_set()):
                 ramp.cancel()
-                pool.mark_down(server, reason)
+                pool.mark_down(server, reason, first_check=not first.is_set())
             first.set()
             await trio.sleep(config.interval * random.uniform(1 - JITTER, 1 + JITTER))
 
