@@ -50,6 +50,26 @@ def picks(strategy: object, servers: Sequence[FakeServer], count: int, key: byte
     return out
 
 
+def nginx_smooth_cycle(weights: Sequence[int]) -> list[int]:
+    """nginx's algorithm as written in ngx_http_upstream_get_peer, as the reference."""
+    total, current, cycle = sum(weights), [0] * len(weights), []
+    for _ in range(total):
+        best = 0
+        for i, weight in enumerate(weights):
+            current[i] += weight
+            if current[i] > current[best]:
+                best = i
+        current[best] -= total
+        cycle.append(best)
+    return cycle
+
+
+@given(st.lists(st.integers(min_value=1, max_value=9), min_size=1, max_size=12))
+@settings(max_examples=300, deadline=None)
+def test_class_based_cycle_equals_nginx(weights: list[int]) -> None:
+    assert smooth_cycle(weights) == nginx_smooth_cycle(weights)
+
+
 def test_smooth_round_robin_matches_nginx() -> None:
     assert "".join(picks(RoundRobin(), servers_with([5, 1, 1]), 7)) == "aabacaa"
     assert "".join(picks(RoundRobin(), servers_with([1, 1, 1]), 6)) == "abcabc"

@@ -6,9 +6,9 @@ it. The sequence it produces repeats every W = sum(weights) picks, so we
 compute one cycle when the set of servers or their weights change and then
 walk it: a pick is an index increment. Weights 5, 1, 1 give a a b a c a a.
 
-Building a cycle costs O(W·n) once per change (weights are first divided by
-their greatest common divisor; equal weights give the servers in order in
-O(n)). Effective weights below full (slow start) are scaled by 16 so a server
+Building a cycle costs O(W × distinct weights) once per change (weights are
+first divided by their greatest common divisor; equal weights give the
+servers in order in O(n)). Effective weights below full (slow start) are scaled by 16 so a server
 can receive a fraction of its configured share.
 """
 
@@ -35,20 +35,35 @@ def integer_weights(weights: Sequence[float]) -> list[int]:
 
 
 def smooth_cycle(weights: Sequence[int]) -> list[int]:
-    """One full cycle of nginx's smooth weighted round robin, as indexes into `weights`."""
-    if len(set(weights)) == 1:
-        return list(range(len(weights)))
+    """One full cycle of nginx's smooth weighted round robin, as indexes into `weights`.
+
+    nginx compares every server at every step. Servers of equal weight are
+    always picked in index order (the one picked least often has the highest
+    current value, ties going to the lowest index), so each weight class can
+    stand in for its members: a step compares one representative per distinct
+    weight, O(W × distinct weights) for the cycle instead of O(W × n).
+    """
     total = sum(weights)
-    current = [0] * len(weights)
+    classes: dict[int, list[int]] = {}
+    for index, weight in enumerate(weights):
+        classes.setdefault(weight, []).append(index)
+    groups = list(classes.items())
+    if len(groups) == 1:
+        return list(range(len(weights))) * groups[0][0]
+    picked = [0] * len(groups)  # picks so far per class
     cycle = []
-    for _ in range(total):
-        best = 0
-        for i, weight in enumerate(weights):
-            current[i] += weight
-            if current[i] > current[best]:
-                best = i
-        current[best] -= total
-        cycle.append(best)
+    for step in range(1, total + 1):
+        best_group, best_value, best_index = 0, 0, 0
+        for group, (weight, members) in enumerate(groups):
+            count = picked[group]
+            size = len(members)
+            # current value of the class's next member: step × weight − total × its picks
+            value = step * weight - total * (count // size)
+            index = members[count % size]
+            if group == 0 or value > best_value or (value == best_value and index < best_index):
+                best_group, best_value, best_index = group, value, index
+        picked[best_group] += 1
+        cycle.append(best_index)
     return cycle
 
 

@@ -1,0 +1,125 @@
+"""Strategies over real sockets: the live view the relay updates drives the picks."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.conftest import (
+    closed_without_answer,
+    config_for,
+    connect,
+    name_handler,
+    request,
+    running_balancer,
+    start_backend,
+    wait_until,
+)
+from trioanubis.summary import describe
+
+
+def late_handler(name: str, delay: float):  # type: ignore[no-untyped-def]
+    async def handler(stream: trio.SocketStream) -> None:
+        async with stream:
+            try:
+                while await stream.receive_some(65536):
+                    pass
+                await trio.sleep(delay)  # the behaviour under test: a slow server
+                await stream.send_all(name.encode())
+            except trio.BrokenResourceError:
+                pass
+
+    return handler
+
+
+async def test_least_time_prefers_the_fast_server(nursery: trio.Nursery) -> None:
+    fast = await start_backend(nursery, late_handler("fast", 0.0))
+    slow = await start_backend(nursery, late_handler("slow", 0.1))
+    data = config_for([slow.address, fast.address], strategy="least_time")
+    async with running_balancer(data) as (balancer, address):
+        for _ in range(4):  # warm-up: every server gets measured
+            await request(address)
+        answers = Counter([await request(address) for _ in range(50)])
+        assert answers[b"fast"] >= 40, answers
+        pool = balancer.pools["test"]
+        slow_record, fast_record = pool.servers
+        assert slow_record.ewma is not None and fast_record.ewma is not None
+        assert slow_record.ewma > fast_record.ewma
+        assert "ewma" in describe(balancer.config, balancer.pools)
+
+
+async def test_least_time_connect_mode_records_connect_times(nursery: trio.Nursery) -> None:
+    backend = await start_backend(nursery, name_handler("x"))
+    data = config_for([backend.address], strategy="least_time", least_time="connect")
+    async with running_balancer(data) as (balancer, address):
+        assert await request(address) == b"x"
+        assert balancer.pools["test"].servers[0].ewma is not None
+
+
+async def test_least_connections_sends_new_connections_to_the_less_busy(nursery: trio.Nursery) -> None:
+    one = await start_backend(nursery, name_handler("one"))
+    two = await start_backend(nursery, name_handler("two"))
+    data = config_for([one.address, two.address], strategy="least_connections")
+    async with running_balancer(data) as (balancer, address):
+        held = [await connect(address) for _ in range(3)]  # long-lived: 2 on one server, 1 on the other
+        await wait_until(lambda: one.active + two.active == 3)
+        busier = b"one" if one.active > two.active else b"two"
+        quieter = b"two" if busier == b"one" else b"one"
+        assert [await request(address) for _ in range(5)] == [quieter] * 5
+        for stream in held:
+            await stream.aclose()
+        await wait_until(lambda: balancer.pools["test"].active == 0)
+
+
+async def test_source_hash_sticks_one_client_to_one_server(nursery: trio.Nursery) -> None:
+    backends = [await start_backend(nursery, name_handler(f"s{i}")) for i in range(4)]
+    data = config_for([b.address for b in backends], strategy="source_hash")
+    async with running_balancer(data) as (_, address):
+        answers = {await request(address) for _ in range(20)}
+    assert len(answers) == 1
+
+
+async def test_custom_strategy_by_dotted_path(nursery: trio.Nursery, tmp_path: Path) -> None:
+    (tmp_path / "my_strategies.py").write_text(textwrap.dedent("""
+        class LastUsable:
+            def pick(self, servers, client_key, usable):
+                return next((s for s in reversed(servers) if usable(s)), None)
+    """))
+    sys.path.insert(0, str(tmp_path))
+    try:
+        backends = [await start_backend(nursery, name_handler(f"s{i}")) for i in range(3)]
+        data = config_for([b.address for b in backends], strategy="my_strategies:LastUsable")
+        async with running_balancer(data) as (_, address):
+            assert {await request(address) for _ in range(5)} == {b"s2"}
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("my_strategies", None)
+
+
+@pytest.mark.parametrize("strategy", ["round_robin", "least_connections", "random", "power_of_two",
+                                      "source_hash", "least_time"])  # fmt: skip
+async def test_full_servers_are_skipped_and_all_full_closes_at_once(
+    nursery: trio.Nursery, strategy: str
+) -> None:
+    one = await start_backend(nursery, name_handler("one"))
+    two = await start_backend(nursery, name_handler("two"))
+    servers = [{"address": one.address, "max_connections": 1},
+               {"address": two.address, "max_connections": 2}]  # fmt: skip
+    async with running_balancer(config_for(servers, strategy=strategy)) as (balancer, address):
+        pool = balancer.pools["test"]
+        held = [await connect(address) for _ in range(3)]
+        await wait_until(lambda: one.active == 1 and two.active == 2)
+        with trio.fail_after(20):
+            assert await closed_without_answer(address)
+        assert pool.all_full == 1 and pool.no_server == 1
+        await held.pop().aclose()
+        await wait_until(lambda: one.active + two.active == 2)
+        answer = await request(address)
+        assert answer in (b"one", b"two")
+        for stream in held:
+            await stream.aclose()
