@@ -1,9 +1,11 @@
-"""The root of the nursery tree: pools, health checks, listeners, connections, shutdown.
+"""The root of the nursery tree: pools, health checks, listeners, connections, admin, reload.
 
 Theory of operation — the tree `Balancer.run` builds:
 
     root nursery
-    ├── health nursery per pool (one task per server)     health/checker.py
+    ├── admin endpoint (if [admin])                        admin.py
+    ├── health scope per pool (one task per server)        health/checker.py
+    ├── reloader: applies SIGHUP / --watch reloads one at a time
     ├── connections nursery                                (outlives the listeners)
     │   └── one task per connection → relay nursery        connection.py, relay.py
     │       ├── pump client → server
@@ -18,30 +20,43 @@ Shutdown is cancellation. `shutdown()` closes the listeners at once (their
 accept tasks are cancelled and close their sockets), lets open connections
 run for up to `drain_timeout`, then cancels the connections nursery and the
 rest of the tree. Calling it a second time cancels everything at once.
+
+Reload (`apply_config`, from SIGHUP, `anubis reload` or `--watch`): listeners,
+pools and servers are added, removed or changed in place. Connections never
+belong to a listener or a pool's list, only to the connections nursery, so a
+reload never cuts one: a removed server keeps its connections until they end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import resource
 import signal
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Final, final
 
 import trio
 
 from trioanubis.accesslog import AccessLog
-from trioanubis.config import Address, Config
+from trioanubis.admin import serve_admin
+from trioanubis.config import Address, Config, ListenerConfig, PoolConfig, load_config
+from trioanubis.errors import AnubisError, ConfigError
 from trioanubis.health.checker import run_health_checks
 from trioanubis.listener import Limits, Listener
-from trioanubis.pool import Pool
+from trioanubis.pool import Pool, Server
 from trioanubis.resolve import resolve_address
+from trioanubis.strategies import make_strategy
 
 log = logging.getLogger("trioanubis")
 
 # File descriptors kept back from the process-wide connection limit for
 # listeners, health checks, the admin endpoint and logging.
 RESERVED_FDS: Final = 64
+# How often `--watch` looks at the config file's modification time.
+WATCH_INTERVAL: Final = 1.0
 
 
 def fd_connection_limit() -> int:
@@ -56,23 +71,33 @@ def fd_connection_limit() -> int:
 class Balancer:
     """The running balancer: its pools, listeners and the scopes that stop them."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, config_path: str | None = None, watch: bool = False) -> None:
         self.config = config
+        self.config_path = config_path
+        self.watch = watch
         self.pools: dict[str, Pool] = {name: Pool(pc) for name, pc in config.pools.items()}
         self.access = AccessLog(enabled=config.settings.access_log)
         self.limits = Limits(self._connection_limit(config))
         self.listeners: dict[str, Listener] = {
-            name: Listener(lc, self.pools[lc.pool], self.limits, self.access)
-            for name, lc in config.listeners.items()
+            name: self._new_listener(lc) for name, lc in config.listeners.items()
         }
+        self.admin_address: Address | None = None
+        self.listening = False
         self.draining = False
-        self.ready = False
-        self._shutdown = trio.Event()
+        self.reloads = 0  # applied
+        self.reload_failures = 0
         self.stopped = trio.Event()  # set once run() has returned
-        self._root: trio.CancelScope | None = None
+        self._shutdown = trio.Event()
+        self._health_scopes: dict[str, trio.CancelScope] = {}
+        self._reload_requests, self._reload_queue = trio.open_memory_channel[str](1)
+        self._root: trio.Nursery | None = None
+        self._connections: trio.Nursery | None = None
+        self._accepting: trio.Nursery | None = None
 
-    @staticmethod
-    def _connection_limit(config: Config) -> int:
+    def _new_listener(self, config: ListenerConfig) -> Listener:
+        return Listener(config, self.pools[config.pool], self.limits, self.access)
+
+    def _connection_limit(self, config: Config) -> int:
         derived = fd_connection_limit()
         wanted = config.settings.max_connections
         listener_total = sum(lc.max_connections for lc in config.listeners.values())
@@ -84,6 +109,14 @@ class Balancer:
                             config.source, what, value, derived)  # fmt: skip
         return min(wanted, derived) if wanted else derived
 
+    def is_ready(self) -> bool:
+        """Listeners bound, not draining, and every pool has a server to send clients to."""
+        if not self.listening or self.draining:
+            return False
+        return all(pool.candidates() for pool in self.pools.values())
+
+    # ------------------------------------------------------------------ run
+
     async def run(
         self, *, task_status: trio.TaskStatus[Mapping[str, Address]] = trio.TASK_STATUS_IGNORED
     ) -> None:
@@ -91,37 +124,56 @@ class Balancer:
         try:
             await self._run(task_status)
         finally:
-            self.ready = False
+            self.listening = False
+            self._remove_pid_file()
             self.stopped.set()
 
     async def _run(self, task_status: trio.TaskStatus[Mapping[str, Address]]) -> None:
         async with trio.open_nursery() as root:
-            self._root = root.cancel_scope
-            await self._resolve_servers()
+            self._root = root
+            if self.config.admin is not None:
+                self.admin_address = await root.start(serve_admin, self, self.config.admin)
             for pool in self.pools.values():
-                await root.start(run_health_checks, pool)
+                await self._resolve(pool.servers, pool.name)
+                await self._start_health(pool)
             async with trio.open_nursery() as connections:
+                self._connections = connections
                 async with trio.open_nursery() as accepting:
+                    self._accepting = accepting
                     bound = {
                         name: await accepting.start(listener.serve, connections)
                         for name, listener in self.listeners.items()
                     }
-                    self.ready = True
+                    self.listening = True
+                    self._write_pid_file()
                     task_status.started(bound)
+                    root.start_soon(self._reload_loop)
+                    if self.watch and self.config_path:
+                        root.start_soon(self._watch_config, self.config_path)
                     await self._shutdown.wait()
                     accepting.cancel_scope.cancel()
                 await self._drain()
                 connections.cancel_scope.cancel()
             root.cancel_scope.cancel()
 
-    async def _resolve_servers(self) -> None:
-        for pool in self.pools.values():
-            for server in pool.servers:
-                try:
-                    server.sockaddrs = await resolve_address(server.address)
-                except OSError as exc:
-                    log.warning("pool %s: cannot resolve server %s (%s): %s; will retry",
-                                pool.name, server.name, server.address.host, exc)  # fmt: skip
+    async def _resolve(self, servers: list[Server], pool_name: str) -> None:
+        for server in servers:
+            try:
+                server.sockaddrs = await resolve_address(server.address)
+            except OSError as exc:
+                log.warning("pool %s: cannot resolve server %s (%s): %s; will retry",
+                            pool_name, server.name, server.address.host, exc)  # fmt: skip
+
+    async def _start_health(self, pool: Pool) -> None:
+        assert self._root is not None
+        scope = trio.CancelScope()
+        self._health_scopes[pool.name] = scope
+
+        async def checks(task_status: trio.TaskStatus[None]) -> None:
+            with scope:
+                await run_health_checks(pool, task_status=task_status)
+
+        await self._root.start(checks)
 
     async def _drain(self) -> None:
         active = self.limits.active
@@ -130,8 +182,7 @@ class Balancer:
         timeout = self.config.settings.drain_timeout
         log.warning("draining %d open connections for up to %gs", active, timeout)
         with trio.move_on_after(timeout):
-            for listener in self.listeners.values():
-                await listener.wait_idle()
+            await self.limits.wait_idle()
             return
         log.warning("drain timeout: closing %d connections", self.limits.active)
 
@@ -140,13 +191,142 @@ class Balancer:
         if self.draining:
             log.warning("second stop request: closing every connection now")
             if self._root is not None:
-                self._root.cancel()
+                self._root.cancel_scope.cancel()
             return
         self.draining = True
-        self.ready = False
-        for listener in self.listeners.values():
-            listener.draining = True
+        self.limits.draining = True
         self._shutdown.set()
+
+    # ------------------------------------------------------------ pid file
+
+    def _write_pid_file(self) -> None:
+        path = self.config.settings.pid_file
+        if path:
+            try:
+                Path(path).write_text(f"{os.getpid()}\n")
+            except OSError as exc:
+                raise AnubisError(f"writing pid_file {path}: {exc.strerror or exc}") from None
+
+    def _remove_pid_file(self) -> None:
+        path = self.config.settings.pid_file
+        if path:
+            try:
+                if Path(path).read_text().strip() == str(os.getpid()):
+                    Path(path).unlink()
+            except OSError:
+                pass
+
+    # -------------------------------------------------------------- reload
+
+    def request_reload(self, reason: str) -> None:
+        """Ask for the config file to be read again (coalesced if one is pending)."""
+        with contextlib.suppress(trio.WouldBlock):
+            self._reload_requests.send_nowait(reason)
+
+    async def _reload_loop(self) -> None:
+        async for reason in self._reload_queue:
+            if not self.config_path:
+                log.warning("reload (%s) ignored: not running from a config file", reason)
+                continue
+            log.warning("reloading %s (%s)", self.config_path, reason)
+            try:
+                config = await trio.to_thread.run_sync(load_config, self.config_path)
+            except ConfigError as exc:
+                self.reload_failures += 1
+                log.error("reload rejected, the running config stays: %s", exc)
+                continue
+            await self.apply_config(config)
+
+    async def _watch_config(self, path: str) -> None:
+        def mtime() -> float:
+            try:
+                return os.stat(path).st_mtime
+            except OSError:
+                return 0.0
+
+        last = mtime()
+        while True:
+            await trio.sleep(WATCH_INTERVAL)
+            now = mtime()
+            if now != last:
+                last = now
+                self.request_reload("the file changed")
+
+    async def apply_config(self, new: Config) -> None:
+        """Bring the running balancer to `new` without touching established connections."""
+        if new.admin != self.config.admin:
+            log.warning("reload: [admin] changes take effect at the next restart")
+        for name, pool_config in new.pools.items():
+            if name in self.pools:
+                await self._update_pool(self.pools[name], pool_config)
+            else:
+                pool = Pool(pool_config)
+                self.pools[name] = pool
+                await self._resolve(pool.servers, name)
+                await self._start_health(pool)
+                log.warning("reload: pool %s added", name)
+        for name, listener_config in new.listeners.items():
+            await self._update_listener(name, listener_config)
+        for name in [n for n in self.listeners if n not in new.listeners]:
+            self.listeners.pop(name).scope.cancel()
+            log.warning("reload: listener %s removed", name)
+        for name in [n for n in self.pools if n not in new.pools]:
+            self._health_scopes.pop(name).cancel()
+            del self.pools[name]
+            log.warning("reload: pool %s removed", name)
+        self.access.enabled = new.settings.access_log
+        self.limits.max_connections = self._connection_limit(new)
+        self.config = new
+        self.reloads += 1
+        log.warning("reload applied")
+
+    async def _update_listener(self, name: str, config: ListenerConfig) -> None:
+        old = self.listeners.get(name)
+        if old is not None and old.config.bind == config.bind:
+            old.config = config
+            old.pool = self.pools[config.pool]
+            return
+        listener = self._new_listener(config)
+        assert self._accepting is not None and self._connections is not None
+        try:
+            await self._accepting.start(listener.serve, self._connections)
+        except AnubisError as exc:
+            log.error("reload: listener %s not started: %s", name, exc)
+            return
+        if old is not None:
+            old.scope.cancel()
+        self.listeners[name] = listener
+        log.warning("reload: listener %s on %s", name, listener.bound)
+
+    async def _update_pool(self, pool: Pool, config: PoolConfig) -> None:
+        old = pool.config
+        pool.config = config
+        if config.strategy != old.strategy:
+            pool.strategy = make_strategy(config.strategy)
+        current = {(s.name, s.address): s for s in pool.servers}
+        wanted = {(sc.name, sc.address): sc for sc in config.servers}
+        for key, server in current.items():
+            if key not in wanted and not server.source:
+                pool.remove(server)
+                log.warning("reload: pool %s: server %s removed (its open connections go on)",
+                            pool.name, server.name)  # fmt: skip
+        added = []
+        for key, sc in wanted.items():
+            if key in current:
+                server = current[key]
+                server.max_connections = sc.max_connections
+                if server.weight != sc.weight:
+                    pool.set_weight(server, sc.weight)
+            else:
+                added.append(Server(sc, healthy=config.health.check == "none"))
+        await self._resolve(added, pool.name)
+        if added:
+            pool.add(added)
+            log.warning("reload: pool %s: %s added", pool.name, ", ".join(s.name for s in added))
+        pool.changed()
+        if config.health != old.health:
+            self._health_scopes.pop(pool.name).cancel()
+            await self._start_health(pool)
 
 
 async def run_until_signalled(
@@ -154,12 +334,15 @@ async def run_until_signalled(
     *,
     task_status: trio.TaskStatus[Mapping[str, Address]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run `balancer`, turning SIGTERM/SIGINT into a graceful stop (a second one: at once)."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    """Run `balancer`: SIGTERM/SIGINT stop it gracefully (a second one: at once), SIGHUP reloads."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
 
             async def watch() -> None:
                 async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        balancer.request_reload("SIGHUP")
+                        continue
                     log.warning("received %s", signal.Signals(signum).name)
                     balancer.shutdown()
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -38,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run the balancer from a config file")
     run.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="default: ./anubis.toml")
+    run.add_argument("--watch", action="store_true",
+                     help="reload when the config file changes (polls its modification time)")
+
+    reload = commands.add_parser("reload", help="make the running balancer re-read its config")
+    reload.add_argument("-c", "--config", default=DEFAULT_CONFIG,
+                        help="the config whose [settings] pid_file names the process")  # fmt: skip
 
     check = commands.add_parser("check", help="validate a config file and summarise it")
     check.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="default: ./anubis.toml")
@@ -67,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{args.config}: ok")
             print(describe(config))
             return 0
+        if args.command == "reload":
+            return _signal_reload(args.config)
         if args.command == "hello":
             trio.run(_run_hello, args.name, Address(args.host, args.port))
             return 0
@@ -76,7 +86,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = load_config(_demo_config_path(args.config) if args.command == "demo"
                                  else args.config)  # fmt: skip
         configure_logging(args.log_level, config.settings.log_format)
-        trio.run(_serve, config, args.command == "demo")
+        balancer = Balancer(
+            config,
+            config_path=None if args.command == "proxy" else str(config.source),
+            watch=getattr(args, "watch", False),
+        )
+        trio.run(_serve, balancer, args.command == "demo")
     except ConfigError as exc:
         print(f"anubis: {exc}", file=sys.stderr)
         return 1
@@ -98,8 +113,25 @@ def _demo_config_path(path: str) -> Path:
     return Path(__file__).with_name("anubis.toml")
 
 
-async def _serve(config: Config, demo: bool) -> None:
-    balancer = Balancer(config)
+def _signal_reload(config_path: str) -> int:
+    """`anubis reload`: validate the file, then SIGHUP the process its pid_file names."""
+    config = load_config(config_path)
+    pid_file = config.settings.pid_file
+    if not pid_file:
+        raise ConfigError(f"{config_path}: settings.pid_file is not set, so the running "
+                          "process cannot be found; set it or send SIGHUP yourself")  # fmt: skip
+    try:
+        pid = int(Path(pid_file).read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as exc:
+        print(f"anubis: cannot signal the process in {pid_file}: {exc}", file=sys.stderr)
+        return 1
+    print(f"sent SIGHUP to process {pid}; it logs whether the reload was applied")
+    return 0
+
+
+async def _serve(balancer: Balancer, demo: bool) -> None:
+    config = balancer.config
     log.info("starting anubis %s with %s\n%s", __version__, config.source, describe(config))
     async with trio.open_nursery() as nursery:
         if demo:

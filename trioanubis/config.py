@@ -366,6 +366,8 @@ def _parse_listener(name: str, node: _Node) -> ListenerConfig:
 def _check_unique_binds(node: _Node, listeners: Mapping[str, ListenerConfig]) -> None:
     seen: dict[Address, str] = {}
     for name, listener in listeners.items():
+        if listener.bind.port == 0:  # "any free port" never collides
+            continue
         if listener.bind in seen:
             raise node.error(
                 f"binds {listener.bind}, which listener {seen[listener.bind]!r} binds already",

@@ -53,11 +53,23 @@ def somaxconn() -> int:
 
 @final
 class Limits:
-    """The process-wide connection limit, shared by every listener."""
+    """The process-wide connection count and limit, shared by every listener."""
 
     def __init__(self, max_connections: int) -> None:
         self.max_connections = max_connections
         self.active = 0
+        self.draining = False  # connections that end normally now end as "drained"
+        self._idle = trio.lowlevel.ParkingLot()
+
+    def release(self) -> None:
+        self.active -= 1
+        if not self.active:
+            self._idle.unpark_all()
+
+    async def wait_idle(self) -> None:
+        """Return once no connection is open, whichever listener accepted it."""
+        while self.active:
+            await self._idle.park()
 
 
 @final
@@ -75,9 +87,7 @@ class Listener:
         self.rejected = 0
         self.overloads = 0
         self.bound: Address | None = None
-        self.draining = False
         self.scope = trio.CancelScope()
-        self._idle = trio.lowlevel.ParkingLot()
 
     async def serve(
         self,
@@ -146,21 +156,16 @@ class Listener:
         host = str(addr[0])
         record = ConnectionRecord(self.name, f"[{host}]:{addr[1]}" if ":" in host else
                                   f"{host}:{addr[1]}", started=trio.current_time())  # fmt: skip
+        pool = self.pool  # a reload may point the listener elsewhere meanwhile
         try:
-            await handle_connection(client, record.client, _client_key(host), self.pool, record)
+            await handle_connection(client, record.client, _client_key(host), pool, record)
         finally:
             self.active -= 1
-            self.limits.active -= 1
-            if self.draining and record.end in ("client_eof", "server_eof"):
+            self.limits.release()
+            if self.limits.draining and record.end in ("client_eof", "server_eof"):
                 record.end = "drained"
+            pool.durations.observe(trio.current_time() - record.started)
             self.access.log(record)
-            if not self.active:
-                self._idle.unpark_all()
-
-    async def wait_idle(self) -> None:
-        """Return once this listener has no open connections."""
-        while self.active:
-            await self._idle.park()
 
 
 def _client_key(host: str) -> bytes:

@@ -34,12 +34,47 @@ log = logging.getLogger("trioanubis.pool")
 EWMA_ALPHA: Final = 0.3
 
 
+# Connection duration buckets (seconds): from a quick request/response to the
+# default idle timeout, roughly ×2.5 apart like Prometheus' defaults.
+DURATION_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                           60.0, 300.0, 600.0)  # fmt: skip
+
+
+@final
+class Histogram:
+    """Cumulative-bucket histogram in the shape Prometheus exposes."""
+
+    __slots__ = ("bounds", "count", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)  # observations ≤ each bound (not cumulative)
+        self.count = 0
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.count += 1
+        self.total += value
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[i] += 1
+                break
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        running, out = 0, []
+        for bound, count in zip(self.bounds, self.counts, strict=True):
+            running += count
+            out.append((bound, running))
+        return out
+
+
 @final
 class Server:
     """One backend as the balancer currently sees it (mutated only through its Pool)."""
 
     __slots__ = (
-        "active", "address", "bytes_in", "bytes_out", "connect_failures",
+        "active", "address", "bytes_in", "bytes_out", "checks_failed", "checks_passed",
+        "connect_failures",
         "consecutive_failures", "draining", "effective_weight", "ewma", "healthy",
         "last_check", "max_connections", "name", "removed", "sockaddrs", "source",
         "total", "up_since", "weight",
@@ -63,6 +98,8 @@ class Server:
         self.bytes_out = 0  # server → client
         self.connect_failures = 0
         self.consecutive_failures = 0
+        self.checks_passed = 0
+        self.checks_failed = 0
         self.ewma: float | None = None
         self.last_check = ""
 
@@ -95,6 +132,7 @@ class Pool:
         self.retired: list[Server] = []  # removed, still carrying connections
         self.strategy: Strategy = make_strategy(config.strategy)
         self.version = 0
+        self.durations = Histogram(DURATION_BUCKETS)
         self.no_server = 0  # clients closed because no server could take them
         self.all_full = 0  # of those, the ones where every server was at max_connections
         self._candidates: tuple[Server, ...] | None = None

@@ -84,6 +84,10 @@ async def _probe_forever(pool: Pool, server: Server, first: trio.Event) -> None:
                 await _resolve(server)
             ok, reason = await probe(server, config)
             server.last_check = reason if ok else f"failed: {reason}"
+            if ok:
+                server.checks_passed += 1
+            else:
+                server.checks_failed += 1
             was_up = server.healthy
             now_up = state.observe(was_up, ok)
             if now_up and not was_up:

@@ -1,0 +1,217 @@
+"""The admin endpoint, over real HTTP."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+import h11
+import pytest
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import (
+    config_for,
+    connect,
+    echo_handler,
+    free_port,
+    name_handler,
+    request,
+    running_balancer,
+    start_backend,
+    wait_until,
+)
+from trioanubis.admin import route
+from trioanubis.config import Address
+
+
+async def http(
+    address: Address, method: str, path: str, body: bytes = b"", headers: tuple[tuple[str, str], ...] = ()
+) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 request with h11; (status, headers, body)."""
+    conn = h11.Connection(h11.CLIENT)
+    stream = await connect(address)
+    async with stream:
+        all_headers = [("Host", "admin"), ("Content-Length", str(len(body))), *headers]
+        data = conn.send(h11.Request(method=method, target=path, headers=all_headers))
+        data += conn.send(h11.Data(data=body)) if body else b""
+        await stream.send_all(data + conn.send(h11.EndOfMessage()))
+        status, response_headers, payload = 0, {}, b""
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+                response_headers = {k.decode().lower(): v.decode() for k, v in event.headers}
+            elif isinstance(event, h11.Data):
+                payload += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                return status, response_headers, payload
+
+
+def admin_config(servers: list[Any], token: str = "", **pool: Any) -> dict[str, Any]:
+    data = config_for(servers, **pool)
+    data["admin"] = {"bind": "127.0.0.1:0", "token": token}
+    return data
+
+
+async def test_stats_json_shape(nursery: trio.Nursery) -> None:
+    backend = await start_backend(nursery, name_handler("a"))
+    async with running_balancer(admin_config([{"address": backend.address, "name": "a"}])) as (b, address):
+        assert await request(address) == b"a"
+        await wait_until(lambda: b.pools["test"].servers[0].total == 1 and b.limits.active == 0)
+        status, headers, body = await http(b.admin_address, "GET", "/stats")  # type: ignore[arg-type]
+    assert status == 200 and headers["content-type"] == "application/json"
+    document = json.loads(body)
+    assert document["listeners"][0]["name"] == "test"
+    assert document["listeners"][0]["accepted"] == 1
+    server = document["pools"][0]["servers"][0]
+    assert document["pools"][0]["strategy"] == "round_robin"
+    assert {k: server[k] for k in ("name", "state", "weight", "active", "total", "bytes_in", "bytes_out")} == {
+        "name": "a", "state": "up", "weight": 1, "active": 0, "total": 1, "bytes_in": 4, "bytes_out": 1,
+    }  # fmt: skip
+    assert set(server) >= {"address", "effective_weight", "connect_failures", "last_check", "ewma_ms"}
+
+
+async def test_metrics_parse_as_prometheus(nursery: trio.Nursery) -> None:
+    backend = await start_backend(nursery, name_handler("a"))
+    async with running_balancer(admin_config([backend.address], health={"check": "tcp"})) as (b, address):
+        await request(address)
+        await wait_until(lambda: b.limits.active == 0)
+        status, headers, body = await http(b.admin_address, "GET", "/metrics")  # type: ignore[arg-type]
+    assert status == 200
+    assert headers["content-type"].startswith("text/plain; version=0.0.4")
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    assert families["anubis_server_up"].samples[0].value == 1
+    assert families["anubis_server_up"].samples[0].labels == {"pool": "test", "server": backend.address}
+    assert families["anubis_server_connections"].samples[0].value == 1
+    assert families["anubis_listener_connections"].samples[0].labels == {"listener": "test"}
+    histogram = families["anubis_connection_duration_seconds"]
+    assert histogram.type == "histogram"
+    count = [s for s in histogram.samples if s.name.endswith("_count")]
+    assert count[0].value == 1
+    checks = {s.labels["result"]: s.value for s in families["anubis_health_checks"].samples}
+    assert checks["pass"] >= 1 and checks["fail"] == 0
+
+
+async def test_token_is_enforced(nursery: trio.Nursery) -> None:
+    backend = await start_backend(nursery, name_handler("a"))
+    async with running_balancer(admin_config([backend.address], token="s3cret")) as (b, _):
+        admin = b.admin_address
+        assert admin is not None
+        status, headers, _ = await http(admin, "GET", "/stats")
+        assert status == 401 and headers["www-authenticate"] == "Bearer"
+        assert (await http(admin, "GET", "/stats", headers=(("Authorization", "Bearer wrong"),)))[0] == 401
+        assert (await http(admin, "GET", "/stats", headers=(("Authorization", "Bearer s3cret"),)))[0] == 200
+
+
+async def test_healthz_and_readyz(nursery: trio.Nursery) -> None:
+    port = free_port()
+    data = admin_config([f"127.0.0.1:{port}"], health={"check": "tcp", "interval": "50ms", "rise": 1})
+    async with running_balancer(data) as (b, address):
+        admin = b.admin_address
+        assert admin is not None
+        assert (await http(admin, "GET", "/healthz"))[0] == 200
+        assert (await http(admin, "GET", "/readyz"))[0] == 503  # its only server is down
+        await start_backend(nursery, name_handler("x"), port=port)
+        await wait_until(lambda: b.pools["test"].servers[0].healthy)
+        assert (await http(admin, "GET", "/readyz"))[0] == 200
+        held = await connect(address)  # keeps the drain going while we ask
+        await wait_until(lambda: b.limits.active == 1)
+        b.shutdown()  # draining: not ready any more
+        assert (await http(admin, "GET", "/readyz"))[0] == 503
+        await held.aclose()
+
+
+async def test_drain_stops_new_connections_but_open_ones_flow(nursery: trio.Nursery) -> None:
+    first = await start_backend(nursery, echo_handler, "first")
+    second = await start_backend(nursery, name_handler("second"))
+    data = admin_config([{"address": first.address, "name": "first"}, second.address])
+    async with running_balancer(data) as (b, address):
+        admin = b.admin_address
+        assert admin is not None
+        held = await connect(address)  # round robin: goes to "first"
+        await held.send_all(b"before")
+        assert await held.receive_some(6) == b"before"
+        status, _, body = await http(admin, "POST", "/pools/test/servers/first/drain")
+        assert status == 200 and json.loads(body)["state"] == "draining"
+        answers = [await request(address) for _ in range(4)]
+        assert answers == [b"second"] * 4
+        await held.send_all(b"after")  # the open connection is untouched
+        assert await held.receive_some(5) == b"after"
+        await held.aclose()
+        assert (await http(admin, "POST", f"/pools/test/servers/{first.address}/enable"))[0] == 200
+        assert b.pools["test"].servers[0].state == "up"
+
+
+async def test_weight_change_changes_the_distribution(nursery: trio.Nursery) -> None:
+    one = await start_backend(nursery, name_handler("one"))
+    two = await start_backend(nursery, name_handler("two"))
+    data = admin_config([{"address": one.address, "name": "one"}, {"address": two.address, "name": "two"}])
+    async with running_balancer(data) as (b, address):
+        admin = b.admin_address
+        assert admin is not None
+        status, _, body = await http(admin, "POST", "/pools/test/servers/one/weight", b'{"weight": 3}')
+        assert status == 200 and json.loads(body)["weight"] == 3
+        counts = Counter([await request(address) for _ in range(8)])
+        assert counts == {b"one": 6, b"two": 2}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status"),
+    [
+        ("POST", "/pools/nope/servers/x/drain", b"", 404),
+        ("POST", "/pools/test/servers/nope/drain", b"", 404),
+        ("POST", "/pools/test/servers/one/weight", b"not json", 400),
+        ("POST", "/pools/test/servers/one/weight", b'{"weight": -1}', 400),
+        ("POST", "/pools/test/servers/one/explode", b"", 404),
+        ("GET", "/pools/test/servers/one/drain", b"", 405),
+        ("POST", "/stats", b"", 405),
+        ("GET", "/nothing", b"", 404),
+    ],
+)
+async def test_bad_requests_get_json_errors(
+    nursery: trio.Nursery, method: str, path: str, body: bytes, status: int
+) -> None:
+    one = await start_backend(nursery, name_handler("one"))
+    async with running_balancer(admin_config([{"address": one.address, "name": "one"}])) as (b, _):
+        got, headers, payload = await http(b.admin_address, method, path, body)  # type: ignore[arg-type]
+    assert got == status
+    assert headers["content-type"] == "application/json" and "error" in json.loads(payload)
+
+
+async def test_garbage_oversized_and_slow_clients_never_disturb_the_proxy(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("trioanubis.admin.REQUEST_TIMEOUT", 0.2)
+    one = await start_backend(nursery, name_handler("one"))
+    async with running_balancer(admin_config([one.address])) as (b, address):
+        admin = b.admin_address
+        assert admin is not None
+        for junk in (b"\x00\xff garbage\r\n\r\n", b"GET / HTTP/1.1\r\nX: " + b"a" * 70000 + b"\r\n\r\n"):
+            stream = await connect(admin)
+            async with stream:
+                try:
+                    await stream.send_all(junk)
+                    answer = await stream.receive_some(65536)
+                except trio.BrokenResourceError:
+                    answer = b""
+            assert answer == b"" or answer.split(b" ")[1].startswith(b"4")
+        slow = await connect(admin)
+        await slow.send_all(b"GET /stats HTTP/1.1\r\n")  # and never the rest
+        with trio.fail_after(20):
+            assert await slow.receive_some(1) == b""  # cut after REQUEST_TIMEOUT
+        await slow.aclose()
+        assert await request(address) == b"one"
+        assert (await http(admin, "GET", "/healthz"))[0] == 200
+
+
+def test_route_is_sans_io() -> None:
+    class Nothing:
+        pools: dict[str, Any] = {}
+
+    reply = route(Nothing(), "GET", "/healthz", [], b"", "")  # type: ignore[arg-type]
+    assert (reply.status, reply.body) == (200, b"ok\n")
+    assert route(Nothing(), "GET", "/healthz", [], b"", "t").status == 401  # type: ignore[arg-type]

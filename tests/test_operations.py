@@ -1,0 +1,236 @@
+"""Operating the balancer: graceful drain, hot reload, access log — real processes and signals."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import trio
+
+from tests.conftest import (
+    config_for,
+    connect,
+    echo_handler,
+    free_port,
+    name_handler,
+    receive_all,
+    request,
+    running_balancer,
+    start_backend,
+    wait_until,
+)
+from tests.test_cli import anubis, run_cli
+from trioanubis.config import Address, load_config, parse_config
+
+MIB = 1 << 20
+
+
+def write_config(path: Path, port: int, servers: list[str], **settings: object) -> None:
+    lines = ["[settings]"]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
+    lines += ["[listeners.web]", f'bind = "127.0.0.1:{port}"', 'pool = "web"', "[pools.web]",
+              f"servers = {json.dumps(servers)}", "[pools.web.health]", 'check = "none"']  # fmt: skip
+    path.write_text("\n".join(lines) + "\n")
+
+
+async def wait_port(port: int) -> None:
+    with trio.fail_after(30):
+        while True:
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                await trio.sleep(0.05)
+                continue
+            await stream.aclose()
+            return
+
+
+def streaming(size: int, seed: bytes) -> Callable[[trio.SocketStream], Awaitable[None]]:
+    """A backend that sends `size` deterministic bytes and closes."""
+
+    async def handler(stream: trio.SocketStream) -> None:
+        async with stream:
+            block = hashlib.sha256(seed).digest() * 2048  # 64 KiB
+            try:
+                for _ in range(size // len(block)):
+                    await stream.send_all(block)
+            except trio.BrokenResourceError:
+                pass
+
+    return handler
+
+
+async def test_sigterm_mid_transfer_completes_byte_exact_and_exits_zero(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    size = 32 * MIB
+    backend = await start_backend(nursery, streaming(size, b"seed"))
+    port = free_port()
+    config = tmp_path / "anubis.toml"
+    write_config(config, port, [backend.address], drain_timeout="60s")
+    async with anubis("run", "-c", str(config)) as process:
+        await wait_port(port)
+        await wait_until(lambda: backend.connections == 1)  # wait_port's probe connection
+        stream = await connect(Address("127.0.0.1", port))
+        received = bytearray(await stream.receive_some(65536))
+        process.send_signal(signal.SIGTERM)  # mid-transfer
+        received += await receive_all(stream)
+        await stream.aclose()
+        with trio.fail_after(30):
+            await process.wait()
+        assert process.returncode == 0
+    block = hashlib.sha256(b"seed").digest() * 2048
+    assert len(received) == size
+    assert hashlib.sha256(received).digest() == hashlib.sha256(block * (size // len(block))).digest()
+
+
+async def test_second_signal_cuts_open_connections_at_once(nursery: trio.Nursery, tmp_path: Path) -> None:
+    backend = await start_backend(nursery, echo_handler)
+    port = free_port()
+    config = tmp_path / "anubis.toml"
+    write_config(config, port, [backend.address], drain_timeout="1h")
+    async with anubis("run", "-c", str(config)) as process:
+        await wait_port(port)
+        stream = await connect(Address("127.0.0.1", port))
+        await stream.send_all(b"x")
+        assert await stream.receive_some(1) == b"x"
+        process.send_signal(signal.SIGTERM)
+        await wait_port_closed(port)  # listeners close at once; the connection stays
+        await stream.send_all(b"y")
+        assert await stream.receive_some(1) == b"y"
+        process.send_signal(signal.SIGINT)
+        with trio.fail_after(30):  # far less than the 1 h drain
+            await process.wait()
+            assert await receive_all(stream) == b""
+        assert process.returncode == 0
+
+
+async def wait_port_closed(port: int) -> None:
+    with trio.fail_after(30):
+        while True:
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                return
+            await stream.aclose()
+            await trio.sleep(0.05)
+
+
+async def test_sighup_adds_a_server_and_keeps_open_connections(nursery: trio.Nursery, tmp_path: Path) -> None:
+    old = await start_backend(nursery, echo_handler, "old")
+    new = await start_backend(nursery, name_handler("new"))
+    port = free_port()
+    config, pid_file = tmp_path / "anubis.toml", tmp_path / "anubis.pid"
+    write_config(config, port, [old.address], pid_file=str(pid_file))
+    async with anubis("run", "-c", str(config)) as process:
+        await wait_port(port)
+        assert pid_file.read_text().strip() == str(process.pid)
+        held = await connect(Address("127.0.0.1", port))
+        await held.send_all(b"long-lived")
+        assert await held.receive_some(10) == b"long-lived"
+        write_config(config, port, [new.address], pid_file=str(pid_file))  # old removed, new added
+        result = await trio.to_thread.run_sync(run_cli, "reload", "-c", str(config))
+        assert result.returncode == 0, result.stderr
+        with trio.fail_after(30):
+            while await request(Address("127.0.0.1", port)) != b"new":
+                await trio.sleep(0.05)
+        await held.send_all(b"still here")  # the old server's connection is intact
+        assert await held.receive_some(10) == b"still here"
+        await held.aclose()
+    assert not pid_file.exists()
+
+
+async def test_invalid_reload_keeps_serving(nursery: trio.Nursery, tmp_path: Path) -> None:
+    backend = await start_backend(nursery, name_handler("a"))
+    port = free_port()
+    config = tmp_path / "anubis.toml"
+    write_config(config, port, [backend.address])
+    async with anubis("run", "-c", str(config)) as process:
+        await wait_port(port)
+        config.write_text(config.read_text().replace('check = "none"', 'check = "sometimes"'))
+        process.send_signal(signal.SIGHUP)
+        assert process.stderr is not None
+        seen = b""
+        with trio.fail_after(30):
+            while b"reload rejected" not in seen:
+                seen += await process.stderr.receive_some()
+        assert b'pools.web.health.check: must be one of' in seen
+        assert await request(Address("127.0.0.1", port)) == b"a"
+
+
+async def test_watch_reloads_when_the_file_changes(nursery: trio.Nursery, tmp_path: Path) -> None:
+    one = await start_backend(nursery, name_handler("one"))
+    two = await start_backend(nursery, name_handler("two"))
+    port = free_port()
+    config = tmp_path / "anubis.toml"
+    write_config(config, port, [one.address])
+    async with anubis("run", "--watch", "-c", str(config)):
+        await wait_port(port)
+        assert await request(Address("127.0.0.1", port)) == b"one"
+        write_config(config, port, [two.address])
+        os.utime(config, (0, os.stat(config).st_mtime + 5))  # a visibly newer mtime
+        with trio.fail_after(30):
+            while await request(Address("127.0.0.1", port)) != b"two":
+                await trio.sleep(0.05)
+
+
+async def test_json_access_log_lines_carry_how_each_connection_ended(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    backend = await start_backend(nursery, name_handler("a"))
+    port, dead = free_port(), free_port()
+    config = tmp_path / "anubis.toml"
+    config.write_text(
+        f'[settings]\nlog_format = "json"\n[listeners.web]\nbind = "127.0.0.1:{port}"\npool = "web"\n'
+        f'[listeners.dead]\nbind = "127.0.0.1:{free_port()}"\npool = "dead"\n'
+        f'[pools.web]\nservers = ["{backend.address}"]\nhealth = {{ check = "none" }}\n'
+        f'[pools.dead]\nservers = ["127.0.0.1:{dead}"]\nretries = 0\nhealth = {{ check = "none" }}\n'
+    )
+    dead_port = parse_config_ports(config)["dead"]
+    async with anubis("run", "-c", str(config)) as process:
+        await wait_port(port)
+        assert await request(Address("127.0.0.1", port)) == b"a"
+        stream = await connect(Address("127.0.0.1", dead_port))
+        await receive_all(stream)
+        await stream.aclose()
+        assert process.stderr is not None
+        lines: list[dict[str, object]] = []
+        with trio.fail_after(30):
+            buffer = b""
+            while sum(1 for line in lines if "end" in line) < 3:
+                buffer += await process.stderr.receive_some()
+                *complete, buffer = buffer.split(b"\n")
+                lines += [json.loads(line) for line in complete if line]
+    access = [line for line in lines if "end" in line]
+    ends = {(line["listener"], line["end"]) for line in access}
+    assert ("web", "client_eof") in ends and ("dead", "connect_failed") in ends
+    assert all(line["logger"] == "trioanubis.access" for line in access)
+    assert all({"client", "server", "bytes_in", "bytes_out", "duration", "time"} <= set(line) for line in access)
+
+
+def parse_config_ports(path: Path) -> dict[str, int]:
+    return {name: lc.bind.port for name, lc in load_config(path).listeners.items()}
+
+
+async def test_reload_in_process_changes_strategy_weights_and_listeners(nursery: trio.Nursery) -> None:
+    one = await start_backend(nursery, name_handler("one"))
+    two = await start_backend(nursery, name_handler("two"))
+    data = config_for([{"address": one.address, "name": "one"}, {"address": two.address, "name": "two"}])
+    async with running_balancer(data) as (balancer, address):
+        data["pools"]["test"]["servers"][0]["weight"] = 0
+        data["listeners"]["extra"] = {"bind": "127.0.0.1:0", "pool": "test"}
+        await balancer.apply_config(parse_config(data, "reloaded.toml"))
+        assert {await request(address) for _ in range(4)} == {b"two"}
+        extra = balancer.listeners["extra"].bound
+        assert extra is not None and await request(extra) == b"two"
+        del data["listeners"]["extra"]
+        data["pools"]["test"]["strategy"] = "least_connections"
+        await balancer.apply_config(parse_config(data, "reloaded.toml"))
+        assert "extra" not in balancer.listeners
+        assert type(balancer.pools["test"].strategy).__name__ == "LeastConnections"
+        assert balancer.reloads == 2
+

@@ -1,0 +1,136 @@
+"""What the admin endpoint shows: `/stats` as JSON and `/metrics` in Prometheus text format.
+
+Both are pure functions of the balancer's live view; they read counters and
+never change them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from trioanubis.app import Balancer
+    from trioanubis.pool import Pool, Server
+
+
+def server_stats(server: Server) -> dict[str, Any]:
+    return {
+        "name": server.name,
+        "address": str(server.address),
+        "state": server.state,
+        "weight": server.weight,
+        "effective_weight": server.effective_weight,
+        "max_connections": server.max_connections,
+        "active": server.active,
+        "total": server.total,
+        "bytes_in": server.bytes_in,
+        "bytes_out": server.bytes_out,
+        "connect_failures": server.connect_failures,
+        "last_check": server.last_check,
+        "ewma_ms": None if server.ewma is None else round(server.ewma * 1000, 3),
+    }
+
+
+def pool_stats(pool: Pool) -> dict[str, Any]:
+    return {
+        "name": pool.name,
+        "strategy": pool.config.strategy,
+        "no_server": pool.no_server,
+        "all_full": pool.all_full,
+        "servers": [server_stats(s) for s in pool.servers],
+        "retired": [server_stats(s) for s in pool.retired],
+    }
+
+
+def stats(balancer: Balancer) -> dict[str, Any]:
+    """The `/stats` document."""
+    return {
+        "ready": balancer.is_ready(),
+        "draining": balancer.draining,
+        "active": balancer.limits.active,
+        "max_connections": balancer.limits.max_connections,
+        "endings": dict(sorted(balancer.access.counts.items())),
+        "listeners": [
+            {
+                "name": listener.name,
+                "bind": str(listener.bound or listener.config.bind),
+                "pool": listener.pool.name,
+                "accepted": listener.accepted,
+                "active": listener.active,
+                "rejected": listener.rejected,
+            }
+            for listener in balancer.listeners.values()
+        ],
+        "pools": [pool_stats(pool) for pool in balancer.pools.values()],
+    }
+
+
+def _labels(**labels: str) -> str:
+    def escape(value: str) -> str:
+        return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+    return "{" + ",".join(f'{k}="{escape(v)}"' for k, v in labels.items()) + "}"
+
+
+def _family(name: str, kind: str, help_text: str) -> Iterator[str]:
+    yield f"# HELP anubis_{name} {help_text}"
+    yield f"# TYPE anubis_{name} {kind}"
+
+
+def _server_rows(balancer: Balancer) -> Iterator[tuple[dict[str, str], Server]]:
+    for pool in balancer.pools.values():
+        for server in [*pool.servers, *pool.retired]:
+            yield {"pool": pool.name, "server": server.name}, server
+
+
+SERVER_METRICS = (
+    ("server_active_connections", "gauge", "Open connections to a server.", "active"),
+    ("server_connections_total", "counter", "Connections sent to a server.", "total"),
+    ("server_bytes_in_total", "counter", "Bytes relayed from clients to a server.", "bytes_in"),
+    ("server_bytes_out_total", "counter", "Bytes relayed from a server to clients.", "bytes_out"),
+    ("server_connect_failures_total", "counter", "Failed connects to a server.", "connect_failures"),
+    ("server_weight", "gauge", "A server's configured weight.", "weight"),
+    ("server_effective_weight", "gauge", "A server's weight now (slow start).", "effective_weight"),
+)
+
+
+def prometheus(balancer: Balancer) -> str:
+    """The `/metrics` document (text exposition format 0.0.4)."""
+    lines: list[str] = []
+    listeners = list(balancer.listeners.values())
+    for name, kind, help_text, attribute in (
+        ("listener_connections_total", "counter", "Connections accepted by a listener.", "accepted"),
+        ("listener_active_connections", "gauge", "Open connections of a listener.", "active"),
+        ("listener_rejected_total", "counter", "Clients closed at once by a connection limit.",
+         "rejected"),
+    ):  # fmt: skip
+        lines += _family(name, kind, help_text)
+        lines += [f"anubis_{name}{_labels(listener=x.name)} {getattr(x, attribute)}" for x in listeners]
+    rows = list(_server_rows(balancer))
+    for name, kind, help_text, attribute in SERVER_METRICS:
+        lines += _family(name, kind, help_text)
+        lines += [f"anubis_{name}{_labels(**labels)} {getattr(s, attribute)}" for labels, s in rows]
+    lines += _family("server_up", "gauge", "1 if a server takes new connections, else 0.")
+    lines += [f"anubis_server_up{_labels(**labels)} {int(s.state == 'up')}" for labels, s in rows]
+    lines += _family("health_checks_total", "counter", "Health checks by result.")
+    for labels, s in rows:
+        lines.append(f"anubis_health_checks_total{_labels(**labels, result='pass')} {s.checks_passed}")
+        lines.append(f"anubis_health_checks_total{_labels(**labels, result='fail')} {s.checks_failed}")
+    lines += _family("pool_no_server_total", "counter", "Clients closed because no server could take them.")
+    pools = list(balancer.pools.values())
+    lines += [f"anubis_pool_no_server_total{_labels(pool=p.name)} {p.no_server}" for p in pools]
+    lines += _family("connection_duration_seconds", "histogram", "How long connections lasted.")
+    for pool in pools:
+        histogram = pool.durations
+        for bound, count in histogram.cumulative():
+            lines.append(f"anubis_connection_duration_seconds_bucket"
+                         f"{_labels(pool=pool.name, le=repr(bound))} {count}")  # fmt: skip
+        lines.append(f"anubis_connection_duration_seconds_bucket"
+                     f"{_labels(pool=pool.name, le='+Inf')} {histogram.count}")  # fmt: skip
+        lines.append(f"anubis_connection_duration_seconds_sum{_labels(pool=pool.name)} {histogram.total}")
+        lines.append(f"anubis_connection_duration_seconds_count{_labels(pool=pool.name)} {histogram.count}")
+    lines += _family("connections_ended_total", "counter", "Finished connections by how they ended.")
+    for end, count in sorted(balancer.access.counts.items()):
+        lines.append(f"anubis_connections_ended_total{_labels(end=end)} {count}")
+    return "\n".join(lines) + "\n"
