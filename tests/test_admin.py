@@ -69,7 +69,8 @@ async def test_stats_json_shape(nursery: trio.Nursery) -> None:
     assert document["listeners"][0]["accepted"] == 1
     server = document["pools"][0]["servers"][0]
     assert document["pools"][0]["strategy"] == "round_robin"
-    assert {k: server[k] for k in ("name", "state", "weight", "active", "total", "bytes_in", "bytes_out")} == {
+    keys = ("name", "state", "weight", "active", "total", "bytes_in", "bytes_out")
+    assert {k: server[k] for k in keys} == {
         "name": "a", "state": "up", "weight": 1, "active": 0, "total": 1, "bytes_in": 4, "bytes_out": 1,
     }  # fmt: skip
     assert set(server) >= {"address", "effective_weight", "connect_failures", "last_check", "ewma_ms"}
@@ -210,7 +211,8 @@ async def test_garbage_oversized_and_slow_clients_never_disturb_the_proxy(
 
 def test_route_is_sans_io() -> None:
     class Nothing:
-        pools: dict[str, Any] = {}
+        def __init__(self) -> None:
+            self.pools: dict[str, Any] = {}
 
     reply = route(Nothing(), "GET", "/healthz", [], b"", "")  # type: ignore[arg-type]
     assert (reply.status, reply.body) == (200, b"ok\n")

@@ -209,7 +209,8 @@ async def test_json_access_log_lines_carry_how_each_connection_ended(
     ends = {(line["listener"], line["end"]) for line in access}
     assert ("web", "client_eof") in ends and ("dead", "connect_failed") in ends
     assert all(line["logger"] == "trioanubis.access" for line in access)
-    assert all({"client", "server", "bytes_in", "bytes_out", "duration", "time"} <= set(line) for line in access)
+    fields = {"client", "server", "bytes_in", "bytes_out", "duration", "time"}
+    assert all(fields <= set(line) for line in access)
 
 
 def parse_config_ports(path: Path) -> dict[str, int]:
