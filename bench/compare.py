@@ -1,0 +1,528 @@
+"""Side-by-side benchmark: trioanubis against HAProxy, nginx stream and Python peers.
+
+    python bench/compare.py [--quick] [--rounds N] [--duration S] [--only NAME,...] [--save]
+
+Every contender relays to the same loopback backends; runs are interleaved
+(A B C A B C …) and each run starts the contender afresh. Prints a Markdown
+table of medians with min–max, and ratios against HAProxy and against the
+best Python peer. `--save` also writes bench/results/<date>.md with the
+machine's description. It never installs anything: see bench/README.md; a
+missing contender or tool is skipped with a message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PEERS = HERE / "peers"
+IDLE_CONNECTIONS = 5000
+PYTHON_PEERS = ("pproxy", "asyncio", "asyncio+uvloop")
+WORKLOADS = ("keepalive", "connrate", "bulk", "latency", "memory")
+UNITS = {"keepalive": "req/s", "connrate": "conn/s", "bulk": "Gb/s", "latency": "ms added p50 / p99",
+         "memory": "KiB per idle connection"}  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout}s")
+
+
+def rss_kib(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        with suppress(OSError), open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+@dataclass
+class Backends:
+    http: list[int]
+    bulk: int
+    idle: int
+
+
+@dataclass
+class Contender:
+    name: str
+    command: Callable[[Path, int, list[int]], list[str]]  # (tmpdir, listen, backends) → argv
+    needs: list[str]
+    workloads: tuple[str, ...] = WORKLOADS
+    env: dict[str, str] = field(default_factory=dict)
+
+    def missing(self) -> str:
+        for tool in self.needs:
+            if not (shutil.which(tool) or Path(tool).exists()):
+                return tool
+        return ""
+
+
+# ----------------------------------------------------------------- contenders
+
+
+def trioanubis(access_log: bool) -> Callable[[Path, int, list[int]], list[str]]:
+    def command(tmp: Path, listen: int, backends: list[int]) -> list[str]:
+        servers = ", ".join(f'"127.0.0.1:{p}"' for p in backends)
+        config = tmp / "anubis.toml"
+        config.write_text(f"""
+[settings]
+access_log = {str(access_log).lower()}
+[listeners.bench]
+bind = "127.0.0.1:{listen}"
+pool = "bench"
+[pools.bench]
+servers = [{servers}]
+""")
+        level = "info" if access_log else "warning"
+        return [sys.executable, "-m", "trioanubis", "--log-level", level, "run", "-c", str(config)]
+
+    return command
+
+
+def haproxy(splice: bool) -> Callable[[Path, int, list[int]], list[str]]:
+    def command(tmp: Path, listen: int, backends: list[int]) -> list[str]:
+        servers = "\n".join(f"  server s{i} 127.0.0.1:{p}" for i, p in enumerate(backends))
+        config = tmp / "haproxy.cfg"
+        config.write_text(f"""
+global
+  nbthread 1
+  maxconn 6000
+defaults
+  mode tcp
+  timeout connect 3s
+  timeout client 10m
+  timeout server 10m
+  {"option splice-auto" if splice else ""}
+frontend bench
+  bind 127.0.0.1:{listen}
+  default_backend bench
+backend bench
+  balance roundrobin
+{servers}
+""")
+        return ["haproxy", "-db", "-f", str(config)]
+
+    return command
+
+
+def nginx_stream(tmp: Path, listen: int, backends: list[int]) -> list[str]:
+    servers = "\n".join(f"    server 127.0.0.1:{p};" for p in backends)
+    config = tmp / "nginx.conf"
+    config.write_text(f"""
+load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+worker_processes 1;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log stderr crit;
+worker_rlimit_nofile 19000;
+events {{ worker_connections 19000; }}
+stream {{
+  upstream bench {{
+{servers}
+  }}
+  server {{ listen 127.0.0.1:{listen} backlog=4096; proxy_pass bench; }}
+}}
+""")
+    return ["nginx", "-p", str(tmp), "-e", "stderr", "-c", str(config)]
+
+
+def pproxy_command(executable: str) -> Callable[[Path, int, list[int]], list[str]]:
+    def command(tmp: Path, listen: int, backends: list[int]) -> list[str]:
+        return [executable, "-l", f"tunnel{{127.0.0.1:{backends[0]}}}://127.0.0.1:{listen}"]
+
+    return command
+
+
+def asyncio_relay(python: str, uvloop: bool) -> Callable[[Path, int, list[int]], list[str]]:
+    def command(tmp: Path, listen: int, backends: list[int]) -> list[str]:
+        flag = ["--uvloop"] if uvloop else []
+        return [python, str(PEERS / "asyncio_relay.py"), *flag, str(listen), *map(str, backends)]
+
+    return command
+
+
+def contenders(args: argparse.Namespace) -> list[Contender]:
+    return [
+        Contender("trioanubis", trioanubis(False), []),
+        Contender("trioanubis+log", trioanubis(True), [], ("keepalive", "connrate")),
+        Contender("haproxy", haproxy(False), ["haproxy"]),
+        Contender("haproxy+splice", haproxy(True), ["haproxy"], ("bulk",)),
+        Contender("nginx-stream", nginx_stream, ["nginx", "/usr/lib/nginx/modules/ngx_stream_module.so"]),
+        Contender("pproxy", pproxy_command(args.pproxy), [args.pproxy]),
+        Contender("asyncio", asyncio_relay(sys.executable, False), []),
+        Contender("asyncio+uvloop", asyncio_relay(args.uvloop_python, True), [args.uvloop_python]),
+    ]
+
+
+@contextmanager
+def running(contender: Contender, backends: list[int]) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix=f"bench-{contender.name}-") as tmp:
+        argv = contender.command(Path(tmp), port, backends)
+        log = open(Path(tmp) / "stderr.log", "w+b")  # noqa: SIM115 - closed below
+        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log,
+                                   env={**os.environ, **contender.env})  # fmt: skip
+        try:
+            try:
+                wait_port(port)
+            except RuntimeError:
+                log.seek(0)
+                raise RuntimeError(f"{contender.name} did not start: {log.read()[-2000:]!r}") from None
+            yield port, process
+        finally:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            log.close()
+
+
+# ------------------------------------------------------------------ backends
+
+
+@contextmanager
+def start_backends() -> Iterator[Backends]:
+    processes = []
+    with tempfile.TemporaryDirectory(prefix="bench-backends-") as tmp:
+        http = [free_port(), free_port()]
+        for i, port in enumerate(http):
+            config = Path(tmp) / f"backend{i}.conf"
+            config.write_text(f"""
+worker_processes 1;
+daemon off;
+pid {tmp}/backend{i}.pid;
+error_log stderr crit;
+worker_rlimit_nofile 19000;
+events {{ worker_connections 19000; }}
+http {{
+  access_log off;
+  keepalive_requests 10000000;
+  client_body_temp_path {tmp}/body{i};
+  proxy_temp_path {tmp}/proxy{i};
+  fastcgi_temp_path {tmp}/fcgi{i};
+  uwsgi_temp_path {tmp}/uwsgi{i};
+  scgi_temp_path {tmp}/scgi{i};
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    location / {{ return 200 "hello from backend {i}\\n"; }}
+  }}
+}}
+""")
+            processes.append(subprocess.Popen(["nginx", "-p", tmp, "-e", "stderr", "-c", str(config)],
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        bulk = free_port()
+        processes.append(subprocess.Popen(["iperf3", "-s", "-p", str(bulk)], stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL))  # fmt: skip
+        idle = free_port()
+        processes.append(subprocess.Popen([sys.executable, str(PEERS / "hold_server.py"), str(idle)]))
+        try:
+            for port in [*http, bulk, idle]:
+                wait_port(port)
+            yield Backends(http, bulk, idle)
+        finally:
+            for process in processes:
+                process.terminate()
+            for process in processes:
+                process.wait(10)
+
+
+# ----------------------------------------------------------------- workloads
+
+
+def wrk(port: int, duration: float, *extra: str) -> str:
+    command = ["wrk", "-t1", "-c50", f"-d{duration:g}s", *extra, f"http://127.0.0.1:{port}/"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=duration + 60).stdout
+
+
+def requests_per_second(output: str) -> float:
+    match = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", output)
+    if errors:
+        print(f"    note: wrk reported {errors.group(0).strip()}", file=sys.stderr)
+    return float(match.group(1)) if match else 0.0
+
+
+def latency_ms(output: str, percentile: str) -> float:
+    match = re.search(rf"^\s+{percentile}%\s+([\d.]+)(us|ms|s)\s*$", output, re.MULTILINE)
+    if not match:
+        return float("nan")
+    value, unit = float(match.group(1)), match.group(2)
+    return value * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def run_keepalive(port: int, duration: float) -> float:
+    return requests_per_second(wrk(port, duration))
+
+
+def run_connrate(port: int, duration: float) -> float:
+    return requests_per_second(wrk(port, duration, "-H", "Connection: close"))
+
+
+def run_latency(port: int, duration: float) -> tuple[float, float]:
+    output = subprocess.run(["wrk", "-t1", "-c10", f"-d{duration:g}s", "--latency",
+                             f"http://127.0.0.1:{port}/"], capture_output=True, text=True,
+                            timeout=duration + 60).stdout  # fmt: skip
+    return latency_ms(output, "50"), latency_ms(output, "99")
+
+
+def run_bulk(port: int, duration: float) -> float:
+    result = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", f"{duration:g}", "-J"],
+                            capture_output=True, text=True, timeout=duration + 60)  # fmt: skip
+    try:
+        return float(json.loads(result.stdout)["end"]["sum_received"]["bits_per_second"]) / 1e9
+    except (ValueError, KeyError):
+        return 0.0
+
+
+def run_memory(port: int, process: subprocess.Popen[bytes]) -> float:
+    """RSS growth of the contender per idle connection, in KiB."""
+    pids = [process.pid, *children(process.pid)]
+    time.sleep(0.5)
+    before = rss_kib(pids)
+    sockets = []
+    try:
+        for _ in range(IDLE_CONNECTIONS):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+            sockets.append(s)
+        deadline = time.monotonic() + 60
+        while established_to_idle_backend() < IDLE_CONNECTIONS and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)
+        after = rss_kib([process.pid, *children(process.pid)])
+    finally:
+        for s in sockets:
+            s.close()
+    return (after - before) / IDLE_CONNECTIONS
+
+
+_IDLE_PORT = 0
+
+
+def established_to_idle_backend() -> int:
+    out = subprocess.run(["ss", "-Htn", "state", "established", f"( dport = :{_IDLE_PORT} )"],
+                         capture_output=True, text=True).stdout  # fmt: skip
+    return len(out.splitlines())
+
+
+# ------------------------------------------------------------------- driver
+
+
+@dataclass
+class Results:
+    values: dict[tuple[str, str], list[object]] = field(default_factory=dict)
+
+    def add(self, workload: str, contender: str, value: object) -> None:
+        self.values.setdefault((workload, contender), []).append(value)
+
+
+def run_all(args: argparse.Namespace) -> tuple[Results, list[str]]:
+    global _IDLE_PORT
+    results = Results()
+    chosen = [c for c in contenders(args) if not args.only or c.name in args.only.split(",")]
+    skipped = []
+    for contender in chosen:
+        if missing := contender.missing():
+            skipped.append(f"{contender.name}: {missing} is not installed (see bench/README.md)")
+    active = [c for c in chosen if not c.missing()]
+    for tool in ("wrk", "iperf3", "nginx", "ss"):
+        if not shutil.which(tool):
+            sys.exit(f"bench: {tool} is not installed; see bench/README.md")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
+    workloads = [w for w in WORKLOADS if not args.workloads or w in args.workloads.split(",")]
+    with start_backends() as backends:
+        _IDLE_PORT = backends.idle
+        for round_number in range(1, args.rounds + 1):
+            if "latency" in workloads:
+                results.add("latency", "direct", run_latency(backends.http[0], args.duration))
+            for workload in workloads:
+                for contender in active:
+                    if workload not in contender.workloads:
+                        continue
+                    target = {"bulk": [backends.bulk], "memory": [backends.idle]}.get(workload, backends.http)
+                    with running(contender, target) as (port, process):
+                        value: object
+                        if workload == "keepalive":
+                            value = run_keepalive(port, args.duration)
+                        elif workload == "connrate":
+                            value = run_connrate(port, args.duration)
+                        elif workload == "bulk":
+                            value = run_bulk(port, args.duration)
+                        elif workload == "latency":
+                            value = run_latency(port, args.duration)
+                        else:
+                            value = run_memory(port, process)
+                    results.add(workload, contender.name, value)
+                    print(f"  round {round_number} {workload:9} {contender.name:15} {fmt_value(value)}",
+                          file=sys.stderr, flush=True)  # fmt: skip
+    return results, skipped
+
+
+def fmt_value(value: object) -> str:
+    if isinstance(value, tuple):
+        return "/".join(f"{v:.3f}" for v in value)
+    assert isinstance(value, float)
+    return f"{value:,.2f}" if value < 100 else f"{value:,.0f}"
+
+
+def summarise(values: list[float]) -> str:
+    median = statistics.median(values)
+    digits = 2 if median < 100 else 0
+    return f"{median:,.{digits}f} ({min(values):,.{digits}f}–{max(values):,.{digits}f})"
+
+
+def table(results: Results) -> str:
+    names = sorted({c for (_, c) in results.values}, key=lambda n: (n != "trioanubis", n))
+    lines = ["| contender | " + " | ".join(f"{w} ({UNITS[w]})" for w in WORKLOADS) + " |",
+             "|---|" + "---|" * len(WORKLOADS)]  # fmt: skip
+    direct = results.values.get(("latency", "direct"), [])
+    for name in names:
+        cells = []
+        for workload in WORKLOADS:
+            values = results.values.get((workload, name))
+            if not values:
+                cells.append("–")
+            elif workload == "latency":
+                if name == "direct":
+                    cells.append("p50 {:.3f} / p99 {:.3f} ms (baseline)".format(
+                        statistics.median(v[0] for v in values), statistics.median(v[1] for v in values)))  # type: ignore[index]
+                else:
+                    cells.append(added_latency(values, direct))  # type: ignore[arg-type]
+            else:
+                cells.append(summarise(values))  # type: ignore[arg-type]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def added_latency(values: list[tuple[float, float]], direct: list[tuple[float, float]]) -> str:
+    base50 = statistics.median(v[0] for v in direct) if direct else 0.0
+    base99 = statistics.median(v[1] for v in direct) if direct else 0.0
+    p50 = statistics.median(v[0] for v in values) - base50
+    p99 = statistics.median(v[1] for v in values) - base99
+    return f"+{p50:.3f} / +{p99:.3f}"
+
+
+def medians(results: Results, workload: str) -> dict[str, float]:
+    out = {}
+    for (w, name), values in results.values.items():
+        if w != workload or name == "direct":
+            continue
+        if workload == "latency":
+            direct = results.values.get(("latency", "direct"), [(0.0, 0.0)])
+            out[name] = statistics.median(v[1] for v in values) - statistics.median(  # type: ignore[index]
+                v[1] for v in direct  # type: ignore[index]
+            )
+        else:
+            out[name] = statistics.median(values)  # type: ignore[arg-type]
+    return out
+
+
+def ratios(results: Results) -> str:
+    lines = ["| workload | trioanubis ÷ HAProxy | trioanubis ÷ best Python peer (which) |", "|---|---|---|"]
+    for workload in WORKLOADS:
+        m = medians(results, workload)
+        if "trioanubis" not in m:
+            continue
+        ours = m["trioanubis"]
+        lower_is_better = workload in ("memory", "latency")
+        reference = m.get("haproxy+splice" if workload == "bulk" else "haproxy")
+        peers = {n: v for n, v in m.items() if n in PYTHON_PEERS and v > 0}
+        best = (min if lower_is_better else max)(peers, key=peers.__getitem__) if peers else None
+        vs_haproxy = f"{ours / reference:.2f}×" if reference else "–"
+        vs_peer = f"{ours / peers[best]:.2f}× ({best})" if best else "–"
+        lines.append(f"| {workload}{' (lower is better)' if lower_is_better else ''} | {vs_haproxy} | "
+                     f"{vs_peer} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    with suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    versions = []
+    for argv in (["haproxy", "-v"], ["nginx", "-v"], ["wrk", "-v"], ["iperf3", "-v"]):
+        with suppress(OSError):
+            out = subprocess.run(argv, capture_output=True, text=True)
+            versions.append((out.stdout or out.stderr).splitlines()[0].strip())
+    return (f"{os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}; " + "; ".join(versions))  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1 round of 2 s runs")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per run")
+    parser.add_argument("--only", default="", help="comma-separated contender names")
+    parser.add_argument("--workloads", default="", help=f"comma-separated, of {', '.join(WORKLOADS)}")
+    parser.add_argument("--pproxy", default=shutil.which("pproxy") or "pproxy")
+    parser.add_argument("--uvloop-python", default=sys.executable,
+                        help="a python with uvloop installed (default: this one)")
+    parser.add_argument("--save", action="store_true", help="write bench/results/<date>.md")
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.duration = 1, 2.0
+    if args.uvloop_python == sys.executable:
+        try:
+            import uvloop  # noqa: F401
+        except ImportError:
+            args.uvloop_python = "(no python with uvloop given)"
+    results, skipped = run_all(args)
+    report = [f"Machine: {machine()}", "",
+              f"{args.rounds} interleaved rounds of {args.duration:g} s runs; median (min–max).", "",
+              table(results), "", ratios(results)]  # fmt: skip
+    if skipped:
+        report += ["", "Skipped: " + "; ".join(skipped)]
+    text = "\n".join(report)
+    print(text)
+    if args.save:
+        path = HERE / "results" / f"{datetime.date.today().isoformat()}.md"
+        path.write_text(f"# Benchmark run of {datetime.datetime.now():%Y-%m-%d %H:%M}\n\n{text}\n")
+        print(f"\nsaved {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
