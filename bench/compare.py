@@ -367,7 +367,7 @@ def run_all(args: argparse.Namespace) -> tuple[Results, list[str]]:
     for tool in ("wrk", "iperf3", "nginx", "ss"):
         if not shutil.which(tool):
             sys.exit(f"bench: {tool} is not installed; see bench/README.md")
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
     workloads = [w for w in WORKLOADS if not args.workloads or w in args.workloads.split(",")]
     with start_backends() as backends:
@@ -424,8 +424,9 @@ def table(results: Results) -> str:
                 cells.append("–")
             elif workload == "latency":
                 if name == "direct":
-                    cells.append("p50 {:.3f} / p99 {:.3f} ms (baseline)".format(
-                        statistics.median(v[0] for v in values), statistics.median(v[1] for v in values)))  # type: ignore[index]
+                    p50 = statistics.median(v[0] for v in values)  # type: ignore[index]
+                    p99 = statistics.median(v[1] for v in values)  # type: ignore[index]
+                    cells.append(f"p50 {p50:.3f} / p99 {p99:.3f} ms (baseline)")
                 else:
                     cells.append(added_latency(values, direct))  # type: ignore[arg-type]
             else:

@@ -12,7 +12,7 @@ import sys
 
 
 def main(port: int) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     listener = socket.create_server(("127.0.0.1", port), backlog=4096)
     listener.setblocking(False)
