@@ -5,10 +5,11 @@ Theory of operation — the tree `Balancer.run` builds:
     root nursery
     ├── admin endpoint (if [admin])                        admin.py
     ├── health scope per pool (one task per server)        health/checker.py
+    ├── timer: every connection's connect/idle timeouts     timeouts.py
     ├── reloader: applies SIGHUP / --watch reloads one at a time
     ├── connections nursery                                (outlives the listeners)
     │   └── one task per connection → relay nursery        connection.py, relay.py
-    │       ├── pump client → server
+    │       ├── (body) pump client → server
     │       └── pump server → client
     └── accept nursery: one task per listener              listener.py
 
@@ -49,6 +50,7 @@ from trioanubis.listener import Limits, Listener
 from trioanubis.pool import Pool, Server
 from trioanubis.resolve import resolve_address
 from trioanubis.strategies import make_strategy
+from trioanubis.timeouts import Timer, tick_for
 
 log = logging.getLogger("trioanubis")
 
@@ -78,6 +80,7 @@ class Balancer:
         self.pools: dict[str, Pool] = {name: Pool(pc) for name, pc in config.pools.items()}
         self.access = AccessLog(enabled=config.settings.access_log)
         self.limits = Limits(self._connection_limit(config))
+        self.timer = Timer(self._tick(config))
         self.listeners: dict[str, Listener] = {
             name: self._new_listener(lc) for name, lc in config.listeners.items()
         }
@@ -95,7 +98,15 @@ class Balancer:
         self._accepting: trio.Nursery | None = None
 
     def _new_listener(self, config: ListenerConfig) -> Listener:
-        return Listener(config, self.pools[config.pool], self.limits, self.access)
+        return Listener(config, self.pools[config.pool], self.limits, self.access, self.timer)
+
+    @staticmethod
+    def _tick(config: Config) -> float:
+        return tick_for(
+            t
+            for pc in config.pools.values()
+            for t in (pc.connect_timeout, pc.idle_timeout, pc.half_close_timeout, pc.failover_timeout)
+        )
 
     def _connection_limit(self, config: Config) -> int:
         derived = fd_connection_limit()
@@ -131,6 +142,7 @@ class Balancer:
     async def _run(self, task_status: trio.TaskStatus[Mapping[str, Address]]) -> None:
         async with trio.open_nursery() as root:
             self._root = root
+            root.start_soon(self.timer.run)
             if self.config.admin is not None:
                 self.admin_address = await root.start(serve_admin, self, self.config.admin)
             for pool in self.pools.values():
@@ -276,6 +288,7 @@ class Balancer:
             log.warning("reload: pool %s removed", name)
         self.access.enabled = new.settings.access_log
         self.limits.max_connections = self._connection_limit(new)
+        self.timer.tick = self._tick(new)
         self.config = new
         self.reloads += 1
         log.warning("reload applied")

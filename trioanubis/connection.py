@@ -11,9 +11,10 @@ Connecting: the pool's strategy picks a server, `open_server_socket` tries its
 addresses within `connect_timeout`. A failure (refused, reset, timeout) is
 reported to the pool (passive ejection) and another server is picked, never
 one already tried, up to `retries` more attempts and within
-`failover_timeout`. While connecting, a second task watches the client: a
-client that closes meanwhile cancels the attempt (HAProxy's abortonclose),
-so a blackholed server never holds a socket for a client that has left.
+`failover_timeout`. The process-wide `Timer` (timeouts.py) enforces both and
+cancels the attempt when the client closes meanwhile (HAProxy's
+abortonclose), so a blackholed server never holds a socket for a client that
+has left.
 
 `OSError` from connecting is translated here, once, into `ConnectFailed`.
 """
@@ -31,6 +32,7 @@ import trio
 from trioanubis.errors import ConnectFailed
 from trioanubis.pool import Pool, Server
 from trioanubis.relay import Relay
+from trioanubis.timeouts import Timer
 
 log = logging.getLogger("trioanubis.connection")
 access_log = logging.getLogger("trioanubis.access")
@@ -101,89 +103,101 @@ async def open_server_socket(server: Server, timeout: float) -> socket.socket:
     raise last
 
 
-async def _watch_client_abort(client: socket.socket, scope: trio.CancelScope) -> None:
-    """Cancel `scope` if the client closes or resets before the server answers."""
-    await trio.lowlevel.wait_readable(client)
-    try:
-        data = client.recv(1, socket.MSG_PEEK)
-    except BlockingIOError:
-        return
-    except OSError:
-        data = b""
-    if not data:
-        scope.cancel()
+async def _attempt(relay: Relay, server: Server, timeout: float, deadline: float) -> socket.socket:
+    """One connect attempt, timed by the Timer rather than a deadline of its own."""
+    relay.attempt_deadline = min(trio.current_time() + timeout, deadline)
+    relay.attempt_scope = scope = trio.CancelScope()
+    last = ConnectFailed(f"connecting to {server.address}: no address resolved", "unresolved")
+    with scope:
+        for family, sockaddr in server.sockaddrs:
+            sock = _new_socket(family)
+            try:
+                code = sock.connect_ex(sockaddr)
+                if code == errno.EINPROGRESS:
+                    await trio.lowlevel.wait_writable(sock)
+                    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if code == 0:
+                    return sock
+            except BaseException:
+                close_socket(sock)
+                raise
+            close_socket(sock)
+            reason = _reason(code)
+            last = ConnectFailed(f"connecting to {server.address}: {reason}", reason)
+    if relay.attempt_end == "timeout":
+        raise ConnectFailed(f"connecting to {server.address}: timeout after {timeout:g}s", "timeout")
+    raise last
 
 
 async def connect_with_failover(
-    pool: Pool, client: socket.socket, client_key: bytes, record: ConnectionRecord
-) -> tuple[Server, socket.socket] | None:
-    """Pick and connect, failing over to other servers; None when every attempt failed."""
+    pool: Pool, relay: Relay, client_key: bytes, record: ConnectionRecord
+) -> bool:
+    """Pick and connect, failing over to other servers; sets relay.server or returns False.
+
+    Each attempt has `connect_timeout`, all of them together `failover_timeout`;
+    the Timer enforces both and cancels the attempt if the client leaves.
+    """
     config = pool.config
     tried: list[Server] = []
-    budget = config.failover_timeout or float("inf")
-    with trio.move_on_after(budget) as overall:
-        async with trio.open_nursery() as nursery:
-            abort = trio.CancelScope()
-            nursery.start_soon(_watch_client_abort, client, abort)
+    now = trio.current_time()
+    relay.connecting = True
+    relay.connect_started = now
+    deadline = now + config.failover_timeout if config.failover_timeout else float("inf")
+    try:
+        for _ in range(config.retries + 1):
+            server = pool.pick(client_key, tried)
+            if server is None:
+                break
+            tried.append(server)
+            started = trio.current_time()
             try:
-                with abort:
-                    for _ in range(config.retries + 1):
-                        server = pool.pick(client_key, tried)
-                        if server is None:
-                            break
-                        tried.append(server)
-                        started = trio.current_time()
-                        try:
-                            sock = await open_server_socket(server, config.connect_timeout)
-                        except ConnectFailed as exc:
-                            log.info("%s (pool %s, client %s)", exc, pool.name, record.client)
-                            pool.record_connect_failure(server, exc.reason)
-                            continue
-                        pool.record_connect_success(server, trio.current_time() - started)
-                        return server, sock
-            finally:
-                nursery.cancel_scope.cancel()
-            if abort.cancelled_caught:
-                record.end = "client_abort"
-                return None
-    if overall.cancelled_caught:
-        log.info("pool %s: failover_timeout reached after %d attempts", pool.name, len(tried))
-    if not tried:
-        pool.no_server += 1
-        if pool.candidates():
-            pool.all_full += 1
-            record.end = "no_server"
-            log.warning("pool %s: every server is at max_connections; closing client %s",
-                        pool.name, record.client)  # fmt: skip
-        else:
-            record.end = "no_server"
-            log.warning("pool %s: no server available; closing client %s", pool.name, record.client)
-        return None
+                relay.server = await _attempt(relay, server, config.connect_timeout, deadline)
+            except ConnectFailed as exc:
+                if relay.attempt_end == "client_abort":
+                    record.end = "client_abort"
+                    return False
+                log.info("%s (pool %s, client %s)", exc, pool.name, record.client)
+                pool.record_connect_failure(server, exc.reason)
+                if trio.current_time() >= deadline:
+                    log.info("pool %s: failover_timeout reached after %d attempts", pool.name, len(tried))
+                    break
+                relay.attempt_end = ""
+                continue
+            relay.server_record = server
+            pool.record_connect_success(server, trio.current_time() - started)
+            return True
+    finally:
+        relay.connecting = False
+        relay.attempt_scope = None
     pool.no_server += 1
-    record.end = "connect_failed"
-    return None
+    if tried:
+        record.end = "connect_failed"
+        return False
+    record.end = "no_server"
+    if pool.candidates():
+        pool.all_full += 1
+        log.warning("pool %s: every server is at max_connections; closing client %s",
+                    pool.name, record.client)  # fmt: skip
+    else:
+        log.warning("pool %s: no server available; closing client %s", pool.name, record.client)
+    return False
 
 
 async def handle_connection(
-    client: socket.socket, client_addr: str, client_key: bytes, pool: Pool, record: ConnectionRecord
+    client: socket.socket, client_key: bytes, pool: Pool, record: ConnectionRecord, timer: Timer
 ) -> None:
-    """Serve one accepted client until it ends; closes the client socket in every case."""
-    server_sock: socket.socket | None = None
+    """Serve one accepted client until it ends; closes both sockets in every case."""
+    config = pool.config
+    relay = Relay(client, idle_timeout=config.idle_timeout,
+                  half_close_timeout=config.half_close_timeout, pool=pool)  # fmt: skip
+    timer.watch(relay)
     try:
-        picked = await connect_with_failover(pool, client, client_key, record)
-        if picked is None:
+        if not await connect_with_failover(pool, relay, client_key, record):
             return
-        server, server_sock = picked
+        server = relay.server_record
+        assert server is not None
         record.server = server.name
         pool.acquire(server)
-        relay = Relay(
-            client,
-            server_sock,
-            idle_timeout=pool.config.idle_timeout,
-            half_close_timeout=pool.config.half_close_timeout,
-            pool=pool,
-            server_record=server,
-        )
         try:
             await relay.run()
         finally:
@@ -191,6 +205,7 @@ async def handle_connection(
             record.end = relay.end or "shutdown"
             pool.release(server, relay.bytes_in, relay.bytes_out)
     finally:
-        if server_sock is not None:
-            close_socket(server_sock)
+        timer.unwatch(relay)
+        if relay.server is not None:
+            close_socket(relay.server)
         close_socket(client)

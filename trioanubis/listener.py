@@ -31,6 +31,7 @@ from trioanubis.config import Address, ListenerConfig
 from trioanubis.connection import ConnectionRecord, close_socket, handle_connection
 from trioanubis.errors import AnubisError
 from trioanubis.pool import Pool
+from trioanubis.timeouts import Timer
 
 log = logging.getLogger("trioanubis.listener")
 
@@ -76,12 +77,15 @@ class Limits:
 class Listener:
     """One bound socket and its counters."""
 
-    def __init__(self, config: ListenerConfig, pool: Pool, limits: Limits, access: AccessLog):
+    def __init__(
+        self, config: ListenerConfig, pool: Pool, limits: Limits, access: AccessLog, timer: Timer
+    ) -> None:
         self.config = config
         self.name = config.name
         self.pool = pool
         self.limits = limits
         self.access = access
+        self.timer = timer
         self.accepted = 0
         self.active = 0
         self.rejected = 0
@@ -158,7 +162,7 @@ class Listener:
                                   f"{host}:{addr[1]}", started=trio.current_time())  # fmt: skip
         pool = self.pool  # a reload may point the listener elsewhere meanwhile
         try:
-            await handle_connection(client, record.client, _client_key(host), pool, record)
+            await handle_connection(client, _client_key(host), pool, record, self.timer)
         finally:
             self.active -= 1
             self.limits.release()

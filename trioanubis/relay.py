@@ -1,8 +1,10 @@
 """The relay: two pumps moving bytes between a client and a server socket.
 
-Theory of operation: one `Relay` per connection holds both sockets and the
-counters of both directions. `run()` opens a nursery with one pump per
-direction and, in its own body, watches for inactivity.
+Theory of operation: one `Relay` per connection holds both sockets, the
+counters of both directions and the connection's timeout state (which the
+process-wide `Timer` in timeouts.py checks). `run()` opens the connection's
+nursery: the server → client pump is its child task and the client → server
+pump runs in the nursery's body, so a connection costs two tasks.
 
 - A pump calls the non-blocking `recv_into` / `send` first and waits for
   readiness (`trio.lowlevel.wait_readable` / `wait_writable`) only when the
@@ -18,9 +20,9 @@ direction and, in its own body, watches for inactivity.
   seen EOF the relay ends normally.
 - A reset or error on either socket ends the whole relay at once: the pump
   records why (`end`) and cancels the nursery; the caller closes both sockets.
-- The body of `run()` is the idle watchdog: no byte in either direction for
-  `idle_timeout` (or `half_close_timeout` once one side has sent EOF) ends
-  the relay with `end = "idle_timeout"`.
+- Every chunk stamps `last_activity`; the Timer ends a relay that moved no
+  byte either way for `idle_timeout` (`half_close_timeout` once one side has
+  sent EOF) with `end = "idle_timeout"`.
 
 Sockets are stdlib sockets in non-blocking mode; this module never closes
 them (the connection that opened them does, after the nursery has exited, so
@@ -57,10 +59,11 @@ _checkpoint = trio.lowlevel.checkpoint
 
 @final
 class Relay:
-    """Both directions of one proxied connection, and what happened to them."""
+    """One proxied connection: both sockets, what moved, and how it ended."""
 
     __slots__ = (
-        "bytes_in", "bytes_out", "client", "end", "eofs", "first_sent", "half_close_timeout",
+        "attempt_deadline", "attempt_end", "attempt_scope", "bytes_in", "bytes_out", "client",
+        "connect_started", "connecting", "end", "eofs", "first_sent", "half_close_timeout",
         "idle_timeout", "last_activity", "pending_in", "pending_out", "pool", "scope", "server",
         "server_record",
     )  # fmt: skip
@@ -68,19 +71,17 @@ class Relay:
     def __init__(
         self,
         client: socket.socket,
-        server: socket.socket,
         *,
         idle_timeout: float,
         half_close_timeout: float,
         pool: Pool | None = None,
-        server_record: Server | None = None,
     ) -> None:
         self.client = client
-        self.server = server
+        self.server: socket.socket | None = None
         self.idle_timeout = idle_timeout
         self.half_close_timeout = half_close_timeout
         self.pool = pool  # where first-byte latency samples go (least_time)
-        self.server_record = server_record
+        self.server_record: Server | None = None
         self.bytes_in = 0  # client → server
         self.bytes_out = 0  # server → client
         self.pending_in = 0  # bytes read from the client, not yet accepted by the server
@@ -90,33 +91,37 @@ class Relay:
         self.first_sent = 0.0  # when the first client byte went to the server
         self.last_activity = 0.0
         self.scope: trio.CancelScope | None = None
+        # While connecting (checked by the Timer):
+        self.connecting = False
+        self.connect_started = 0.0
+        self.attempt_deadline = 0.0
+        self.attempt_scope: trio.CancelScope | None = None
+        self.attempt_end = ""  # "timeout" or "client_abort" once the Timer cancelled an attempt
+
+    def cancel_attempt(self, why: str) -> None:
+        """Called by the Timer: stop the connect attempt under way."""
+        if self.attempt_scope is not None and not self.attempt_end:
+            self.attempt_end = why
+            self.attempt_scope.cancel()
 
     async def run(self) -> None:
-        """Relay until both sides sent EOF, one side failed, or the connection went idle.
+        """Relay until both sides sent EOF or one side failed (or the Timer ends it).
 
         Cancellation from outside (shutdown) leaves `end` empty and propagates.
         """
+        assert self.server is not None
         self.last_activity = _current_time()
         async with trio.open_nursery() as nursery:
             self.scope = nursery.cancel_scope
-            nursery.start_soon(self._pump, self.client, self.server, True)
             nursery.start_soon(self._pump, self.server, self.client, False)
-            await self._watch_idle()
+            await self._pump(self.client, self.server, True)
 
-    def _finish(self, end: str) -> None:
+    def finish(self, end: str) -> None:
+        """End the relay now, recording why (the first reason given wins)."""
         if not self.end:
             self.end = end
-        assert self.scope is not None
-        self.scope.cancel()
-
-    async def _watch_idle(self) -> None:
-        while True:
-            limit = self.half_close_timeout if self.eofs else self.idle_timeout
-            deadline = self.last_activity + limit
-            if _current_time() >= deadline:
-                self._finish("idle_timeout")
-                return
-            await trio.sleep_until(deadline)
+        if self.scope is not None:
+            self.scope.cancel()
 
     async def _pump(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
         buffer = _SCRATCH
@@ -128,7 +133,7 @@ class Relay:
                 await _wait_readable(src)
                 continue
             except OSError:
-                self._finish("client_reset" if upstream else "server_reset")
+                self.finish("client_reset" if upstream else "server_reset")
                 return
             if not received:
                 self._on_eof(dst, upstream)
@@ -148,7 +153,7 @@ class Relay:
             except BlockingIOError:
                 sent = 0
             except OSError:
-                self._finish("server_reset" if upstream else "client_reset")
+                self.finish("server_reset" if upstream else "client_reset")
                 return
             if sent < received:
                 if not await self._send_rest(dst, bytes(buffer[sent:received]), upstream):
@@ -176,7 +181,7 @@ class Relay:
                 except BlockingIOError:
                     continue
                 except OSError:
-                    self._finish("server_reset" if upstream else "client_reset")
+                    self.finish("server_reset" if upstream else "client_reset")
                     return False
                 view = view[sent:]
                 self.last_activity = _current_time()
@@ -196,10 +201,10 @@ class Relay:
         try:
             dst.shutdown(socket.SHUT_WR)
         except OSError:
-            self._finish("server_reset" if upstream else "client_reset")
+            self.finish("server_reset" if upstream else "client_reset")
             return
         if len(self.eofs) == 2:
-            self._finish(self.eofs[0])
+            self.end = self.eofs[0]
 
     def _record_first_byte(self, now: float) -> None:
         assert self.pool is not None and self.server_record is not None

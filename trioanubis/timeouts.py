@@ -1,0 +1,82 @@
+"""Per-connection timeouts, enforced by one task for the whole process.
+
+Theory of operation: a connection's timeouts (connect, failover, idle,
+half-close) change with every byte it moves, so giving each connection its
+own Trio deadline would cost a heap update per chunk and a scope per connect.
+Instead every live connection registers with the `Timer`, which wakes every
+`tick` seconds and checks each one against the clock, like HAProxy's timer
+wheel:
+
+- while connecting: the attempt's `connect_timeout` and the pool's
+  `failover_timeout` cancel the attempt scope; a client that closed or reset
+  meanwhile (seen with a non-blocking MSG_PEEK) cancels it too, so a
+  blackholed server never holds a socket for a client that has gone;
+- while relaying: no byte either way for `idle_timeout` (`half_close_timeout`
+  once one side sent EOF) ends the relay.
+
+A timeout therefore fires between its value and its value plus one tick. The
+tick is a tenth of the shortest timeout configured, between 5 ms and 500 ms.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Final, final
+
+import trio
+
+if TYPE_CHECKING:
+    from trioanubis.relay import Relay
+
+MIN_TICK: Final = 0.005
+MAX_TICK: Final = 0.5
+# A timeout fires at most 1/TICKS_PER_TIMEOUT of its value late.
+TICKS_PER_TIMEOUT: Final = 10
+
+
+def tick_for(timeouts: Iterable[float]) -> float:
+    shortest = min((t for t in timeouts if t > 0), default=MAX_TICK * TICKS_PER_TIMEOUT)
+    return min(MAX_TICK, max(MIN_TICK, shortest / TICKS_PER_TIMEOUT))
+
+
+def client_gone(client: socket.socket) -> bool:
+    """True when the client has closed or reset (peeking never consumes its bytes)."""
+    try:
+        return client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+@final
+class Timer:
+    """The one task that enforces every connection's timeouts."""
+
+    def __init__(self, tick: float = MAX_TICK) -> None:
+        self.tick = tick
+        self.connections: set[Relay] = set()
+
+    def watch(self, relay: Relay) -> None:
+        self.connections.add(relay)
+
+    def unwatch(self, relay: Relay) -> None:
+        self.connections.discard(relay)
+
+    async def run(self) -> None:
+        while True:
+            await trio.sleep(self.tick)
+            self.check(trio.current_time())
+
+    def check(self, now: float) -> None:
+        for relay in list(self.connections):
+            if relay.connecting:
+                if now >= relay.attempt_deadline:
+                    relay.cancel_attempt("timeout")
+                elif now - relay.connect_started >= self.tick and client_gone(relay.client):
+                    relay.cancel_attempt("client_abort")
+            else:
+                limit = relay.half_close_timeout if relay.eofs else relay.idle_timeout
+                if now - relay.last_activity >= limit:
+                    relay.finish("idle_timeout")
