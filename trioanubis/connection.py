@@ -60,8 +60,13 @@ def close_socket(sock: socket.socket) -> None:
     sock.close()
 
 
-def _new_socket(family: int) -> socket.socket:
-    sock = socket.socket(family, socket.SOCK_STREAM)
+def _new_socket(family: int, address: object) -> socket.socket:
+    """A non-blocking TCP socket; running out of descriptors is a ConnectFailed, not a crash."""
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        reason = _reason(exc.errno or 0)
+        raise ConnectFailed(f"connecting to {address}: cannot create a socket: {reason}", reason) from exc
     sock.setblocking(False)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
@@ -76,6 +81,8 @@ def _reason(code: int) -> str:
         return "timeout"
     if code in (errno.ENETUNREACH, errno.EHOSTUNREACH):
         return "unreachable"
+    if code in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+        return "out of resources"
     return errno.errorcode.get(code, str(code)).lower()
 
 
@@ -84,7 +91,7 @@ async def open_server_socket(server: Server, timeout: float) -> socket.socket:
     last = ConnectFailed(f"connecting to {server.address}: no address resolved", "unresolved")
     with trio.move_on_after(timeout) as scope:
         for family, sockaddr in server.sockaddrs:
-            sock = _new_socket(family)
+            sock = _new_socket(family, server.address)
             try:
                 code = sock.connect_ex(sockaddr)
                 if code == errno.EINPROGRESS:
@@ -110,7 +117,7 @@ async def _attempt(relay: Relay, server: Server, timeout: float, deadline: float
     last = ConnectFailed(f"connecting to {server.address}: no address resolved", "unresolved")
     with scope:
         for family, sockaddr in server.sockaddrs:
-            sock = _new_socket(family)
+            sock = _new_socket(family, server.address)
             try:
                 code = sock.connect_ex(sockaddr)
                 if code == errno.EINPROGRESS:

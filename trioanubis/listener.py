@@ -90,6 +90,7 @@ class Listener:
         self.active = 0
         self.rejected = 0
         self.overloads = 0
+        self.internal_errors = 0
         self.bound: Address | None = None
         self.scope = trio.CancelScope()
 
@@ -163,6 +164,11 @@ class Listener:
         pool = self.pool  # a reload may point the listener elsewhere meanwhile
         try:
             await handle_connection(client, _client_key(host), pool, record, self.timer)
+        except Exception:
+            # A bug or an unforeseen error ends this connection only, never the process.
+            self.internal_errors += 1
+            record.end = "internal_error"
+            log.exception("listener %s: connection from %s failed unexpectedly", self.name, record.client)
         finally:
             self.active -= 1
             self.limits.release()

@@ -21,8 +21,8 @@ pump runs in the nursery's body, so a connection costs two tasks.
 - A reset or error on either socket ends the whole relay at once: the pump
   records why (`end`) and cancels the nursery; the caller closes both sockets.
 - Every chunk stamps `last_activity`; the Timer ends a relay that moved no
-  byte either way for `idle_timeout` (`half_close_timeout` once one side has
-  sent EOF) with `end = "idle_timeout"`.
+  byte either way for `idle_timeout` (or the shorter `half_close_timeout`
+  once one side has sent EOF) with `end = "idle_timeout"`.
 
 Sockets are stdlib sockets in non-blocking mode; this module never closes
 them (the connection that opened them does, after the nursery has exited, so

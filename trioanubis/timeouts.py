@@ -11,8 +11,8 @@ wheel:
   `failover_timeout` cancel the attempt scope; a client that closed or reset
   meanwhile (seen with a non-blocking MSG_PEEK) cancels it too, so a
   blackholed server never holds a socket for a client that has gone;
-- while relaying: no byte either way for `idle_timeout` (`half_close_timeout`
-  once one side sent EOF) ends the relay.
+- while relaying: no byte either way for `idle_timeout` (once one side sent
+  EOF, for the shorter of that and `half_close_timeout`) ends the relay.
 
 A timeout therefore fires between its value and its value plus one tick. The
 tick is a tenth of the shortest timeout configured, between 5 ms and 500 ms.
@@ -77,6 +77,8 @@ class Timer:
                 elif now - relay.connect_started >= self.tick and client_gone(relay.client):
                     relay.cancel_attempt("client_abort")
             else:
-                limit = relay.half_close_timeout if relay.eofs else relay.idle_timeout
+                limit = relay.idle_timeout
+                if relay.eofs:
+                    limit = min(limit, relay.half_close_timeout)
                 if now - relay.last_activity >= limit:
                     relay.finish("idle_timeout")

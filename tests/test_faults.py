@@ -1,0 +1,522 @@
+"""The fault catalogue (Envoy tcp_proxy tests, HAProxy regtests, toxiproxy toxics).
+
+Every scenario runs inside `leak_audit`: afterwards the process has no more
+file descriptors and Trio tasks than before, and none of its sockets is left
+in CLOSE_WAIT.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import resource
+import signal
+import socket
+import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from tests.conftest import (
+    closed_without_answer,
+    config_for,
+    connect,
+    free_port,
+    receive_all,
+    request,
+    running_balancer,
+    wait_until,
+)
+from tests.faulty import FaultyBackend, Script, start_faulty
+from tests.test_cli import anubis
+from tests.test_health import blackholed_port
+from tests.test_operations import wait_port
+from trioanubis.app import Balancer
+from trioanubis.config import Address
+from trioanubis.relay import CHUNK_SIZE, Relay
+
+MIB = 1 << 20
+
+
+def count_tasks() -> int:
+    def walk(task: trio.lowlevel.Task) -> int:
+        return 1 + sum(walk(t) for n in task.child_nurseries for t in n.child_tasks)
+
+    return walk(trio.lowlevel.current_root_task())
+
+
+def own_socket_inodes(pid: int | str = "self") -> set[str]:
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    return inodes
+
+
+def close_wait_sockets() -> int:
+    """This process's TCP sockets in CLOSE_WAIT (state 08 in /proc/net/tcp*)."""
+    mine = own_socket_inodes()
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "08" and fields[9] in mine:
+                    count += 1
+    return count
+
+
+def sockets_to(pid: int, remote_port: int, state: str) -> int:
+    """How many of process `pid`'s TCP sockets to `remote_port` are in `state` ("01" established,
+    "02" SYN_SENT)."""
+    mine = own_socket_inodes(pid)
+    count = 0
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            port = int(fields[2].rsplit(":", 1)[1], 16)
+            if port == remote_port and fields[3] == state and fields[9] in mine:
+                count += 1
+    return count
+
+
+@asynccontextmanager
+async def leak_audit() -> AsyncIterator[None]:
+    await trio.testing.wait_all_tasks_blocked()
+    fds, tasks = len(os.listdir("/proc/self/fd")), count_tasks()
+    yield
+    await trio.testing.wait_all_tasks_blocked()
+    assert close_wait_sockets() == 0
+    assert count_tasks() == tasks
+    assert len(os.listdir("/proc/self/fd")) <= fds
+
+
+@asynccontextmanager
+async def through_balancer(
+    script: Script | None = None, **pool: Any
+) -> AsyncIterator[tuple[FaultyBackend, Balancer, Address]]:
+    """A faulty backend behind a balancer, everything torn down and audited afterwards."""
+    async with leak_audit(), trio.open_nursery() as nursery:
+        backend = await start_faulty(nursery, script)
+        async with running_balancer(config_for([backend.address], **pool)) as (balancer, address):
+            yield backend, balancer, address
+        nursery.cancel_scope.cancel()
+
+
+def relays(balancer: Balancer) -> list[Relay]:
+    return list(balancer.timer.connections)
+
+
+def reset(stream: trio.SocketStream) -> None:
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    stream.socket.close()
+
+
+# 1
+async def test_server_speaks_first() -> None:
+    async with through_balancer(Script(banner=b"220 ready\r\n")) as (_, _b, address):
+        stream = await connect(address)
+        with trio.fail_after(20):
+            assert await stream.receive_some(100) == b"220 ready\r\n"
+        await stream.aclose()
+
+
+# 2
+async def test_client_half_close_then_reply_then_both_close() -> None:
+    async with through_balancer(Script(echo=True)) as (backend, balancer, address):
+        assert await request(address, b"question") == b"question"  # EOF crossed, reply came back
+        conn = backend.connections[0]
+        with trio.fail_after(20):
+            await conn.saw_eof.wait()
+            await conn.closed.wait()
+        await wait_until(lambda: balancer.access.counts == {"client_eof": 1})
+
+
+async def test_server_half_close_delivers_everything_before_eof() -> None:
+    banner = os.urandom(300_000)
+    async with through_balancer(Script(banner=banner, half_close_after_banner=True)) as (b, _, address):
+        stream = await connect(address)
+        assert await receive_all(stream) == banner
+        await stream.send_all(b"after the server's EOF")
+        await stream.send_eof()
+        with trio.fail_after(20):
+            await b.connections[0].saw_eof.wait()
+        assert bytes(b.connections[0].received) == b"after the server's EOF"
+        await stream.aclose()
+
+
+# 3
+async def test_server_reset_mid_stream() -> None:
+    payload = os.urandom(200_000)
+    async with through_balancer(Script(stream_bytes=payload, reset_after=100_000, echo=False)) as (
+        _,
+        balancer,
+        address,
+    ):
+        stream = await connect(address)
+        received = b""
+        with trio.fail_after(20):
+            with suppress(trio.BrokenResourceError):
+                received = await receive_all(stream)
+        assert payload.startswith(received) and len(received) <= 100_000
+        await stream.aclose()
+        await wait_until(lambda: balancer.access.counts == {"server_reset": 1})
+
+
+async def test_client_reset_mid_stream_closes_the_server_side() -> None:
+    async with through_balancer(Script(echo=True)) as (backend, balancer, address):
+        stream = await connect(address)
+        await stream.send_all(b"x" * 1000)
+        assert len(await stream.receive_some(1000)) > 0
+        reset(stream)
+        with trio.fail_after(20):
+            await backend.connections[0].closed.wait()
+        await wait_until(lambda: balancer.access.counts == {"client_reset": 1})
+        assert relays(balancer) == []
+
+
+# 4
+async def test_silent_server_and_silent_client_hit_the_idle_timeout() -> None:
+    async with through_balancer(Script(silent=True), idle_timeout="300ms") as (_, balancer, address):
+        stream = await connect(address)
+        with trio.fail_after(20):
+            assert await receive_all(stream) == b""
+        await stream.aclose()
+        assert balancer.access.counts == {"idle_timeout": 1}
+
+
+async def test_lingering_half_closed_connection_hits_half_close_timeout() -> None:
+    script = Script(echo=False, linger_after_eof=True)  # reads our EOF, never answers or closes
+    async with through_balancer(script, idle_timeout="1h", half_close_timeout="300ms") as (
+        backend, balancer, address,
+    ):  # fmt: skip
+        stream = await connect(address)
+        await stream.send_all(b"bye")
+        await stream.send_eof()
+        with trio.fail_after(20):
+            assert await receive_all(stream) == b""  # closed long before the 1 h idle timeout
+        await stream.aclose()
+        await wait_until(lambda: balancer.access.counts == {"idle_timeout": 1})
+        assert backend.connections[0].saw_eof.is_set()
+
+
+# 5
+async def test_stopped_server_reader_applies_backpressure_and_loses_nothing() -> None:
+    resume = trio.Event()
+    payload = os.urandom(16 * MIB)
+    async with through_balancer(Script(stop_reading=resume, echo=False)) as (backend, balancer, address):
+        stream = await connect(address)
+        sent = 0
+
+        async def send() -> None:
+            nonlocal sent
+            for offset in range(0, len(payload), CHUNK_SIZE):
+                await stream.send_all(payload[offset : offset + CHUNK_SIZE])
+                sent += CHUNK_SIZE
+            await stream.send_eof()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            # Wait until the client is blocked: no progress for a while means the pipe is full.
+            await wait_until(lambda: bool(relays(balancer)) and relays(balancer)[0].pending_in > 0)
+            relay = relays(balancer)[0]
+            for _ in range(20):
+                await trio.testing.wait_all_tasks_blocked(0.01)
+                assert relay.pending_in <= CHUNK_SIZE  # the balancer holds at most one chunk
+            assert sent < len(payload)  # backpressure reached the client
+            resume.set()
+        with trio.fail_after(30):
+            await backend.connections[0].saw_eof.wait()
+        assert hashlib.sha256(backend.connections[0].received).digest() == hashlib.sha256(payload).digest()
+        await stream.aclose()
+
+
+async def test_stopped_client_reader_applies_backpressure_and_loses_nothing() -> None:
+    payload = os.urandom(16 * MIB)
+    async with through_balancer(Script(stream_bytes=payload, echo=False)) as (_, balancer, address):
+        stream = await connect(address)
+        await wait_until(lambda: bool(relays(balancer)) and relays(balancer)[0].pending_out > 0)
+        relay = relays(balancer)[0]
+        for _ in range(20):
+            await trio.testing.wait_all_tasks_blocked(0.01)
+            assert relay.pending_out <= CHUNK_SIZE
+        assert relay.bytes_out < len(payload)  # the balancer stopped reading from the server
+        received = bytearray()
+        with trio.fail_after(30):
+            while len(received) < len(payload):
+                received += await stream.receive_some(65536)
+        assert bytes(received) == payload
+        await stream.aclose()
+
+
+# 6
+async def test_tiny_segments_full_duplex_one_mib_each_way() -> None:
+    rng = random.Random(6)
+    upstream = rng.randbytes(MIB)
+    script = Script(stream_bytes=rng.randbytes(MIB), echo=False, slice_writes=True, seed=6)
+    async with through_balancer(script) as (backend, _, address):
+        stream = await connect(address)
+        received = bytearray()
+
+        async def send() -> None:
+            view = memoryview(upstream)
+            while view:
+                size = rng.randint(1, 16)
+                await stream.send_all(view[:size])
+                view = view[size:]
+            await stream.send_eof()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            with trio.fail_after(60):
+                while len(received) < MIB:
+                    received += await stream.receive_some(65536)
+        assert bytes(received) == script.stream_bytes
+        with trio.fail_after(30):
+            await backend.connections[0].saw_eof.wait()
+        assert bytes(backend.connections[0].received) == upstream
+        await stream.aclose()
+
+
+async def test_streams_through_the_balancer_pass_trios_half_closeable_stream_checks() -> None:
+    """trio.testing's conformance suite, run on (client stream, backend stream) pairs."""
+    async with leak_audit(), trio.open_nursery() as nursery:
+        accepted: list[trio.SocketStream] = []
+        arrived = trio.lowlevel.ParkingLot()
+
+        async def hand_over(stream: trio.SocketStream) -> None:
+            accepted.append(stream)
+            arrived.unpark_all()
+            await trio.sleep_forever()
+
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+        nursery.start_soon(trio.serve_listeners, hand_over, listeners)
+        async with running_balancer(config_for([f"127.0.0.1:{port}"])) as (_, address):
+
+            async def stream_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+                client = await connect(address)
+                while not accepted:
+                    await arrived.park()
+                return client, accepted.pop()
+
+            await trio.testing.check_half_closeable_stream(stream_pair, None)
+        nursery.cancel_scope.cancel()
+
+
+# 7
+async def test_server_closes_after_n_bytes() -> None:
+    payload = os.urandom(50_000)
+    async with through_balancer(Script(stream_bytes=payload, close_after=12_345, echo=False)) as (
+        _, balancer, address,
+    ):  # fmt: skip
+        stream = await connect(address)
+        with trio.fail_after(20):
+            assert await receive_all(stream) == payload[:12_345]
+        await stream.aclose()
+        await wait_until(lambda: balancer.access.counts == {"server_eof": 1})
+
+
+# 8
+async def test_client_abort_while_connecting_cancels_the_attempt() -> None:
+    with blackholed_port() as port:
+        async with leak_audit():
+            data = config_for([f"127.0.0.1:{port}"], connect_timeout="1h", eject_after=0)
+            async with running_balancer(data) as (balancer, address):
+                stream = await connect(address)
+                await wait_until(lambda: any(r.connecting for r in relays(balancer)))
+                await stream.aclose()  # the client gives up
+                await wait_until(lambda: balancer.access.counts == {"client_abort": 1})
+                assert relays(balancer) == []
+
+
+# 9
+async def test_listener_max_connections_closes_extra_clients_at_once() -> None:
+    async with through_balancer(Script(echo=True), listener={"max_connections": 2}) as (_, balancer, address):
+        held = [await connect(address) for _ in range(2)]
+        for stream in held:
+            await stream.send_all(b"hi")
+            assert await stream.receive_some(2) == b"hi"
+        with trio.fail_after(20):
+            assert await closed_without_answer(address)
+        assert balancer.listeners["test"].rejected == 1
+        for stream in held:
+            await stream.aclose()
+        await wait_until(lambda: balancer.limits.active == 0)
+        assert await request(address, b"again") == b"again"
+
+
+async def test_configured_limits_above_the_fd_limit_warn_at_start(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from trioanubis.config import parse_config
+
+    logging.getLogger("trioanubis").propagate = True
+    data = config_for(["127.0.0.1:1"], settings={"max_connections": 10_000_000})
+    balancer = Balancer(parse_config(data, "big.toml"))
+    assert balancer.limits.max_connections < 10_000_000
+    assert "exceeds the" in caplog.text and "file-descriptor limit" in caplog.text
+
+
+# 10
+async def test_churn_leaves_nothing_behind() -> None:
+    rng = random.Random(10)
+    async with leak_audit(), trio.open_nursery() as nursery:
+        backends = [await start_faulty(nursery, Script(echo=True)) for _ in range(3)]
+        for backend in backends:
+            backend.queue = [
+                rng.choice([Script(echo=True), Script(reset_after=rng.randint(0, 2000)),
+                            Script(close_after=rng.randint(0, 2000)), Script(silent=True),
+                            Script(slice_writes=True, seed=i)])
+                for i in range(400)
+            ]  # fmt: skip
+        data = config_for([b.address for b in backends], idle_timeout="2s", connect_timeout="1s")
+        async with running_balancer(data) as (balancer, address):
+
+            async def one_client(i: int) -> None:
+                action = rng.choice(["write", "half_close", "reset", "abandon"])
+                try:
+                    stream = await connect(address)
+                except OSError:
+                    return
+                try:
+                    await stream.send_all(rng.randbytes(rng.randint(0, 5000)))
+                    if action == "half_close":
+                        await stream.send_eof()
+                        with trio.move_on_after(5):
+                            await receive_all(stream)
+                    elif action == "reset":
+                        reset(stream)
+                        return
+                    elif action == "write":
+                        with trio.move_on_after(0.05):
+                            await stream.receive_some(1000)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+                if stream.socket.fileno() >= 0:
+                    await stream.aclose()
+
+            async with trio.open_nursery() as clients:
+                for i in range(300):
+                    clients.start_soon(one_client, i)
+                    if i == 150:
+                        backends[0].scope.cancel()  # a server dies underneath
+                    if i % 20 == 0:
+                        await trio.sleep(0)
+            await wait_until(lambda: balancer.limits.active == 0, timeout=60)
+            pool = balancer.pools["test"]
+            assert all(s.active == 0 for s in pool.servers)
+            assert sum(balancer.access.counts.values()) == balancer.listeners["test"].accepted
+        nursery.cancel_scope.cancel()
+
+
+
+
+async def test_half_close_never_extends_a_shorter_idle_timeout() -> None:
+    script = Script(echo=False, linger_after_eof=True)
+    async with through_balancer(script, idle_timeout="300ms", half_close_timeout="1h") as (_, b, address):
+        stream = await connect(address)
+        await stream.send_eof()
+        with trio.fail_after(20):  # far below the 1 h half-close timeout
+            assert await receive_all(stream) == b""
+        await stream.aclose()
+        await wait_until(lambda: b.access.counts == {"idle_timeout": 1})
+
+
+# 9, continued: out of file descriptors, in a real process whose limit we lower while it runs
+async def test_accept_survives_running_out_of_file_descriptors(tmp_path: Path) -> None:
+    port = free_port()
+    async with trio.open_nursery() as nursery:
+        backend = await start_faulty(nursery, Script(echo=True))
+        config = tmp_path / "anubis.toml"
+        config.write_text(f'[listeners.web]\nbind = "127.0.0.1:{port}"\npool = "web"\n'
+                          f'[pools.web]\nservers = ["{backend.address}"]\nhealth = {{ check = "none" }}\n')
+        async with anubis("run", "-c", str(config)) as process:
+            await wait_port(port)
+            in_use = len(os.listdir(f"/proc/{process.pid}/fd"))
+            resource.prlimit(process.pid, resource.RLIMIT_NOFILE, (in_use + 6, in_use + 6))
+            address = Address("127.0.0.1", port)
+            held = []
+            for _ in range(6):  # 3 fit (2 fds each); the rest wait in the backlog
+                stream = await connect(address)
+                await stream.send_all(b"x")
+                held.append(stream)
+            assert process.stderr is not None
+            seen = b""
+            with trio.fail_after(30):
+                while b"accept failed" not in seen:
+                    seen += await process.stderr.receive_some()
+            cpu_before = process_cpu_seconds(process.pid)
+            await trio.sleep(1.0)  # the behaviour under test: a second of overload
+            assert process_cpu_seconds(process.pid) - cpu_before < 0.5  # backing off, not spinning
+            for stream in held[:3]:
+                await stream.aclose()
+            with trio.fail_after(30):  # the waiting clients get served once descriptors free up
+                for stream in held[3:]:
+                    assert await stream.receive_some(1) == b"x"
+                    await stream.aclose()
+                while b"accepting again" not in seen:
+                    seen += await process.stderr.receive_some()
+            assert await request(address, b"still serving") == b"still serving"
+            assert seen.count(b"accept failed") == 1  # logged once per episode
+        nursery.cancel_scope.cancel()
+
+
+def process_cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# 11
+async def test_shutdown_mid_transfer_and_mid_connect_exits_cleanly(tmp_path: Path) -> None:
+    port, blackhole_listener = free_port(), free_port()
+    async with trio.open_nursery() as nursery:
+        backend = await start_faulty(nursery, Script(stream_bytes=os.urandom(8 * MIB), echo=False))
+        with blackholed_port() as hole:
+            config = tmp_path / "anubis.toml"
+            config.write_text(
+                f'[settings]\ndrain_timeout = "300ms"\n'
+                f'[listeners.web]\nbind = "127.0.0.1:{port}"\npool = "web"\n'
+                f'[listeners.hole]\nbind = "127.0.0.1:{blackhole_listener}"\npool = "hole"\n'
+                f'[pools.web]\nservers = ["{backend.address}"]\nhealth = {{ check = "none" }}\n'
+                f'[pools.hole]\nservers = ["127.0.0.1:{hole}"]\nconnect_timeout = "1h"\n'
+                f'health = {{ check = "none" }}\n'
+            )
+            async with anubis("run", "-c", str(config)) as process:
+                await wait_port(port)
+                await wait_port(blackhole_listener)
+                transfer = await connect(Address("127.0.0.1", port))
+                assert await transfer.receive_some(1000)  # mid-transfer: we stop reading
+                connecting = await connect(Address("127.0.0.1", blackhole_listener))
+                await wait_until(lambda: sockets_to(process.pid, hole, "02") >= 1)  # mid-connect
+                process.send_signal(signal.SIGTERM)
+                with trio.fail_after(30):
+                    await process.wait()
+                assert process.returncode == 0
+                stderr = await read_rest(process)
+                assert "Traceback" not in stderr
+                assert "drain timeout: closing" in stderr, stderr
+                assert " -> - in=0 out=0 " in stderr and "shutdown" in stderr  # the one mid-connect
+                assert f"-> {backend.address} in=0" in stderr  # the one mid-transfer
+                await transfer.aclose()
+                await connecting.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def read_rest(process: trio.Process) -> str:
+    assert process.stderr is not None
+    chunks = []
+    while data := await process.stderr.receive_some():
+        chunks.append(data)
+    return b"".join(chunks).decode(errors="replace")
