@@ -164,6 +164,8 @@ async def connect_with_failover(
                     record.end = "client_abort"
                     return False
                 log.info("%s (pool %s, client %s)", exc, pool.name, record.client)
+                if exc.reason == "out of resources":
+                    break  # our shortage, not the server's fault: no ejection, no failover
                 pool.record_connect_failure(server, exc.reason)
                 if trio.current_time() >= deadline:
                     log.info("pool %s: failover_timeout reached after %d attempts", pool.name, len(tried))
