@@ -57,11 +57,11 @@ async def http_get(port: int, path: str = "/", timeout: float = 30) -> bytes:
             except OSError:
                 await trio.sleep(0.05)
                 continue
+            answer = b""
             async with stream:
-                await stream.send_all(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
-                await stream.send_eof()
-                answer = b""
-                try:
+                try:  # a balancer whose servers are not up yet closes us: ask again
+                    await stream.send_all(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+                    await stream.send_eof()
                     while data := await stream.receive_some(65536):
                         answer += data
                 except trio.BrokenResourceError:

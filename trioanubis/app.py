@@ -4,7 +4,8 @@ Theory of operation — the tree `Balancer.run` builds:
 
     root nursery
     ├── admin endpoint (if [admin])                        admin.py
-    ├── health scope per pool (one task per server)        health/checker.py
+    ├── scope per pool: DNS discovery (one task per entry)  discovery.py
+    │                   health checks (one task per server) health/checker.py
     ├── timer: every connection's connect/idle timeouts     timeouts.py
     ├── reloader: applies SIGHUP / --watch reloads one at a time
     ├── connections nursery                                (outlives the listeners)
@@ -44,6 +45,7 @@ import trio
 from trioanubis.accesslog import AccessLog
 from trioanubis.admin import serve_admin
 from trioanubis.config import Address, Config, ListenerConfig, PoolConfig, load_config
+from trioanubis.discovery import run_discovery, source_of
 from trioanubis.errors import AnubisError, ConfigError
 from trioanubis.health.checker import run_health_checks
 from trioanubis.listener import Limits, Listener
@@ -91,7 +93,7 @@ class Balancer:
         self.reload_failures = 0
         self.stopped = trio.Event()  # set once run() has returned
         self._shutdown = trio.Event()
-        self._health_scopes: dict[str, trio.CancelScope] = {}
+        self._pool_scopes: dict[str, trio.CancelScope] = {}
         self._reload_requests, self._reload_queue = trio.open_memory_channel[str](1)
         self._root: trio.Nursery | None = None
         self._connections: trio.Nursery | None = None
@@ -147,7 +149,7 @@ class Balancer:
                 self.admin_address = await root.start(serve_admin, self, self.config.admin)
             for pool in self.pools.values():
                 await self._resolve(pool.servers, pool.name)
-                await self._start_health(pool)
+                await self._start_pool_tasks(pool)
             async with trio.open_nursery() as connections:
                 self._connections = connections
                 async with trio.open_nursery() as accepting:
@@ -176,16 +178,22 @@ class Balancer:
                 log.warning("pool %s: cannot resolve server %s (%s): %s; will retry",
                             pool_name, server.name, server.address.host, exc)  # fmt: skip
 
-    async def _start_health(self, pool: Pool) -> None:
+    async def _start_pool_tasks(self, pool: Pool) -> None:
+        """Discovery and health checks of `pool`, in one scope; returns after their first rounds."""
         assert self._root is not None
         scope = trio.CancelScope()
-        self._health_scopes[pool.name] = scope
+        self._pool_scopes[pool.name] = scope
+        nameserver = pool.config.resolver or self.config.settings.resolver
 
-        async def checks(task_status: trio.TaskStatus[None]) -> None:
+        async def pool_tasks(task_status: trio.TaskStatus[None]) -> None:
             with scope:
-                await run_health_checks(pool, task_status=task_status)
+                async with trio.open_nursery() as nursery:
+                    for entry in pool.config.discovery:
+                        await nursery.start(run_discovery, pool, entry, nameserver)
+                    await nursery.start(run_health_checks, pool)
+                    task_status.started()
 
-        await self._root.start(checks)
+        await self._root.start(pool_tasks)
 
     async def _drain(self) -> None:
         active = self.limits.active
@@ -275,7 +283,7 @@ class Balancer:
                 pool = Pool(pool_config)
                 self.pools[name] = pool
                 await self._resolve(pool.servers, name)
-                await self._start_health(pool)
+                await self._start_pool_tasks(pool)
                 log.warning("reload: pool %s added", name)
         for name, listener_config in new.listeners.items():
             await self._update_listener(name, listener_config)
@@ -283,7 +291,7 @@ class Balancer:
             self.listeners.pop(name).scope.cancel()
             log.warning("reload: listener %s removed", name)
         for name in [n for n in self.pools if n not in new.pools]:
-            self._health_scopes.pop(name).cancel()
+            self._pool_scopes.pop(name).cancel()
             del self.pools[name]
             log.warning("reload: pool %s removed", name)
         self.access.enabled = new.settings.access_log
@@ -318,8 +326,9 @@ class Balancer:
             pool.strategy = make_strategy(config.strategy)
         current = {(s.name, s.address): s for s in pool.servers}
         wanted = {(sc.name, sc.address): sc for sc in config.servers}
+        sources = {source_of(entry) for entry in config.discovery}
         for key, server in current.items():
-            if key not in wanted and not server.source:
+            if key not in wanted and server.source not in sources:
                 pool.remove(server)
                 log.warning("reload: pool %s: server %s removed (its open connections go on)",
                             pool.name, server.name)  # fmt: skip
@@ -337,9 +346,9 @@ class Balancer:
             pool.add(added)
             log.warning("reload: pool %s: %s added", pool.name, ", ".join(s.name for s in added))
         pool.changed()
-        if config.health != old.health:
-            self._health_scopes.pop(pool.name).cancel()
-            await self._start_health(pool)
+        if (config.health, config.discovery, config.resolver) != (old.health, old.discovery, old.resolver):
+            self._pool_scopes.pop(pool.name).cancel()
+            await self._start_pool_tasks(pool)
 
 
 async def run_until_signalled(
