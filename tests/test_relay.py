@@ -218,3 +218,27 @@ async def test_many_short_connections(nursery: trio.Nursery, strategy: str) -> N
     ):
         answers = [await request(address) for _ in range(30)]
     assert sorted(set(answers)) == [b"s0", b"s1", b"s2"]
+
+
+async def test_data_and_fin_arriving_together_are_both_relayed(nursery: trio.Nursery) -> None:
+    """Data and FIN that reach the balancer in one readiness edge: the EOF must not be lost.
+
+    The backend writes and shuts down without a checkpoint in between (os.write and shutdown
+    are synchronous), so both are queued before the balancer's dispatcher looks.
+    """
+
+    async def answer_then_fin_at_once(stream: trio.SocketStream) -> None:
+        await stream.receive_some(100)
+        os.write(stream.socket.fileno(), b"answer")
+        stream.socket.shutdown(socket.SHUT_WR)
+        await receive_all(stream)
+        await stream.aclose()
+
+    backend = await start_backend(nursery, answer_then_fin_at_once)
+    async with running_balancer(config_for([backend.address])) as (_, address):
+        for _ in range(20):
+            stream = await connect(address)
+            async with stream:
+                await stream.send_all(b"question")
+                with trio.fail_after(20):
+                    assert await receive_all(stream) == b"answer"

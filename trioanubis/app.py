@@ -7,6 +7,7 @@ Theory of operation — the tree `Balancer.run` builds:
     ├── scope per pool: DNS discovery (one task per entry)  discovery.py
     │                   health checks (one task per server) health/checker.py
     ├── timer: every connection's connect/idle timeouts     timeouts.py
+    ├── poller: wakes relay pumps when their sockets are ready  poller.py
     ├── reloader: applies SIGHUP / --watch reloads one at a time
     ├── connections nursery                                (outlives the listeners)
     │   └── one task per connection → relay nursery        connection.py, relay.py
@@ -49,6 +50,7 @@ from trioanubis.discovery import run_discovery, source_of
 from trioanubis.errors import AnubisError, ConfigError
 from trioanubis.health.checker import run_health_checks
 from trioanubis.listener import Limits, Listener
+from trioanubis.poller import Poller
 from trioanubis.pool import Pool, Server
 from trioanubis.resolve import resolve_address
 from trioanubis.strategies import make_strategy
@@ -83,6 +85,7 @@ class Balancer:
         self.access = AccessLog(enabled=config.settings.access_log)
         self.limits = Limits(self._connection_limit(config))
         self.timer = Timer(self._tick(config))
+        self.poller = Poller()
         self.listeners: dict[str, Listener] = {
             name: self._new_listener(lc) for name, lc in config.listeners.items()
         }
@@ -100,7 +103,7 @@ class Balancer:
         self._accepting: trio.Nursery | None = None
 
     def _new_listener(self, config: ListenerConfig) -> Listener:
-        return Listener(config, self.pools[config.pool], self.limits, self.access, self.timer)
+        return Listener(config, self.pools[config.pool], self.limits, self.access, self.timer, self.poller)
 
     @staticmethod
     def _tick(config: Config) -> float:
@@ -145,6 +148,7 @@ class Balancer:
         async with trio.open_nursery() as root:
             self._root = root
             root.start_soon(self.timer.run)
+            root.start_soon(self.poller.run)
             if self.config.admin is not None:
                 self.admin_address = await root.start(serve_admin, self, self.config.admin)
             for pool in self.pools.values():

@@ -30,6 +30,7 @@ from typing import final
 import trio
 
 from trioanubis.errors import ConnectFailed
+from trioanubis.poller import Poller
 from trioanubis.pool import Pool, Server
 from trioanubis.relay import Relay
 from trioanubis.timeouts import Timer
@@ -193,12 +194,17 @@ async def connect_with_failover(
 
 
 async def handle_connection(
-    client: socket.socket, client_key: bytes, pool: Pool, record: ConnectionRecord, timer: Timer
+    client: socket.socket,
+    client_key: bytes,
+    pool: Pool,
+    record: ConnectionRecord,
+    timer: Timer,
+    poller: Poller,
 ) -> None:
     """Serve one accepted client until it ends; closes both sockets in every case."""
     config = pool.config
-    relay = Relay(client, idle_timeout=config.idle_timeout,
-                  half_close_timeout=config.half_close_timeout, pool=pool)  # fmt: skip
+    relay = Relay(client, idle_timeout=config.idle_timeout, half_close_timeout=config.half_close_timeout,
+                  poller=poller, pool=pool)  # fmt: skip
     timer.watch(relay)
     try:
         if not await connect_with_failover(pool, relay, client_key, record):
@@ -216,5 +222,7 @@ async def handle_connection(
     finally:
         timer.unwatch(relay)
         if relay.server is not None:
+            poller.forget(relay.server.fileno())
             close_socket(relay.server)
+        poller.forget(client.fileno())
         close_socket(client)

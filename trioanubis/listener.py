@@ -30,6 +30,7 @@ from trioanubis.accesslog import AccessLog
 from trioanubis.config import Address, ListenerConfig
 from trioanubis.connection import ConnectionRecord, close_socket, handle_connection
 from trioanubis.errors import AnubisError
+from trioanubis.poller import Poller
 from trioanubis.pool import Pool
 from trioanubis.timeouts import Timer
 
@@ -78,7 +79,13 @@ class Listener:
     """One bound socket and its counters."""
 
     def __init__(
-        self, config: ListenerConfig, pool: Pool, limits: Limits, access: AccessLog, timer: Timer
+        self,
+        config: ListenerConfig,
+        pool: Pool,
+        limits: Limits,
+        access: AccessLog,
+        timer: Timer,
+        poller: Poller,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -86,6 +93,7 @@ class Listener:
         self.limits = limits
         self.access = access
         self.timer = timer
+        self.poller = poller
         self.accepted = 0
         self.active = 0
         self.rejected = 0
@@ -163,7 +171,7 @@ class Listener:
                                   f"{host}:{addr[1]}", started=trio.current_time())  # fmt: skip
         pool = self.pool  # a reload may point the listener elsewhere meanwhile
         try:
-            await handle_connection(client, _client_key(host), pool, record, self.timer)
+            await handle_connection(client, _client_key(host), pool, record, self.timer, self.poller)
         except Exception:
             # A bug or an unforeseen error ends this connection only, never the process.
             self.internal_errors += 1

@@ -7,8 +7,10 @@ nursery: the server → client pump is its child task and the client → server
 pump runs in the nursery's body, so a connection costs two tasks.
 
 - A pump calls the non-blocking `recv_into` / `send` first and waits for
-  readiness (`trio.lowlevel.wait_readable` / `wait_writable`) only when the
-  kernel says EAGAIN, so a busy connection costs one syscall per chunk.
+  readiness only when the kernel says EAGAIN (or a short read shows the
+  socket drained), so a busy connection costs one syscall per chunk. Waits go
+  through the process's `Poller` (poller.py), where both sockets were
+  registered once, edge-triggered, instead of re-arming Trio's epoll per wait.
 - Every pump reads into one process-wide scratch buffer and sends from it
   before its next checkpoint, which is safe because Trio runs one task at a
   time. Only the bytes the peer did not accept yet are copied out, into a
@@ -37,6 +39,7 @@ from typing import TYPE_CHECKING, Final, final
 import trio
 
 if TYPE_CHECKING:
+    from trioanubis.poller import Poller
     from trioanubis.pool import Pool, Server
 
 # One read's worth of bytes; also the most a pump ever holds while its peer
@@ -52,8 +55,6 @@ _scratch = bytearray(CHUNK_SIZE)
 _SCRATCH: Final = memoryview(_scratch)
 
 _current_time = trio.current_time
-_wait_readable = trio.lowlevel.wait_readable
-_wait_writable = trio.lowlevel.wait_writable
 _checkpoint = trio.lowlevel.checkpoint
 
 
@@ -64,8 +65,8 @@ class Relay:
     __slots__ = (
         "attempt_deadline", "attempt_end", "attempt_scope", "bytes_in", "bytes_out", "client",
         "connect_started", "connecting", "end", "eofs", "first_sent", "half_close_timeout",
-        "idle_timeout", "last_activity", "pending_in", "pending_out", "pool", "scope", "server",
-        "server_record",
+        "idle_timeout", "last_activity", "pending_in", "pending_out", "poller", "pool", "scope",
+        "server", "server_record",
     )  # fmt: skip
 
     def __init__(
@@ -74,9 +75,11 @@ class Relay:
         *,
         idle_timeout: float,
         half_close_timeout: float,
+        poller: Poller,
         pool: Pool | None = None,
     ) -> None:
         self.client = client
+        self.poller = poller
         self.server: socket.socket | None = None
         self.idle_timeout = idle_timeout
         self.half_close_timeout = half_close_timeout
@@ -111,6 +114,8 @@ class Relay:
         """
         assert self.server is not None
         self.last_activity = _current_time()
+        self.poller.register(self.client.fileno())
+        self.poller.register(self.server.fileno())
         async with trio.open_nursery() as nursery:
             self.scope = nursery.cancel_scope
             nursery.start_soon(self._pump, self.server, self.client, False)
@@ -126,11 +131,14 @@ class Relay:
     async def _pump(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
         buffer = _SCRATCH
         full_reads = 0
+        wait_readable = self.poller.wait_readable
+        hung_up = self.poller.hung_up
+        src_fd = src.fileno()
         while True:
             try:
                 received = src.recv_into(buffer)
             except BlockingIOError:
-                await _wait_readable(src)
+                await wait_readable(src_fd)
                 continue
             except OSError:
                 self.finish("client_reset" if upstream else "server_reset")
@@ -160,8 +168,12 @@ class Relay:
                     return
                 full_reads = 0
             elif received < CHUNK_SIZE:
-                # A short read drained the socket: wait rather than pay for an EAGAIN.
-                await _wait_readable(src)
+                # A short read drained the socket: wait rather than pay for an EAGAIN
+                # (unless a FIN or reset may be queued behind the data: see poller.py).
+                if src_fd not in hung_up:
+                    await wait_readable(src_fd)
+                else:
+                    await _checkpoint()
                 full_reads = 0
             else:
                 full_reads += 1
@@ -172,10 +184,11 @@ class Relay:
     async def _send_rest(self, dst: socket.socket, data: bytes, upstream: bool) -> bool:
         """Send what the peer did not take at once; False when the relay ended meanwhile."""
         view = memoryview(data)
+        dst_fd = dst.fileno()
         try:
             while view:
                 self._set_pending(upstream, len(view))
-                await _wait_writable(dst)
+                await self.poller.wait_writable(dst_fd)
                 try:
                     sent = dst.send(view)
                 except BlockingIOError:

@@ -1,0 +1,101 @@
+"""Readiness for relay sockets: one edge-triggered epoll of our own, one dispatcher task.
+
+Theory of operation: Trio's `wait_readable` arms an epoll registration for
+every wait and disarms it on wake-up: two `epoll_ctl` calls per wait, which
+on a busy relay cost about as much as the `recv` and `send` themselves. The
+relay's sockets instead join this poller's epoll once, edge-triggered, for
+both directions. A relay task that must wait parks itself here
+(`wait_task_rescheduled`); the dispatcher task sleeps on the epoll's own
+descriptor through Trio, and when it becomes readable it drains the ready
+list and reschedules the parked tasks.
+
+Edge-triggered readiness is only safe if nobody waits for an edge that has
+already passed. The relay waits only right after a system call showed the
+socket drained (EAGAIN, or a read shorter than the buffer) or full (EAGAIN
+or a partial send); the kernel then signals the next arrival or the next
+free space as a new edge. So an event that finds no task parked is dropped.
+One exception: a FIN or reset queued behind data arrives in the same edge
+as the data, and a short read returns only the data. The dispatcher
+therefore remembers every socket whose peer closed or failed (`hung_up`),
+and the relay reads again instead of waiting after a short read on those.
+
+Cancellation works as anywhere in Trio: a parked task's abort callback
+removes it. `forget` wakes anything still parked on a descriptor with
+`ClosedResourceError` before the socket is closed (Trio's notify_closing
+rule); closing a socket removes it from the epoll by itself.
+"""
+
+from __future__ import annotations
+
+import select
+from typing import Final, final
+
+import outcome
+import trio
+
+# Ready descriptors taken from the kernel per dispatcher wake-up.
+MAX_EVENTS: Final = 1024
+_HANG_UP_EVENTS: Final = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+_READ_EVENTS: Final = select.EPOLLIN | _HANG_UP_EVENTS
+_WRITE_EVENTS: Final = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+_REGISTER: Final = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+
+_reschedule = trio.lowlevel.reschedule
+_current_task = trio.lowlevel.current_task
+_wait_task_rescheduled = trio.lowlevel.wait_task_rescheduled
+_SUCCEEDED = trio.lowlevel.Abort.SUCCEEDED
+
+
+@final
+class Poller:
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._readers: dict[int, trio.lowlevel.Task] = {}
+        self._writers: dict[int, trio.lowlevel.Task] = {}
+        self.hung_up: set[int] = set()  # sockets whose peer sent FIN or failed
+
+    def register(self, fd: int) -> None:
+        self.hung_up.discard(fd)
+        self._epoll.register(fd, _REGISTER)
+
+    async def wait_readable(self, fd: int) -> None:
+        await self._wait(fd, self._readers)
+
+    async def wait_writable(self, fd: int) -> None:
+        await self._wait(fd, self._writers)
+
+    async def _wait(self, fd: int, waiters: dict[int, trio.lowlevel.Task]) -> None:
+        if fd in waiters:
+            raise trio.BusyResourceError("another task is already waiting on this socket")
+        waiters[fd] = _current_task()
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            del waiters[fd]
+            return _SUCCEEDED
+
+        await _wait_task_rescheduled(abort)
+
+    def forget(self, fd: int) -> None:
+        """Wake whatever waits on `fd` with ClosedResourceError; call before closing it."""
+        self.hung_up.discard(fd)
+        for waiters in (self._readers, self._writers):
+            task = waiters.pop(fd, None)
+            if task is not None:
+                _reschedule(task, outcome.Error(trio.ClosedResourceError("socket closed")))
+
+    async def run(self) -> None:
+        """The dispatcher: wake parked relay tasks as their sockets become ready."""
+        readers, writers, hung_up = self._readers, self._writers, self.hung_up
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(self._epoll.fileno())
+                for fd, events in self._epoll.poll(0, MAX_EVENTS):
+                    if events & _HANG_UP_EVENTS:
+                        hung_up.add(fd)
+                    if events & _READ_EVENTS and fd in readers:
+                        _reschedule(readers.pop(fd))
+                    if events & _WRITE_EVENTS and fd in writers:
+                        _reschedule(writers.pop(fd))
+        finally:
+            trio.lowlevel.notify_closing(self._epoll.fileno())
+            self._epoll.close()
