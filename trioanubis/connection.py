@@ -24,7 +24,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import final
 
 import trio
@@ -51,7 +51,6 @@ class ConnectionRecord:
     bytes_out: int = 0
     started: float = 0.0
     end: str = ""
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 def close_socket(sock: socket.socket) -> None:

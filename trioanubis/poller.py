@@ -28,6 +28,7 @@ rule); closing a socket removes it from the epoll by itself.
 from __future__ import annotations
 
 import select
+from functools import partial
 from typing import Final, final
 
 import outcome
@@ -46,6 +47,11 @@ _wait_task_rescheduled = trio.lowlevel.wait_task_rescheduled
 _SUCCEEDED = trio.lowlevel.Abort.SUCCEEDED
 
 
+def _abort(waiters: dict[int, trio.lowlevel.Task], fd: int, _: object) -> trio.lowlevel.Abort:
+    del waiters[fd]
+    return _SUCCEEDED
+
+
 @final
 class Poller:
     def __init__(self) -> None:
@@ -59,21 +65,20 @@ class Poller:
         self._epoll.register(fd, _REGISTER)
 
     async def wait_readable(self, fd: int) -> None:
-        await self._wait(fd, self._readers)
+        """Park until `fd` (registered) may have bytes, EOF or an error to read."""
+        readers = self._readers
+        if fd in readers:
+            raise trio.BusyResourceError("another task is already reading this socket")
+        readers[fd] = _current_task()
+        await _wait_task_rescheduled(partial(_abort, readers, fd))
 
     async def wait_writable(self, fd: int) -> None:
-        await self._wait(fd, self._writers)
-
-    async def _wait(self, fd: int, waiters: dict[int, trio.lowlevel.Task]) -> None:
-        if fd in waiters:
-            raise trio.BusyResourceError("another task is already waiting on this socket")
-        waiters[fd] = _current_task()
-
-        def abort(_: object) -> trio.lowlevel.Abort:
-            del waiters[fd]
-            return _SUCCEEDED
-
-        await _wait_task_rescheduled(abort)
+        """Park until `fd` (registered) may take more bytes."""
+        writers = self._writers
+        if fd in writers:
+            raise trio.BusyResourceError("another task is already writing this socket")
+        writers[fd] = _current_task()
+        await _wait_task_rescheduled(partial(_abort, writers, fd))
 
     def forget(self, fd: int) -> None:
         """Wake whatever waits on `fd` with ClosedResourceError; call before closing it."""
