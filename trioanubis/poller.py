@@ -91,16 +91,23 @@ class Poller:
     async def run(self) -> None:
         """The dispatcher: wake parked relay tasks as their sockets become ready."""
         readers, writers, hung_up = self._readers, self._writers, self.hung_up
+        poll = self._epoll.poll
         try:
             while True:
-                await trio.lowlevel.wait_readable(self._epoll.fileno())
-                for fd, events in self._epoll.poll(0, MAX_EVENTS):
+                events_seen = poll(0, MAX_EVENTS)
+                if not events_seen:
+                    # Idle: sleep in Trio's epoll until ours has something.
+                    await trio.lowlevel.wait_readable(self._epoll.fileno())
+                    continue
+                for fd, events in events_seen:
                     if events & _HANG_UP_EVENTS:
                         hung_up.add(fd)
                     if events & _READ_EVENTS and fd in readers:
                         _reschedule(readers.pop(fd))
                     if events & _WRITE_EVENTS and fd in writers:
                         _reschedule(writers.pop(fd))
+                # Busy: let the woken tasks run, then look again without re-arming Trio's epoll.
+                await trio.lowlevel.checkpoint()
         finally:
             trio.lowlevel.notify_closing(self._epoll.fileno())
             self._epoll.close()
