@@ -122,6 +122,16 @@ async def connect(address: Address) -> trio.SocketStream:
     return await trio.open_tcp_stream(address.host, address.port)
 
 
+async def connect_when_listening(port: int, timeout: float = 30) -> trio.SocketStream:
+    """Connect to 127.0.0.1:`port`, retrying while nothing listens there yet (a process starting)."""
+    with trio.fail_after(timeout):
+        while True:
+            try:
+                return await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                await trio.sleep(0.05)
+
+
 async def receive_all(stream: trio.SocketStream, limit: int = 1 << 26) -> bytes:
     """Everything until EOF (raises if the peer resets)."""
     chunks = bytearray()

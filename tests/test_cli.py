@@ -12,7 +12,7 @@ from pathlib import Path
 
 import trio
 
-from tests.conftest import free_port, name_handler, start_backend
+from tests.conftest import connect_when_listening, free_port, name_handler, start_backend
 from trioanubis import __version__
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,11 +52,7 @@ async def http_get(port: int, path: str = "/", timeout: float = 30) -> bytes:
     """GET over plain TCP, retrying until the port answers (the process may still start)."""
     with trio.fail_after(timeout):
         while True:
-            try:
-                stream = await trio.open_tcp_stream("127.0.0.1", port)
-            except OSError:
-                await trio.sleep(0.05)
-                continue
+            stream = await connect_when_listening(port, timeout)
             answer = b""
             async with stream:
                 try:  # a balancer whose servers are not up yet closes us: ask again

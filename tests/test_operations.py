@@ -14,6 +14,7 @@ import trio
 from tests.conftest import (
     config_for,
     connect,
+    connect_when_listening,
     echo_handler,
     free_port,
     name_handler,
@@ -38,15 +39,7 @@ def write_config(path: Path, port: int, servers: list[str], **settings: object) 
 
 
 async def wait_port(port: int) -> None:
-    with trio.fail_after(30):
-        while True:
-            try:
-                stream = await trio.open_tcp_stream("127.0.0.1", port)
-            except OSError:
-                await trio.sleep(0.05)
-                continue
-            await stream.aclose()
-            return
+    await (await connect_when_listening(port)).aclose()
 
 
 def streaming(size: int, seed: bytes) -> Callable[[trio.SocketStream], Awaitable[None]]:

@@ -86,54 +86,50 @@ def _reason(code: int) -> str:
     return errno.errorcode.get(code, str(code)).lower()
 
 
-async def open_server_socket(server: Server, timeout: float) -> socket.socket:
-    """Connect to one of `server`'s addresses within `timeout`; ConnectFailed otherwise."""
+async def _connect_any(server: Server) -> socket.socket:
+    """Connect to the first of `server`'s addresses that accepts; ConnectFailed otherwise.
+
+    Not bounded in time: the caller's scope is (a deadline, or the Timer).
+    """
     last = ConnectFailed(f"connecting to {server.address}: no address resolved", "unresolved")
-    with trio.move_on_after(timeout) as scope:
-        for family, sockaddr in server.sockaddrs:
-            sock = _new_socket(family, server.address)
-            try:
-                code = sock.connect_ex(sockaddr)
-                if code == errno.EINPROGRESS:
-                    await trio.lowlevel.wait_writable(sock)
-                    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if code == 0:
-                    return sock
-                reason = _reason(code)
-                last = ConnectFailed(f"connecting to {server.address}: {reason}", reason)
-            except BaseException:
-                close_socket(sock)
-                raise
+    for family, sockaddr in server.sockaddrs:
+        sock = _new_socket(family, server.address)
+        try:
+            code = sock.connect_ex(sockaddr)
+            if code == errno.EINPROGRESS:
+                await trio.lowlevel.wait_writable(sock)
+                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code == 0:
+                return sock
+        except BaseException:
             close_socket(sock)
-    if scope.cancelled_caught:
-        raise ConnectFailed(f"connecting to {server.address}: timeout after {timeout:g}s", "timeout")
+            raise
+        close_socket(sock)
+        reason = _reason(code)
+        last = ConnectFailed(f"connecting to {server.address}: {reason}", reason)
     raise last
+
+
+def _timed_out(server: Server, timeout: float) -> ConnectFailed:
+    return ConnectFailed(f"connecting to {server.address}: timeout after {timeout:g}s", "timeout")
+
+
+async def open_server_socket(server: Server, timeout: float) -> socket.socket:
+    """Connect to one of `server`'s addresses within `timeout` (health checks use this)."""
+    with trio.move_on_after(timeout):
+        return await _connect_any(server)
+    raise _timed_out(server, timeout)
 
 
 async def _attempt(relay: Relay, server: Server, timeout: float, deadline: float) -> socket.socket:
-    """One connect attempt, timed by the Timer rather than a deadline of its own."""
+    """One connect attempt of a client's connection, timed by the Timer, not a deadline of its own."""
     relay.attempt_deadline = min(trio.current_time() + timeout, deadline)
     relay.attempt_scope = scope = trio.CancelScope()
-    last = ConnectFailed(f"connecting to {server.address}: no address resolved", "unresolved")
     with scope:
-        for family, sockaddr in server.sockaddrs:
-            sock = _new_socket(family, server.address)
-            try:
-                code = sock.connect_ex(sockaddr)
-                if code == errno.EINPROGRESS:
-                    await trio.lowlevel.wait_writable(sock)
-                    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if code == 0:
-                    return sock
-            except BaseException:
-                close_socket(sock)
-                raise
-            close_socket(sock)
-            reason = _reason(code)
-            last = ConnectFailed(f"connecting to {server.address}: {reason}", reason)
+        return await _connect_any(server)
     if relay.attempt_end == "timeout":
-        raise ConnectFailed(f"connecting to {server.address}: timeout after {timeout:g}s", "timeout")
-    raise last
+        raise _timed_out(server, timeout)
+    raise ConnectFailed(f"connecting to {server.address}: the client left", "client_abort")
 
 
 async def connect_with_failover(
