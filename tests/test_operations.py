@@ -9,6 +9,7 @@ import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import pytest
 import trio
 
 from tests.conftest import (
@@ -228,3 +229,18 @@ async def test_reload_in_process_changes_strategy_weights_and_listeners(nursery:
         assert type(balancer.pools["test"].strategy).__name__ == "LeastConnections"
         assert balancer.reloads == 2
 
+
+
+async def test_access_log_off_logs_no_lines_but_still_counts(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    logging.getLogger("trioanubis").propagate = True
+    backend = await start_backend(nursery, name_handler("quiet"))
+    data = config_for([backend.address], settings={"access_log": False})
+    with caplog.at_level(logging.INFO, logger="trioanubis"):
+        async with running_balancer(data) as (balancer, address):
+            assert await request(address) == b"quiet"
+            await wait_until(lambda: balancer.access.counts == {"client_eof": 1})
+    assert not [r for r in caplog.records if r.name == "trioanubis.access"]

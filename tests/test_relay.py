@@ -242,3 +242,21 @@ async def test_data_and_fin_arriving_together_are_both_relayed(nursery: trio.Nur
                 await stream.send_all(b"question")
                 with trio.fail_after(20):
                     assert await receive_all(stream) == b"answer"
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
+async def test_ipv6_listener_relays_to_an_ipv4_server(nursery: trio.Nursery) -> None:
+    backend = await start_backend(nursery, name_handler("v4 behind v6"))
+    data = config_for([backend.address], listener={"bind": "[::1]:0"})
+    async with running_balancer(data) as (_, address):
+        assert address.host == "::1"
+        assert await request(address) == b"v4 behind v6"
