@@ -36,7 +36,6 @@ from trioanubis.relay import Relay
 from trioanubis.timeouts import Timer
 
 log = logging.getLogger("trioanubis.connection")
-access_log = logging.getLogger("trioanubis.access")
 
 
 @final

@@ -16,10 +16,6 @@ class ConfigError(AnubisError):
     """A configuration file or argument is invalid; the message names file, key and value."""
 
 
-class NoServerAvailable(AnubisError):
-    """No server of a pool could take a new connection."""
-
-
 class ConnectFailed(AnubisError):
     """Connecting to one server failed; `reason` is a short word for logs and health state."""
 

@@ -59,6 +59,8 @@ def stats(balancer: Balancer) -> dict[str, Any]:
                 "accepted": listener.accepted,
                 "active": listener.active,
                 "rejected": listener.rejected,
+                "accept_overloads": listener.overloads,
+                "internal_errors": listener.internal_errors,
             }
             for listener in balancer.listeners.values()
         ],
