@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import socket
@@ -26,6 +27,7 @@ from tests.conftest import (
     start_backend,
     wait_until,
 )
+from trioanubis.relay import USE_SPLICE, Relay
 
 MIB = 1 << 20
 
@@ -260,3 +262,34 @@ async def test_ipv6_listener_relays_to_an_ipv4_server(nursery: trio.Nursery) -> 
     async with running_balancer(data) as (_, address):
         assert address.host == "::1"
         assert await request(address) == b"v4 behind v6"
+
+
+@pytest.mark.skipif(not USE_SPLICE, reason="os.splice is Linux-only")
+@pytest.mark.parametrize("pipes", ["available", "exhausted"])
+async def test_bulk_switches_to_splice_and_falls_back_to_copying_without_pipes(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, pipes: str
+) -> None:
+    if pipes == "exhausted":
+
+        def no_pipe(flags: int) -> tuple[int, int]:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        monkeypatch.setattr(os, "pipe2", no_pipe)
+    backend = await start_backend(nursery, echo_handler)
+    seen: list[Relay] = []
+    async with running_balancer(config_for([backend.address])) as (balancer, address):
+        payload = os.urandom(8 << 20)
+        stream = await connect(address)
+        async with trio.open_nursery() as inner:
+
+            async def send() -> None:
+                await stream.send_all(payload)
+                await stream.send_eof()
+
+            inner.start_soon(send)
+            await wait_until(lambda: bool(balancer.timer.connections))
+            seen.extend(balancer.timer.connections)
+            echoed = await receive_all(stream)
+        await stream.aclose()
+    assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
+    assert seen[0].spliced == (2 if pipes == "available" else 0)
