@@ -144,6 +144,10 @@ class Relay:
         if self.scope is not None:
             self.scope.cancel()
 
+    def _reset(self, *, client: bool) -> None:
+        """One side failed (reset or error): end the relay, naming that side."""
+        self.finish("client_reset" if client else "server_reset")
+
     async def _pump(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
         buffer = _SCRATCH
         full_reads = 0
@@ -158,7 +162,7 @@ class Relay:
                 await wait_readable(src_fd)
                 continue
             except OSError:
-                self.finish("client_reset" if upstream else "server_reset")
+                self._reset(client=upstream)  # the side we read from
                 return
             if not received:
                 self._on_eof(dst, upstream)
@@ -178,7 +182,7 @@ class Relay:
             except BlockingIOError:
                 sent = 0
             except OSError:
-                self.finish("server_reset" if upstream else "client_reset")
+                self._reset(client=not upstream)  # the side we write to
                 return
             if sent < received:
                 if not await self._send_rest(dst, bytes(buffer[sent:received]), upstream):
@@ -229,7 +233,7 @@ class Relay:
                     await poller.wait_readable(src_fd)
                     continue
                 except OSError:
-                    self.finish("client_reset" if upstream else "server_reset")
+                    self._reset(client=upstream)  # the side we read from
                     return True
                 if not moved:
                     self._on_eof(dst, upstream)
@@ -247,7 +251,7 @@ class Relay:
                         await poller.wait_writable(dst_fd)
                         continue
                     except OSError:
-                        self.finish("server_reset" if upstream else "client_reset")
+                        self._reset(client=not upstream)  # the side we write to
                         return True
                 self._set_pending(upstream, 0)
                 moves += 1
@@ -272,7 +276,7 @@ class Relay:
                 except BlockingIOError:
                     continue
                 except OSError:
-                    self.finish("server_reset" if upstream else "client_reset")
+                    self._reset(client=not upstream)  # the side we write to
                     return False
                 view = view[sent:]
                 self.last_activity = _current_time()
@@ -292,7 +296,7 @@ class Relay:
         try:
             dst.shutdown(socket.SHUT_WR)
         except OSError:
-            self.finish("server_reset" if upstream else "client_reset")
+            self._reset(client=not upstream)  # the side we write to
             return
         if len(self.eofs) == 2:
             self.end = self.eofs[0]
