@@ -25,11 +25,11 @@ import errno
 import logging
 import socket
 from dataclasses import dataclass
-from typing import final
+from typing import Final, final
 
 import trio
 
-from trioanubis.errors import ConnectFailed
+from trioanubis.errors import ConnectFailed, OutOfResources
 from trioanubis.poller import Poller
 from trioanubis.pool import Pool, Server
 from trioanubis.relay import Relay
@@ -59,13 +59,20 @@ def close_socket(sock: socket.socket) -> None:
     sock.close()
 
 
+# Errors that mean this process ran short (descriptors, buffers), whoever it talks to.
+LOCAL_SHORTAGE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
 def _new_socket(family: int, address: object) -> socket.socket:
     """A non-blocking TCP socket; running out of descriptors is a ConnectFailed, not a crash."""
     try:
         sock = socket.socket(family, socket.SOCK_STREAM)
     except OSError as exc:
         reason = _reason(exc.errno or 0)
-        raise ConnectFailed(f"connecting to {address}: cannot create a socket: {reason}", reason) from exc
+        message = f"connecting to {address}: cannot create a socket: {reason}"
+        if exc.errno in LOCAL_SHORTAGE_ERRNOS:
+            raise OutOfResources(message, reason) from exc
+        raise ConnectFailed(message, reason) from exc
     sock.setblocking(False)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
@@ -80,7 +87,7 @@ def _reason(code: int) -> str:
         return "timeout"
     if code in (errno.ENETUNREACH, errno.EHOSTUNREACH):
         return "unreachable"
-    if code in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+    if code in LOCAL_SHORTAGE_ERRNOS:
         return "out of resources"
     return errno.errorcode.get(code, str(code)).lower()
 
@@ -159,7 +166,7 @@ async def connect_with_failover(
                     record.end = "client_abort"
                     return False
                 log.info("%s (pool %s, client %s)", exc, pool.name, record.client)
-                if exc.reason == "out of resources":
+                if isinstance(exc, OutOfResources):
                     break  # our shortage, not the server's fault: no ejection, no failover
                 pool.record_connect_failure(server, exc.reason)
                 if trio.current_time() >= deadline:

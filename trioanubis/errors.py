@@ -22,3 +22,7 @@ class ConnectFailed(AnubisError):
     def __init__(self, message: str, reason: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class OutOfResources(ConnectFailed):
+    """Connecting failed on our side (no descriptor, no buffer): not the server's fault."""

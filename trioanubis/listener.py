@@ -19,7 +19,6 @@ counted in `rejected`.
 
 from __future__ import annotations
 
-import errno
 import logging
 import socket
 from typing import Final, final
@@ -28,7 +27,12 @@ import trio
 
 from trioanubis.accesslog import AccessLog
 from trioanubis.config import Address, ListenerConfig
-from trioanubis.connection import ConnectionRecord, close_socket, handle_connection
+from trioanubis.connection import (
+    LOCAL_SHORTAGE_ERRNOS,
+    ConnectionRecord,
+    close_socket,
+    handle_connection,
+)
 from trioanubis.errors import AnubisError
 from trioanubis.poller import Poller
 from trioanubis.pool import Pool
@@ -36,7 +40,7 @@ from trioanubis.timeouts import Timer
 
 log = logging.getLogger("trioanubis.listener")
 
-ACCEPT_OVERLOAD_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+ACCEPT_OVERLOAD_ERRNOS: Final = LOCAL_SHORTAGE_ERRNOS
 # How long to back off when the process is out of file descriptors: the
 # same 100 ms as Trio's serve_listeners; long enough not to spin, short
 # enough that a freed descriptor is used soon.
