@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
@@ -174,6 +175,21 @@ def name_handler(name: str) -> Callable[[trio.SocketStream], Awaitable[None]]:
             await stream.aclose()
 
     return handler
+
+
+def reset(stream: trio.SocketStream) -> None:
+    """Close with SO_LINGER 0 so the peer gets a TCP reset."""
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    stream.socket.close()
+
+
+def count_tasks() -> int:
+    """Every task in this Trio run, from the root down."""
+
+    def walk(task: trio.lowlevel.Task) -> int:
+        return 1 + sum(walk(t) for n in task.child_nurseries for t in n.child_tasks)
+
+    return walk(trio.lowlevel.current_root_task())
 
 
 def free_port() -> int:

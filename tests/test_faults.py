@@ -12,8 +12,6 @@ import os
 import random
 import resource
 import signal
-import socket
-import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
@@ -27,9 +25,11 @@ from tests.conftest import (
     closed_without_answer,
     config_for,
     connect,
+    count_tasks,
     free_port,
     receive_all,
     request,
+    reset,
     running_balancer,
     wait_until,
 )
@@ -45,13 +45,6 @@ from trioanubis.relay import CHUNK_SIZE, PIPE_SIZE, Relay
 HELD_AT_MOST = max(CHUNK_SIZE, PIPE_SIZE)
 
 MIB = 1 << 20
-
-
-def count_tasks() -> int:
-    def walk(task: trio.lowlevel.Task) -> int:
-        return 1 + sum(walk(t) for n in task.child_nurseries for t in n.child_tasks)
-
-    return walk(trio.lowlevel.current_root_task())
 
 
 def own_socket_inodes(pid: int | str = "self") -> set[str]:
@@ -118,11 +111,6 @@ async def through_balancer(
 
 def relays(balancer: Balancer) -> list[Relay]:
     return list(balancer.timer.connections)
-
-
-def reset(stream: trio.SocketStream) -> None:
-    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    stream.socket.close()
 
 
 # 1

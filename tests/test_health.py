@@ -14,6 +14,7 @@ import trio.testing
 from tests.conftest import (
     closed_without_answer,
     config_for,
+    count_tasks,
     free_port,
     name_handler,
     no_fd_leak,
@@ -214,12 +215,6 @@ async def test_passive_ejection_with_check_none_retries_after_eject_for(nursery:
 
 async def test_stopping_cancels_every_health_task(nursery: trio.Nursery) -> None:
     backend = await start_backend(nursery, name_handler("x"))
-
-    def count_tasks() -> int:
-        def walk(task: trio.lowlevel.Task) -> int:
-            return 1 + sum(walk(t) for n in task.child_nurseries for t in n.child_tasks)
-
-        return walk(trio.lowlevel.current_root_task())
 
     before = count_tasks()
     with no_fd_leak():

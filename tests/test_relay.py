@@ -7,7 +7,6 @@ import errno
 import hashlib
 import os
 import socket
-import struct
 
 import pytest
 import trio
@@ -23,6 +22,7 @@ from tests.conftest import (
     no_fd_leak,
     receive_all,
     request,
+    reset,
     running_balancer,
     start_backend,
     wait_until,
@@ -30,12 +30,6 @@ from tests.conftest import (
 from trioanubis.relay import USE_SPLICE, Relay
 
 MIB = 1 << 20
-
-
-def reset(stream: trio.SocketStream) -> None:
-    """Close with SO_LINGER 0 so the peer gets a TCP reset."""
-    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    stream.socket.close()
 
 
 async def test_concurrent_large_payloads_are_byte_exact_both_ways(nursery: trio.Nursery) -> None:
