@@ -12,12 +12,12 @@ connection received is kept so tests can compare bytes.
 from __future__ import annotations
 
 import random
-import socket
-import struct
 import sys
 from dataclasses import dataclass, field
 
 import trio
+
+from tests.conftest import reset
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -142,8 +142,7 @@ class FaultyBackend:
         if limit is not None and conn.sent >= limit:
             if script.reset_after is not None:
                 conn.reset = True
-                stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                stream.socket.close()
+                reset(stream)
             else:
                 await stream.aclose()
             raise _Stop
