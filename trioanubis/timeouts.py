@@ -70,7 +70,8 @@ class Timer:
             self.check(trio.current_time())
 
     def check(self, now: float) -> None:
-        for relay in list(self.connections):
+        # No copy of the set: cancelling a scope runs no task, so nothing unwatches meanwhile.
+        for relay in self.connections:
             if relay.connecting:
                 if now >= relay.attempt_deadline:
                     relay.cancel_attempt("timeout")
