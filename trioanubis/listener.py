@@ -47,6 +47,8 @@ ACCEPT_OVERLOAD_ERRNOS: Final = LOCAL_SHORTAGE_ERRNOS
 ACCEPT_BACKOFF: Final = 0.1
 # Accepts in a row before yielding to the connections already running.
 ACCEPTS_PER_CHECKPOINT: Final = 64
+# A constant task name: Trio would otherwise format one string per task.
+CONNECTION_TASK_NAME: Final = "trioanubis.connection"
 
 
 def somaxconn() -> int:
@@ -157,7 +159,7 @@ class Listener:
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.active += 1
             self.limits.active += 1
-            connections.start_soon(self._serve_client, client, addr)
+            connections.start_soon(self._serve_client, client, addr, name=CONNECTION_TASK_NAME)
             in_a_row += 1
             if in_a_row >= ACCEPTS_PER_CHECKPOINT:
                 in_a_row = 0

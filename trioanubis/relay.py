@@ -69,6 +69,9 @@ _SPLICE_FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_N
 _scratch = bytearray(CHUNK_SIZE)
 _SCRATCH: Final = memoryview(_scratch)
 
+# A constant task name: Trio would otherwise format one string per task.
+_PUMP_TASK_NAME: Final = "trioanubis.relay.server_to_client"
+
 _current_time = trio.current_time
 _checkpoint = trio.lowlevel.checkpoint
 
@@ -134,7 +137,7 @@ class Relay:
         self.poller.register(self.server.fileno())
         async with trio.open_nursery() as nursery:
             self.scope = nursery.cancel_scope
-            nursery.start_soon(self._pump, self.server, self.client, False)
+            nursery.start_soon(self._pump, self.server, self.client, False, name=_PUMP_TASK_NAME)
             await self._pump(self.client, self.server, True)
 
     def finish(self, end: str) -> None:
@@ -151,19 +154,23 @@ class Relay:
     async def _pump(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
         buffer = _SCRATCH
         full_reads = 0
-        wait_readable = self.poller.wait_readable
-        hung_up = self.poller.hung_up
+        poller = self.poller
+        hung_up = poller.hung_up
         src_fd = src.fileno()
         splice = USE_SPLICE
         while True:
+            # Waits happen outside `except`: a task parked inside one keeps the
+            # exception, its traceback and a frame alive for as long as it sleeps.
             try:
                 received = src.recv_into(buffer)
             except BlockingIOError:
-                await wait_readable(src_fd)
-                continue
+                received = -1
             except OSError:
                 self._reset(client=upstream)  # the side we read from
                 return
+            if received < 0:
+                await poller.wait_readable(src_fd)
+                continue
             if not received:
                 self._on_eof(dst, upstream)
                 return
@@ -192,7 +199,7 @@ class Relay:
                 # A short read drained the socket: wait rather than pay for an EAGAIN
                 # (unless a FIN or reset may be queued behind the data: see poller.py).
                 if src_fd not in hung_up:
-                    await wait_readable(src_fd)
+                    await poller.wait_readable(src_fd)
                 else:
                     await _checkpoint()
                 full_reads = 0
@@ -230,11 +237,13 @@ class Relay:
                 try:
                     moved = os.splice(src_fd, pipe_in, size, flags=_SPLICE_FLAGS)
                 except BlockingIOError:
-                    await poller.wait_readable(src_fd)
-                    continue
+                    moved = -1
                 except OSError:
                     self._reset(client=upstream)  # the side we read from
                     return True
+                if moved < 0:
+                    await poller.wait_readable(src_fd)
+                    continue
                 if not moved:
                     self._on_eof(dst, upstream)
                     return True
@@ -246,13 +255,14 @@ class Relay:
                 while moved:
                     try:
                         moved -= os.splice(pipe_out, dst_fd, moved, flags=_SPLICE_FLAGS)
-                    except BlockingIOError:
-                        self._set_pending(upstream, moved)
-                        await poller.wait_writable(dst_fd)
                         continue
+                    except BlockingIOError:
+                        pass
                     except OSError:
                         self._reset(client=not upstream)  # the side we write to
                         return True
+                    self._set_pending(upstream, moved)
+                    await poller.wait_writable(dst_fd)
                 self._set_pending(upstream, 0)
                 moves += 1
                 if moves >= FULL_READS_PER_CHECKPOINT:
