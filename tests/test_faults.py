@@ -331,6 +331,28 @@ async def test_client_abort_while_connecting_cancels_the_attempt() -> None:
                 assert relays(balancer) == []
 
 
+async def test_a_bug_in_one_connection_ends_only_that_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_run = Relay.run
+    calls = 0
+
+    async def buggy_once(relay: Relay) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug in the relay")
+        await real_run(relay)
+
+    monkeypatch.setattr(Relay, "run", buggy_once)
+    async with through_balancer(Script(echo=True)) as (_, balancer, address):
+        with trio.fail_after(20):
+            assert await closed_without_answer(address)  # the bug ended this connection
+        assert await request(address, b"second") == b"second"
+        listener = next(iter(balancer.listeners.values()))
+        await wait_until(lambda: balancer.access.counts == {"internal_error": 1, "client_eof": 1})
+        assert listener.internal_errors == 1
+        assert listener.active == 0
+
+
 # 9
 async def test_listener_max_connections_closes_extra_clients_at_once() -> None:
     async with through_balancer(Script(echo=True), listener={"max_connections": 2}) as (_, balancer, address):

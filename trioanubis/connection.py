@@ -25,15 +25,16 @@ import errno
 import logging
 import socket
 from dataclasses import dataclass
-from typing import Final, final
+from typing import TYPE_CHECKING, Final, final
 
 import trio
 
 from trioanubis.errors import ConnectFailed, OutOfResources
-from trioanubis.poller import Poller
 from trioanubis.pool import Pool, Server
 from trioanubis.relay import Relay
-from trioanubis.timeouts import Timer
+
+if TYPE_CHECKING:
+    from trioanubis.listener import Listener
 
 log = logging.getLogger("trioanubis.connection")
 
@@ -194,21 +195,21 @@ async def connect_with_failover(
     return False
 
 
-async def handle_connection(
-    client: socket.socket,
-    client_key: bytes,
-    pool: Pool,
-    record: ConnectionRecord,
-    timer: Timer,
-    poller: Poller,
-) -> None:
-    """Serve one accepted client until it ends; closes both sockets in every case."""
+async def handle_connection(client: socket.socket, addr: tuple[object, ...], listener: Listener) -> None:
+    """Serve one accepted client until it ends; closes both sockets in every case.
+
+    This is the connection's task (its root coroutine, so a parked connection
+    carries no extra frame); the listener accounts for it at the end.
+    """
+    record = ConnectionRecord(listener.name, _client_text(addr), started=trio.current_time())
+    pool = listener.pool  # a reload may point the listener elsewhere meanwhile
     config = pool.config
+    poller, timer = listener.poller, listener.timer
     relay = Relay(client, idle_timeout=config.idle_timeout, half_close_timeout=config.half_close_timeout,
                   poller=poller, pool=pool)  # fmt: skip
     timer.watch(relay)
     try:
-        if not await connect_with_failover(pool, relay, client_key, record):
+        if not await connect_with_failover(pool, relay, _client_key(addr), record):
             return
         server = relay.server_record
         assert server is not None
@@ -220,6 +221,10 @@ async def handle_connection(
             record.bytes_in, record.bytes_out = relay.bytes_in, relay.bytes_out
             record.end = relay.end or "shutdown"
             pool.release(server, relay.bytes_in, relay.bytes_out)
+    except Exception:
+        # A bug or an unforeseen error ends this connection only, never the process.
+        record.end = "internal_error"
+        log.exception("listener %s: connection from %s failed unexpectedly", listener.name, record.client)
     finally:
         timer.unwatch(relay)
         if relay.server is not None:
@@ -227,3 +232,19 @@ async def handle_connection(
             close_socket(relay.server)
         poller.forget(client.fileno())
         close_socket(client)
+        listener.connection_ended(record, pool)
+
+
+def _client_text(addr: tuple[object, ...]) -> str:
+    host = str(addr[0])
+    return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
+
+
+def _client_key(addr: tuple[object, ...]) -> bytes:
+    """What source_hash hashes: the client's address as packed bytes."""
+    host = str(addr[0])
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return socket.inet_pton(family, host)
+    except OSError:
+        return host.encode()

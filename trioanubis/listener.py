@@ -159,7 +159,7 @@ class Listener:
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.active += 1
             self.limits.active += 1
-            connections.start_soon(self._serve_client, client, addr, name=CONNECTION_TASK_NAME)
+            connections.start_soon(handle_connection, client, addr, self, name=CONNECTION_TASK_NAME)
             in_a_row += 1
             if in_a_row >= ACCEPTS_PER_CHECKPOINT:
                 in_a_row = 0
@@ -171,33 +171,16 @@ class Listener:
             return True
         return bool(limits.max_connections and limits.active >= limits.max_connections)
 
-    async def _serve_client(self, client: socket.socket, addr: tuple[object, ...]) -> None:
-        host = str(addr[0])
-        record = ConnectionRecord(self.name, f"[{host}]:{addr[1]}" if ":" in host else
-                                  f"{host}:{addr[1]}", started=trio.current_time())  # fmt: skip
-        pool = self.pool  # a reload may point the listener elsewhere meanwhile
-        try:
-            await handle_connection(client, _client_key(host), pool, record, self.timer, self.poller)
-        except Exception:
-            # A bug or an unforeseen error ends this connection only, never the process.
+    def connection_ended(self, record: ConnectionRecord, pool: Pool) -> None:
+        """Account for one connection that ended, however it ended (connection.py calls this)."""
+        self.active -= 1
+        self.limits.release()
+        if record.end == "internal_error":
             self.internal_errors += 1
-            record.end = "internal_error"
-            log.exception("listener %s: connection from %s failed unexpectedly", self.name, record.client)
-        finally:
-            self.active -= 1
-            self.limits.release()
-            if self.limits.draining and record.end in ("client_eof", "server_eof"):
-                record.end = "drained"
-            pool.durations.observe(trio.current_time() - record.started)
-            self.access.log(record)
-
-
-def _client_key(host: str) -> bytes:
-    try:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        return socket.inet_pton(family, host)
-    except OSError:
-        return host.encode()
+        elif self.limits.draining and record.end in ("client_eof", "server_eof"):
+            record.end = "drained"
+        pool.durations.observe(trio.current_time() - record.started)
+        self.access.log(record)
 
 
 async def open_listen_socket(bind: Address, backlog: int) -> socket.socket:
