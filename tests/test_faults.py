@@ -332,17 +332,17 @@ async def test_client_abort_while_connecting_cancels_the_attempt() -> None:
 
 
 async def test_a_bug_in_one_connection_ends_only_that_connection(monkeypatch: pytest.MonkeyPatch) -> None:
-    real_run = Relay.run
+    real_start = Relay.start
     calls = 0
 
-    async def buggy_once(relay: Relay) -> None:
+    def buggy_once(relay: Relay, nursery: trio.Nursery) -> None:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise RuntimeError("a bug in the relay")
-        await real_run(relay)
+        real_start(relay, nursery)
 
-    monkeypatch.setattr(Relay, "run", buggy_once)
+    monkeypatch.setattr(Relay, "start", buggy_once)
     async with through_balancer(Script(echo=True)) as (_, balancer, address):
         with trio.fail_after(20):
             assert await closed_without_answer(address)  # the bug ended this connection

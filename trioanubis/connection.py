@@ -216,7 +216,9 @@ async def handle_connection(client: socket.socket, addr: tuple[object, ...], lis
         record.server = server.name
         pool.acquire(server)
         try:
-            await relay.run()
+            async with trio.open_nursery() as nursery:  # this connection's: one task per direction
+                relay.start(nursery)
+                await relay.upstream()
         finally:
             record.bytes_in, record.bytes_out = relay.bytes_in, relay.bytes_out
             record.end = relay.end or "shutdown"
