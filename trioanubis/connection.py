@@ -45,12 +45,18 @@ class ConnectionRecord:
     """What the access log and the counters learn about one finished connection."""
 
     listener: str
-    client: str
+    peer: tuple[object, ...]  # the client's address, as accept() gave it
     server: str = "-"
     bytes_in: int = 0
     bytes_out: int = 0
     started: float = 0.0
     end: str = ""
+
+    @property
+    def client(self) -> str:
+        """The client as host:port, formatted when needed (most connections are never logged)."""
+        host = str(self.peer[0])
+        return f"[{host}]:{self.peer[1]}" if ":" in host else f"{host}:{self.peer[1]}"
 
 
 def close_socket(sock: socket.socket) -> None:
@@ -201,7 +207,7 @@ async def handle_connection(client: socket.socket, addr: tuple[object, ...], lis
     This is the connection's task (its root coroutine, so a parked connection
     carries no extra frame); the listener accounts for it at the end.
     """
-    record = ConnectionRecord(listener.name, _client_text(addr), started=trio.current_time())
+    record = ConnectionRecord(listener.name, addr, started=trio.current_time())
     pool = listener.pool  # a reload may point the listener elsewhere meanwhile
     config = pool.config
     poller, timer = listener.poller, listener.timer
@@ -235,11 +241,6 @@ async def handle_connection(client: socket.socket, addr: tuple[object, ...], lis
         poller.forget(client.fileno())
         close_socket(client)
         listener.connection_ended(record, pool)
-
-
-def _client_text(addr: tuple[object, ...]) -> str:
-    host = str(addr[0])
-    return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
 
 
 def _client_key(addr: tuple[object, ...]) -> bytes:

@@ -107,7 +107,7 @@ class Relay:
 
     __slots__ = (
         "attempt_deadline", "attempt_end", "attempt_scope", "bytes_in", "bytes_out", "client",
-        "connect_started", "connecting", "end", "eofs", "first_sent", "half_close_timeout",
+        "connect_started", "connecting", "end", "first_eof", "first_sent", "half_close_timeout",
         "idle_timeout", "last_activity", "pending_in", "pending_out", "poller", "pool", "scope",
         "server", "server_record", "spliced",
     )  # fmt: skip
@@ -132,7 +132,7 @@ class Relay:
         self.bytes_out = 0  # server → client
         self.pending_in = 0  # bytes read from the client, not yet accepted by the server
         self.pending_out = 0
-        self.eofs: list[str] = []  # "client_eof" / "server_eof", in the order they happened
+        self.first_eof = ""  # "client_eof" or "server_eof": the side that sent EOF first
         self.end = ""  # why the relay ended; "" while running or when cut from outside
         self.first_sent = 0.0  # when the first client byte went to the server
         self.last_activity = 0.0
@@ -327,15 +327,17 @@ class Relay:
             self.pending_out = count
 
     def _on_eof(self, dst: socket.socket, upstream: bool) -> None:
-        self.eofs.append("client_eof" if upstream else "server_eof")
+        both = bool(self.first_eof)  # the other side's EOF came first
+        if not both:
+            self.first_eof = "client_eof" if upstream else "server_eof"
         self.last_activity = _current_time()
         try:
             dst.shutdown(socket.SHUT_WR)
         except OSError:
             self._reset(client=not upstream)  # the side we write to
             return
-        if len(self.eofs) == 2:
-            self.end = self.eofs[0]
+        if both:
+            self.end = self.first_eof
 
     def _record_first_byte(self, now: float) -> None:
         assert self.pool is not None and self.server_record is not None

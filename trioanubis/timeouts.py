@@ -79,7 +79,7 @@ class Timer:
                     relay.cancel_attempt("client_abort")
             else:
                 limit = relay.idle_timeout
-                if relay.eofs:
+                if relay.first_eof:
                     limit = min(limit, relay.half_close_timeout)
                 if now - relay.last_activity >= limit:
                     relay.finish("idle_timeout")
