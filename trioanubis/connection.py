@@ -35,6 +35,7 @@ from trioanubis.relay import Relay
 
 if TYPE_CHECKING:
     from trioanubis.listener import Listener
+    from trioanubis.poller import Poller
 
 log = logging.getLogger("trioanubis.connection")
 
@@ -99,28 +100,44 @@ def _reason(code: int) -> str:
     return errno.errorcode.get(code, str(code)).lower()
 
 
-async def _connect_any(server: Server) -> socket.socket:
+async def _connect_any(server: Server, poller: Poller | None = None) -> socket.socket:
     """Connect to the first of `server`'s addresses that accepts; ConnectFailed otherwise.
+
+    A client's connection passes the relay's `poller`: the socket joins it
+    before the wait and stays in it for the relay, so Trio's epoll never sees
+    it. Health checks pass none and wait through Trio.
 
     Not bounded in time: the caller's scope is (a deadline, or the Timer).
     """
-    last = ConnectFailed(f"connecting to {server.address}: no address resolved", "unresolved")
+    last: ConnectFailed | None = None
     for family, sockaddr in server.sockaddrs:
         sock = _new_socket(family, server.address)
         try:
             code = sock.connect_ex(sockaddr)
+            if poller is not None and code in (0, errno.EINPROGRESS):
+                poller.register(sock.fileno())
             if code == errno.EINPROGRESS:
-                await trio.lowlevel.wait_writable(sock)
+                if poller is not None:
+                    await poller.wait_writable(sock.fileno())
+                else:
+                    await trio.lowlevel.wait_writable(sock)
                 code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if code == 0:
                 return sock
         except BaseException:
-            close_socket(sock)
+            _close(sock, poller)
             raise
-        close_socket(sock)
+        _close(sock, poller)
         reason = _reason(code)
         last = ConnectFailed(f"connecting to {server.address}: {reason}", reason)
-    raise last
+    raise last or ConnectFailed(f"connecting to {server.address}: no address resolved", "unresolved")
+
+
+def _close(sock: socket.socket, poller: Poller | None) -> None:
+    if poller is not None:
+        poller.close(sock)
+    else:
+        close_socket(sock)
 
 
 def _timed_out(server: Server, timeout: float) -> ConnectFailed:
@@ -139,7 +156,7 @@ async def _attempt(relay: Relay, server: Server, timeout: float, deadline: float
     relay.attempt_deadline = min(trio.current_time() + timeout, deadline)
     relay.attempt_scope = scope = trio.CancelScope()
     with scope:
-        return await _connect_any(server)
+        return await _connect_any(server, relay.poller)
     if relay.attempt_end == "timeout":
         raise _timed_out(server, timeout)
     raise ConnectFailed(f"connecting to {server.address}: the client left", "client_abort")
@@ -236,10 +253,8 @@ async def handle_connection(client: socket.socket, addr: tuple[object, ...], lis
     finally:
         timer.unwatch(relay)
         if relay.server is not None:
-            poller.forget(relay.server.fileno())
-            close_socket(relay.server)
-        poller.forget(client.fileno())
-        close_socket(client)
+            poller.close(relay.server)
+        poller.close(client)
         listener.connection_ended(record, pool)
 
 

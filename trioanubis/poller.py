@@ -28,6 +28,7 @@ rule); closing a socket removes it from the epoll by itself.
 from __future__ import annotations
 
 import select
+import socket
 from collections.abc import Awaitable
 from functools import partial
 from typing import Final, final
@@ -85,6 +86,15 @@ class Poller:
             raise trio.BusyResourceError("another task is already writing this socket")
         writers[fd] = _current_task()
         return _wait_task_rescheduled(partial(_abort, writers, fd))
+
+    def close(self, sock: socket.socket) -> None:
+        """Close a socket that only this poller ever waited on, waking its waiters first.
+
+        Trio's `notify_closing` is not needed (Trio's epoll never saw the
+        socket), and closing removes it from this epoll by itself.
+        """
+        self.forget(sock.fileno())
+        sock.close()
 
     def forget(self, fd: int) -> None:
         """Wake whatever waits on `fd` with ClosedResourceError; call before closing it."""

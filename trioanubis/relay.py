@@ -160,8 +160,7 @@ class Relay:
         """
         assert self.server is not None
         self.last_activity = _current_time()
-        self.poller.register(self.client.fileno())
-        self.poller.register(self.server.fileno())
+        self.poller.register(self.client.fileno())  # the server socket joined it to connect
         self.scope = nursery.cancel_scope
         nursery.start_soon(self._pump, self.server, self.client, False, name=_PUMP_TASK_NAME)
 
