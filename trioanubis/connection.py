@@ -71,17 +71,20 @@ def close_socket(sock: socket.socket) -> None:
 LOCAL_SHORTAGE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
+_NONBLOCKING_STREAM: Final = socket.SOCK_STREAM | socket.SOCK_NONBLOCK  # Linux, like the epoll poller
+
+
 def _new_socket(family: int, address: object) -> socket.socket:
     """A non-blocking TCP socket; running out of descriptors is a ConnectFailed, not a crash."""
     try:
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # Created non-blocking: one system call instead of socket() + ioctl(FIONBIO).
+        sock = socket.socket(family, _NONBLOCKING_STREAM)
     except OSError as exc:
         reason = _reason(exc.errno or 0)
         message = f"connecting to {address}: cannot create a socket: {reason}"
         if exc.errno in LOCAL_SHORTAGE_ERRNOS:
             raise OutOfResources(message, reason) from exc
         raise ConnectFailed(message, reason) from exc
-    sock.setblocking(False)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 
