@@ -37,6 +37,7 @@ from tests.faulty import FaultyBackend, Script, start_faulty
 from tests.test_cli import anubis
 from tests.test_health import blackholed_port
 from tests.test_operations import wait_port
+from trioanubis import relay as relay_module
 from trioanubis.app import Balancer
 from trioanubis.config import Address
 from trioanubis.relay import CHUNK_SIZE, PIPE_SIZE, Relay
@@ -201,8 +202,12 @@ async def test_lingering_half_closed_connection_hits_half_close_timeout() -> Non
         assert backend.connections[0].saw_eof.is_set()
 
 
-# 5
-async def test_stopped_server_reader_applies_backpressure_and_loses_nothing() -> None:
+# 5 (with splice, and copying only: then the dispatcher's steps meet the partial sends)
+@pytest.mark.parametrize("splice", [True, False], ids=["splice", "copy"])
+async def test_stopped_server_reader_applies_backpressure_and_loses_nothing(
+    splice: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(relay_module, "USE_SPLICE", splice)
     resume = trio.Event()
     payload = os.urandom(16 * MIB)
     async with through_balancer(Script(stop_reading=resume, echo=False)) as (backend, balancer, address):
@@ -232,7 +237,11 @@ async def test_stopped_server_reader_applies_backpressure_and_loses_nothing() ->
         await stream.aclose()
 
 
-async def test_stopped_client_reader_applies_backpressure_and_loses_nothing() -> None:
+@pytest.mark.parametrize("splice", [True, False], ids=["splice", "copy"])
+async def test_stopped_client_reader_applies_backpressure_and_loses_nothing(
+    splice: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(relay_module, "USE_SPLICE", splice)
     payload = os.urandom(16 * MIB)
     async with through_balancer(Script(stream_bytes=payload, echo=False)) as (_, balancer, address):
         stream = await connect(address)
@@ -351,6 +360,31 @@ async def test_a_bug_in_one_connection_ends_only_that_connection(monkeypatch: py
         await wait_until(lambda: balancer.access.counts == {"internal_error": 1, "client_eof": 1})
         assert listener.internal_errors == 1
         assert listener.active == 0
+
+
+async def test_a_bug_in_a_step_taken_by_the_dispatcher_ends_only_that_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real_step = Relay.step
+    calls = 0
+
+    def buggy_once(relay: Relay, fd: int) -> int | None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug in a step")
+        return real_step(relay, fd)
+
+    monkeypatch.setattr(Relay, "step", buggy_once)
+    # The server answers late, so its answer finds the server → client pump parked.
+    async with through_balancer(Script(echo=True, chunk_delay=0.05)) as (_, balancer, address):
+        with trio.fail_after(20):
+            assert await request(address, b"first") == b""
+        await wait_until(lambda: balancer.access.counts.get("internal_error") == 1)
+        assert await request(address, b"second") == b"second"
+        listener = next(iter(balancer.listeners.values()))
+        assert listener.internal_errors == 1
+        await wait_until(lambda: listener.active == 0)
 
 
 # 9

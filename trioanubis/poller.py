@@ -19,6 +19,12 @@ as the data, and a short read returns only the data. The dispatcher
 therefore remembers every socket whose peer closed or failed (`hung_up`),
 and the relay reads again instead of waiting after a short read on those.
 
+A task may park with a `Stepper` (the relay's pumps do): readiness then does
+not wake it; the dispatcher calls `stepper.step(fd)` in its place and wakes
+it only with a result the task must act on. The task stays the owner: if a
+step ends its relay, the cancellation wins, and an exception from a step is
+raised in the task, not in the dispatcher.
+
 Cancellation works as anywhere in Trio: a parked task's abort callback
 removes it. `forget` wakes anything still parked on a descriptor with
 `ClosedResourceError` before the socket is closed (Trio's notify_closing
@@ -31,7 +37,7 @@ import select
 import socket
 from collections.abc import Awaitable
 from functools import partial
-from typing import Final, final
+from typing import Any, Final, Protocol, final
 
 import outcome
 import trio
@@ -47,6 +53,14 @@ _reschedule = trio.lowlevel.reschedule
 _current_task = trio.lowlevel.current_task
 _wait_task_rescheduled = trio.lowlevel.wait_task_rescheduled
 _SUCCEEDED = trio.lowlevel.Abort.SUCCEEDED
+
+
+class Stepper(Protocol):
+    """What a task parked with `wait_readable(fd, stepper)` lets the dispatcher do for it."""
+
+    def step(self, fd: int) -> int | None:
+        """Act on `fd` being readable; None to keep the task parked, else what to wake it with."""
+        ...
 
 
 def _abort(waiters: dict[int, trio.lowlevel.Task], fd: int, _: object) -> trio.lowlevel.Abort:
@@ -71,12 +85,19 @@ class Poller:
     # no frame of ours in between (an idle connection's two parked pumps are most
     # of its memory). Call them only as `await poller.wait_...(fd)`.
 
-    def wait_readable(self, fd: int) -> Awaitable[object]:
-        """Park until `fd` (registered) may have bytes, EOF or an error to read."""
+    def wait_readable(self, fd: int, stepper: Stepper | None = None) -> Awaitable[Any]:
+        """Park until `fd` (registered) may have bytes, EOF or an error to read.
+
+        With a `stepper`, readiness does not wake the task: the dispatcher calls
+        `stepper.step(fd)` in its place and wakes it only when that returns
+        something other than None, which is then what this wait returns.
+        """
         readers = self._readers
         if fd in readers:
             raise trio.BusyResourceError("another task is already reading this socket")
-        readers[fd] = _current_task()
+        task = _current_task()
+        task.custom_sleep_data = stepper  # Trio leaves this attribute to custom sleeps like ours
+        readers[fd] = task
         return _wait_task_rescheduled(partial(_abort, readers, fd))
 
     def wait_writable(self, fd: int) -> Awaitable[object]:
@@ -104,6 +125,21 @@ class Poller:
             if task is not None:
                 _reschedule(task, outcome.Error(trio.ClosedResourceError("socket closed")))
 
+    def _step(self, fd: int, task: trio.lowlevel.Task, stepper: Stepper) -> None:
+        """Take a parked task's step in its place; wake it when the step has a result for it."""
+        wake: outcome.Outcome[int]
+        try:
+            state = stepper.step(fd)
+        except Exception as exc:  # a bug: raised in the task, it ends that connection only
+            wake = outcome.Error(exc)
+        else:
+            if state is None:
+                return
+            wake = outcome.Value(state)
+        if self._readers.get(fd) is task:  # not cancelled meanwhile (a step may end its relay)
+            del self._readers[fd]
+            _reschedule(task, wake)
+
     async def run(self) -> None:
         """The dispatcher: wake parked relay tasks as their sockets become ready."""
         readers, writers, hung_up = self._readers, self._writers, self.hung_up
@@ -119,7 +155,12 @@ class Poller:
                     if events & _HANG_UP_EVENTS:
                         hung_up.add(fd)
                     if events & _READ_EVENTS and fd in readers:
-                        _reschedule(readers.pop(fd))
+                        task = readers[fd]
+                        if task.custom_sleep_data is None:
+                            del readers[fd]
+                            _reschedule(task)
+                        else:
+                            self._step(fd, task, task.custom_sleep_data)
                     if events & _WRITE_EVENTS and fd in writers:
                         _reschedule(writers.pop(fd))
                 # Busy: let the woken tasks run, then look again without re-arming Trio's epoll.

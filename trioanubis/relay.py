@@ -12,6 +12,12 @@ connection costs two tasks.
   socket drained), so a busy connection costs one syscall per chunk. Waits go
   through the process's `Poller` (poller.py), where both sockets were
   registered once, edge-triggered, instead of re-arming Trio's epoll per wait.
+- A pump parked on a drained socket lets the poller's dispatcher take its
+  next step (`step`: one read and one send, the same `_move` the pump runs)
+  without waking it; the pump wakes only for what a step cannot finish: EOF
+  or an error, a partial send, a full chunk. A request/response exchange
+  then costs no task switch at all, and the task still owns its direction:
+  cancelling it stops the steps, and a bug in one ends only its connection.
 - Every pump reads into one process-wide scratch buffer and sends from it
   before its next checkpoint, which is safe because Trio runs one task at a
   time. Only the bytes the peer did not accept yet are copied out, into a
@@ -68,6 +74,13 @@ USE_SPLICE: Final = hasattr(os, "splice")
 PIPE_SIZE: Final = 262144
 _SPLICE_FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 
+# What one step of a pump found (`Relay._move`).
+EMPTY: Final = 0  # nothing to read (EAGAIN)
+DRAINED: Final = 1  # a short read, all of it sent: the socket is drained
+FULL: Final = 2  # a whole chunk read and sent: more may be waiting
+BLOCKED: Final = 3  # the peer took part of the chunk; the rest is in unsent_in / unsent_out
+DONE: Final = 4  # EOF or an error; this direction is over (already handled)
+
 _scratch = bytearray(CHUNK_SIZE)
 _SCRATCH: Final = memoryview(_scratch)
 
@@ -109,7 +122,7 @@ class Relay:
         "attempt_deadline", "attempt_end", "attempt_scope", "bytes_in", "bytes_out", "client",
         "connect_started", "connecting", "end", "first_eof", "first_sent", "half_close_timeout",
         "idle_timeout", "last_activity", "pending_in", "pending_out", "poller", "pool", "scope",
-        "server", "server_record", "spliced",
+        "server", "server_record", "spliced", "unsent_in", "unsent_out",
     )  # fmt: skip
 
     def __init__(
@@ -132,6 +145,8 @@ class Relay:
         self.bytes_out = 0  # server → client
         self.pending_in = 0  # bytes read from the client, not yet accepted by the server
         self.pending_out = 0
+        self.unsent_in = b""  # what the server did not take of the last chunk, until sent
+        self.unsent_out = b""
         self.first_eof = ""  # "client_eof" or "server_eof": the side that sent EOF first
         self.end = ""  # why the relay ended; "" while running or when cut from outside
         self.first_sent = 0.0  # when the first client byte went to the server
@@ -184,60 +199,92 @@ class Relay:
         """One side failed (reset or error): end the relay, naming that side."""
         self.finish("client_reset" if client else "server_reset")
 
+    def _move(self, src: socket.socket, dst: socket.socket, upstream: bool) -> int:
+        """One step of a pump: read one chunk from `src` and send it to `dst`; what happened.
+
+        The pump takes this step itself, or the poller's dispatcher takes it on
+        the parked pump's behalf (`step`); the same code counts the bytes either way.
+        """
+        try:
+            received = _recv_into(src, _SCRATCH)
+        except OSError:
+            self._reset(client=upstream)  # the side we read from
+            return DONE
+        if received < 0:
+            return EMPTY
+        if not received:
+            self._on_eof(dst, upstream)
+            return DONE
+        now = _current_time()
+        self.last_activity = now
+        if upstream:
+            self.bytes_in += received
+            if not self.first_sent:
+                self.first_sent = now
+        else:
+            if not self.bytes_out and self.first_sent and self.pool is not None:
+                self._record_first_byte(now)
+            self.bytes_out += received
+        try:
+            sent = _send(dst, _SCRATCH[:received])
+        except OSError:
+            self._reset(client=not upstream)  # the side we write to
+            return DONE
+        if sent < received:
+            unsent = bytes(_SCRATCH[sent:received])  # the one chunk this direction may hold
+            if upstream:
+                self.unsent_in = unsent
+            else:
+                self.unsent_out = unsent
+            return BLOCKED
+        return DRAINED if received < CHUNK_SIZE else FULL
+
+    def step(self, fd: int) -> int | None:
+        """The dispatcher's turn for a pump parked on `fd`: its next step, or None to stay parked.
+
+        Called only while that pump waits in `_pump` for `fd` to become readable.
+        """
+        upstream = fd == self.client.fileno()
+        assert self.server is not None
+        state = self._move(self.client, self.server, True) if upstream else \
+            self._move(self.server, self.client, False)  # fmt: skip
+        if state == EMPTY or (state == DRAINED and fd not in self.poller.hung_up):
+            return None
+        return state
+
     async def _pump(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
-        buffer = _SCRATCH
-        full_reads = 0
         poller = self.poller
         hung_up = poller.hung_up
         src_fd = src.fileno()
         splice = USE_SPLICE
+        full_reads = 0
+        state = self._move(src, dst, upstream)
         while True:
-            try:
-                received = _recv_into(src, buffer)
-            except OSError:
-                self._reset(client=upstream)  # the side we read from
-                return
-            if received < 0:  # EAGAIN
-                await poller.wait_readable(src_fd)
+            if state == EMPTY or (state == DRAINED and src_fd not in hung_up):
+                # Drained (a short read waits rather than paying for an EAGAIN, unless a
+                # FIN or reset may be queued behind the data: see poller.py). While we
+                # are parked the dispatcher takes our steps (`step`) and wakes us only
+                # with one that needs more than a read and a complete send.
+                full_reads = 0
+                state = await poller.wait_readable(src_fd, self)
                 continue
-            if not received:
-                self._on_eof(dst, upstream)
+            if state == DONE:
                 return
-            now = _current_time()
-            self.last_activity = now
-            if upstream:
-                self.bytes_in += received
-                if not self.first_sent:
-                    self.first_sent = now
-            else:
-                if not self.bytes_out and self.first_sent and self.pool is not None:
-                    self._record_first_byte(now)
-                self.bytes_out += received
-            try:
-                sent = _send(dst, buffer[:received])
-            except OSError:
-                self._reset(client=not upstream)  # the side we write to
-                return
-            if sent < received:
-                if not await self._send_rest(dst, bytes(buffer[sent:received]), upstream):
+            if state == BLOCKED:
+                if not await self._send_rest(dst, upstream):
                     return
                 full_reads = 0
-            elif received < CHUNK_SIZE:
-                # A short read drained the socket: wait rather than pay for an EAGAIN
-                # (unless a FIN or reset may be queued behind the data: see poller.py).
-                if src_fd not in hung_up:
-                    await poller.wait_readable(src_fd)
-                else:
-                    await _checkpoint()
-                full_reads = 0
+            elif state == DRAINED:  # and hung up: read the FIN (or error) after a checkpoint
+                await _checkpoint()
             elif splice and await self._splice(src, dst, upstream):
-                return  # bulk: splice carried the rest of this direction
+                return  # FULL, and bulk: splice carried the rest of this direction
             else:
                 splice = False  # no pipe could be had: keep copying
                 full_reads += 1
                 if full_reads >= FULL_READS_PER_CHECKPOINT:
                     await _checkpoint()
                     full_reads = 0
+            state = self._move(src, dst, upstream)
 
     async def _splice(self, src: socket.socket, dst: socket.socket, upstream: bool) -> bool:
         """Relay the rest of one direction socket → pipe → socket, inside the kernel.
@@ -300,8 +347,12 @@ class Relay:
             os.close(pipe_in)
             os.close(pipe_out)
 
-    async def _send_rest(self, dst: socket.socket, data: bytes, upstream: bool) -> bool:
+    async def _send_rest(self, dst: socket.socket, upstream: bool) -> bool:
         """Send what the peer did not take at once; False when the relay ended meanwhile."""
+        if upstream:
+            data, self.unsent_in = self.unsent_in, b""
+        else:
+            data, self.unsent_out = self.unsent_out, b""
         view = memoryview(data)
         dst_fd = dst.fileno()
         try:
