@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import select
 import socket
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, Final, Protocol, final
 
@@ -79,6 +79,8 @@ class Poller:
         self._readers: dict[int, trio.lowlevel.Task] = {}
         self._writers: dict[int, trio.lowlevel.Task] = {}
         self.hung_up: set[int] = set()  # sockets whose peer sent FIN or failed
+        # Trio's clock, read without trio.current_time()'s layers (the relay stamps every chunk).
+        self.now: Callable[[], float] = trio.current_time
 
     def register(self, fd: int) -> None:
         self.hung_up.discard(fd)
@@ -149,6 +151,7 @@ class Poller:
         """The dispatcher: wake parked relay tasks as their sockets become ready."""
         readers, writers, hung_up = self._readers, self._writers, self.hung_up
         poll = self._epoll.poll
+        self.now = trio.lowlevel.current_clock().current_time
         batches = 0  # handled without waking a task, since the last checkpoint
         try:
             while True:

@@ -87,27 +87,18 @@ _SCRATCH: Final = memoryview(_scratch)
 # A constant task name: Trio would otherwise format one string per task.
 _PUMP_TASK_NAME: Final = "trioanubis.relay.server_to_client"
 
-_current_time = trio.current_time
 _checkpoint = trio.lowlevel.checkpoint
 
 
-def _recv_into(sock: socket.socket, buffer: memoryview) -> int:
-    """`sock.recv_into(buffer)`, or -1 when nothing is there (EAGAIN).
-
-    An idle pump meets EAGAIN first thing, and an exception raised through a
-    coroutine's frame makes Python build a frame object that the coroutine
-    then keeps (about 300 bytes per idle connection); raised and caught here,
-    it costs nothing after the call. For the same reason pumps wait outside
-    `except` blocks: a task parked inside one keeps the exception alive.
-    """
-    try:
-        return sock.recv_into(buffer)
-    except BlockingIOError:
-        return -1
-
-
 def _send(sock: socket.socket, data: memoryview) -> int:
-    """`sock.send(data)`, or 0 when the peer's buffer is full (EAGAIN); see `_recv_into`."""
+    """`sock.send(data)`, or 0 when the peer's buffer is full (EAGAIN).
+
+    An exception raised through a coroutine's frame makes Python build a frame
+    object that the coroutine then keeps (about 300 bytes per connection), so
+    coroutines here meet EAGAIN as a return value of a plain function like
+    this one or `Relay._move`. For the same reason they wait outside `except`
+    blocks: a task parked inside one keeps the exception alive.
+    """
     try:
         return sock.send(data)
     except BlockingIOError:
@@ -174,7 +165,7 @@ class Relay:
         cancellation from outside (shutdown) leaves `end` empty.
         """
         assert self.server is not None
-        self.last_activity = _current_time()
+        self.last_activity = self.poller.now()
         self.poller.register(self.client.fileno())  # the server socket joined it to connect
         self.scope = nursery.cancel_scope
         nursery.start_soon(self._pump, self.server, self.client, False, name=_PUMP_TASK_NAME)
@@ -204,18 +195,19 @@ class Relay:
 
         The pump takes this step itself, or the poller's dispatcher takes it on
         the parked pump's behalf (`step`); the same code counts the bytes either way.
+        A plain function, so EAGAIN raised here leaves nothing behind (see `_send`).
         """
         try:
-            received = _recv_into(src, _SCRATCH)
+            received = src.recv_into(_SCRATCH)
+        except BlockingIOError:
+            return EMPTY
         except OSError:
             self._reset(client=upstream)  # the side we read from
             return DONE
-        if received < 0:
-            return EMPTY
         if not received:
             self._on_eof(dst, upstream)
             return DONE
-        now = _current_time()
+        now = self.poller.now()
         self.last_activity = now
         if upstream:
             self.bytes_in += received
@@ -226,7 +218,9 @@ class Relay:
                 self._record_first_byte(now)
             self.bytes_out += received
         try:
-            sent = _send(dst, _SCRATCH[:received])
+            sent = dst.send(_SCRATCH[:received])
+        except BlockingIOError:
+            sent = 0
         except OSError:
             self._reset(client=not upstream)  # the side we write to
             return DONE
@@ -321,7 +315,7 @@ class Relay:
                 if not moved:
                     self._on_eof(dst, upstream)
                     return True
-                self.last_activity = _current_time()
+                self.last_activity = self.poller.now()
                 if upstream:
                     self.bytes_in += moved
                 else:
@@ -365,7 +359,7 @@ class Relay:
                     self._reset(client=not upstream)  # the side we write to
                     return False
                 view = view[sent:]
-                self.last_activity = _current_time()
+                self.last_activity = self.poller.now()
         finally:
             self._set_pending(upstream, 0)
         return True
@@ -380,7 +374,7 @@ class Relay:
         both = bool(self.first_eof)  # the other side's EOF came first
         if not both:
             self.first_eof = "client_eof" if upstream else "server_eof"
-        self.last_activity = _current_time()
+        self.last_activity = self.poller.now()
         try:
             dst.shutdown(socket.SHUT_WR)
         except OSError:
