@@ -238,13 +238,13 @@ class Relay:
 
         Called only while that pump waits in `_pump` for `fd` to become readable.
         """
-        upstream = fd == self.client.fileno()
         assert self.server is not None
-        state = self._move(self.client, self.server, True) if upstream else \
-            self._move(self.server, self.client, False)  # fmt: skip
-        if state == EMPTY or (state == DRAINED and fd not in self.poller.hung_up):
-            return None
-        return state
+        src, dst, upstream = (self.client, self.server, True) if fd == self.client.fileno() else \
+            (self.server, self.client, False)  # fmt: skip
+        state = self._move(src, dst, upstream)
+        while state == DRAINED and fd in self.poller.hung_up:  # a FIN or error is queued behind
+            state = self._move(src, dst, upstream)
+        return None if state in (EMPTY, DRAINED) else state
 
     async def _pump(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
         poller = self.poller
