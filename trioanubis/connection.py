@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Final, final
 
 import trio
 
-from trioanubis.errors import ConnectFailed, OutOfResources
+from trioanubis.errors import AttemptCancelled, ConnectFailed, OutOfResources
 from trioanubis.pool import Pool, Server
 from trioanubis.relay import Relay
 
@@ -103,15 +103,17 @@ def _reason(code: int) -> str:
     return errno.errorcode.get(code, str(code)).lower()
 
 
-async def _connect_any(server: Server, poller: Poller | None = None) -> socket.socket:
+async def _connect_any(server: Server, relay: Relay | None = None) -> socket.socket:
     """Connect to the first of `server`'s addresses that accepts; ConnectFailed otherwise.
 
-    A client's connection passes the relay's `poller`: the socket joins it
-    before the wait and stays in it for the relay, so Trio's epoll never sees
-    it. Health checks pass none and wait through Trio.
+    A client's connection passes its `relay`: the socket joins the relay's
+    poller before the wait and stays in it for the relay, so Trio's epoll never
+    sees it, and `relay.attempt_fd` names it while the Timer may cancel the
+    wait. Health checks pass none and wait through Trio.
 
-    Not bounded in time: the caller's scope is (a deadline, or the Timer).
+    Not bounded in time: the caller is (a deadline, or the Timer).
     """
+    poller = relay.poller if relay is not None else None
     last: ConnectFailed | None = None
     for family, sockaddr in server.sockaddrs:
         sock = _new_socket(family, server.address)
@@ -120,8 +122,9 @@ async def _connect_any(server: Server, poller: Poller | None = None) -> socket.s
             if poller is not None and code in (0, errno.EINPROGRESS):
                 poller.register(sock.fileno())
             if code == errno.EINPROGRESS:
-                if poller is not None:
-                    await poller.wait_writable(sock.fileno())
+                if relay is not None and poller is not None:
+                    relay.attempt_fd = sock.fileno()
+                    await poller.wait_writable(relay.attempt_fd)
                 else:
                     await trio.lowlevel.wait_writable(sock)
                 code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -156,13 +159,15 @@ async def open_server_socket(server: Server, timeout: float) -> socket.socket:
 
 async def _attempt(relay: Relay, server: Server, timeout: float, deadline: float) -> socket.socket:
     """One connect attempt of a client's connection, timed by the Timer, not a deadline of its own."""
-    relay.attempt_deadline = min(trio.current_time() + timeout, deadline)
-    relay.attempt_scope = scope = trio.CancelScope()
-    with scope:
-        return await _connect_any(server, relay.poller)
-    if relay.attempt_end == "timeout":
-        raise _timed_out(server, timeout)
-    raise ConnectFailed(f"connecting to {server.address}: the client left", "client_abort")
+    relay.attempt_deadline = min(relay.poller.now() + timeout, deadline)
+    try:
+        return await _connect_any(server, relay)
+    except AttemptCancelled:
+        if relay.attempt_end == "timeout":
+            raise _timed_out(server, timeout) from None
+        raise ConnectFailed(f"connecting to {server.address}: the client left", "client_abort") from None
+    finally:
+        relay.attempt_fd = -1
 
 
 async def connect_with_failover(
@@ -175,7 +180,7 @@ async def connect_with_failover(
     """
     config = pool.config
     tried: list[Server] = []
-    now = trio.current_time()
+    now = relay.poller.now()
     relay.connecting = True
     relay.connect_started = now
     deadline = now + config.failover_timeout if config.failover_timeout else float("inf")
@@ -185,7 +190,7 @@ async def connect_with_failover(
             if server is None:
                 break
             tried.append(server)
-            started = trio.current_time()
+            started = relay.poller.now()
             try:
                 relay.server = await _attempt(relay, server, config.connect_timeout, deadline)
             except ConnectFailed as exc:
@@ -196,17 +201,16 @@ async def connect_with_failover(
                 if isinstance(exc, OutOfResources):
                     break  # our shortage, not the server's fault: no ejection, no failover
                 pool.record_connect_failure(server, exc.reason)
-                if trio.current_time() >= deadline:
+                if relay.poller.now() >= deadline:
                     log.info("pool %s: failover_timeout reached after %d attempts", pool.name, len(tried))
                     break
                 relay.attempt_end = ""
                 continue
             relay.server_record = server
-            pool.record_connect_success(server, trio.current_time() - started)
+            pool.record_connect_success(server, relay.poller.now() - started)
             return True
     finally:
         relay.connecting = False
-        relay.attempt_scope = None
     pool.no_server += 1
     if tried:
         record.end = "connect_failed"
@@ -227,7 +231,7 @@ async def handle_connection(client: socket.socket, addr: tuple[object, ...], lis
     This is the connection's task (its root coroutine, so a parked connection
     carries no extra frame); the listener accounts for it at the end.
     """
-    record = ConnectionRecord(listener.name, addr, started=trio.current_time())
+    record = ConnectionRecord(listener.name, addr, started=listener.poller.now())
     pool = listener.pool  # a reload may point the listener elsewhere meanwhile
     config = pool.config
     poller, timer = listener.poller, listener.timer

@@ -24,5 +24,9 @@ class ConnectFailed(AnubisError):
         self.reason = reason
 
 
+class AttemptCancelled(AnubisError):
+    """The Timer stopped a connect attempt (its timeout, or the client left)."""
+
+
 class OutOfResources(ConnectFailed):
     """Connecting failed on our side (no descriptor, no buffer): not the server's fault."""

@@ -179,7 +179,7 @@ class Listener:
             self.internal_errors += 1
         elif self.limits.draining and record.end in ("client_eof", "server_eof"):
             record.end = "drained"
-        pool.durations.observe(trio.current_time() - record.started)
+        pool.durations.observe(self.poller.now() - record.started)
         self.access.log(record)
 
 

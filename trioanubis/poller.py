@@ -69,6 +69,10 @@ class Stepper(Protocol):
         ...
 
 
+def _socket_closed() -> trio.ClosedResourceError:
+    return trio.ClosedResourceError("socket closed")
+
+
 def _abort(waiters: dict[int, trio.lowlevel.Task], fd: int, _: object) -> trio.lowlevel.Abort:
     del waiters[fd]
     return _SUCCEEDED
@@ -128,10 +132,17 @@ class Poller:
     def forget(self, fd: int) -> None:
         """Wake whatever waits on `fd` with ClosedResourceError; call before closing it."""
         self.hung_up.discard(fd)
+        self.interrupt(fd, _socket_closed)
+
+    def interrupt(self, fd: int, error: Callable[[], BaseException]) -> bool:
+        """Wake whatever waits on `fd`, raising `error()` in it; False when nothing waited."""
+        woke = False
         for waiters in (self._readers, self._writers):
             task = waiters.pop(fd, None)
             if task is not None:
-                _reschedule(task, outcome.Error(trio.ClosedResourceError("socket closed")))
+                _reschedule(task, outcome.Error(error()))
+                woke = True
+        return woke
 
     def _step(self, fd: int, task: trio.lowlevel.Task, stepper: Stepper) -> bool:
         """Take a parked task's step in its place; wake it (and say so) when the step has a result for it."""

@@ -8,7 +8,7 @@ Instead every live connection registers with the `Timer`, which wakes every
 wheel:
 
 - while connecting: the attempt's `connect_timeout` and the pool's
-  `failover_timeout` cancel the attempt scope; a client that closed or reset
+  `failover_timeout` cancel the attempt (`Relay.cancel_attempt`); a client that closed or reset
   meanwhile (seen with a non-blocking MSG_PEEK) cancels it too, so a
   blackholed server never holds a socket for a client that has gone;
 - while relaying: no byte either way for `idle_timeout` (once one side sent
