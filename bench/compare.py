@@ -524,7 +524,12 @@ def main() -> None:
     text = "\n".join(report)
     print(text)
     if args.save:
-        path = HERE / "results" / f"{datetime.date.today().isoformat()}.md"
+        today = datetime.date.today().isoformat()
+        path = HERE / "results" / f"{today}.md"
+        run = 1
+        while path.exists():  # a later run the same day gets its own file
+            run += 1
+            path = HERE / "results" / f"{today}-{run}.md"
         path.write_text(f"# Benchmark run of {datetime.datetime.now():%Y-%m-%d %H:%M}\n\n{text}\n")
         print(f"\nsaved {path}", file=sys.stderr)
 

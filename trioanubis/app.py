@@ -7,10 +7,10 @@ Theory of operation — the tree `Balancer.run` builds:
     ├── scope per pool: DNS discovery (one task per entry)  discovery.py
     │                   health checks (one task per server) health/checker.py
     ├── timer: every connection's connect/idle timeouts     timeouts.py
-    ├── poller: wakes relay pumps when their sockets are ready  poller.py
+    ├── poller: steps or wakes parked relay pumps          poller.py
     ├── reloader: applies SIGHUP / --watch reloads one at a time
     ├── connections nursery                                (outlives the listeners)
-    │   └── one task per connection → relay nursery        connection.py, relay.py
+    │   └── one task per connection → its nursery          connection.py, relay.py
     │       ├── (body) pump client → server
     │       └── pump server → client
     └── accept nursery: one task per listener              listener.py
