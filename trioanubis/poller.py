@@ -144,18 +144,9 @@ class Poller:
                 woke = True
         return woke
 
-    def _step(self, fd: int, task: trio.lowlevel.Task, stepper: Stepper) -> bool:
-        """Take a parked task's step in its place; wake it (and say so) when the step has a result for it."""
-        wake: outcome.Outcome[int]
-        try:
-            state = stepper.step(fd)
-        except Exception as exc:  # a bug: raised in the task, it ends that connection only
-            wake = outcome.Error(exc)
-        else:
-            if state is None:
-                return False
-            wake = outcome.Value(state)
-        if self._readers.get(fd) is task:  # not cancelled meanwhile (a step may end its relay)
+    def _wake_stepped(self, fd: int, task: trio.lowlevel.Task, wake: outcome.Outcome[int]) -> bool:
+        """Wake a stepped task with its step's result; a step that ended its relay has woken it already."""
+        if self._readers.get(fd) is task:
             del self._readers[fd]
             _reschedule(task, wake)
         return True
@@ -179,12 +170,19 @@ class Poller:
                         hung_up.add(fd)
                     if events & _READ_EVENTS and fd in readers:
                         task = readers[fd]
-                        if task.custom_sleep_data is None:
+                        stepper = task.custom_sleep_data
+                        if stepper is None:
                             del readers[fd]
                             _reschedule(task)
                             woke = True
-                        else:
-                            woke |= self._step(fd, task, task.custom_sleep_data)
+                        else:  # take the parked task's step in its place
+                            try:
+                                state = stepper.step(fd)
+                            except Exception as exc:  # a bug: raised in the task, ends that connection only
+                                woke |= self._wake_stepped(fd, task, outcome.Error(exc))
+                            else:
+                                if state is not None:  # a result the task must act on
+                                    woke |= self._wake_stepped(fd, task, outcome.Value(state))
                     if events & _WRITE_EVENTS and fd in writers:
                         _reschedule(writers.pop(fd))
                         woke = True

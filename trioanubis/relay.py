@@ -112,7 +112,7 @@ class Relay:
     """One proxied connection: both sockets, what moved, and how it ended."""
 
     __slots__ = (
-        "attempt_deadline", "attempt_end", "attempt_fd", "bytes_in", "bytes_out", "client",
+        "attempt_deadline", "attempt_end", "attempt_fd", "bytes_in", "bytes_out", "client", "client_fd",
         "connect_started", "connecting", "end", "first_eof", "first_sent", "half_close_timeout",
         "idle_timeout", "last_activity", "pending_in", "pending_out", "poller", "pool", "scope",
         "server", "server_record", "spliced", "unsent_in", "unsent_out",
@@ -128,6 +128,7 @@ class Relay:
         pool: Pool | None = None,
     ) -> None:
         self.client = client
+        self.client_fd = client.fileno()
         self.poller = poller
         self.server: socket.socket | None = None
         self.idle_timeout = idle_timeout
@@ -245,13 +246,17 @@ class Relay:
 
         Called only while that pump waits in `_pump` for `fd` to become readable.
         """
-        assert self.server is not None
-        src, dst, upstream = (self.client, self.server, True) if fd == self.client.fileno() else \
-            (self.server, self.client, False)  # fmt: skip
-        state = self._move(src, dst, upstream)
-        while state == DRAINED and fd in self.poller.hung_up:  # a FIN or error is queued behind
-            state = self._move(src, dst, upstream)
-        return None if state in (EMPTY, DRAINED) else state
+        server = self.server
+        assert server is not None
+        if fd == self.client_fd:
+            state = self._move(self.client, server, True)
+            while state == DRAINED and fd in self.poller.hung_up:  # a FIN or error is queued behind
+                state = self._move(self.client, server, True)
+        else:
+            state = self._move(server, self.client, False)
+            while state == DRAINED and fd in self.poller.hung_up:
+                state = self._move(server, self.client, False)
+        return None if state <= DRAINED else state  # EMPTY or DRAINED: stay parked
 
     async def _pump(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
         poller = self.poller
