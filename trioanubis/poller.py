@@ -144,12 +144,11 @@ class Poller:
                 woke = True
         return woke
 
-    def _wake_stepped(self, fd: int, task: trio.lowlevel.Task, wake: outcome.Outcome[int]) -> bool:
+    def _wake_stepped(self, fd: int, task: trio.lowlevel.Task, wake: outcome.Outcome[int]) -> None:
         """Wake a stepped task with its step's result; a step that ended its relay has woken it already."""
         if self._readers.get(fd) is task:
             del self._readers[fd]
             _reschedule(task, wake)
-        return True
 
     async def run(self) -> None:
         """The dispatcher: wake parked relay tasks as their sockets become ready."""
@@ -179,10 +178,12 @@ class Poller:
                             try:
                                 state = stepper.step(fd)
                             except Exception as exc:  # a bug: raised in the task, ends that connection only
-                                woke |= self._wake_stepped(fd, task, outcome.Error(exc))
+                                self._wake_stepped(fd, task, outcome.Error(exc))
+                                woke = True
                             else:
                                 if state is not None:  # a result the task must act on
-                                    woke |= self._wake_stepped(fd, task, outcome.Value(state))
+                                    self._wake_stepped(fd, task, outcome.Value(state))
+                                    woke = True
                     if events & _WRITE_EVENTS and fd in writers:
                         _reschedule(writers.pop(fd))
                         woke = True

@@ -174,7 +174,7 @@ class Relay:
         """
         assert self.server is not None
         self.last_activity = self.poller.now()
-        self.poller.register(self.client.fileno())  # the server socket joined it to connect
+        self.poller.register(self.client_fd)  # the server socket joined it to connect
         self.scope = nursery.cancel_scope
         nursery.start_soon(self._pump, self.server, self.client, False, name=_PUMP_TASK_NAME)
 
@@ -249,13 +249,12 @@ class Relay:
         server = self.server
         assert server is not None
         if fd == self.client_fd:
-            state = self._move(self.client, server, True)
-            while state == DRAINED and fd in self.poller.hung_up:  # a FIN or error is queued behind
-                state = self._move(self.client, server, True)
+            src, dst, upstream = self.client, server, True
         else:
-            state = self._move(server, self.client, False)
-            while state == DRAINED and fd in self.poller.hung_up:
-                state = self._move(server, self.client, False)
+            src, dst, upstream = server, self.client, False
+        state = self._move(src, dst, upstream)
+        while state == DRAINED and fd in self.poller.hung_up:  # a FIN or error is queued behind
+            state = self._move(src, dst, upstream)
         return None if state <= DRAINED else state  # EMPTY or DRAINED: stay parked
 
     async def _pump(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
