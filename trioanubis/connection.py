@@ -2,17 +2,19 @@
 
 Theory of operation: `handle_connection` owns the client socket from the
 moment the listener accepted it, and the server socket from the moment a
-connect succeeded; both are closed in its `finally`, whatever happens. The
-pool's `active` counter is raised by `acquire` and lowered by `release` in a
+connect succeeded; both are closed in its `finally`, whatever happens. Once
+connected it opens the connection's nursery, where the relay runs its two
+pumps (relay.py). The pool's `active` counter is raised by `acquire` and lowered by `release` in a
 `try/finally` around the relay, so a cancelled or failed connection never
 leaks a count.
 
-Connecting: the pool's strategy picks a server, `open_server_socket` tries its
-addresses within `connect_timeout`. A failure (refused, reset, timeout) is
+Connecting: the pool's strategy picks a server, `_connect_any` tries its
+addresses within `connect_timeout` (the socket joins the relay's poller for
+the wait and stays there). A failure (refused, reset, timeout) is
 reported to the pool (passive ejection) and another server is picked, never
 one already tried, up to `retries` more attempts and within
 `failover_timeout`. The process-wide `Timer` (timeouts.py) enforces both and
-cancels the attempt when the client closes meanwhile (HAProxy's
+cancels the attempt (`AttemptCancelled`) when the client closes meanwhile (HAProxy's
 abortonclose), so a blackholed server never holds a socket for a client that
 has left.
 
@@ -122,9 +124,9 @@ async def _connect_any(server: Server, relay: Relay | None = None) -> socket.soc
             if poller is not None and code in (0, errno.EINPROGRESS):
                 poller.register(sock.fileno())
             if code == errno.EINPROGRESS:
-                if relay is not None and poller is not None:
+                if relay is not None:
                     relay.attempt_fd = sock.fileno()
-                    await poller.wait_writable(relay.attempt_fd)
+                    await relay.poller.wait_writable(relay.attempt_fd)
                 else:
                     await trio.lowlevel.wait_writable(sock)
                 code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
