@@ -255,7 +255,9 @@ class Relay:
         state = self._move(src, dst, upstream)
         while state == DRAINED and fd in self.poller.hung_up:  # a FIN or error is queued behind
             state = self._move(src, dst, upstream)
-        return None if state <= DRAINED else state  # EMPTY or DRAINED: stay parked
+        if state in (EMPTY, DRAINED):
+            return None  # the pump stays parked
+        return state
 
     async def _pump(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
         poller = self.poller
