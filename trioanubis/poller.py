@@ -18,6 +18,9 @@ One exception: a FIN or reset queued behind data arrives in the same edge
 as the data, and a short read returns only the data. The dispatcher
 therefore remembers every socket whose peer closed or failed (`hung_up`),
 and the relay reads again instead of waiting after a short read on those.
+A connecting socket joins right after connect() returned EINPROGRESS and
+waits for writability at once: registering reports the state at that moment,
+so a handshake that completed in between is not missed.
 
 A task may park with a `Stepper` (the relay's pumps do): readiness then does
 not wake it; the dispatcher calls `stepper.step(fd)` in its place and wakes
@@ -28,7 +31,13 @@ raised in the task, not in the dispatcher.
 Cancellation works as anywhere in Trio: a parked task's abort callback
 removes it. `forget` wakes anything still parked on a descriptor with
 `ClosedResourceError` before the socket is closed (Trio's notify_closing
-rule); closing a socket removes it from the epoll by itself.
+rule, which `close` follows for sockets Trio's epoll never saw); closing a
+socket removes it from the epoll by itself. `interrupt` wakes a waiter with
+another error (the Timer cancels a connect attempt this way).
+
+While events keep coming the dispatcher does not sleep: it polls its epoll
+again after each batch, and lets Trio's loop run (a checkpoint) only when it
+woke a task or after `EVENTS_PER_CHECKPOINT` events.
 """
 
 from __future__ import annotations
