@@ -32,9 +32,10 @@ connection costs two tasks.
   seen EOF the relay ends normally.
 - A reset or error on either socket ends the whole relay at once: the pump
   records why (`end`) and cancels the nursery; the caller closes both sockets.
-- Every chunk stamps `last_activity`; the Timer ends a relay that moved no
-  byte either way for `idle_timeout` (or the shorter `half_close_timeout`
-  once one side has sent EOF) with `end = "idle_timeout"`.
+- Every chunk sets `active` (no clock read per chunk); the Timer turns that
+  into `last_activity` on its next tick and ends a relay that moved no byte
+  either way for `idle_timeout` (or the shorter `half_close_timeout` once
+  one side has sent EOF) with `end = "idle_timeout"`.
 
 Sockets are stdlib sockets in non-blocking mode; this module never closes
 them (the connection that opened them does, after the nursery has exited, so
@@ -112,8 +113,8 @@ class Relay:
     """One proxied connection: both sockets, what moved, and how it ended."""
 
     __slots__ = (
-        "attempt_deadline", "attempt_end", "attempt_fd", "bytes_in", "bytes_out", "client", "client_fd",
-        "connect_started", "connecting", "end", "first_eof", "first_sent", "half_close_timeout",
+        "active", "attempt_deadline", "attempt_end", "attempt_fd", "bytes_in", "bytes_out", "client",
+        "client_fd", "connect_started", "connecting", "end", "first_eof", "first_sent", "half_close_timeout",
         "idle_timeout", "last_activity", "pending_in", "pending_out", "poller", "pool", "scope",
         "server", "server_record", "spliced", "unsent_in", "unsent_out",
     )  # fmt: skip
@@ -144,7 +145,8 @@ class Relay:
         self.first_eof = ""  # "client_eof" or "server_eof": the side that sent EOF first
         self.end = ""  # why the relay ended; "" while running or when cut from outside
         self.first_sent = 0.0  # when the first client byte went to the server
-        self.last_activity = 0.0
+        self.last_activity = 0.0  # when the Timer last saw it active (or when it started)
+        self.active = False  # moved something since the Timer last looked
         self.spliced = 0  # directions that switched to splice (bulk)
         self.scope: trio.CancelScope | None = None
         # While connecting (checked by the Timer):
@@ -215,15 +217,14 @@ class Relay:
         if not received:
             self._on_eof(dst, upstream)
             return DONE
-        now = self.poller.now()
-        self.last_activity = now
+        self.active = True
         if upstream:
             self.bytes_in += received
             if not self.first_sent:
-                self.first_sent = now
+                self.first_sent = self.poller.now()
         else:
             if not self.bytes_out and self.first_sent and self.pool is not None:
-                self._record_first_byte(now)
+                self._record_first_byte(self.poller.now())
             self.bytes_out += received
         try:
             sent = dst.send(_SCRATCH[:received])
@@ -328,7 +329,7 @@ class Relay:
                 if not moved:
                     self._on_eof(dst, upstream)
                     return True
-                self.last_activity = self.poller.now()
+                self.active = True
                 if upstream:
                     self.bytes_in += moved
                 else:
@@ -372,7 +373,7 @@ class Relay:
                     self._reset(client=not upstream)  # the side we write to
                     return False
                 view = view[sent:]
-                self.last_activity = self.poller.now()
+                self.active = True
         finally:
             self._set_pending(upstream, 0)
         return True
@@ -387,7 +388,7 @@ class Relay:
         both = bool(self.first_eof)  # the other side's EOF came first
         if not both:
             self.first_eof = "client_eof" if upstream else "server_eof"
-        self.last_activity = self.poller.now()
+        self.active = True
         try:
             dst.shutdown(socket.SHUT_WR)
         except OSError:
