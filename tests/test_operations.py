@@ -205,6 +205,7 @@ async def test_json_access_log_lines_carry_how_each_connection_ended(
     assert all(line["logger"] == "trioanubis.access" for line in access)
     fields = {"client", "server", "bytes_in", "bytes_out", "duration", "time"}
     assert all(fields <= set(line) for line in access)
+    assert all(line["duration"] >= 0 for line in access)  # measured from start to end, once
 
 
 def parse_config_ports(path: Path) -> dict[str, int]:

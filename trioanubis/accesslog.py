@@ -19,8 +19,6 @@ import sys
 import time
 from typing import TYPE_CHECKING, final
 
-import trio
-
 if TYPE_CHECKING:
     from trioanubis.connection import ConnectionRecord
 
@@ -38,7 +36,7 @@ class AccessLog:
         self.counts[end] = self.counts.get(end, 0) + 1
         if not self.enabled or not log.isEnabledFor(logging.INFO):
             return
-        duration = trio.current_time() - record.started
+        duration = record.ended - record.started
         fields = {
             "listener": record.listener, "client": record.client, "server": record.server,
             "bytes_in": record.bytes_in, "bytes_out": record.bytes_out,

@@ -53,6 +53,7 @@ class ConnectionRecord:
     bytes_in: int = 0
     bytes_out: int = 0
     started: float = 0.0
+    ended: float = 0.0  # stamped once, when the listener accounts for it
     end: str = ""
 
     @property

@@ -179,7 +179,8 @@ class Listener:
             self.internal_errors += 1
         elif self.limits.draining and record.end in ("client_eof", "server_eof"):
             record.end = "drained"
-        pool.durations.observe(self.poller.now() - record.started)
+        record.ended = self.poller.now()
+        pool.durations.observe(record.ended - record.started)
         self.access.log(record)
 
 
