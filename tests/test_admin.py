@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from typing import Any
 
@@ -22,7 +23,7 @@ from tests.conftest import (
     start_backend,
     wait_until,
 )
-from trioanubis.admin import route
+from trioanubis.admin import MAX_ADMIN_CONNECTIONS, route
 from trioanubis.config import Address
 
 
@@ -216,4 +217,157 @@ def test_route_is_sans_io() -> None:
 
     reply = route(Nothing(), "GET", "/healthz", [], b"", "")  # type: ignore[arg-type]
     assert (reply.status, reply.body) == (200, b"ok\n")
-    assert route(Nothing(), "GET", "/healthz", [], b"", "t").status == 401  # type: ignore[arg-type]
+    assert route(Nothing(), "GET", "/healthz", [], b"", "t").status == 200  # type: ignore[arg-type]
+    refused = route(Nothing(), "GET", "/pools/x/servers/y/drain", [], b"", "t")  # type: ignore[arg-type]
+    assert (refused.status, refused.close) == (401, True)
+
+
+# ------------------------------------------------- hardening (issue 12)
+
+
+async def raw_exchange(address: Address, data: bytes) -> bytes:
+    """Send raw bytes and read until the admin closes (or 64 KiB); b"" when it resets us."""
+    stream = await connect(address)
+    answer = b""
+    async with stream:
+        try:
+            await stream.send_all(data)
+            with trio.fail_after(20):
+                while len(answer) < 65536 and (chunk := await stream.receive_some(65536)):
+                    answer += chunk
+        except trio.BrokenResourceError:
+            pass
+    return answer
+
+
+async def test_deeply_nested_json_is_refused_and_the_process_keeps_serving(nursery: trio.Nursery) -> None:
+    """Finding 12.1: 20,000 nested "[" made json.loads raise RecursionError into the root nursery."""
+    one = await start_backend(nursery, name_handler("one"))
+    async with running_balancer(admin_config([{"address": one.address, "name": "one"}])) as (b, address):
+        admin = b.admin_address
+        assert admin is not None
+        status, _, body = await http(admin, "POST", "/pools/test/servers/one/weight", b"[" * 20000)
+        assert status == 413 and "too large" in json.loads(body)["error"]
+        status, _, body = await http(admin, "POST", "/pools/test/servers/one/weight", b"[" * 3000)
+        assert status == 400 and "nests" in json.loads(body)["error"]
+        deep = b'{"weight": [[[[[[1]]]]]]}'
+        assert (await http(admin, "POST", "/pools/test/servers/one/weight", deep))[0] == 400
+        assert (await http(admin, "GET", "/healthz"))[0] == 200
+        assert await request(address) == b"one"
+        assert b.pools["test"].servers[0].weight == 1
+
+
+async def test_a_bug_in_a_handler_answers_500_is_logged_once_and_counted(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    logging.getLogger("trioanubis").propagate = True
+
+    def broken(balancer: object) -> object:
+        raise RecursionError("a bug")
+
+    monkeypatch.setattr("trioanubis.admin.stats", broken)
+    one = await start_backend(nursery, name_handler("one"))
+    async with running_balancer(admin_config([one.address])) as (b, address):
+        admin = b.admin_address
+        assert admin is not None
+        for _ in range(3):
+            status, headers, body = await http(admin, "GET", "/stats")
+            assert status == 500 and json.loads(body) == {"error": "internal error"}
+            assert headers["connection"] == "close"
+        status, _, metrics = await http(admin, "GET", "/metrics")
+        assert status == 200 and b"\nanubis_admin_internal_errors_total 3\n" in metrics
+        assert (await http(admin, "GET", "/healthz"))[0] == 200
+        assert await request(address) == b"one"
+    logged = [r for r in caplog.records if r.name == "trioanubis.admin" and "internal error" in r.message]
+    assert len(logged) == 1 and logged[0].exc_info is not None
+
+
+async def test_replies_carry_a_reason_phrase(nursery: trio.Nursery) -> None:
+    """Issue 21.10: "HTTP/1.1 200 " became "HTTP/1.1 200 OK"."""
+    one = await start_backend(nursery, name_handler("one"))
+    async with running_balancer(admin_config([one.address], token="s3cret")) as (b, _):
+        admin = b.admin_address
+        assert admin is not None
+        for target, line in (("/healthz", b"HTTP/1.1 200 OK\r\n"),
+                             ("/stats", b"HTTP/1.1 401 Unauthorized\r\n")):  # fmt: skip
+            head = f"GET {target} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+            answer = await raw_exchange(admin, head.encode())
+            assert answer.startswith(line), answer[:40]
+        answer = await raw_exchange(admin, b"GET /x HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer s3cret\r\n"
+                                           b"Connection: close\r\n\r\n")  # fmt: skip
+        assert answer.startswith(b"HTTP/1.1 404 Not Found\r\n")
+
+
+async def test_probes_need_no_token_and_a_401_closes_its_connection(nursery: trio.Nursery) -> None:
+    one = await start_backend(nursery, name_handler("one"))
+    async with running_balancer(admin_config([one.address], token="s3cret")) as (b, _):
+        admin = b.admin_address
+        assert admin is not None
+        assert (await http(admin, "GET", "/healthz"))[0] == 200
+        assert (await http(admin, "GET", "/readyz?verbose"))[0] == 200
+        assert (await http(admin, "GET", "/metrics"))[0] == 401
+        # Keep-alive asked for, but after the 401 the admin closes: the second request is never read.
+        answer = await raw_exchange(admin, b"GET /stats HTTP/1.1\r\nHost: a\r\n\r\nGET /healthz HTTP/1.1\r\n"
+                                           b"Host: a\r\n\r\n")  # fmt: skip
+        assert answer.startswith(b"HTTP/1.1 401 ") and answer.count(b"HTTP/1.1") == 1
+        assert b"connection: close" in answer.lower()
+
+
+async def test_idle_and_slow_callers_cannot_lock_out_the_admin(nursery: trio.Nursery) -> None:
+    """Finding 12.3: 64 keep-alive connections without a token held every admin slot."""
+    one = await start_backend(nursery, name_handler("one"))
+    async with running_balancer(admin_config([one.address], token="s3cret")) as (b, address):
+        admin = b.admin_address
+        assert b.admin is not None and admin is not None
+        held: list[trio.SocketStream] = []
+        for _ in range(MAX_ADMIN_CONNECTIONS):  # keep-alive, no token: idle after one answer
+            stream = await connect(admin)
+            await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+            assert (await stream.receive_some(65536)).startswith(b"HTTP/1.1 200")
+            held.append(stream)
+        for _ in range(16):  # slow: a request head that never ends
+            stream = await connect(admin)
+            await stream.send_all(b"GET /stats HTTP/1.1\r\nHost: a\r\n")
+            held.append(stream)
+        await wait_until(lambda: b.admin is not None and b.admin.evicted >= 16)
+        token = (("Authorization", "Bearer s3cret"),)
+        status, _, body = await http(admin, "GET", "/stats", headers=token)
+        assert status == 200 and json.loads(body)["admin"]["evicted"] >= 16
+        assert (await http(admin, "GET", "/healthz"))[0] == 200
+        assert (await http(admin, "POST", "/pools/test/servers/0/drain", headers=token))[0] == 404
+        assert await request(address) == b"one"
+        for stream in held:
+            await stream.aclose()
+
+
+async def test_keep_alive_connections_end_when_idle_and_at_their_lifetime(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("trioanubis.admin.KEEPALIVE_TIMEOUT", 0.2)
+    monkeypatch.setattr("trioanubis.admin.CONNECTION_LIFETIME", 1.0)
+    one = await start_backend(nursery, name_handler("one"))
+    async with running_balancer(admin_config([one.address])) as (b, _):
+        admin = b.admin_address
+        assert admin is not None
+        stream = await connect(admin)
+        await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert (await stream.receive_some(65536)).startswith(b"HTTP/1.1 200")
+        with trio.fail_after(20):
+            assert await stream.receive_some(1) == b""  # idle past KEEPALIVE_TIMEOUT: closed
+        await stream.aclose()
+        monkeypatch.setattr("trioanubis.admin.KEEPALIVE_TIMEOUT", 10.0)
+        stream = await connect(admin)
+        answers = [b""]
+        with trio.fail_after(20):  # a connection kept busy still ends once its lifetime is over
+            while answers[-1] != b"CLOSED" and b"connection: close" not in answers[-1].lower():
+                try:
+                    await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+                    answers.append(await stream.receive_some(65536) or b"CLOSED")
+                except trio.BrokenResourceError:  # it ended while we were between two requests
+                    answers.append(b"CLOSED")
+                await trio.sleep(0.01)
+            if answers[-1] != b"CLOSED":
+                assert await stream.receive_some(1) == b""
+        await stream.aclose()
+        answers = answers[1:-1] if answers[-1] == b"CLOSED" else answers[1:]
+        assert all(a.startswith(b"HTTP/1.1 200") for a in answers)

@@ -1,18 +1,38 @@
 """The admin endpoint: HTTP/1.1 spoken with h11, in its own branch of the nursery tree.
 
-Theory of operation: `serve_admin` binds, reports its address, and serves
+Theory of operation: `Admin.serve` binds, reports its address, and serves
 each connection in its own task. `route` is the whole API and is sans-IO:
-method, path, headers and body in, status, content type and body out, so it
-is tested without sockets. The I/O shell around it bounds everything a
-client can make us hold: the request head (16 KiB), the body (64 KiB), the
-time to send one request (10 s), and the number of admin connections (64).
-Anything malformed gets a 4xx or a closed connection; nothing here can
-disturb the proxy beyond the admin task that serves the bad client.
+method, path, headers and body in, a `Reply` out, so it is tested without
+sockets. The I/O shell around it keeps three promises:
+
+- Nothing a caller sends can stop the process. Every connection runs inside
+  a boundary: input errors get a 4xx; a bug (any other exception) gets a 500
+  if a reply is still possible, is logged once per place it comes from with
+  its traceback, counted in `internal_errors`, and the connection is closed.
+  The body is bounded (4 KiB) and so is JSON nesting, so `json.loads` never
+  recurses deeply.
+- Nobody without the token can starve the admin. Each connection has a
+  bound on sending one request (10 s, from its first byte, or from connect
+  for the first request), on waiting idle between requests (30 s) and on its
+  whole life (120 s; then the next reply says `Connection: close`). A
+  request that fails auth gets its 401 and the connection is closed. When
+  the 64 slots are taken, a newcomer takes the slot of an idle keep-alive
+  connection first, else of the oldest connection that has not yet made an
+  authorised request (`pick_victim`); only if every slot is an authorised
+  request in progress is the newcomer closed.
+- `/healthz` and `/readyz` answer without a token (they reveal nothing and
+  Kubernetes probes cannot send one); everything else needs it when one is
+  set. A reload can replace the token (`Admin.apply`); the bind address
+  changes only at a restart.
+
+Accept errors that mean the process ran short (EMFILE, ENFILE, ENOBUFS,
+ENOMEM) go to the proxy listeners' `AcceptBackoff`: logged once per episode,
+slept on, retried.
 
     GET  /stats                                  JSON: listeners, pools, servers
     GET  /metrics                                Prometheus text format
-    GET  /healthz                                200 while the process runs
-    GET  /readyz                                 200 when serving, 503 otherwise
+    GET  /healthz                                200 while the process runs (no token needed)
+    GET  /readyz                                 200 when serving, 503 otherwise (no token needed)
     POST /pools/{pool}/servers/{server}/drain    no new connections
     POST /pools/{pool}/servers/{server}/enable   back in rotation
     POST /pools/{pool}/servers/{server}/weight   body {"weight": N}
@@ -22,11 +42,14 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import http
 import ipaddress
 import json
 import logging
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+import traceback
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final, final
 from urllib.parse import unquote
 
 import h11
@@ -34,6 +57,7 @@ import trio
 
 from trioanubis.config import Address, AdminConfig
 from trioanubis.errors import AnubisError
+from trioanubis.listener import AcceptBackoff
 from trioanubis.metrics import prometheus, server_stats, stats
 
 if TYPE_CHECKING:
@@ -42,12 +66,26 @@ if TYPE_CHECKING:
 log = logging.getLogger("trioanubis.admin")
 
 MAX_HEAD: Final = 16384
-MAX_BODY: Final = 65536
-# A client gets this long to send one whole request: slow senders are cut.
+# The only request with a body is {"weight": N}: 4 KiB is plenty.
+MAX_BODY: Final = 4096
+# {"weight": N} nests one level; json.loads recurses once per level, so a
+# deeper body is refused before it is parsed.
+MAX_JSON_DEPTH: Final = 4
+# A client gets this long to send one whole request (from its first byte, or
+# from connecting for the first request): slow senders are cut. Sending a
+# reply to a client that does not read is bounded the same way.
 REQUEST_TIMEOUT: Final = 10.0
-# Admin connections served at once; beyond it new ones are closed at once so a
-# flood of admin clients cannot use up the proxy's file descriptors.
+# How long a keep-alive connection may wait idle for its next request: longer
+# than a 15 s Prometheus scrape interval, so scrapes reuse their connection.
+KEEPALIVE_TIMEOUT: Final = 30.0
+# After this, a connection's next reply says "Connection: close": no caller
+# holds a slot for ever, however busy it keeps it.
+CONNECTION_LIFETIME: Final = 120.0
+# Admin connections served at once, so admin clients cannot use up the
+# proxy's file descriptors; beyond it a newcomer takes a slot (`pick_victim`).
 MAX_ADMIN_CONNECTIONS: Final = 64
+# Answered without a token: they reveal nothing, and probes cannot send one.
+OPEN_PATHS: Final = frozenset({"/healthz", "/readyz"})
 PROMETHEUS_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 JSON_TYPE: Final = "application/json"
 
@@ -58,14 +96,21 @@ class Reply:
     content_type: str
     body: bytes
     extra_headers: tuple[tuple[str, str], ...] = ()
+    close: bool = False  # close the connection after this reply
 
 
 def json_reply(status: int, document: Any) -> Reply:
     return Reply(status, JSON_TYPE, json.dumps(document, indent=1).encode() + b"\n")
 
 
-def error_reply(status: int, message: str) -> Reply:
-    return json_reply(status, {"error": message})
+def error_reply(status: int, message: str, *, close: bool = False) -> Reply:
+    reply = json_reply(status, {"error": message})
+    return Reply(reply.status, reply.content_type, reply.body, close=close)
+
+
+UNAUTHORISED: Final = Reply(
+    401, JSON_TYPE, b'{"error": "unauthorised"}\n', (("WWW-Authenticate", "Bearer"),), close=True
+)
 
 
 def authorised(token: str, headers: list[tuple[bytes, bytes]]) -> bool:
@@ -81,10 +126,10 @@ def route(
     balancer: Balancer, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes, token: str
 ) -> Reply:
     """The admin API, without I/O."""
-    if not authorised(token, headers):
-        return Reply(401, JSON_TYPE, b'{"error": "unauthorised"}\n', (("WWW-Authenticate", "Bearer"),))
     path = path.split("?", 1)[0]
-    if path in ("/stats", "/metrics", "/healthz", "/readyz"):
+    if path not in OPEN_PATHS and not authorised(token, headers):
+        return UNAUTHORISED
+    if path in ("/stats", "/metrics", *OPEN_PATHS):
         if method not in ("GET", "HEAD"):
             return error_reply(405, f"{path} takes GET")
         if path == "/stats":
@@ -103,6 +148,46 @@ def route(
     return error_reply(404, f"no such endpoint: {path}")
 
 
+def json_depth(text: str) -> int:
+    """How deeply `text` nests arrays and objects, brackets inside strings not counted."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def parse_weight(body: bytes) -> int:
+    """N from a `{"weight": N}` body; ValueError saying what is wrong otherwise."""
+    shape = 'the body must be JSON like {"weight": 3}'
+    try:
+        text = body.decode()
+    except UnicodeDecodeError:
+        raise ValueError(f"{shape} (UTF-8)") from None
+    if json_depth(text) > MAX_JSON_DEPTH:
+        raise ValueError(f"{shape}; it nests more than {MAX_JSON_DEPTH} levels deep")
+    try:
+        weight = json.loads(text or "null")["weight"]
+    except (ValueError, TypeError, KeyError, IndexError):
+        raise ValueError(shape) from None
+    if not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= 1_000_000:
+        raise ValueError(f"weight must be an integer from 0 to 1000000, got {json.dumps(weight)[:40]}")
+    return weight
+
+
 def _server_action(balancer: Balancer, pool_name: str, key: str, action: str, body: bytes) -> Reply:
     pool = balancer.pools.get(pool_name)
     if pool is None:
@@ -116,11 +201,9 @@ def _server_action(balancer: Balancer, pool_name: str, key: str, action: str, bo
         pool.set_draining(server, False)
     elif action == "weight":
         try:
-            weight = json.loads(body or b"null")["weight"]
-        except (ValueError, TypeError, KeyError):
-            return error_reply(400, 'the body must be JSON like {"weight": 3}')
-        if not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= 1_000_000:
-            return error_reply(400, f"weight must be an integer from 0 to 1000000, got {weight!r}")
+            weight = parse_weight(body)
+        except ValueError as exc:
+            return error_reply(400, str(exc))
         pool.set_weight(server, weight)
         log.warning("pool %s: server %s weight set to %d", pool.name, server.name, weight)
     else:
@@ -128,39 +211,157 @@ def _server_action(balancer: Balancer, pool_name: str, key: str, action: str, bo
     return json_reply(200, server_stats(server))
 
 
-async def serve_admin(
-    balancer: Balancer,
-    config: AdminConfig,
-    *,
-    task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve the admin API on `config.bind` until cancelled."""
-    host = config.bind.host or "0.0.0.0"
-    try:
-        listeners = await trio.open_tcp_listeners(config.bind.port, host=host)
-    except OSError as exc:
-        raise AnubisError(f"admin: binding {config.bind}: {exc.strerror or exc}") from None
-    if not config.token and not _is_loopback(host):
-        log.warning("admin: listening on %s without a token: anyone who can reach it can drain "
-                    "servers; set [admin] token", config.bind)  # fmt: skip
-    bound_host, bound_port = listeners[0].socket.getsockname()[:2]
-    bound = Address(bound_host, bound_port)
-    log.info("admin: listening on %s", bound)
-    task_status.started(bound)
-    limiter = trio.CapacityLimiter(MAX_ADMIN_CONNECTIONS)
+# ----------------------------------------------------------------- slots
 
-    async def handle(stream: trio.SocketStream) -> None:
+
+@dataclass(eq=False, slots=True)
+class Slot:
+    """One admin connection, as the slot allocator sees it."""
+
+    since: float  # when its current phase (request, or idle wait) began
+    idle: bool = False  # a keep-alive connection waiting for its next request
+    proven: bool = False  # it has made a request with the token (never, when none is set)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+
+def pick_victim(slots: Iterable[Slot]) -> Slot | None:
+    """The connection a newcomer replaces: idle ones first, then unproven ones, oldest first.
+
+    None when every slot is an authorised request in progress: then the
+    newcomer is the one turned away.
+    """
+    candidates = [s for s in slots if s.idle or not s.proven]
+    if not candidates:
+        return None
+    return min(candidates, key=lambda s: (not s.idle, s.since))
+
+
+Incoming = tuple[str, str, list[tuple[bytes, bytes]], bytes]  # method, target, headers, body
+
+
+@final
+class Admin:
+    """The admin endpoint of one balancer: its slots, its counters and its (reloadable) token."""
+
+    def __init__(self, balancer: Balancer, config: AdminConfig) -> None:
+        self.balancer = balancer
+        self.config = config
+        self.token = config.token
+        self.backoff = AcceptBackoff("admin", log)
+        self.internal_errors = 0
+        self.evicted = 0  # connections closed to make room for a newcomer
+        self.rejected = 0  # newcomers closed because every slot was busy with authorised work
+        self.bound: Address | None = None
+        self._slots: set[Slot] = set()
+        self._logged: set[tuple[str, str, int]] = set()  # the places internal errors came from
+
+    def apply(self, config: AdminConfig) -> None:
+        """Take a reloaded [admin] table: the token now, the bind address at the next restart."""
+        if config.bind != self.config.bind:
+            log.warning("reload: admin: the new bind %s takes effect at the next restart; still on %s",
+                        config.bind, self.bound or self.config.bind)  # fmt: skip
+        if config.token != self.token:
+            log.info("reload: admin: token replaced; the old one is refused from now on")
+        self.token = config.token
+        self.config = config
+
+    async def serve(self, *, task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve the admin API on `config.bind` until cancelled."""
+        host = self.config.bind.host or "0.0.0.0"
         try:
-            limiter.acquire_nowait()
-        except trio.WouldBlock:
-            await stream.aclose()
-            return
+            listeners = await trio.open_tcp_listeners(self.config.bind.port, host=host)
+        except OSError as exc:
+            raise AnubisError(f"admin: binding {self.config.bind}: {exc.strerror or exc}") from None
+        if not self.token and not _is_loopback(host):
+            log.warning("admin: listening on %s without a token: anyone who can reach it can drain "
+                        "servers; set [admin] token", self.config.bind)  # fmt: skip
+        bound_host, bound_port = listeners[0].socket.getsockname()[:2]
+        self.bound = Address(bound_host, bound_port)
+        log.info("admin: listening on %s", self.bound)
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(self._accept_loop, listener, nursery)
+            task_status.started(self.bound)
+
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    await self.backoff.back_off(exc)
+                    continue
+                if self.backoff.overloaded:
+                    self.backoff.recovered()
+                nursery.start_soon(self._handle, stream)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        """One connection, in a slot, inside the boundary: nothing it raises goes further."""
+        if len(self._slots) >= MAX_ADMIN_CONNECTIONS:
+            victim = pick_victim(self._slots)
+            if victim is None:
+                self.rejected += 1
+                await stream.aclose()
+                return
+            self.evicted += 1
+            self._slots.discard(victim)
+            victim.scope.cancel()
+        slot = Slot(trio.current_time())
+        self._slots.add(slot)
         try:
-            await _serve_connection(stream, balancer, config.token)
+            with slot.scope:
+                async with stream:
+                    await self._serve_connection(stream, slot)
+        except Exception as exc:  # the boundary: a bug here is counted, never a process exit
+            self._internal_error(exc)
         finally:
-            limiter.release()
+            self._slots.discard(slot)
 
-    await trio.serve_listeners(handle, listeners)
+    def _internal_error(self, exc: Exception) -> None:
+        """Count a bug; log it with its traceback the first time it comes from that place."""
+        self.internal_errors += 1
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = (type(exc).__name__, frames[-1].filename, frames[-1].lineno or 0) if frames else ("", "", 0)
+        if where not in self._logged:
+            self._logged.add(where)
+            log.error("admin: internal error (%s); answered 500 and counted, further ones from the "
+                      "same place are only counted", type(exc).__name__, exc_info=exc)  # fmt: skip
+
+    async def _serve_connection(self, stream: trio.SocketStream, slot: Slot) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        end_of_life = slot.since + CONNECTION_LIFETIME
+        deadline = slot.since + REQUEST_TIMEOUT
+        try:
+            while True:
+                request = await _read_request(stream, conn, slot, min(deadline, end_of_life))
+                if request is None:
+                    return  # closed, or timed out
+                reply = self._answer(request)
+                # With no token set nobody is proven: anyone may take anyone's slot.
+                slot.proven = slot.proven or (bool(self.token) and authorised(self.token, request[2]))
+                close = reply.close or trio.current_time() >= end_of_life
+                with trio.move_on_after(REQUEST_TIMEOUT):
+                    await _send(stream, conn, reply, head_only=request[0] == "HEAD", close=close)
+                if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                    return
+                conn.start_next_cycle()
+                slot.idle, slot.since = True, trio.current_time()
+                deadline = slot.since + KEEPALIVE_TIMEOUT
+        except h11.RemoteProtocolError as exc:
+            await _send_error(stream, conn, exc.error_status_hint, str(exc))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+            return
+        except Exception:
+            await _send_error(stream, conn, 500, "internal error")
+            raise
+
+    def _answer(self, request: Incoming) -> Reply:
+        method, target, headers, body = request
+        try:
+            return route(self.balancer, method, target, headers, body, self.token)
+        except Exception as exc:
+            self._internal_error(exc)
+            return error_reply(500, "internal error", close=True)
 
 
 def _is_loopback(host: str) -> bool:
@@ -170,55 +371,56 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-async def _serve_connection(stream: trio.SocketStream, balancer: Balancer, token: str) -> None:
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
-    async with stream:
-        try:
-            while True:
-                with trio.move_on_after(REQUEST_TIMEOUT):
-                    request = await _read_request(stream, conn)
-                    if request is None:
-                        return
-                    method, target, headers, body = request
-                    reply = route(balancer, method, target, headers, body, token)
-                    await _send(stream, conn, reply, head_only=method == "HEAD")
-                    if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-                        return
-                    conn.start_next_cycle()
-                    continue
-                return  # timed out: a slow sender is cut off
-        except h11.RemoteProtocolError as exc:
-            await _send_error(stream, conn, exc.error_status_hint, str(exc))
-        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
-            return
-
-
 async def _read_request(
-    stream: trio.SocketStream, conn: h11.Connection
-) -> tuple[str, str, list[tuple[bytes, bytes]], bytes] | None:
+    stream: trio.SocketStream, conn: h11.Connection, slot: Slot, deadline: float
+) -> Incoming | None:
+    """The next whole request, or None if the peer closed or the deadline passed.
+
+    While the connection is idle the deadline is the keep-alive one; the
+    first byte of a request moves it to `REQUEST_TIMEOUT` from then.
+    """
     request: h11.Request | None = None
     body = bytearray()
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            conn.receive_data(await stream.receive_some(MAX_HEAD))
-        elif isinstance(event, h11.Request):
-            request = event
-        elif isinstance(event, h11.Data):
-            body += event.data
-            if len(body) > MAX_BODY:
-                raise h11.RemoteProtocolError("request body too large", error_status_hint=413)
-        elif isinstance(event, h11.EndOfMessage):
-            assert request is not None
-            return request.method.decode(), request.target.decode(), list(request.headers), bytes(body)
-        else:  # ConnectionClosed, or PAUSED after the peer closed
-            return None
+    with trio.move_on_at(deadline) as scope:
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await stream.receive_some(MAX_HEAD)
+                if slot.idle and data:
+                    slot.idle, slot.since = False, trio.current_time()
+                    scope.deadline = slot.since + REQUEST_TIMEOUT
+                conn.receive_data(data)
+            elif isinstance(event, h11.Request):
+                slot.idle = False
+                _check_length(event)
+                request = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > MAX_BODY:
+                    raise h11.RemoteProtocolError("request body too large", error_status_hint=413)
+            elif isinstance(event, h11.EndOfMessage):
+                assert request is not None
+                headers = list(request.headers)
+                return request.method.decode(), request.target.decode(), headers, bytes(body)
+            else:  # ConnectionClosed, or PAUSED after the peer closed
+                return None
+    return None
 
 
-async def _send(stream: trio.SocketStream, conn: h11.Connection, reply: Reply, head_only: bool) -> None:
+def _check_length(request: h11.Request) -> None:
+    """Refuse a declared body over `MAX_BODY` before reading it."""
+    for name, value in request.headers:
+        if name == b"content-length" and int(value) > MAX_BODY:
+            raise h11.RemoteProtocolError("request body too large", error_status_hint=413)
+
+
+async def _send(
+    stream: trio.SocketStream, conn: h11.Connection, reply: Reply, *, head_only: bool, close: bool = False
+) -> None:
     headers = [("Content-Type", reply.content_type), ("Content-Length", str(len(reply.body))),
-               *reply.extra_headers]  # fmt: skip
-    data = conn.send(h11.Response(status_code=reply.status, headers=headers))
+               *reply.extra_headers, *((("Connection", "close"),) if close else ())]  # fmt: skip
+    phrase = http.HTTPStatus(reply.status).phrase
+    data = conn.send(h11.Response(status_code=reply.status, headers=headers, reason=phrase))
     if not head_only:
         data += conn.send(h11.Data(data=reply.body))
     data += conn.send(h11.EndOfMessage())
@@ -226,7 +428,9 @@ async def _send(stream: trio.SocketStream, conn: h11.Connection, reply: Reply, h
 
 
 async def _send_error(stream: trio.SocketStream, conn: h11.Connection, status: int, message: str) -> None:
+    """A last error reply, if the exchange still allows one; never raises for a gone peer."""
     if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
         return
-    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
-        await _send(stream, conn, error_reply(status, message), head_only=False)
+    gone = (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError)
+    with trio.move_on_after(REQUEST_TIMEOUT), contextlib.suppress(*gone):
+        await _send(stream, conn, error_reply(status, message), head_only=False, close=True)

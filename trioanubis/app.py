@@ -28,6 +28,8 @@ Reload (`apply_config`, from SIGHUP, `anubis reload` or `--watch`): listeners,
 pools and servers are added, removed or changed in place. Connections never
 belong to a listener or a pool's list, only to the connections nursery, so a
 reload never cuts one: a removed server keeps its connections until they end.
+The admin endpoint takes a new token at once; a new admin bind waits for a
+restart.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from typing import Final, final
 import trio
 
 from trioanubis.accesslog import AccessLog
-from trioanubis.admin import serve_admin
+from trioanubis.admin import Admin
 from trioanubis.config import Address, Config, ListenerConfig, PoolConfig, load_config
 from trioanubis.discovery import run_discovery, source_of
 from trioanubis.errors import AnubisError, ConfigError
@@ -89,6 +91,7 @@ class Balancer:
         self.listeners: dict[str, Listener] = {
             name: self._new_listener(lc) for name, lc in config.listeners.items()
         }
+        self.admin = Admin(self, config.admin) if config.admin is not None else None
         self.admin_address: Address | None = None
         self.listening = False
         self.draining = False
@@ -149,8 +152,8 @@ class Balancer:
             self._root = root
             root.start_soon(self.timer.run)
             root.start_soon(self.poller.run)
-            if self.config.admin is not None:
-                self.admin_address = await root.start(serve_admin, self, self.config.admin)
+            if self.admin is not None:
+                self.admin_address = await root.start(self.admin.serve)
             for pool in self.pools.values():
                 await self._resolve(pool.servers, pool.name)
                 await self._start_pool_tasks(pool)
@@ -278,8 +281,10 @@ class Balancer:
 
     async def apply_config(self, new: Config) -> None:
         """Bring the running balancer to `new` without touching established connections."""
-        if new.admin != self.config.admin:
-            log.warning("reload: [admin] changes take effect at the next restart")
+        if self.admin is not None and new.admin is not None:
+            self.admin.apply(new.admin)  # the token now, a new bind at the next restart
+        elif new.admin != self.config.admin:
+            log.warning("reload: adding or removing [admin] takes effect at the next restart")
         for name, pool_config in new.pools.items():
             if name in self.pools:
                 await self._update_pool(self.pools[name], pool_config)

@@ -113,7 +113,8 @@ class ListenerConfig:
 @dataclass(frozen=True, slots=True)
 class AdminConfig:
     bind: Address
-    token: str = ""
+    token: str = ""  # from `token`, or read from `token_file` (each load, so a reload rotates it)
+    token_file: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,12 +378,42 @@ def _check_unique_binds(node: _Node, listeners: Mapping[str, ListenerConfig]) ->
         seen[listener.bind] = name
 
 
+# Visible ASCII: what an Authorization header can carry; anything else never matches.
+_TOKEN = re.compile(r"[\x21-\x7e]+")
+# A token file bigger than this is the wrong file.
+MAX_TOKEN_BYTES = 4096
+
+
 def _parse_admin(node: _Node) -> AdminConfig:
-    node.check_keys(("bind", "token"))
+    node.check_keys(("bind", "token", "token_file"))
+    token, token_file = node.string("token", ""), node.string("token_file", "")
+    if token and token_file:
+        raise node.error("set token or token_file, not both", key="token_file")
+    if token_file:
+        token = _read_token(node, token_file)
+    elif token and not _TOKEN.fullmatch(token):
+        raise node.error("must be visible ASCII characters, no spaces", key="token")  # never echo it
     return AdminConfig(
         bind=node.address("bind", allow_any_host=True, default="127.0.0.1:9900"),
-        token=node.string("token", ""),
+        token=token,
+        token_file=token_file,
     )
+
+
+def _read_token(node: _Node, path: str) -> str:
+    """The token in `path` (a mounted Kubernetes Secret, say), surrounding whitespace removed."""
+    try:
+        if not Path(path).is_file():
+            raise node.error("must name a readable regular file", path, "token_file")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_TOKEN_BYTES + 1)
+    except OSError as exc:
+        raise node.error(f"cannot read it: {exc.strerror or exc}", path, "token_file") from None
+    token = raw.decode("ascii", errors="replace").strip()
+    if len(raw) > MAX_TOKEN_BYTES or not _TOKEN.fullmatch(token):
+        raise node.error(f"must hold one token of visible ASCII characters (at most {MAX_TOKEN_BYTES} "
+                         "bytes)", path, "token_file")  # fmt: skip
+    return token
 
 
 _POOL_KEYS = (

@@ -9,8 +9,10 @@ loop is cancelled.
 
 Accepting drains the backlog (several connections per wake-up) and waits for
 readiness only on EAGAIN. Errors that mean "out of resources" (EMFILE,
-ENFILE, ENOBUFS, ENOMEM) are logged once per episode and retried after a
-short sleep, like Trio's `serve_listeners`; any other error propagates.
+ENFILE, ENOBUFS, ENOMEM) go to an `AcceptBackoff`: logged once per episode,
+without a traceback, and retried after a short sleep, like Trio's
+`serve_listeners`; any other error propagates. The admin endpoint's accept
+loop uses the same `AcceptBackoff`.
 
 Limits: a listener's `max_connections` and the process-wide `Limits` are
 checked right after accept; a client over either limit is closed at once and
@@ -49,6 +51,33 @@ ACCEPT_BACKOFF: Final = 0.1
 ACCEPTS_PER_CHECKPOINT: Final = 64
 # A constant task name: Trio would otherwise format one string per task.
 CONNECTION_TASK_NAME: Final = "trioanubis.connection"
+
+
+@final
+class AcceptBackoff:
+    """What an accept loop does when the process runs short: count, log once per episode, sleep."""
+
+    def __init__(self, what: str, logger: logging.Logger) -> None:
+        self.what = what
+        self.log = logger
+        self.overloads = 0
+        self.overloaded = False  # inside an episode: logged already
+
+    async def back_off(self, exc: OSError) -> None:
+        """Sleep `ACCEPT_BACKOFF` if `exc` is a local shortage; re-raise any other error."""
+        if exc.errno not in ACCEPT_OVERLOAD_ERRNOS:
+            raise exc
+        self.overloads += 1
+        if not self.overloaded:
+            self.overloaded = True
+            self.log.error("%s: accept failed: %s; backing off %gs and retrying",
+                           self.what, exc.strerror, ACCEPT_BACKOFF)  # fmt: skip
+        await trio.sleep(ACCEPT_BACKOFF)
+
+    def recovered(self) -> None:
+        """An accept succeeded: end the episode (callers test `overloaded` first, it is cheaper)."""
+        self.overloaded = False
+        self.log.warning("%s: accepting again", self.what)
 
 
 def somaxconn() -> int:
@@ -103,7 +132,7 @@ class Listener:
         self.accepted = 0
         self.active = 0
         self.rejected = 0
-        self.overloads = 0
+        self.backoff = AcceptBackoff(f"listener {self.name}", log)
         self.internal_errors = 0
         self.bound: Address | None = None
         self.scope = trio.CancelScope()
@@ -127,8 +156,12 @@ class Listener:
             finally:
                 close_socket(sock)
 
+    @property
+    def overloads(self) -> int:
+        return self.backoff.overloads
+
     async def _accept_loop(self, sock: socket.socket, connections: trio.Nursery) -> None:
-        overloaded = False
+        backoff = self.backoff
         in_a_row = 0
         while True:
             try:
@@ -138,18 +171,10 @@ class Listener:
                 await trio.lowlevel.wait_readable(sock)
                 continue
             except OSError as exc:
-                if exc.errno not in ACCEPT_OVERLOAD_ERRNOS:
-                    raise
-                self.overloads += 1
-                if not overloaded:
-                    log.error("listener %s: accept failed: %s; backing off %gs and retrying",
-                              self.name, exc.strerror, ACCEPT_BACKOFF)  # fmt: skip
-                overloaded = True
-                await trio.sleep(ACCEPT_BACKOFF)
+                await backoff.back_off(exc)
                 continue
-            if overloaded:
-                log.warning("listener %s: accepting again", self.name)
-                overloaded = False
+            if backoff.overloaded:
+                backoff.recovered()
             self.accepted += 1
             if self._over_limit():
                 self.rejected += 1

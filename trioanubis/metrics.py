@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from trioanubis.admin import Admin
     from trioanubis.app import Balancer
     from trioanubis.pool import Pool, Server
 
@@ -65,7 +66,24 @@ def stats(balancer: Balancer) -> dict[str, Any]:
             for listener in balancer.listeners.values()
         ],
         "pools": [pool_stats(pool) for pool in balancer.pools.values()],
+        "admin": None if balancer.admin is None else admin_stats(balancer.admin),
     }
+
+
+def admin_stats(admin: Admin) -> dict[str, int]:
+    return {name: value for name, _, value in _admin_rows(admin)}
+
+
+def _admin_rows(admin: Admin) -> list[tuple[str, str, int]]:
+    return [
+        ("internal_errors", "Admin requests that hit a bug (answered 500, never a process exit).",
+         admin.internal_errors),
+        ("evicted", "Admin connections closed to give their slot to a newcomer.", admin.evicted),
+        ("rejected", "Admin connections refused because every slot was busy with authorised work.",
+         admin.rejected),
+        ("accept_overloads", "Admin accepts that failed for lack of descriptors or memory.",
+         admin.backoff.overloads),
+    ]  # fmt: skip
 
 
 def _labels(**labels: str) -> str:
@@ -119,6 +137,7 @@ def prometheus(balancer: Balancer) -> str:
     for labels, s in rows:
         lines.append(f"anubis_health_checks_total{_labels(**labels, result='pass')} {s.checks_passed}")
         lines.append(f"anubis_health_checks_total{_labels(**labels, result='fail')} {s.checks_failed}")
+        lines.append(f"anubis_health_checks_total{_labels(**labels, result='skipped')} {s.checks_skipped}")
     lines += _family("pool_no_server_total", "counter", "Clients closed because no server could take them.")
     pools = list(balancer.pools.values())
     lines += [f"anubis_pool_no_server_total{_labels(pool=p.name)} {p.no_server}" for p in pools]
@@ -135,4 +154,8 @@ def prometheus(balancer: Balancer) -> str:
     lines += _family("connections_ended_total", "counter", "Finished connections by how they ended.")
     for end, count in sorted(balancer.access.counts.items()):
         lines.append(f"anubis_connections_ended_total{_labels(end=end)} {count}")
+    if balancer.admin is not None:
+        for name, help_text, value in _admin_rows(balancer.admin):
+            lines += _family(f"admin_{name}_total", "counter", help_text)
+            lines.append(f"anubis_admin_{name}_total {value}")
     return "\n".join(lines) + "\n"

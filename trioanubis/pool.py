@@ -73,7 +73,7 @@ class Server:
     """One backend as the balancer currently sees it (mutated only through its Pool)."""
 
     __slots__ = (
-        "active", "address", "bytes_in", "bytes_out", "checks_failed", "checks_passed",
+        "active", "address", "bytes_in", "bytes_out", "checks_failed", "checks_passed", "checks_skipped",
         "connect_failures",
         "consecutive_failures", "draining", "effective_weight", "ewma", "healthy",
         "last_check", "max_connections", "name", "removed", "sockaddrs", "source",
@@ -100,6 +100,7 @@ class Server:
         self.consecutive_failures = 0
         self.checks_passed = 0
         self.checks_failed = 0
+        self.checks_skipped = 0  # probes that ran short locally (descriptors, memory): no verdict
         self.ewma: float | None = None
         self.last_check = ""
 

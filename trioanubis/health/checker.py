@@ -5,7 +5,9 @@ Theory of operation: `run_health_checks` starts a task per server, reports
 bounded by the check timeout), and then keeps watching the pool for servers
 that join (reload, discovery) to start their tasks, and servers that leave to
 cancel theirs. Results go through `Hysteresis` and only transitions reach the
-pool, which logs each one once.
+pool, which logs each one once. A probe that ran short locally (out of
+descriptors or memory) is skipped: counted in `checks_skipped`, logged once
+per episode, and never fed to `Hysteresis`.
 
 With `check = "none"` no probe runs: servers start up, and a server that
 passive ejection took out is put back after `eject_for`.
@@ -22,6 +24,7 @@ from typing import Final
 
 import trio
 
+from trioanubis.errors import OutOfResources
 from trioanubis.health.probe import probe
 from trioanubis.health.state import Hysteresis, next_slow_start_step, slow_start_weight
 from trioanubis.pool import Pool, Server
@@ -77,12 +80,22 @@ async def _check_server(pool: Pool, server: Server, scope: trio.CancelScope, fir
 async def _probe_forever(pool: Pool, server: Server, first: trio.Event) -> None:
     config = pool.config.health
     state = Hysteresis(config.rise, config.fall)
+    short = False  # in an episode of local shortage: logged once
     async with trio.open_nursery() as ramps:
         ramp = trio.CancelScope()
         while True:
             if not server.sockaddrs:
                 await _resolve(server)
-            ok, reason = await probe(server, config)
+            try:
+                ok, reason = await probe(server, config)
+            except OutOfResources as exc:
+                short = _skipped(pool, server, exc, short)
+                first.set()
+                await trio.sleep(config.interval)
+                continue
+            if short:
+                short = False
+                log.warning("pool %s: server %s: health checks run again", pool.name, server.name)
             server.last_check = reason if ok else f"failed: {reason}"
             if ok:
                 server.checks_passed += 1
@@ -98,6 +111,16 @@ async def _probe_forever(pool: Pool, server: Server, first: trio.Event) -> None:
                 pool.mark_down(server, reason, first_check=not first.is_set())
             first.set()
             await trio.sleep(config.interval * random.uniform(1 - JITTER, 1 + JITTER))
+
+
+def _skipped(pool: Pool, server: Server, exc: OutOfResources, short: bool) -> bool:
+    """A check that ran short on our side: counted apart, logged once per episode, not held against it."""
+    server.checks_skipped += 1
+    server.last_check = f"skipped: {exc.reason}"
+    if not short:
+        log.error("pool %s: server %s: health check skipped: %s; not counted against the server",
+                  pool.name, server.name, exc)  # fmt: skip
+    return True
 
 
 async def _resolve(server: Server) -> None:

@@ -3,6 +3,11 @@
 Each probe returns `(ok, reason)`; the reason is what the logs show when the
 state changes: "refused", "timeout", "status 503", "body lacks 'up'", …
 The whole probe (connect, request, response) is bounded by `timeout`.
+
+A probe that fails for lack of something local (descriptors, buffers,
+memory: `LOCAL_SHORTAGE_ERRNOS`, as for client connects) raises
+`OutOfResources` instead: it says nothing about the server, so the checker
+must not count it against it.
 """
 
 from __future__ import annotations
@@ -13,8 +18,8 @@ import h11
 import trio
 
 from trioanubis.config import HealthConfig
-from trioanubis.connection import close_socket, open_server_socket
-from trioanubis.errors import ConnectFailed
+from trioanubis.connection import LOCAL_SHORTAGE_ERRNOS, close_socket, open_server_socket
+from trioanubis.errors import ConnectFailed, OutOfResources
 from trioanubis.pool import Server
 
 # The most of a health response body we read: enough for any status page
@@ -26,10 +31,12 @@ Result = tuple[bool, str]
 
 
 async def probe(server: Server, config: HealthConfig) -> Result:
-    """Run one check of `config.check` kind against `server`."""
+    """Run one check of `config.check` kind against `server`; OutOfResources on a local shortage."""
     with trio.move_on_after(config.timeout):
         try:
             sock = await open_server_socket(server, config.timeout)
+        except OutOfResources:
+            raise
         except ConnectFailed as exc:
             return False, exc.reason
         try:
@@ -53,7 +60,10 @@ async def _http_check(stream: trio.SocketStream, server: Server, config: HealthC
     try:
         await stream.send_all(conn.send(request) + conn.send(h11.EndOfMessage()))
         status, body = await _read_response(stream, conn)
-    except (OSError, trio.BrokenResourceError):
+    except (OSError, trio.BrokenResourceError) as exc:
+        cause = exc if isinstance(exc, OSError) else exc.__cause__
+        if isinstance(cause, OSError) and cause.errno in LOCAL_SHORTAGE_ERRNOS:
+            raise OutOfResources(f"checking {server.address}: {cause.strerror}", "out of resources") from exc
         return False, "reset"
     except h11.RemoteProtocolError as exc:
         return False, f"bad response: {exc}"
