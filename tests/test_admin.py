@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import socket
+import string
+import subprocess
+import time
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import h11
 import pytest
 import trio
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import (
+    EVENTUALLY,
     config_for,
     connect,
     echo_handler,
@@ -23,6 +34,7 @@ from tests.conftest import (
     start_backend,
     wait_until,
 )
+from tests.test_cli import ANUBIS
 from trioanubis.admin import MAX_ADMIN_CONNECTIONS, route
 from trioanubis.config import Address
 
@@ -371,3 +383,152 @@ async def test_keep_alive_connections_end_when_idle_and_at_their_lifetime(
         await stream.aclose()
         answers = answers[1:-1] if answers[-1] == b"CLOSED" else answers[1:]
         assert all(a.startswith(b"HTTP/1.1 200") for a in answers)
+
+
+# ------------------------------------- fuzzing a running balancer's admin
+
+
+FUZZ_TOKEN = "fuzz-token"
+TOKEN_CHARS = string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~"
+
+
+def blocking_exchange(port: int, data: bytes) -> bytes:
+    """Send `data` then EOF, read to EOF; whatever the peer does, never raise."""
+    answer = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=EVENTUALLY) as sock:
+        try:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except OSError:  # reset, or closed while we were still sending
+            pass
+    return answer
+
+
+def wait_listening(port: int) -> None:
+    deadline = time.monotonic() + EVENTUALLY
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"nothing listens on {port}"
+            time.sleep(0.05)
+
+
+@dataclass
+class LiveBalancer:
+    process: subprocess.Popen[bytes]
+    port: int
+    admin: int
+    stderr: Path
+
+    def admin_request(self, method: str, path: str, body: bytes = b"") -> bytes:
+        head = (f"{method} {path} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {FUZZ_TOKEN}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")  # fmt: skip
+        return blocking_exchange(self.admin, head.encode() + body)
+
+
+@pytest.fixture(scope="module")
+def live_balancer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveBalancer]:
+    """`anubis run` with an admin endpoint in front of `anubis hello`: real processes."""
+    tmp = tmp_path_factory.mktemp("live")
+    hello_port, port, admin = free_port(), free_port(), free_port()
+    config = tmp / "anubis.toml"
+    config.write_text(
+        f'[listeners.web]\nbind = "127.0.0.1:{port}"\npool = "web"\n'
+        f'[pools.web]\nservers = [{{ address = "127.0.0.1:{hello_port}", name = "one" }}]\n'
+        f'health = {{ check = "none" }}\n[admin]\nbind = "127.0.0.1:{admin}"\ntoken = "{FUZZ_TOKEN}"\n'
+    )
+    stderr = tmp / "stderr"
+    with open(stderr, "wb") as log:
+        hello_command = [*ANUBIS, "hello", "--name", "one", "--host", "127.0.0.1", "--port", str(hello_port)]
+        hello = subprocess.Popen(hello_command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = subprocess.Popen([*ANUBIS, "run", "-c", str(config)], stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        for p in (hello_port, port, admin):
+            wait_listening(p)
+        yield LiveBalancer(process, port, admin, stderr)
+    finally:
+        for child in (process, hello):
+            child.send_signal(signal.SIGTERM)
+            child.wait(timeout=30)
+    assert process.returncode == 0, stderr.read_text()
+
+
+def http_bytes(
+    method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes, length: int | None
+) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1".encode(errors="surrogateescape"), b"Host: admin"]
+    lines += [name + b": " + value for name, value in headers]
+    if length is not None:
+        lines.append(b"Content-Length: %d" % length)
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+segments = st.sampled_from(["pools", "web", "servers", "one", "drain", "enable", "weight", "stats",
+                            "metrics", "healthz", "readyz", "..", "%2e%2e", "%00", "%ff", "?", ""]) | st.text(
+    alphabet=string.ascii_letters + string.digits + "%-._~!$&'()*+,;=:@?", max_size=8
+) | st.text(max_size=4)  # fmt: skip
+paths = st.lists(segments, max_size=6).map(lambda parts: "/" + "/".join(parts)) | st.builds(
+    "/pools/{}/servers/{}/{}".format,
+    st.sampled_from(["web", "nope"]) | segments,
+    st.sampled_from(["one", "127.0.0.1:1"]) | segments,
+    st.sampled_from(["weight", "drain", "enable"]) | segments,
+)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=10,
+)
+bodies = st.one_of(
+    st.binary(max_size=200),
+    json_values.map(lambda v: json.dumps({"weight": v}).encode()),
+    st.integers(1, 30000).map(lambda n: b"[" * n),
+    st.integers(1, 5000).map(lambda n: b'{"weight": ' * n),
+    st.integers(1, 3000).map(lambda n: b'{"a": "\\"' + b"[" * n + b'"}'),
+)
+header_names = st.text(alphabet=TOKEN_CHARS, min_size=1, max_size=12).map(str.encode)
+auths = st.sampled_from([b"", f"Bearer {FUZZ_TOKEN}".encode(), b"Bearer wrong", b"Basic Zm9vOmJhcg==",
+                         f"Bearer {FUZZ_TOKEN}x".encode(), b"bearer " + FUZZ_TOKEN.encode()])  # fmt: skip
+
+
+@st.composite
+def admin_requests(draw: st.DrawFn) -> bytes:
+    if draw(st.integers(0, 9)) == 0:  # a tenth: raw garbage
+        return draw(st.binary(min_size=1, max_size=2000))
+    method = draw(st.sampled_from(["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS"])
+                  | st.text(alphabet=TOKEN_CHARS, min_size=1, max_size=8))  # fmt: skip
+    values = st.text(alphabet=string.printable.strip(), max_size=40).map(str.encode) | st.binary(max_size=40)
+    headers = draw(st.lists(st.tuples(header_names, values), max_size=4))
+    auth = draw(st.sampled_from([f"Bearer {FUZZ_TOKEN}".encode()]) | auths)
+    if auth:
+        headers.append((b"Authorization", auth))
+    body = draw(bodies)
+    length = draw(st.sampled_from([len(body), len(body), None]) | st.integers(0, 1 << 40))
+    return http_bytes(method, draw(paths), headers, body, length)
+
+
+AUTHORISED = [(b"Authorization", f"Bearer {FUZZ_TOKEN}".encode())]
+CLOSE = b"Host: a\r\nConnection: close\r\n\r\n"
+
+
+@given(data=admin_requests())
+@example(data=http_bytes("POST", "/pools/web/servers/one/weight", AUTHORISED, b"[" * 20000, 20000))
+@example(data=http_bytes("POST", "/pools/web/servers/one/weight", AUTHORISED, b"[" * 4000, 4000))
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_fuzzed_admin_requests_never_stop_a_running_balancer(
+    live_balancer: LiveBalancer, data: bytes
+) -> None:
+    """Finding 12.1, by fuzzing: whatever reaches the admin port, the process serves on."""
+    blocking_exchange(live_balancer.admin, data)
+    assert live_balancer.process.poll() is None, live_balancer.stderr.read_text()[-3000:]
+    healthz = blocking_exchange(live_balancer.admin, b"GET /healthz HTTP/1.1\r\n" + CLOSE)
+    assert healthz.startswith(b"HTTP/1.1 200 OK\r\n")
+    for action in ("enable", "weight"):  # undo what the case may have changed
+        answer = live_balancer.admin_request("POST", f"/pools/web/servers/one/{action}", b'{"weight": 1}')
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer
+    proxied = blocking_exchange(live_balancer.port, b"GET / HTTP/1.1\r\n" + CLOSE)
+    assert b"hello from one" in proxied
+    assert b"Traceback" not in live_balancer.stderr.read_bytes()
