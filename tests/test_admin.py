@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import signal
 import socket
 import string
@@ -34,9 +35,11 @@ from tests.conftest import (
     start_backend,
     wait_until,
 )
-from tests.test_cli import ANUBIS
-from trioanubis.admin import MAX_ADMIN_CONNECTIONS, route
-from trioanubis.config import Address
+from tests.test_cli import ANUBIS, anubis
+from tests.test_operations import wait_port
+from trioanubis.admin import MAX_ADMIN_CONNECTIONS, authorised, route
+from trioanubis.config import Address, parse_config
+from trioanubis.errors import ConfigError
 
 
 async def http(
@@ -532,3 +535,91 @@ def test_fuzzed_admin_requests_never_stop_a_running_balancer(
     proxied = blocking_exchange(live_balancer.port, b"GET / HTTP/1.1\r\n" + CLOSE)
     assert b"hello from one" in proxied
     assert b"Traceback" not in live_balancer.stderr.read_bytes()
+
+
+# ------------------------------------------------ token rotation (reload)
+
+
+def write_admin_config(path: Path, port: int, admin: int, server: str, admin_keys: str) -> None:
+    path.write_text(
+        f'[listeners.web]\nbind = "127.0.0.1:{port}"\npool = "web"\n'
+        f'[pools.web]\nservers = ["{server}"]\nhealth = {{ check = "none" }}\n'
+        f'[admin]\nbind = "127.0.0.1:{admin}"\n{admin_keys}\n'
+    )
+
+
+async def stats_status(admin: Address, token: str) -> int:
+    return (await http(admin, "GET", "/stats", headers=(("Authorization", f"Bearer {token}"),)))[0]
+
+
+async def test_sighup_rotates_the_admin_token(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """Finding 12.7: after SIGHUP with a new token the old one still worked and the new one got 401."""
+    backend = await start_backend(nursery, name_handler("a"))
+    port, admin_port = free_port(), free_port()
+    admin = Address("127.0.0.1", admin_port)
+    config, secret = tmp_path / "anubis.toml", tmp_path / "token"
+    write_admin_config(config, port, admin_port, backend.address, 'token = "old-token"')
+    async with anubis("run", "-c", str(config)) as process:
+        await wait_port(admin_port)
+        assert await stats_status(admin, "old-token") == 200
+        secret.write_text("new-token\n")  # as a mounted Kubernetes Secret reads
+        write_admin_config(config, port, admin_port, backend.address, f'token_file = "{secret}"')
+        process.send_signal(signal.SIGHUP)
+        with trio.fail_after(EVENTUALLY):
+            while await stats_status(admin, "new-token") != 200:
+                await trio.sleep(0.05)
+        assert await stats_status(admin, "old-token") == 401
+        secret.write_text("newer-token")  # the Secret changes; the config file does not
+        process.send_signal(signal.SIGHUP)
+        with trio.fail_after(EVENTUALLY):
+            while await stats_status(admin, "newer-token") != 200:
+                await trio.sleep(0.05)
+        assert await stats_status(admin, "new-token") == 401
+        assert (await http(admin, "GET", "/healthz"))[0] == 200
+        assert await request(Address("127.0.0.1", port)) == b"a"
+
+
+def admin_table(**admin: str) -> dict[str, Any]:
+    return {"listeners": {"l": {"bind": "127.0.0.1:0", "pool": "p"}},
+            "pools": {"p": {"servers": ["127.0.0.1:1"]}}, "admin": admin}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("content", "keys", "message"),
+    [
+        (None, {"token": "a", "token_file": "SECRET"}, "admin.token_file: set token or token_file, not both"),
+        (None, {"token_file": "SECRET"}, "admin.token_file: must name a readable regular file"),
+        (b"", {"token_file": "SECRET"}, "admin.token_file: must hold one token"),
+        (b"two words\n", {"token_file": "SECRET"}, "admin.token_file: must hold one token"),
+        (b"x" * 5000, {"token_file": "SECRET"}, "admin.token_file: must hold one token"),
+        (None, {"token": "caf\u00e9 s3cret"}, "admin.token: must be visible ASCII characters"),
+    ],
+)
+def test_bad_tokens_are_config_errors_that_never_show_the_token(
+    tmp_path: Path, content: bytes | None, keys: dict[str, str], message: str
+) -> None:
+    secret = tmp_path / "secret"
+    if content is not None:
+        secret.write_bytes(content)
+    keys = {k: str(secret) if v == "SECRET" else v for k, v in keys.items()}
+    with pytest.raises(ConfigError, match=re.escape(message)) as caught:
+        parse_config(admin_table(**keys), "t.toml")
+    assert "s3cret" not in str(caught.value) and "two words" not in str(caught.value)
+
+
+def test_token_file_is_read_stripped(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("  k8s-secret-value\n")
+    config = parse_config(admin_table(token_file=str(secret)), "t.toml")
+    assert config.admin is not None and config.admin.token == "k8s-secret-value"
+
+
+@given(st.text(max_size=30))
+@settings(max_examples=100, deadline=None)
+def test_every_token_the_config_accepts_can_be_sent(token: str) -> None:
+    try:
+        config = parse_config(admin_table(token=token), "t.toml")
+    except ConfigError:
+        return
+    assert config.admin is not None
+    assert authorised(config.admin.token, [(b"authorization", f"Bearer {token}".encode())])
