@@ -27,9 +27,11 @@ from tests.conftest import (
     EVENTUALLY,
     config_for,
     connect,
+    descriptors_exhausted,
     echo_handler,
     free_port,
     name_handler,
+    receive_all,
     request,
     running_balancer,
     start_backend,
@@ -623,3 +625,36 @@ def test_every_token_the_config_accepts_can_be_sent(token: str) -> None:
         return
     assert config.admin is not None
     assert authorised(config.admin.token, [(b"authorization", f"Bearer {token}".encode())])
+
+
+async def test_out_of_descriptors_the_admin_backs_off_and_logs_once_per_episode(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Finding 12.6: the admin accept loop logged 209 EMFILE tracebacks in 20 s."""
+    logging.getLogger("trioanubis").propagate = True
+    one = await start_backend(nursery, name_handler("one"))
+    with caplog.at_level(logging.INFO):
+        async with running_balancer(admin_config([one.address])) as (b, address):
+            admin, listener = b.admin_address, b.listeners["test"]
+            assert admin is not None
+            for _ in range(2):  # two episodes
+                clients = [socket.socket(), socket.socket()]  # made while descriptors remain
+                with descriptors_exhausted():
+                    enough = listener.overloads + 5  # both accept loops retried a while
+                    for client, target in zip(clients, (admin, address), strict=True):
+                        client.connect((target.host, target.port))  # waits in the backlog
+                    await wait_until(lambda n=enough: listener.overloads >= n)  # type: ignore[misc]
+                admin_client, proxy_client = (trio.SocketStream(trio.socket.from_stdlib_socket(c))
+                                              for c in clients)  # fmt: skip
+                async with admin_client, proxy_client:
+                    await admin_client.send_all(b"GET /healthz HTTP/1.1\r\n" + CLOSE)
+                    assert (await receive_all(admin_client)).startswith(b"HTTP/1.1 200 OK\r\n")
+                    await proxy_client.send_all(b"ping")
+                    await proxy_client.send_eof()
+                    assert await receive_all(proxy_client) == b"one"
+    admin_lines = [r for r in caplog.records if r.name == "trioanubis.admin" and "accept" in r.getMessage()]
+    assert [r.getMessage() for r in admin_lines] == [
+        "admin: accept failed: Too many open files; backing off 0.1s and retrying",
+        "admin: accepting again",
+    ] * 2
+    assert not [r for r in caplog.records if r.exc_info or r.name.startswith("trio.")]

@@ -15,6 +15,7 @@ from tests.conftest import (
     closed_without_answer,
     config_for,
     count_tasks,
+    descriptors_exhausted,
     free_port,
     name_handler,
     no_fd_leak,
@@ -257,3 +258,27 @@ async def test_slow_start_ramps_effective_weight(autojump_clock: trio.testing.Mo
     assert seen == [1.0, 4.0, 8.0, 12.0, 16.0]
 
 
+
+
+async def test_a_probe_that_runs_out_of_descriptors_does_not_count_against_the_server(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Finding 12.6: a probe's own EMFILE counted as a failed check and marked a healthy server down."""
+    logging.getLogger("trioanubis").propagate = True
+    backend = await start_backend(nursery, name_handler("up"))
+    health = {"check": "tcp", "interval": "20ms", "timeout": "1s", "rise": 1, "fall": 1}
+    with caplog.at_level(logging.INFO, logger="trioanubis"):
+        async with running_balancer(config_for([backend.address], health=health)) as (b, address):
+            server = b.pools["test"].servers[0]
+            assert server.healthy
+            with descriptors_exhausted():
+                await wait_until(lambda: "out of resources" in server.last_check)
+                assert server.healthy and server.checks_failed == 0
+                skipped = server.checks_skipped
+                await wait_until(lambda: server.checks_skipped >= skipped + 3)  # one episode, several probes
+            passed = server.checks_passed
+            await wait_until(lambda: server.checks_passed > passed)
+            assert server.healthy and server.checks_failed == 0
+            assert await request(address) == b"up"
+    skipped_lines = [r for r in caplog.records if "health check skipped" in r.getMessage()]
+    assert len(skipped_lines) == 1 and "not counted against the server" in skipped_lines[0].getMessage()
