@@ -643,7 +643,7 @@ async def test_out_of_descriptors_the_admin_backs_off_and_logs_once_per_episode(
                     enough = listener.overloads + 5  # both accept loops retried a while
                     for client, target in zip(clients, (admin, address), strict=True):
                         client.connect((target.host, target.port))  # waits in the backlog
-                    await wait_until(lambda n=enough: listener.overloads >= n)  # type: ignore[misc]
+                    await wait_until(lambda n=enough: listener.overloads >= n)
                 admin_client, proxy_client = (trio.SocketStream(trio.socket.from_stdlib_socket(c))
                                               for c in clients)  # fmt: skip
                 async with admin_client, proxy_client:

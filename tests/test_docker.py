@@ -74,8 +74,9 @@ def test_compose_file_agrees_with_its_config() -> None:
 def test_compose_and_k8s_configs_pass_anubis_check(tmp_path: Path) -> None:
     documents = list(yaml.safe_load_all((DOCKER / "k8s-sidecar.yaml").read_text()))
     config_map = next(d for d in documents if d["kind"] == "ConfigMap")
-    k8s_config = tmp_path / "k8s.toml"
-    k8s_config.write_text(config_map["data"]["anubis.toml"])
+    k8s_config, token = tmp_path / "k8s.toml", tmp_path / "token"
+    token.write_text("from-the-secret\n")  # what the Secret volume holds in the pod
+    k8s_config.write_text(config_map["data"]["anubis.toml"].replace("/etc/anubis-admin/token", str(token)))
     for path in (DOCKER / "anubis.compose.toml", k8s_config):
         result = subprocess.run([sys.executable, "-m", "trioanubis", "check", "-c", str(path)],
                                 capture_output=True, text=True, timeout=60)  # fmt: skip
@@ -86,7 +87,9 @@ def test_k8s_manifest_probes_and_ports_agree_with_the_config() -> None:
     documents = list(yaml.safe_load_all((DOCKER / "k8s-sidecar.yaml").read_text()))
     kinds = {d["kind"] for d in documents}
     assert kinds == {"ConfigMap", "Service", "Pod"}
-    config = parse_config_text(next(d for d in documents if d["kind"] == "ConfigMap")["data"]["anubis.toml"])
+    text = next(d for d in documents if d["kind"] == "ConfigMap")["data"]["anubis.toml"]
+    assert re.search(r"^token_file = \"/etc/anubis-admin/token\"", text, re.MULTILINE)
+    config = parse_config_text(re.sub(r"^token_file = .*$", "", text, flags=re.MULTILINE))
     service = next(d for d in documents if d["kind"] == "Service")
     assert service["spec"]["clusterIP"] == "None"  # headless: one A record per pod
     discovery = config.pools["api"].discovery[0]
@@ -100,6 +103,9 @@ def test_k8s_manifest_probes_and_ports_agree_with_the_config() -> None:
     assert sidecar["resources"]["requests"]["memory"]
     mount = sidecar["volumeMounts"][0]["mountPath"]
     assert sidecar["args"] == ["run", "-c", f"{mount}/anubis.toml"]
+    secret_volume = next(v for v in pod["spec"]["volumes"] if "secret" in v)  # the admin token
+    secret_mount = next(m for m in sidecar["volumeMounts"] if m["name"] == secret_volume["name"])
+    assert secret_mount["mountPath"] == "/etc/anubis-admin" and "subPath" not in secret_mount
 
 
 async def test_the_image_command_runs_as_pid_1_and_drains_on_sigterm(tmp_path: Path) -> None:
