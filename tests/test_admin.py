@@ -564,19 +564,23 @@ async def test_sighup_rotates_the_admin_token(nursery: trio.Nursery, tmp_path: P
     async with anubis("run", "-c", str(config)) as process:
         await wait_port(admin_port)
         assert await stats_status(admin, "old-token") == 200
-        secret.write_text("new-token\n")  # as a mounted Kubernetes Secret reads
-        write_admin_config(config, port, admin_port, backend.address, f'token_file = "{secret}"')
-        process.send_signal(signal.SIGHUP)
-        with trio.fail_after(EVENTUALLY):
-            while await stats_status(admin, "new-token") != 200:
-                await trio.sleep(0.05)
-        assert await stats_status(admin, "old-token") == 401
-        secret.write_text("newer-token")  # the Secret changes; the config file does not
-        process.send_signal(signal.SIGHUP)
-        with trio.fail_after(EVENTUALLY):
-            while await stats_status(admin, "newer-token") != 200:
-                await trio.sleep(0.05)
-        assert await stats_status(admin, "new-token") == 401
+        steps = [
+            ("new-token", lambda: write_admin_config(config, port, admin_port, backend.address,
+                                                     'token = "new-token"')),
+            ("newer-token", lambda: (secret.write_text("newer-token\n"),  # as a mounted Secret reads
+                                     write_admin_config(config, port, admin_port, backend.address,
+                                                        f'token_file = "{secret}"'))),
+            ("newest-token", lambda: secret.write_text("newest-token")),  # the Secret changes, not the config
+        ]  # fmt: skip
+        old = "old-token"
+        for new, change in steps:
+            change()
+            process.send_signal(signal.SIGHUP)
+            with trio.fail_after(EVENTUALLY):
+                while await stats_status(admin, new) != 200:
+                    await trio.sleep(0.05)
+            assert await stats_status(admin, old) == 401
+            old = new
         assert (await http(admin, "GET", "/healthz"))[0] == 200
         assert await request(Address("127.0.0.1", port)) == b"a"
 
