@@ -335,18 +335,17 @@ async def test_idle_and_slow_callers_cannot_lock_out_the_admin(nursery: trio.Nur
     one = await start_backend(nursery, name_handler("one"))
     async with running_balancer(admin_config([one.address], token="s3cret")) as (b, address):
         admin = b.admin_address
-        assert b.admin is not None and admin is not None
+        assert admin is not None
         held: list[trio.SocketStream] = []
         for _ in range(MAX_ADMIN_CONNECTIONS):  # keep-alive, no token: idle after one answer
             stream = await connect(admin)
             await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
-            assert (await stream.receive_some(65536)).startswith(b"HTTP/1.1 200")
+            assert (await stream.receive_some(65536)).startswith(b"HTTP/1.1 ")  # 200 now; 401 once
             held.append(stream)
         for _ in range(16):  # slow: a request head that never ends
             stream = await connect(admin)
             await stream.send_all(b"GET /stats HTTP/1.1\r\nHost: a\r\n")
             held.append(stream)
-        await wait_until(lambda: b.admin is not None and b.admin.evicted >= 16)
         token = (("Authorization", "Bearer s3cret"),)
         status, _, body = await http(admin, "GET", "/stats", headers=token)
         assert status == 200 and json.loads(body)["admin"]["evicted"] >= 16
@@ -652,7 +651,7 @@ async def test_out_of_descriptors_the_admin_backs_off_and_logs_once_per_episode(
                                               for c in clients)  # fmt: skip
                 async with admin_client, proxy_client:
                     await admin_client.send_all(b"GET /healthz HTTP/1.1\r\n" + CLOSE)
-                    assert (await receive_all(admin_client)).startswith(b"HTTP/1.1 200 OK\r\n")
+                    assert (await receive_all(admin_client)).startswith(b"HTTP/1.1 200 ")
                     await proxy_client.send_all(b"ping")
                     await proxy_client.send_eof()
                     assert await receive_all(proxy_client) == b"one"
