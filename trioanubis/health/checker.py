@@ -95,7 +95,7 @@ async def _probe_forever(pool: Pool, server: Server, first: trio.Event) -> None:
                 continue
             if short:
                 short = False
-                log.warning("pool %s: server %s: health checks run again", pool.name, server.name)
+                log.info("pool %s: server %s: health checks run again", pool.name, server.name)
             server.last_check = reason if ok else f"failed: {reason}"
             if ok:
                 server.checks_passed += 1
