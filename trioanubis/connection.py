@@ -4,8 +4,10 @@ Theory of operation: `handle_connection` owns the client socket from the
 moment the listener accepted it, and the server socket from the moment a
 connect succeeded; both are closed in its `finally`, whatever happens. Once
 connected it opens the connection's nursery, where the relay runs its two
-pumps (relay.py). The pool's `active` counter is raised by `acquire` and lowered by `release` in a
-`try/finally` around the relay, so a cancelled or failed connection never
+pumps (relay.py). A server's `active` count is raised by `Pool.reserve` in the
+same step as the pick (so connects in flight count against `max_connections`)
+and lowered by `release` when that connect fails or, in a `try/finally` around
+the relay, when the connection ends, so a cancelled or failed connection never
 leaks a count.
 
 Connecting: the pool's strategy picks a server, `_connect_any` tries its
@@ -192,11 +194,15 @@ async def connect_with_failover(
             server = pool.pick(client_key, tried)
             if server is None:
                 break
+            pool.reserve(server)  # in the same step as the pick: counts against max_connections now
             tried.append(server)
             started = relay.poller.now()
             try:
                 relay.server = await _attempt(relay, server, config.connect_timeout, deadline)
-            except ConnectFailed as exc:
+            except BaseException as exc:
+                pool.release(server)
+                if not isinstance(exc, ConnectFailed):
+                    raise
                 if relay.attempt_end == "client_abort":
                     record.end = "client_abort"
                     return False
@@ -246,9 +252,9 @@ async def handle_connection(client: socket.socket, addr: tuple[object, ...], lis
             return
         server = relay.server_record
         assert server is not None
-        record.server = server.name
-        pool.acquire(server)
-        try:
+        try:  # the connect's reservation of `server` is ours now: released whatever happens
+            record.server = server.name
+            pool.acquire(server)
             async with trio.open_nursery() as nursery:  # this connection's: one task per direction
                 relay.start(nursery)
                 await relay.upstream()

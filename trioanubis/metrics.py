@@ -87,7 +87,7 @@ def _server_rows(balancer: Balancer) -> Iterator[tuple[dict[str, str], Server]]:
 
 
 SERVER_METRICS = (
-    ("server_active_connections", "gauge", "Open connections to a server.", "active"),
+    ("server_active_connections", "gauge", "Connections to a server, open or connecting.", "active"),
     ("server_connections_total", "counter", "Connections sent to a server.", "total"),
     ("server_bytes_in_total", "counter", "Bytes relayed from clients to a server.", "bytes_in"),
     ("server_bytes_out_total", "counter", "Bytes relayed from a server to clients.", "bytes_out"),
