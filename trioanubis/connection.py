@@ -35,7 +35,7 @@ import trio
 
 from trioanubis.errors import AttemptCancelled, ConnectFailed, OutOfResources
 from trioanubis.pool import Pool, Server
-from trioanubis.relay import Relay
+from trioanubis.relay import Relay, reset_on_close
 
 if TYPE_CHECKING:
     from trioanubis.listener import Listener
@@ -63,6 +63,13 @@ class ConnectionRecord:
         """The client as host:port, formatted when needed (most connections are never logged)."""
         host = str(self.peer[0])
         return f"[{host}]:{self.peer[1]}" if ":" in host else f"{host}:{self.peer[1]}"
+
+
+# Ends after which both sockets close with FIN: both sides finished, or nothing was
+# relayed. Every other end (a peer's reset, idle or half-close timeout, a stop, a
+# bug) resets both sides, so no peer takes a cut for a complete transfer.
+CLOSED_CLEANLY: Final = frozenset({"client_eof", "server_eof", "connect_failed", "no_server",
+                                   "client_abort"})  # fmt: skip
 
 
 def close_socket(sock: socket.socket) -> None:
@@ -268,6 +275,10 @@ async def handle_connection(client: socket.socket, addr: tuple[object, ...], lis
         log.exception("listener %s: connection from %s failed unexpectedly", listener.name, record.client)
     finally:
         timer.unwatch(relay)
+        if record.end not in CLOSED_CLEANLY:
+            reset_on_close(client)
+            if relay.server is not None:
+                reset_on_close(relay.server)
         if relay.server is not None:
             poller.close(relay.server)
         poller.close(client)
