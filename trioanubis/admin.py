@@ -122,7 +122,7 @@ def _server_action(balancer: Balancer, pool_name: str, key: str, action: str, bo
         if not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= 1_000_000:
             return error_reply(400, f"weight must be an integer from 0 to 1000000, got {weight!r}")
         pool.set_weight(server, weight)
-        log.warning("pool %s: server %s weight set to %d", pool.name, server.name, weight)
+        log.info("pool %s: server %s weight set to %d", pool.name, server.name, weight)
     else:
         return error_reply(404, f"no such action {action!r} (drain, enable, weight)")
     return json_reply(200, server_stats(server))

@@ -148,7 +148,7 @@ class Listener:
                 await trio.sleep(ACCEPT_BACKOFF)
                 continue
             if overloaded:
-                log.warning("listener %s: accepting again", self.name)
+                log.info("listener %s: accepting again", self.name)
                 overloaded = False
             self.accepted += 1
             if self._over_limit():

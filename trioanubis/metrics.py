@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from trioanubis.accesslog import log_dropped
+
 if TYPE_CHECKING:
     from trioanubis.app import Balancer
     from trioanubis.pool import Pool, Server
@@ -51,6 +53,7 @@ def stats(balancer: Balancer) -> dict[str, Any]:
         "active": balancer.limits.active,
         "max_connections": balancer.limits.max_connections,
         "endings": dict(sorted(balancer.access.counts.items())),
+        "log_dropped": log_dropped(),
         "listeners": [
             {
                 "name": listener.name,
@@ -135,4 +138,6 @@ def prometheus(balancer: Balancer) -> str:
     lines += _family("connections_ended_total", "counter", "Finished connections by how they ended.")
     for end, count in sorted(balancer.access.counts.items()):
         lines.append(f"anubis_connections_ended_total{_labels(end=end)} {count}")
+    lines += _family("log_dropped_total", "counter", "Log lines dropped because stderr could not keep up.")
+    lines.append(f"anubis_log_dropped_total {log_dropped()}")
     return "\n".join(lines) + "\n"

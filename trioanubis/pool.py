@@ -230,8 +230,8 @@ class Pool:
         server.healthy = True
         server.consecutive_failures = 0
         server.up_since = now
-        log.warning("pool %s: server %s is up%s", self.name, server.name,
-                    f" ({reason})" if reason else "")  # fmt: skip
+        log.info("pool %s: server %s is up%s", self.name, server.name,
+                 f" ({reason})" if reason else "")  # fmt: skip
         self.changed()
 
     def mark_down(self, server: Server, reason: str, *, first_check: bool = False) -> None:
@@ -245,8 +245,8 @@ class Pool:
     def set_draining(self, server: Server, draining: bool) -> None:
         if server.draining != draining:
             server.draining = draining
-            log.warning("pool %s: server %s %s", self.name, server.name,
-                        "drains (no new connections)" if draining else "is enabled")  # fmt: skip
+            log.info("pool %s: server %s %s", self.name, server.name,
+                     "drains (no new connections)" if draining else "is enabled")  # fmt: skip
             self.changed()
 
     def set_weight(self, server: Server, weight: int) -> None:
