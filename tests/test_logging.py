@@ -20,6 +20,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import (
     EVENTUALLY,
@@ -121,6 +123,14 @@ def fill(pipe: int) -> None:
         os.set_blocking(pipe, True)
 
 
+def stop(writer: LogWriter, read_end: int, write_end: int) -> None:
+    """End the writer's thread before its descriptor closes (its number could be reused)."""
+    writer.close()
+    os.close(read_end)  # a write still blocked fails (EPIPE), and so do the rest
+    assert writer.drain(EVENTUALLY)
+    os.close(write_end)
+
+
 def read_everything_written(read_end: int, writer: LogWriter) -> bytes:
     """Read the pipe until the writer has written all it queued (and said what it dropped)."""
     received = b""
@@ -137,9 +147,9 @@ def read_everything_written(read_end: int, writer: LogWriter) -> bytes:
 
 def test_dropped_lines_are_counted_and_reported_once_the_sink_recovers() -> None:
     read_end, write_end = os.pipe()
+    writer = LogWriter(write_end, limit=4096)
     try:
         fill(write_end)  # a stalled sink: the writer thread blocks on its first line
-        writer = LogWriter(write_end, limit=4096)
         writer.setFormatter(JsonFormatter())
         total = 1000
         for i in range(total):  # the queue fills, then lines are dropped and counted
@@ -157,21 +167,37 @@ def test_dropped_lines_are_counted_and_reported_once_the_sink_recovers() -> None
         assert numbers == list(range(len(written)))  # the first ones, in order
         assert len(written) + writer.dropped == total  # nothing lost that is not counted
     finally:
-        os.close(read_end)
-        os.close(write_end)
+        stop(writer, read_end, write_end)
 
 
 def test_flush_gives_up_on_a_stalled_sink() -> None:
     read_end, write_end = os.pipe()
+    writer = LogWriter(write_end, limit=4096)
     try:
         fill(write_end)
-        writer = LogWriter(write_end, limit=4096)
         while not writer.dropped:
             writer.put(b"x" * 99 + b"\n")
         assert not writer.drain(0.05)  # bounded: returns although nothing drains
     finally:
-        os.close(read_end)
-        os.close(write_end)
+        stop(writer, read_end, write_end)
+
+
+@given(st.lists(st.text(), max_size=20))
+@settings(max_examples=100, deadline=None)
+def test_any_message_is_one_whole_json_line(messages: list[str]) -> None:
+    """Whatever a log line carries (names from configs and DNS, newlines, lone surrogates)."""
+    read_end, write_end = os.pipe()
+    writer = LogWriter(write_end)
+    try:
+        writer.setFormatter(JsonFormatter())
+        for message in messages:
+            writer.handle(logging.LogRecord("trioanubis.test", logging.INFO, __file__, 0, "%s",
+                                            (message,), None))  # fmt: skip
+        lines = read_everything_written(read_end, writer).splitlines()
+        assert [json.loads(line)["message"] for line in lines] == messages
+        assert writer.dropped == 0
+    finally:
+        stop(writer, read_end, write_end)
 
 
 async def test_json_log_format_makes_every_stderr_line_json(nursery: trio.Nursery, tmp_path: Path) -> None:

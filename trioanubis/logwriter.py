@@ -44,6 +44,9 @@ FLUSH_TIMEOUT: Final = 2.0
 # The most one write system call carries (several lines joined).
 BATCH_BYTES: Final = 65536
 
+# What `close` queues to end the thread (no line is empty: each ends with "\n").
+_STOP: Final = b""
+
 DROPPED_MESSAGE: Final = "dropped %d log lines: the log output could not keep up"
 
 
@@ -89,6 +92,12 @@ class LogWriter(logging.Handler):
         """Wait until every queued line is written, for at most `timeout` seconds."""
         self.drain(timeout)
 
+    def close(self) -> None:
+        """Let the thread end once it has written what is queued (it is a daemon either way)."""
+        if self._thread is not None:
+            self._queue.put(_STOP)
+        super().close()
+
     def drain(self, timeout: float) -> bool:
         """True once every queued line is written; False when `timeout` ran out first."""
         if self._thread is None:
@@ -112,15 +121,16 @@ class LogWriter(logging.Handler):
         while True:
             batch = [take()]
             size = len(batch[0])
-            while size < BATCH_BYTES:
+            while size < BATCH_BYTES and batch[-1] is not _STOP:
                 try:
                     line = take_now()
                 except queue.Empty:
                     break
                 batch.append(line)
                 size += len(line)
+            stop = batch[-1] is _STOP
             if not self._write(b"".join(batch)):
-                self.lost += len(batch)
+                self.lost += len(batch) - stop
             caught_up = self._queue.empty()
             if caught_up:
                 self._report_drops()
@@ -128,6 +138,8 @@ class LogWriter(logging.Handler):
             if caught_up:
                 with self._idle:
                     self._idle.notify_all()
+            if stop:
+                return
 
     def _report_drops(self) -> None:
         missed = self.dropped - self._reported
