@@ -15,6 +15,7 @@ from tests.conftest import (
     closed_without_answer,
     config_for,
     connect,
+    free_port,
     name_handler,
     request,
     running_balancer,
@@ -161,3 +162,19 @@ async def test_max_connections_is_a_hard_cap_under_a_burst(nursery: trio.Nursery
                 client.close()
             held.set()
         await wait_until(lambda: pool.active == 0)
+
+
+async def test_a_failed_connect_gives_its_reserved_slot_back(nursery: trio.Nursery) -> None:
+    live = await start_backend(nursery, name_handler("live"))
+    servers = [{"address": f"127.0.0.1:{free_port()}", "name": "dead", "max_connections": 1},
+               {"address": live.address, "name": "live", "max_connections": 1}]  # fmt: skip
+    data = config_for(servers, eject_after=0, retries=1)
+    async with running_balancer(data) as (balancer, address):
+        pool = balancer.pools["test"]
+        dead = pool.find("dead")
+        assert dead is not None
+        for _ in range(4):  # round robin tries the dead one in turn, then fails over
+            assert await request(address) == b"live"
+        assert dead.connect_failures >= 1
+        await wait_until(lambda: pool.active == 0)  # no slot kept by a failed connect
+        assert pool.all_full == 0
