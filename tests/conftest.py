@@ -185,6 +185,18 @@ def reset(stream: trio.SocketStream) -> None:
     stream.socket.close()
 
 
+async def ending(stream: trio.SocketStream) -> str:
+    """Read until the stream ends: "eof" for a clean FIN, "reset" when the peer reset it."""
+    try:
+        while await stream.receive_some(65536):
+            pass
+    except trio.BrokenResourceError as exc:
+        if isinstance(exc.__cause__, ConnectionResetError):
+            return "reset"
+        raise
+    return "eof"
+
+
 def count_tasks() -> int:
     """Every task in this Trio run, from the root down."""
 

@@ -26,6 +26,7 @@ from tests.conftest import (
     config_for,
     connect,
     count_tasks,
+    ending,
     free_port,
     receive_all,
     request,
@@ -182,7 +183,7 @@ async def test_silent_server_and_silent_client_hit_the_idle_timeout() -> None:
     async with through_balancer(Script(silent=True), idle_timeout="300ms") as (_, balancer, address):
         stream = await connect(address)
         with trio.fail_after(20):
-            assert await receive_all(stream) == b""
+            assert await ending(stream) == "reset"  # cut by the balancer: not a clean end
         await stream.aclose()
         assert balancer.access.counts == {"idle_timeout": 1}
 
@@ -196,7 +197,7 @@ async def test_lingering_half_closed_connection_hits_half_close_timeout() -> Non
         await stream.send_all(b"bye")
         await stream.send_eof()
         with trio.fail_after(20):
-            assert await receive_all(stream) == b""  # closed long before the 1 h idle timeout
+            assert await ending(stream) == "reset"  # cut long before the 1 h idle timeout
         await stream.aclose()
         await wait_until(lambda: balancer.access.counts == {"idle_timeout": 1})
         assert backend.connections[0].saw_eof.is_set()
@@ -479,7 +480,7 @@ async def test_half_close_never_extends_a_shorter_idle_timeout() -> None:
         stream = await connect(address)
         await stream.send_eof()
         with trio.fail_after(20):  # far below the 1 h half-close timeout
-            assert await receive_all(stream) == b""
+            assert await ending(stream) == "reset"
         await stream.aclose()
         await wait_until(lambda: b.access.counts == {"idle_timeout": 1})
 
@@ -570,9 +571,11 @@ async def test_shutdown_mid_transfer_and_mid_connect_exits_cleanly(tmp_path: Pat
                 assert process.returncode == 0
                 stderr = await read_rest(process)
                 assert "Traceback" not in stderr
-                assert "drain timeout: closing" in stderr, stderr
+                assert "drain timeout: resetting 2 open connections" in stderr, stderr
                 assert " -> - in=0 out=0 " in stderr and "shutdown" in stderr  # the one mid-connect
                 assert f"-> {backend.address} in=0" in stderr  # the one mid-transfer
+                with trio.fail_after(30):  # cut when drain_timeout ran out: a reset, not a FIN
+                    assert await ending(transfer) == "reset"
                 await transfer.aclose()
                 await connecting.aclose()
         nursery.cancel_scope.cancel()

@@ -17,6 +17,7 @@ from tests.conftest import (
     connect,
     connect_when_listening,
     echo_handler,
+    ending,
     free_port,
     name_handler,
     receive_all,
@@ -83,7 +84,19 @@ async def test_sigterm_mid_transfer_completes_byte_exact_and_exits_zero(
 
 
 async def test_second_signal_cuts_open_connections_at_once(nursery: trio.Nursery, tmp_path: Path) -> None:
-    backend = await start_backend(nursery, echo_handler)
+    server_endings: list[str] = []
+
+    async def echo_then_note_the_end(stream: trio.SocketStream) -> None:
+        async with stream:
+            try:
+                while data := await stream.receive_some(65536):
+                    await stream.send_all(data)
+            except trio.BrokenResourceError as exc:
+                server_endings.append("reset" if isinstance(exc.__cause__, ConnectionResetError) else "error")
+                return
+            server_endings.append("eof")
+
+    backend = await start_backend(nursery, echo_then_note_the_end)
     port = free_port()
     config = tmp_path / "anubis.toml"
     write_config(config, port, [backend.address], drain_timeout="1h")
@@ -99,7 +112,9 @@ async def test_second_signal_cuts_open_connections_at_once(nursery: trio.Nursery
         process.send_signal(signal.SIGINT)
         with trio.fail_after(30):  # far less than the 1 h drain
             await process.wait()
-            assert await receive_all(stream) == b""
+            assert await ending(stream) == "reset"  # cut, so both sides get a reset, not a FIN
+            await wait_until(lambda: "reset" in server_endings)  # (wait_port's probe ended with EOF)
+        await stream.aclose()
         assert process.returncode == 0
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import os
@@ -17,6 +16,7 @@ from tests.conftest import (
     config_for,
     connect,
     echo_handler,
+    ending,
     free_port,
     name_handler,
     no_fd_leak,
@@ -27,9 +27,13 @@ from tests.conftest import (
     start_backend,
     wait_until,
 )
+from trioanubis import relay as relay_module
+from trioanubis.app import Balancer
 from trioanubis.relay import USE_SPLICE, Relay
 
 MIB = 1 << 20
+# Enough to fill whole chunks, so the direction switches to splice when it may.
+BULK = os.urandom(4 * MIB)
 
 
 async def test_concurrent_large_payloads_are_byte_exact_both_ways(nursery: trio.Nursery) -> None:
@@ -90,11 +94,26 @@ async def test_server_half_close_keeps_client_direction_flowing(nursery: trio.Nu
     assert received == [b"still flowing"]
 
 
-async def test_server_reset_delivers_received_bytes_then_closes_client(nursery: trio.Nursery) -> None:
+@pytest.fixture(params=["splice", "copy"])
+def splice(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Run a test with bulk directions switching to splice, and with copying only."""
+    on = request.param == "splice"
+    if on and not USE_SPLICE:
+        pytest.skip("os.splice is Linux-only")
+    monkeypatch.setattr(relay_module, "USE_SPLICE", on)
+    return on
+
+
+def the_relay(balancer: Balancer) -> Relay:
+    [relay] = balancer.timer.connections
+    return relay
+
+
+async def test_server_reset_reaches_the_client_as_a_reset(nursery: trio.Nursery, splice: bool) -> None:
     client_got_data = trio.Event()
 
     async def send_then_reset(stream: trio.SocketStream) -> None:
-        await stream.send_all(b"x" * 50_000)
+        await stream.send_all(BULK)
         await client_got_data.wait()
         reset(stream)
 
@@ -103,34 +122,36 @@ async def test_server_reset_delivers_received_bytes_then_closes_client(nursery: 
         stream = await connect(address)
         async with stream:
             data = b""
-            while len(data) < 50_000:
-                data += await stream.receive_some(65536)
-            client_got_data.set()
             with trio.fail_after(20):
-                try:
-                    rest = await receive_all(stream)
-                except trio.BrokenResourceError:
-                    rest = b""
-        assert data + rest == b"x" * 50_000
+                while len(data) < len(BULK):
+                    data += await stream.receive_some(65536)
+                assert data == BULK
+                assert bool(the_relay(balancer).spliced) == splice
+                client_got_data.set()
+                assert await ending(stream) == "reset"  # not a FIN: the answer was cut
         await wait_until(lambda: balancer.access.counts.get("server_reset") == 1)
 
 
-async def test_client_reset_closes_server_side(nursery: trio.Nursery) -> None:
-    server_saw_end = trio.Event()
+async def test_client_reset_reaches_the_server_as_a_reset(nursery: trio.Nursery, splice: bool) -> None:
+    got_everything = trio.Event()
+    endings: list[str] = []
 
     async def read_until_closed(stream: trio.SocketStream) -> None:
-        with contextlib.suppress(trio.BrokenResourceError):
-            await receive_all(stream)
-        server_saw_end.set()
+        received = 0
+        while received < len(BULK):
+            received += len(await stream.receive_some(65536))
+        got_everything.set()
+        endings.append(await ending(stream))
 
     backend = await start_backend(nursery, read_until_closed)
     async with running_balancer(config_for([backend.address])) as (balancer, address):
         stream = await connect(address)
-        await stream.send_all(b"some bytes")
-        await wait_until(lambda: backend.connections == 1)
-        reset(stream)
+        await stream.send_all(BULK)
         with trio.fail_after(20):
-            await server_saw_end.wait()
+            await got_everything.wait()
+        assert bool(the_relay(balancer).spliced) == splice
+        reset(stream)  # a truncated upload: the server must not see a clean EOF
+        await wait_until(lambda: endings == ["reset"])
         await wait_until(lambda: balancer.access.counts.get("client_reset") == 1)
         await wait_until(lambda: balancer.pools["test"].active == 0)
 
@@ -149,23 +170,23 @@ async def test_connect_refused_closes_client_and_keeps_running(nursery: trio.Nur
         assert await request(address) == b"alive"
 
 
-async def test_idle_timeout_closes_both_sides(nursery: trio.Nursery) -> None:
-    server_closed = trio.Event()
+async def test_idle_timeout_resets_both_sides(nursery: trio.Nursery, splice: bool) -> None:
+    endings: list[str] = []
 
-    async def silent(stream: trio.SocketStream) -> None:
-        await receive_all(stream)  # returns at EOF, when the balancer gives up
-        server_closed.set()
+    async def read_then_silent(stream: trio.SocketStream) -> None:
+        endings.append(await ending(stream))  # reads the bulk upload, then waits: the cut ends it
 
-    backend = await start_backend(nursery, silent)
+    backend = await start_backend(nursery, read_then_silent)
     async with running_balancer(config_for([backend.address], idle_timeout="300ms")) as (
         balancer,
         address,
     ):
         stream = await connect(address)
         async with stream:
+            await stream.send_all(BULK)  # then nothing either way
             with trio.fail_after(20):
-                assert await receive_all(stream) == b""
-                await server_closed.wait()
+                assert await ending(stream) == "reset"
+            await wait_until(lambda: endings == ["reset"])
         assert balancer.access.counts == {"idle_timeout": 1}
 
 
@@ -200,9 +221,9 @@ async def test_cancelling_the_root_scope_closes_every_socket(nursery: trio.Nurse
                 clients.append(stream)
             assert balancer.pools["test"].active == 10
             # leaving the block cancels the balancer's nursery with connections mid-relay
-        for stream in clients:
+        for stream in clients:  # cut by the stop: a reset, not a clean end
             with trio.fail_after(20):
-                assert await receive_all(stream) == b""
+                assert await ending(stream) == "reset"
             await stream.aclose()
         await wait_until(lambda: backend.active == 0)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 import textwrap
 from collections import Counter
@@ -14,6 +15,7 @@ from tests.conftest import (
     closed_without_answer,
     config_for,
     connect,
+    free_port,
     name_handler,
     request,
     running_balancer,
@@ -123,3 +125,56 @@ async def test_full_servers_are_skipped_and_all_full_closes_at_once(
         assert answer in (b"one", b"two")
         for stream in held:
             await stream.aclose()
+
+
+@pytest.mark.parametrize("strategy", ["round_robin", "least_connections"])
+async def test_max_connections_is_a_hard_cap_under_a_burst(nursery: trio.Nursery, strategy: str) -> None:
+    """30 clients queued in the backlog at once: their connects are all in flight together.
+
+    Each backend holds every connection it accepts, so the most it ever held is the number it
+    accepted; the balancer must never have sent it more than its `max_connections`.
+    """
+    held = trio.Event()
+
+    async def hold(stream: trio.SocketStream) -> None:
+        async with stream:
+            await held.wait()
+
+    backends = [await start_backend(nursery, hold, f"b{i}") for i in range(2)]
+    servers = [{"address": b.address, "max_connections": 5} for b in backends]
+    async with running_balancer(config_for(servers, strategy=strategy)) as (balancer, address):
+        pool = balancer.pools["test"]
+        clients = []
+        for _ in range(30):  # no checkpoint in between: all 30 wait in the listen backlog
+            client = socket.socket()
+            client.setblocking(False)
+            client.connect_ex((address.host, address.port))
+            clients.append(client)
+        try:
+            relayed = lambda: sum(s.total for s in pool.servers)  # noqa: E731
+            await wait_until(lambda: relayed() + pool.no_server == 30)
+            await wait_until(lambda: sum(b.connections for b in backends) == relayed())
+            assert [b.connections for b in backends] == [5, 5]
+            assert [s.active for s in pool.servers] == [5, 5]
+            assert pool.all_full == 20
+        finally:
+            for client in clients:
+                client.close()
+            held.set()
+        await wait_until(lambda: pool.active == 0)
+
+
+async def test_a_failed_connect_gives_its_reserved_slot_back(nursery: trio.Nursery) -> None:
+    live = await start_backend(nursery, name_handler("live"))
+    servers = [{"address": f"127.0.0.1:{free_port()}", "name": "dead", "max_connections": 1},
+               {"address": live.address, "name": "live", "max_connections": 1}]  # fmt: skip
+    data = config_for(servers, eject_after=0, retries=1)
+    async with running_balancer(data) as (balancer, address):
+        pool = balancer.pools["test"]
+        dead = pool.find("dead")
+        assert dead is not None
+        for _ in range(4):  # round robin tries the dead one in turn, then fails over
+            assert await request(address) == b"live"
+        assert dead.connect_failures >= 1
+        await wait_until(lambda: pool.active == 0)  # no slot kept by a failed connect
+        assert pool.all_full == 0

@@ -7,8 +7,11 @@ How a connection ended uses HAProxy-like termination states: `client_eof` /
 connecting), `shutdown` (cut by a stop) and `drained` (finished normally while
 the balancer was draining).
 
-Every log line goes to stderr, as text or, with `log_format = "json"`, as one
-JSON object per line; access-log lines then carry their fields as keys.
+Every log line goes to stderr through the `LogWriter` (logwriter.py), which
+never makes the event loop wait and drops lines when stderr cannot keep up;
+as text or, with `log_format = "json"`, as one JSON object per line (fatal
+errors included, see `log_fatal`); access-log lines then carry their fields
+as keys.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import logging
 import sys
 import time
 from typing import TYPE_CHECKING, final
+
+from trioanubis.logwriter import LogWriter
 
 if TYPE_CHECKING:
     from trioanubis.connection import ConnectionRecord
@@ -65,17 +70,61 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data)
 
 
+# The process's one log writer, made by the first configure_logging (so nothing starts at import).
+_writer: LogWriter | None = None
+
+
 def configure_logging(level: str = "info", log_format: str = "text") -> None:
-    """Send every log line to stderr at `level`, as text or JSON lines."""
-    handler = logging.StreamHandler(sys.stderr)
+    """Send every log line to stderr at `level`, as text or JSON lines, never blocking the caller.
+
+    Called again (once the config says which format), it changes the format of
+    the same writer, so lines already queued keep their order.
+    """
+    global _writer
+    if _writer is None:
+        _writer = LogWriter(_stderr_fd())
     if log_format == "json":
-        handler.setFormatter(JsonFormatter())
+        _writer.setFormatter(JsonFormatter())
     else:
         formatter = logging.Formatter("%(asctime)s.%(msecs)03d %(levelname)-7s %(message)s",
                                       "%Y-%m-%dT%H:%M:%S")  # fmt: skip
         formatter.converter = time.gmtime
-        handler.setFormatter(formatter)
+        _writer.setFormatter(formatter)
     root = logging.getLogger("trioanubis")
-    root.handlers[:] = [handler]
+    root.handlers[:] = [_writer]
     root.setLevel(level.upper())
     root.propagate = False
+
+
+def _stderr_fd() -> int:
+    try:
+        sys.stderr.flush()
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by something without a descriptor
+        return 2
+
+
+def log_fatal(message: str) -> None:
+    """Report the error that stops the process: `anubis: …` as text, an error object as JSON.
+
+    It goes through the same writer as every other line, after them, and is
+    written before exit (within the writer's flush bound).
+    """
+    writer = _writer
+    if writer is None:
+        print(f"anubis: {message}", file=sys.stderr)
+    elif isinstance(writer.formatter, JsonFormatter):
+        record = logging.LogRecord("trioanubis", logging.ERROR, __file__, 0, "%s", (message,), None)
+        writer.put((writer.format(record) + "\n").encode("utf-8", "backslashreplace"), always=True)
+    else:
+        writer.put(f"anubis: {message}\n".encode("utf-8", "backslashreplace"), always=True)
+
+
+def logs_json() -> bool:
+    """True once log_format = "json" is in force."""
+    return _writer is not None and isinstance(_writer.formatter, JsonFormatter)
+
+
+def log_dropped() -> int:
+    """Log lines dropped so far because stderr could not keep up (anubis_log_dropped_total)."""
+    return 0 if _writer is None else _writer.dropped + _writer.lost

@@ -205,7 +205,7 @@ def _server_action(balancer: Balancer, pool_name: str, key: str, action: str, bo
         except ValueError as exc:
             return error_reply(400, str(exc))
         pool.set_weight(server, weight)
-        log.warning("pool %s: server %s weight set to %d", pool.name, server.name, weight)
+        log.info("pool %s: server %s weight set to %d", pool.name, server.name, weight)
     else:
         return error_reply(404, f"no such action {action!r} (drain, enable, weight)")
     return json_reply(200, server_stats(server))

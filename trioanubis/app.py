@@ -207,16 +207,16 @@ class Balancer:
         if not active:
             return
         timeout = self.config.settings.drain_timeout
-        log.warning("draining %d open connections for up to %gs", active, timeout)
+        log.info("draining %s for up to %gs", _open_connections(active), timeout)
         with trio.move_on_after(timeout):
             await self.limits.wait_idle()
             return
-        log.warning("drain timeout: closing %d connections", self.limits.active)
+        log.warning("drain timeout: resetting %s", _open_connections(self.limits.active))
 
     def shutdown(self) -> None:
         """Stop accepting and drain; a second call cancels everything at once."""
         if self.draining:
-            log.warning("second stop request: closing every connection now")
+            log.warning("second stop request: resetting every connection now")
             if self._root is not None:
                 self._root.cancel_scope.cancel()
             return
@@ -255,7 +255,7 @@ class Balancer:
             if not self.config_path:
                 log.warning("reload (%s) ignored: not running from a config file", reason)
                 continue
-            log.warning("reloading %s (%s)", self.config_path, reason)
+            log.info("reloading %s (%s)", self.config_path, reason)
             try:
                 config = await trio.to_thread.run_sync(load_config, self.config_path)
             except ConfigError as exc:
@@ -293,22 +293,22 @@ class Balancer:
                 self.pools[name] = pool
                 await self._resolve(pool.servers, name)
                 await self._start_pool_tasks(pool)
-                log.warning("reload: pool %s added", name)
+                log.info("reload: pool %s added", name)
         for name, listener_config in new.listeners.items():
             await self._update_listener(name, listener_config)
         for name in [n for n in self.listeners if n not in new.listeners]:
             self.listeners.pop(name).scope.cancel()
-            log.warning("reload: listener %s removed", name)
+            log.info("reload: listener %s removed", name)
         for name in [n for n in self.pools if n not in new.pools]:
             self._pool_scopes.pop(name).cancel()
             del self.pools[name]
-            log.warning("reload: pool %s removed", name)
+            log.info("reload: pool %s removed", name)
         self.access.enabled = new.settings.access_log
         self.limits.max_connections = self._connection_limit(new)
         self.timer.tick = self._tick(new)
         self.config = new
         self.reloads += 1
-        log.warning("reload applied")
+        log.info("reload applied")
 
     async def _update_listener(self, name: str, config: ListenerConfig) -> None:
         old = self.listeners.get(name)
@@ -326,7 +326,7 @@ class Balancer:
         if old is not None:
             old.scope.cancel()
         self.listeners[name] = listener
-        log.warning("reload: listener %s on %s", name, listener.bound)
+        log.info("reload: listener %s on %s", name, listener.bound)
 
     async def _update_pool(self, pool: Pool, config: PoolConfig) -> None:
         old = pool.config
@@ -339,8 +339,8 @@ class Balancer:
         for key, server in current.items():
             if key not in wanted and server.source not in sources:
                 pool.remove(server)
-                log.warning("reload: pool %s: server %s removed (its open connections go on)",
-                            pool.name, server.name)  # fmt: skip
+                log.info("reload: pool %s: server %s removed (its open connections go on)",
+                         pool.name, server.name)  # fmt: skip
         added = []
         for key, sc in wanted.items():
             if key in current:
@@ -353,11 +353,15 @@ class Balancer:
         await self._resolve(added, pool.name)
         if added:
             pool.add(added)
-            log.warning("reload: pool %s: %s added", pool.name, ", ".join(s.name for s in added))
+            log.info("reload: pool %s: %s added", pool.name, ", ".join(s.name for s in added))
         pool.changed()
         if (config.health, config.discovery, config.resolver) != (old.health, old.discovery, old.resolver):
             self._pool_scopes.pop(pool.name).cancel()
             await self._start_pool_tasks(pool)
+
+
+def _open_connections(count: int) -> str:
+    return f"{count} open connection{'' if count == 1 else 's'}"
 
 
 async def run_until_signalled(
@@ -374,7 +378,7 @@ async def run_until_signalled(
                     if signum == signal.SIGHUP:
                         balancer.request_reload("SIGHUP")
                         continue
-                    log.warning("received %s", signal.Signals(signum).name)
+                    log.info("received %s", signal.Signals(signum).name)
                     balancer.shutdown()
 
             nursery.start_soon(watch)

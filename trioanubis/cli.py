@@ -1,7 +1,8 @@
 """The `anubis` command: arguments → config → `trio.run`.
 
 Every expected failure (a bad config, a port in use) is printed as one line
-`anubis: …` on stderr with exit status 1; tracebacks are for bugs only.
+`anubis: …` on stderr (a JSON object under `log_format = "json"`) with exit
+status 1; tracebacks are for bugs only.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import trio
 
 from trioanubis import __version__
-from trioanubis.accesslog import configure_logging
+from trioanubis.accesslog import configure_logging, log_fatal, logs_json
 from trioanubis.app import Balancer, run_until_signalled
 from trioanubis.config import Address, Config, load_config, proxy_config
 from trioanubis.errors import AnubisError, ConfigError
@@ -93,15 +94,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         trio.run(_serve, balancer, args.command == "demo")
     except ConfigError as exc:
-        print(f"anubis: {exc}", file=sys.stderr)
+        log_fatal(str(exc))
         return 1
     except BaseException as exc:
         error = _find_error(exc)
         if error is None:
             if _only_interrupts(exc):
                 return 130
-            raise
-        print(f"anubis: {error}", file=sys.stderr)
+            if not logs_json():
+                raise
+            log.critical("stopped by an unexpected error (a bug)", exc_info=exc)  # as JSON too
+            return 1
+        log_fatal(str(error))
         return 1
     return 0
 

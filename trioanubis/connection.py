@@ -4,8 +4,10 @@ Theory of operation: `handle_connection` owns the client socket from the
 moment the listener accepted it, and the server socket from the moment a
 connect succeeded; both are closed in its `finally`, whatever happens. Once
 connected it opens the connection's nursery, where the relay runs its two
-pumps (relay.py). The pool's `active` counter is raised by `acquire` and lowered by `release` in a
-`try/finally` around the relay, so a cancelled or failed connection never
+pumps (relay.py). A server's `active` count is raised by `Pool.reserve` in the
+same step as the pick (so connects in flight count against `max_connections`)
+and lowered by `release` when that connect fails or, in a `try/finally` around
+the relay, when the connection ends, so a cancelled or failed connection never
 leaks a count.
 
 Connecting: the pool's strategy picks a server, `_connect_any` tries its
@@ -33,7 +35,7 @@ import trio
 
 from trioanubis.errors import AttemptCancelled, ConnectFailed, OutOfResources
 from trioanubis.pool import Pool, Server
-from trioanubis.relay import Relay
+from trioanubis.relay import Relay, reset_on_close
 
 if TYPE_CHECKING:
     from trioanubis.listener import Listener
@@ -61,6 +63,13 @@ class ConnectionRecord:
         """The client as host:port, formatted when needed (most connections are never logged)."""
         host = str(self.peer[0])
         return f"[{host}]:{self.peer[1]}" if ":" in host else f"{host}:{self.peer[1]}"
+
+
+# Ends after which both sockets close with FIN: both sides finished, or nothing was
+# relayed. Every other end (a peer's reset, idle or half-close timeout, a stop, a
+# bug) resets both sides, so no peer takes a cut for a complete transfer.
+CLOSED_CLEANLY: Final = frozenset({"client_eof", "server_eof", "connect_failed", "no_server",
+                                   "client_abort"})  # fmt: skip
 
 
 def close_socket(sock: socket.socket) -> None:
@@ -192,11 +201,15 @@ async def connect_with_failover(
             server = pool.pick(client_key, tried)
             if server is None:
                 break
+            pool.reserve(server)  # in the same step as the pick: counts against max_connections now
             tried.append(server)
             started = relay.poller.now()
             try:
                 relay.server = await _attempt(relay, server, config.connect_timeout, deadline)
-            except ConnectFailed as exc:
+            except BaseException as exc:
+                pool.release(server)
+                if not isinstance(exc, ConnectFailed):
+                    raise
                 if relay.attempt_end == "client_abort":
                     record.end = "client_abort"
                     return False
@@ -246,9 +259,9 @@ async def handle_connection(client: socket.socket, addr: tuple[object, ...], lis
             return
         server = relay.server_record
         assert server is not None
-        record.server = server.name
-        pool.acquire(server)
-        try:
+        try:  # the connect's reservation of `server` is ours now: released whatever happens
+            record.server = server.name
+            pool.acquire(server)
             async with trio.open_nursery() as nursery:  # this connection's: one task per direction
                 relay.start(nursery)
                 await relay.upstream()
@@ -262,6 +275,10 @@ async def handle_connection(client: socket.socket, addr: tuple[object, ...], lis
         log.exception("listener %s: connection from %s failed unexpectedly", listener.name, record.client)
     finally:
         timer.unwatch(relay)
+        if record.end not in CLOSED_CLEANLY:
+            reset_on_close(client)
+            if relay.server is not None:
+                reset_on_close(relay.server)
         if relay.server is not None:
             poller.close(relay.server)
         poller.close(client)

@@ -117,8 +117,8 @@ def apply(pool: Pool, entry: DiscoveryConfig, found: set[Found]) -> None:
     for address, server in current.items():
         if address not in wanted:
             pool.remove(server)
-            log.warning("pool %s: %s no longer lists %s; it gets no new connections", pool.name,
-                        source, server.name)  # fmt: skip
+            log.info("pool %s: %s no longer lists %s; it gets no new connections", pool.name,
+                     source, server.name)  # fmt: skip
         elif server.weight != wanted[address].weight:
             pool.set_weight(server, wanted[address].weight)
     added = []
@@ -131,7 +131,7 @@ def apply(pool: Pool, entry: DiscoveryConfig, found: set[Found]) -> None:
             added.append(server)
     if added:
         pool.add(added)
-        log.warning("pool %s: %s added %s", pool.name, source, ", ".join(s.name for s in added))
+        log.info("pool %s: %s added %s", pool.name, source, ", ".join(s.name for s in added))
 
 
 async def run_discovery(
@@ -155,7 +155,7 @@ async def run_discovery(
             failing = True
         else:
             if failing:
-                log.warning("pool %s: DNS lookups of %s work again", pool.name, source_of(entry))
+                log.info("pool %s: DNS lookups of %s work again", pool.name, source_of(entry))
             failing = False
             apply(pool, entry, found)
             wait = min(entry.refresh, max(MIN_REFRESH, ttl))  # a short TTL shortens, to 1 s at most

@@ -77,7 +77,7 @@ class AcceptBackoff:
     def recovered(self) -> None:
         """An accept succeeded: end the episode (callers test `overloaded` first, it is cheaper)."""
         self.overloaded = False
-        self.log.warning("%s: accepting again", self.what)
+        self.log.info("%s: accepting again", self.what)
 
 
 def somaxconn() -> int:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from trioanubis.accesslog import log_dropped
+
 if TYPE_CHECKING:
     from trioanubis.admin import Admin
     from trioanubis.app import Balancer
@@ -52,6 +54,7 @@ def stats(balancer: Balancer) -> dict[str, Any]:
         "active": balancer.limits.active,
         "max_connections": balancer.limits.max_connections,
         "endings": dict(sorted(balancer.access.counts.items())),
+        "log_dropped": log_dropped(),
         "listeners": [
             {
                 "name": listener.name,
@@ -105,7 +108,7 @@ def _server_rows(balancer: Balancer) -> Iterator[tuple[dict[str, str], Server]]:
 
 
 SERVER_METRICS = (
-    ("server_active_connections", "gauge", "Open connections to a server.", "active"),
+    ("server_active_connections", "gauge", "Connections to a server, open or connecting.", "active"),
     ("server_connections_total", "counter", "Connections sent to a server.", "total"),
     ("server_bytes_in_total", "counter", "Bytes relayed from clients to a server.", "bytes_in"),
     ("server_bytes_out_total", "counter", "Bytes relayed from a server to clients.", "bytes_out"),
@@ -158,4 +161,6 @@ def prometheus(balancer: Balancer) -> str:
         for name, help_text, value in _admin_rows(balancer.admin):
             lines += _family(f"admin_{name}_total", "counter", help_text)
             lines.append(f"anubis_admin_{name}_total {value}")
+    lines += _family("log_dropped_total", "counter", "Log lines dropped because stderr could not keep up.")
+    lines.append(f"anubis_log_dropped_total {log_dropped()}")
     return "\n".join(lines) + "\n"

@@ -10,9 +10,14 @@ servers that may take new connections (up, not draining, not removed, weight
 list. Per-connection limits (`max_connections`) change with every connection,
 so they are checked by the `usable` predicate the pool hands to the strategy.
 
-Invariants: `active` is incremented by `acquire` and decremented by `release`,
-which the connection code calls in `try/finally`; a server removed from the
-config stays in `retired` until its last connection ends.
+Invariants: `active` counts a connection from the moment it is picked, while
+it connects, and while it relays: `reserve` raises it in the same step as the
+pick (no checkpoint in between, so a burst of connects in flight cannot slip
+past `max_connections`, which is a hard cap like HAProxy's `maxconn`), and
+`release` lowers it when the connect failed or the connection ended; the
+connection code calls them in `try/finally`. `acquire` only counts a
+connection that reached its server (`total`). A server removed from the config
+stays in `retired` until its last connection (or connect) ends.
 """
 
 from __future__ import annotations
@@ -179,11 +184,16 @@ class Pool:
 
     # ------------------------------------------------------------ accounting
 
-    def acquire(self, server: Server) -> None:
+    def reserve(self, server: Server) -> None:
+        """Count a connection to `server` from its pick on, so its connect counts against the limit."""
         server.active += 1
+
+    def acquire(self, server: Server) -> None:
+        """A reserved connection reached `server`."""
         server.total += 1
 
-    def release(self, server: Server, bytes_in: int, bytes_out: int) -> None:
+    def release(self, server: Server, bytes_in: int = 0, bytes_out: int = 0) -> None:
+        """A reserved connection ended (or its connect failed): its slot is free again."""
         server.active -= 1
         server.bytes_in += bytes_in
         server.bytes_out += bytes_out
@@ -221,8 +231,8 @@ class Pool:
         server.healthy = True
         server.consecutive_failures = 0
         server.up_since = now
-        log.warning("pool %s: server %s is up%s", self.name, server.name,
-                    f" ({reason})" if reason else "")  # fmt: skip
+        log.info("pool %s: server %s is up%s", self.name, server.name,
+                 f" ({reason})" if reason else "")  # fmt: skip
         self.changed()
 
     def mark_down(self, server: Server, reason: str, *, first_check: bool = False) -> None:
@@ -236,8 +246,8 @@ class Pool:
     def set_draining(self, server: Server, draining: bool) -> None:
         if server.draining != draining:
             server.draining = draining
-            log.warning("pool %s: server %s %s", self.name, server.name,
-                        "drains (no new connections)" if draining else "is enabled")  # fmt: skip
+            log.info("pool %s: server %s %s", self.name, server.name,
+                     "drains (no new connections)" if draining else "is enabled")  # fmt: skip
             self.changed()
 
     def set_weight(self, server: Server, weight: int) -> None:

@@ -31,7 +31,9 @@ connection costs two tasks.
   pump; the other direction keeps flowing (half-close). When both pumps have
   seen EOF the relay ends normally.
 - A reset or error on either socket ends the whole relay at once: the pump
-  records why (`end`) and cancels the nursery; the caller closes both sockets.
+  records why (`end`) and cancels the nursery; the caller closes both sockets,
+  with a reset (`reset_on_close`) unless both sides ended cleanly, so a peer
+  never takes a cut for a complete transfer.
 - Every chunk sets `active` (no clock read per chunk); the Timer turns that
   into `last_activity` on its next tick and ends a relay that moved no byte
   either way for `idle_timeout` (or the shorter `half_close_timeout` once
@@ -44,9 +46,11 @@ no task is waiting on them any more).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import socket
+import struct
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Final, final
 
@@ -91,6 +95,19 @@ _SCRATCH: Final = memoryview(_scratch)
 _PUMP_TASK_NAME: Final = "trioanubis.relay.server_to_client"
 
 _checkpoint = trio.lowlevel.checkpoint
+
+# SO_LINGER on, with a zero timeout: close() sends a reset and drops unsent bytes.
+_LINGER_RESET: Final = struct.pack("ii", 1, 0)
+
+
+def reset_on_close(sock: socket.socket) -> None:
+    """Make the coming close of `sock` send a TCP reset instead of FIN (HAProxy's nolinger).
+
+    For a connection that did not end cleanly: a peer's reset, a timeout, a
+    stop. A socket the peer already reset has nothing left to send; that is fine.
+    """
+    with contextlib.suppress(OSError):  # already failed: the close that follows is all there is
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
 
 
 def _send(sock: socket.socket, data: memoryview) -> int:
