@@ -14,7 +14,10 @@ short sleep, like Trio's `serve_listeners`; any other error propagates.
 
 Limits: a listener's `max_connections` and the process-wide `Limits` are
 checked right after accept; a client over either limit is closed at once and
-counted in `rejected`.
+counted in `rejected`. A listener that screens its clients (allow/deny,
+per-client limits, the PROXY protocol) asks its `Admission` next, and starts
+an `accept_proxy` connection with `serve_proxied`, which reads the header
+first (admission.py); without those options the accept path is unchanged.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Final, final
 import trio
 
 from trioanubis.accesslog import AccessLog
+from trioanubis.admission import Admission, serve_proxied
 from trioanubis.config import Address, ListenerConfig
 from trioanubis.connection import (
     LOCAL_SHORTAGE_ERRNOS,
@@ -96,6 +100,9 @@ class Listener:
         self.config = config
         self.name = config.name
         self.pool = pool
+        self.admission = Admission(config.name, config)
+        self.screening = config.screens_clients
+        self._handler = serve_proxied if config.accept_proxy else handle_connection
         self.limits = limits
         self.access = access
         self.timer = timer
@@ -155,11 +162,14 @@ class Listener:
                 self.rejected += 1
                 client.close()
                 continue
+            if self.screening and not self.admission.at_accept(addr[0], self.poller.now()):
+                client.close()
+                continue
             client.setblocking(False)
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.active += 1
             self.limits.active += 1
-            connections.start_soon(handle_connection, client, addr, self, name=CONNECTION_TASK_NAME)
+            connections.start_soon(self._handler, client, addr, self, name=CONNECTION_TASK_NAME)
             in_a_row += 1
             if in_a_row >= ACCEPTS_PER_CHECKPOINT:
                 in_a_row = 0
@@ -171,10 +181,25 @@ class Listener:
             return True
         return bool(limits.max_connections and limits.active >= limits.max_connections)
 
+    def reconfigure(self, config: ListenerConfig, pool: Pool) -> None:
+        """A reload changed this listener's options or pool (its bind stays)."""
+        self.config = config
+        self.pool = pool
+        self.admission.configure(config)
+        self.screening = config.screens_clients
+        self._handler = serve_proxied if config.accept_proxy else handle_connection
+
+    def closed_before_relay(self) -> None:
+        """Account for an accepted connection that admission refused (admission.py calls this)."""
+        self.active -= 1
+        self.limits.release()
+
     def connection_ended(self, record: ConnectionRecord, pool: Pool) -> None:
         """Account for one connection that ended, however it ended (connection.py calls this)."""
         self.active -= 1
         self.limits.release()
+        if self.admission.active:
+            self.admission.release(record.peer)
         if record.end == "internal_error":
             self.internal_errors += 1
         elif self.limits.draining and record.end in ("client_eof", "server_eof"):

@@ -25,6 +25,7 @@ import trio
 from trioanubis.health.probe import probe
 from trioanubis.health.state import Hysteresis, next_slow_start_step, slow_start_weight
 from trioanubis.pool import Pool, Server
+from trioanubis.proxy_protocol import build_local
 from trioanubis.resolve import resolve_address
 
 log = logging.getLogger("trioanubis.health")
@@ -82,7 +83,7 @@ async def _probe_forever(pool: Pool, server: Server, first: trio.Event) -> None:
         while True:
             if not server.sockaddrs:
                 await _resolve(server)
-            ok, reason = await probe(server, config)
+            ok, reason = await probe(server, config, health_proxy_header(pool, server))
             server.last_check = reason if ok else f"failed: {reason}"
             if ok:
                 server.checks_passed += 1
@@ -98,6 +99,14 @@ async def _probe_forever(pool: Pool, server: Server, first: trio.Event) -> None:
                 pool.mark_down(server, reason, first_check=not first.is_set())
             first.set()
             await trio.sleep(config.interval * random.uniform(1 - JITTER, 1 + JITTER))
+
+
+def health_proxy_header(pool: Pool, server: Server) -> bytes:
+    """What a check sends first: nothing, unless `health.send_proxy` and the server gets a header."""
+    if not pool.config.health.send_proxy:
+        return b""
+    version = server.send_proxy or pool.config.send_proxy
+    return b"" if version == "none" else build_local(version)
 
 
 async def _resolve(server: Server) -> None:

@@ -3,6 +3,10 @@
 Each probe returns `(ok, reason)`; the reason is what the logs show when the
 state changes: "refused", "timeout", "status 503", "body lacks 'up'", …
 The whole probe (connect, request, response) is bounded by `timeout`.
+
+A probe sends no PROXY header unless given one (`health.send_proxy = true`
+for servers that refuse connections without it): then the header, which
+names no client (v1 UNKNOWN, v2 LOCAL), is the first thing sent.
 """
 
 from __future__ import annotations
@@ -25,17 +29,24 @@ MAX_HEADERS: Final = 16384
 Result = tuple[bool, str]
 
 
-async def probe(server: Server, config: HealthConfig) -> Result:
-    """Run one check of `config.check` kind against `server`."""
+async def probe(server: Server, config: HealthConfig, proxy_header: bytes = b"") -> Result:
+    """Run one check of `config.check` kind against `server`, after `proxy_header` if given."""
     with trio.move_on_after(config.timeout):
         try:
             sock = await open_server_socket(server, config.timeout)
         except ConnectFailed as exc:
             return False, exc.reason
         try:
-            if config.check == "tcp":
+            if config.check == "tcp" and not proxy_header:
                 return True, "connected"
             stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+            if proxy_header:
+                try:
+                    await stream.send_all(proxy_header)
+                except (OSError, trio.BrokenResourceError):
+                    return False, "reset"
+            if config.check == "tcp":
+                return True, "connected"
             return await _http_check(stream, server, config)
         finally:
             close_socket(sock)
