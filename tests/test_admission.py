@@ -17,6 +17,7 @@ from tests.conftest import (
     config_for,
     connect,
     echo_handler,
+    name_handler,
     request,
     running_balancer,
     start_backend,
@@ -374,3 +375,22 @@ async def test_request_through_a_plain_listener_is_unchanged(nursery: trio.Nurse
         assert await request(address) == b"ping"
         assert not balancer.listeners["test"].screening
         assert not balancer.listeners["test"].admission.active
+
+
+async def test_source_hash_hashes_the_client_the_header_names(nursery: trio.Nursery) -> None:
+    names = [f"s{i}" for i in range(3)]
+    backends = [await start_backend(nursery, name_handler(n), n) for n in names]
+    servers = [{"address": b.address, "name": b.name} for b in backends]
+    data = proxied(servers)
+    data["pools"]["test"]["strategy"] = "source_hash"
+    clients = [f"192.0.2.{i}" for i in range(1, 31)]
+    async with running_balancer(data) as (_, address):
+
+        async def served_by(client: str) -> bytes | None:
+            header = build_header("v1", (client, 1000), ("198.51.100.1", 443))
+            return await exchange(await connect(address), header)
+
+        first = {client: await served_by(client) for client in clients}
+        again = {client: await served_by(client) for client in reversed(clients)}
+    assert first == again  # each header client sticks to its server, though every peer is 127.0.0.1
+    assert len(set(first.values())) == 3  # and 30 header clients spread over all three

@@ -30,6 +30,7 @@ Nothing here reads a clock or does I/O: callers pass `now` (Trio's clock).
 from __future__ import annotations
 
 import bisect
+import heapq
 import socket
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -195,7 +196,7 @@ class ClientTable:
 
     def busiest(self, count: int) -> list[tuple[str, int]]:
         """The clients with the most open connections, most first."""
-        return sorted(self.active.items(), key=lambda item: (-item[1], item[0]))[:count]
+        return heapq.nsmallest(count, self.active.items(), key=lambda item: (-item[1], item[0]))
 
 
 @final
