@@ -34,7 +34,6 @@ like HAProxy.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import struct
 from dataclasses import dataclass
@@ -299,16 +298,13 @@ def parse_v1(line: bytes) -> tuple[ProxyHeader | None, str]:
         return ProxyHeader(1, None, None), ""
     if len(parts) != 6 or parts[1] not in ("TCP4", "TCP6"):
         return None, "v1 header is not PROXY TCP4|TCP6|UNKNOWN <src> <dst> <sport> <dport>"
-    source, destination = parts[2], parts[3]
     family = socket.AF_INET if parts[1] == "TCP4" else socket.AF_INET6
-    factory = ipaddress.IPv4Address if parts[1] == "TCP4" else ipaddress.IPv6Address
     try:
-        if "%" in source or "%" in destination:
-            raise ValueError("scoped address")
-        # Written the way accept() reports addresses (inet_ntop), so either source compares equal.
-        source = socket.inet_ntop(family, factory(source).packed)
-        destination = socket.inet_ntop(family, factory(destination).packed)
-    except ValueError:
+        # inet_pton is strict (no leading zeros, no zone); inet_ntop writes an address the way
+        # accept() reports one, so a client compares equal whichever way it arrived.
+        source = socket.inet_ntop(family, socket.inet_pton(family, parts[2]))
+        destination = socket.inet_ntop(family, socket.inet_pton(family, parts[3]))
+    except (OSError, ValueError):
         return None, f"v1 header has an address that is not {parts[1]}"
     ports = [_port(p) for p in parts[4:]]
     if ports[0] is None or ports[1] is None:
