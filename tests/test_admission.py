@@ -18,6 +18,7 @@ from tests.conftest import (
     connect,
     echo_handler,
     name_handler,
+    no_fd_leak,
     request,
     running_balancer,
     start_backend,
@@ -394,3 +395,31 @@ async def test_source_hash_hashes_the_client_the_header_names(nursery: trio.Nurs
         again = {client: await served_by(client) for client in reversed(clients)}
     assert first == again  # each header client sticks to its server, though every peer is 127.0.0.1
     assert len(set(first.values())) == 3  # and 30 header clients spread over all three
+
+
+async def test_refused_connections_of_every_kind_leave_no_descriptor_behind(nursery: trio.Nursery) -> None:
+    backend = await start_backend(nursery, echo_handler)
+    data = proxied([backend.address], proxy_timeout="100ms", deny=["192.0.2.0/24"],
+                   max_connections_per_client=1, rate_per_client="2/h")  # fmt: skip
+    with no_fd_leak():
+        async with running_balancer(data) as (balancer, address):
+            admission = balancer.listeners["test"].admission
+            assert await exchange(await connect(address), b"garbage") is None  # proxy_header
+            silent = await connect(address)
+            assert await closed_by_peer(silent)  # proxy_timeout
+            await silent.aclose()
+            assert await exchange(await connect(address), V1) is None  # denied
+            held = await connect(address)
+            await held.send_all(V2 + b"x")
+            assert await held.receive_some(1) == b"x"
+            assert await exchange(await connect(address), V2) is None  # client_connections
+            await held.aclose()
+            await wait_until(lambda: not admission.active)
+            assert await exchange(await connect(address), V2 + b"y") == b"y"
+            # client_rate: 2/h, both tokens used (the refusal by connection count took none)
+            assert await exchange(await connect(address), V2 + b"z") is None
+            await wait_until(lambda: balancer.limits.active == 0)
+            assert {k: v for k, v in admission.refused.items() if v} == {
+                "proxy_header": 1, "proxy_timeout": 1, "denied": 1, "client_connections": 1, "client_rate": 1,
+            }
+            assert balancer.listeners["test"].active == 0 and not admission.active
