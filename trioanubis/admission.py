@@ -44,6 +44,8 @@ REASONS: Final = ("denied", "untrusted", "proxy_header", "proxy_timeout", "clien
                   "client_rate")  # fmt: skip
 # Clients with the most open connections that /stats lists per listener.
 BUSIEST_SHOWN: Final = 20
+# A constant task name (as listener.py's): Trio would otherwise format one per task.
+CONNECTION_TASK_NAME: Final = "trioanubis.connection"
 
 
 @final
@@ -124,16 +126,16 @@ class Admission:
 
 
 async def serve_proxied(client: socket.socket, addr: tuple[object, ...], listener: Listener) -> None:
-    """The task of a connection to an `accept_proxy` listener: the header, the checks, the relay.
+    """The first task of a connection to an `accept_proxy` listener: the header and the checks.
 
     A connection refused here (bad, late or missing header, or a refused
-    client) is closed and accounted for by the listener; an admitted one goes
-    on as `handle_connection`, which then owns the socket.
+    client) is closed and accounted for by the listener. An admitted one is
+    handed to a new task, `handle_connection`, which then owns the socket:
+    the relay's task then carries no frame of this one (memory per connection).
     """
-    admission = listener.admission
     admitted: tuple[tuple[object, ...], tuple[str, int] | None] | None = None
     try:
-        admitted = await _read_and_admit(client, addr, admission, listener)
+        admitted = await _read_and_admit(client, addr, listener.admission, listener)
     except Exception:  # a bug ends this connection only, never the process
         log.exception("listener %s: reading the PROXY header from %s failed unexpectedly",
                       listener.name, addr[0])  # fmt: skip
@@ -142,8 +144,10 @@ async def serve_proxied(client: socket.socket, addr: tuple[object, ...], listene
             close_socket(client)
             listener.closed_before_relay()
     if admitted is not None:
-        client_addr, local = admitted
-        await handle_connection(client, client_addr, listener, local=local)
+        assert listener.connections is not None
+        real, local = admitted
+        listener.connections.start_soon(handle_connection, client, real, listener, local,
+                                        name=CONNECTION_TASK_NAME)  # fmt: skip
 
 
 async def _read_and_admit(

@@ -113,6 +113,7 @@ class Listener:
         self.overloads = 0
         self.internal_errors = 0
         self.bound: Address | None = None
+        self.connections: trio.Nursery | None = None  # where connection tasks run (outlives us)
         self.scope = trio.CancelScope()
 
     async def serve(
@@ -122,6 +123,7 @@ class Listener:
         task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Bind, report the bound address, and accept into `connections` until cancelled."""
+        self.connections = connections
         with self.scope:
             sock = await open_listen_socket(self.config.bind, self.config.backlog or somaxconn())
             try:
