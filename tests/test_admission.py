@@ -370,12 +370,20 @@ async def test_send_proxy_names_the_real_client_and_where_it_connected(nursery: 
     assert headers == [build_header("v1", ("2001:db8::7", 4242), ("2001:db8::1", 443))]
 
 
-async def test_request_through_a_plain_listener_is_unchanged(nursery: trio.Nursery) -> None:
+async def test_a_plain_listener_never_calls_into_admission(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(*args: object) -> None:
+        raise AssertionError("the plain accept path called into admission")
+
+    for name in ("at_accept", "admit", "release", "refuse"):
+        monkeypatch.setattr(f"trioanubis.admission.Admission.{name}", fail)
     backend = await start_backend(nursery, echo_handler)
     async with running_balancer(config_for([backend.address])) as (balancer, address):
-        assert await request(address) == b"ping"
-        assert not balancer.listeners["test"].screening
-        assert not balancer.listeners["test"].admission.active
+        for _ in range(3):
+            assert await request(address) == b"ping"
+        await wait_until(lambda: balancer.listeners["test"].active == 0)
+        assert balancer.listeners["test"].internal_errors == 0
 
 
 async def test_source_hash_hashes_the_client_the_header_names(nursery: trio.Nursery) -> None:

@@ -120,6 +120,7 @@ class Admission:
         """This listener's part of /stats."""
         return {
             "refused": dict(self.refused),
+            "refusals_not_logged": self.logged.suppressed,
             "tracked_clients": len(self.clients),
             "busiest_clients": [{"client": c, "active": n} for c, n in self.clients.busiest(BUSIEST_SHOWN)],
         }
