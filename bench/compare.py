@@ -74,6 +74,7 @@ def children(pid: int) -> list[int]:
 @dataclass
 class Backends:
     http: list[int]
+    proxied: list[int]  # the same nginx servers, on ports that expect a PROXY protocol header
     bulk: int
     idle: int
 
@@ -85,6 +86,7 @@ class Contender:
     needs: list[str]
     workloads: tuple[str, ...] = WORKLOADS
     env: dict[str, str] = field(default_factory=dict)
+    proxied: bool = False  # sends a PROXY header: its HTTP workloads use the backends' proxied ports
 
     def missing(self) -> str:
         for tool in self.needs:
@@ -96,7 +98,7 @@ class Contender:
 # ----------------------------------------------------------------- contenders
 
 
-def trioanubis(access_log: bool) -> Callable[[Path, int, list[int]], list[str]]:
+def trioanubis(access_log: bool, send_proxy: str = "none") -> Callable[[Path, int, list[int]], list[str]]:
     def command(tmp: Path, listen: int, backends: list[int]) -> list[str]:
         servers = ", ".join(f'"127.0.0.1:{p}"' for p in backends)
         config = tmp / "anubis.toml"
@@ -108,6 +110,7 @@ bind = "127.0.0.1:{listen}"
 pool = "bench"
 [pools.bench]
 servers = [{servers}]
+send_proxy = "{send_proxy}"
 """)
         level = "info" if access_log else "warning"
         return [sys.executable, "-m", "trioanubis", "--log-level", level, "run", "-c", str(config)]
@@ -181,6 +184,8 @@ def contenders(args: argparse.Namespace) -> list[Contender]:
     return [
         Contender("trioanubis", trioanubis(False), []),
         Contender("trioanubis+log", trioanubis(True), [], ("keepalive", "connrate")),
+        Contender("trioanubis+send_proxy", trioanubis(False, "v2"), [], ("keepalive", "connrate"),
+                  proxied=True),
         Contender("haproxy", haproxy(False), ["haproxy"]),
         Contender("haproxy+splice", haproxy(True), ["haproxy"], ("bulk",)),
         Contender("nginx-stream", nginx_stream, ["nginx", "/usr/lib/nginx/modules/ngx_stream_module.so"]),
@@ -223,7 +228,8 @@ def start_backends() -> Iterator[Backends]:
     processes = []
     with tempfile.TemporaryDirectory(prefix="bench-backends-") as tmp:
         http = [free_port(), free_port()]
-        for i, port in enumerate(http):
+        proxied = [free_port(), free_port()]
+        for i, (port, proxied_port) in enumerate(zip(http, proxied, strict=True)):
             config = Path(tmp) / f"backend{i}.conf"
             config.write_text(f"""
 worker_processes 1;
@@ -242,6 +248,7 @@ http {{
   scgi_temp_path {tmp}/scgi{i};
   server {{
     listen 127.0.0.1:{port} backlog=4096;
+    listen 127.0.0.1:{proxied_port} backlog=4096 proxy_protocol;
     location / {{ return 200 "hello from backend {i}\\n"; }}
   }}
 }}
@@ -254,9 +261,9 @@ http {{
         idle = free_port()
         processes.append(subprocess.Popen([sys.executable, str(PEERS / "hold_server.py"), str(idle)]))
         try:
-            for port in [*http, bulk, idle]:
+            for port in [*http, *proxied, bulk, idle]:
                 wait_port(port)
-            yield Backends(http, bulk, idle)
+            yield Backends(http, proxied, bulk, idle)
         finally:
             for process in processes:
                 process.terminate()
@@ -383,7 +390,8 @@ def run_all(args: argparse.Namespace) -> tuple[Results, list[str]]:
                 for contender in active:
                     if workload not in contender.workloads:
                         continue
-                    target = {"bulk": [backends.bulk], "memory": [backends.idle]}.get(workload, backends.http)
+                    http = backends.proxied if contender.proxied else backends.http
+                    target = {"bulk": [backends.bulk], "memory": [backends.idle]}.get(workload, http)
                     with running(contender, target) as (port, process):
                         value: object
                         if workload == "keepalive":

@@ -313,8 +313,7 @@ class Balancer:
     async def _update_listener(self, name: str, config: ListenerConfig) -> None:
         old = self.listeners.get(name)
         if old is not None and old.config.bind == config.bind:
-            old.config = config
-            old.pool = self.pools[config.pool]
+            old.reconfigure(config, self.pools[config.pool])
             return
         listener = self._new_listener(config)
         assert self._accepting is not None and self._connections is not None
@@ -346,6 +345,7 @@ class Balancer:
             if key in current:
                 server = current[key]
                 server.max_connections = sc.max_connections
+                server.send_proxy = sc.send_proxy
                 if server.weight != sc.weight:
                     pool.set_weight(server, sc.weight)
             else:

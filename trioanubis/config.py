@@ -30,10 +30,13 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 HealthCheck = Literal["tcp", "http", "none"]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+SendProxy = Literal["none", "v1", "v2"]
 LeastTimeMode = Literal["first_byte", "connect"]
 LogFormat = Literal["text", "json"]
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_RATE = re.compile(r"\s*(\d+)\s*/\s*(\S+)\s*")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -50,11 +53,27 @@ class Address:
 
 
 @dataclass(frozen=True, slots=True)
+class Rate:
+    """`count` new connections per `period` seconds, in bursts of up to `count` (a token bucket)."""
+
+    count: int
+    period: float
+
+    @property
+    def per_second(self) -> float:
+        return self.count / self.period
+
+    def __str__(self) -> str:
+        return f"{self.count}/{self.period:g}s"
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     address: Address
     name: str
     weight: int = 1
     max_connections: int = 0  # 0: unlimited
+    send_proxy: SendProxy | Literal[""] = ""  # "": the pool's
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +100,7 @@ class HealthConfig:
     rise: int = 2
     fall: int = 3
     slow_start: float = 0.0
+    send_proxy: bool = False  # checks send a PROXY header (UNKNOWN / LOCAL) when the server gets one
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +119,7 @@ class PoolConfig:
     eject_for: float = 10.0
     resolver: str = ""
     health: HealthConfig = field(default_factory=HealthConfig)
+    send_proxy: SendProxy = "none"  # a PROXY protocol header before the client's first byte
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +129,19 @@ class ListenerConfig:
     pool: str
     max_connections: int = 0  # 0: only the process-wide limit applies
     backlog: int = 0  # 0: the kernel's somaxconn
+    accept_proxy: bool = False  # read a PROXY protocol header from every client first
+    proxy_trusted: tuple[Network, ...] = ()  # the peers allowed to send one (required with accept_proxy)
+    proxy_timeout: float = 3.0
+    allow: tuple[Network, ...] = ()  # empty: every client
+    deny: tuple[Network, ...] = ()  # wins over allow
+    max_connections_per_client: int = 0  # 0: no per-client limit
+    rate_per_client: Rate | None = None  # new connections per client (token bucket)
+
+    @property
+    def screens_clients(self) -> bool:
+        """Whether anything happens between accept and connect (admission.py)."""
+        return bool(self.accept_proxy or self.allow or self.deny or self.max_connections_per_client
+                    or self.rate_per_client)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +193,33 @@ def parse_duration(value: object) -> float:
     if pos != len(text) or pos == 0:
         raise ValueError("must be a duration like \"250ms\", \"2s\", \"1m\" or a number of seconds")
     return total
+
+
+def parse_rate(value: object) -> Rate:
+    """A rate from "20/s", "600/m", "5/h" or "100/10s"; ValueError otherwise."""
+    match = _RATE.fullmatch(value) if isinstance(value, str) else None
+    if match is None or int(match.group(1)) < 1:
+        raise ValueError("must be a rate like \"20/s\", \"600/m\" or \"100/10s\" (a count ≥ 1 per duration)")
+    unit = match.group(2)
+    period = parse_duration(f"1{unit}" if unit in ("s", "m", "h") else unit)
+    if period <= 0:
+        raise ValueError("the duration after \"/\" must be greater than zero")
+    return Rate(int(match.group(1)), period)
+
+
+def parse_network(value: object) -> Network:
+    """A CIDR ("10.0.0.0/8", "::1/128") or a single address; ValueError with the reason otherwise."""
+    if not isinstance(value, str):
+        raise ValueError("must be a CIDR string like \"10.0.0.0/8\" or an address")
+    try:
+        return ipaddress.ip_network(value.strip())
+    except ValueError:
+        pass
+    try:
+        loose = ipaddress.ip_network(value.strip(), strict=False)
+    except ValueError:
+        raise ValueError("must be a CIDR like \"10.0.0.0/8\", \"2001:db8::/32\" or an address") from None
+    raise ValueError(f"has bits set beyond its prefix length (did you mean \"{loose}\"?)")
 
 
 def parse_address(text: str, *, allow_any_host: bool = False) -> Address:
@@ -262,6 +323,28 @@ class _Node:
             raise self.error("must be greater than zero", value, key)
         return seconds
 
+    def networks(self, key: str) -> tuple[Network, ...]:
+        """A list of CIDRs; each bad entry is named by its index (`allow[2]`)."""
+        value = self.data.get(key, [])
+        if not isinstance(value, list):
+            raise self.error("must be a list of CIDRs like [\"10.0.0.0/8\", \"::1/128\"]", value, key)
+        networks = []
+        for index, item in enumerate(value):
+            try:
+                networks.append(parse_network(item))
+            except ValueError as exc:
+                raise self.error(str(exc), item, f"{key}[{index}]") from None
+        return tuple(networks)
+
+    def rate(self, key: str) -> Rate | None:
+        if key not in self.data:
+            return None
+        value = self.data[key]
+        try:
+            return parse_rate(value)
+        except ValueError as exc:
+            raise self.error(str(exc), value, key) from None
+
     def address(self, key: str, *, allow_any_host: bool = False, default: str = "") -> Address:
         if key not in self.data and not default:
             raise self.error("is required (\"host:port\")", key=key)
@@ -351,8 +434,14 @@ def _resolver(node: _Node) -> str:
     return value
 
 
+_LISTENER_CLIENT_KEYS = (
+    "accept_proxy", "proxy_trusted", "proxy_timeout", "allow", "deny", "max_connections_per_client",
+    "rate_per_client",
+)  # fmt: skip
+
+
 def _parse_listener(name: str, node: _Node) -> ListenerConfig:
-    node.check_keys(("bind", "pool", "max_connections", "backlog"))
+    node.check_keys(("bind", "pool", "max_connections", "backlog", *_LISTENER_CLIENT_KEYS))
     if "pool" not in node.data:
         raise node.error("is required (the name of a [pools.NAME] table)", key="pool")
     return ListenerConfig(
@@ -361,7 +450,30 @@ def _parse_listener(name: str, node: _Node) -> ListenerConfig:
         pool=node.string("pool", ""),
         max_connections=node.integer("max_connections", 0),
         backlog=node.integer("backlog", 0, maximum=65535),
+        **_parse_client_options(node),
     )
+
+
+def _parse_client_options(node: _Node) -> dict[str, Any]:
+    """Who may connect to a listener: the PROXY protocol, allow/deny, per-client limits."""
+    accept_proxy = node.boolean("accept_proxy", False)
+    trusted = node.networks("proxy_trusted")
+    if accept_proxy and not trusted:
+        raise node.error("is required with accept_proxy = true: the proxies allowed to send a PROXY "
+                         "header, e.g. [\"10.0.0.0/8\", \"::1/128\"]", key="proxy_trusted")  # fmt: skip
+    if trusted and not accept_proxy:
+        raise node.error("has no effect without accept_proxy = true", key="proxy_trusted")
+    if "proxy_timeout" in node.data and not accept_proxy:
+        raise node.error("has no effect without accept_proxy = true", key="proxy_timeout")
+    return {
+        "accept_proxy": accept_proxy,
+        "proxy_trusted": trusted,
+        "proxy_timeout": node.duration("proxy_timeout", 3.0, positive=True),
+        "allow": node.networks("allow"),
+        "deny": node.networks("deny"),
+        "max_connections_per_client": node.integer("max_connections_per_client", 0),
+        "rate_per_client": node.rate("rate_per_client"),
+    }
 
 
 def _check_unique_binds(node: _Node, listeners: Mapping[str, ListenerConfig]) -> None:
@@ -419,8 +531,9 @@ def _read_token(node: _Node, path: str) -> str:
 _POOL_KEYS = (
     "strategy", "servers", "least_time", "connect_timeout", "idle_timeout",
     "half_close_timeout", "retries", "failover_timeout", "eject_after", "eject_for",
-    "resolver", "health",
+    "resolver", "health", "send_proxy",
 )  # fmt: skip
+_SEND_PROXY = ("none", "v1", "v2")
 
 
 def _parse_pool(name: str, node: _Node) -> PoolConfig:
@@ -433,6 +546,12 @@ def _parse_pool(name: str, node: _Node) -> PoolConfig:
     except StrategyError as exc:
         raise node.error(str(exc), strategy, "strategy") from None
     servers, discovery = _parse_servers(node)
+    health = _parse_health(node.child("health"))
+    send_proxy = node.choice("send_proxy", "none", _SEND_PROXY)
+    sending = send_proxy != "none" or any(s.send_proxy not in ("", "none") for s in servers)
+    if health.send_proxy and not sending:
+        raise node.child("health").error("has no effect: neither the pool nor any server sets send_proxy",
+                                         key="send_proxy")  # fmt: skip
     return PoolConfig(
         name=name,
         servers=servers,
@@ -447,7 +566,8 @@ def _parse_pool(name: str, node: _Node) -> PoolConfig:
         eject_after=node.integer("eject_after", 3),
         eject_for=node.duration("eject_for", 10.0, positive=True),
         resolver=_resolver(node),
-        health=_parse_health(node.child("health")),
+        health=health,
+        send_proxy=send_proxy,  # type: ignore[arg-type]
     )
 
 
@@ -466,13 +586,14 @@ def _parse_servers(node: _Node) -> tuple[tuple[ServerConfig, ...], tuple[Discove
         if "dns" in item.data or "srv" in item.data:
             discovery.append(_parse_discovery(item))
             continue
-        item.check_keys(("address", "weight", "name", "max_connections"))
+        item.check_keys(("address", "weight", "name", "max_connections", "send_proxy"))
         address = item.address("address")
         server = ServerConfig(
             address=address,
             name=item.string("name", "") or str(address),
             weight=item.integer("weight", 1, maximum=1_000_000),
             max_connections=item.integer("max_connections", 0),
+            send_proxy=item.choice("send_proxy", "", _SEND_PROXY) if "send_proxy" in item.data else "",  # type: ignore[arg-type]
         )
         if server.name in names:
             raise item.error("duplicate server name in this pool", server.name, "name")
@@ -500,7 +621,7 @@ def _parse_discovery(item: _Node) -> DiscoveryConfig:
 def _parse_health(node: _Node) -> HealthConfig:
     node.check_keys(
         ("check", "path", "host", "expect_status", "expect_body", "interval", "timeout",
-         "rise", "fall", "slow_start")
+         "rise", "fall", "slow_start", "send_proxy")
     )  # fmt: skip
     path = node.string("path", "/health")
     if not path.startswith("/"):
@@ -516,6 +637,7 @@ def _parse_health(node: _Node) -> HealthConfig:
         rise=node.integer("rise", 2, minimum=1, maximum=1000),
         fall=node.integer("fall", 3, minimum=1, maximum=1000),
         slow_start=node.duration("slow_start", 0.0),
+        send_proxy=node.boolean("send_proxy", False),
     )
 
 

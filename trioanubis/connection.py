@@ -35,6 +35,7 @@ import trio
 
 from trioanubis.errors import AttemptCancelled, ConnectFailed, OutOfResources
 from trioanubis.pool import Pool, Server
+from trioanubis.proxy_io import send_proxy_header
 from trioanubis.relay import Relay, reset_on_close
 
 if TYPE_CHECKING:
@@ -241,11 +242,15 @@ async def connect_with_failover(
     return False
 
 
-async def handle_connection(client: socket.socket, addr: tuple[object, ...], listener: Listener) -> None:
+async def handle_connection(
+    client: socket.socket, addr: tuple[object, ...], listener: Listener, local: tuple[str, int] | None = None
+) -> None:
     """Serve one accepted client until it ends; closes both sockets in every case.
 
     This is the connection's task (its root coroutine, so a parked connection
-    carries no extra frame); the listener accounts for it at the end.
+    carries no extra frame); the listener accounts for it at the end. `addr` is
+    the client (from accept, or the PROXY header admission.py read); `local`,
+    where it connected to when a PROXY header said so (for `send_proxy`).
     """
     record = ConnectionRecord(listener.name, addr, started=listener.poller.now())
     pool = listener.pool  # a reload may point the listener elsewhere meanwhile
@@ -261,6 +266,10 @@ async def handle_connection(client: socket.socket, addr: tuple[object, ...], lis
         assert server is not None
         try:  # the connect's reservation of `server` is ours now: released whatever happens
             record.server = server.name
+            version = server.send_proxy or config.send_proxy
+            if version != "none" and not await send_proxy_header(relay, version, addr, local):
+                relay.end = "server_reset"
+                return
             pool.acquire(server)
             async with trio.open_nursery() as nursery:  # this connection's: one task per direction
                 relay.start(nursery)

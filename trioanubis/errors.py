@@ -30,3 +30,11 @@ class AttemptCancelled(AnubisError):
 
 class OutOfResources(ConnectFailed):
     """Connecting failed on our side (no descriptor, no buffer): not the server's fault."""
+
+
+class ProxyHeaderError(AnubisError):
+    """A PROXY protocol header was missing, late or invalid; `reason` is the refusal counter's name."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason

@@ -16,7 +16,10 @@ loop uses the same `AcceptBackoff`.
 
 Limits: a listener's `max_connections` and the process-wide `Limits` are
 checked right after accept; a client over either limit is closed at once and
-counted in `rejected`.
+counted in `rejected`. A listener that screens its clients (allow/deny,
+per-client limits, the PROXY protocol) asks its `Admission` next, and starts
+an `accept_proxy` connection with `serve_proxied`, which reads the header
+first (admission.py); without those options the accept path is unchanged.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Final, final
 import trio
 
 from trioanubis.accesslog import AccessLog
+from trioanubis.admission import Admission, serve_proxied
 from trioanubis.config import Address, ListenerConfig
 from trioanubis.connection import (
     LOCAL_SHORTAGE_ERRNOS,
@@ -125,6 +129,9 @@ class Listener:
         self.config = config
         self.name = config.name
         self.pool = pool
+        self.admission = Admission(config.name, config)
+        self.screening = config.screens_clients
+        self._handler = serve_proxied if config.accept_proxy else handle_connection
         self.limits = limits
         self.access = access
         self.timer = timer
@@ -135,6 +142,7 @@ class Listener:
         self.backoff = AcceptBackoff(f"listener {self.name}", log)
         self.internal_errors = 0
         self.bound: Address | None = None
+        self.connections: trio.Nursery | None = None  # where connection tasks run (outlives us)
         self.scope = trio.CancelScope()
 
     async def serve(
@@ -144,6 +152,7 @@ class Listener:
         task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Bind, report the bound address, and accept into `connections` until cancelled."""
+        self.connections = connections
         with self.scope:
             sock = await open_listen_socket(self.config.bind, self.config.backlog or somaxconn())
             try:
@@ -180,11 +189,14 @@ class Listener:
                 self.rejected += 1
                 client.close()
                 continue
+            if self.screening and not self.admission.at_accept(addr[0], self.poller.now()):
+                client.close()
+                continue
             client.setblocking(False)
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.active += 1
             self.limits.active += 1
-            connections.start_soon(handle_connection, client, addr, self, name=CONNECTION_TASK_NAME)
+            connections.start_soon(self._handler, client, addr, self, name=CONNECTION_TASK_NAME)
             in_a_row += 1
             if in_a_row >= ACCEPTS_PER_CHECKPOINT:
                 in_a_row = 0
@@ -196,10 +208,25 @@ class Listener:
             return True
         return bool(limits.max_connections and limits.active >= limits.max_connections)
 
+    def reconfigure(self, config: ListenerConfig, pool: Pool) -> None:
+        """A reload changed this listener's options or pool (its bind stays)."""
+        self.config = config
+        self.pool = pool
+        self.admission.configure(config)
+        self.screening = config.screens_clients
+        self._handler = serve_proxied if config.accept_proxy else handle_connection
+
+    def closed_before_relay(self) -> None:
+        """Account for an accepted connection that admission refused (admission.py calls this)."""
+        self.active -= 1
+        self.limits.release()
+
     def connection_ended(self, record: ConnectionRecord, pool: Pool) -> None:
         """Account for one connection that ended, however it ended (connection.py calls this)."""
         self.active -= 1
         self.limits.release()
+        if self.admission.active:
+            self.admission.release(record.peer)
         if record.end == "internal_error":
             self.internal_errors += 1
         elif self.limits.draining and record.end in ("client_eof", "server_eof"):

@@ -14,6 +14,7 @@ from trioanubis.accesslog import log_dropped
 if TYPE_CHECKING:
     from trioanubis.admin import Admin
     from trioanubis.app import Balancer
+    from trioanubis.listener import Listener
     from trioanubis.pool import Pool, Server
 
 
@@ -65,6 +66,7 @@ def stats(balancer: Balancer) -> dict[str, Any]:
                 "rejected": listener.rejected,
                 "accept_overloads": listener.overloads,
                 "internal_errors": listener.internal_errors,
+                **listener.admission.stats(),
             }
             for listener in balancer.listeners.values()
         ],
@@ -118,6 +120,18 @@ SERVER_METRICS = (
 )
 
 
+def _admission_metrics(listeners: list[Listener]) -> Iterator[str]:
+    yield from _family("listener_refused_total", "counter",
+                       "Clients closed before any server was contacted, by reason.")  # fmt: skip
+    for x in listeners:
+        for reason, count in x.admission.refused.items():
+            yield f"anubis_listener_refused_total{_labels(listener=x.name, reason=reason)} {count}"
+    yield from _family("listener_tracked_clients", "gauge",
+                       "Clients with per-client state (open connections, rate buckets).")  # fmt: skip
+    for x in listeners:
+        yield f"anubis_listener_tracked_clients{_labels(listener=x.name)} {len(x.admission.clients)}"
+
+
 def prometheus(balancer: Balancer) -> str:
     """The `/metrics` document (text exposition format 0.0.4)."""
     lines: list[str] = []
@@ -130,6 +144,7 @@ def prometheus(balancer: Balancer) -> str:
     ):  # fmt: skip
         lines += _family(name, kind, help_text)
         lines += [f"anubis_{name}{_labels(listener=x.name)} {getattr(x, attribute)}" for x in listeners]
+    lines += _admission_metrics(listeners)
     rows = list(_server_rows(balancer))
     for name, kind, help_text, attribute in SERVER_METRICS:
         lines += _family(name, kind, help_text)

@@ -81,7 +81,7 @@ class Server:
         "active", "address", "bytes_in", "bytes_out", "checks_failed", "checks_passed", "checks_skipped",
         "connect_failures",
         "consecutive_failures", "draining", "effective_weight", "ewma", "healthy",
-        "last_check", "max_connections", "name", "removed", "sockaddrs", "source",
+        "last_check", "max_connections", "name", "removed", "send_proxy", "sockaddrs", "source",
         "total", "up_since", "weight",
     )  # fmt: skip
 
@@ -90,6 +90,7 @@ class Server:
         self.address: Address = config.address
         self.weight = config.weight
         self.max_connections = config.max_connections
+        self.send_proxy = config.send_proxy  # "": the pool's
         self.source = source  # "" for static servers, the discovery name otherwise
         self.healthy = healthy
         self.draining = False

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from trioanubis.config import Config, PoolConfig
+from trioanubis.config import Config, ListenerConfig, PoolConfig
 from trioanubis.pool import Pool
 
 
@@ -16,16 +16,37 @@ def _health(pool: PoolConfig) -> str:
     return f"{what} every {health.interval:g}s, rise {health.rise} fall {health.fall}"
 
 
+def _clients(listener: ListenerConfig) -> list[str]:
+    """What a listener checks between accept and connect, one line each (admission.py)."""
+    lines = []
+    if listener.accept_proxy:
+        trusted = ", ".join(map(str, listener.proxy_trusted))
+        lines.append(f"  accept_proxy from {trusted} (timeout {listener.proxy_timeout:g}s)")
+    for what, networks in (("allow", listener.allow), ("deny", listener.deny)):
+        if networks:
+            lines.append(f"  {what} {', '.join(map(str, networks))}")
+    limits = []
+    if listener.max_connections_per_client:
+        limits.append(f"{listener.max_connections_per_client} connections")
+    if listener.rate_per_client:
+        limits.append(str(listener.rate_per_client))
+    if limits:
+        lines.append(f"  per client: {', '.join(limits)}")
+    return lines
+
+
 def describe(config: Config, pools: Mapping[str, Pool] | None = None) -> str:
     """Listeners → pools → servers, with live state and latency when `pools` is given."""
     lines = []
     for name, listener in config.listeners.items():
         limit = f", max {listener.max_connections}" if listener.max_connections else ""
         lines.append(f"listener {name}: {listener.bind} -> pool {listener.pool}{limit}")
+        lines += _clients(listener)
     for name, pc in config.pools.items():
+        proxy = f", send_proxy {pc.send_proxy}" if pc.send_proxy != "none" else ""
         lines.append(f"pool {name}: {pc.strategy}; {_health(pc)}; connect_timeout "
                      f"{pc.connect_timeout:g}s, idle_timeout {pc.idle_timeout:g}s, "
-                     f"retries {pc.retries}")  # fmt: skip
+                     f"retries {pc.retries}{proxy}")  # fmt: skip
         live = pools[name].servers if pools else None
         if live is not None:
             for server in live:

@@ -28,6 +28,7 @@ from trioanubis.errors import OutOfResources
 from trioanubis.health.probe import probe
 from trioanubis.health.state import Hysteresis, next_slow_start_step, slow_start_weight
 from trioanubis.pool import Pool, Server
+from trioanubis.proxy_protocol import build_local
 from trioanubis.resolve import resolve_address
 
 log = logging.getLogger("trioanubis.health")
@@ -87,7 +88,7 @@ async def _probe_forever(pool: Pool, server: Server, first: trio.Event) -> None:
             if not server.sockaddrs:
                 await _resolve(server)
             try:
-                ok, reason = await probe(server, config)
+                ok, reason = await probe(server, config, health_proxy_header(pool, server))
             except OutOfResources as exc:
                 short = _skipped(pool, server, exc, short)
                 first.set()
@@ -121,6 +122,14 @@ def _skipped(pool: Pool, server: Server, exc: OutOfResources, short: bool) -> bo
         log.error("pool %s: server %s: health check skipped: %s; not counted against the server",
                   pool.name, server.name, exc)  # fmt: skip
     return True
+
+
+def health_proxy_header(pool: Pool, server: Server) -> bytes:
+    """What a check sends first: nothing, unless `health.send_proxy` and the server gets a header."""
+    if not pool.config.health.send_proxy:
+        return b""
+    version = server.send_proxy or pool.config.send_proxy
+    return b"" if version == "none" else build_local(version)
 
 
 async def _resolve(server: Server) -> None:

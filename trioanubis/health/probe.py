@@ -8,6 +8,10 @@ A probe that fails for lack of something local (descriptors, buffers,
 memory: `LOCAL_SHORTAGE_ERRNOS`, as for client connects) raises
 `OutOfResources` instead: it says nothing about the server, so the checker
 must not count it against it.
+
+A probe sends no PROXY header unless given one (`health.send_proxy = true`
+for servers that refuse connections without it): then the header, which
+names no client (v1 UNKNOWN, v2 LOCAL), is the first thing sent.
 """
 
 from __future__ import annotations
@@ -30,8 +34,10 @@ MAX_HEADERS: Final = 16384
 Result = tuple[bool, str]
 
 
-async def probe(server: Server, config: HealthConfig) -> Result:
-    """Run one check of `config.check` kind against `server`; OutOfResources on a local shortage."""
+async def probe(server: Server, config: HealthConfig, proxy_header: bytes = b"") -> Result:
+    """Run one check of `config.check` kind against `server`, after `proxy_header` if given.
+
+    Raises OutOfResources on a local shortage."""
     with trio.move_on_after(config.timeout):
         try:
             sock = await open_server_socket(server, config.timeout)
@@ -40,9 +46,16 @@ async def probe(server: Server, config: HealthConfig) -> Result:
         except ConnectFailed as exc:
             return False, exc.reason
         try:
-            if config.check == "tcp":
+            if config.check == "tcp" and not proxy_header:
                 return True, "connected"
             stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+            if proxy_header:
+                try:
+                    await stream.send_all(proxy_header)
+                except (OSError, trio.BrokenResourceError):
+                    return False, "reset"
+            if config.check == "tcp":
+                return True, "connected"
             return await _http_check(stream, server, config)
         finally:
             close_socket(sock)

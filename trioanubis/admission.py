@@ -1,0 +1,171 @@
+"""Between accept and connect: trusted proxies, the PROXY header, allow/deny, per-client limits.
+
+Theory of operation: a listener with none of these options set never calls
+into this module (its accept path stays as it was). With any of them, the
+listener owns one `Admission`, which lives as long as the listener (a reload
+reconfigures it, keeping its counters and its table of clients), and:
+
+- without `accept_proxy`, `at_accept` judges the client as accept() reported
+  it, synchronously, before the connection gets a task: allow/deny (deny
+  wins; an empty allow list allows everyone), then the per-client limits
+  (`ClientTable`);
+- with `accept_proxy`, `at_accept` only checks that the peer is in
+  `proxy_trusted`; the connection's task (`serve_proxied`) then reads the
+  header within `proxy_timeout` (proxy_io.py) and judges the client the
+  header names the same way. The admitted connection continues as any other
+  (`handle_connection`) with that client as its address: the access log,
+  `/stats`, `source_hash`, the limits and `send_proxy` all see the real client.
+
+A refused client is closed before any server is contacted, counted by reason
+(`refused`, shown in /stats and /metrics) and logged at most once per client
+per minute (`LogOnce`). An admitted connection is counted per client until
+`release`, which the listener calls when it ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import TYPE_CHECKING, Final, final
+
+from trioanubis.clients import LOG_INTERVAL, ClientTable, LogOnce, NetworkSet
+from trioanubis.config import ListenerConfig
+from trioanubis.connection import close_socket, handle_connection
+from trioanubis.errors import ProxyHeaderError
+from trioanubis.proxy_io import read_proxy_header
+
+if TYPE_CHECKING:
+    from trioanubis.listener import Listener
+
+log = logging.getLogger("trioanubis.admission")
+
+# Why a client was refused: the label values of anubis_listener_refused_total.
+REASONS: Final = ("denied", "untrusted", "proxy_header", "proxy_timeout", "client_connections",
+                  "client_rate")  # fmt: skip
+# Clients with the most open connections that /stats lists per listener.
+BUSIEST_SHOWN: Final = 20
+# A constant task name (as listener.py's): Trio would otherwise format one per task.
+CONNECTION_TASK_NAME: Final = "trioanubis.connection"
+
+
+@final
+class Admission:
+    """Who may connect to one listener, and how much."""
+
+    def __init__(self, listener: str, config: ListenerConfig) -> None:
+        self.listener = listener
+        self.refused = dict.fromkeys(REASONS, 0)
+        self.clients = ClientTable()
+        self.active = self.clients.active  # client → open connections (only while counting)
+        self.logged = LogOnce()
+        self._flood_warned = -LOG_INTERVAL
+        self.configure(config)
+
+    def configure(self, config: ListenerConfig) -> None:
+        """Apply a listener's (new) options; counters and open-connection counts carry over."""
+        self.config = config
+        self.accept_proxy = config.accept_proxy
+        self.proxy_timeout = config.proxy_timeout
+        self.trusted = NetworkSet(config.proxy_trusted)
+        self.allow = NetworkSet(config.allow)
+        self.deny = NetworkSet(config.deny)
+        rate = config.rate_per_client
+        self.clients.configure(config.max_connections_per_client,
+                               None if rate is None else (rate.count, rate.period))  # fmt: skip
+        # Open connections are counted per client when a limit needs it, or to show real clients.
+        self.counting = bool(config.accept_proxy or config.max_connections_per_client or rate)
+
+    def at_accept(self, host: str, now: float) -> bool:
+        """The check right after accept(): the proxy must be trusted, or the client admitted."""
+        if not self.accept_proxy:
+            return self.admit(host, now)
+        if host in self.trusted:
+            return True
+        self.refuse(host, "untrusted", now, "not in proxy_trusted")
+        return False
+
+    def admit(self, host: str, now: float) -> bool:
+        """Allow/deny, then the per-client limits; an admitted client is counted until `release`."""
+        if (self.deny and host in self.deny) or (self.allow and host not in self.allow):
+            self.refuse(host, "denied", now, "denied by allow/deny")
+            return False
+        if self.counting:
+            reason = self.clients.admit(host, now)
+            if reason:
+                self.refuse(host, reason, now, self._describe_limit(reason))
+                return False
+        return True
+
+    def release(self, peer: tuple[object, ...]) -> None:
+        """A connection this admission counted has ended."""
+        self.clients.release(str(peer[0]))
+
+    def refuse(self, host: str, reason: str, now: float, why: str) -> None:
+        """Count a refusal and log it, at most once per client per minute."""
+        self.refused[reason] += 1
+        if self.logged.should_log(host, now):
+            log.warning("listener %s: refused %s: %s", self.listener, host, why)
+        elif self.logged.suppressed and now - self._flood_warned >= LOG_INTERVAL:
+            self._flood_warned = now
+            log.warning("listener %s: refusing clients from more than %d addresses a minute; further "
+                        "refusals are counted (/metrics) but not logged", self.listener,
+                        self.logged.capacity)  # fmt: skip
+
+    def _describe_limit(self, reason: str) -> str:
+        if reason == "client_connections":
+            return f"over max_connections_per_client ({self.config.max_connections_per_client})"
+        return f"over rate_per_client ({self.config.rate_per_client})"
+
+    def stats(self) -> dict[str, object]:
+        """This listener's part of /stats."""
+        return {
+            "refused": dict(self.refused),
+            "refusals_not_logged": self.logged.suppressed,
+            "tracked_clients": len(self.clients),
+            "busiest_clients": [{"client": c, "active": n} for c, n in self.clients.busiest(BUSIEST_SHOWN)],
+        }
+
+
+async def serve_proxied(client: socket.socket, addr: tuple[object, ...], listener: Listener) -> None:
+    """The first task of a connection to an `accept_proxy` listener: the header and the checks.
+
+    A connection refused here (bad, late or missing header, or a refused
+    client) is closed and accounted for by the listener. An admitted one is
+    handed to a new task, `handle_connection`, which then owns the socket:
+    the relay's task then carries no frame of this one (memory per connection).
+    """
+    admitted: tuple[tuple[object, ...], tuple[str, int] | None] | None = None
+    try:
+        admitted = await _read_and_admit(client, addr, listener.admission, listener)
+    except Exception:  # a bug ends this connection only, never the process
+        log.exception("listener %s: reading the PROXY header from %s failed unexpectedly",
+                      listener.name, addr[0])  # fmt: skip
+    finally:
+        if admitted is None:
+            close_socket(client)
+            listener.closed_before_relay()
+    if admitted is not None:
+        assert listener.connections is not None
+        real, local = admitted
+        listener.connections.start_soon(handle_connection, client, real, listener, local,
+                                        name=CONNECTION_TASK_NAME)  # fmt: skip
+
+
+async def _read_and_admit(
+    client: socket.socket, addr: tuple[object, ...], admission: Admission, listener: Listener
+) -> tuple[tuple[object, ...], tuple[str, int] | None] | None:
+    """The real client and the address it connected to, or None when refused."""
+    now = listener.poller.now
+    try:
+        header = await read_proxy_header(client, admission.proxy_timeout)
+    except ProxyHeaderError as exc:
+        admission.refuse(str(addr[0]), exc.reason, now(), str(exc))
+        return None
+    if header.source is None:  # LOCAL / UNKNOWN: the proxy speaks for itself
+        real: tuple[object, ...] = addr
+        local = None
+    else:
+        real, local = header.source, header.destination
+    if not admission.admit(str(real[0]), now()):
+        return None
+    return real, local
