@@ -7,7 +7,7 @@ Theory of operation — the tree `Balancer.run` builds:
     ├── scope per pool: DNS discovery (one task per entry)  discovery.py
     │                   health checks (one task per server) health/checker.py
     ├── timer: every connection's connect/idle timeouts     timeouts.py
-    ├── poller: steps or wakes parked relay pumps          poller.py
+    ├── poller: steps or wakes parked relay pumps          proxy/io/epoll.py
     ├── reloader: applies SIGHUP / --watch reloads one at a time
     ├── connections nursery                                (outlives the listeners)
     │   └── one task per connection → its nursery          connection.py, relay.py
@@ -50,8 +50,8 @@ from trioanubis.discovery import run_discovery, source_of
 from trioanubis.errors import AnubisError, ConfigError
 from trioanubis.health.checker import run_health_checks
 from trioanubis.listener import Limits, Listener
-from trioanubis.poller import Poller
 from trioanubis.pool import Pool, Server
+from trioanubis.proxy.io.epoll import Poller
 from trioanubis.resolve import resolve_address
 from trioanubis.strategies import make_strategy
 from trioanubis.timeouts import Timer, tick_for

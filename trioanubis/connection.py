@@ -37,7 +37,7 @@ from trioanubis.relay import Relay
 
 if TYPE_CHECKING:
     from trioanubis.listener import Listener
-    from trioanubis.poller import Poller
+    from trioanubis.proxy.io.epoll import Poller
 
 log = logging.getLogger("trioanubis.connection")
 

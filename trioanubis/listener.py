@@ -34,8 +34,8 @@ from trioanubis.connection import (
     handle_connection,
 )
 from trioanubis.errors import AnubisError
-from trioanubis.poller import Poller
 from trioanubis.pool import Pool
+from trioanubis.proxy.io.epoll import Poller
 from trioanubis.timeouts import Timer
 
 log = logging.getLogger("trioanubis.listener")

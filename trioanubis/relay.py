@@ -10,7 +10,7 @@ connection costs two tasks.
 - A pump calls the non-blocking `recv_into` / `send` first and waits for
   readiness only when the kernel says EAGAIN (or a short read shows the
   socket drained), so a busy connection costs one syscall per chunk. Waits go
-  through the process's `Poller` (poller.py), where both sockets were
+  through the process's `Poller` (proxy/io/epoll.py), where both sockets were
   registered once, edge-triggered, instead of re-arming Trio's epoll per wait.
 - A pump parked on a drained socket lets the poller's dispatcher take its
   next step (`step`: one read and one send, the same `_move` the pump runs)
@@ -55,8 +55,8 @@ import trio
 from trioanubis.errors import AttemptCancelled
 
 if TYPE_CHECKING:
-    from trioanubis.poller import Poller
     from trioanubis.pool import Pool, Server
+    from trioanubis.proxy.io.epoll import Poller
 
 # One read's worth of bytes; also the most a pump ever holds while its peer
 # is not reading (per direction). 64 KiB is the size where loopback
@@ -270,7 +270,7 @@ class Relay:
         while True:
             if state == EMPTY or (state == DRAINED and src_fd not in hung_up):
                 # Drained (a short read waits rather than paying for an EAGAIN, unless a
-                # FIN or reset may be queued behind the data: see poller.py). While we
+                # FIN or reset may be queued behind the data: see proxy/io/epoll.py). While we
                 # are parked the dispatcher takes our steps (`step`) and wakes us only
                 # with one that needs more than a read and a complete send.
                 full_reads = 0

@@ -1,0 +1,1 @@
+"""Readiness backends for relay sockets."""
