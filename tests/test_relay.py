@@ -13,6 +13,7 @@ import trio
 import trio.testing
 
 from tests.conftest import (
+    IO_BACKEND,
     closed_without_answer,
     config_for,
     connect,
@@ -260,7 +261,7 @@ async def test_ipv6_listener_relays_to_an_ipv4_server(nursery: trio.Nursery) -> 
         assert await request(address) == b"v4 behind v6"
 
 
-@pytest.mark.skipif(not USE_SPLICE, reason="os.splice is Linux-only")
+@pytest.mark.skipif(not USE_SPLICE or IO_BACKEND != "epoll", reason="splice: Linux's epoll backend only")
 @pytest.mark.parametrize("pipes", ["available", "exhausted"])
 async def test_bulk_switches_to_splice_and_falls_back_to_copying_without_pipes(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, pipes: str

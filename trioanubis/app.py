@@ -7,7 +7,7 @@ Theory of operation — the tree `Balancer.run` builds:
     ├── scope per pool: DNS discovery (one task per entry)  discovery.py
     │                   health checks (one task per server) health/checker.py
     ├── timer: every connection's connect/idle timeouts     timeouts.py
-    ├── poller: steps or wakes parked relay pumps          proxy/io/epoll.py
+    ├── readiness: steps or wakes parked relay pumps       proxy/io/
     ├── reloader: applies SIGHUP / --watch reloads one at a time
     ├── connections nursery                                (outlives the listeners)
     │   └── one task per connection → its nursery          connection.py, relay.py
@@ -51,7 +51,7 @@ from trioanubis.errors import AnubisError, ConfigError
 from trioanubis.health.checker import run_health_checks
 from trioanubis.listener import Limits, Listener
 from trioanubis.pool import Pool, Server
-from trioanubis.proxy.io.epoll import Poller
+from trioanubis.proxy.io import open_readiness
 from trioanubis.resolve import resolve_address
 from trioanubis.strategies import make_strategy
 from trioanubis.timeouts import Timer, tick_for
@@ -77,15 +77,18 @@ def fd_connection_limit() -> int:
 class Balancer:
     """The running balancer: its pools, listeners and the scopes that stop them."""
 
-    def __init__(self, config: Config, *, config_path: str | None = None, watch: bool = False) -> None:
+    def __init__(
+        self, config: Config, *, config_path: str | None = None, watch: bool = False, io: str = ""
+    ) -> None:
         self.config = config
+        self.io = io  # `--io`: wins over [settings] io for the life of the process
         self.config_path = config_path
         self.watch = watch
         self.pools: dict[str, Pool] = {name: Pool(pc) for name, pc in config.pools.items()}
         self.access = AccessLog(enabled=config.settings.access_log)
         self.limits = Limits(self._connection_limit(config))
         self.timer = Timer(self._tick(config))
-        self.poller = Poller()
+        self.poller = open_readiness(io or config.settings.io)
         self.listeners: dict[str, Listener] = {
             name: self._new_listener(lc) for name, lc in config.listeners.items()
         }
@@ -280,6 +283,8 @@ class Balancer:
         """Bring the running balancer to `new` without touching established connections."""
         if new.admin != self.config.admin:
             log.warning("reload: [admin] changes take effect at the next restart")
+        if new.settings.io != self.config.settings.io and not self.io:
+            log.warning("reload: settings.io changes take effect at the next restart")
         for name, pool_config in new.pools.items():
             if name in self.pools:
                 await self._update_pool(self.pools[name], pool_config)

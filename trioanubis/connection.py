@@ -37,7 +37,7 @@ from trioanubis.relay import Relay
 
 if TYPE_CHECKING:
     from trioanubis.listener import Listener
-    from trioanubis.proxy.io.epoll import Poller
+    from trioanubis.proxy.io import Readiness as Poller
 
 log = logging.getLogger("trioanubis.connection")
 
@@ -74,7 +74,9 @@ def close_socket(sock: socket.socket) -> None:
 LOCAL_SHORTAGE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
-_NONBLOCKING_STREAM: Final = socket.SOCK_STREAM | socket.SOCK_NONBLOCK  # Linux, like the epoll poller
+# Linux creates sockets non-blocking in one call; elsewhere setblocking(False) follows.
+_SOCK_NONBLOCK: Final[int] = getattr(socket, "SOCK_NONBLOCK", 0)
+_NONBLOCKING_STREAM: Final = socket.SOCK_STREAM | _SOCK_NONBLOCK
 
 
 def _new_socket(family: int, address: object) -> socket.socket:
@@ -88,6 +90,8 @@ def _new_socket(family: int, address: object) -> socket.socket:
         if exc.errno in LOCAL_SHORTAGE_ERRNOS:
             raise OutOfResources(message, reason) from exc
         raise ConnectFailed(message, reason) from exc
+    if not _SOCK_NONBLOCK:
+        sock.setblocking(False)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 

@@ -35,7 +35,7 @@ from trioanubis.connection import (
 )
 from trioanubis.errors import AnubisError
 from trioanubis.pool import Pool
-from trioanubis.proxy.io.epoll import Poller
+from trioanubis.proxy.io import Readiness
 from trioanubis.timeouts import Timer
 
 log = logging.getLogger("trioanubis.listener")
@@ -91,7 +91,7 @@ class Listener:
         limits: Limits,
         access: AccessLog,
         timer: Timer,
-        poller: Poller,
+        poller: Readiness,
     ) -> None:
         self.config = config
         self.name = config.name

@@ -34,6 +34,9 @@ import trio
 if TYPE_CHECKING:
     from trioanubis.relay import Relay
 
+# The client socket is non-blocking already; MSG_DONTWAIT (not on Windows) only makes sure.
+_PEEK: Final = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
+
 MIN_TICK: Final = 0.005
 MAX_TICK: Final = 0.5
 # A timeout fires at most two ticks late: at most 2/TICKS_PER_TIMEOUT of its value.
@@ -48,7 +51,7 @@ def tick_for(timeouts: Iterable[float]) -> float:
 def client_gone(client: socket.socket) -> bool:
     """True when the client has closed or reset (peeking never consumes its bytes)."""
     try:
-        return client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        return client.recv(1, _PEEK) == b""
     except BlockingIOError:
         return False
     except OSError:
