@@ -18,7 +18,7 @@ import trio.testing
 
 from tests.test_io import BACKENDS, fill, running, socket_pair
 from trioanubis.errors import AttemptCancelled
-from trioanubis.proxy.io import Readiness
+from trioanubis.proxy.io import Readiness, open_readiness
 from trioanubis.relay import Relay
 from trioanubis.timeouts import Timer, tick_for
 
@@ -163,3 +163,18 @@ async def test_client_leaving_cancels_the_connect_attempt_within_a_tick(
             assert relay.attempt_end == "client_abort"
             assert 2.0 <= fired - relay.connect_started <= 2.0 + 2 * timer.tick
             timer.unwatch(relay)
+
+
+def test_an_idle_relay_is_looked_at_once_per_twentieth_of_its_timeout_not_every_tick() -> None:
+    with socket_pair("tcp") as (client, _):
+        timer = Timer(0.1)
+        relay = Relay(client, idle_timeout=600.0, half_close_timeout=60.0, poller=open_readiness("portable"))
+        timer.watch(relay)
+        looks = 0
+        for tick in range(600):  # a minute of ticks
+            relay.active = True  # each look turns the mark back into False
+            timer.check(tick * 0.1)
+            looks += not relay.active
+        assert relay.end == ""
+        # 60 s / 20 = a look every 3 s, 30 ticks: 20 looks a minute, not 600.
+        assert 20 <= looks <= 22
