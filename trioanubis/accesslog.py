@@ -20,7 +20,7 @@ import time
 from typing import TYPE_CHECKING, final
 
 if TYPE_CHECKING:
-    from trioanubis.connection import ConnectionRecord
+    from trioanubis.proxy.record import ConnectionRecord
 
 log = logging.getLogger("trioanubis.access")
 

@@ -48,7 +48,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Final, final
+from typing import TYPE_CHECKING, Final, Literal, final
 
 import trio
 
@@ -57,6 +57,7 @@ from trioanubis.errors import AttemptCancelled
 if TYPE_CHECKING:
     from trioanubis.pool import Pool, Server
     from trioanubis.proxy.io import Readiness as Poller
+    from trioanubis.proxy.record import AttemptEnd, EndState, FirstEof
 
 # One read's worth of bytes; also the most a pump ever holds while its peer
 # is not reading (per direction). 64 KiB is the size where loopback
@@ -141,8 +142,8 @@ class Relay:
         self.pending_out = 0
         self.unsent_in = b""  # what the server did not take of the last chunk, until sent
         self.unsent_out = b""
-        self.first_eof = ""  # "client_eof" or "server_eof": the side that sent EOF first
-        self.end = ""  # why the relay ended; "" while running or when cut from outside
+        self.first_eof: FirstEof = ""  # "client_eof" or "server_eof": the side that sent EOF first
+        self.end: EndState | Literal[""] = ""  # why it ended; "" while running or when cut from outside
         self.first_sent = 0.0  # when the first client byte went to the server
         self.last_activity = 0.0  # when the Timer last saw it active (or when it started)
         self.active = False  # moved something since the Timer last looked
@@ -153,9 +154,9 @@ class Relay:
         self.connect_started = 0.0
         self.attempt_deadline = 0.0
         self.attempt_fd = -1  # the socket a connect attempt waits on, while it waits
-        self.attempt_end = ""  # "timeout" or "client_abort" once the Timer cancelled an attempt
+        self.attempt_end: AttemptEnd = ""  # "timeout" or "client_abort" once the Timer cancelled an attempt
 
-    def cancel_attempt(self, why: str) -> None:
+    def cancel_attempt(self, why: AttemptEnd) -> None:
         """Called by the Timer: stop the connect attempt under way (it raises AttemptCancelled).
 
         The attempt is woken through the poller it waits in, which costs less
@@ -188,7 +189,7 @@ class Relay:
         assert self.server is not None
         return self._pump(self.client, self.server, True)
 
-    def finish(self, end: str) -> None:
+    def finish(self, end: EndState) -> None:
         """End the relay now, recording why (the first reason given wins)."""
         if not self.end:
             self.end = end

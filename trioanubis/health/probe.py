@@ -13,9 +13,9 @@ import h11
 import trio
 
 from trioanubis.config import HealthConfig
-from trioanubis.connection import close_socket, open_server_socket
 from trioanubis.errors import ConnectFailed
 from trioanubis.pool import Server
+from trioanubis.proxy.connect import close_socket, open_server_socket
 
 # The most of a health response body we read: enough for any status page
 # that says "up", small enough that a misbehaving server cannot bloat us.

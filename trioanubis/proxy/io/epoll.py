@@ -52,7 +52,7 @@ from typing import Any, Final, final
 import outcome
 import trio
 
-from trioanubis.proxy.io import Stepper
+from trioanubis.proxy.io.base import Stepper
 
 # Ready descriptors taken from the kernel per dispatcher wake-up.
 MAX_EVENTS: Final = 1024

@@ -31,7 +31,7 @@ from typing import Any, final
 
 import trio
 
-from trioanubis.proxy.io import Stepper
+from trioanubis.proxy.io.base import Stepper
 
 
 @final
