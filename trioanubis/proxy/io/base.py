@@ -40,7 +40,11 @@ class Readiness(Protocol):
         ...
 
     def interrupt(self, fd: int, error: Callable[[], BaseException]) -> bool:
-        """Wake whatever waits on `fd`, raising `error()` in it; False when nothing waited."""
+        """Wake a plain wait on `fd` (no stepper), raising `error()` in it; False when none waited.
+
+        A pump parked with a stepper is ended by cancelling its relay, not by
+        this (the epoll backend wakes it too; the portable one does not see it).
+        """
         ...
 
     def forget(self, fd: int) -> None:
