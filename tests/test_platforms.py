@@ -4,7 +4,8 @@ The machine running the suite is Linux, so a subprocess makes the Linux-only
 names unavailable first (as on macOS, BSD or Windows): Trio is imported
 (it picks its own I/O backend at import), then `select.epoll` and the
 `EPOLL*` constants, `socket.SOCK_NONBLOCK`, `os.splice` and the `fcntl`
-module are taken away. Every module of the package is then imported, the
+module are taken away (and, as on Windows, `resource` and `signal.SIGHUP`).
+Every module of the package is then imported, the
 CLI's `--version` and `check` run, and a request is proxied end to end.
 Trio's own I/O manager keeps a private copy of `select` (it stands in for
 the kqueue or Windows backend Trio would have chosen elsewhere).
@@ -34,6 +35,10 @@ for name in [n for n in dir(select) if n == "epoll" or n.startswith("EPOLL")]:
 del socket.SOCK_NONBLOCK
 del os.splice
 sys.modules["fcntl"] = None  # `import fcntl` now raises ImportError
+# Windows has neither (macOS and BSD do): the package must not need them to start.
+sys.modules["resource"] = None
+import signal
+del signal.SIGHUP
 
 import trioanubis
 for module in pkgutil.walk_packages(trioanubis.__path__, "trioanubis."):
@@ -58,7 +63,7 @@ with contextlib.redirect_stderr(err):
     code = cli.main(["run", "-c", sys.argv[1], "--io", "epoll"])
 print("run --io epoll exit", code, err.getvalue().strip().splitlines()[-1])
 
-from trioanubis.app import Balancer
+from trioanubis.app import Balancer, run_until_signalled
 from trioanubis.config import parse_config
 
 
@@ -77,7 +82,7 @@ async def main():
             "pools": {"web": {"servers": [f"127.0.0.1:{port}"]}},
         })
         balancer = Balancer(config)
-        bound = await nursery.start(balancer.run)
+        bound = await nursery.start(run_until_signalled, balancer)
         address = next(iter(bound.values()))
         stream = await trio.open_tcp_stream(address.host, address.port)
         payload = os.urandom(1 << 20)

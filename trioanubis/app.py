@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import resource
 import signal
 from collections.abc import Mapping
 from pathlib import Path
@@ -67,6 +66,10 @@ WATCH_INTERVAL: Final = 1.0
 
 def fd_connection_limit() -> int:
     """How many proxied connections fit in RLIMIT_NOFILE (two descriptors each)."""
+    try:
+        import resource  # Unix only
+    except ImportError:  # Windows: no descriptor limit of this kind
+        return 1 << 20
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return 1 << 20
@@ -366,12 +369,14 @@ async def run_until_signalled(
     task_status: trio.TaskStatus[Mapping[str, Address]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run `balancer`: SIGTERM/SIGINT stop it gracefully (a second one: at once), SIGHUP reloads."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+    # Windows has no SIGHUP (reload there with --watch).
+    reload_signals = [signal.SIGHUP] if hasattr(signal, "SIGHUP") else []
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, *reload_signals) as signals:
         async with trio.open_nursery() as nursery:
 
             async def watch() -> None:
                 async for signum in signals:
-                    if signum == signal.SIGHUP:
+                    if signum in reload_signals:
                         balancer.request_reload("SIGHUP")
                         continue
                     log.warning("received %s", signal.Signals(signum).name)
