@@ -128,6 +128,10 @@ def _demo_config_path(path: str) -> Path:
 def _signal_reload(config_path: str) -> int:
     """`anubis reload`: validate the file, then SIGHUP the process its pid_file names."""
     config = load_config(config_path)
+    if not hasattr(signal, "SIGHUP"):
+        print("anubis: this platform has no SIGHUP; run the balancer with --watch to reload",
+              file=sys.stderr)  # fmt: skip
+        return 1
     pid_file = config.settings.pid_file
     if not pid_file:
         raise ConfigError(f"{config_path}: settings.pid_file is not set, so the running "
