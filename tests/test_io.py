@@ -192,18 +192,27 @@ async def test_close_while_parked_raises_closed_resource_error(backend_name: str
                 try:
                     if kind == "read":
                         await backend.wait_readable(a.fileno())
+                    elif kind == "stepped read":
+                        await backend.wait_readable(a.fileno(), Counting(a, wake_at=1))
                     else:
                         await backend.wait_writable(a.fileno())
                 except trio.ClosedResourceError as exc:
                     errors.append(type(exc))
 
+            for reader in ("read", "stepped read"):
+                errors.clear()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(wait, reader)
+                    nursery.start_soon(wait, "write")
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert not errors
+                    backend.forget(a.fileno())
+                assert errors == [trio.ClosedResourceError, trio.ClosedResourceError], reader
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(wait, "read")
                 nursery.start_soon(wait, "write")
                 await trio.testing.wait_all_tasks_blocked()
-                assert not errors
                 backend.close(a)
-            assert errors == [trio.ClosedResourceError, trio.ClosedResourceError]
+            assert errors == [trio.ClosedResourceError] * 3
             assert a.fileno() == -1
 
 

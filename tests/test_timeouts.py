@@ -47,6 +47,17 @@ def relaying(client: socket.socket, backend: Readiness, idle: float, half_close:
     return relay
 
 
+@asynccontextmanager
+async def idle_relay(backend_name: str, idle: float, half_close: float) -> AsyncIterator[tuple[Timer, Relay]]:
+    """A relaying connection with no traffic, watched by a running Timer; unwatched at the end."""
+    with socket_pair("tcp") as (client, _):
+        async with timing(backend_name, idle, half_close) as (timer, backend):
+            relay = relaying(client, backend, idle=idle, half_close=half_close)
+            timer.watch(relay)
+            yield timer, relay
+            timer.unwatch(relay)
+
+
 async def ended_at(relay: Relay) -> float:
     assert relay.scope is not None
     with relay.scope:
@@ -57,56 +68,44 @@ async def ended_at(relay: Relay) -> float:
 async def test_idle_timeout_fires_within_its_bound(
     backend_name: str, autojump_clock: trio.testing.MockClock
 ) -> None:
-    with socket_pair("tcp") as (client, _):
-        async with timing(backend_name, 30.0, 60.0) as (timer, backend):
-            relay = relaying(client, backend, idle=30.0, half_close=60.0)
-            start = trio.current_time()
-            timer.watch(relay)
-            fired = await ended_at(relay)
-            assert relay.end == "idle_timeout"
-            assert 30.0 <= fired - start <= 30.0 * (1 + LATE)
-            timer.unwatch(relay)
+    async with idle_relay(backend_name, 30.0, 60.0) as (_, relay):
+        start = trio.current_time()
+        fired = await ended_at(relay)
+        assert relay.end == "idle_timeout"
+        assert 30.0 <= fired - start <= 30.0 * (1 + LATE)
 
 
 async def test_activity_postpones_the_idle_timeout(
     backend_name: str, autojump_clock: trio.testing.MockClock
 ) -> None:
-    with socket_pair("tcp") as (client, _):
-        async with timing(backend_name, 10.0, 60.0) as (timer, backend):
-            relay = relaying(client, backend, idle=10.0, half_close=60.0)
-            timer.watch(relay)
-            last = 0.0
-            async with trio.open_nursery() as nursery:
+    async with idle_relay(backend_name, 10.0, 60.0) as (_, relay):
+        last = 0.0
+        async with trio.open_nursery() as nursery:
 
-                async def trickle() -> None:
-                    nonlocal last
-                    for _ in range(12):  # a byte every 4 s for 48 s: never idle for 10 s
-                        await trio.sleep(4.0)
-                        relay.active = True
-                        last = trio.current_time()
+            async def trickle() -> None:
+                nonlocal last
+                for _ in range(12):  # a byte every 4 s for 48 s: never idle for 10 s
+                    await trio.sleep(4.0)
+                    relay.active = True
+                    last = trio.current_time()
 
-                nursery.start_soon(trickle)
-                fired = await ended_at(relay)
-            assert relay.end == "idle_timeout"
-            assert 10.0 <= fired - last <= 10.0 * (1 + LATE) + 1e-9
-            timer.unwatch(relay)
+            nursery.start_soon(trickle)
+            fired = await ended_at(relay)
+        assert relay.end == "idle_timeout"
+        assert 10.0 <= fired - last <= 10.0 * (1 + LATE) + 1e-9
 
 
 async def test_half_close_timeout_fires_within_its_bound_after_the_first_eof(
     backend_name: str, autojump_clock: trio.testing.MockClock
 ) -> None:
-    with socket_pair("tcp") as (client, _):
-        async with timing(backend_name, 600.0, 20.0) as (timer, backend):
-            relay = relaying(client, backend, idle=600.0, half_close=20.0)
-            timer.watch(relay)
-            await trio.sleep(333.3)  # long after start, between two of the Timer's looks
-            relay.first_eof = "client_eof"  # what Relay._on_eof does
-            relay.active = True
-            eof = trio.current_time()
-            fired = await ended_at(relay)
-            assert relay.end == "idle_timeout"
-            assert 20.0 <= fired - eof <= 20.0 * (1 + LATE) + 1e-9
-            timer.unwatch(relay)
+    async with idle_relay(backend_name, 600.0, 20.0) as (_, relay):
+        await trio.sleep(333.3)  # long after start, between two of the Timer's looks
+        relay.first_eof = "client_eof"  # what Relay._on_eof does
+        relay.active = True
+        eof = trio.current_time()
+        fired = await ended_at(relay)
+        assert relay.end == "idle_timeout"
+        assert 20.0 <= fired - eof <= 20.0 * (1 + LATE) + 1e-9
 
 
 async def attempt(relay: Relay, sock: socket.socket) -> float:

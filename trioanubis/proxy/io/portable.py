@@ -108,8 +108,7 @@ class PortableReadiness:
         return woke
 
     def forget(self, fd: int) -> None:
-        if fd in self._readers or fd in self._writers:
-            trio.lowlevel.notify_closing(fd)
+        trio.lowlevel.notify_closing(fd)  # stepped waits are Trio's own: not in our tables
 
     def close(self, sock: socket.socket) -> None:
         if sock.fileno() >= 0:
