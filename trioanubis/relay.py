@@ -27,7 +27,8 @@ connection costs two tasks.
   reads again only after the previous chunk is sent (backpressure).
 - A direction whose read fills a whole chunk is bulk: where the backend
   offers it (epoll), it switches to splice(2) through a pipe of its own
-  (256 KiB), so its bytes never enter the process; the pipe, emptied before the next read, is then the bound.
+  (256 KiB), so its bytes never enter the process; the pipe, emptied before
+  the next read, is then the bound.
 - EOF from one side shuts down writing towards the other side and ends that
   pump; the other direction keeps flowing (half-close). When both pumps have
   seen EOF the relay ends normally.
