@@ -239,10 +239,10 @@ async def test_interrupt_raises_the_given_error_in_the_waiter_only(backend_name:
                 assert backend.interrupt(a.fileno(), AttemptCancelled)
                 await trio.testing.wait_all_tasks_blocked()
                 assert outcomes == {"a": "interrupted"}  # c still parked
-                drain(d)
-                while not outcomes.get("c"):
-                    drain(d)
-                    await trio.testing.wait_all_tasks_blocked(0.01)
+                with trio.fail_after(10):
+                    while not outcomes.get("c"):
+                        drain(d)
+                        await trio.testing.wait_all_tasks_blocked(0.01)
             assert outcomes == {"a": "interrupted", "c": "woken"}
 
 
@@ -299,11 +299,12 @@ async def test_steps_keep_the_task_parked_until_one_returns_a_result(backend_nam
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(pump)
-                for _ in range(2):
+                for sent in (1, 2):
                     await trio.testing.wait_all_tasks_blocked()
                     b.send(b"x")
-                    while stepper.got < _ + 1:
-                        await trio.testing.wait_all_tasks_blocked(0.01)
+                    with trio.fail_after(10):
+                        while stepper.got < sent:
+                            await trio.testing.wait_all_tasks_blocked(0.01)
                     assert not result  # each step stayed short of a result: still parked
                 b.send(b"x")
             assert result == [3]
