@@ -98,13 +98,16 @@ class Contender:
 # ----------------------------------------------------------------- contenders
 
 
-def trioanubis(access_log: bool, send_proxy: str = "none") -> Callable[[Path, int, list[int]], list[str]]:
+def trioanubis(
+    access_log: bool, send_proxy: str = "none", io: str = "auto"
+) -> Callable[[Path, int, list[int]], list[str]]:
     def command(tmp: Path, listen: int, backends: list[int]) -> list[str]:
         servers = ", ".join(f'"127.0.0.1:{p}"' for p in backends)
         config = tmp / "anubis.toml"
         config.write_text(f"""
 [settings]
 access_log = {str(access_log).lower()}
+io = "{io}"
 [listeners.bench]
 bind = "127.0.0.1:{listen}"
 pool = "bench"
@@ -186,6 +189,8 @@ def contenders(args: argparse.Namespace) -> list[Contender]:
         Contender("trioanubis+log", trioanubis(True), [], ("keepalive", "connrate")),
         Contender("trioanubis+send_proxy", trioanubis(False, "v2"), [], ("keepalive", "connrate"),
                   proxied=True),
+        # The readiness backend of macOS, BSD and Windows (Trio's waits, copying), run on Linux.
+        Contender("trioanubis-portable", trioanubis(False, io="portable"), []),
         Contender("haproxy", haproxy(False), ["haproxy"]),
         Contender("haproxy+splice", haproxy(True), ["haproxy"], ("bulk",)),
         Contender("nginx-stream", nginx_stream, ["nginx", "/usr/lib/nginx/modules/ngx_stream_module.so"]),
@@ -485,7 +490,18 @@ def ratios(results: Results) -> str:
         vs_peer = f"{ours / peers[best]:.2f}× ({best})" if best else "–"
         lines.append(f"| {workload}{' (lower is better)' if lower_is_better else ''} | {vs_haproxy} | "
                      f"{vs_peer} |")  # fmt: skip
-    return "\n".join(lines)
+    return "\n".join(lines) + portable_ratios(results)
+
+
+def portable_ratios(results: Results) -> str:
+    """The portable backend against the epoll one, when both ran."""
+    lines = ["", "", "| workload | trioanubis-portable ÷ trioanubis (epoll) |", "|---|---|"]
+    for workload in WORKLOADS:
+        m = medians(results, workload)
+        if m.get("trioanubis") and "trioanubis-portable" in m:
+            lower = " (lower is better)" if workload in ("memory", "latency") else ""
+            lines.append(f"| {workload}{lower} | {m['trioanubis-portable'] / m['trioanubis']:.2f}× |")
+    return "\n".join(lines) if len(lines) > 4 else ""
 
 
 def machine() -> str:

@@ -15,9 +15,13 @@ import trio
 
 from trioanubis.app import Balancer
 from trioanubis.config import Address, parse_config
+from trioanubis.proxy.io import resolve_io
 
 # Deadline for "eventually": generous, since these machines are shared and noisy.
 EVENTUALLY = 20.0
+# The readiness backend this test run uses ("auto" unless ANUBIS_IO says otherwise:
+# .ci/run runs the suite once per backend).
+IO_BACKEND = resolve_io("auto")
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float = EVENTUALLY) -> None:

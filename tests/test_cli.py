@@ -10,10 +10,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
 import trio
 
-from tests.conftest import connect_when_listening, free_port, name_handler, start_backend
+from tests.conftest import IO_BACKEND, connect_when_listening, free_port, name_handler, start_backend
 from trioanubis import __version__
+from trioanubis.proxy.io import epoll_available
 
 ROOT = Path(__file__).resolve().parent.parent
 ANUBIS = [sys.executable, "-m", "trioanubis"]
@@ -160,3 +162,23 @@ def test_python_dash_m_and_console_script_agree() -> None:
     assert result.stdout.strip() == f"anubis {__version__}"
 
 
+
+
+@pytest.mark.parametrize("io", ["epoll", "portable"])
+async def test_proxy_runs_on_the_backend_io_names_and_logs_it(nursery: trio.Nursery, io: str) -> None:
+    if io == "epoll" and not epoll_available():
+        pytest.skip("no epoll here")
+    backend = await start_backend(nursery, name_handler("either"))
+    port = free_port()
+    async with anubis("proxy", f"127.0.0.1:{port}", backend.address, "--io", io) as process:
+        assert await http_get(port) == b"either"
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            await process.wait()
+        assert f"(io: {io})" in await _stderr(process)
+
+
+def test_check_names_the_backend_in_use() -> None:
+    result = run_cli("check", "-c", "anubis.toml")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == f"io: {IO_BACKEND}"

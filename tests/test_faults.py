@@ -41,7 +41,8 @@ from tests.test_operations import wait_port
 from trioanubis import relay as relay_module
 from trioanubis.app import Balancer
 from trioanubis.config import Address
-from trioanubis.relay import CHUNK_SIZE, PIPE_SIZE, Relay
+from trioanubis.proxy.io.epoll import PIPE_SIZE
+from trioanubis.relay import CHUNK_SIZE, Relay
 
 # At most one chunk (copying) or one pipe-full (splice, in kernel memory) per direction.
 HELD_AT_MOST = max(CHUNK_SIZE, PIPE_SIZE)

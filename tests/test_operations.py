@@ -247,6 +247,24 @@ async def test_reload_in_process_changes_strategy_weights_and_listeners(nursery:
 
 
 
+async def test_reload_that_changes_io_keeps_the_backend_and_says_so(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import logging
+
+    monkeypatch.setattr(logging.getLogger("trioanubis"), "propagate", True)
+    backend = await start_backend(nursery, name_handler("same"))
+    data = config_for([backend.address])
+    async with running_balancer(data) as (balancer, address):
+        running = balancer.poller.name
+        data["settings"] = {"io": "portable"}  # was "auto"
+        with caplog.at_level(logging.WARNING, logger="trioanubis"):
+            await balancer.apply_config(parse_config(data, "reloaded.toml"))
+        assert "settings.io changes take effect at the next restart" in caplog.text
+        assert balancer.poller.name == running
+        assert await request(address) == b"same"
+
+
 async def test_access_log_off_logs_no_lines_but_still_counts(
     nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -12,6 +12,7 @@ import trio
 import trio.testing
 
 from tests.conftest import (
+    IO_BACKEND,
     closed_without_answer,
     config_for,
     connect,
@@ -98,8 +99,8 @@ async def test_server_half_close_keeps_client_direction_flowing(nursery: trio.Nu
 def splice(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
     """Run a test with bulk directions switching to splice, and with copying only."""
     on = request.param == "splice"
-    if on and not USE_SPLICE:
-        pytest.skip("os.splice is Linux-only")
+    if on and (not USE_SPLICE or IO_BACKEND != "epoll"):
+        pytest.skip("splice: Linux's epoll backend only")
     monkeypatch.setattr(relay_module, "USE_SPLICE", on)
     return on
 
@@ -281,7 +282,7 @@ async def test_ipv6_listener_relays_to_an_ipv4_server(nursery: trio.Nursery) -> 
         assert await request(address) == b"v4 behind v6"
 
 
-@pytest.mark.skipif(not USE_SPLICE, reason="os.splice is Linux-only")
+@pytest.mark.skipif(not USE_SPLICE or IO_BACKEND != "epoll", reason="splice: Linux's epoll backend only")
 @pytest.mark.parametrize("pipes", ["available", "exhausted"])
 async def test_bulk_switches_to_splice_and_falls_back_to_copying_without_pipes(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, pipes: str

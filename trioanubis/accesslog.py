@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, final
 from trioanubis.logwriter import LogWriter
 
 if TYPE_CHECKING:
-    from trioanubis.connection import ConnectionRecord
+    from trioanubis.proxy.record import ConnectionRecord
 
 log = logging.getLogger("trioanubis.access")
 

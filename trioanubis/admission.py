@@ -30,8 +30,9 @@ from typing import TYPE_CHECKING, Final, final
 
 from trioanubis.clients import LOG_INTERVAL, ClientTable, LogOnce, NetworkSet
 from trioanubis.config import ListenerConfig
-from trioanubis.connection import close_socket, handle_connection
+from trioanubis.connection import handle_connection
 from trioanubis.errors import ProxyHeaderError
+from trioanubis.proxy.connect import close_socket
 from trioanubis.proxy_io import read_proxy_header
 
 if TYPE_CHECKING:

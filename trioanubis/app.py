@@ -7,7 +7,7 @@ Theory of operation — the tree `Balancer.run` builds:
     ├── scope per pool: DNS discovery (one task per entry)  discovery.py
     │                   health checks (one task per server) health/checker.py
     ├── timer: every connection's connect/idle timeouts     timeouts.py
-    ├── poller: steps or wakes parked relay pumps          poller.py
+    ├── readiness: steps or wakes parked relay pumps       proxy/io/
     ├── reloader: applies SIGHUP / --watch reloads one at a time
     ├── connections nursery                                (outlives the listeners)
     │   └── one task per connection → its nursery          connection.py, relay.py
@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import resource
 import signal
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,8 +51,8 @@ from trioanubis.discovery import run_discovery, source_of
 from trioanubis.errors import AnubisError, ConfigError
 from trioanubis.health.checker import run_health_checks
 from trioanubis.listener import Limits, Listener
-from trioanubis.poller import Poller
 from trioanubis.pool import Pool, Server
+from trioanubis.proxy.io import open_readiness
 from trioanubis.resolve import resolve_address
 from trioanubis.strategies import make_strategy
 from trioanubis.timeouts import Timer, tick_for
@@ -69,6 +68,10 @@ WATCH_INTERVAL: Final = 1.0
 
 def fd_connection_limit() -> int:
     """How many proxied connections fit in RLIMIT_NOFILE (two descriptors each)."""
+    try:
+        import resource  # Unix only
+    except ImportError:  # Windows: no descriptor limit of this kind
+        return 1 << 20
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return 1 << 20
@@ -79,15 +82,18 @@ def fd_connection_limit() -> int:
 class Balancer:
     """The running balancer: its pools, listeners and the scopes that stop them."""
 
-    def __init__(self, config: Config, *, config_path: str | None = None, watch: bool = False) -> None:
+    def __init__(
+        self, config: Config, *, config_path: str | None = None, watch: bool = False, io: str = ""
+    ) -> None:
         self.config = config
+        self.io = io  # `--io`: wins over [settings] io for the life of the process
         self.config_path = config_path
         self.watch = watch
         self.pools: dict[str, Pool] = {name: Pool(pc) for name, pc in config.pools.items()}
         self.access = AccessLog(enabled=config.settings.access_log)
         self.limits = Limits(self._connection_limit(config))
         self.timer = Timer(self._tick(config))
-        self.poller = Poller()
+        self.poller = open_readiness(io or config.settings.io)
         self.listeners: dict[str, Listener] = {
             name: self._new_listener(lc) for name, lc in config.listeners.items()
         }
@@ -285,6 +291,8 @@ class Balancer:
             self.admin.apply(new.admin)  # the token now, a new bind at the next restart
         elif new.admin != self.config.admin:
             log.warning("reload: adding or removing [admin] takes effect at the next restart")
+        if new.settings.io != self.config.settings.io and not self.io:
+            log.warning("reload: settings.io changes take effect at the next restart")
         for name, pool_config in new.pools.items():
             if name in self.pools:
                 await self._update_pool(self.pools[name], pool_config)
@@ -370,12 +378,14 @@ async def run_until_signalled(
     task_status: trio.TaskStatus[Mapping[str, Address]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run `balancer`: SIGTERM/SIGINT stop it gracefully (a second one: at once), SIGHUP reloads."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+    # Windows has no SIGHUP (reload there with --watch).
+    reload_signals = [signal.SIGHUP] if hasattr(signal, "SIGHUP") else []
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, *reload_signals) as signals:
         async with trio.open_nursery() as nursery:
 
             async def watch() -> None:
                 async for signum in signals:
-                    if signum == signal.SIGHUP:
+                    if signum in reload_signals:
                         balancer.request_reload("SIGHUP")
                         continue
                     log.info("received %s", signal.Signals(signum).name)

@@ -23,12 +23,19 @@ from trioanubis.app import Balancer, run_until_signalled
 from trioanubis.config import Address, Config, load_config, proxy_config
 from trioanubis.errors import AnubisError, ConfigError
 from trioanubis.hello import serve_hello
+from trioanubis.proxy.io import IO_CHOICES, resolve_io
 from trioanubis.strategies import STRATEGIES
 from trioanubis.summary import describe
 
 log = logging.getLogger("trioanubis")
 
 DEFAULT_CONFIG = "anubis.toml"
+
+
+def _add_io(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--io", choices=IO_CHOICES, default="",
+                        help="readiness backend: epoll (Linux fast path) or portable; "
+                             "default: [settings] io, else auto")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="default: ./anubis.toml")
     run.add_argument("--watch", action="store_true",
                      help="reload when the config file changes (polls its modification time)")
+    _add_io(run)
 
     reload = commands.add_parser("reload", help="make the running balancer re-read its config")
     reload.add_argument("-c", "--config", default=DEFAULT_CONFIG,
@@ -56,9 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     proxy.add_argument("servers", nargs="+", metavar="server", help="host:port of a backend")
     proxy.add_argument("--strategy", default="round_robin",
                        help=f"one of {', '.join(STRATEGIES)} (default: round_robin)")  # fmt: skip
+    _add_io(proxy)
 
     demo = commands.add_parser("demo", help="run hello-world backends behind the demo config")
     demo.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="default: ./anubis.toml")
+    _add_io(demo)
 
     hello = commands.add_parser("hello", help="run one hello-world HTTP backend")
     hello.add_argument("--name", default="hello")
@@ -75,6 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = load_config(args.config)
             print(f"{args.config}: ok")
             print(describe(config))
+            print(f"io: {resolve_io(config.settings.io)}")
             return 0
         if args.command == "reload":
             return _signal_reload(args.config)
@@ -91,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config,
             config_path=None if args.command == "proxy" else str(config.source),
             watch=getattr(args, "watch", False),
+            io=args.io,
         )
         trio.run(_serve, balancer, args.command == "demo")
     except ConfigError as exc:
@@ -120,6 +132,10 @@ def _demo_config_path(path: str) -> Path:
 def _signal_reload(config_path: str) -> int:
     """`anubis reload`: validate the file, then SIGHUP the process its pid_file names."""
     config = load_config(config_path)
+    if not hasattr(signal, "SIGHUP"):
+        print("anubis: this platform has no SIGHUP; run the balancer with --watch to reload",
+              file=sys.stderr)  # fmt: skip
+        return 1
     pid_file = config.settings.pid_file
     if not pid_file:
         raise ConfigError(f"{config_path}: settings.pid_file is not set, so the running "
@@ -136,7 +152,8 @@ def _signal_reload(config_path: str) -> int:
 
 async def _serve(balancer: Balancer, demo: bool) -> None:
     config = balancer.config
-    log.info("starting anubis %s with %s\n%s", __version__, config.source, describe(config))
+    log.info("starting anubis %s with %s (io: %s)\n%s", __version__, config.source,
+             balancer.poller.name, describe(config))  # fmt: skip
     async with trio.open_nursery() as nursery:
         if demo:
             await _start_demo_backends(nursery, config)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from trioanubis.errors import ConfigError
+from trioanubis.proxy.io import IO_CHOICES, IoName, epoll_available
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -159,6 +160,7 @@ class Settings:
     pid_file: str = ""
     resolver: str = ""
     max_connections: int = 0  # 0: derived from the file-descriptor limit
+    io: IoName = "auto"  # the readiness backend (trioanubis.proxy.io)
 
 
 @dataclass(frozen=True, slots=True)
@@ -412,7 +414,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
 
 def _parse_settings(node: _Node) -> Settings:
     node.check_keys(
-        ("drain_timeout", "log_format", "access_log", "pid_file", "resolver", "max_connections")
+        ("drain_timeout", "log_format", "access_log", "pid_file", "resolver", "max_connections", "io")
     )
     return Settings(
         drain_timeout=node.duration("drain_timeout", 30.0),
@@ -421,7 +423,15 @@ def _parse_settings(node: _Node) -> Settings:
         pid_file=node.string("pid_file", ""),
         resolver=_resolver(node),
         max_connections=node.integer("max_connections", 0),
+        io=_io(node),
     )
+
+
+def _io(node: _Node) -> IoName:
+    value = node.choice("io", "auto", IO_CHOICES)
+    if value == "epoll" and not epoll_available():
+        raise node.error("this platform has no epoll; use 'auto' or 'portable'", value, "io")
+    return value  # type: ignore[return-value]
 
 
 def _resolver(node: _Node) -> str:

@@ -10,7 +10,7 @@ and lowered by `release` when that connect fails or, in a `try/finally` around
 the relay, when the connection ends, so a cancelled or failed connection never
 leaks a count.
 
-Connecting: the pool's strategy picks a server, `_connect_any` tries its
+Connecting: the pool's strategy picks a server, `connect_any` (proxy/connect.py) tries its
 addresses within `connect_timeout` (the socket joins the relay's poller for
 the wait and stays there). A failure (refused, reset, timeout) is
 reported to the pool (passive ejection) and another server is picked, never
@@ -20,164 +20,38 @@ cancels the attempt (`AttemptCancelled`) when the client closes meanwhile (HAPro
 abortonclose), so a blackholed server never holds a socket for a client that
 has left.
 
-`OSError` from connecting is translated here, once, into `ConnectFailed`.
+`OSError` from connecting is translated once, in proxy/connect.py, into `ConnectFailed`.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import socket
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, final
+from typing import TYPE_CHECKING
 
 import trio
 
 from trioanubis.errors import AttemptCancelled, ConnectFailed, OutOfResources
 from trioanubis.pool import Pool, Server
+from trioanubis.proxy.connect import connect_any, connect_timed_out
+from trioanubis.proxy.record import CLOSED_CLEANLY, ConnectionRecord
 from trioanubis.proxy_io import send_proxy_header
 from trioanubis.relay import Relay, reset_on_close
 
 if TYPE_CHECKING:
     from trioanubis.listener import Listener
-    from trioanubis.poller import Poller
 
 log = logging.getLogger("trioanubis.connection")
-
-
-@final
-@dataclass(slots=True)
-class ConnectionRecord:
-    """What the access log and the counters learn about one finished connection."""
-
-    listener: str
-    peer: tuple[object, ...]  # the client's address, as accept() gave it
-    server: str = "-"
-    bytes_in: int = 0
-    bytes_out: int = 0
-    started: float = 0.0
-    ended: float = 0.0  # stamped once, when the listener accounts for it
-    end: str = ""
-
-    @property
-    def client(self) -> str:
-        """The client as host:port, formatted when needed (most connections are never logged)."""
-        host = str(self.peer[0])
-        return f"[{host}]:{self.peer[1]}" if ":" in host else f"{host}:{self.peer[1]}"
-
-
-# Ends after which both sockets close with FIN: both sides finished, or nothing was
-# relayed. Every other end (a peer's reset, idle or half-close timeout, a stop, a
-# bug) resets both sides, so no peer takes a cut for a complete transfer.
-CLOSED_CLEANLY: Final = frozenset({"client_eof", "server_eof", "connect_failed", "no_server",
-                                   "client_abort"})  # fmt: skip
-
-
-def close_socket(sock: socket.socket) -> None:
-    """Close a socket, first waking any task that waits on it (Trio requires this)."""
-    if sock.fileno() >= 0:
-        trio.lowlevel.notify_closing(sock)
-    sock.close()
-
-
-# Errors that mean this process ran short (descriptors, buffers), whoever it talks to.
-LOCAL_SHORTAGE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-
-
-_NONBLOCKING_STREAM: Final = socket.SOCK_STREAM | socket.SOCK_NONBLOCK  # Linux, like the epoll poller
-
-
-def _new_socket(family: int, address: object) -> socket.socket:
-    """A non-blocking TCP socket; running out of descriptors is a ConnectFailed, not a crash."""
-    try:
-        # Created non-blocking: one system call instead of socket() + ioctl(FIONBIO).
-        sock = socket.socket(family, _NONBLOCKING_STREAM)
-    except OSError as exc:
-        reason = _reason(exc.errno or 0)
-        message = f"connecting to {address}: cannot create a socket: {reason}"
-        if exc.errno in LOCAL_SHORTAGE_ERRNOS:
-            raise OutOfResources(message, reason) from exc
-        raise ConnectFailed(message, reason) from exc
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
-
-
-def _reason(code: int) -> str:
-    if code == errno.ECONNREFUSED:
-        return "refused"
-    if code in (errno.ECONNRESET, errno.EPIPE):
-        return "reset"
-    if code in (errno.ETIMEDOUT,):
-        return "timeout"
-    if code in (errno.ENETUNREACH, errno.EHOSTUNREACH):
-        return "unreachable"
-    if code in LOCAL_SHORTAGE_ERRNOS:
-        return "out of resources"
-    return errno.errorcode.get(code, str(code)).lower()
-
-
-async def _connect_any(server: Server, relay: Relay | None = None) -> socket.socket:
-    """Connect to the first of `server`'s addresses that accepts; ConnectFailed otherwise.
-
-    A client's connection passes its `relay`: the socket joins the relay's
-    poller before the wait and stays in it for the relay, so Trio's epoll never
-    sees it, and `relay.attempt_fd` names it while the Timer may cancel the
-    wait. Health checks pass none and wait through Trio.
-
-    Not bounded in time: the caller is (a deadline, or the Timer).
-    """
-    poller = relay.poller if relay is not None else None
-    last: ConnectFailed | None = None
-    for family, sockaddr in server.sockaddrs:
-        sock = _new_socket(family, server.address)
-        try:
-            code = sock.connect_ex(sockaddr)
-            if poller is not None and code in (0, errno.EINPROGRESS):
-                poller.register(sock.fileno())
-            if code == errno.EINPROGRESS:
-                if relay is not None:
-                    relay.attempt_fd = sock.fileno()
-                    await relay.poller.wait_writable(relay.attempt_fd)
-                else:
-                    await trio.lowlevel.wait_writable(sock)
-                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if code == 0:
-                return sock
-        except BaseException:
-            _close(sock, poller)
-            raise
-        _close(sock, poller)
-        reason = _reason(code)
-        last = ConnectFailed(f"connecting to {server.address}: {reason}", reason)
-    raise last or ConnectFailed(f"connecting to {server.address}: no address resolved", "unresolved")
-
-
-def _close(sock: socket.socket, poller: Poller | None) -> None:
-    if poller is not None:
-        poller.close(sock)
-    else:
-        close_socket(sock)
-
-
-def _timed_out(server: Server, timeout: float) -> ConnectFailed:
-    return ConnectFailed(f"connecting to {server.address}: timeout after {timeout:g}s", "timeout")
-
-
-async def open_server_socket(server: Server, timeout: float) -> socket.socket:
-    """Connect to one of `server`'s addresses within `timeout` (health checks use this)."""
-    with trio.move_on_after(timeout):
-        return await _connect_any(server)
-    raise _timed_out(server, timeout)
 
 
 async def _attempt(relay: Relay, server: Server, timeout: float, deadline: float) -> socket.socket:
     """One connect attempt of a client's connection, timed by the Timer, not a deadline of its own."""
     relay.attempt_deadline = min(relay.poller.now() + timeout, deadline)
     try:
-        return await _connect_any(server, relay)
+        return await connect_any(server, relay)
     except AttemptCancelled:
         if relay.attempt_end == "timeout":
-            raise _timed_out(server, timeout) from None
+            raise connect_timed_out(server, timeout) from None
         raise ConnectFailed(f"connecting to {server.address}: the client left", "client_abort") from None
     finally:
         relay.attempt_fd = -1

@@ -1,6 +1,7 @@
 """The exception hierarchy: everything the balancer raises on purpose is an AnubisError.
 
-`OSError` is translated once, at the socket boundary (`connect.py`), into a
+`OSError` is translated once, at the socket boundary (`connection.py`'s connecting
+functions, which health checks share), into a
 `ConnectFailed` that says what was being done; nothing above that layer
 inspects errno values or matches error strings.
 """

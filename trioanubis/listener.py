@@ -33,15 +33,12 @@ import trio
 from trioanubis.accesslog import AccessLog
 from trioanubis.admission import Admission, serve_proxied
 from trioanubis.config import Address, ListenerConfig
-from trioanubis.connection import (
-    LOCAL_SHORTAGE_ERRNOS,
-    ConnectionRecord,
-    close_socket,
-    handle_connection,
-)
+from trioanubis.connection import handle_connection
 from trioanubis.errors import AnubisError
-from trioanubis.poller import Poller
 from trioanubis.pool import Pool
+from trioanubis.proxy.connect import LOCAL_SHORTAGE_ERRNOS, close_socket
+from trioanubis.proxy.io import Readiness
+from trioanubis.proxy.record import ConnectionRecord
 from trioanubis.timeouts import Timer
 
 log = logging.getLogger("trioanubis.listener")
@@ -124,7 +121,7 @@ class Listener:
         limits: Limits,
         access: AccessLog,
         timer: Timer,
-        poller: Poller,
+        poller: Readiness,
     ) -> None:
         self.config = config
         self.name = config.name

@@ -6,7 +6,7 @@ the admin API, discovery and the connection code report events to the pool
 place that changes a server's state, so every transition is logged exactly
 once. Strategies never see the pool: they get `candidates()`, a tuple of the
 servers that may take new connections (up, not draining, not removed, weight
-> 0), rebuilt only when `version` changes, so a pick never filters the whole
+> 0), rebuilt only after `changed()`, so a pick never filters the whole
 list. Per-connection limits (`max_connections`) change with every connection,
 so they are checked by the `usable` predicate the pool hands to the strategy.
 
@@ -82,7 +82,7 @@ class Server:
         "connect_failures",
         "consecutive_failures", "draining", "effective_weight", "ewma", "healthy",
         "last_check", "max_connections", "name", "removed", "send_proxy", "sockaddrs", "source",
-        "total", "up_since", "weight",
+        "total", "weight",
     )  # fmt: skip
 
     def __init__(self, config: ServerConfig, *, healthy: bool = True, source: str = "") -> None:
@@ -96,7 +96,6 @@ class Server:
         self.draining = False
         self.removed = False
         self.effective_weight = float(config.weight)
-        self.up_since = 0.0
         self.sockaddrs: list[tuple[int, tuple[object, ...]]] = []  # (family, sockaddr)
         self.active = 0
         self.total = 0
@@ -138,13 +137,13 @@ class Pool:
         self.servers: list[Server] = [Server(s, healthy=healthy) for s in config.servers]
         self.retired: list[Server] = []  # removed, still carrying connections
         self.strategy: Strategy = make_strategy(config.strategy)
-        self.version = 0
         self.durations = Histogram(DURATION_BUCKETS)
         self.no_server = 0  # clients closed because no server could take them
         self.all_full = 0  # of those, the ones where every server was at max_connections
         self._candidates: tuple[Server, ...] | None = None
         self._has_limits = any(s.max_connections for s in self.servers)
-        self._lot = trio.lowlevel.ParkingLot()
+        self._lot = trio.lowlevel.ParkingLot()  # waiting for a change
+        self._released = trio.lowlevel.ParkingLot()  # waiting for a connection to end
 
     # ---------------------------------------------------------------- picking
 
@@ -174,14 +173,17 @@ class Pool:
 
     def changed(self) -> None:
         """Note that membership, state or weights changed: candidates are rebuilt."""
-        self.version += 1
         self._candidates = None
         self._has_limits = any(s.max_connections for s in self.servers)
         self._lot.unpark_all()
 
     async def wait_changed(self) -> None:
-        """Sleep until the next `changed()` or connection release (used by waits and tests)."""
+        """Sleep until the next `changed()` (membership, state or weights)."""
         await self._lot.park()
+
+    async def wait_released(self) -> None:
+        """Sleep until a connection to one of the pool's servers ends."""
+        await self._released.park()
 
     # ------------------------------------------------------------ accounting
 
@@ -201,7 +203,8 @@ class Pool:
         if server.removed and server.active == 0 and server in self.retired:
             self.retired.remove(server)
             log.info("pool %s: server %s removed after its last connection", self.name, server.name)
-        self._lot.unpark_all()
+        if self._released:  # nothing waits, as a rule: no wake-up per connection
+            self._released.unpark_all()
 
     def record_connect_success(self, server: Server, connect_time: float) -> None:
         server.consecutive_failures = 0
@@ -226,12 +229,11 @@ class Pool:
 
     # ------------------------------------------------------------- state
 
-    def mark_up(self, server: Server, now: float, reason: str = "") -> None:
+    def mark_up(self, server: Server, reason: str = "") -> None:
         if server.healthy:
             return
         server.healthy = True
         server.consecutive_failures = 0
-        server.up_since = now
         log.info("pool %s: server %s is up%s", self.name, server.name,
                  f" ({reason})" if reason else "")  # fmt: skip
         self.changed()

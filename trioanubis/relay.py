@@ -10,8 +10,9 @@ connection costs two tasks.
 - A pump calls the non-blocking `recv_into` / `send` first and waits for
   readiness only when the kernel says EAGAIN (or a short read shows the
   socket drained), so a busy connection costs one syscall per chunk. Waits go
-  through the process's `Poller` (poller.py), where both sockets were
-  registered once, edge-triggered, instead of re-arming Trio's epoll per wait.
+  through the process's readiness backend (proxy/io/): on Linux its epoll,
+  where both sockets were registered once, edge-triggered, instead of
+  re-arming Trio's epoll per wait; elsewhere Trio's own waits.
 - A pump parked on a drained socket lets the poller's dispatcher take its
   next step (`step`: one read and one send, the same `_move` the pump runs)
   without waking it; the pump wakes only for what a step cannot finish: EOF
@@ -24,9 +25,10 @@ connection costs two tasks.
   buffer the pump owns until they are sent. So an idle connection holds no
   buffer, and a blocked one holds at most one chunk per direction: a pump
   reads again only after the previous chunk is sent (backpressure).
-- A direction whose read fills a whole chunk is bulk: it switches to
-  splice(2) through a pipe of its own (256 KiB), so its bytes never enter the
-  process; the pipe, emptied before the next read, is then the bound.
+- A direction whose read fills a whole chunk is bulk: where the backend
+  offers it (epoll), it switches to splice(2) through a pipe of its own
+  (256 KiB), so its bytes never enter the process; the pipe, emptied before
+  the next read, is then the bound.
 - EOF from one side shuts down writing towards the other side and ends that
   pump; the other direction keeps flowing (half-close). When both pumps have
   seen EOF the relay ends normally.
@@ -47,20 +49,20 @@ no task is waiting on them any more).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import socket
 import struct
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Final, final
+from typing import TYPE_CHECKING, Final, Literal, final
 
 import trio
 
 from trioanubis.errors import AttemptCancelled
 
 if TYPE_CHECKING:
-    from trioanubis.poller import Poller
     from trioanubis.pool import Pool, Server
+    from trioanubis.proxy.io import Readiness as Poller
+    from trioanubis.proxy.record import AttemptEnd, EndState, FirstEof
 
 # One read's worth of bytes; also the most a pump ever holds while its peer
 # is not reading (per direction). 64 KiB is the size where loopback
@@ -75,10 +77,9 @@ FULL_READS_PER_CHECKPOINT: Final = 16
 # process (HAProxy's splice-auto). A direction switches once a read fills a
 # whole chunk; the pipe then holds what the receiver has not taken, so it is
 # the backpressure bound instead of the chunk.
+# Only where the readiness backend offers it (epoll: Linux); tests turn it off
+# to exercise copying.
 USE_SPLICE: Final = hasattr(os, "splice")
-# Pipe capacity asked for: 256 KiB moves a bulk stream in a quarter of the
-# splice calls of the default 64 KiB; it is also the most held per direction.
-PIPE_SIZE: Final = 262144
 _SPLICE_FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 
 # What one step of a pump found (`Relay._move`).
@@ -159,8 +160,8 @@ class Relay:
         self.pending_out = 0
         self.unsent_in = b""  # what the server did not take of the last chunk, until sent
         self.unsent_out = b""
-        self.first_eof = ""  # "client_eof" or "server_eof": the side that sent EOF first
-        self.end = ""  # why the relay ended; "" while running or when cut from outside
+        self.first_eof: FirstEof = ""  # "client_eof" or "server_eof": the side that sent EOF first
+        self.end: EndState | Literal[""] = ""  # why it ended; "" while running or when cut from outside
         self.first_sent = 0.0  # when the first client byte went to the server
         self.last_activity = 0.0  # when the Timer last saw it active (or when it started)
         self.active = False  # moved something since the Timer last looked
@@ -171,9 +172,9 @@ class Relay:
         self.connect_started = 0.0
         self.attempt_deadline = 0.0
         self.attempt_fd = -1  # the socket a connect attempt waits on, while it waits
-        self.attempt_end = ""  # "timeout" or "client_abort" once the Timer cancelled an attempt
+        self.attempt_end: AttemptEnd = ""  # "timeout" or "client_abort" once the Timer cancelled an attempt
 
-    def cancel_attempt(self, why: str) -> None:
+    def cancel_attempt(self, why: AttemptEnd) -> None:
         """Called by the Timer: stop the connect attempt under way (it raises AttemptCancelled).
 
         The attempt is woken through the poller it waits in, which costs less
@@ -206,7 +207,7 @@ class Relay:
         assert self.server is not None
         return self._pump(self.client, self.server, True)
 
-    def finish(self, end: str) -> None:
+    def finish(self, end: EndState) -> None:
         """End the relay now, recording why (the first reason given wins)."""
         if not self.end:
             self.end = end
@@ -281,13 +282,13 @@ class Relay:
         poller = self.poller
         hung_up = poller.hung_up
         src_fd = src.fileno()
-        splice = USE_SPLICE
+        splice = USE_SPLICE and poller.splice
         full_reads = 0
         state = self._move(src, dst, upstream)
         while True:
             if state == EMPTY or (state == DRAINED and src_fd not in hung_up):
                 # Drained (a short read waits rather than paying for an EAGAIN, unless a
-                # FIN or reset may be queued behind the data: see poller.py). While we
+                # FIN or reset may be queued behind the data: see proxy/io/epoll.py). While we
                 # are parked the dispatcher takes our steps (`step`) and wakes us only
                 # with one that needs more than a read and a complete send.
                 full_reads = 0
@@ -319,16 +320,12 @@ class Relay:
         is held for a slow receiver. False, having done nothing, when no pipe can
         be had (out of descriptors): the caller keeps copying.
         """
-        try:
-            pipe_out, pipe_in = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            return False
-        try:
-            size = fcntl.fcntl(pipe_in, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_SIZE)
-        except OSError:  # above /proc/sys/fs/pipe-max-size: keep the default
-            size = CHUNK_SIZE
-        src_fd, dst_fd = src.fileno(), dst.fileno()
         poller = self.poller
+        pipe = poller.open_pipe()
+        if pipe is None:
+            return False
+        pipe_out, pipe_in, size = pipe
+        src_fd, dst_fd = src.fileno(), dst.fileno()
         moves = 0
         self.spliced += 1
         try:

@@ -3,24 +3,31 @@
 Theory of operation: a connection's timeouts (connect, failover, idle,
 half-close) change with every byte it moves, so giving each connection its
 own Trio deadline would cost a heap update per chunk and a scope per connect.
-Instead every live connection registers with the `Timer`, which wakes every
-`tick` seconds and checks each one against the clock, like HAProxy's timer
-wheel:
+Instead every live connection registers with the `Timer`, one task that wakes
+every `tick` seconds. Its cost follows the deadlines, not the number of
+connections: each relay sits in the bucket of the tick at which it is next
+looked at (a timing wheel, like HAProxy's), and a tick looks only at its own
+bucket:
 
-- while connecting: the attempt's `connect_timeout` and the pool's
-  `failover_timeout` cancel the attempt (`Relay.cancel_attempt`); a client that closed or reset
-  meanwhile (seen with a non-blocking MSG_PEEK) cancels it too, so a
-  blackholed server never holds a socket for a client that has gone;
-- while relaying: no byte either way for `idle_timeout` (once one side sent
-  EOF, for the shorter of that and `half_close_timeout`) ends the relay. The
-  relay only marks itself `active` when it moves bytes (reading the clock per
-  chunk costs more than the bytes' own bookkeeping); each tick turns that
-  mark into `last_activity = now`.
+- while connecting, every tick: the attempt's `connect_timeout` and the
+  pool's `failover_timeout` cancel the attempt (`Relay.cancel_attempt`); a
+  client that closed or reset meanwhile (seen with a non-blocking MSG_PEEK)
+  cancels it too, so a blackholed server never holds a socket for a client
+  that has gone;
+- while relaying, every twentieth of its shortest timeout (idle or
+  half-close), at least one tick: no byte either way for `idle_timeout`
+  (once one side sent EOF, for the shorter of that and `half_close_timeout`)
+  ends the relay. The relay only marks itself `active` when it moves bytes
+  (reading the clock per chunk costs more than the bytes' own bookkeeping);
+  each look turns that mark into `last_activity = now`.
 
-A connect timeout therefore fires at most one tick late, an idle timeout at
-most two (the tick that saw the last byte, and the one that checks). The tick
-is a twentieth of the shortest timeout configured, between 5 ms and 500 ms,
-so a timeout fires at most a tenth of its value late.
+So an idle connection costs twenty looks per timeout, whatever the tick: at
+the defaults (10 min idle, 1 min half-close) one look every 3 s. A connect
+timeout fires at most one tick late; an idle timeout at most two looks late
+(the look that saw the last byte, and the one that ends it). The tick is a
+twentieth of the shortest timeout configured, between 5 ms and 500 ms, and a
+relay's looks are a whole number of ticks no longer than a twentieth of its
+own timeouts, so a timeout fires at most a tenth of its value late.
 """
 
 from __future__ import annotations
@@ -33,6 +40,9 @@ import trio
 
 if TYPE_CHECKING:
     from trioanubis.relay import Relay
+
+# The client socket is non-blocking already; MSG_DONTWAIT (not on Windows) only makes sure.
+_PEEK: Final = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
 
 MIN_TICK: Final = 0.005
 MAX_TICK: Final = 0.5
@@ -48,7 +58,7 @@ def tick_for(timeouts: Iterable[float]) -> float:
 def client_gone(client: socket.socket) -> bool:
     """True when the client has closed or reset (peeking never consumes its bytes)."""
     try:
-        return client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        return client.recv(1, _PEEK) == b""
     except BlockingIOError:
         return False
     except OSError:
@@ -61,13 +71,25 @@ class Timer:
 
     def __init__(self, tick: float = MAX_TICK) -> None:
         self.tick = tick
-        self.connections: set[Relay] = set()
+        self.connections: dict[Relay, int] = {}  # every watched relay → the tick it is looked at next
+        self._wheel: dict[int, set[Relay]] = {}  # tick number → the relays looked at then
+        self._ticks = 0  # the number of the next tick
 
     def watch(self, relay: Relay) -> None:
-        self.connections.add(relay)
+        """Look after `relay` from the next tick on (no clock read here)."""
+        self._schedule(relay, self._ticks)
 
     def unwatch(self, relay: Relay) -> None:
-        self.connections.discard(relay)
+        due = self.connections.pop(relay, None)
+        if due is not None:
+            self._wheel[due].discard(relay)
+
+    def _schedule(self, relay: Relay, due: int) -> None:
+        self.connections[relay] = due
+        bucket = self._wheel.get(due)
+        if bucket is None:
+            bucket = self._wheel[due] = set()
+        bucket.add(relay)
 
     async def run(self) -> None:
         while True:
@@ -75,19 +97,49 @@ class Timer:
             self.check(trio.current_time())
 
     def check(self, now: float) -> None:
-        # No copy of the set: cancelling a scope runs no task, so nothing unwatches meanwhile.
-        for relay in self.connections:
+        """One tick: look at the relays whose turn it is, and schedule their next look."""
+        this = self._ticks
+        self._ticks = this + 1
+        bucket = self._wheel.pop(this, None)
+        if not bucket:
+            return
+        tick = self.tick
+        connections = self.connections
+        # Relays looked at again at the same tick go into that bucket together.
+        later: dict[int, list[Relay]] = {}
+        steps: dict[float, int] = {}  # a relay's shortest timeout → ticks between its looks
+        # Cancelling a scope runs no task, so nothing unwatches meanwhile.
+        for relay in bucket:
             if relay.connecting:
                 if now >= relay.attempt_deadline:
                     relay.cancel_attempt("timeout")
-                elif now - relay.connect_started >= self.tick and client_gone(relay.client):
+                elif now - relay.connect_started >= tick and client_gone(relay.client):
                     relay.cancel_attempt("client_abort")
-            elif relay.active:  # moved bytes since the last tick: idle from now at the earliest
-                relay.active = False
-                relay.last_activity = now
+                step = 1
             else:
-                limit = relay.idle_timeout
-                if relay.first_eof:
-                    limit = min(limit, relay.half_close_timeout)
-                if now - relay.last_activity >= limit:
-                    relay.finish("idle_timeout")
+                if relay.active:  # moved bytes since the last look: idle from now at the earliest
+                    relay.active = False
+                    relay.last_activity = now
+                else:
+                    limit = relay.idle_timeout
+                    if relay.first_eof:
+                        limit = min(limit, relay.half_close_timeout)
+                    if now - relay.last_activity >= limit:
+                        relay.finish("idle_timeout")
+                shortest = min(relay.idle_timeout, relay.half_close_timeout)
+                step = steps.get(shortest, 0)
+                if not step:
+                    step = steps[shortest] = max(1, int(shortest / TICKS_PER_TIMEOUT / tick))
+            due = this + step
+            connections[relay] = due
+            group = later.get(due)
+            if group is None:
+                later[due] = [relay]
+            else:
+                group.append(relay)
+        wheel = self._wheel
+        for due, relays in later.items():
+            if due in wheel:
+                wheel[due].update(relays)
+            else:
+                wheel[due] = set(relays)

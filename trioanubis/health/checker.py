@@ -106,7 +106,7 @@ async def _probe_forever(pool: Pool, server: Server, first: trio.Event) -> None:
             now_up = state.observe(was_up, ok)
             if now_up and not was_up:
                 ramp = _ramp_up(ramps, pool, server)
-                pool.mark_up(server, trio.current_time(), reason)
+                pool.mark_up(server, reason)
             elif not now_up and (was_up or not first.is_set()):
                 ramp.cancel()
                 pool.mark_down(server, reason, first_check=not first.is_set())
@@ -170,4 +170,4 @@ async def _readmit_ejected(pool: Pool, server: Server) -> None:
             await pool.wait_changed()
         await trio.sleep(pool.config.eject_for)
         log.info("pool %s: retrying ejected server %s", pool.name, server.name)
-        pool.mark_up(server, trio.current_time(), f"retry after {pool.config.eject_for:g}s")
+        pool.mark_up(server, f"retry after {pool.config.eject_for:g}s")

@@ -22,9 +22,9 @@ import h11
 import trio
 
 from trioanubis.config import HealthConfig
-from trioanubis.connection import LOCAL_SHORTAGE_ERRNOS, close_socket, open_server_socket
 from trioanubis.errors import ConnectFailed, OutOfResources
 from trioanubis.pool import Server
+from trioanubis.proxy.connect import LOCAL_SHORTAGE_ERRNOS, close_socket, open_server_socket
 
 # The most of a health response body we read: enough for any status page
 # that says "up", small enough that a misbehaving server cannot bloat us.
