@@ -296,13 +296,13 @@ class _Errors(logging.Handler):
             self.lines.append(record.getMessage())
 
 
-@given(answers=st.lists(forged_answers(), min_size=1, max_size=6), srv=st.booleans())
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(answers=st.lists(forged_answers(), min_size=1, max_size=4), srv=st.booleans())
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 async def test_hostile_dns_answers_never_stop_the_balancer(
     answers: list[Callable[[dns.message.Message], bytes]], srv: bool
 ) -> None:
     zone = Zone()
-    asked = iter(answers * 3)
+    asked = iter(answers)
     zone.forge = lambda query: next(asked, answers[-1])(query)
     errors = _Errors()
     logging.getLogger("trioanubis").addHandler(errors)
@@ -315,7 +315,7 @@ async def test_hostile_dns_answers_never_stop_the_balancer(
             data["pools"]["found"] = {"servers": [{**entry, "refresh": "100ms"}], "health": {"check": "none"},
                                       "resolver": f"127.0.0.1:{dns_port}"}  # fmt: skip
             async with running_balancer(data) as (balancer, address):
-                await wait_until(lambda: zone.queries >= len(answers) * 3)
+                await wait_until(lambda: zone.queries >= len(answers) + 2)  # each answer, and then some
                 assert await request(address) == b"static"
                 assert len(balancer.pools["found"].servers) <= MAX_FOUND
             nursery.cancel_scope.cancel()
