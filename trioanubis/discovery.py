@@ -146,6 +146,7 @@ class Lookups:
         self._dns: dns.asyncresolver.Resolver | None = None
         self.last: dict[tuple[str, str], list[str]] = {}  # (name, family) → its last good records
         self.failed: dict[str, str] = {}  # this lookup's failed families, "AAAA name" → why
+        self.asked: set[str] = set()  # the names this lookup asked DNS about
 
     @property
     def dns(self) -> dns.asyncresolver.Resolver:
@@ -192,6 +193,7 @@ async def _system_addresses(host: str) -> tuple[list[str], float]:
 async def _dns_addresses(lookups: Lookups, host: str, lifetime: float) -> tuple[list[str], float]:
     """A and AAAA asked at once; a failed family keeps its last good answer if the other answered."""
     outcomes: dict[str, tuple[list[str], float] | LookupFailed] = {}
+    lookups.asked.add(host)
 
     async def ask(kind: str) -> None:
         try:
@@ -234,9 +236,14 @@ async def _addresses(lookups: Lookups, host: str, lifetime: float, hosts: dict[s
 
 async def lookup(lookups: Lookups, entry: DiscoveryConfig) -> Answer:
     """The servers `entry` names right now, how long that answer may be cached, what failed."""
+    lookups.failed, lookups.asked = {}, set()
+    answer = await _lookup(lookups, entry, await lookups.hosts())
+    lookups.last = {key: v for key, v in lookups.last.items() if key[0] in lookups.asked}  # SRV targets go
+    return answer
+
+
+async def _lookup(lookups: Lookups, entry: DiscoveryConfig, hosts: dict[str, list[str]]) -> Answer:
     lifetime = min(LOOKUP_LIFETIME, entry.refresh)
-    lookups.failed = {}
-    hosts = await lookups.hosts()
     if entry.kind == "dns":
         addresses, ttl = await _addresses(lookups, entry.name, lifetime, hosts)
         found = {Found(Address(a, entry.port), entry.weight) for a in addresses}
