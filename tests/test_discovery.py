@@ -235,13 +235,17 @@ async def _answers(port: int, name: str, process: trio.Process) -> bool:
     return False
 
 
-async def test_a_name_with_only_an_a_record_on_a_real_dnsmasq(nursery: trio.Nursery) -> None:
+async def test_a_name_with_only_an_a_record_on_a_real_dnsmasq(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    logging.getLogger("trioanubis").propagate = True
     port, _ = await start_pods(nursery)
-    dns_port = await _start_dnsmasq(nursery, f"api.test,{HOSTS[0]}")
+    dns_port = await _start_dnsmasq(nursery, f"api.test,{HOSTS[0]}")  # no upstream: AAAA is REFUSED
     data = discovery_config(dns_port, [{"dns": f"api.test:{port}", "refresh": "10s"}])
     async with running_balancer(data) as (balancer, address):
         assert [s.name for s in balancer.pools["api"].servers] == [f"{HOSTS[0]}:{port}"]
         assert await request(address) == HOSTS[0].encode()
+    assert "AAAA api.test" in caplog.text and "REFUSED" in caplog.text  # says which family failed
 
 
 # ------------------------------------------------------------------ hostile answers
