@@ -213,8 +213,10 @@ async def _dns_addresses(lookups: Lookups, host: str, lifetime: float) -> tuple[
     for kind in FAMILIES:
         outcome = outcomes[kind]
         if isinstance(outcome, LookupFailed):
-            lookups.failed[f"{kind} {host}"] = str(outcome)
-            addresses += lookups.last.get((host, kind), [])
+            last = lookups.last.get((host, kind), [])
+            using = "its last good answer and the other family's" if last else "the other family's answer"
+            lookups.failed[f"{kind} {host}"] = f"{outcome}; using {using}"
+            addresses += last
         else:
             lookups.last[(host, kind)] = outcome[0]
             addresses += outcome[0]
@@ -321,7 +323,7 @@ class Reporter:
             log.warning("%s: DNS lookups work again", self.prefix)
         self.failing = False
         for key in answer.failed.keys() - self.partial.keys():
-            log.warning("%s: %s; using the rest of the answer", self.prefix, answer.failed[key])
+            log.warning("%s: %s", self.prefix, answer.failed[key])
         for key in self.partial.keys() - answer.failed.keys():
             log.warning("%s: %s works again", self.prefix, key)
         self.partial = dict(answer.failed)
