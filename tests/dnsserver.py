@@ -1,12 +1,16 @@
 """A small authoritative DNS server for tests, built with dnspython's message API.
 
 Answers A, AAAA and SRV queries over UDP from a dict the test rewrites while
-the balancer runs; `silent = True` makes it stop answering (a dead resolver).
+the balancer runs; `silent = True` makes it stop answering (a dead resolver),
+`refused = {"AAAA"}` answers REFUSED for that type (as dnsmasq with no upstream
+does for a family it has no record of), and `forge` replaces every answer with
+whatever bytes it returns for the query (hostile servers, for fuzzing).
 """
 
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 
 import dns.flags
 import dns.message
@@ -23,6 +27,8 @@ class Zone:
         self.ttl = 60
         self.silent = False
         self.queries = 0
+        self.refused: set[str] = set()
+        self.forge: Callable[[dns.message.Message], bytes] | None = None
 
     def set(self, name: str, kind: str, *texts: str) -> None:
         self.records[(name.rstrip(".") + ".", kind)] = list(texts)
@@ -34,6 +40,11 @@ class Zone:
         question = query.question[0]
         name = question.name.to_text()
         kind = dns.rdatatype.to_text(question.rdtype)
+        if self.forge is not None:
+            return self.forge(query)
+        if kind in self.refused:
+            response.set_rcode(dns.rcode.REFUSED)
+            return response.to_wire()
         texts = self.records.get((name, kind))
         if texts:
             response.answer.append(dns.rrset.from_text(name, self.ttl, "IN", kind, *texts))

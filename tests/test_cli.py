@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -15,6 +16,7 @@ import trio
 
 from tests.conftest import IO_BACKEND, connect_when_listening, free_port, name_handler, start_backend
 from trioanubis import __version__
+from trioanubis.cli import build_parser
 from trioanubis.proxy.io import epoll_available
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,8 +103,6 @@ def test_run_with_missing_config_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
-    import socket
-
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -136,7 +136,7 @@ async def test_demo_answers_hello_and_health(tmp_path: Path) -> None:
         banner = await process.stdout.receive_some()
     bodies = {a.split(b"\r\n\r\n", 1)[1] for a in answers}
     assert bodies == {b"hello from web1\n", b"hello from web2\n", b"hello from web3\n"}
-    assert health.startswith(b"HTTP/1.1 200") and health.endswith(b"up\n")
+    assert health.startswith(b"HTTP/1.1 200 OK\r\n") and health.endswith(b"up\n")
     assert b"curl http://127.0.0.1:" in banner
 
 
@@ -154,8 +154,6 @@ async def test_sigterm_exits_zero_after_draining(nursery: trio.Nursery) -> None:
 def test_python_dash_m_and_console_script_agree() -> None:
     script = Path(sys.executable).with_name("anubis")
     if not script.exists():
-        import pytest
-
         pytest.skip("the console script is only installed by pip install")
     result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=60,
                             env={**os.environ})  # fmt: skip
@@ -182,3 +180,56 @@ def test_check_names_the_backend_in_use() -> None:
     result = run_cli("check", "-c", "anubis.toml")
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == f"io: {IO_BACKEND}"
+
+
+def test_every_command_is_in_the_readme_table() -> None:
+    commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    table = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| `anubis ")]
+    for name in commands:
+        assert any(line.startswith(f"| `anubis {name}") for line in table), f"{name} is not in the README"
+
+
+def test_global_options_work_on_either_side_of_the_command() -> None:
+    with socket.socket() as taken:  # the balancer logs "starting" at info, then fails to bind: quick
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        listen = f"127.0.0.1:{taken.getsockname()[1]}"
+        quiet_after = run_cli("proxy", listen, "127.0.0.1:1", "--log-level", "warning")
+        quiet_before = run_cli("--log-level", "warning", "proxy", listen, "127.0.0.1:1")
+        after_wins = run_cli("--log-level", "warning", "proxy", "--log-level", "info", listen, "127.0.0.1:1")
+        default = run_cli("proxy", listen, "127.0.0.1:1")
+    for result in (quiet_after, quiet_before, after_wins, default):
+        assert result.returncode == 1 and "Address already in use" in result.stderr, result.stderr
+    assert "starting anubis" not in quiet_after.stderr + quiet_before.stderr
+    assert "starting anubis" in after_wins.stderr and "starting anubis" in default.stderr
+    debug = run_cli("run", "--log-level", "debug", "-c", "missing.toml")
+    assert "unrecognized arguments" not in debug.stderr and "cannot read the config file" in debug.stderr
+    assert run_cli("check", "--version").stdout.strip() == f"anubis {__version__}"
+
+
+def test_proxy_argument_errors_name_the_argument_and_show_an_example() -> None:
+    example = "Example: anubis proxy :8000 localhost:3000"
+    listen = run_cli("proxy", "8000", "localhost:3000")
+    assert listen.returncode == 1
+    assert listen.stderr.startswith('anubis: LISTEN "8000": must be "host:port" (the port is missing).')
+    assert 'Did you mean ":8000"' in listen.stderr and example in listen.stderr
+    server = run_cli("proxy", ":8000", "localhost:3000", "localhost")
+    assert server.returncode == 1
+    assert server.stderr.startswith('anubis: SERVER "localhost": must be "host:port"')
+    assert example in server.stderr
+    port = run_cli("proxy", ":8000", "localhost:0")
+    assert port.stderr.startswith('anubis: SERVER "localhost:0": the port must be a number from 1 to 65535')
+    for result in (listen, server, port):
+        assert "listeners.proxy" not in result.stderr and "pools.proxy" not in result.stderr
+        assert "Traceback" not in result.stderr
+    usage = run_cli("proxy")
+    assert "LISTEN SERVER [SERVER ...]" in usage.stderr
+
+
+async def test_hello_sends_reason_phrases_and_binds_loopback_only_by_default() -> None:
+    port = free_port()
+    async with anubis("hello", "--name", "dev", "--port", str(port)):
+        answer = await http_get(port)
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"hello from dev\n")
+        with pytest.raises(OSError):  # 127.0.0.2 is this machine too, but not 127.0.0.1
+            await (await trio.open_tcp_stream("127.0.0.2", port)).aclose()

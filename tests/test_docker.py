@@ -62,6 +62,7 @@ def test_compose_file_agrees_with_its_config() -> None:
         command = services[name]["command"]
         assert command[:3] == ["hello", "--name", name]
         assert servers[name].host == name and servers[name].port == int(command[command.index("--port") + 1])
+        assert command[command.index("--host") + 1] == "0.0.0.0"  # reached from the anubis container
     published = {int(p.split(":")[-1]) for p in services["anubis"]["ports"]}
     assert config.admin is not None
     assert published == {config.listeners["web"].bind.port, config.admin.bind.port}

@@ -27,6 +27,7 @@ from tests.conftest import (
     wait_until,
 )
 from tests.test_cli import anubis, run_cli
+from trioanubis.app import Balancer
 from trioanubis.config import Address, load_config, parse_config
 
 MIB = 1 << 20
@@ -102,19 +103,18 @@ async def test_second_signal_cuts_open_connections_at_once(nursery: trio.Nursery
     write_config(config, port, [backend.address], drain_timeout="1h")
     async with anubis("run", "-c", str(config)) as process:
         await wait_port(port)
-        stream = await connect(Address("127.0.0.1", port))
-        await stream.send_all(b"x")
-        assert await stream.receive_some(1) == b"x"
-        process.send_signal(signal.SIGTERM)
-        await wait_port_closed(port)  # listeners close at once; the connection stays
-        await stream.send_all(b"y")
-        assert await stream.receive_some(1) == b"y"
-        process.send_signal(signal.SIGINT)
-        with trio.fail_after(30):  # far less than the 1 h drain
-            await process.wait()
-            assert await ending(stream) == "reset"  # cut, so both sides get a reset, not a FIN
-            await wait_until(lambda: "reset" in server_endings)  # (wait_port's probe ended with EOF)
-        await stream.aclose()
+        async with await connect(Address("127.0.0.1", port)) as stream:
+            await stream.send_all(b"x")
+            assert await stream.receive_some(1) == b"x"
+            process.send_signal(signal.SIGTERM)
+            await wait_port_closed(port)  # listeners close at once; the connection stays
+            await stream.send_all(b"y")
+            assert await stream.receive_some(1) == b"y"
+            process.send_signal(signal.SIGINT)
+            with trio.fail_after(30):  # far less than the 1 h drain
+                await process.wait()
+                assert await ending(stream) == "reset"  # cut, so both sides get a reset, not a FIN
+                await wait_until(lambda: "reset" in server_endings)  # (wait_port's probe ended with EOF)
         assert process.returncode == 0
 
 
@@ -185,6 +185,26 @@ async def test_watch_reloads_when_the_file_changes(nursery: trio.Nursery, tmp_pa
         with trio.fail_after(30):
             while await request(Address("127.0.0.1", port)) != b"two":
                 await trio.sleep(0.05)
+
+
+async def test_watch_sees_a_change_made_before_its_first_look(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """The race behind a rare failure of the test above: the watcher took its first look at the file
+    only when its task first ran, after the listeners were up, so a change made in between was
+    taken for the original. The file is compared with what it was when the config was loaded."""
+    one = await start_backend(nursery, name_handler("one"))
+    two = await start_backend(nursery, name_handler("two"))
+    config = tmp_path / "anubis.toml"
+    write_config(config, 0, [one.address])
+    balancer = Balancer(load_config(config), config_path=str(config), watch=True)
+    write_config(config, 0, [two.address])  # changed before the watcher's task has even started
+    os.utime(config, (0, os.stat(config).st_mtime + 5))
+    async with trio.open_nursery() as inner:
+        address = next(iter((await inner.start(balancer.run)).values()))
+        with trio.fail_after(30):
+            while await request(address) != b"two":
+                await trio.sleep(0.05)
+        balancer.shutdown()
+    assert balancer.reloads == 1
 
 
 async def test_json_access_log_lines_carry_how_each_connection_ended(

@@ -66,6 +66,16 @@ RESERVED_FDS: Final = 64
 WATCH_INTERVAL: Final = 1.0
 
 
+def file_signature(path: str) -> tuple[int, int, int] | None:
+    """What --watch compares: modification time, size and inode (a rewrite within the file system's
+    timestamp granularity, or an editor's rename over the file, still differs); None if unreadable."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
 def fd_connection_limit() -> int:
     """How many proxied connections fit in RLIMIT_NOFILE (two descriptors each)."""
     try:
@@ -89,6 +99,9 @@ class Balancer:
         self.io = io  # `--io`: wins over [settings] io for the life of the process
         self.config_path = config_path
         self.watch = watch
+        # What the config file looked like when it was loaded (just before this): --watch compares
+        # against it, so a change made before the watcher's first look is not missed.
+        self._config_seen = file_signature(config_path) if watch and config_path else None
         self.pools: dict[str, Pool] = {name: Pool(pc) for name, pc in config.pools.items()}
         self.access = AccessLog(enabled=config.settings.access_log)
         self.limits = Limits(self._connection_limit(config))
@@ -271,18 +284,11 @@ class Balancer:
             await self.apply_config(config)
 
     async def _watch_config(self, path: str) -> None:
-        def mtime() -> float:
-            try:
-                return os.stat(path).st_mtime
-            except OSError:
-                return 0.0
-
-        last = mtime()
         while True:
             await trio.sleep(WATCH_INTERVAL)
-            now = mtime()
-            if now != last:
-                last = now
+            now = file_signature(path)
+            if now != self._config_seen:
+                self._config_seen = now
                 self.request_reload("the file changed")
 
     async def apply_config(self, new: Config) -> None:

@@ -20,7 +20,7 @@ import trio
 from trioanubis import __version__
 from trioanubis.accesslog import configure_logging, log_fatal, logs_json
 from trioanubis.app import Balancer, run_until_signalled
-from trioanubis.config import Address, Config, load_config, proxy_config
+from trioanubis.config import Address, Config, load_config, parse_address, proxy_config
 from trioanubis.errors import AnubisError, ConfigError
 from trioanubis.hello import serve_hello
 from trioanubis.proxy.io import IO_CHOICES, resolve_io
@@ -30,6 +30,24 @@ from trioanubis.summary import describe
 log = logging.getLogger("trioanubis")
 
 DEFAULT_CONFIG = "anubis.toml"
+# `anubis hello` is a development server: reachable from this machine only unless told otherwise.
+HELLO_HOST = "127.0.0.1"
+
+
+# Shown with every mistake in `anubis proxy`'s arguments.
+PROXY_EXAMPLE = "Example: anubis proxy :8000 localhost:3000 localhost:3001"
+
+
+def _global_options(log_level: str) -> argparse.ArgumentParser:
+    """Options that work on either side of the command (`anubis --log-level debug run` and
+    `anubis run --log-level debug`). The copy given to the commands has SUPPRESS as its default, so
+    a command line that sets them only before the command keeps that value."""
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--version", action="version", version=f"anubis {__version__}")
+    options.add_argument("--log-level", default=log_level,
+                         choices=["debug", "info", "warning", "error"],
+                         help="how much to log on stderr (default: info)")  # fmt: skip
+    return options
 
 
 def _add_io(parser: argparse.ArgumentParser) -> None:
@@ -39,41 +57,45 @@ def _add_io(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="anubis", description="A TCP load balancer on Trio.")
-    parser.add_argument("--version", action="version", version=f"anubis {__version__}")
-    parser.add_argument("--log-level", default="info",
-                        choices=["debug", "info", "warning", "error"],
-                        help="how much to log on stderr (default: info)")  # fmt: skip
+    parser = argparse.ArgumentParser(prog="anubis", description="A TCP load balancer on Trio.",
+                                     parents=[_global_options("info")])  # fmt: skip
+    options = _global_options(argparse.SUPPRESS)  # argparse shares a parent's actions: a copy of its own
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", help="run the balancer from a config file")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, parents=[options])
+
+    run = command("run", "run the balancer from a config file")
     run.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="default: ./anubis.toml")
     run.add_argument("--watch", action="store_true",
                      help="reload when the config file changes (polls its modification time)")
     _add_io(run)
 
-    reload = commands.add_parser("reload", help="make the running balancer re-read its config")
+    reload = command("reload", "make the running balancer re-read its config")
     reload.add_argument("-c", "--config", default=DEFAULT_CONFIG,
                         help="the config whose [settings] pid_file names the process")  # fmt: skip
 
-    check = commands.add_parser("check", help="validate a config file and summarise it")
+    check = command("check", "validate a config file and summarise it")
     check.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="default: ./anubis.toml")
 
-    proxy = commands.add_parser("proxy", help="balance LISTEN over SERVERs, no config file")
-    proxy.add_argument("listen", help='where to listen, e.g. ":8000" or "127.0.0.1:8000"')
-    proxy.add_argument("servers", nargs="+", metavar="server", help="host:port of a backend")
+    proxy = command("proxy", "balance LISTEN over SERVERs, no config file")
+    proxy.add_argument("listen", metavar="LISTEN",
+                       help='where to listen: ":8000" (every interface) or "127.0.0.1:8000"')  # fmt: skip
+    proxy.add_argument("servers", nargs="+", metavar="SERVER", help='a backend, "host:port"')
     proxy.add_argument("--strategy", default="round_robin",
                        help=f"one of {', '.join(STRATEGIES)} (default: round_robin)")  # fmt: skip
     _add_io(proxy)
+    proxy.epilog = PROXY_EXAMPLE
 
-    demo = commands.add_parser("demo", help="run hello-world backends behind the demo config")
+    demo = command("demo", "run hello-world backends behind the demo config")
     demo.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="default: ./anubis.toml")
     _add_io(demo)
 
-    hello = commands.add_parser("hello", help="run one hello-world HTTP backend")
+    hello = command("hello", "run one hello-world HTTP backend")
     hello.add_argument("--name", default="hello")
     hello.add_argument("--port", type=int, default=8080)
-    hello.add_argument("--host", default="")
+    hello.add_argument("--host", default=HELLO_HOST,
+                       help=f"default: {HELLO_HOST}, this machine only (0.0.0.0: all)")  # fmt: skip
     return parser
 
 
@@ -93,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             trio.run(_run_hello, args.name, Address(args.host, args.port))
             return 0
         if args.command == "proxy":
-            config = proxy_config(args.listen, args.servers, args.strategy)
+            config = _proxy_config(args.listen, args.servers, args.strategy)
         else:
             config = load_config(_demo_config_path(args.config) if args.command == "demo"
                                  else args.config)  # fmt: skip
@@ -120,6 +142,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_fatal(str(error))
         return 1
     return 0
+
+
+def _proxy_config(listen: str, servers: list[str], strategy: str) -> Config:
+    """The config `anubis proxy` stands for; a bad argument is named as the user wrote it
+    (LISTEN, SERVER), with an example, rather than by a config key they never wrote."""
+    _check_argument("LISTEN", listen, listen=True)
+    for server in servers:
+        _check_argument("SERVER", server, listen=False)
+    return proxy_config(listen, servers, strategy)
+
+
+def _check_argument(name: str, value: str, *, listen: bool) -> None:
+    try:
+        parse_address(value, allow_any_host=listen)
+    except ValueError as exc:
+        hint = f' Did you mean ":{value}" (every interface)?' if listen and value.isdigit() else ""
+        raise ConfigError(f'{name} "{value}": {exc}.{hint} {PROXY_EXAMPLE}') from None
 
 
 def _demo_config_path(path: str) -> Path:
@@ -182,7 +221,13 @@ def _print_demo_help(bound: Mapping[str, Address]) -> None:
 
 
 async def _run_hello(name: str, bind: Address) -> None:
-    await serve_hello(name, bind)
+    """`anubis hello` until SIGTERM or SIGINT, then exit 0 (as `docker stop` expects)."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_hello, name, bind)
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                break
 
 
 def _find_error(exc: BaseException) -> AnubisError | None:

@@ -1,7 +1,9 @@
 """A tiny hello-world HTTP backend for the demo (`anubis hello`, `anubis demo`).
 
 Answers every path with `hello from NAME` and `/health` with `up`, with
-HTTP/1.1 keep-alive, spoken through h11. It exists so the demo and the
+HTTP/1.1 keep-alive, spoken through h11 (`200 OK`: h11 sends no reason phrase
+unless given one, and some clients show the empty one). `anubis hello` binds
+127.0.0.1 unless told otherwise, like any development server. It exists so the demo and the
 container example need no third-party server.
 """
 
@@ -55,7 +57,7 @@ async def _serve_one(stream: trio.SocketStream, name: str) -> None:
                 if isinstance(event, h11.Request):
                     body = b"up\n" if event.target == b"/health" else f"hello from {name}\n".encode()
                     headers = [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))]
-                    data = conn.send(h11.Response(status_code=200, headers=headers))
+                    data = conn.send(h11.Response(status_code=200, reason=b"OK", headers=headers))
                     await stream.send_all(data + conn.send(h11.Data(data=body)) +
                                           conn.send(h11.EndOfMessage()))  # fmt: skip
                 elif isinstance(event, h11.EndOfMessage):
