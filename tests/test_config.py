@@ -108,9 +108,8 @@ def test_empty_servers_and_missing_listeners(tmp_path: Path) -> None:
 
 def test_duplicate_binds_are_rejected(tmp_path: Path) -> None:
     text = GOOD + '\n[listeners.other]\nbind = ":8000"\npool = "web"\n'
-    assert "listeners.other.bind: binds :8000, which listener 'web' binds already" in error_of(
-        tmp_path, text
-    )
+    assert ('listeners.other.bind: overlaps listeners.web.bind = ":8000": both listen on port 8000'
+            in error_of(tmp_path, text))  # fmt: skip
 
 
 def test_toml_syntax_error_keeps_line_and_column(tmp_path: Path) -> None:
@@ -161,3 +160,168 @@ def test_tomli_code_path_parses_the_same(monkeypatch: pytest.MonkeyPatch, tmp_pa
     monkeypatch.setattr(config_module, "tomllib", tomli)
     assert repr(load_config(ROOT / "anubis.toml")) == repr(with_stdlib)
     assert "invalid TOML" in error_of(tmp_path, "[listeners.web\n")
+
+
+# ------------------------------------------- what `run` or a reload would fail on
+
+
+HOSTILE = [
+    ("[pools.web]", '[pools.web.health]\ncheck = "http"\npath = "/health x"\n[pools.web]',
+     'pools.web.health.path: must be visible ASCII without spaces'),
+    ("[pools.web]", '[pools.web.health]\npath = "/héalth"\n[pools.web]',
+     'pools.web.health.path: must be visible ASCII'),
+    ("[pools.web]", '[pools.web.health]\npath = "/h\\r\\nX-Evil: 1"\n[pools.web]',
+     'pools.web.health.path: must be visible ASCII'),
+    ("[pools.web]", '[pools.web.health]\npath = ""\n[pools.web]',
+     'pools.web.health.path: must start with "/"'),
+    ("[pools.web]", '[pools.web.health]\nhost = "a b"\n[pools.web]',
+     'pools.web.health.host: \'a b\' is not a valid host name'),
+    ("[pools.web]", '[pools.web.health]\nhost = "exämple.com"\n[pools.web]',
+     'pools.web.health.host: must be ASCII'),
+    ("[pools.web]", '[pools.web.health]\nhost = "h\\r\\nX: y"\n[pools.web]',
+     'pools.web.health.host: '),
+    ("[pools.web]", '[pools.web.health]\nhost = "example.com:99999"\n[pools.web]',
+     'pools.web.health.host: the port must be a number from 1 to 65535'),
+    ("[pools.web]", '[pools.web.health]\nhost = "[::1"\n[pools.web]',
+     'pools.web.health.host: an IPv6 host is written'),
+    ('"127.0.0.1:9001"', '"a..b:80"', "pools.web.servers[0].address: 'a..b' is not a valid host name"),
+    ('"127.0.0.1:9001"', f'"{"a" * 64}.example:80"',
+     "pools.web.servers[0].address: " + repr("a" * 64 + ".example")),
+    ('"127.0.0.1:9001"', '"ä..b:80"', "pools.web.servers[0].address: 'ä..b' is not a valid international"),
+    ('"127.0.0.1:9001"', '"x\\u0000y:80"', "pools.web.servers[0].address: "),
+    ('"127.0.0.1:9001"', '{ dns = "a..b:80" }', "pools.web.servers[0].dns: 'a..b' is not a valid host name"),
+    ('bind = ":8000"', 'bind = "a..b:80"', "listeners.web.bind: 'a..b' is not a valid host name"),
+    ("[listeners.web]", '[admin]\nbind = "a..b:80"\n[listeners.web]', "admin.bind: 'a..b' is not a valid"),
+    ("[pools.web]", '[pools.web.health]\ninterval = nan\n[pools.web]',
+     "pools.web.health.interval: must be a finite duration, got nan"),
+    ("[pools.web]", '[pools.web.health]\ntimeout = inf\n[pools.web]',
+     "pools.web.health.timeout: must be a finite duration, got inf"),
+    ("[pools.web]", "[settings]\ndrain_timeout = nan\n[pools.web]",
+     "settings.drain_timeout: must be a finite duration, got nan"),
+    ("[pools.web]", "[pools.web]\nconnect_timeout = nan", "pools.web.connect_timeout: must be a finite"),
+    ("[pools.web]", "[pools.web]\nidle_timeout = -inf", "pools.web.idle_timeout: must be a finite"),
+    ("[pools.web]", f'[pools.web]\nfailover_timeout = "{"9" * 400}s"',
+     "pools.web.failover_timeout: must be a finite duration"),
+    ("[pools.web]", '[pools.web]\nstrategy = "trioanubis.strategies.base:Strategy"',
+     "pools.web.strategy: trioanubis.strategies.base:Strategy is a typing.Protocol"),
+    ("[pools.web]", '[pools.web]\nstrategy = "fractions:Fraction"',
+     "pools.web.strategy: fractions:Fraction is not a class with a pick"),
+    ("[pools.web]", '[pools.web]\nstrategy = "tests.test_config:NeedsArguments"',
+     "pools.web.strategy: tests.test_config:NeedsArguments() cannot be instantiated"),
+    ("[pools.web]", '[settings]\nresolver = "localhost"\n[pools.web]',
+     "settings.resolver: must be an IP address with an optional \":port\" (default 53)"),
+    ("[pools.web]", '[settings]\nresolver = "dns.example:53"\n[pools.web]',
+     "settings.resolver: must be an IP address"),
+    ("[pools.web]", '[pools.web]\nresolver = "10.0.0.1:99999"', "pools.web.resolver: must be an IP address"),
+]  # fmt: skip
+
+
+class NeedsArguments:
+    def __init__(self, servers: list[str]) -> None:
+        self.servers = servers
+
+    def pick(self, servers: object, client_key: bytes, usable: object) -> None:
+        return None
+
+
+@pytest.mark.parametrize(("anchor", "replacement", "expected"), HOSTILE)
+def test_values_run_would_fail_on_are_rejected(
+    tmp_path: Path, anchor: str, replacement: str, expected: str
+) -> None:
+    message = error_of(tmp_path, GOOD.replace(anchor, replacement, 1))
+    assert message.startswith(f"{tmp_path / 'anubis.toml'}: ")
+    assert expected in message
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("health.path", "/health?probe=1&x=%20"), ("health.host", "example.com"),
+     ("health.host", "example.com:8080"), ("health.host", "[::1]:80"), ("health.host", "10.0.0.1"),
+     ("address", "bücher.example:80"), ("address", "my_service:80"), ("address", "host.example.:80")],
+)  # fmt: skip
+def test_unusual_but_valid_values_are_accepted(key: str, value: str) -> None:
+    pool: dict[str, object] = {"servers": ["127.0.0.1:9001"]}
+    if key == "address":
+        pool["servers"] = [value]
+    else:
+        pool["health"] = {key.split(".")[1]: value}
+    config = config_module.parse_config({"listeners": {"w": {"bind": ":1", "pool": "p"}},
+                                         "pools": {"p": pool}})  # fmt: skip
+    assert config.pools["p"].servers or config.pools["p"].discovery
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("127.0.0.1", "127.0.0.1:53"), ("127.0.0.1:5353", "127.0.0.1:5353"), ("::1", "[::1]:53"),
+     ("[::1]", "[::1]:53"), ("[::1]:5353", "[::1]:5353")],
+)  # fmt: skip
+def test_a_resolver_port_defaults_to_53(tmp_path: Path, text: str, expected: str) -> None:
+    config = load_text(tmp_path, f'[settings]\nresolver = "{text}"\n{GOOD}'
+                       .replace("[pools.web]", f'[pools.web]\nresolver = "{text}"'))  # fmt: skip
+    assert config.settings.resolver == expected
+    assert config.pools["web"].resolver == expected
+
+
+# Two binds that cannot both listen, and the key path the error names.
+OVERLAPS = [
+    (":31840", "0.0.0.0:31840"),
+    ("0.0.0.0:31840", "127.0.0.1:31840"),
+    ("127.0.0.1:31840", ":31840"),
+    ("[::]:31840", "10.1.2.3:31840"),
+    ("[::]:31840", "[::1]:31840"),
+    ("[::ffff:127.0.0.1]:31840", "127.0.0.1:31840"),
+    ("localhost:31840", "LOCALHOST:31840"),
+    ("localhost:31840", ":31840"),
+]
+
+
+@pytest.mark.parametrize(("first", "second"), OVERLAPS)
+def test_overlapping_binds_are_rejected_naming_both(tmp_path: Path, first: str, second: str) -> None:
+    text = GOOD.replace('":8000"', f'"{first}"') + f'\n[listeners.other]\nbind = "{second}"\npool = "web"\n'
+    message = error_of(tmp_path, text)
+    expected = f'listeners.other.bind: overlaps listeners.web.bind = "{first}": both listen on port 31840'
+    assert expected in message
+    assert message.endswith(f'got "{second}"')
+
+
+def test_the_admin_bind_counts_as_a_listener(tmp_path: Path) -> None:
+    text = f'[admin]\nbind = "127.0.0.1:8000"\n{GOOD}'
+    assert 'admin.bind: overlaps listeners.web.bind = ":8000": both listen on port 8000' in error_of(
+        tmp_path, text
+    )
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [("127.0.0.1:31840", "127.0.0.2:31840"), ("[::1]:31840", "0.0.0.0:31840"),
+     ("127.0.0.1:0", "127.0.0.1:0"), (":31840", ":31841"), ("a.example:31840", "b.example:31840")],
+)  # fmt: skip
+def test_binds_that_do_not_overlap_are_accepted(tmp_path: Path, first: str, second: str) -> None:
+    text = GOOD.replace('":8000"', f'"{first}"') + f'\n[listeners.other]\nbind = "{second}"\npool = "web"\n'
+    assert len(load_text(tmp_path, text).listeners) == 2
+
+
+# ------------------------------------------------------------ reading the file
+
+
+def test_deeply_nested_toml_is_a_clean_error(tmp_path: Path) -> None:
+    message = error_of(tmp_path, "x = " + "[" * 5000 + "]" * 5000 + "\n")
+    assert message == f"{tmp_path / 'anubis.toml'}: invalid TOML: arrays or tables nested too deeply"
+
+
+def test_a_file_over_one_mebibyte_is_refused(tmp_path: Path) -> None:
+    message = error_of(tmp_path, GOOD + "#" * (1 << 20) + "\n")
+    assert message.endswith("cannot read the config file: larger than 1024 KiB")
+
+
+@pytest.mark.parametrize("path", ["/dev/zero", "/dev/null"])
+def test_a_device_is_refused(path: str) -> None:
+    if not Path(path).exists():
+        pytest.skip(f"{path} does not exist here")
+    with pytest.raises(ConfigError, match=f"^{path}: cannot read the config file: not a regular file$"):
+        load_config(path)
+
+
+def test_a_directory_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read the config file"):
+        load_config(tmp_path)
