@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
 import trio
 
 from tests.conftest import connect_when_listening, free_port, name_handler, start_backend
@@ -160,3 +161,103 @@ def test_python_dash_m_and_console_script_agree() -> None:
     assert result.stdout.strip() == f"anubis {__version__}"
 
 
+
+
+def test_check_summary_shows_settings_and_the_admin_endpoint_but_never_the_token(tmp_path: Path) -> None:
+    config = tmp_path / "anubis.toml"
+    text = (ROOT / "anubis.toml").read_text().replace('drain_timeout = "30s"', 'drain_timeout = "45s"')
+    config.write_text('[admin]\nbind = "127.0.0.1:9911"\ntoken = "s3cret-token"\n' + text.replace(
+        'log_format = "text"', 'log_format = "json"').replace("access_log = true", "access_log = false"))
+    result = run_cli("check", "-c", str(config))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    expected = "settings: drain_timeout 45s, log_format json, access_log off, max_connections from ulimit -n"
+    assert expected in lines
+    assert "admin: 127.0.0.1:9911, token required" in lines
+    assert "s3cret-token" not in result.stdout + result.stderr
+    without = run_cli("check", "-c", "anubis.toml")
+    assert "admin: off (no [admin] table)" in without.stdout.splitlines()
+
+
+# Configs `check` accepted before and `run` or a reload then crashed on: each is refused now,
+# naming the key path, on one line, without a traceback.
+FORMER_CRASHES = [
+    ('path = "/health"', 'path = "/health x"', "pools.web.health.path: must be visible ASCII"),
+    ('path = "/health"', 'path = "/health\\r\\nX: 1"', "pools.web.health.path: must be visible ASCII"),
+    ('path = "/health"', 'path = "/health"\nhost = "bad host"', "pools.web.health.host: 'bad host'"),
+    ('"127.0.0.1:9001"', '"a..b:80"', "pools.web.servers[0].address: 'a..b' is not a valid host name"),
+    ('":8000"', f'"{"x" * 64}:80"', "listeners.web.bind: "),
+    ('interval = "2s"', "interval = nan", "pools.web.health.interval: must be a finite duration"),
+    ('timeout = "1s"', "timeout = nan", "pools.web.health.timeout: must be a finite duration"),
+    ('drain_timeout = "30s"', "drain_timeout = nan", "settings.drain_timeout: must be a finite duration"),
+    ('connect_timeout = "3s"', "connect_timeout = nan", "pools.web.connect_timeout: must be a finite"),
+    ('strategy = "round_robin"', 'strategy = "trioanubis.strategies.base:Strategy"',
+     "pools.web.strategy: trioanubis.strategies.base:Strategy is a typing.Protocol"),
+]  # fmt: skip
+
+
+def _check_text(tmp_path: Path, text: str) -> subprocess.CompletedProcess[str]:
+    config = tmp_path / "anubis.toml"
+    config.write_text(text)
+    return run_cli("check", "-c", str(config))
+
+
+@pytest.mark.parametrize(("old", "new", "expected"), FORMER_CRASHES)
+def test_check_refuses_what_used_to_crash_run(tmp_path: Path, old: str, new: str, expected: str) -> None:
+    reference = (ROOT / "anubis.toml").read_text()
+    assert old in reference
+    result = _check_text(tmp_path, reference.replace(old, new, 1))
+    assert result.returncode == 1, result.stdout
+    assert result.stderr.startswith(f"anubis: {tmp_path / 'anubis.toml'}: {expected}")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["nested", "fifo", "dev_zero", "huge"])
+def test_check_refuses_hostile_files_with_one_line(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "anubis.toml"
+    if kind == "nested":
+        path.write_text("x = " + "[" * 5000 + "]" * 5000 + "\n")
+        expected = "invalid TOML: arrays or tables nested too deeply"
+    elif kind == "fifo":
+        if not hasattr(os, "mkfifo"):
+            pytest.skip("no FIFOs on this platform")
+        os.mkfifo(path)
+        expected = "cannot read the config file: not a regular file"
+    elif kind == "dev_zero":
+        if not Path("/dev/zero").exists():
+            pytest.skip("no /dev/zero on this platform")
+        path = Path("/dev/zero")
+        expected = "cannot read the config file: not a regular file"
+    else:
+        path.write_text("#" * (3 << 20))
+        expected = "cannot read the config file: larger than 1024 KiB"
+    result = run_cli("check", "-c", str(path))  # a FIFO read would hang: run_cli times out
+    assert result.returncode == 1
+    assert result.stderr == f"anubis: {path}: {expected}\n"
+
+
+MYSTRAT = '''
+class FirstUsable:
+    """Always the first usable server: easy to tell apart from round robin."""
+
+    def pick(self, servers, client_key, usable):
+        return next((s for s in servers if usable(s)), None)
+'''
+
+
+async def test_a_strategy_module_beside_the_config_is_found(tmp_path: Path, nursery: trio.Nursery) -> None:
+    one = await start_backend(nursery, name_handler("one"))
+    two = await start_backend(nursery, name_handler("two"))
+    port = free_port()
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "mystrat.py").write_text(MYSTRAT)
+    config = tmp_path / "conf" / "anubis.toml"
+    config.write_text(f'[listeners.web]\nbind = "127.0.0.1:{port}"\npool = "web"\n[pools.web]\n'
+                      f'strategy = "mystrat:FirstUsable"\nservers = ["{one.address}", "{two.address}"]\n')
+    assert "mystrat" not in os.environ.get("PYTHONPATH", "")
+    checked = run_cli("check", "-c", str(config))  # run from the repository, not the config's folder
+    assert checked.returncode == 0, checked.stderr
+    assert "pool web: mystrat:FirstUsable" in checked.stdout
+    async with anubis("run", "-c", str(config), cwd=ROOT):
+        answers = [await http_get(port) for _ in range(4)]
+    assert answers == [b"one"] * 4

@@ -325,3 +325,18 @@ def test_a_device_is_refused(path: str) -> None:
 def test_a_directory_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read the config file"):
         load_config(tmp_path)
+
+
+def test_a_strategy_beside_the_config_leaves_sys_path_as_it_was(tmp_path: Path) -> None:
+    import sys
+
+    (tmp_path / "beside_strategy_x.py").write_text(
+        "class Pick:\n    def pick(self, servers, client_key, usable):\n        return None\n"
+    )
+    before = list(sys.path)
+    text = GOOD.replace("[pools.web]", '[pools.web]\nstrategy = "beside_strategy_x:Pick"')
+    try:
+        assert load_text(tmp_path, text).pools["web"].strategy == "beside_strategy_x:Pick"
+        assert sys.path == before
+    finally:
+        sys.modules.pop("beside_strategy_x", None)

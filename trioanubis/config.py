@@ -247,7 +247,7 @@ class _Node:
     def error(self, message: str, value: object = None, key: str | None = None) -> ConfigError:
         where = self.key_path(key) if key is not None else self.path
         got = "" if value is None else f", got {_show(value)}"
-        return ConfigError(f"{self.source}: {where or '(top level)'}: {message}{got}")
+        return ConfigError(_one_line(f"{self.source}: {where or '(top level)'}: {message}{got}"))
 
     def key_path(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
@@ -258,10 +258,10 @@ class _Node:
                 close = difflib.get_close_matches(key, known, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 known_list = ", ".join(known)
-                raise ConfigError(
+                raise ConfigError(_one_line(
                     f"{self.source}: {self.key_path(key)}: unknown key{hint}; "
                     f"known keys here: {known_list}"
-                )
+                ))
 
     def child(self, key: str) -> _Node:
         return _Node(self.data.get(key, {}), self.key_path(key), self.source)
@@ -312,9 +312,14 @@ class _Node:
             raise self.error(str(exc), value, key) from None
 
 
+_ESCAPES: Final = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
 def _show(value: object) -> str:
+    """`value` as the config would spell it; a string's control characters escaped, so an
+    error stays one line whatever the file holds."""
     if isinstance(value, str):
-        return '"' + value.replace('"', '\\"') + '"'
+        return '"' + "".join(_escape(ch) for ch in value) + '"'
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, Mapping):
@@ -322,6 +327,17 @@ def _show(value: object) -> str:
     if isinstance(value, list):
         return "an array"
     return str(value)
+
+
+def _one_line(text: str) -> str:
+    """`text` with control characters escaped (a table name may hold any character)."""
+    return "".join(ch if ch.isprintable() else _escape(ch) for ch in text)
+
+
+def _escape(ch: str) -> str:
+    if ch in _ESCAPES:
+        return _ESCAPES[ch]
+    return ch if ch.isprintable() else f"\\u{ord(ch):04x}"
 
 
 def load_config(path: str | Path) -> Config:
