@@ -20,8 +20,16 @@ ROOT = Path(__file__).resolve().parent.parent
 ANUBIS = [sys.executable, "-m", "trioanubis"]
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*ANUBIS, *args], capture_output=True, text=True, timeout=60, cwd=ROOT)
+def run_cli(*args: str, memory: int | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `anubis ARGS`; `memory` caps its address space, for inputs that once made it eat memory."""
+    return subprocess.run([*ANUBIS, *args], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                          preexec_fn=None if memory is None else lambda: _cap_memory(memory))  # fmt: skip
+
+
+def _cap_memory(limit: int) -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
 @asynccontextmanager
@@ -231,7 +239,8 @@ def test_check_refuses_hostile_files_with_one_line(tmp_path: Path, kind: str) ->
     else:
         path.write_text("#" * (3 << 20))
         expected = "cannot read the config file: larger than 1024 KiB"
-    result = run_cli("check", "-c", str(path))  # a FIFO read would hang: run_cli times out
+    # A FIFO read would hang (run_cli times out); /dev/zero would be read until memory runs out.
+    result = run_cli("check", "-c", str(path), memory=2 << 30)
     assert result.returncode == 1
     assert result.stderr == f"anubis: {path}: {expected}\n"
 
