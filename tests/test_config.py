@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -489,3 +490,78 @@ def test_any_config_check_accepts_runs_reloads_and_drains(
 ) -> None:
     """No value `check` lets through may raise later: start, first health round, reload, drain."""
     trio.run(_run_then_reload, data, reload_data)
+
+
+# ------------------------------------------- anubis.toml is the reference for every key
+
+# A config that visits every kind of table config.py validates, so that each
+# table's `check_keys` call reports the keys it accepts. A new key in an
+# existing table needs nothing here; a new kind of table needs an entry.
+EVERY_TABLE: dict[str, Any] = {
+    "settings": {},
+    "admin": {},
+    "listeners": {"web": {"bind": ":1", "pool": "web"}},
+    "pools": {"web": {
+        "health": {},
+        "servers": ["127.0.0.1:1", {"address": "127.0.0.1:2"}, {"dns": "web.example:80"},
+                    {"srv": "_http._tcp.web.example"}],
+    }},
+}  # fmt: skip
+
+
+def accepted_keys() -> dict[str, set[str]]:
+    """{"pools.*.health": {"check", "path", …}, …}: what each table's validation accepts."""
+    tables: dict[str, set[str]] = {}
+    original = config_module._Node.check_keys
+
+    def recording(node: config_module._Node, known: tuple[str, ...]) -> None:
+        path = re.sub(r"^(listeners|pools)\.[^.\[]+", r"\1.*", node.path)
+        tables.setdefault(re.sub(r"\[\d+\]", "[]", path), set()).update(known)
+        original(node, known)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(config_module._Node, "check_keys", recording)
+        config_module.parse_config(EVERY_TABLE)
+    return tables
+
+
+def reference_sections(text: str) -> dict[str, str]:
+    """The text under each table header of anubis.toml, headers commented out or not."""
+    sections: dict[str, str] = {"": ""}
+    current = ""
+    for line in text.splitlines():
+        header = re.match(r"\s*(?:#\s*)?\[([\w.-]+)\](?:\s*#.*)?$", line)
+        if header:
+            current = re.sub(r"^(listeners|pools)\.[^.]+", r"\1.*", header.group(1))
+            sections.setdefault(current, "")
+            continue
+        sections[current] += line + "\n"
+    return sections
+
+
+def test_every_key_config_py_accepts_is_in_the_reference_anubis_toml() -> None:
+    sections = reference_sections((ROOT / "anubis.toml").read_text())
+    missing = []
+    for table, keys in sorted(accepted_keys().items()):
+        if not table:  # top level: each key is a table of its own
+            missing += [f"[{key}]" for key in sorted(keys)
+                        if not any(s.split(".")[0] == key for s in sections)]  # fmt: skip
+            continue
+        section = re.sub(r"\.\w+\[\]$", "", table)  # servers[] entries live in their pool's table
+        body = sections.get(section, "")
+        missing += [f"{table}.{key}" for key in sorted(keys)
+                    if f"{section}.{key}" not in sections  # a sub-table, like [pools.web.health]
+                    and not re.search(rf"(?:^|[\s{{,#]){key}\s*=", body, re.MULTILINE)]  # fmt: skip
+    assert not missing, (
+        "anubis.toml is the reference for every key config.py accepts, but lacks: "
+        + ", ".join(missing)
+        + ". Add each under its table with its default and a comment (commented out, "
+        "\"# key = default\", when it should not be active in the demo)."
+    )
+
+
+def test_the_key_walk_sees_every_table_kind() -> None:
+    tables = accepted_keys()
+    assert {"", "settings", "admin", "listeners.*", "pools.*", "pools.*.health",
+            "pools.*.servers[]"} <= set(tables)  # fmt: skip
+    assert {"address", "dns", "srv", "refresh", "weight"} <= tables["pools.*.servers[]"]
