@@ -270,3 +270,39 @@ async def test_a_strategy_module_beside_the_config_is_found(tmp_path: Path, nurs
     async with anubis("run", "-c", str(config), cwd=ROOT):
         answers = [await http_get(port) for _ in range(4)]
     assert answers == [b"one"] * 4
+
+
+async def _read_until(process: trio.Process, needle: bytes, seen: bytearray) -> None:
+    """Read the process's stderr into `seen` until `needle` appears after what was there before."""
+    assert process.stderr is not None
+    start = len(seen)
+    with trio.fail_after(30):
+        while needle not in seen[start:]:
+            data = await process.stderr.receive_some()
+            assert data, f"stderr ended before {needle!r}: {seen.decode(errors='replace')}"
+            seen += data
+
+
+async def test_reload_refuses_what_used_to_crash_and_keeps_serving(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    backend = await start_backend(nursery, name_handler("x"))
+    port = free_port()
+    config = tmp_path / "anubis.toml"
+    good = (f'[listeners.web]\nbind = "127.0.0.1:{port}"\npool = "web"\n'
+            f'[pools.web]\nservers = ["{backend.address}"]\n')  # fmt: skip
+    config.write_text(good)
+    stderr = bytearray()
+    async with anubis("run", "-c", str(config)) as process:
+        assert await http_get(port) == b"x"
+        for text, expected in [
+            (good + '[pools.web.health]\ncheck = "http"\npath = "/health x"\n',
+             b"reload rejected, the running config stays: " + bytes(config) + b": pools.web.health.path"),
+            ("x = " + "[" * 5000 + "]" * 5000 + "\n", b"nested too deeply"),
+            (good.replace(backend.address, "a..b:80"), b"pools.web.servers[0].address: 'a..b'"),
+        ]:
+            config.write_text(text)
+            process.send_signal(signal.SIGHUP)
+            await _read_until(process, expected, stderr)
+            assert await http_get(port) == b"x"
+    assert b"Traceback" not in stderr
