@@ -221,7 +221,8 @@ HOSTILE = [
      "settings.resolver: must be an IP address with an optional \":port\" (default 53)"),
     ("[pools.web]", '[settings]\nresolver = "dns.example:53"\n[pools.web]',
      "settings.resolver: must be an IP address"),
-    ("[pools.web]", '[pools.web]\nresolver = "10.0.0.1:99999"', "pools.web.resolver: must be an IP address"),
+    ("[pools.web]", '[pools.web]\nresolver = "10.0.0.1:99999"',
+     "pools.web.resolver: the port must be a number"),
 ]  # fmt: skip
 
 

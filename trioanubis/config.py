@@ -19,7 +19,6 @@ The schema is a contract: keys are added, never renamed.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import ipaddress
 import math
@@ -220,15 +219,20 @@ def parse_address(text: str, *, allow_any_host: bool = False) -> Address:
 def parse_resolver(text: str) -> Address:
     """A DNS resolver: an IP address, the port optional (53): "10.0.0.2", "[::1]:5353"."""
     bare = text[1:-1] if text.startswith("[") and text.endswith("]") else text
-    with contextlib.suppress(ValueError):
+    if _is_ip(bare):
         return Address(str(ipaddress.ip_address(bare)), DNS_PORT)
-    try:
-        address = parse_address(text)
-        ipaddress.ip_address(address.host)
-    except ValueError:
+    if not _is_ip(text.rpartition(":")[0].strip("[]")):
         raise ValueError('must be an IP address with an optional ":port" (default 53), '
-                         'like "10.0.0.2" or "[::1]:5353"; a resolver cannot be a host name') from None
-    return address
+                         'like "10.0.0.2" or "[::1]:5353"; a resolver cannot be a host name')
+    return parse_address(text)  # an IP and a port: the port may still be wrong
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 # ------------------------------------------------------------------- reading
