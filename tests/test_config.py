@@ -199,6 +199,8 @@ HOSTILE = [
     ('"127.0.0.1:9001"', '"ä..b:80"', "pools.web.servers[0].address: 'ä..b' is not a valid international"),
     ('"127.0.0.1:9001"', '"x\\u0000y:80"', "pools.web.servers[0].address: "),
     ('"127.0.0.1:9001"', '{ dns = "a..b:80" }', "pools.web.servers[0].dns: 'a..b' is not a valid host name"),
+    ('"127.0.0.1:9001"', '{ srv = "_http._tcp.a..b" }',
+     "pools.web.servers[0].srv: '_http._tcp.a..b' is not a valid host name"),
     ('bind = ":8000"', 'bind = "a..b:80"', "listeners.web.bind: 'a..b' is not a valid host name"),
     ("[listeners.web]", '[admin]\nbind = "a..b:80"\n[listeners.web]', "admin.bind: 'a..b' is not a valid"),
     ("[pools.web]", '[pools.web.health]\ninterval = nan\n[pools.web]',

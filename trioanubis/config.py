@@ -562,6 +562,7 @@ def _parse_discovery(item: _Node) -> DiscoveryConfig:
         name = item.string("srv", "")
         if not name:
             raise item.error("must be a DNS name like \"_http._tcp.example\"", name, "srv")
+        _checked(item, "srv", name, check_host_name)
         return DiscoveryConfig("srv", name, 0, refresh, weight, max_connections)
     address = item.address("dns")
     return DiscoveryConfig("dns", address.host, address.port, refresh, weight, max_connections)
