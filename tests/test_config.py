@@ -117,7 +117,7 @@ def test_empty_servers_and_missing_listeners(tmp_path: Path) -> None:
 
 def test_duplicate_binds_are_rejected(tmp_path: Path) -> None:
     text = GOOD + '\n[listeners.other]\nbind = ":8000"\npool = "web"\n'
-    assert ('listeners.other.bind: overlaps listeners.web.bind = ":8000": both listen on port 8000'
+    assert ('listeners.other.bind: overlaps listeners.web.bind = ":8000" on port 8000: the same address'
             in error_of(tmp_path, text))  # fmt: skip
 
 
@@ -275,32 +275,36 @@ def test_a_resolver_port_defaults_to_53(tmp_path: Path, text: str, expected: str
 
 
 # Two binds that cannot both listen, and the key path the error names.
+V4_ANY = '0.0.0.0 (or ":port") is every IPv4 address'
+V6_ANY = "[::] is every address, IPv4 and IPv6 (dual-stack)"
 OVERLAPS = [
-    (":31840", "0.0.0.0:31840"),
-    ("0.0.0.0:31840", "127.0.0.1:31840"),
-    ("127.0.0.1:31840", ":31840"),
-    ("[::]:31840", "10.1.2.3:31840"),
-    ("[::]:31840", "[::1]:31840"),
-    ("[::ffff:127.0.0.1]:31840", "127.0.0.1:31840"),
-    ("localhost:31840", "LOCALHOST:31840"),
-    ("localhost:31840", ":31840"),
+    (":31840", "0.0.0.0:31840", "the same address"),
+    ("0.0.0.0:31840", "127.0.0.1:31840", V4_ANY),
+    ("127.0.0.1:31840", ":31840", V4_ANY),
+    ("[::]:31840", "10.1.2.3:31840", V6_ANY),
+    ("[::]:31840", "[::1]:31840", V6_ANY),
+    ("[::]:31840", ":31840", V6_ANY),
+    ("[::ffff:127.0.0.1]:31840", "127.0.0.1:31840", "the same address"),
+    ("localhost:31840", "LOCALHOST:31840", "the same host"),
+    ("localhost:31840", ":31840", V4_ANY),
 ]
 
 
-@pytest.mark.parametrize(("first", "second"), OVERLAPS)
-def test_overlapping_binds_are_rejected_naming_both(tmp_path: Path, first: str, second: str) -> None:
+@pytest.mark.parametrize(("first", "second", "why"), OVERLAPS)
+def test_overlapping_binds_are_rejected_naming_both(
+    tmp_path: Path, first: str, second: str, why: str
+) -> None:
     text = GOOD.replace('":8000"', f'"{first}"') + f'\n[listeners.other]\nbind = "{second}"\npool = "web"\n'
     message = error_of(tmp_path, text)
-    expected = f'listeners.other.bind: overlaps listeners.web.bind = "{first}": both listen on port 31840'
+    expected = f'listeners.other.bind: overlaps listeners.web.bind = "{first}" on port 31840: {why}'
     assert expected in message
     assert message.endswith(f'got "{second}"')
 
 
 def test_the_admin_bind_counts_as_a_listener(tmp_path: Path) -> None:
     text = f'[admin]\nbind = "127.0.0.1:8000"\n{GOOD}'
-    assert 'admin.bind: overlaps listeners.web.bind = ":8000": both listen on port 8000' in error_of(
-        tmp_path, text
-    )
+    message = error_of(tmp_path, text)
+    assert f'admin.bind: overlaps listeners.web.bind = ":8000" on port 8000: {V4_ANY}' in message
 
 
 @pytest.mark.parametrize(

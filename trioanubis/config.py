@@ -36,6 +36,7 @@ from trioanubis.config_checks import (
     check_header_path,
     check_host_name,
     find_bind_overlap,
+    ip_address_or_none,
 )
 from trioanubis.errors import ConfigError
 
@@ -219,20 +220,13 @@ def parse_address(text: str, *, allow_any_host: bool = False) -> Address:
 def parse_resolver(text: str) -> Address:
     """A DNS resolver: an IP address, the port optional (53): "10.0.0.2", "[::1]:5353"."""
     bare = text[1:-1] if text.startswith("[") and text.endswith("]") else text
-    if _is_ip(bare):
-        return Address(str(ipaddress.ip_address(bare)), DNS_PORT)
-    if not _is_ip(text.rpartition(":")[0].strip("[]")):
+    ip = ip_address_or_none(bare)
+    if ip is not None:
+        return Address(str(ip), DNS_PORT)
+    if ip_address_or_none(text.rpartition(":")[0].strip("[]")) is None:
         raise ValueError('must be an IP address with an optional ":port" (default 53), '
                          'like "10.0.0.2" or "[::1]:5353"; a resolver cannot be a host name')
     return parse_address(text)  # an IP and a port: the port may still be wrong
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 # ------------------------------------------------------------------- reading
@@ -466,13 +460,9 @@ def _check_binds(
         binds["admin.bind"] = admin.bind
     clash = find_bind_overlap((key, a.host, a.port) for key, a in binds.items())
     if clash is not None:
-        first, second = clash
-        hosts = (binds[first].host, binds[second].host)
-        wildcard = any(h in ("", "0.0.0.0", "::") for h in hosts)
-        why = " (0.0.0.0 or \":port\" is every IPv4 address, [::] every address)" if wildcard else ""
+        first, second, why = clash
         raise top.error(
-            f"overlaps {first} = {_show(str(binds[first]))}: both listen on port "
-            f"{binds[second].port}{why}",
+            f"overlaps {first} = {_show(str(binds[first]))} on port {binds[second].port}: {why}",
             str(binds[second]),
             key=second,
         )

@@ -42,7 +42,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 def check_host_name(host: str) -> None:
     """Accept an IP literal or a DNS name every resolver we use can take; ValueError otherwise."""
-    if _ip(host) is not None:
+    if ip_address_or_none(host) is not None:
         return
     try:
         ascii_name = host.encode("ascii").decode()
@@ -106,7 +106,8 @@ def _is_ipv6(text: str) -> bool:
     return True
 
 
-def _ip(host: str) -> IPAddress | None:
+def ip_address_or_none(host: str) -> IPAddress | None:
+    """`host` as an IP address, or None when it is a name."""
     try:
         return ipaddress.ip_address(host)
     except ValueError:
@@ -116,8 +117,8 @@ def _ip(host: str) -> IPAddress | None:
 # ------------------------------------------------------------------- binds
 
 
-def find_bind_overlap(binds: Iterable[tuple[str, str, int]]) -> tuple[str, str] | None:
-    """The first two of `(who, host, port)` that cannot both listen, or None.
+def find_bind_overlap(binds: Iterable[tuple[str, str, int]]) -> tuple[str, str, str] | None:
+    """The first two of `(who, host, port)` that cannot both listen, and why; None if all can.
 
     `host` "" means every IPv4 interface (as the listeners bind it); port 0
     (any free port) never collides.
@@ -127,30 +128,35 @@ def find_bind_overlap(binds: Iterable[tuple[str, str, int]]) -> tuple[str, str] 
         if port == 0:
             continue
         for other, other_host, other_port in seen:
-            if other_port == port and _overlap(host, other_host):
-                return other, who
+            why = _overlap(host, other_host) if other_port == port else None
+            if why is not None:
+                return other, who, why
         seen.append((who, host, port))
     return None
 
 
-def _overlap(a: str, b: str) -> bool:
+def _overlap(a: str, b: str) -> str | None:
+    """Why listening on hosts `a` and `b` (one port) collides, or None."""
     ip_a, ip_b = _listen_ip(a), _listen_ip(b)
-    if ip_a is None or ip_b is None:  # a name: same name, or a wildcard covers it
-        wildcard = next((ip for ip in (ip_a, ip_b) if ip is not None and ip.is_unspecified), None)
-        return wildcard is not None or a.lower().rstrip(".") == b.lower().rstrip(".")
-    return _covers(ip_a, ip_b) or _covers(ip_b, ip_a)
+    wildcards = [ip for ip in (ip_a, ip_b) if ip is not None and ip.is_unspecified]
+    if ip_a is None or ip_b is None:  # a name: the same name, or a wildcard covers it
+        if a.lower().rstrip(".") == b.lower().rstrip("."):
+            return "the same host"
+        return _WILDCARD[wildcards[0].version] if wildcards else None
+    if ip_a == ip_b:
+        return "the same address"
+    for wide, narrow in ((ip_a, ip_b), (ip_b, ip_a)):
+        if wide.is_unspecified and (wide.version == 6 or narrow.version == 4):
+            return _WILDCARD[wide.version]
+    return None
+
+
+_WILDCARD: Final = {4: "0.0.0.0 (or \":port\") is every IPv4 address",
+                    6: "[::] is every address, IPv4 and IPv6 (dual-stack)"}  # fmt: skip
 
 
 def _listen_ip(host: str) -> IPAddress | None:
-    ip = _ip(host or "0.0.0.0")
+    ip = ip_address_or_none(host or "0.0.0.0")
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     return ip
-
-
-def _covers(wide: IPAddress, narrow: IPAddress) -> bool:
-    if wide == narrow:
-        return True
-    if not wide.is_unspecified:
-        return False
-    return wide.version == 6 or narrow.version == 4  # "::" is dual-stack
