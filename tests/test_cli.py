@@ -306,3 +306,19 @@ async def test_reload_refuses_what_used_to_crash_and_keeps_serving(
             await _read_until(process, expected, stderr)
             assert await http_get(port) == b"x"
     assert b"Traceback" not in stderr
+
+
+def test_check_refuses_two_listeners_on_one_port_written_differently(tmp_path: Path) -> None:
+    text = (ROOT / "anubis.toml").read_text().replace('bind = ":8000"', 'bind = ":31840"')
+    result = _check_text(tmp_path, text + '\n[listeners.api]\nbind = "0.0.0.0:31840"\npool = "web"\n')
+    assert result.returncode == 1
+    assert result.stderr == (f'anubis: {tmp_path / "anubis.toml"}: listeners.api.bind: overlaps '
+                             'listeners.web.bind = ":31840" on port 31840: the same address, '
+                             'got "0.0.0.0:31840"\n')  # fmt: skip
+
+
+def test_check_takes_a_resolver_without_a_port_as_port_53(tmp_path: Path) -> None:
+    text = (ROOT / "anubis.toml").read_text().replace('# resolver = ""', 'resolver = "127.0.0.1"', 1)
+    result = _check_text(tmp_path, text)
+    assert result.returncode == 0, result.stderr
+    assert "resolver 127.0.0.1:53" in result.stdout.splitlines()[1]
