@@ -322,7 +322,9 @@ def test_binds_that_do_not_overlap_are_accepted(tmp_path: Path, first: str, seco
 
 def test_deeply_nested_toml_is_a_clean_error(tmp_path: Path) -> None:
     message = error_of(tmp_path, "x = " + "[" * 5000 + "]" * 5000 + "\n")
-    assert message == f"{tmp_path / 'anubis.toml'}: invalid TOML: arrays or tables nested too deeply"
+    # Our words when the parser runs out of recursion; a parser with a depth limit of its own
+    # may say it in its words instead.
+    assert message.startswith(f"{tmp_path / 'anubis.toml'}: invalid TOML: ") and "\n" not in message
 
 
 def test_a_file_over_one_mebibyte_is_refused(tmp_path: Path) -> None:
