@@ -23,8 +23,16 @@ ROOT = Path(__file__).resolve().parent.parent
 ANUBIS = [sys.executable, "-m", "trioanubis"]
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*ANUBIS, *args], capture_output=True, text=True, timeout=60, cwd=ROOT)
+def run_cli(*args: str, memory: int | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `anubis ARGS`; `memory` caps its address space, for inputs that once made it eat memory."""
+    return subprocess.run([*ANUBIS, *args], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                          preexec_fn=None if memory is None else lambda: _cap_memory(memory))  # fmt: skip
+
+
+def _cap_memory(limit: int) -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
 @asynccontextmanager
@@ -233,3 +241,157 @@ async def test_hello_sends_reason_phrases_and_binds_loopback_only_by_default() -
         assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"hello from dev\n")
         with pytest.raises(OSError):  # 127.0.0.2 is this machine too, but not 127.0.0.1
             await (await trio.open_tcp_stream("127.0.0.2", port)).aclose()
+
+
+def test_check_summary_shows_settings_and_the_admin_endpoint_but_never_the_token(tmp_path: Path) -> None:
+    config = tmp_path / "anubis.toml"
+    text = (ROOT / "anubis.toml").read_text().replace('drain_timeout = "30s"', 'drain_timeout = "45s"')
+    config.write_text('[admin]\nbind = "127.0.0.1:9911"\ntoken = "s3cret-token"\n' + text.replace(
+        'log_format = "text"', 'log_format = "json"').replace("access_log = true", "access_log = false"))
+    result = run_cli("check", "-c", str(config))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    expected = "settings: drain_timeout 45s, log_format json, access_log off, max_connections from ulimit -n"
+    assert expected in lines
+    assert "admin: 127.0.0.1:9911, token required" in lines
+    assert "s3cret-token" not in result.stdout + result.stderr
+    without = run_cli("check", "-c", "anubis.toml")
+    assert "admin: off (no [admin] table)" in without.stdout.splitlines()
+
+
+# Configs `check` accepted before and `run` or a reload then crashed on: each is refused now,
+# naming the key path, on one line, without a traceback.
+FORMER_CRASHES = [
+    ('path = "/health"', 'path = "/health x"', "pools.web.health.path: must be visible ASCII"),
+    ('path = "/health"', 'path = "/health\\r\\nX: 1"', "pools.web.health.path: must be visible ASCII"),
+    ('path = "/health"', 'path = "/health"\nhost = "bad host"', "pools.web.health.host: 'bad host'"),
+    ('"127.0.0.1:9001"', '"a..b:80"', "pools.web.servers[0].address: 'a..b' is not a valid host name"),
+    ('":8000"', f'"{"x" * 64}:80"', "listeners.web.bind: "),
+    ('interval = "2s"', "interval = nan", "pools.web.health.interval: must be a finite duration"),
+    ('timeout = "1s"', "timeout = nan", "pools.web.health.timeout: must be a finite duration"),
+    ('drain_timeout = "30s"', "drain_timeout = nan", "settings.drain_timeout: must be a finite duration"),
+    ('connect_timeout = "3s"', "connect_timeout = nan", "pools.web.connect_timeout: must be a finite"),
+    ('strategy = "round_robin"', 'strategy = "trioanubis.strategies.base:Strategy"',
+     "pools.web.strategy: trioanubis.strategies.base:Strategy is a typing.Protocol"),
+]  # fmt: skip
+
+
+def _check_text(tmp_path: Path, text: str) -> subprocess.CompletedProcess[str]:
+    config = tmp_path / "anubis.toml"
+    config.write_text(text)
+    return run_cli("check", "-c", str(config))
+
+
+@pytest.mark.parametrize(("old", "new", "expected"), FORMER_CRASHES)
+def test_check_refuses_what_used_to_crash_run(tmp_path: Path, old: str, new: str, expected: str) -> None:
+    reference = (ROOT / "anubis.toml").read_text()
+    assert old in reference
+    result = _check_text(tmp_path, reference.replace(old, new, 1))
+    assert result.returncode == 1, result.stdout
+    assert result.stderr.startswith(f"anubis: {tmp_path / 'anubis.toml'}: {expected}")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["nested", "fifo", "dev_zero", "huge"])
+def test_check_refuses_hostile_files_with_one_line(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "anubis.toml"
+    if kind == "nested":
+        path.write_text("x = " + "[" * 5000 + "]" * 5000 + "\n")
+        expected = "invalid TOML: "
+    elif kind == "fifo":
+        if not hasattr(os, "mkfifo"):
+            pytest.skip("no FIFOs on this platform")
+        os.mkfifo(path)
+        expected = "cannot read the config file: not a regular file"
+    elif kind == "dev_zero":
+        if not Path("/dev/zero").exists():
+            pytest.skip("no /dev/zero on this platform")
+        path = Path("/dev/zero")
+        expected = "cannot read the config file: not a regular file"
+    else:
+        path.write_text("#" * (3 << 20))
+        expected = "cannot read the config file: larger than 1024 KiB"
+    # A FIFO read would hang (run_cli times out); /dev/zero would be read until memory runs out.
+    result = run_cli("check", "-c", str(path), memory=2 << 30)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"anubis: {path}: {expected}") and result.stderr.count("\n") == 1
+
+
+MYSTRAT = '''
+class FirstUsable:
+    """Always the first usable server: easy to tell apart from round robin."""
+
+    def pick(self, servers, client_key, usable):
+        return next((s for s in servers if usable(s)), None)
+'''
+
+
+async def test_a_strategy_module_beside_the_config_is_found(tmp_path: Path, nursery: trio.Nursery) -> None:
+    one = await start_backend(nursery, name_handler("one"))
+    two = await start_backend(nursery, name_handler("two"))
+    port = free_port()
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "mystrat.py").write_text(MYSTRAT)
+    config = tmp_path / "conf" / "anubis.toml"
+    config.write_text(f'[listeners.web]\nbind = "127.0.0.1:{port}"\npool = "web"\n[pools.web]\n'
+                      f'strategy = "mystrat:FirstUsable"\nservers = ["{one.address}", "{two.address}"]\n')
+    assert "mystrat" not in os.environ.get("PYTHONPATH", "")
+    checked = run_cli("check", "-c", str(config))  # run from the repository, not the config's folder
+    assert checked.returncode == 0, checked.stderr
+    assert "pool web: mystrat:FirstUsable" in checked.stdout
+    async with anubis("run", "-c", str(config), cwd=ROOT):
+        answers = [await http_get(port) for _ in range(4)]
+    assert answers == [b"one"] * 4
+
+
+async def _read_until(process: trio.Process, needle: bytes, seen: bytearray) -> None:
+    """Read the process's stderr into `seen` until `needle` appears after what was there before."""
+    assert process.stderr is not None
+    start = len(seen)
+    with trio.fail_after(30):
+        while needle not in seen[start:]:
+            data = await process.stderr.receive_some()
+            assert data, f"stderr ended before {needle!r}: {seen.decode(errors='replace')}"
+            seen += data
+
+
+async def test_reload_refuses_what_used_to_crash_and_keeps_serving(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    backend = await start_backend(nursery, name_handler("x"))
+    port = free_port()
+    config = tmp_path / "anubis.toml"
+    good = (f'[listeners.web]\nbind = "127.0.0.1:{port}"\npool = "web"\n'
+            f'[pools.web]\nservers = ["{backend.address}"]\n')  # fmt: skip
+    config.write_text(good)
+    stderr = bytearray()
+    async with anubis("run", "-c", str(config)) as process:
+        assert await http_get(port) == b"x"
+        for text, expected in [
+            (good + '[pools.web.health]\ncheck = "http"\npath = "/health x"\n',
+             b"reload rejected, the running config stays: " + bytes(config) + b": pools.web.health.path"),
+            ("x = " + "[" * 5000 + "]" * 5000 + "\n", b"reload rejected, the running config stays: "
+             + bytes(config) + b": invalid TOML: "),
+            (good.replace(backend.address, "a..b:80"), b"pools.web.servers[0].address: 'a..b'"),
+        ]:
+            config.write_text(text)
+            process.send_signal(signal.SIGHUP)
+            await _read_until(process, expected, stderr)
+            assert await http_get(port) == b"x"
+    assert b"Traceback" not in stderr
+
+
+def test_check_refuses_two_listeners_on_one_port_written_differently(tmp_path: Path) -> None:
+    text = (ROOT / "anubis.toml").read_text().replace('bind = ":8000"', 'bind = ":31840"')
+    result = _check_text(tmp_path, text + '\n[listeners.api]\nbind = "0.0.0.0:31840"\npool = "web"\n')
+    assert result.returncode == 1
+    assert result.stderr == (f'anubis: {tmp_path / "anubis.toml"}: listeners.api.bind: overlaps '
+                             'listeners.web.bind = ":31840" on port 31840: the same address, '
+                             'got "0.0.0.0:31840"\n')  # fmt: skip
+
+
+def test_check_takes_a_resolver_without_a_port_as_port_53(tmp_path: Path) -> None:
+    text = (ROOT / "anubis.toml").read_text().replace('# resolver = ""', 'resolver = "127.0.0.1"', 1)
+    result = _check_text(tmp_path, text)
+    assert result.returncode == 0, result.stderr
+    assert "resolver 127.0.0.1:53" in result.stdout.splitlines()[1]

@@ -1,10 +1,16 @@
 """Configuration: TOML text → frozen, typed records.
 
 Theory of operation: `load_config` reads a file, `parse_config` turns a TOML
-mapping into a `Config`. Both are pure apart from reading the file; nothing
-here resolves names or opens sockets. Every rejection is a `ConfigError` whose
-message has the shape ``FILE: KEY.PATH: what is wrong, got VALUE`` so the
-operator can find the line without a traceback. Unknown keys are rejected with
+mapping into a `Config`. Both are pure apart from reading the file (a regular
+file of at most `MAX_CONFIG_BYTES`) and importing a custom strategy; nothing
+here resolves names or opens sockets. Validation is the only gate: what it
+accepts, `run` and a reload can apply without failing on a value, so beyond
+types and ranges it checks what the layers underneath would choke on
+(`config_checks.py`: host names, HTTP header text, overlapping binds).
+
+Every rejection is a `ConfigError` whose message has the shape
+``FILE: KEY.PATH: what is wrong, got VALUE`` so the operator can find the
+line without a traceback. Unknown keys are rejected with
 a did-you-mean suggestion, because a misspelt timeout silently falling back to
 its default is the worst kind of config bug.
 
@@ -15,13 +21,23 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import math
+import os
 import re
+import stat
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
+from trioanubis.config_checks import (
+    check_header_host,
+    check_header_path,
+    check_host_name,
+    find_bind_overlap,
+    ip_address_or_none,
+)
 from trioanubis.errors import ConfigError
 from trioanubis.proxy.io import IO_CHOICES, IoName, epoll_available
 
@@ -39,6 +55,11 @@ LogFormat = Literal["text", "json"]
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _RATE = re.compile(r"\s*(\d+)\s*/\s*(\S+)\s*")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+# A config file is a page of text; anything larger is a mistake (or /dev/zero).
+MAX_CONFIG_BYTES: Final = 1 << 20
+# The port of a DNS resolver given as a bare address.
+DNS_PORT: Final = 53
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +201,8 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("must be a duration like \"2s\"")
     if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ValueError("must be a finite duration")
         if value < 0:
             raise ValueError("must not be negative")
         return float(value)
@@ -194,6 +217,8 @@ def parse_duration(value: object) -> float:
         pos = match.end()
     if pos != len(text) or pos == 0:
         raise ValueError("must be a duration like \"250ms\", \"2s\", \"1m\" or a number of seconds")
+    if not math.isfinite(total):
+        raise ValueError("must be a finite duration")
     return total
 
 
@@ -246,12 +271,26 @@ def parse_address(text: str, *, allow_any_host: bool = False) -> Address:
             raise ValueError("must be \"host:port\" (the port is missing)")
         if ":" in host:
             raise ValueError("IPv6 addresses must be written \"[addr]:port\"")
+        if host:
+            check_host_name(host)
     if not host and not allow_any_host:
         raise ValueError("the host is missing")
     lowest = 0 if allow_any_host else 1  # a listener may ask for any free port with 0
     if not port_text.isdigit() or not lowest <= int(port_text) < 65536:
         raise ValueError(f"the port must be a number from {lowest} to 65535")
     return Address(host, int(port_text))
+
+
+def parse_resolver(text: str) -> Address:
+    """A DNS resolver: an IP address, the port optional (53): "10.0.0.2", "[::1]:5353"."""
+    bare = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    ip = ip_address_or_none(bare)
+    if ip is not None:
+        return Address(str(ip), DNS_PORT)
+    if ip_address_or_none(text.rpartition(":")[0].strip("[]")) is None:
+        raise ValueError('must be an IP address with an optional ":port" (default 53), '
+                         'like "10.0.0.2" or "[::1]:5353"; a resolver cannot be a host name')
+    return parse_address(text)  # an IP and a port: the port may still be wrong
 
 
 # ------------------------------------------------------------------- reading
@@ -270,7 +309,7 @@ class _Node:
     def error(self, message: str, value: object = None, key: str | None = None) -> ConfigError:
         where = self.key_path(key) if key is not None else self.path
         got = "" if value is None else f", got {_show(value)}"
-        return ConfigError(f"{self.source}: {where or '(top level)'}: {message}{got}")
+        return ConfigError(_one_line(f"{self.source}: {where or '(top level)'}: {message}{got}"))
 
     def key_path(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
@@ -281,10 +320,10 @@ class _Node:
                 close = difflib.get_close_matches(key, known, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 known_list = ", ".join(known)
-                raise ConfigError(
+                raise ConfigError(_one_line(
                     f"{self.source}: {self.key_path(key)}: unknown key{hint}; "
                     f"known keys here: {known_list}"
-                )
+                ))
 
     def child(self, key: str) -> _Node:
         return _Node(self.data.get(key, {}), self.key_path(key), self.source)
@@ -357,9 +396,14 @@ class _Node:
             raise self.error(str(exc), value, key) from None
 
 
+_ESCAPES: Final = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
 def _show(value: object) -> str:
+    """`value` as the config would spell it; a string's control characters escaped, so an
+    error stays one line whatever the file holds."""
     if isinstance(value, str):
-        return '"' + value.replace('"', '\\"') + '"'
+        return '"' + "".join(_escape(ch) for ch in value) + '"'
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, Mapping):
@@ -369,31 +413,74 @@ def _show(value: object) -> str:
     return str(value)
 
 
+def _one_line(text: str) -> str:
+    """`text` with control characters escaped (a table name may hold any character)."""
+    return "".join(ch if ch.isprintable() else _escape(ch) for ch in text)
+
+
+def _escape(ch: str) -> str:
+    if ch in _ESCAPES:
+        return _ESCAPES[ch]
+    return ch if ch.isprintable() else f"\\u{ord(ch):04x}"
+
+
 def load_config(path: str | Path) -> Config:
-    """Read and validate a TOML config file; every failure is a ConfigError naming the file."""
+    """Read and validate a TOML config file; every failure is a ConfigError naming the file.
+
+    A custom strategy ("module:Class") is looked for beside the file first.
+    """
     source = str(path)
     try:
-        raw = Path(path).read_bytes()
+        raw = read_config_file(path)
     except OSError as exc:
         raise ConfigError(f"{source}: cannot read the config file: {exc.strerror or exc}") from None
-    return parse_config_text(raw.decode("utf-8", errors="replace"), source)
+    return parse_config_text(raw.decode("utf-8", errors="replace"), source, Path(path).parent)
 
 
-def parse_config_text(text: str, source: str = "<config>") -> Config:
+def read_config_file(path: str | Path) -> bytes:
+    """At most MAX_CONFIG_BYTES of a regular file; OSError with a strerror otherwise.
+
+    The file is opened without blocking (a FIFO would wait for a writer) and
+    checked to be a regular file before a byte is read, so a device such as
+    /dev/zero or a pipe is refused instead of read forever.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(0, "not a regular file")
+        raw = file.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise OSError(0, f"larger than {MAX_CONFIG_BYTES // 1024} KiB")
+    return raw
+
+
+def parse_config_text(
+    text: str, source: str = "<config>", base_dir: str | Path | None = None
+) -> Config:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: invalid TOML: {exc}") from None
-    return parse_config(data, source)
+    except RecursionError:  # the TOML parser recurses once per nested array or table
+        raise ConfigError(f"{source}: invalid TOML: arrays or tables nested too deeply") from None
+    return parse_config(data, source, base_dir)
 
 
-def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
-    """Validate a TOML mapping and build the frozen config records."""
+def parse_config(
+    data: Mapping[str, Any], source: str = "<config>", base_dir: str | Path | None = None
+) -> Config:
+    """Validate a TOML mapping and build the frozen config records.
+
+    `base_dir` (the config file's directory) is searched first for a custom
+    strategy's module.
+    """
     top = _Node(data, "", source)
     top.check_keys(("settings", "listeners", "pools", "admin"))
     settings = _parse_settings(top.child("settings"))
     pools_node = top.child("pools")
-    pools = {name: _parse_pool(name, pools_node.child(name)) for name in pools_node.data}
+    pools = {
+        name: _parse_pool(name, pools_node.child(name), base_dir) for name in pools_node.data
+    }
     listeners_node = top.child("listeners")
     if not listeners_node.data:
         raise top.error("at least one [listeners.NAME] table is required")
@@ -407,8 +494,8 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
                 key=f"{name}.pool",
             )
         listeners[name] = listener
-    _check_unique_binds(listeners_node, listeners)
     admin = _parse_admin(top.child("admin")) if "admin" in data else None
+    _check_binds(top, listeners, admin)
     return Config(listeners, pools, settings, admin, source)
 
 
@@ -435,13 +522,14 @@ def _io(node: _Node) -> IoName:
 
 
 def _resolver(node: _Node) -> str:
+    """A resolver as "ip:port" (the port defaults to 53), or "" for the system's resolvers."""
     value = node.string("resolver", "")
-    if value:
-        try:
-            parse_address(value)
-        except ValueError as exc:
-            raise node.error(str(exc), value, "resolver") from None
-    return value
+    if not value:
+        return ""
+    try:
+        return str(parse_resolver(value))
+    except ValueError as exc:
+        raise node.error(str(exc), value, "resolver") from None
 
 
 _LISTENER_CLIENT_KEYS = (
@@ -486,18 +574,21 @@ def _parse_client_options(node: _Node) -> dict[str, Any]:
     }
 
 
-def _check_unique_binds(node: _Node, listeners: Mapping[str, ListenerConfig]) -> None:
-    seen: dict[Address, str] = {}
-    for name, listener in listeners.items():
-        if listener.bind.port == 0:  # "any free port" never collides
-            continue
-        if listener.bind in seen:
-            raise node.error(
-                f"binds {listener.bind}, which listener {seen[listener.bind]!r} binds already",
-                str(listener.bind),
-                key=f"{name}.bind",
-            )
-        seen[listener.bind] = name
+def _check_binds(
+    top: _Node, listeners: Mapping[str, ListenerConfig], admin: AdminConfig | None
+) -> None:
+    """Refuse two listening sockets (the admin's too) whose addresses overlap on one port."""
+    binds = {f"listeners.{name}.bind": lc.bind for name, lc in listeners.items()}
+    if admin is not None:
+        binds["admin.bind"] = admin.bind
+    clash = find_bind_overlap((key, a.host, a.port) for key, a in binds.items())
+    if clash is not None:
+        first, second, why = clash
+        raise top.error(
+            f"overlaps {first} = {_show(str(binds[first]))} on port {binds[second].port}: {why}",
+            str(binds[second]),
+            key=second,
+        )
 
 
 # Visible ASCII: what an Authorization header can carry; anything else never matches.
@@ -546,13 +637,13 @@ _POOL_KEYS = (
 _SEND_PROXY = ("none", "v1", "v2")
 
 
-def _parse_pool(name: str, node: _Node) -> PoolConfig:
+def _parse_pool(name: str, node: _Node, base_dir: str | Path | None) -> PoolConfig:
     node.check_keys(_POOL_KEYS)
     strategy = node.string("strategy", "round_robin")
-    from trioanubis.strategies import StrategyError, resolve_strategy
+    from trioanubis.strategies import StrategyError, check_strategy
 
     try:
-        resolve_strategy(strategy)
+        check_strategy(strategy, base_dir)
     except StrategyError as exc:
         raise node.error(str(exc), strategy, "strategy") from None
     servers, discovery = _parse_servers(node)
@@ -623,6 +714,7 @@ def _parse_discovery(item: _Node) -> DiscoveryConfig:
         name = item.string("srv", "")
         if not name:
             raise item.error("must be a DNS name like \"_http._tcp.example\"", name, "srv")
+        _checked(item, "srv", name, check_host_name)
         return DiscoveryConfig("srv", name, 0, refresh, weight, max_connections)
     address = item.address("dns")
     return DiscoveryConfig("dns", address.host, address.port, refresh, weight, max_connections)
@@ -633,13 +725,14 @@ def _parse_health(node: _Node) -> HealthConfig:
         ("check", "path", "host", "expect_status", "expect_body", "interval", "timeout",
          "rise", "fall", "slow_start", "send_proxy")
     )  # fmt: skip
-    path = node.string("path", "/health")
-    if not path.startswith("/"):
-        raise node.error("must start with \"/\"", path, "path")
+    path = _checked(node, "path", node.string("path", "/health"), check_header_path)
+    host = node.string("host", "")  # "": the server's own address
+    if host:
+        _checked(node, "host", host, check_header_host)
     return HealthConfig(
         check=node.choice("check", "tcp", ("tcp", "http", "none")),  # type: ignore[arg-type]
         path=path,
-        host=node.string("host", ""),
+        host=host,
         expect_status=node.integer("expect_status", 200, minimum=100, maximum=599),
         expect_body=node.string("expect_body", ""),
         interval=node.duration("interval", 2.0, positive=True),
@@ -649,6 +742,14 @@ def _parse_health(node: _Node) -> HealthConfig:
         slow_start=node.duration("slow_start", 0.0),
         send_proxy=node.boolean("send_proxy", False),
     )
+
+
+def _checked(node: _Node, key: str, value: str, check: Callable[[str], None]) -> str:
+    try:
+        check(value)
+    except ValueError as exc:
+        raise node.error(str(exc), value, key) from None
+    return value
 
 
 def proxy_config(listen: str, servers: list[str], strategy: str) -> Config:

@@ -35,9 +35,26 @@ def _clients(listener: ListenerConfig) -> list[str]:
     return lines
 
 
+def _settings(config: Config) -> str:
+    s = config.settings
+    limit = str(s.max_connections) if s.max_connections else "from ulimit -n"
+    extra = "".join(f", {key} {value}" for key, value in (("pid_file", s.pid_file),
+                    ("resolver", s.resolver)) if value)  # fmt: skip
+    return (f"settings: drain_timeout {s.drain_timeout:g}s, log_format {s.log_format}, "
+            f"access_log {'on' if s.access_log else 'off'}, max_connections {limit}{extra}")  # fmt: skip
+
+
+def _admin(config: Config) -> str:
+    """Where the admin endpoint listens and whether it asks for a token (never the token)."""
+    if config.admin is None:
+        return "admin: off (no [admin] table)"
+    token = "token required" if config.admin.token else "no token"
+    return f"admin: {config.admin.bind}, {token}"
+
+
 def describe(config: Config, pools: Mapping[str, Pool] | None = None) -> str:
-    """Listeners → pools → servers, with live state and latency when `pools` is given."""
-    lines = []
+    """Settings, admin, listeners → pools → servers, with live state when `pools` is given."""
+    lines = [_settings(config), _admin(config)]
     for name, listener in config.listeners.items():
         limit = f", max {listener.max_connections}" if listener.max_connections else ""
         lines.append(f"listener {name}: {listener.bind} -> pool {listener.pool}{limit}")

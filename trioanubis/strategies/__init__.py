@@ -1,14 +1,25 @@
 """Balancing strategies and their registry.
 
 `resolve_strategy(name)` maps a config name (or "package.module:Class" for a
-strategy of the user's own) to a class; `make_strategy(name)` instantiates it.
-The interface every strategy implements is described in `base.py`.
+strategy of the user's own) to a class; `make_strategy(name)` instantiates it;
+`check_strategy` is what config validation runs, so that a name it accepts
+always makes a working strategy later. The interface every strategy
+implements is described in `base.py`.
+
+A custom module is looked for in the config file's directory first: that
+directory is put at the front of `sys.path` only while the module is being
+imported, then taken out again. The imported module stays in `sys.modules`,
+so later `make_strategy` calls (start-up, reload) find it without the path.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from trioanubis.errors import ConfigError
@@ -19,8 +30,8 @@ from trioanubis.strategies.round_robin import RoundRobin
 from trioanubis.strategies.source_hash import SourceHash
 from trioanubis.strategies.weighted_random import PowerOfTwo, WeightedRandom
 
-__all__ = ["STRATEGIES", "ServerView", "Strategy", "StrategyError", "make_strategy",
-           "resolve_strategy"]  # fmt: skip
+__all__ = ["STRATEGIES", "ServerView", "Strategy", "StrategyError", "check_strategy",
+           "make_strategy", "resolve_strategy"]  # fmt: skip
 
 STRATEGIES: dict[str, Callable[[], Any]] = {
     "round_robin": RoundRobin,
@@ -36,8 +47,11 @@ class StrategyError(ConfigError):
     """A strategy name that names no strategy."""
 
 
-def resolve_strategy(name: str) -> Callable[[], Any]:
-    """The class for a built-in name or a "module:Class" path; StrategyError otherwise."""
+def resolve_strategy(name: str, search_dir: str | Path | None = None) -> Callable[[], Any]:
+    """The class for a built-in name or a "module:Class" path; StrategyError otherwise.
+
+    `search_dir` (the config file's directory) is searched before `sys.path`.
+    """
     if name in STRATEGIES:
         return STRATEGIES[name]
     if ":" not in name:
@@ -45,15 +59,45 @@ def resolve_strategy(name: str) -> Callable[[], Any]:
         raise StrategyError(f"unknown strategy (known: {known}, or \"package.module:Class\")")
     module_name, _, attr = name.partition(":")
     try:
-        module = importlib.import_module(module_name)
+        with _importing_from(search_dir):
+            module = importlib.import_module(module_name)
     except Exception as exc:  # the user's module may fail in any way while importing
         raise StrategyError(f"cannot import module {module_name!r}: {exc}") from None
     cls = getattr(module, attr, None)
     if cls is None:
         raise StrategyError(f"module {module_name!r} has no attribute {attr!r}")
-    if not callable(cls) or not callable(getattr(cls, "pick", None)):
+    if not isinstance(cls, type) or not callable(getattr(cls, "pick", None)):
         raise StrategyError(f"{name} is not a class with a pick(servers, client_key, usable) method")
-    return cls  # type: ignore[no-any-return]
+    if getattr(cls, "_is_protocol", False):
+        raise StrategyError(f"{name} is a typing.Protocol (an interface); name a class that "
+                            "implements it")  # fmt: skip
+    return cls
+
+
+def check_strategy(name: str, search_dir: str | Path | None = None) -> None:
+    """Resolve `name` and build one instance, as the pool will; StrategyError if that fails."""
+    cls = resolve_strategy(name, search_dir)
+    try:
+        instance = cls()
+    except Exception as exc:  # the user's constructor may fail in any way
+        raise StrategyError(f"{name}() cannot be instantiated: {exc}") from None
+    if not callable(getattr(instance, "pick", None)):
+        raise StrategyError(f"{name}() has no pick(servers, client_key, usable) method")
+
+
+@contextmanager
+def _importing_from(directory: str | Path | None) -> Iterator[None]:
+    """Put `directory` first on sys.path for the duration of one import."""
+    if directory is None:
+        yield
+        return
+    entry = os.path.abspath(directory)
+    sys.path.insert(0, entry)
+    importlib.invalidate_caches()  # the file may be newer than the finders' listing
+    try:
+        yield
+    finally:
+        sys.path.remove(entry)  # the first occurrence: the one inserted above
 
 
 def make_strategy(name: str) -> Strategy:

@@ -1,0 +1,162 @@
+"""Value checks that keep `run` and a reload from failing on what `check` accepted.
+
+Theory of operation: `config.py` knows the shape of the file (which keys, which
+types); this module knows what the layers underneath will do with a value and
+refuses, up front, whatever they would choke on later:
+
+- a host name goes to `getaddrinfo`, which encodes it with Python's IDNA codec
+  (ASCII names) or the `idna` package (others, as Trio does) and raises
+  `UnicodeError`, not `OSError`, for an empty label or one over 63 characters;
+  dnspython refuses the same names with its own exceptions;
+- a health check's `path` and `host` go into an HTTP/1.1 request head that h11
+  builds only from visible ASCII (RFC 7230 `request-target`, `Host`);
+- two listening sockets on one port collide when their addresses overlap
+  (`0.0.0.0` covers every IPv4 address, `[::]` is dual-stack and covers both
+  families), which `run` would only report as "Address already in use".
+
+Everything here is pure: plain values in, a `ValueError` with the reason out.
+No name is resolved, so a host name is compared by its text.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable
+from typing import Final
+
+import idna
+
+# RFC 1035 §2.3.4: 63 octets a label, 255 a name on the wire (253 as text).
+MAX_LABEL: Final = 63
+MAX_NAME: Final = 253
+
+# Letters, digits, hyphen, and the underscore SRV names and some container
+# platforms use; anything else getaddrinfo cannot look up in DNS anyway.
+_ASCII_LABEL: Final = re.compile(r"[A-Za-z0-9_-]+")
+# RFC 7230 request-target as h11 accepts it: visible ASCII, no space.
+_VISIBLE_ASCII: Final = re.compile(r"[\x21-\x7e]+")
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def check_host_name(host: str) -> None:
+    """Accept an IP literal or a DNS name every resolver we use can take; ValueError otherwise."""
+    if ip_address_or_none(host) is not None:
+        return
+    try:
+        ascii_name = host.encode("ascii").decode()
+    except UnicodeEncodeError:
+        try:
+            ascii_name = idna.encode(host, uts46=True).decode()
+        except (idna.IDNAError, UnicodeError) as exc:
+            raise ValueError(f"{host!r} is not a valid international host name ({exc})") from None
+    _check_ascii_name(ascii_name)
+
+
+def _check_ascii_name(name: str) -> None:
+    bare = name[:-1] if name.endswith(".") else name
+    if not bare or len(bare) > MAX_NAME:
+        raise ValueError(f"a host name has 1 to {MAX_NAME} characters")
+    for label in bare.split("."):
+        if not label:
+            raise ValueError(f"{name!r} is not a valid host name (empty label)")
+        if len(label) > MAX_LABEL:
+            raise ValueError(f"{name!r} is not a valid host name "
+                             f"(a label is longer than {MAX_LABEL} characters)")  # fmt: skip
+        if not _ASCII_LABEL.fullmatch(label):
+            raise ValueError(f"{name!r} is not a valid host name "
+                             "(letters, digits, '-', '_' and '.' only)")  # fmt: skip
+
+
+def check_header_path(path: str) -> None:
+    """An HTTP request target: starts with "/", visible ASCII only (no space, CR or LF)."""
+    if not path.startswith("/"):
+        raise ValueError('must start with "/"')
+    if not _VISIBLE_ASCII.fullmatch(path):
+        raise ValueError("must be visible ASCII without spaces (percent-encode the rest)")
+
+
+def check_header_host(host: str) -> None:
+    """A Host header value: host[:port] with an ASCII host name, IPv4 or [IPv6]."""
+    if host.startswith("["):
+        literal, close, rest = host[1:].partition("]")
+        if not close or not _is_ipv6(literal) or (rest and not rest.startswith(":")):
+            raise ValueError('an IPv6 host is written "[addr]" or "[addr]:port"')
+        port = rest[1:] if rest else None
+    else:
+        if not host.isascii():
+            raise ValueError("must be ASCII (write an international name in its xn-- form)")
+        name, colon, port_text = host.partition(":")
+        _check_ascii_name(name)
+        port = port_text if colon else None
+    if port is not None and not _is_port(port):
+        raise ValueError("the port must be a number from 1 to 65535")
+
+
+def _is_port(text: str) -> bool:
+    return text.isdigit() and 0 < int(text) < 65536
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def ip_address_or_none(host: str) -> IPAddress | None:
+    """`host` as an IP address, or None when it is a name."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+# ------------------------------------------------------------------- binds
+
+
+def find_bind_overlap(binds: Iterable[tuple[str, str, int]]) -> tuple[str, str, str] | None:
+    """The first two of `(who, host, port)` that cannot both listen, and why; None if all can.
+
+    `host` "" means every IPv4 interface (as the listeners bind it); port 0
+    (any free port) never collides.
+    """
+    seen: list[tuple[str, str, int]] = []
+    for who, host, port in binds:
+        if port == 0:
+            continue
+        for other, other_host, other_port in seen:
+            why = _overlap(host, other_host) if other_port == port else None
+            if why is not None:
+                return other, who, why
+        seen.append((who, host, port))
+    return None
+
+
+def _overlap(a: str, b: str) -> str | None:
+    """Why listening on hosts `a` and `b` (one port) collides, or None."""
+    ip_a, ip_b = _listen_ip(a), _listen_ip(b)
+    wildcards = [ip for ip in (ip_a, ip_b) if ip is not None and ip.is_unspecified]
+    if ip_a is None or ip_b is None:  # a name: the same name, or a wildcard covers it
+        if a.lower().rstrip(".") == b.lower().rstrip("."):
+            return "the same host"
+        return _WILDCARD[wildcards[0].version] if wildcards else None
+    if ip_a == ip_b:
+        return "the same address"
+    for wide, narrow in ((ip_a, ip_b), (ip_b, ip_a)):
+        if wide.is_unspecified and (wide.version == 6 or narrow.version == 4):
+            return _WILDCARD[wide.version]
+    return None
+
+
+_WILDCARD: Final = {4: "0.0.0.0 (or \":port\") is every IPv4 address",
+                    6: "[::] is every address, IPv4 and IPv6 (dual-stack)"}  # fmt: skip
+
+
+def _listen_ip(host: str) -> IPAddress | None:
+    ip = ip_address_or_none(host or "0.0.0.0")
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
