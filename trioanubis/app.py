@@ -343,6 +343,7 @@ class Balancer:
                 server.max_connections = sc.max_connections
                 if server.weight != sc.weight:
                     pool.set_weight(server, sc.weight)
+                pool.set_priority(server, sc.priority)
             else:
                 added.append(Server(sc, healthy=config.health.check == "none"))
         await self._resolve(added, pool.name)

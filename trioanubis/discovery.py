@@ -124,7 +124,8 @@ def apply(pool: Pool, entry: DiscoveryConfig, found: set[Found]) -> None:
     added = []
     for address, item in wanted.items():
         if address not in current:
-            config = ServerConfig(address, str(address), item.weight, entry.max_connections)
+            config = ServerConfig(address, str(address), item.weight, entry.max_connections,
+                                  entry.priority)
             server = Server(config, healthy=pool.config.health.check == "none", source=source)
             family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
             server.sockaddrs = [(family, (address.host, address.port))]

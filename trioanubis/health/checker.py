@@ -22,7 +22,7 @@ from typing import Final
 
 import trio
 
-from trioanubis.health.probe import probe
+from trioanubis.health.probe import plan_of, probe
 from trioanubis.health.state import Hysteresis, next_slow_start_step, slow_start_weight
 from trioanubis.pool import Pool, Server
 from trioanubis.resolve import resolve_address
@@ -77,12 +77,13 @@ async def _check_server(pool: Pool, server: Server, scope: trio.CancelScope, fir
 async def _probe_forever(pool: Pool, server: Server, first: trio.Event) -> None:
     config = pool.config.health
     state = Hysteresis(config.rise, config.fall)
+    plan = plan_of(config)
     async with trio.open_nursery() as ramps:
         ramp = trio.CancelScope()
         while True:
             if not server.sockaddrs:
                 await _resolve(server)
-            ok, reason = await probe(server, config)
+            ok, reason = await probe(server, config, plan)
             server.last_check = reason if ok else f"failed: {reason}"
             if ok:
                 server.checks_passed += 1

@@ -1,12 +1,16 @@
-"""One health check of one server: a TCP connect or an HTTP/1.1 GET spoken with h11.
+"""One health check of one server: a TCP connect, an HTTP/1.1 GET spoken with h11,
+or a send/expect conversation judged by `health/expect.py`.
 
 Each probe returns `(ok, reason)`; the reason is what the logs show when the
-state changes: "refused", "timeout", "status 503", "body lacks 'up'", …
-The whole probe (connect, request, response) is bounded by `timeout`.
+state changes: "refused", "timeout", "status 503", "body lacks 'up'",
+"expected '+PONG', got '-LOADING …'". The whole probe (connect, request,
+response) is bounded by `timeout`. A conversation reads no more than its
+matcher's `room`, so a server cannot make a check hold more than `expect_bytes`.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Final
 
 import h11
@@ -15,31 +19,70 @@ import trio
 from trioanubis.config import HealthConfig
 from trioanubis.connection import close_socket, open_server_socket
 from trioanubis.errors import ConnectFailed
+from trioanubis.health.expect import Matcher, Plan, Verdict, plan_for, show
 from trioanubis.pool import Server
 
 # The most of a health response body we read: enough for any status page
 # that says "up", small enough that a misbehaving server cannot bloat us.
 MAX_BODY: Final = 65536
 MAX_HEADERS: Final = 16384
+# One read of a conversation's reply (never more than the matcher's room).
+READ_CHUNK: Final = 4096
 
 Result = tuple[bool, str]
 
 
-async def probe(server: Server, config: HealthConfig) -> Result:
-    """Run one check of `config.check` kind against `server`."""
+def plan_of(config: HealthConfig) -> Plan | None:
+    """The conversation of a protocol check (None for tcp, http and none); built once per task."""
+    if config.check in ("tcp", "http", "none"):
+        return None
+    return plan_for(config.check, send=config.send, expect=config.expect,
+                    expect_regex=config.expect_regex, expect_bytes=config.expect_bytes,
+                    user=config.user)  # fmt: skip
+
+
+async def probe(server: Server, config: HealthConfig, plan: Plan | None = None) -> Result:
+    """Run one check of `config.check` kind against `server` (`plan`: see `plan_of`)."""
+    matcher = plan.matcher() if plan is not None else None
+    connected = False
     with trio.move_on_after(config.timeout):
         try:
             sock = await open_server_socket(server, config.timeout)
         except ConnectFailed as exc:
             return False, exc.reason
+        connected = True
         try:
             if config.check == "tcp":
                 return True, "connected"
             stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+            if plan is not None and matcher is not None:
+                verdict = await _converse(stream, plan, matcher)
+                return verdict.ok, verdict.reason
             return await _http_check(stream, server, config)
         finally:
             close_socket(sock)
+    if connected and matcher is not None:
+        return False, matcher.timed_out().reason
     return False, "timeout"
+
+
+async def _converse(stream: trio.SocketStream, plan: Plan, matcher: Matcher) -> Verdict:
+    """Send the plan's request and feed the reply to `matcher` until it decides."""
+    try:
+        if plan.send:
+            await stream.send_all(plan.send)
+        verdict = None
+        while verdict is None:
+            data = await stream.receive_some(min(matcher.room, READ_CHUNK))
+            verdict = matcher.feed(data) if data else matcher.eof()
+    except (OSError, trio.BrokenResourceError):
+        after = f" after {show(bytes(matcher.received))}" if matcher.received else ""
+        return Verdict(False, f"reset{after}")
+    if verdict.ok and plan.farewell:
+        with contextlib.suppress(OSError, trio.BrokenResourceError):
+            await stream.send_all(plan.farewell)
+    return verdict
+
 
 
 async def _http_check(stream: trio.SocketStream, server: Server, config: HealthConfig) -> Result:
