@@ -136,7 +136,7 @@ class FirstLine(Matcher):
     def judge(self) -> Verdict | None:
         end = self.received.find(b"\n")
         if end < 0:
-            if len(self.received) >= len(self.prefix) and not self.received.startswith(self.prefix):
+            if not self.prefix.startswith(self.received[: len(self.prefix)]):
                 return self.fail()  # wrong from its first bytes: no need to wait for the line end
             return None
         line = bytes(self.received[:end]).rstrip(b"\r")
@@ -195,6 +195,8 @@ class MySQLHandshake(Matcher):
         if len(data) < 5:
             return None
         length = data[0] | data[1] << 8 | data[2] << 16
+        if length == 0:
+            return self.fail("(an empty packet)")
         payload = bytes(data[4 : 4 + length])
         complete = len(payload) == length
         if payload[0] == 10:
