@@ -48,6 +48,8 @@ MYSQL_TOO_MANY = mysql_packet(b"\xff\x10\x04Too many connections")
 MYSQL_BLOCKED = mysql_packet(b"\xff\x69\x04#HY000Host '10.0.0.1' is blocked")
 PG_AUTH_OK = pg_message(b"R", b"\x00\x00\x00\x00")
 PG_MD5 = pg_message(b"R", b"\x00\x00\x00\x05salt")
+PG_PARAM = pg_message(b"S", b"server_version\x0017.2\x00")
+PG_NO_ROLE = pg_message(b"E", b"SFATAL\x00C28000\x00Mrole \"x\" does not exist\x00\x00")
 PG_STARTING = pg_message(b"E", b"SFATAL\x00VFATAL\x00C57P03\x00Mthe database system is starting up\x00\x00")
 
 
@@ -85,11 +87,15 @@ def test_postgres_preset_builds_a_startup_and_reads_the_answer() -> None:
     assert length == len(plan.send) and version == 196608
     assert b"user\x00monitor\x00" in plan.send and plan.send.endswith(b"\x00\x00")
     assert plan.farewell == PG_TERMINATE
-    assert feed_all(plan.matcher(), PG_AUTH_OK) == (True, "authenticated")
+    assert feed_all(plan.matcher(), PG_AUTH_OK) is None  # the role may still be refused
+    ready = PG_AUTH_OK + PG_PARAM + pg_message(b"K", b"12345678") + pg_message(b"Z", b"I")
+    assert feed_all(plan.matcher(), ready[:11], ready[11:]) == (True, "ready for query")
+    assert feed_all(plan.matcher(), PG_AUTH_OK + PG_NO_ROLE) == (
+        False, 'postgres refused the startup: 28000 role "x" does not exist')  # fmt: skip
     assert feed_all(plan.matcher(), PG_MD5[:6], PG_MD5[6:]) == (True, "authentication request 5")
     assert feed_all(plan.matcher(), pg_message(b"Z", b"I")) == (True, "ready for query")
     notice = pg_message(b"N", b"SNOTICE\x00Mhi\x00\x00")
-    assert feed_all(plan.matcher(), notice + PG_AUTH_OK) == (True, "authenticated")
+    assert feed_all(plan.matcher(), notice + PG_MD5) == (True, "authentication request 5")
     assert feed_all(plan.matcher(), PG_STARTING) == (
         False, "postgres refused the startup: 57P03 the database system is starting up")  # fmt: skip
     assert feed_all(plan.matcher(), b"HTTP/1.1 400 Bad Request\r\n")[0] is False  # type: ignore[index]

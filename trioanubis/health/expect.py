@@ -150,7 +150,12 @@ class FirstLine(Matcher):
 
 @final
 class PostgresReply(Matcher):
-    """The first message after a startup: 'R' or 'Z' passes, 'E' fails, 'N'/'v' are skipped."""
+    """The answer to a startup: a password request or ReadyForQuery passes, 'E' fails.
+
+    AuthenticationOk (trust) is not the end: the role or the database may still be
+    refused, so the messages after it (ParameterStatus, BackendKeyData, notices)
+    are skipped until ReadyForQuery or an ErrorResponse.
+    """
 
     def judge(self) -> Verdict | None:
         data = self.received
@@ -158,23 +163,22 @@ class PostgresReply(Matcher):
         while len(data) - offset >= 5:
             kind = bytes(data[offset : offset + 1])
             (length,) = struct.unpack_from("!I", data, offset + 1)
-            if length < 4:
-                return self.fail("(a message length below 4)")
-            if kind == b"R" and length >= 8 and len(data) - offset >= 9:
-                (code,) = struct.unpack_from("!I", data, offset + 5)
-                return Verdict(True, f"authentication request {code}" if code else "authenticated")
-            if kind == b"R" and length < 8:
-                return self.fail("(an authentication request shorter than 8 bytes)")
+            if length < 4 or (kind == b"R" and length < 8):
+                return self.fail(f"(a {kind!r} message of length {length})")
             if kind == b"Z":
                 return Verdict(True, "ready for query")
-            if kind not in (b"E", b"N", b"v", b"R"):
+            if kind == b"R" and len(data) - offset >= 9:
+                (code,) = struct.unpack_from("!I", data, offset + 5)
+                if code:  # a password is asked for: the server takes startups
+                    return Verdict(True, f"authentication request {code}")
+            if kind not in (b"E", b"N", b"v", b"R", b"S", b"K"):
                 return self.fail()
             end = offset + 1 + length
             if end > len(data):
                 return None  # wait for the whole message (the bound cuts a huge one)
             if kind == b"E":
                 return _pg_refused(bytes(data[offset + 5 : end]))
-            offset = end  # a notice or a protocol-version negotiation comes before the answer
+            offset = end
         return None
 
     def wanted(self) -> str:
