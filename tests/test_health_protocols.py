@@ -20,10 +20,13 @@ from typing import Any
 
 import pytest
 import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import (
     Backend,
     config_for,
+    connect,
     connect_when_listening,
     free_port,
     running_balancer,
@@ -31,6 +34,7 @@ from tests.conftest import (
     wait_until,
 )
 from tests.peers import need
+from trioanubis.config import parse_config
 from trioanubis.pool import Server
 
 LOADING = b"-LOADING Redis is loading the dataset in memory\r\n"
@@ -250,3 +254,79 @@ async def test_a_silent_server_fails_at_the_timeout_and_a_flood_at_the_bound(nur
         states = [s.last_check for s in balancer.pools["test"].servers]
     assert states == ["failed: timeout: expected '+PONG', got nothing",
                       f"failed: expected '+PONG' within 100 bytes, got '{'x' * 60}…'"]  # fmt: skip
+
+
+# ------------------------------------------------------------------ attacker's replies, reloads
+
+KINDS: dict[str, dict[str, Any]] = {
+    "redis": {},
+    "postgres": {},
+    "mysql": {},
+    "smtp": {},
+    "banner": {"expect_regex": "^220 (a|b)*c"},
+    "send_expect": {"send": "\\x00PING\\r\\n", "expect": "+PONG", "expect_bytes": 64},
+}
+
+
+def every_check(fuzzed: str, echo: str) -> dict[str, Any]:
+    """One listener and pool per protocol check kind, each over the fuzzed server and an echo server."""
+    health = {"interval": "20ms", "timeout": "200ms", "rise": 1, "fall": 1}
+    return {
+        "listeners": {kind: {"bind": "127.0.0.1:0", "pool": kind} for kind in KINDS},
+        "pools": {
+            kind: {"servers": [fuzzed, echo], "health": {"check": kind, **health, **keys}}
+            for kind, keys in KINDS.items()
+        },
+    }
+
+
+def cycling(replies: list[bytes], hold: bool) -> Callable[[trio.SocketStream], Awaitable[None]]:
+    served = 0
+
+    async def handler(stream: trio.SocketStream) -> None:
+        nonlocal served
+        reply = replies[served % len(replies)]
+        served += 1
+        async with stream:
+            try:
+                await stream.send_all(reply)
+                if hold:
+                    await trio.sleep_forever()
+            except trio.BrokenResourceError:
+                pass
+
+    return handler
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.binary(max_size=300), min_size=1, max_size=6), st.booleans())
+async def test_random_server_replies_never_disturb_the_balancer(replies: list[bytes], hold: bool) -> None:
+    async with trio.open_nursery() as nursery:
+        fuzzed = await start_backend(nursery, cycling(replies, hold))
+        echo = await start_backend(nursery, replying(b"", read_first=False))
+        async with running_balancer(every_check(fuzzed.address, echo.address)) as (balancer, _):
+            servers = [pool.servers[0] for pool in balancer.pools.values()]
+            await wait_until(lambda: all(s.checks_passed + s.checks_failed > len(replies) for s in servers))
+            for server in servers:
+                assert server.last_check.isprintable() and len(server.last_check) < 300
+            # still serving: every listener still accepts and relays
+            for listener in balancer.listeners.values():
+                assert listener.bound is not None
+                stream = await connect(listener.bound)
+                await stream.send_all(b"x")
+                await stream.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_every_protocol_check_runs_and_reloads(nursery: trio.Nursery) -> None:
+    """Whatever `anubis check` accepts here starts, and reloads from and to every kind."""
+    pong = await start_backend(nursery, replying(b"+PONG\r\n"))
+    async with running_balancer(config_for([pong.address], health=fast("tcp"))) as (balancer, _):
+        for kind, keys in [*KINDS.items(), ("tcp", {})]:
+            data = config_for([pong.address], health=fast(kind, **keys))
+            await balancer.apply_config(parse_config(data, "reloaded.toml"))
+            server = balancer.pools["test"].servers[0]
+            checks = server.checks_passed + server.checks_failed
+            await wait_until(lambda s=server, c=checks: s.checks_passed + s.checks_failed > c + 1)
+            assert balancer.pools["test"].config.health.check == kind
+        assert server.healthy and server.last_check == "connected"
