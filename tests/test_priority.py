@@ -10,6 +10,7 @@ import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,7 +29,7 @@ from tests.conftest import (
     wait_until,
 )
 from tests.test_admin import admin_config, http
-from trioanubis.config import parse_config
+from trioanubis.config import parse_config, parse_config_text
 from trioanubis.pool import Pool, Server
 from trioanubis.strategies import STRATEGIES
 from trioanubis.summary import describe
@@ -260,3 +261,10 @@ async def test_two_priority_levels_and_a_backup_with_least_connections(nursery: 
         await wait_until(lambda: a1.healthy)
         assert pool.serving_priority == 0
         assert {await request(address) for _ in range(5)} == {b"a1"}
+
+
+def test_the_reference_config_documents_backup_servers() -> None:
+    text = (Path(__file__).resolve().parent.parent / "anubis.toml").read_text()
+    assert '  # { address = "127.0.0.1:9004", name = "spare", backup = true },' in text
+    config = parse_config_text(text.replace("  # { address", "  { address"), "anubis.toml")
+    assert [s.priority for s in config.pools["web"].servers] == [0, 0, 0, 1]
