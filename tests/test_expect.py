@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import struct
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -273,3 +274,17 @@ def test_any_health_table_is_accepted_with_a_plan_or_rejected_cleanly(health: di
         assert str(exc).startswith("fuzz.toml: pools.p.health")
         return
     plan_of(config.pools["p"].health)  # whatever check accepts, a probe can be built from
+
+
+def test_anubis_check_rejects_a_bad_regex_with_its_key_path(tmp_path: Path) -> None:
+    from tests.test_cli import run_cli
+
+    path = tmp_path / "anubis.toml"
+    path.write_text('[listeners.l]\nbind = "127.0.0.1:0"\npool = "p"\n[pools.p]\nservers = ["127.0.0.1:1"]\n'
+                    '[pools.p.health]\ncheck = "banner"\nexpect_regex = "^220 (unclosed"\n')  # fmt: skip
+    result = run_cli("check", "-c", str(path))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"{path}: pools.p.health.expect_regex: invalid regular expression: missing )" in result.stderr
+    path.write_text(path.read_text().replace("(unclosed", "ready"))
+    result = run_cli("check", "-c", str(path))
+    assert result.returncode == 0 and "banner check every 2s" in result.stdout
