@@ -10,6 +10,7 @@ import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,8 @@ from tests.conftest import (
     wait_until,
 )
 from tests.test_admin import admin_config, http
-from trioanubis.config import parse_config, parse_config_text
+from trioanubis.config import Address, parse_config, parse_config_text
+from trioanubis.discovery import Found, apply
 from trioanubis.pool import Pool, Server
 from trioanubis.strategies import STRATEGIES
 from trioanubis.summary import describe
@@ -268,3 +270,17 @@ def test_the_reference_config_documents_backup_servers() -> None:
     assert '  # { address = "127.0.0.1:9004", name = "spare", backup = true },' in text
     config = parse_config_text(text.replace("  # { address", "  { address"), "anubis.toml")
     assert [s.priority for s in config.pools["web"].servers] == [0, 0, 0, 1]
+
+
+def test_discovered_servers_join_their_priority_group() -> None:
+    data = config_for([{"address": "127.0.0.1:1", "name": "a"},
+                       {"dns": "localhost:7000", "backup": True}], health={"check": "none"})  # fmt: skip
+    config = parse_config(data).pools["test"]
+    pool = Pool(config)
+    entry = config.discovery[0]
+    assert entry.priority == 1
+    apply(pool, entry, {Found(Address("127.0.0.2", 7000), 1)})
+    assert [(s.name, s.priority) for s in pool.servers] == [("a", 0), ("127.0.0.2:7000", 1)]
+    assert [s.name for s in pool.candidates()] == ["a"]
+    apply(pool, replace(entry, priority=0), {Found(Address("127.0.0.2", 7000), 1)})  # reloaded
+    assert [s.name for s in pool.candidates()] == ["a", "127.0.0.2:7000"]

@@ -119,8 +119,10 @@ def apply(pool: Pool, entry: DiscoveryConfig, found: set[Found]) -> None:
             pool.remove(server)
             log.warning("pool %s: %s no longer lists %s; it gets no new connections", pool.name,
                         source, server.name)  # fmt: skip
-        elif server.weight != wanted[address].weight:
+            continue
+        if server.weight != wanted[address].weight:
             pool.set_weight(server, wanted[address].weight)
+        pool.set_priority(server, entry.priority)  # a reload may have changed it
     added = []
     for address, item in wanted.items():
         if address not in current:
