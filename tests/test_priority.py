@@ -284,3 +284,12 @@ def test_discovered_servers_join_their_priority_group() -> None:
     assert [s.name for s in pool.candidates()] == ["a"]
     apply(pool, replace(entry, priority=0), {Found(Address("127.0.0.2", 7000), 1)})  # reloaded
     assert [s.name for s in pool.candidates()] == ["a", "127.0.0.2:7000"]
+
+
+def test_groups_ramping_together_keep_their_order() -> None:
+    pool = make_pool(SERVERS[:3])
+    for server in pool.servers:  # a fresh start with slow start: every server ramps at once
+        pool.set_effective_weight(server, 1 / 16)
+    assert set(picks(pool, 32)) == {"a", "b"}
+    pool.set_effective_weight(pool.servers[2], 0.5)  # the backup is ahead: it keeps the difference
+    assert picks(pool, 16)["backup"] == 7

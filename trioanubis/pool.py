@@ -19,7 +19,8 @@ cycle or a hash table is not rebuilt when picks alternate between groups.
 Strategies stay pure: they never learn that groups exist. When a better group
 comes back with slow start, it takes the share its best server's ramp allows
 and the group that served until then keeps the rest (`_spill_rate`), so
-traffic returns gradually instead of all at once.
+traffic returns gradually instead of all at once; groups that ramp together
+(a fresh start) keep their order.
 
 Invariants: `active` is incremented by `acquire` and decremented by `release`,
 which the connection code calls in `try/finally`; a server removed from the
@@ -366,12 +367,17 @@ def _no_limit(server: Server) -> bool:
 
 
 def _ramp_share(groups: tuple[Group, ...]) -> float:
-    """The share of picks the second group keeps while every server of the first ramps up.
+    """The share of picks the second group keeps while the first ramps up (slow start).
 
-    A group that has a server at full weight is serving already; one whose servers all
-    came back moments ago (slow start) takes only what its furthest ramp allows.
+    A group is as far up its ramp as its furthest server: one with a server at full
+    weight was serving already. The second group keeps what it is ahead by, so a
+    group that comes back to replace an established backup starts with 1/16 of the
+    traffic, while groups that ramp together (a fresh start) keep their order.
     """
     if len(groups) < 2:
         return 0.0
-    ramp = max(s.effective_weight / s.weight if s.weight else 1.0 for s in groups[0].servers)
-    return max(0.0, 1.0 - ramp)
+    return max(0.0, _ramp(groups[1]) - _ramp(groups[0]))
+
+
+def _ramp(group: Group) -> float:
+    return max(min(1.0, s.effective_weight / s.weight) if s.weight else 1.0 for s in group.servers)
