@@ -293,3 +293,15 @@ def test_groups_ramping_together_keep_their_order() -> None:
     assert set(picks(pool, 32)) == {"a", "b"}
     pool.set_effective_weight(pool.servers[2], 0.5)  # the backup is ahead: it keeps the difference
     assert picks(pool, 16)["backup"] == 7
+
+
+async def test_reload_moves_servers_between_groups(nursery: trio.Nursery) -> None:
+    a = await start_backend(nursery, name_handler("a"))
+    b = await start_backend(nursery, name_handler("b"))
+    servers = [{"address": a.address, "name": "a"}, {"address": b.address, "name": "b", "backup": True}]
+    async with running_balancer(config_for(servers)) as (balancer, address):
+        assert {await request(address) for _ in range(4)} == {b"a"}
+        swapped = [{"address": a.address, "name": "a", "priority": 3}, {"address": b.address, "name": "b"}]
+        await balancer.apply_config(parse_config(config_for(swapped, strategy="random"), "reloaded.toml"))
+        assert balancer.pools["test"].serving_priority == 0
+        assert {await request(address) for _ in range(4)} == {b"b"}
