@@ -55,7 +55,8 @@ async def probe(server: Server, config: HealthConfig, plan: Plan | None = None) 
             if config.check == "tcp":
                 return True, "connected"
             stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
-            if plan is not None and matcher is not None:
+            if matcher is not None:
+                assert plan is not None
                 verdict = await _converse(stream, plan, matcher)
                 return verdict.ok, verdict.reason
             return await _http_check(stream, server, config)
@@ -82,7 +83,6 @@ async def _converse(stream: trio.SocketStream, plan: Plan, matcher: Matcher) -> 
         with contextlib.suppress(OSError, trio.BrokenResourceError):
             await stream.send_all(plan.farewell)
     return verdict
-
 
 
 async def _http_check(stream: trio.SocketStream, server: Server, config: HealthConfig) -> Result:
