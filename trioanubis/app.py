@@ -362,6 +362,7 @@ class Balancer:
                 server.send_proxy = sc.send_proxy
                 if server.weight != sc.weight:
                     pool.set_weight(server, sc.weight)
+                pool.set_priority(server, sc.priority)
             else:
                 added.append(Server(sc, healthy=config.health.check == "none"))
         await self._resolve(added, pool.name)

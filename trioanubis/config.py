@@ -39,6 +39,7 @@ from trioanubis.config_checks import (
     ip_address_or_none,
 )
 from trioanubis.errors import ConfigError
+from trioanubis.health.expect import PARSED, PROTOCOL_CHECKS, SERVER_FIRST, compile_regex, decode_escapes
 from trioanubis.proxy.io import IO_CHOICES, IoName, epoll_available
 
 if sys.version_info >= (3, 11):
@@ -46,7 +47,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-HealthCheck = Literal["tcp", "http", "none"]
+HealthCheck = Literal["tcp", "http", "none", "send_expect", "redis", "postgres", "mysql", "smtp", "banner"]
+HEALTH_CHECKS: tuple[str, ...] = ("tcp", "http", "none", *PROTOCOL_CHECKS)
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 SendProxy = Literal["none", "v1", "v2"]
 LeastTimeMode = Literal["first_byte", "connect"]
@@ -60,6 +62,15 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 MAX_CONFIG_BYTES: Final = 1 << 20
 # The port of a DNS resolver given as a bare address.
 DNS_PORT: Final = 53
+# Priority groups: 0 is served first; `backup = true` means 1. A hundred levels
+# is far more than any failover chain (Envoy's are usually 2 or 3).
+MAX_PRIORITY = 100
+BACKUP_PRIORITY = 1
+# Protocol checks: the default and the ceiling of the bytes one check may read,
+# and the most a check may send (a request, not a payload).
+EXPECT_BYTES = 4096
+MAX_EXPECT_BYTES = 1 << 20
+MAX_SEND = 65536
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +107,7 @@ class ServerConfig:
     weight: int = 1
     max_connections: int = 0  # 0: unlimited
     send_proxy: SendProxy | Literal[""] = ""  # "": the pool's
+    priority: int = 0  # the lowest priority with a usable server takes the traffic
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +120,7 @@ class DiscoveryConfig:
     refresh: float
     weight: int = 1
     max_connections: int = 0
+    priority: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +136,11 @@ class HealthConfig:
     fall: int = 3
     slow_start: float = 0.0
     send_proxy: bool = False  # checks send a PROXY header (UNKNOWN / LOCAL) when the server gets one
+    send: bytes | None = None  # protocol checks; None: the preset's (or nothing)
+    expect: bytes = b""
+    expect_regex: str = ""
+    expect_bytes: int = EXPECT_BYTES
+    user: str = "postgres"  # check = "postgres": the startup's user
 
 
 @dataclass(frozen=True, slots=True)
@@ -687,7 +705,7 @@ def _parse_servers(node: _Node) -> tuple[tuple[ServerConfig, ...], tuple[Discove
         if "dns" in item.data or "srv" in item.data:
             discovery.append(_parse_discovery(item))
             continue
-        item.check_keys(("address", "weight", "name", "max_connections", "send_proxy"))
+        item.check_keys(("address", "weight", "name", "max_connections", "send_proxy", "backup", "priority"))
         address = item.address("address")
         server = ServerConfig(
             address=address,
@@ -695,6 +713,7 @@ def _parse_servers(node: _Node) -> tuple[tuple[ServerConfig, ...], tuple[Discove
             weight=item.integer("weight", 1, maximum=1_000_000),
             max_connections=item.integer("max_connections", 0),
             send_proxy=item.choice("send_proxy", "", _SEND_PROXY) if "send_proxy" in item.data else "",  # type: ignore[arg-type]
+            priority=_parse_priority(item),
         )
         if server.name in names:
             raise item.error("duplicate server name in this pool", server.name, "name")
@@ -704,33 +723,44 @@ def _parse_servers(node: _Node) -> tuple[tuple[ServerConfig, ...], tuple[Discove
 
 
 def _parse_discovery(item: _Node) -> DiscoveryConfig:
-    item.check_keys(("dns", "srv", "refresh", "weight", "max_connections"))
+    item.check_keys(("dns", "srv", "refresh", "weight", "max_connections", "backup", "priority"))
     if "dns" in item.data and "srv" in item.data:
         raise item.error("give either dns or srv, not both")
     refresh = item.duration("refresh", 10.0, positive=True)
     weight = item.integer("weight", 1, maximum=1_000_000)
     max_connections = item.integer("max_connections", 0)
+    priority = _parse_priority(item)
     if "srv" in item.data:
         name = item.string("srv", "")
         if not name:
             raise item.error("must be a DNS name like \"_http._tcp.example\"", name, "srv")
         _checked(item, "srv", name, check_host_name)
-        return DiscoveryConfig("srv", name, 0, refresh, weight, max_connections)
+        return DiscoveryConfig("srv", name, 0, refresh, weight, max_connections, priority)
     address = item.address("dns")
-    return DiscoveryConfig("dns", address.host, address.port, refresh, weight, max_connections)
+    return DiscoveryConfig("dns", address.host, address.port, refresh, weight, max_connections, priority)
+
+
+def _parse_priority(item: _Node) -> int:
+    """`priority = N` or `backup = true` (priority 1); giving both is ambiguous."""
+    if "backup" in item.data and "priority" in item.data:
+        raise item.error("give either backup = true or priority = N, not both")
+    if item.boolean("backup", False):
+        return BACKUP_PRIORITY
+    return item.integer("priority", 0, maximum=MAX_PRIORITY)
 
 
 def _parse_health(node: _Node) -> HealthConfig:
     node.check_keys(
         ("check", "path", "host", "expect_status", "expect_body", "interval", "timeout",
-         "rise", "fall", "slow_start", "send_proxy")
+         "rise", "fall", "slow_start", "send_proxy", *_PROBE_KEYS)
     )  # fmt: skip
     path = _checked(node, "path", node.string("path", "/health"), check_header_path)
     host = node.string("host", "")  # "": the server's own address
     if host:
         _checked(node, "host", host, check_header_host)
+    check = node.choice("check", "tcp", HEALTH_CHECKS)
     return HealthConfig(
-        check=node.choice("check", "tcp", ("tcp", "http", "none")),  # type: ignore[arg-type]
+        check=check,  # type: ignore[arg-type]
         path=path,
         host=host,
         expect_status=node.integer("expect_status", 200, minimum=100, maximum=599),
@@ -741,6 +771,7 @@ def _parse_health(node: _Node) -> HealthConfig:
         fall=node.integer("fall", 3, minimum=1, maximum=1000),
         slow_start=node.duration("slow_start", 0.0),
         send_proxy=node.boolean("send_proxy", False),
+        **_parse_probe(node, check),
     )
 
 
@@ -750,6 +781,72 @@ def _checked(node: _Node, key: str, value: str, check: Callable[[str], None]) ->
     except ValueError as exc:
         raise node.error(str(exc), value, key) from None
     return value
+
+
+_PROBE_KEYS = ("send", "expect", "expect_regex", "expect_bytes", "user")
+
+
+def _parse_probe(node: _Node, check: str) -> dict[str, Any]:
+    """The send/expect keys of a protocol check, checked against what its kind allows."""
+    given = [key for key in _PROBE_KEYS if key in node.data]
+    if check not in PROTOCOL_CHECKS:
+        if given:
+            raise node.error(f"is only used by the checks {', '.join(PROTOCOL_CHECKS)}",
+                             node.data[given[0]], given[0])  # fmt: skip
+        return {}
+    for key in given:
+        if key in ("send", "expect", "expect_regex") and check in PARSED:
+            raise node.error(f"check = {check!r} speaks its protocol itself; use "
+                             f"check = \"send_expect\" for a conversation of your own",
+                             node.data[key], key)  # fmt: skip
+        if key == "send" and check in SERVER_FIRST:
+            raise node.error(f"check = {check!r} waits for the server to speak first; use "
+                             f"check = \"send_expect\" to send", node.data[key], key)  # fmt: skip
+        if key == "user" and check != "postgres":
+            raise node.error("is only used by check = \"postgres\"", node.data[key], key)
+    limit = node.integer("expect_bytes", EXPECT_BYTES, minimum=1, maximum=MAX_EXPECT_BYTES)
+    send = _escaped(node, "send", MAX_SEND) if "send" in node.data else None
+    expect = _escaped(node, "expect", limit)
+    regex = node.string("expect_regex", "")
+    _check_expectation(node, check, send, expect, regex)
+    return {"send": send, "expect": expect, "expect_regex": regex, "expect_bytes": limit,
+            "user": _pg_user(node)}  # fmt: skip
+
+
+def _escaped(node: _Node, key: str, limit: int) -> bytes:
+    text = node.string(key, "")
+    try:
+        data = decode_escapes(text)
+    except ValueError as exc:
+        raise node.error(str(exc), text, key) from None
+    if len(data) > limit:
+        raise node.error(f"is {len(data)} bytes, more than the {limit} allowed here", text, key)
+    return data
+
+
+def _check_expectation(node: _Node, check: str, send: bytes | None, expect: bytes, regex: str) -> None:
+    if "expect" in node.data and not expect:
+        raise node.error("must not be empty (it would match any reply)", "", "expect")
+    if expect and regex:
+        raise node.error("give either expect or expect_regex, not both", regex, "expect_regex")
+    if regex:
+        try:
+            compile_regex(regex)
+        except ValueError as exc:
+            raise node.error(str(exc), regex, "expect_regex") from None
+    if check in ("send_expect", "banner") and not (expect or regex):
+        raise node.error(f"check = {check!r} needs expect or expect_regex", key="expect")
+    if check == "redis" and (expect or regex) and send is None:
+        key = "expect" if expect else "expect_regex"
+        raise node.error("replaces the preset's reply, so give send too (the preset sends PING)",
+                         node.data[key], key)  # fmt: skip
+
+
+def _pg_user(node: _Node) -> str:
+    user = node.string("user", "postgres")
+    if not user or "\x00" in user or len(user.encode()) > 63:
+        raise node.error("must be a PostgreSQL role name (1 to 63 bytes, no NUL)", user, "user")
+    return user
 
 
 def proxy_config(listen: str, servers: list[str], strategy: str) -> Config:

@@ -288,12 +288,15 @@ def apply(pool: Pool, entry: DiscoveryConfig, found: frozenset[Found]) -> None:
             pool.remove(server)
             log.info("pool %s: %s no longer lists %s; it gets no new connections", pool.name,
                      source, server.name)  # fmt: skip
-        elif server.weight != wanted[address].weight:
+            continue
+        if server.weight != wanted[address].weight:
             pool.set_weight(server, wanted[address].weight)
+        pool.set_priority(server, entry.priority)  # a reload may have changed it
     added = []
     for address, item in wanted.items():
         if address not in current:
-            config = ServerConfig(address, str(address), item.weight, entry.max_connections)
+            config = ServerConfig(address, str(address), item.weight, entry.max_connections,
+                                  priority=entry.priority)
             server = Server(config, healthy=pool.config.health.check == "none", source=source)
             family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
             server.sockaddrs = [(family, (address.host, address.port))]

@@ -26,6 +26,7 @@ def server_stats(server: Server) -> dict[str, Any]:
         "weight": server.weight,
         "effective_weight": server.effective_weight,
         "max_connections": server.max_connections,
+        "priority": server.priority,
         "active": server.active,
         "total": server.total,
         "bytes_in": server.bytes_in,
@@ -40,6 +41,7 @@ def pool_stats(pool: Pool) -> dict[str, Any]:
     return {
         "name": pool.name,
         "strategy": pool.config.strategy,
+        "serving_priority": pool.serving_priority,
         "no_server": pool.no_server,
         "all_full": pool.all_full,
         "servers": [server_stats(s) for s in pool.servers],
@@ -117,6 +119,7 @@ SERVER_METRICS = (
     ("server_connect_failures_total", "counter", "Failed connects to a server.", "connect_failures"),
     ("server_weight", "gauge", "A server's configured weight.", "weight"),
     ("server_effective_weight", "gauge", "A server's weight now (slow start).", "effective_weight"),
+    ("server_priority", "gauge", "A server's priority group (0 first, backups 1).", "priority"),
 )
 
 
@@ -159,6 +162,10 @@ def prometheus(balancer: Balancer) -> str:
     lines += _family("pool_no_server_total", "counter", "Clients closed because no server could take them.")
     pools = list(balancer.pools.values())
     lines += [f"anubis_pool_no_server_total{_labels(pool=p.name)} {p.no_server}" for p in pools]
+    lines += _family("pool_serving_priority", "gauge",
+                     "The priority group taking new connections (absent when none can).")  # fmt: skip
+    lines += [f"anubis_pool_serving_priority{_labels(pool=p.name)} {p.serving_priority}"
+              for p in pools if p.serving_priority is not None]  # fmt: skip
     lines += _family("connection_duration_seconds", "histogram", "How long connections lasted.")
     for pool in pools:
         histogram = pool.durations

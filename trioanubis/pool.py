@@ -10,6 +10,19 @@ servers that may take new connections (up, not draining, not removed, weight
 list. Per-connection limits (`max_connections`) change with every connection,
 so they are checked by the `usable` predicate the pool hands to the strategy.
 
+Priority groups (backup servers): the candidates are split by `priority` when
+the state changes, and `candidates()` is the best (lowest) group that has any.
+A pick asks that group's strategy first; only when it finds no usable server
+(all full, or all tried by this connection's failover) does it fall through to
+the next group. Each group has its own strategy instance, so a round robin's
+cycle or a hash table is not rebuilt when picks alternate between groups.
+Strategies stay pure: they never learn that groups exist. When a better group
+comes back with slow start, it takes the share its best server's ramp allows
+and the group that served until then keeps the rest (`_spill_rate`), so
+traffic returns gradually instead of all at once; groups that ramp together
+(a fresh start) keep their order.
+
+
 Invariants: `active` counts a connection from the moment it is picked, while
 it connects, and while it relays: `reserve` raises it in the same step as the
 pick (no checkpoint in between, so a burst of connects in flight cannot slip
@@ -24,6 +37,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
 from typing import Final, final
 
 import trio
@@ -81,8 +95,8 @@ class Server:
         "active", "address", "bytes_in", "bytes_out", "checks_failed", "checks_passed", "checks_skipped",
         "connect_failures",
         "consecutive_failures", "draining", "effective_weight", "ewma", "healthy",
-        "last_check", "max_connections", "name", "removed", "send_proxy", "sockaddrs", "source",
-        "total", "weight",
+        "last_check", "max_connections", "name", "priority", "removed", "send_proxy", "sockaddrs",
+        "source", "total", "weight",
     )  # fmt: skip
 
     def __init__(self, config: ServerConfig, *, healthy: bool = True, source: str = "") -> None:
@@ -91,6 +105,7 @@ class Server:
         self.weight = config.weight
         self.max_connections = config.max_connections
         self.send_proxy = config.send_proxy  # "": the pool's
+        self.priority = config.priority
         self.source = source  # "" for static servers, the discovery name otherwise
         self.healthy = healthy
         self.draining = False
@@ -126,6 +141,15 @@ def _has_capacity(server: Server) -> bool:
     return server.has_capacity()
 
 
+@dataclass(frozen=True, slots=True)
+class Group:
+    """The candidates of one priority, and the strategy instance that picks among them."""
+
+    priority: int
+    servers: tuple[Server, ...]
+    strategy: Strategy
+
+
 @final
 class Pool:
     """The shared live view of one pool's servers."""
@@ -136,31 +160,46 @@ class Pool:
         healthy = config.health.check == "none" if initially_healthy is None else initially_healthy
         self.servers: list[Server] = [Server(s, healthy=healthy) for s in config.servers]
         self.retired: list[Server] = []  # removed, still carrying connections
-        self.strategy: Strategy = make_strategy(config.strategy)
+        self._strategy: Strategy = make_strategy(config.strategy)
+        self._strategies: dict[int, Strategy] = {}  # per priority group
         self.durations = Histogram(DURATION_BUCKETS)
         self.no_server = 0  # clients closed because no server could take them
         self.all_full = 0  # of those, the ones where every server was at max_connections
-        self._candidates: tuple[Server, ...] | None = None
         self._has_limits = any(s.max_connections for s in self.servers)
         self._lot = trio.lowlevel.ParkingLot()  # waiting for a change
         self._released = trio.lowlevel.ParkingLot()  # waiting for a connection to end
+        self.groups: tuple[Group, ...] = ()  # usable groups, best first
+        self.serving_priority: int | None = None  # the best group's priority
+        self._spill_rate = 0.0  # share of picks the next group keeps while the best ramps up
+        self._spill = 0.0
+        self._group()
+
+    @property
+    def strategy(self) -> Strategy:
+        return self._strategy
+
+    @strategy.setter
+    def strategy(self, strategy: Strategy) -> None:
+        """Replace the strategy (reload): every group gets a fresh instance of it."""
+        self._strategy = strategy
+        self._strategies.clear()
+        self._group()
 
     # ---------------------------------------------------------------- picking
 
     def candidates(self) -> tuple[Server, ...]:
-        """Servers that may take new connections, ignoring per-connection limits."""
-        if self._candidates is None:
-            self._candidates = tuple(
-                s
-                for s in self.servers
-                if s.healthy and not s.draining and not s.removed and s.effective_weight > 0
-            )
-        return self._candidates
+        """The serving group: the best priority's servers that may take new connections,
+        ignoring per-connection limits (empty when no server of any priority may)."""
+        return self.groups[0].servers if self.groups else ()
 
     def pick(self, client_key: bytes, exclude: Collection[Server] = ()) -> Server | None:
-        """Ask the strategy for a server that is available, has capacity and is not excluded."""
-        candidates = self.candidates()
-        if not candidates:
+        """Ask the strategy for a server that is available, has capacity and is not excluded.
+
+        The serving group is asked first; the next group only when that finds no usable
+        server, or for its share of picks while the serving group ramps up (slow start).
+        """
+        groups = self.groups
+        if not groups:
             return None
         usable: Callable[[Server], bool]
         if exclude:
@@ -169,13 +208,64 @@ class Pool:
             usable = _has_capacity
         else:
             usable = _no_limit
-        return self.strategy.pick(candidates, client_key, usable)
+        if self._spill_rate and self._spill_now():
+            groups = (groups[1], groups[0], *groups[2:])
+        for group in groups:
+            server = group.strategy.pick(group.servers, client_key, usable)
+            if server is not None:
+                return server
+        return None
+
+    def _spill_now(self) -> bool:
+        """Whether this pick is one of the next group's share (evenly spread, no randomness)."""
+        self._spill += self._spill_rate
+        if self._spill >= 1.0:
+            self._spill -= 1.0
+            return True
+        return False
 
     def changed(self) -> None:
         """Note that membership, state or weights changed: candidates are rebuilt."""
-        self._candidates = None
         self._has_limits = any(s.max_connections for s in self.servers)
+        self._group()
         self._lot.unpark_all()
+
+    def _group(self) -> None:
+        """Split the servers that may take connections into priority groups, best first."""
+        members: dict[int, list[Server]] = {}
+        for s in self.servers:
+            if s.healthy and not s.draining and not s.removed and s.effective_weight > 0:
+                members.setdefault(s.priority, []).append(s)
+        self.groups = tuple(
+            Group(priority, tuple(members[priority]), self._strategy_for(priority))
+            for priority in sorted(members)
+        )
+        serving = self.groups[0].priority if self.groups else None
+        if serving is not None and serving != self.serving_priority:
+            self._log_serving(serving)
+        self.serving_priority = serving
+        self._spill_rate = _ramp_share(self.groups)
+
+    def _log_serving(self, serving: int) -> None:
+        best = min(s.priority for s in self.servers)
+        if serving != best:
+            log.warning("pool %s: priority %d serves new connections (no server of priority %d "
+                        "is usable)", self.name, serving, best)  # fmt: skip
+        elif self.serving_priority is not None:
+            log.info("pool %s: priority %d serves new connections again", self.name, serving)
+
+    def _strategy_for(self, priority: int) -> Strategy:
+        strategy = self._strategies.get(priority)
+        if strategy is None:
+            in_use = self._strategy in self._strategies.values()
+            strategy = make_strategy(self.config.strategy) if in_use else self._strategy
+            self._strategies[priority] = strategy
+        return strategy
+
+    def set_priority(self, server: Server, priority: int) -> None:
+        if server.priority != priority:
+            server.priority = priority
+            self.changed()
 
     async def wait_changed(self) -> None:
         """Sleep until the next `changed()` (membership, state or weights)."""
@@ -289,3 +379,20 @@ class Pool:
 
 def _no_limit(server: Server) -> bool:
     return True
+
+
+def _ramp_share(groups: tuple[Group, ...]) -> float:
+    """The share of picks the second group keeps while the first ramps up (slow start).
+
+    A group is as far up its ramp as its furthest server: one with a server at full
+    weight was serving already. The second group keeps what it is ahead by, so a
+    group that comes back to replace an established backup starts with 1/16 of the
+    traffic, while groups that ramp together (a fresh start) keep their order.
+    """
+    if len(groups) < 2:
+        return 0.0
+    return max(0.0, _ramp(groups[1]) - _ramp(groups[0]))
+
+
+def _ramp(group: Group) -> float:
+    return max(min(1.0, s.effective_weight / s.weight) if s.weight else 1.0 for s in group.servers)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from trioanubis.config import Config, ListenerConfig, PoolConfig
+from trioanubis.config import BACKUP_PRIORITY, Config, ListenerConfig, PoolConfig
 from trioanubis.pool import Pool
 
 
@@ -12,8 +12,16 @@ def _health(pool: PoolConfig) -> str:
     health = pool.health
     if health.check == "none":
         return "no health check"
-    what = f"GET {health.path}" if health.check == "http" else "tcp connect"
+    what = {"http": f"GET {health.path}", "tcp": "tcp connect"}.get(health.check, f"{health.check} check")
     return f"{what} every {health.interval:g}s, rise {health.rise} fall {health.fall}"
+
+
+def _priority(priority: int) -> str:
+    if not priority:
+        return ""
+    backup = " (backup)" if priority == BACKUP_PRIORITY else ""
+    return f" priority {priority}{backup}"
+
 
 
 def _clients(listener: ListenerConfig) -> list[str]:
@@ -68,12 +76,14 @@ def describe(config: Config, pools: Mapping[str, Pool] | None = None) -> str:
         if live is not None:
             for server in live:
                 ewma = f"{server.ewma * 1000:.1f}ms" if server.ewma is not None else "-"
-                lines.append(f"  server {server.name}: {server.address} weight {server.weight} "
-                             f"{server.state} active {server.active} ewma {ewma}")  # fmt: skip
+                lines.append(f"  server {server.name}: {server.address} weight {server.weight}"
+                             f"{_priority(server.priority)} {server.state} active {server.active} "
+                             f"ewma {ewma}")  # fmt: skip
         else:
             for sc in pc.servers:
                 limit = f" max_connections {sc.max_connections}" if sc.max_connections else ""
-                lines.append(f"  server {sc.name}: {sc.address} weight {sc.weight}{limit}")
+                lines.append(f"  server {sc.name}: {sc.address} weight {sc.weight}{limit}"
+                             f"{_priority(sc.priority)}")  # fmt: skip
         for d in pc.discovery:
             what = f"SRV {d.name}" if d.kind == "srv" else f"DNS {d.name}:{d.port}"
             lines.append(f"  servers from {what}, refreshed every {d.refresh:g}s")

@@ -25,7 +25,7 @@ from typing import Final
 import trio
 
 from trioanubis.errors import OutOfResources
-from trioanubis.health.probe import probe
+from trioanubis.health.probe import plan_of, probe
 from trioanubis.health.state import Hysteresis, next_slow_start_step, slow_start_weight
 from trioanubis.pool import Pool, Server
 from trioanubis.proxy_protocol import build_local
@@ -82,13 +82,14 @@ async def _probe_forever(pool: Pool, server: Server, first: trio.Event) -> None:
     config = pool.config.health
     state = Hysteresis(config.rise, config.fall)
     short = False  # in an episode of local shortage: logged once
+    plan = plan_of(config)
     async with trio.open_nursery() as ramps:
         ramp = trio.CancelScope()
         while True:
             if not server.sockaddrs:
                 await _resolve(server)
             try:
-                ok, reason = await probe(server, config, health_proxy_header(pool, server))
+                ok, reason = await probe(server, config, plan, health_proxy_header(pool, server))
             except OutOfResources as exc:
                 short = _skipped(pool, server, exc, short)
                 first.set()

@@ -1,8 +1,11 @@
-"""One health check of one server: a TCP connect or an HTTP/1.1 GET spoken with h11.
+"""One health check of one server: a TCP connect, an HTTP/1.1 GET spoken with h11,
+or a send/expect conversation judged by `health/expect.py`.
 
 Each probe returns `(ok, reason)`; the reason is what the logs show when the
-state changes: "refused", "timeout", "status 503", "body lacks 'up'", …
-The whole probe (connect, request, response) is bounded by `timeout`.
+state changes: "refused", "timeout", "status 503", "body lacks 'up'",
+"expected '+PONG', got '-LOADING …'". The whole probe (connect, request,
+response) is bounded by `timeout`. A conversation reads no more than its
+matcher's `room`, so a server cannot make a check hold more than `expect_bytes`.
 
 A probe that fails for lack of something local (descriptors, buffers,
 memory: `LOCAL_SHORTAGE_ERRNOS`, as for client connects) raises
@@ -16,6 +19,7 @@ names no client (v1 UNKNOWN, v2 LOCAL), is the first thing sent.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Final
 
 import h11
@@ -23,6 +27,7 @@ import trio
 
 from trioanubis.config import HealthConfig
 from trioanubis.errors import ConnectFailed, OutOfResources
+from trioanubis.health.expect import Matcher, Plan, Verdict, plan_for, show
 from trioanubis.pool import Server
 from trioanubis.proxy.connect import LOCAL_SHORTAGE_ERRNOS, close_socket, open_server_socket
 
@@ -30,14 +35,28 @@ from trioanubis.proxy.connect import LOCAL_SHORTAGE_ERRNOS, close_socket, open_s
 # that says "up", small enough that a misbehaving server cannot bloat us.
 MAX_BODY: Final = 65536
 MAX_HEADERS: Final = 16384
+# One read of a conversation's reply (never more than the matcher's room).
+READ_CHUNK: Final = 4096
 
 Result = tuple[bool, str]
 
 
-async def probe(server: Server, config: HealthConfig, proxy_header: bytes = b"") -> Result:
-    """Run one check of `config.check` kind against `server`, after `proxy_header` if given.
+def plan_of(config: HealthConfig) -> Plan | None:
+    """The conversation of a protocol check (None for tcp, http and none); built once per task."""
+    if config.check in ("tcp", "http", "none"):
+        return None
+    return plan_for(config.check, send=config.send, expect=config.expect,
+                    expect_regex=config.expect_regex, expect_bytes=config.expect_bytes,
+                    user=config.user)  # fmt: skip
 
-    Raises OutOfResources on a local shortage."""
+
+async def probe(
+    server: Server, config: HealthConfig, plan: Plan | None = None, proxy_header: bytes = b""
+) -> Result:
+    """Run one check of `config.check` kind against `server` (`plan`: see `plan_of`), after
+    `proxy_header` if given. Raises OutOfResources on a local shortage."""
+    matcher = plan.matcher() if plan is not None else None
+    connected = False
     with trio.move_on_after(config.timeout):
         try:
             sock = await open_server_socket(server, config.timeout)
@@ -45,6 +64,7 @@ async def probe(server: Server, config: HealthConfig, proxy_header: bytes = b"")
             raise
         except ConnectFailed as exc:
             return False, exc.reason
+        connected = True
         try:
             if config.check == "tcp" and not proxy_header:
                 return True, "connected"
@@ -56,10 +76,34 @@ async def probe(server: Server, config: HealthConfig, proxy_header: bytes = b"")
                     return False, "reset"
             if config.check == "tcp":
                 return True, "connected"
+            if matcher is not None:
+                assert plan is not None
+                verdict = await _converse(stream, plan, matcher)
+                return verdict.ok, verdict.reason
             return await _http_check(stream, server, config)
         finally:
             close_socket(sock)
+    if connected and matcher is not None:
+        return False, matcher.timed_out().reason
     return False, "timeout"
+
+
+async def _converse(stream: trio.SocketStream, plan: Plan, matcher: Matcher) -> Verdict:
+    """Send the plan's request and feed the reply to `matcher` until it decides."""
+    try:
+        if plan.send:
+            await stream.send_all(plan.send)
+        verdict = None
+        while verdict is None:
+            data = await stream.receive_some(min(matcher.room, READ_CHUNK))
+            verdict = matcher.feed(data) if data else matcher.eof()
+    except (OSError, trio.BrokenResourceError):
+        after = f" after {show(bytes(matcher.received))}" if matcher.received else ""
+        return Verdict(False, f"reset{after}")
+    if verdict.ok and plan.farewell:
+        with contextlib.suppress(OSError, trio.BrokenResourceError):
+            await stream.send_all(plan.farewell)
+    return verdict
 
 
 async def _http_check(stream: trio.SocketStream, server: Server, config: HealthConfig) -> Result:
