@@ -9,6 +9,7 @@ time to send one request (10 s), and the number of admin connections (64).
 Anything malformed gets a 4xx or a closed connection; nothing here can
 disturb the proxy beyond the admin task that serves the bad client.
 
+    GET  /                                       the dashboard (HTML; see dashboard.py)
     GET  /stats                                  JSON: listeners, pools, servers
     GET  /metrics                                Prometheus text format
     GET  /healthz                                200 while the process runs
@@ -32,6 +33,7 @@ from urllib.parse import unquote
 import h11
 import trio
 
+from trioanubis import dashboard
 from trioanubis.config import Address, AdminConfig
 from trioanubis.errors import AnubisError
 from trioanubis.metrics import prometheus, server_stats, stats
@@ -68,6 +70,13 @@ def error_reply(status: int, message: str) -> Reply:
     return json_reply(status, {"error": message})
 
 
+def page_reply(status: int, body: bytes, cache: str) -> Reply:
+    """The dashboard or its login page; a 401 still says which scheme the API takes."""
+    challenge = (("WWW-Authenticate", "Bearer"),) if status == 401 else ()
+    headers = (("Cache-Control", cache), *challenge, *dashboard.PAGE_HEADERS)
+    return Reply(status, dashboard.HTML_TYPE, body, headers)
+
+
 def authorised(token: str, headers: list[tuple[bytes, bytes]]) -> bool:
     if not token:
         return True
@@ -82,8 +91,14 @@ def route(
 ) -> Reply:
     """The admin API, without I/O."""
     if not authorised(token, headers):
+        if dashboard.is_page(method, path):
+            return page_reply(401, dashboard.login_page(), dashboard.LOGIN_CACHE)
         return Reply(401, JSON_TYPE, b'{"error": "unauthorised"}\n', (("WWW-Authenticate", "Bearer"),))
     path = path.split("?", 1)[0]
+    if path in dashboard.PATHS:
+        if method not in ("GET", "HEAD"):
+            return error_reply(405, f"{path} takes GET")
+        return page_reply(200, dashboard.page(), dashboard.PAGE_CACHE)
     if path in ("/stats", "/metrics", "/healthz", "/readyz"):
         if method not in ("GET", "HEAD"):
             return error_reply(405, f"{path} takes GET")
