@@ -24,6 +24,7 @@ from trioanubis.errors import AnubisError, ConfigError
 from trioanubis.hello import serve_hello
 from trioanubis.strategies import STRATEGIES
 from trioanubis.summary import describe
+from trioanubis.top import DEFAULT_ADMIN, Admin, admin_target, run_top
 
 log = logging.getLogger("trioanubis")
 
@@ -59,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run hello-world backends behind the demo config")
     demo.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="default: ./anubis.toml")
 
+    top = commands.add_parser("top", help="watch the admin endpoint live in a terminal (needs rich)")
+    target = top.add_mutually_exclusive_group()
+    target.add_argument("-c", "--config", help="take the admin address and token from this config "
+                        f"(default: ./{DEFAULT_CONFIG} if it exists, else --admin {DEFAULT_ADMIN})")
+    target.add_argument("--admin", help=f"the admin endpoint's URL, e.g. {DEFAULT_ADMIN}")
+    top.add_argument("--token", help="the admin token (default: the config's [admin] token)")
+
     hello = commands.add_parser("hello", help="run one hello-world HTTP backend")
     hello.add_argument("--name", default="hello")
     hello.add_argument("--port", type=int, default=8080)
@@ -77,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "reload":
             return _signal_reload(args.config)
+        if args.command == "top":
+            return run_top(_top_admin(args))
         if args.command == "hello":
             trio.run(_run_hello, args.name, Address(args.host, args.port))
             return 0
@@ -104,6 +114,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"anubis: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _top_admin(args: argparse.Namespace) -> Admin:
+    """Where `anubis top` looks: --admin, else the config's [admin] table."""
+    url, token = args.admin, ""
+    if url is None and (args.config is not None or Path(DEFAULT_CONFIG).exists()):
+        url, token = admin_target(load_config(args.config or DEFAULT_CONFIG))
+    return Admin(url or DEFAULT_ADMIN, token if args.token is None else args.token)
 
 
 def _demo_config_path(path: str) -> Path:
