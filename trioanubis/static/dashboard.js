@@ -101,7 +101,7 @@ class Series {
 
 function sparkline(color) {
   const options = {
-    width: 130, height: 26, class: "spark", pxAlign: 0,
+    width: 110, height: 26, class: "spark", pxAlign: 0,
     cursor: {show: false}, legend: {show: false}, select: {show: false},
     scales: {x: {time: false}, y: {range: (u, min, max) => [0, Math.max(1, max)]}},
     axes: [{show: false}, {show: false}],
@@ -123,9 +123,10 @@ function poolChart() {
     axes: [{}, {scale: "conns", label: "conn/s", size: 50},
       {scale: "bytes", side: 1, label: "bytes/s", size: 70, grid: {show: false},
         values: (u, ticks) => ticks.map(bytes)}],
-    series: [{}, {label: "conn/s", scale: "conns", stroke: "#0969da", width: 1.5,
+    series: [{}, {label: "conn/s", scale: "conns", stroke: "#0969da", width: 1.5, points: {show: false},
       value: (u, v) => rate(v)},
-    {label: "bytes/s", scale: "bytes", stroke: "#8250df", width: 1.5, value: (u, v) => bytes(v)}],
+    {label: "bytes/s", scale: "bytes", stroke: "#8250df", width: 1.5, points: {show: false},
+      value: (u, v) => bytes(v)}],
   };
   return new uPlot(options, [[], [], []], el("div"));
 }
@@ -170,7 +171,7 @@ function drawListeners(time, list) {
 
 const SERVER_COLUMNS = [
   ["server", ""], ["state", ""], ["weight", "num"], ["active", "num"], ["total", "num"],
-  ["conn/s", "num"], ["in", "num"], ["out", "num"], ["bytes/s", "num"], ["connect fails", "num"],
+  ["conn/s", "num"], ["in", "num"], ["out", "num"], ["bytes/s", "num"], ["fails", "num"],
   ["EWMA", "num"], ["last 5 min", ""], ["other", "extras"], ["", ""],
 ];
 
@@ -201,9 +202,9 @@ function serverRow(entry, pool, server) {
     onclick: () => act(pool.name, row.name, "drain")}, "drain");
   row.enable = el("button", {"data-action": "enable",
     onclick: () => act(pool.name, row.name, "enable")}, "enable");
-  const setWeight = el("button", {"data-action": "weight", onclick: () => {
+  const setWeight = el("button", {"data-action": "weight", title: "set this weight", onclick: () => {
     act(pool.name, row.name, "weight", {weight: Number(weight.value)});
-  }}, "set weight");
+  }}, "set");
   cells[13].append(el("span", {class: "actions"}, row.drain, row.enable, weight, setWeight));
   entry.body.append(row.tr);
   return row;
