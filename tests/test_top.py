@@ -18,7 +18,7 @@ from tests.conftest import EVENTUALLY, echo_handler, free_port, running_balancer
 from tests.peers import need
 from tests.test_dashboard import TOKEN, two_servers
 from trioanubis.config import parse_config
-from trioanubis.top import admin_target, parse_keys, rates, render, server_rows
+from trioanubis.top import TopError, admin_target, admin_url, parse_keys, rates, render, server_rows
 
 pytest.importorskip("rich")
 
@@ -84,6 +84,17 @@ def test_fuzz_any_stats_document_renders(document: dict[str, Any]) -> None:
     screen(render(document, rows, selected=0))
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=40), st.text(max_size=30).map(lambda s: "http://127.0.0.1:" + s)))
+def test_fuzz_admin_url_is_a_clear_error_or_an_http_url(text: str) -> None:
+    try:
+        url = admin_url(text)
+    except TopError as exc:
+        assert str(exc).startswith("--admin ")
+    else:
+        assert url.startswith(("http://", "https://"))
+
+
 def test_admin_target_from_config() -> None:
     data = two_servers("127.0.0.1:1", "127.0.0.1:2", TOKEN)
     data["admin"]["bind"] = "0.0.0.0:9911"
@@ -94,6 +105,13 @@ def test_admin_target_from_config() -> None:
 
 def run_top(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*ANUBIS, "top", *args], capture_output=True, text=True, timeout=60, **kwargs)
+
+
+async def test_an_admin_that_does_not_speak_http_is_one_line(nursery: trio.Nursery) -> None:
+    echo = await start_backend(nursery, echo_handler)  # answers the request with itself
+    done = await trio.to_thread.run_sync(lambda: run_top("--admin", f"http://{echo.address}"))
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("anubis: ") and "did not answer like an admin" in done.stderr, done.stderr
 
 
 async def test_snapshot_when_stdout_is_not_a_terminal(nursery: trio.Nursery) -> None:
@@ -126,6 +144,9 @@ def test_unreachable_admin_and_missing_rich_are_one_line(tmp_path: Path) -> None
         capture_output=True, text=True, timeout=60)  # fmt: skip
     assert no_rich.returncode == 1 and "Traceback" not in no_rich.stderr
     assert "pip install 'trioanubis[top]'" in no_rich.stderr
+    for bad in ("ftp://x", "http://127.0.0.1:99999", "http://[::1", "http://127.0.0.1:9 9"):
+        refused = run_top("--admin", bad)
+        assert refused.returncode == 1 and refused.stderr.startswith("anubis: --admin "), refused.stderr
     config = tmp_path / "no-admin.toml"
     config.write_text('[listeners.a]\nbind = "127.0.0.1:0"\npool = "p"\n'
                       '[pools.p]\nservers = ["127.0.0.1:1"]\n')

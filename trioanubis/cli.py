@@ -24,7 +24,7 @@ from trioanubis.errors import AnubisError, ConfigError
 from trioanubis.hello import serve_hello
 from trioanubis.strategies import STRATEGIES
 from trioanubis.summary import describe
-from trioanubis.top import DEFAULT_ADMIN, Admin, admin_target, run_top
+from trioanubis.top import DEFAULT_ADMIN, Admin, admin_target, admin_url, run_top
 
 log = logging.getLogger("trioanubis")
 
@@ -121,7 +121,7 @@ def _top_admin(args: argparse.Namespace) -> Admin:
     url, token = args.admin, ""
     if url is None and (args.config is not None or Path(DEFAULT_CONFIG).exists()):
         url, token = admin_target(load_config(args.config or DEFAULT_CONFIG))
-    return Admin(url or DEFAULT_ADMIN, token if args.token is None else args.token)
+    return Admin(admin_url(url or DEFAULT_ADMIN), token if args.token is None else args.token)
 
 
 def _demo_config_path(path: str) -> Path:

@@ -20,6 +20,7 @@ interactive session starts.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import sys
@@ -74,6 +75,21 @@ def admin_target(config: Config) -> tuple[str, str]:
     return f"http://{host}:{config.admin.bind.port}", config.admin.token
 
 
+def admin_url(text: str) -> str:
+    """`--admin` checked: an http(s) URL with a host ("host:port" alone means http://host:port)."""
+    url = text.strip() if "://" in text else f"http://{text.strip()}"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number from 0 to 65535
+    except ValueError as exc:
+        raise TopError(f"--admin {text!r}: not a URL ({exc}); expected e.g. {DEFAULT_ADMIN}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise TopError(f"--admin {text!r}: expected an http URL with a host, e.g. {DEFAULT_ADMIN}")
+    if any(ord(c) < 33 or ord(c) == 127 for c in url):
+        raise TopError(f"--admin {text!r}: spaces and control characters cannot be in a URL")
+    return url.rstrip("/")
+
+
 @dataclass(frozen=True, slots=True)
 class Admin:
     """A blocking client of the admin API (top is its own process; nothing else runs in it)."""
@@ -90,8 +106,10 @@ class Admin:
                 return json.loads(response.read())
         except urllib.error.HTTPError as exc:
             raise TopError(self._refusal(method, path, exc)) from None
+        except http.client.HTTPException as exc:
+            raise TopError(f"{self.url} did not answer like an admin endpoint: {exc!r}") from None
         except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
+            reason = getattr(exc, "reason", None) or repr(exc)
             raise TopError(f"cannot reach the admin endpoint at {self.url}: {reason}") from None
         except ValueError as exc:
             raise TopError(f"{self.url}{path} did not answer JSON: {exc}") from None
