@@ -29,6 +29,7 @@ Accept errors that mean the process ran short (EMFILE, ENFILE, ENOBUFS,
 ENOMEM) go to the proxy listeners' `AcceptBackoff`: logged once per episode,
 slept on, retried.
 
+    GET  /                                       the dashboard (HTML; see dashboard.py)
     GET  /stats                                  JSON: listeners, pools, servers
     GET  /metrics                                Prometheus text format
     GET  /healthz                                200 while the process runs (no token needed)
@@ -55,6 +56,7 @@ from urllib.parse import unquote
 import h11
 import trio
 
+from trioanubis import dashboard
 from trioanubis.config import Address, AdminConfig
 from trioanubis.errors import AnubisError
 from trioanubis.listener import AcceptBackoff
@@ -113,6 +115,13 @@ UNAUTHORISED: Final = Reply(
 )
 
 
+def page_reply(status: int, body: bytes, cache: str) -> Reply:
+    """The dashboard or its login page; a 401 still says which scheme the API takes."""
+    challenge = (("WWW-Authenticate", "Bearer"),) if status == 401 else ()
+    headers = (("Cache-Control", cache), *challenge, *dashboard.PAGE_HEADERS)
+    return Reply(status, dashboard.HTML_TYPE, body, headers, close=status == 401)  # a 401 closes
+
+
 def authorised(token: str, headers: list[tuple[bytes, bytes]]) -> bool:
     if not token:
         return True
@@ -128,7 +137,13 @@ def route(
     """The admin API, without I/O."""
     path = path.split("?", 1)[0]
     if path not in OPEN_PATHS and not authorised(token, headers):
+        if dashboard.is_page(method, path):  # a browser's first visit: a page that asks for the token
+            return page_reply(401, dashboard.login_page(), dashboard.LOGIN_CACHE)
         return UNAUTHORISED
+    if path in dashboard.PATHS:
+        if method not in ("GET", "HEAD"):
+            return error_reply(405, f"{path} takes GET")
+        return page_reply(200, dashboard.page(), dashboard.PAGE_CACHE)
     if path in ("/stats", "/metrics", *OPEN_PATHS):
         if method not in ("GET", "HEAD"):
             return error_reply(405, f"{path} takes GET")

@@ -26,6 +26,7 @@ from trioanubis.hello import serve_hello
 from trioanubis.proxy.io import IO_CHOICES, resolve_io
 from trioanubis.strategies import STRATEGIES
 from trioanubis.summary import describe
+from trioanubis.top import DEFAULT_ADMIN, Admin, admin_target, admin_url, run_top
 
 log = logging.getLogger("trioanubis")
 
@@ -91,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="default: ./anubis.toml")
     _add_io(demo)
 
+    top = command("top", "watch the admin endpoint live in a terminal (needs rich)")
+    target = top.add_mutually_exclusive_group()
+    target.add_argument("-c", "--config", help="take the admin address and token from this config "
+                        f"(default: ./{DEFAULT_CONFIG} if it exists, else --admin {DEFAULT_ADMIN})")
+    target.add_argument("--admin", help=f"the admin endpoint's URL, e.g. {DEFAULT_ADMIN}")
+    top.add_argument("--token", help="the admin token (default: the config's [admin] token)")
+
+
     hello = command("hello", "run one hello-world HTTP backend")
     hello.add_argument("--name", default="hello")
     hello.add_argument("--port", type=int, default=8080)
@@ -111,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "reload":
             return _signal_reload(args.config)
+        if args.command == "top":
+            return run_top(_top_admin(args))
         if args.command == "hello":
             trio.run(_run_hello, args.name, Address(args.host, args.port))
             return 0
@@ -159,6 +170,14 @@ def _check_argument(name: str, value: str, *, listen: bool) -> None:
     except ValueError as exc:
         hint = f' Did you mean ":{value}" (every interface)?' if listen and value.isdigit() else ""
         raise ConfigError(f'{name} "{value}": {exc}.{hint} {PROXY_EXAMPLE}') from None
+
+
+def _top_admin(args: argparse.Namespace) -> Admin:
+    """Where `anubis top` looks: --admin, else the config's [admin] table."""
+    url, token = args.admin, ""
+    if url is None and (args.config is not None or Path(DEFAULT_CONFIG).exists()):
+        url, token = admin_target(load_config(args.config or DEFAULT_CONFIG))
+    return Admin(admin_url(url or DEFAULT_ADMIN), token if args.token is None else args.token)
 
 
 def _demo_config_path(path: str) -> Path:
