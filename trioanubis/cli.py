@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     proxy.add_argument("servers", nargs="+", metavar="server", help="host:port of a backend")
     proxy.add_argument("--strategy", default="round_robin",
                        help=f"one of {', '.join(STRATEGIES)} (default: round_robin)")  # fmt: skip
+    proxy.add_argument("--queue-timeout", default="10s",
+                       help="hold a client this long while no server is up (default: 10s; 0: close it)")
 
     demo = commands.add_parser("demo", help="run hello-world backends behind the demo config")
     demo.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="default: ./anubis.toml")
@@ -81,7 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             trio.run(_run_hello, args.name, Address(args.host, args.port))
             return 0
         if args.command == "proxy":
-            config = proxy_config(args.listen, args.servers, args.strategy)
+            config = proxy_config(args.listen, args.servers, args.strategy,
+                                  queue_timeout=args.queue_timeout)  # fmt: skip
         else:
             config = load_config(_demo_config_path(args.config) if args.command == "demo"
                                  else args.config)  # fmt: skip

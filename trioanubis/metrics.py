@@ -39,6 +39,10 @@ def pool_stats(pool: Pool) -> dict[str, Any]:
         "strategy": pool.config.strategy,
         "no_server": pool.no_server,
         "all_full": pool.all_full,
+        "queued": len(pool.held),
+        "queue_held": pool.held.held,
+        "queue_timeouts": pool.held.timeouts,
+        "queue_full": pool.held.full,
         "servers": [server_stats(s) for s in pool.servers],
         "retired": [server_stats(s) for s in pool.retired],
     }
@@ -141,6 +145,16 @@ def prometheus(balancer: Balancer) -> str:
     lines += _family("pool_no_server_total", "counter", "Clients closed because no server could take them.")
     pools = list(balancer.pools.values())
     lines += [f"anubis_pool_no_server_total{_labels(pool=p.name)} {p.no_server}" for p in pools]
+    for name, kind, help_text, held in (
+        ("pool_queued_clients", "gauge", "Clients held now, waiting for a server (queue_timeout).",
+         lambda p: len(p.held)),
+        ("pool_queue_timeouts_total", "counter", "Held clients closed after queue_timeout.",
+         lambda p: p.held.timeouts),
+        ("pool_queue_full_total", "counter", "Clients closed at once because max_queued were held.",
+         lambda p: p.held.full),
+    ):  # fmt: skip
+        lines += _family(name, kind, help_text)
+        lines += [f"anubis_{name}{_labels(pool=p.name)} {held(p)}" for p in pools]
     lines += _family("connection_duration_seconds", "histogram", "How long connections lasted.")
     for pool in pools:
         histogram = pool.durations

@@ -24,6 +24,7 @@ from typing import Final, final
 import trio
 
 from trioanubis.config import Address, PoolConfig, ServerConfig
+from trioanubis.hold import HoldQueue
 from trioanubis.strategies import Strategy, make_strategy
 
 log = logging.getLogger("trioanubis.pool")
@@ -139,6 +140,7 @@ class Pool:
         self._candidates: tuple[Server, ...] | None = None
         self._has_limits = any(s.max_connections for s in self.servers)
         self._lot = trio.lowlevel.ParkingLot()
+        self.held = HoldQueue()  # clients waiting for a server (queue_timeout)
 
     # ---------------------------------------------------------------- picking
 
