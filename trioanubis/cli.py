@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import signal
 import sys
 from collections.abc import Mapping, Sequence
@@ -52,11 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     proxy = commands.add_parser("proxy", help="balance LISTEN over SERVERs, no config file")
     proxy.add_argument("listen", help='where to listen, e.g. ":8000" or "127.0.0.1:8000"')
-    proxy.add_argument("servers", nargs="+", metavar="server", help="host:port of a backend")
+    proxy.add_argument("servers", nargs="*", metavar="server", help="host:port of a backend")
     proxy.add_argument("--strategy", default="round_robin",
                        help=f"one of {', '.join(STRATEGIES)} (default: round_robin)")  # fmt: skip
     proxy.add_argument("--queue-timeout", default="10s",
                        help="hold a client this long while no server is up (default: 10s; 0: close it)")
+    proxy.add_argument("--spawn", metavar="COMMAND",
+                       help='run the servers: a command line with {port}, e.g. '
+                            '"python -m http.server {port}"')  # fmt: skip
+    proxy.add_argument("--replicas", type=int, default=1, help="how many --spawn replicas (default: 1)")
+    proxy.add_argument("--watch", nargs="+", metavar="PATH", default=[],
+                       help="files, directories or glob patterns: a change restarts the replicas, one "
+                            "at a time")  # fmt: skip
 
     demo = commands.add_parser("demo", help="run hello-world backends behind the demo config")
     demo.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="default: ./anubis.toml")
@@ -83,8 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             trio.run(_run_hello, args.name, Address(args.host, args.port))
             return 0
         if args.command == "proxy":
-            config = proxy_config(args.listen, args.servers, args.strategy,
-                                  queue_timeout=args.queue_timeout)  # fmt: skip
+            config = _proxy_config(args)
         else:
             config = load_config(_demo_config_path(args.config) if args.command == "demo"
                                  else args.config)  # fmt: skip
@@ -107,6 +114,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"anubis: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _proxy_config(args: argparse.Namespace) -> Config:
+    """`anubis proxy`'s arguments as a config; the command line of --spawn is split like a shell's."""
+    spawn = None
+    if args.spawn is not None:
+        try:
+            spawn = shlex.split(args.spawn)
+        except ValueError as exc:
+            raise ConfigError(f"anubis proxy: --spawn: {exc}: {args.spawn!r}") from None
+    elif not args.servers:
+        raise ConfigError("anubis proxy: give at least one server, or --spawn COMMAND")
+    return proxy_config(args.listen, args.servers, args.strategy, queue_timeout=args.queue_timeout,
+                        spawn=spawn, replicas=args.replicas, watch=args.watch)  # fmt: skip
 
 
 def _demo_config_path(path: str) -> Path:

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from trioanubis.admin import Admin
     from trioanubis.app import Balancer
     from trioanubis.pool import Pool, Server
+    from trioanubis.spawn import Spawner
 
 
 def server_stats(server: Server) -> dict[str, Any]:
@@ -70,7 +71,21 @@ def stats(balancer: Balancer) -> dict[str, Any]:
             for listener in balancer.listeners.values()
         ],
         "pools": [pool_stats(pool) for pool in balancer.pools.values()],
+        "replicas": {name: spawner_stats(s) for name, s in balancer.spawners.items()},
         "admin": None if balancer.admin is None else admin_stats(balancer.admin),
+    }
+
+
+def spawner_stats(spawner: Spawner) -> dict[str, Any]:
+    """A pool's replicas: the processes behind its servers, and its rolling restarts."""
+    return {
+        "rolls": spawner.rolls,
+        "roll_failures": spawner.roll_failures,
+        "last_roll_seconds": round(spawner.last_roll_seconds, 3),
+        "replicas": [
+            {"name": r.name, "pid": r.pid, "port": r.port, "restarts": r.restarts, "state": r.server.state}
+            for r in spawner.replicas
+        ],
     }
 
 
