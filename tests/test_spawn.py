@@ -206,3 +206,89 @@ def test_fuzzed_spawn_keys_are_accepted_or_named_in_the_error(key: str, value: o
         return
     spawn = config.pools["app"].spawn
     assert spawn is not None and spawn.command and spawn.replicas >= 1
+
+
+# ----------------------------------------------------------------- rolling restarts
+
+
+async def test_a_roll_under_load_fails_no_request_and_replaces_every_replica(tmp_path: Path) -> None:
+    watched = tmp_path / "src"
+    watched.mkdir()
+    (watched / "app.py").write_text("v = 1\n")
+    data = spawn_config(HELLO, watch=[str(watched / "**" / "*.py")])
+    async with running_balancer(data) as (balancer, address):
+        spawner = spawner_of(balancer)
+        await wait_until(lambda: all(r.server.healthy for r in spawner.replicas))
+        first = {r.name for r in spawner.replicas}
+        total, workers = 2000, 2
+        done, failures, during_roll = 0, [], 0
+
+        async def load() -> None:
+            nonlocal done, during_roll
+            while done < total:
+                done += 1
+                during_roll += spawner.rolling
+                try:
+                    answer = await get(address)
+                except OSError as exc:  # trio.BrokenResourceError is not one: caught below
+                    failures.append(repr(exc))
+                    continue
+                except trio.BrokenResourceError as exc:
+                    failures.append(repr(exc))
+                    continue
+                if not answer.startswith(b"HTTP/1.1 200 "):
+                    failures.append(answer[:80])
+
+        (watched / "app.py").write_text("v = 2\n")  # the change: a roll starts within a second
+        await wait_until(lambda: spawner.rolling)
+        load_started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            for _ in range(workers):
+                nursery.start_soon(load)
+            await wait_until(lambda: spawner.rolls == 1, timeout=EVENTUALLY * 3)
+            roll_done = trio.current_time()
+        load_seconds = trio.current_time() - load_started
+        assert failures == []
+        now = {r.name for r in spawner.replicas}
+        assert len(now) == 3 and not now & first, (first, now)
+        assert all(r.server.healthy for r in spawner.replicas)
+        print(f"\nroll of 3 replicas: {spawner.last_roll_seconds:.2f}s; {during_roll} of {total} requests "
+              f"started while it ran; load {load_seconds:.2f}s, ended "
+              f"{load_seconds - (roll_done - load_started):.2f}s after the roll; 0 failed")
+        assert balancer.access.counts.get("connect_failed", 0) == 0
+        assert balancer.access.counts.get("server_reset", 0) == 0
+
+
+async def test_a_replica_that_does_not_become_healthy_stops_the_roll_and_the_old_ones_serve() -> None:
+    async with running_balancer(spawn_config(HELLO, replicas=2)) as (balancer, address):
+        spawner = spawner_of(balancer)
+        await wait_until(lambda: all(r.server.healthy for r in spawner.replicas))
+        old = [(r.name, r.pid) for r in spawner.replicas]
+        broken = spawn_config([sys.executable, "-c", "raise SystemExit(1)"], replicas=2, start_timeout="1s")
+        await balancer.apply_config(parse_config(broken, "t.toml"))  # a reload: the changed table rolls
+        await wait_until(lambda: spawner.roll_failures == 1)
+        assert [(r.name, r.pid) for r in spawner.replicas] == old
+        assert [s.name for s in balancer.pools["app"].servers] == [name for name, _ in old]
+        assert (await get(address)).startswith(b"HTTP/1.1 200 ")
+
+
+async def test_proxy_watch_rolls_the_replicas_when_a_file_changes(tmp_path: Path) -> None:
+    (tmp_path / "app.py").write_text("v = 1\n")
+    port = free_port()
+    process, pids, output = await _start_proxy(port, "--watch", str(tmp_path))
+    try:
+        (tmp_path / "app.py").write_text("v = 2\n")
+        assert process.stderr is not None
+        with trio.fail_after(EVENTUALLY * 3):
+            while b"rolling restart done" not in output:
+                output += await process.stderr.receive_some()
+        stream = await connect_when_listening(port)
+        await stream.aclose()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(EVENTUALLY):
+            await process.wait()
+    assert process.returncode == 0
+    assert not [pid for pid in pids if alive(pid)]
+    started = [int(p) for p in re.findall(rb"replica proxy-\d+ started: pid (\d+)", output)]
+    assert len(started) == 6 and not [pid for pid in started if alive(pid)]

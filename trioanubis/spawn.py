@@ -113,6 +113,7 @@ class Spawner:
         self.rolls = 0  # completed
         self.roll_failures = 0
         self.last_roll_seconds = 0.0
+        self.rolling = False
         self._serial = 0
         self._requests, self._queue = trio.open_memory_channel[str](1)
         self._nursery: trio.Nursery | None = None
@@ -205,6 +206,13 @@ class Spawner:
 
     async def roll(self, reason: str) -> bool:
         """Replace every replica one at a time; False (old ones kept) if a new one fails its check."""
+        self.rolling = True
+        try:
+            return await self._roll(reason)
+        finally:
+            self.rolling = False
+
+    async def _roll(self, reason: str) -> bool:
         started = trio.current_time()
         log.warning("pool %s: rolling restart of %d replicas (%s)", self.pool.name,
                     len(self.replicas), reason)  # fmt: skip
