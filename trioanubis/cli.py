@@ -23,6 +23,7 @@ from trioanubis.app import Balancer, run_until_signalled
 from trioanubis.config import Address, Config, load_config, proxy_config
 from trioanubis.errors import AnubisError, ConfigError
 from trioanubis.hello import serve_hello
+from trioanubis.status import install_terminal_status, run_status
 from trioanubis.strategies import STRATEGIES
 from trioanubis.summary import describe
 
@@ -101,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config_path=None if args.command == "proxy" else str(config.source),
             watch=getattr(args, "watch", False),
         )
-        trio.run(_serve, balancer, args.command == "demo")
+        trio.run(_serve, balancer, args.command == "demo", args.command == "proxy")
     except ConfigError as exc:
         print(f"anubis: {exc}", file=sys.stderr)
         return 1
@@ -154,7 +155,7 @@ def _signal_reload(config_path: str) -> int:
     return 0
 
 
-async def _serve(balancer: Balancer, demo: bool) -> None:
+async def _serve(balancer: Balancer, demo: bool, status: bool = False) -> None:
     config = balancer.config
     log.info("starting anubis %s with %s\n%s", __version__, config.source, describe(config))
     async with trio.open_nursery() as nursery:
@@ -166,6 +167,8 @@ async def _serve(balancer: Balancer, demo: bool) -> None:
         if demo:
             _print_demo_help(bound)
         log.info("ready\n%s", describe(config, balancer.pools))
+        if status:  # anubis proxy: a live line on a terminal, plain lines elsewhere
+            nursery.start_soon(run_status, balancer, install_terminal_status())
         await balancer.stopped.wait()
         nursery.cancel_scope.cancel()
     log.info("stopped")
