@@ -292,3 +292,31 @@ async def test_proxy_watch_rolls_the_replicas_when_a_file_changes(tmp_path: Path
     assert not [pid for pid in pids if alive(pid)]
     started = [int(p) for p in re.findall(rb"replica proxy-\d+ started: pid (\d+)", output)]
     assert len(started) == 6 and not [pid for pid in started if alive(pid)]
+
+
+NEW_REFERENCE_KEYS = ("queue_timeout", "max_queued", "[pools.web.spawn]", "command", "replicas", "cwd", "env",
+                      "watch", "host", "start_timeout", "stop_grace")  # fmt: skip
+
+
+async def test_the_reference_config_with_the_new_keys_uncommented_checks_and_runs() -> None:
+    import tomllib
+
+    lines = (ROOT / "anubis.toml").read_text().splitlines()
+    text = "\n".join(
+        line[2:] if any(line.startswith(f"# {key} ") or line == f"# {key}" for key in NEW_REFERENCE_KEYS)
+        else line
+        for line in lines
+    ).replace('":8000"', '"127.0.0.1:0"')  # fmt: skip
+    data = tomllib.loads(text)
+    config = parse_config(data, str(ROOT / "anubis.toml"))
+    spawn = config.pools["web"].spawn
+    assert spawn is not None and spawn.replicas == 1 and config.pools["web"].max_queued == 1000
+    async with running_balancer(data) as (balancer, _):
+        replica = spawner_of_pool(balancer, "web").replicas[0]
+        await wait_until(lambda: replica.pid != 0)
+        await balancer.apply_config(config)  # a reload of the same file changes nothing
+        assert spawner_of_pool(balancer, "web").rolls == 0
+
+
+def spawner_of_pool(balancer: Balancer, name: str) -> Spawner:
+    return balancer.spawners[name]
