@@ -186,3 +186,24 @@ async def test_accepted_queue_configs_run_and_serve(nursery: trio.Nursery, timeo
             await stream.send_all(b"ping")
             await stream.send_eof()
             assert await receive_all(stream) == b"ping"
+
+
+async def test_anubis_proxy_holds_a_client_until_its_one_server_starts() -> None:
+    port, backend_port = free_port(), free_port()
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "trioanubis", "proxy", f"127.0.0.1:{port}", f"127.0.0.1:{backend_port}",
+         "--queue-timeout", "30s"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        client = await connect_when_listening(port)
+        await client.send_all(HELLO_REQUEST)
+        async with hello_process(backend_port, "late"):
+            answer = await receive_all(client)
+            await client.aclose()
+        assert answer.endswith(b"hello from late\n")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(EVENTUALLY):
+            await process.wait()
+    assert process.returncode == 0

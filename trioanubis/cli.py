@@ -7,6 +7,7 @@ Every expected failure (a bad config, a port in use) is printed as one line
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shlex
@@ -127,7 +128,10 @@ def _proxy_config(args: argparse.Namespace) -> Config:
             raise ConfigError(f"anubis proxy: --spawn: {exc}: {args.spawn!r}") from None
     elif not args.servers:
         raise ConfigError("anubis proxy: give at least one server, or --spawn COMMAND")
-    return proxy_config(args.listen, args.servers, args.strategy, queue_timeout=args.queue_timeout,
+    queue_timeout: str | float = args.queue_timeout
+    with contextlib.suppress(ValueError):
+        queue_timeout = float(queue_timeout)  # "0" or "2.5": seconds, as in a config file
+    return proxy_config(args.listen, args.servers, args.strategy, queue_timeout=queue_timeout,
                         spawn=spawn, replicas=args.replicas, watch=args.watch)  # fmt: skip
 
 

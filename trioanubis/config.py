@@ -623,7 +623,7 @@ def proxy_config(
     servers: list[str],
     strategy: str,
     *,
-    queue_timeout: str = "10s",
+    queue_timeout: str | float = "10s",
     spawn: list[str] | None = None,
     replicas: int = 1,
     watch: list[str] | None = None,

@@ -89,6 +89,19 @@ def spawner_stats(spawner: Spawner) -> dict[str, Any]:
     }
 
 
+def _spawn_lines(balancer: Balancer) -> list[str]:
+    spawners = balancer.spawners.items()
+    lines = list(_family("replica_restarts_total", "counter",
+                         "Times a spawned replica exited and was started again."))  # fmt: skip
+    lines += [f"anubis_replica_restarts_total{_labels(pool=name, replica=r.name)} {r.restarts}"
+              for name, s in spawners for r in s.replicas]  # fmt: skip
+    lines += _family("rolling_restarts_total", "counter", "Rolling restarts of a pool's replicas, by result.")
+    for name, s in spawners:
+        lines.append(f"anubis_rolling_restarts_total{_labels(pool=name, result='done')} {s.rolls}")
+        lines.append(f"anubis_rolling_restarts_total{_labels(pool=name, result='stopped')} {s.roll_failures}")
+    return lines
+
+
 def admin_stats(admin: Admin) -> dict[str, int]:
     return {name: value for name, _, value in _admin_rows(admin)}
 
@@ -170,6 +183,7 @@ def prometheus(balancer: Balancer) -> str:
     ):  # fmt: skip
         lines += _family(name, kind, help_text)
         lines += [f"anubis_{name}{_labels(pool=p.name)} {held(p)}" for p in pools]
+    lines += _spawn_lines(balancer)
     lines += _family("connection_duration_seconds", "histogram", "How long connections lasted.")
     for pool in pools:
         histogram = pool.durations

@@ -139,9 +139,8 @@ class Spawner:
                 for replica in fresh:
                     await _wait_listening(replica)
             self._join(fresh)
+            await nursery.start(watch_files, lambda: self.config.watch, self.request_roll)
             task_status.started()
-            if self.config.watch:
-                nursery.start_soon(watch_files, self.config.watch, self.request_roll)
             async for reason in self._queue:
                 await self.roll(reason)
 
@@ -177,9 +176,9 @@ class Spawner:
                     backoff = FIRST_BACKOFF if ran >= STABLE_RUN else backoff
                     log.warning("replica %s exited (%s) after %.1fs; restarting in %gs",
                                 replica.name, _describe_exit(code), ran, backoff)  # fmt: skip
+                    replica.restarts += 1
                     await trio.sleep(backoff)
                     backoff = min(MAX_BACKOFF, backoff * 2)
-                    replica.restarts += 1
             finally:
                 replica.pid = 0
                 replica.ended.set()
@@ -271,8 +270,8 @@ class Spawner:
 
 
 async def _wait_listening(replica: Replica) -> None:
-    """Return once `replica` accepts a connection (unbounded: the caller bounds it)."""
-    while True:
+    """Return once `replica` accepts a connection, or has exited (unbounded: the caller bounds it)."""
+    while not replica.restarts:  # an exit is the supervisor's business: don't wait for it here
         try:
             sock = await open_server_socket(replica.server, 1.0)
         except ConnectFailed:
@@ -407,20 +406,37 @@ def _log_lines(name: str, lines: Iterable[bytes]) -> None:
 # ------------------------------------------------------------------ watching
 
 
-async def watch_files(patterns: Iterable[str], on_change: Callable[[str], None]) -> None:
-    """Call `on_change(reason)` whenever a file the glob patterns match changes, appears or goes."""
-    patterns = tuple(patterns)
-    last = await trio.to_thread.run_sync(snapshot, patterns)
+async def watch_files(
+    patterns: Callable[[], Iterable[str]],
+    on_change: Callable[[str], None],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Call `on_change(reason)` whenever a file the glob `patterns()` match changes, appears or goes.
+
+    started() once the first look is taken: a change after that is seen. The
+    patterns are asked for at every look, so a reload that changes them applies at once.
+    """
+    watched = tuple(patterns())
+    last = await _snapshot(watched)
+    task_status.started()
     while True:
         await trio.sleep(WATCH_INTERVAL)
-        now = await trio.to_thread.run_sync(snapshot, patterns)
-        if now == last:
+        wanted = tuple(patterns())
+        now = await _snapshot(wanted)
+        if now == last or wanted != watched:  # new patterns (a reload): a new baseline
+            watched, last = wanted, now
             continue
         await trio.sleep(WATCH_SETTLE)
-        settled = await trio.to_thread.run_sync(snapshot, patterns)
+        settled = await _snapshot(wanted)
         changed = sorted(set(now.items()) ^ set(last.items()))
         last = settled
         on_change(f"{changed[0][0] if changed else 'a watched file'} changed")
+
+
+async def _snapshot(patterns: Iterable[str]) -> dict[str, int]:
+    patterns = tuple(patterns)
+    return await trio.to_thread.run_sync(snapshot, patterns) if patterns else {}
 
 
 def snapshot(patterns: Iterable[str]) -> dict[str, int]:

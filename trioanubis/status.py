@@ -110,10 +110,13 @@ async def run_status(balancer: Balancer, terminal: StatusHandler | None) -> None
     """Until cancelled: redraw the status line on a terminal, else log the state when it changes."""
     accepted = sum(listener.accepted for listener in balancer.listeners.values())
     last_state: tuple[int, int, int] | None = None
+    then = trio.current_time()
     try:
         while True:
             await trio.sleep(STATUS_INTERVAL)
-            sample, accepted = take_sample(balancer, accepted, STATUS_INTERVAL)
+            now = trio.current_time()
+            sample, accepted = take_sample(balancer, accepted, now - then)
+            then = now
             if terminal is not None:
                 terminal.show(format_status(sample, _columns(terminal.stream)))
             elif (state := (sample.up, sample.total, sample.held)) != last_state:
