@@ -207,3 +207,25 @@ async def test_anubis_proxy_holds_a_client_until_its_one_server_starts() -> None
         with trio.fail_after(EVENTUALLY):
             await process.wait()
     assert process.returncode == 0
+
+
+@given(timeout=st.one_of(st.integers(0, 100), st.sampled_from(["0s", "5ms", "1s", "1h", "2m30s"])),
+       bound=st.integers(1, 10**6))  # fmt: skip
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_fuzzed_queue_keys_reload_into_a_running_balancer_that_keeps_serving(
+    timeout: object, bound: int
+) -> None:
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            backend = await start_backend(nursery)
+            async with running_balancer(config_for([backend.address])) as (balancer, address):
+                new = config_for([backend.address], queue_timeout=timeout, max_queued=bound)
+                await balancer.apply_config(parse_config(new, "t.toml"))
+                stream = await connect(address)
+                async with stream:
+                    await stream.send_all(b"ping")
+                    await stream.send_eof()
+                    assert await receive_all(stream) == b"ping"
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
