@@ -231,7 +231,7 @@ def test_proxy_argument_errors_name_the_argument_and_show_an_example() -> None:
         assert "listeners.proxy" not in result.stderr and "pools.proxy" not in result.stderr
         assert "Traceback" not in result.stderr
     usage = run_cli("proxy")
-    assert "LISTEN SERVER [SERVER ...]" in usage.stderr
+    assert "LISTEN [SERVER ...]" in usage.stderr
 
 
 async def test_hello_sends_reason_phrases_and_binds_loopback_only_by_default() -> None:

@@ -5,7 +5,8 @@ How a connection ended uses HAProxy-like termination states: `client_eof` /
 `server_reset`, `idle_timeout`, `connect_failed` (every attempt failed),
 `no_server` (nothing to try), `client_abort` (the client left while we were
 connecting), `shutdown` (cut by a stop) and `drained` (finished normally while
-the balancer was draining).
+the balancer was draining); with `queue_timeout`, `queue_timeout` (held that
+long without a server) and `queue_full` (`max_queued` were held already).
 
 Every log line goes to stderr through the `LogWriter` (logwriter.py), which
 never makes the event loop wait and drops lines when stderr cannot keep up;

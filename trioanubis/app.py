@@ -4,6 +4,7 @@ Theory of operation — the tree `Balancer.run` builds:
 
     root nursery
     ├── admin endpoint (if [admin])                        admin.py
+    ├── scope per pool with spawn: its replicas             spawn.py
     ├── scope per pool: DNS discovery (one task per entry)  discovery.py
     │                   health checks (one task per server) health/checker.py
     ├── timer: every connection's connect/idle timeouts     timeouts.py
@@ -54,6 +55,7 @@ from trioanubis.listener import Limits, Listener
 from trioanubis.pool import Pool, Server
 from trioanubis.proxy.io import open_readiness
 from trioanubis.resolve import resolve_address
+from trioanubis.spawn import SPAWN_SOURCE, Spawner
 from trioanubis.strategies import make_strategy
 from trioanubis.timeouts import Timer, tick_for
 
@@ -119,6 +121,8 @@ class Balancer:
         self.stopped = trio.Event()  # set once run() has returned
         self._shutdown = trio.Event()
         self._pool_scopes: dict[str, trio.CancelScope] = {}
+        self.spawners: dict[str, Spawner] = {}  # pools that run their replicas
+        self._spawn_scopes: dict[str, trio.CancelScope] = {}
         self._reload_requests, self._reload_queue = trio.open_memory_channel[str](1)
         self._root: trio.Nursery | None = None
         self._connections: trio.Nursery | None = None
@@ -175,6 +179,7 @@ class Balancer:
                 self.admin_address = await root.start(self.admin.serve)
             for pool in self.pools.values():
                 await self._resolve(pool.servers, pool.name)
+                await self._update_spawner(pool)
                 await self._start_pool_tasks(pool)
             async with trio.open_nursery() as connections:
                 self._connections = connections
@@ -306,6 +311,7 @@ class Balancer:
                 pool = Pool(pool_config)
                 self.pools[name] = pool
                 await self._resolve(pool.servers, name)
+                await self._update_spawner(pool)
                 await self._start_pool_tasks(pool)
                 log.info("reload: pool %s added", name)
         for name, listener_config in new.listeners.items():
@@ -315,6 +321,7 @@ class Balancer:
             log.info("reload: listener %s removed", name)
         for name in [n for n in self.pools if n not in new.pools]:
             self._pool_scopes.pop(name).cancel()
+            self._stop_spawner(name)
             del self.pools[name]
             log.info("reload: pool %s removed", name)
         self.access.enabled = new.settings.access_log
@@ -341,14 +348,44 @@ class Balancer:
         self.listeners[name] = listener
         log.info("reload: listener %s on %s", name, listener.bound)
 
+    async def _update_spawner(self, pool: Pool) -> None:
+        """Start, change (a roll) or stop the replicas of `pool` to match its config."""
+        spawn, drain = pool.config.spawn, self.config.settings.drain_timeout
+        spawner = self.spawners.get(pool.name)
+        if spawn is None:
+            self._stop_spawner(pool.name)
+            return
+        if spawner is not None:
+            spawner.apply(spawn, drain)
+            return
+        assert self._root is not None
+        spawner = self.spawners[pool.name] = Spawner(pool, spawn, drain)
+        scope = self._spawn_scopes[pool.name] = trio.CancelScope()
+
+        async def run_spawner(task_status: trio.TaskStatus[None]) -> None:
+            with scope:
+                await spawner.run(task_status=task_status)
+
+        await self._root.start(run_spawner)
+
+    def _stop_spawner(self, name: str) -> None:
+        """Stop a pool's replicas (their servers leave the pool at its next update)."""
+        if name in self.spawners:
+            del self.spawners[name]
+            self._spawn_scopes.pop(name).cancel()
+            log.warning("pool %s: replicas stopped", name)
+
     async def _update_pool(self, pool: Pool, config: PoolConfig) -> None:
         old = pool.config
         pool.config = config
+        await self._update_spawner(pool)
         if config.strategy != old.strategy:
             pool.strategy = make_strategy(config.strategy)
         current = {(s.name, s.address): s for s in pool.servers}
         wanted = {(sc.name, sc.address): sc for sc in config.servers}
         sources = {source_of(entry) for entry in config.discovery}
+        if config.spawn is not None:
+            sources.add(SPAWN_SOURCE)  # the spawner owns those
         for key, server in current.items():
             if key not in wanted and server.source not in sources:
                 pool.remove(server)

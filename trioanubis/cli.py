@@ -8,8 +8,10 @@ status 1; tracebacks are for bugs only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import shlex
 import signal
 import sys
 from collections.abc import Mapping, Sequence
@@ -24,6 +26,7 @@ from trioanubis.config import Address, Config, load_config, parse_address, proxy
 from trioanubis.errors import AnubisError, ConfigError
 from trioanubis.hello import serve_hello
 from trioanubis.proxy.io import IO_CHOICES, resolve_io
+from trioanubis.status import install_terminal_status, run_status
 from trioanubis.strategies import STRATEGIES
 from trioanubis.summary import describe
 from trioanubis.top import DEFAULT_ADMIN, Admin, admin_target, admin_url, run_top
@@ -82,11 +85,20 @@ def build_parser() -> argparse.ArgumentParser:
     proxy = command("proxy", "balance LISTEN over SERVERs, no config file")
     proxy.add_argument("listen", metavar="LISTEN",
                        help='where to listen: ":8000" (every interface) or "127.0.0.1:8000"')  # fmt: skip
-    proxy.add_argument("servers", nargs="+", metavar="SERVER", help='a backend, "host:port"')
+    proxy.add_argument("servers", nargs="*", metavar="SERVER", help='a backend, "host:port"')
     proxy.add_argument("--strategy", default="round_robin",
                        help=f"one of {', '.join(STRATEGIES)} (default: round_robin)")  # fmt: skip
     _add_io(proxy)
     proxy.epilog = PROXY_EXAMPLE
+    proxy.add_argument("--queue-timeout", default="10s",
+                       help="hold a client this long while no server is up (default: 10s; 0: close it)")
+    proxy.add_argument("--spawn", metavar="COMMAND",
+                       help='run the servers: a command line with {port}, e.g. '
+                            '"python -m http.server {port}"')  # fmt: skip
+    proxy.add_argument("--replicas", type=int, default=1, help="how many --spawn replicas (default: 1)")
+    proxy.add_argument("--watch", nargs="+", metavar="PATH", default=[],
+                       help="files, directories or glob patterns: a change restarts the replicas, one "
+                            "at a time")  # fmt: skip
 
     demo = command("demo", "run hello-world backends behind the demo config")
     demo.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="default: ./anubis.toml")
@@ -126,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             trio.run(_run_hello, args.name, Address(args.host, args.port))
             return 0
         if args.command == "proxy":
-            config = _proxy_config(args.listen, args.servers, args.strategy)
+            config = _proxy_config(args)
         else:
             config = load_config(_demo_config_path(args.config) if args.command == "demo"
                                  else args.config)  # fmt: skip
@@ -134,10 +146,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         balancer = Balancer(
             config,
             config_path=None if args.command == "proxy" else str(config.source),
-            watch=getattr(args, "watch", False),
+            watch=args.command == "run" and args.watch,  # (proxy --watch rolls replicas instead)
             io=args.io,
         )
-        trio.run(_serve, balancer, args.command == "demo")
+        trio.run(_serve, balancer, args.command == "demo", args.command == "proxy")
     except ConfigError as exc:
         log_fatal(str(exc))
         return 1
@@ -155,13 +167,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _proxy_config(listen: str, servers: list[str], strategy: str) -> Config:
-    """The config `anubis proxy` stands for; a bad argument is named as the user wrote it
-    (LISTEN, SERVER), with an example, rather than by a config key they never wrote."""
-    _check_argument("LISTEN", listen, listen=True)
-    for server in servers:
+def _proxy_config(args: argparse.Namespace) -> Config:
+    """The config `anubis proxy` stands for. A bad argument is named as the user wrote it (LISTEN,
+    SERVER), with an example, rather than by a config key they never wrote; the command line of
+    --spawn is split like a shell's."""
+    _check_argument("LISTEN", args.listen, listen=True)
+    for server in args.servers:
         _check_argument("SERVER", server, listen=False)
-    return proxy_config(listen, servers, strategy)
+    spawn = None
+    if args.spawn is not None:
+        try:
+            spawn = shlex.split(args.spawn)
+        except ValueError as exc:
+            raise ConfigError(f"anubis proxy: --spawn: {exc}: {args.spawn!r}") from None
+    elif not args.servers:
+        raise ConfigError(f"anubis proxy: give at least one SERVER, or --spawn COMMAND. {PROXY_EXAMPLE}")
+    queue_timeout: str | float = args.queue_timeout
+    with contextlib.suppress(ValueError):
+        queue_timeout = float(queue_timeout)  # "0" or "2.5": seconds, as in a config file
+    return proxy_config(args.listen, args.servers, args.strategy, queue_timeout=queue_timeout,
+                        spawn=spawn, replicas=args.replicas, watch=args.watch)  # fmt: skip
 
 
 def _check_argument(name: str, value: str, *, listen: bool) -> None:
@@ -208,7 +233,7 @@ def _signal_reload(config_path: str) -> int:
     return 0
 
 
-async def _serve(balancer: Balancer, demo: bool) -> None:
+async def _serve(balancer: Balancer, demo: bool, status: bool = False) -> None:
     config = balancer.config
     log.info("starting anubis %s with %s (io: %s)\n%s", __version__, config.source,
              balancer.poller.name, describe(config))  # fmt: skip
@@ -221,6 +246,8 @@ async def _serve(balancer: Balancer, demo: bool) -> None:
         if demo:
             _print_demo_help(bound)
         log.info("ready\n%s", describe(config, balancer.pools))
+        if status:  # anubis proxy: a live line on a terminal, plain lines elsewhere
+            nursery.start_soon(run_status, balancer, install_terminal_status())
         await balancer.stopped.wait()
         nursery.cancel_scope.cancel()
     log.info("stopped")

@@ -24,6 +24,7 @@ import ipaddress
 import math
 import os
 import re
+import shutil
 import stat
 import sys
 from collections.abc import Callable, Mapping
@@ -144,6 +145,20 @@ class HealthConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SpawnConfig:
+    """Replicas the balancer runs itself (spawn.py); paths are absolute, resolved at parse time."""
+
+    command: tuple[str, ...]  # "{port}" in any argument becomes the replica's port
+    replicas: int = 1
+    cwd: str = ""
+    env: tuple[tuple[str, str], ...] = ()
+    watch: tuple[str, ...] = ()  # glob patterns (absolute): a change rolls the replicas
+    host: str = "127.0.0.1"
+    start_timeout: float = 30.0  # for a new replica to listen (and, in a roll, to pass its check)
+    stop_grace: float = 5.0  # SIGTERM, then SIGKILL after this long
+
+
+@dataclass(frozen=True, slots=True)
 class PoolConfig:
     name: str
     servers: tuple[ServerConfig, ...]
@@ -160,6 +175,9 @@ class PoolConfig:
     resolver: str = ""
     health: HealthConfig = field(default_factory=HealthConfig)
     send_proxy: SendProxy = "none"  # a PROXY protocol header before the client's first byte
+    queue_timeout: float = 0.0  # hold a client this long for a server; 0: close it at once
+    max_queued: int = 1000
+    spawn: SpawnConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -650,7 +668,7 @@ def _read_token(node: _Node, path: str) -> str:
 _POOL_KEYS = (
     "strategy", "servers", "least_time", "connect_timeout", "idle_timeout",
     "half_close_timeout", "retries", "failover_timeout", "eject_after", "eject_for",
-    "resolver", "health", "send_proxy",
+    "resolver", "health", "send_proxy", "queue_timeout", "max_queued", "spawn",
 )  # fmt: skip
 _SEND_PROXY = ("none", "v1", "v2")
 
@@ -687,11 +705,16 @@ def _parse_pool(name: str, node: _Node, base_dir: str | Path | None) -> PoolConf
         resolver=_resolver(node),
         health=health,
         send_proxy=send_proxy,  # type: ignore[arg-type]
+        queue_timeout=node.duration("queue_timeout", 0.0),
+        max_queued=node.integer("max_queued", 1000, minimum=1, maximum=1_000_000),
+        spawn=_parse_spawn(node.child("spawn")) if "spawn" in node.data else None,
     )
 
 
 def _parse_servers(node: _Node) -> tuple[tuple[ServerConfig, ...], tuple[DiscoveryConfig, ...]]:
     entries = node.data.get("servers")
+    if "spawn" in node.data and entries in (None, []):
+        return (), ()  # the replicas are the servers
     if not isinstance(entries, list) or not entries:
         raise node.error("must be a non-empty array of servers", entries, "servers")
     servers: list[ServerConfig] = []
@@ -849,10 +872,100 @@ def _pg_user(node: _Node) -> str:
     return user
 
 
-def proxy_config(listen: str, servers: list[str], strategy: str) -> Config:
-    """The config `anubis proxy LISTEN SERVER...` stands for; errors name the argument."""
-    data = {
-        "listeners": {"proxy": {"bind": listen, "pool": "proxy"}},
-        "pools": {"proxy": {"strategy": strategy, "servers": servers, "health": {"check": "tcp"}}},
-    }
+# The largest replica count: a dev machine's worth of processes, not a fork bomb.
+MAX_REPLICAS = 64
+_SPAWN_KEYS = ("command", "replicas", "cwd", "env", "watch", "host", "start_timeout", "stop_grace")
+
+
+def _base_dir(node: _Node) -> Path:
+    """Where relative paths of a config start: the file's directory (the cwd for `anubis proxy`)."""
+    source = Path(node.source)
+    return source.resolve().parent if source.is_file() else Path.cwd()
+
+
+def _parse_spawn(node: _Node) -> SpawnConfig:
+    node.check_keys(_SPAWN_KEYS)
+    base = _base_dir(node)
+    cwd = str(base / node.string("cwd", "."))
+    if not os.path.isdir(cwd):
+        raise node.error("must name an existing directory", node.data.get("cwd", "."), "cwd")
+    env = _string_table(node, "env")
+    return SpawnConfig(
+        command=_command(node, cwd, dict(env)),
+        replicas=node.integer("replicas", 1, minimum=1, maximum=MAX_REPLICAS),
+        cwd=cwd,
+        env=env,
+        watch=tuple(str(base / pattern) for pattern in _string_list(node, "watch")),
+        host=_loopback_host(node),
+        start_timeout=node.duration("start_timeout", 30.0, positive=True),
+        stop_grace=node.duration("stop_grace", 5.0),
+    )
+
+
+def _string_list(node: _Node, key: str) -> tuple[str, ...]:
+    value = node.data.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) and v and "\0" not in v for v in value):
+        raise node.error("must be an array of non-empty strings", value, key)
+    return tuple(value)
+
+
+def _string_table(node: _Node, key: str) -> tuple[tuple[str, str], ...]:
+    table = _Node(node.data.get(key, {}), node.key_path(key), node.source)
+    pairs = []
+    for name, value in table.data.items():
+        if not name or "=" in name or "\0" in name:
+            raise table.error("must be an environment variable name", name, name)
+        if not isinstance(value, str) or "\0" in value:
+            raise table.error("must be a string", value, name)
+        pairs.append((name, value))
+    return tuple(pairs)
+
+
+def _command(node: _Node, cwd: str, env: dict[str, str]) -> tuple[str, ...]:
+    """The argument vector; its program must exist now, so `anubis check` catches a typo."""
+    command = _string_list(node, "command")
+    if not command:
+        raise node.error("must be a non-empty array: the program and its arguments", [], "command")
+    program = command[0].replace("{port}", "0")
+    path = env.get("PATH", os.environ.get("PATH", os.defpath))
+    found = shutil.which(program, path=path) if os.sep not in program \
+        else shutil.which(os.path.join(cwd, program))  # fmt: skip
+    if found is None:
+        raise node.error("names no executable program (looked in PATH and cwd)", command[0], "command[0]")
+    return command
+
+
+def _loopback_host(node: _Node) -> str:
+    host = node.string("host", "127.0.0.1")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise node.error("must be an IP address the replicas listen on", host, "host") from None
+    return host
+
+
+def proxy_config(
+    listen: str,
+    servers: list[str],
+    strategy: str,
+    *,
+    queue_timeout: str | float = "10s",
+    spawn: list[str] | None = None,
+    replicas: int = 1,
+    watch: list[str] | None = None,
+) -> Config:
+    """The config `anubis proxy LISTEN SERVER...` stands for; errors name the argument.
+
+    Unlike a config file's pools, the proxy holds clients for `queue_timeout`
+    while no server is up (a developer restarting the one server behind it).
+    """
+    pool: dict[str, object] = {
+        "strategy": strategy, "servers": servers, "health": {"check": "tcp"},
+        "queue_timeout": queue_timeout,
+    }  # fmt: skip
+    if spawn is not None:
+        pool["spawn"] = {"command": spawn, "replicas": replicas, "watch": watch or []}
+    elif watch:
+        raise ConfigError("anubis proxy: --watch restarts spawned replicas: it needs --spawn")
+    data = {"listeners": {"proxy": {"bind": listen, "pool": "proxy"}}, "pools": {"proxy": pool}}
     return parse_config(data, "anubis proxy")

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from trioanubis.errors import AttemptCancelled, ConnectFailed, OutOfResources
+from trioanubis.hold import hold
 from trioanubis.pool import Pool, Server
 from trioanubis.proxy.connect import connect_any, connect_timed_out
 from trioanubis.proxy.record import CLOSED_CLEANLY, ConnectionRecord
@@ -63,8 +64,25 @@ async def connect_with_failover(
     """Pick and connect, failing over to other servers; sets relay.server or returns False.
 
     Each attempt has `connect_timeout`, all of them together `failover_timeout`;
-    the Timer enforces both and cancels the attempt if the client leaves.
+    the Timer enforces both and cancels the attempt if the client leaves. A
+    pool with `queue_timeout` holds a client no server could take (hold.py),
+    and one that arrives while others are held joins the end of their line.
     """
+    if not pool.config.queue_timeout:
+        return await _try_servers(pool, relay, client_key, record) or _no_server(pool, record)
+    if not len(pool.held) and await _try_servers(pool, relay, client_key, record):
+        return True
+    if record.end == "client_abort":
+        return False
+    if await hold(pool, relay, record, lambda: _try_servers(pool, relay, client_key, record)):
+        return True
+    if record.end in ("queue_full", "queue_timeout"):
+        return False  # counted by the queue
+    return _no_server(pool, record)
+
+
+async def _try_servers(pool: Pool, relay: Relay, client_key: bytes, record: ConnectionRecord) -> bool:
+    """One round of pick → connect with failover; False with `record.end` set when it found none."""
     config = pool.config
     tried: list[Server] = []
     now = relay.poller.now()
@@ -102,11 +120,17 @@ async def connect_with_failover(
             return True
     finally:
         relay.connecting = False
-    pool.no_server += 1
-    if tried:
-        record.end = "connect_failed"
+    record.end = "connect_failed" if tried else "no_server"
+    return False
+
+
+def _no_server(pool: Pool, record: ConnectionRecord) -> bool:
+    """Account for a client closed because no server took it; always False."""
+    if record.end == "client_abort":
         return False
-    record.end = "no_server"
+    pool.no_server += 1
+    if record.end == "connect_failed":
+        return False
     if pool.candidates():
         pool.all_full += 1
         log.warning("pool %s: every server is at max_connections; closing client %s",

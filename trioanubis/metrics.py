@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from trioanubis.app import Balancer
     from trioanubis.listener import Listener
     from trioanubis.pool import Pool, Server
+    from trioanubis.spawn import Spawner
 
 
 def server_stats(server: Server) -> dict[str, Any]:
@@ -44,6 +45,10 @@ def pool_stats(pool: Pool) -> dict[str, Any]:
         "serving_priority": pool.serving_priority,
         "no_server": pool.no_server,
         "all_full": pool.all_full,
+        "queued": len(pool.held),
+        "queue_held": pool.held.held,
+        "queue_timeouts": pool.held.timeouts,
+        "queue_full": pool.held.full,
         "servers": [server_stats(s) for s in pool.servers],
         "retired": [server_stats(s) for s in pool.retired],
     }
@@ -73,8 +78,35 @@ def stats(balancer: Balancer) -> dict[str, Any]:
             for listener in balancer.listeners.values()
         ],
         "pools": [pool_stats(pool) for pool in balancer.pools.values()],
+        "replicas": {name: spawner_stats(s) for name, s in balancer.spawners.items()},
         "admin": None if balancer.admin is None else admin_stats(balancer.admin),
     }
+
+
+def spawner_stats(spawner: Spawner) -> dict[str, Any]:
+    """A pool's replicas: the processes behind its servers, and its rolling restarts."""
+    return {
+        "rolls": spawner.rolls,
+        "roll_failures": spawner.roll_failures,
+        "last_roll_seconds": round(spawner.last_roll_seconds, 3),
+        "replicas": [
+            {"name": r.name, "pid": r.pid, "port": r.port, "restarts": r.restarts, "state": r.server.state}
+            for r in spawner.replicas
+        ],
+    }
+
+
+def _spawn_lines(balancer: Balancer) -> list[str]:
+    spawners = balancer.spawners.items()
+    lines = list(_family("replica_restarts_total", "counter",
+                         "Times a spawned replica exited and was started again."))  # fmt: skip
+    lines += [f"anubis_replica_restarts_total{_labels(pool=name, replica=r.name)} {r.restarts}"
+              for name, s in spawners for r in s.replicas]  # fmt: skip
+    lines += _family("rolling_restarts_total", "counter", "Rolling restarts of a pool's replicas, by result.")
+    for name, s in spawners:
+        lines.append(f"anubis_rolling_restarts_total{_labels(pool=name, result='done')} {s.rolls}")
+        lines.append(f"anubis_rolling_restarts_total{_labels(pool=name, result='stopped')} {s.roll_failures}")
+    return lines
 
 
 def admin_stats(admin: Admin) -> dict[str, int]:
@@ -166,6 +198,17 @@ def prometheus(balancer: Balancer) -> str:
                      "The priority group taking new connections (absent when none can).")  # fmt: skip
     lines += [f"anubis_pool_serving_priority{_labels(pool=p.name)} {p.serving_priority}"
               for p in pools if p.serving_priority is not None]  # fmt: skip
+    for name, kind, help_text, held in (
+        ("pool_queued_clients", "gauge", "Clients held now, waiting for a server (queue_timeout).",
+         lambda p: len(p.held)),
+        ("pool_queue_timeouts_total", "counter", "Held clients closed after queue_timeout.",
+         lambda p: p.held.timeouts),
+        ("pool_queue_full_total", "counter", "Clients closed at once because max_queued were held.",
+         lambda p: p.held.full),
+    ):  # fmt: skip
+        lines += _family(name, kind, help_text)
+        lines += [f"anubis_{name}{_labels(pool=p.name)} {held(p)}" for p in pools]
+    lines += _spawn_lines(balancer)
     lines += _family("connection_duration_seconds", "histogram", "How long connections lasted.")
     for pool in pools:
         histogram = pool.durations

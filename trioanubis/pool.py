@@ -43,6 +43,7 @@ from typing import Final, final
 import trio
 
 from trioanubis.config import Address, PoolConfig, ServerConfig
+from trioanubis.hold import HoldQueue
 from trioanubis.strategies import Strategy, make_strategy
 
 log = logging.getLogger("trioanubis.pool")
@@ -172,6 +173,8 @@ class Pool:
         self.serving_priority: int | None = None  # the best group's priority
         self._spill_rate = 0.0  # share of picks the next group keeps while the best ramps up
         self._spill = 0.0
+        self.held = HoldQueue()  # clients waiting for a server (queue_timeout)
+        self.version = 0  # counts changed(): a held client sleeps only if nothing changed since it tried
         self._group()
 
     @property
@@ -226,6 +229,7 @@ class Pool:
 
     def changed(self) -> None:
         """Note that membership, state or weights changed: candidates are rebuilt."""
+        self.version += 1
         self._has_limits = any(s.max_connections for s in self.servers)
         self._group()
         self._lot.unpark_all()

@@ -84,6 +84,12 @@ def describe(config: Config, pools: Mapping[str, Pool] | None = None) -> str:
                 limit = f" max_connections {sc.max_connections}" if sc.max_connections else ""
                 lines.append(f"  server {sc.name}: {sc.address} weight {sc.weight}{limit}"
                              f"{_priority(sc.priority)}")  # fmt: skip
+        if pc.spawn is not None and live is None:
+            watch = f", rolled when {len(pc.spawn.watch)} watched patterns change" if pc.spawn.watch else ""
+            lines.append(f"  {pc.spawn.replicas} replicas of: {' '.join(pc.spawn.command)}{watch}")
+        if pc.queue_timeout:
+            lines.append(f"  clients held up to {pc.queue_timeout:g}s while no server can take them "
+                         f"(at most {pc.max_queued})")  # fmt: skip
         for d in pc.discovery:
             what = f"SRV {d.name}" if d.kind == "srv" else f"DNS {d.name}:{d.port}"
             lines.append(f"  servers from {what}, refreshed every {d.refresh:g}s")

@@ -12,6 +12,9 @@ per episode, and never fed to `Hysteresis`.
 With `check = "none"` no probe runs: servers start up, and a server that
 passive ejection took out is put back after `eject_for`.
 
+While the pool holds clients (hold.py) its servers are probed every 100 ms
+and the first passing check brings a server up, without waiting for `rise`.
+
 A server that comes up with `slow_start` set gets a ramp task that raises its
 effective weight step by step; the ramp is cancelled if it goes down again.
 """
@@ -104,15 +107,17 @@ async def _probe_forever(pool: Pool, server: Server, first: trio.Event) -> None:
             else:
                 server.checks_failed += 1
             was_up = server.healthy
-            now_up = state.observe(was_up, ok)
+            now_up = state.observe(was_up, ok) or (ok and len(pool.held) > 0)  # clients wait: no rise
             if now_up and not was_up:
                 ramp = _ramp_up(ramps, pool, server)
                 pool.mark_up(server, reason)
             elif not now_up and (was_up or not first.is_set()):
                 ramp.cancel()
                 pool.mark_down(server, reason, first_check=not first.is_set())
+            elif ok and len(pool.held):
+                pool.changed()  # it answers while clients wait (a refused connect held them): retry
             first.set()
-            await trio.sleep(config.interval * random.uniform(1 - JITTER, 1 + JITTER))
+            await pool.held.pause(config.interval * random.uniform(1 - JITTER, 1 + JITTER))
 
 
 def _skipped(pool: Pool, server: Server, exc: OutOfResources, short: bool) -> bool:

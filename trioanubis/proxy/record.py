@@ -23,6 +23,8 @@ EndState = Literal[
     "client_abort",  # the client left while we were still connecting
     "connect_failed",  # every attempt to connect failed
     "no_server",  # no server could take the connection
+    "queue_full",  # no server could take it and max_queued clients were held already
+    "queue_timeout",  # held for queue_timeout and no server could take it
     "internal_error",  # a bug ended this connection (logged with its traceback)
     "shutdown",  # cut by the balancer stopping
 ]
@@ -31,7 +33,7 @@ END_STATES: Final = get_args(EndState)
 # relayed. Every other end (a peer's reset, idle or half-close timeout, a stop, a
 # bug) resets both sides, so no peer takes a cut for a complete transfer.
 CLOSED_CLEANLY: Final[frozenset[EndState]] = frozenset(
-    {"client_eof", "server_eof", "connect_failed", "no_server", "client_abort"}
+    {"client_eof", "server_eof", "connect_failed", "no_server", "client_abort", "queue_full", "queue_timeout"}
 )
 # The side that sent EOF first, while the other still sends.
 FirstEof = Literal["", "client_eof", "server_eof"]

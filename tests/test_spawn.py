@@ -1,0 +1,322 @@
+"""Replicas as children (spawn.py): real `anubis hello` and `python -m http.server` processes."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import (
+    EVENTUALLY,
+    connect,
+    connect_when_listening,
+    free_port,
+    receive_all,
+    running_balancer,
+    wait_until,
+)
+from trioanubis.app import Balancer
+from trioanubis.config import Address, parse_config
+from trioanubis.errors import ConfigError
+from trioanubis.metrics import stats
+from trioanubis.spawn import Spawner
+
+ROOT = Path(__file__).resolve().parent.parent
+HELLO = [sys.executable, "-m", "trioanubis", "hello", "--host", "127.0.0.1", "--name", "{port}",
+         "--port", "{port}"]
+HTTP_SERVER = [sys.executable, "-m", "http.server", "{port}", "--bind", "127.0.0.1"]
+
+
+def spawn_config(command: list[str], replicas: int = 3, **spawn: Any) -> dict[str, Any]:
+    return {
+        "listeners": {"test": {"bind": "127.0.0.1:0", "pool": "app"}},
+        "pools": {"app": {
+            "health": {"check": "tcp", "interval": "300ms", "timeout": "1s", "rise": 1, "fall": 1},
+            "queue_timeout": "20s",
+            "spawn": {"command": command, "replicas": replicas, "stop_grace": "2s", "cwd": str(ROOT),
+                      **spawn},
+        }},
+    }  # fmt: skip
+
+
+async def get(address: Address, path: str = "/") -> bytes:
+    stream = await connect(address)
+    async with stream:
+        await stream.send_all(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+        return await receive_all(stream)
+
+
+def spawner_of(balancer: Balancer) -> Spawner:
+    return balancer.spawners["app"]
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie waiting for its reaper counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+async def test_three_hello_replicas_all_take_traffic_and_a_killed_one_is_restarted() -> None:
+    async with running_balancer(spawn_config(HELLO)) as (balancer, address):
+        spawner = spawner_of(balancer)
+        ports = {str(r.port).encode() for r in spawner.replicas}
+        assert len(ports) == 3
+        await wait_until(lambda: all(r.server.healthy for r in spawner.replicas))
+        seen = {(await get(address)).rsplit(b" ", 1)[1].strip() for _ in range(6)}
+        assert seen == ports
+        victim = spawner.replicas[0]
+        old_pid = victim.pid
+        os.kill(old_pid, signal.SIGKILL)
+        await wait_until(lambda: victim.restarts == 1 and victim.pid not in (0, old_pid))
+        await wait_until(lambda: not alive(old_pid))
+        stream = await connect_when_listening(victim.port)
+        await stream.aclose()
+        await wait_until(lambda: victim.server.healthy)
+        before = victim.server.total
+        for _ in range(6):
+            assert (await get(address)).startswith(b"HTTP/1.1 200 ")
+        assert victim.server.total > before  # the restarted replica takes traffic again
+        document = stats(balancer)["replicas"]["app"]
+        assert [r["restarts"] for r in document["replicas"]] == [1, 0, 0]
+        pids = [r.pid for r in spawner.replicas]
+    for pid in pids:  # the balancer stopped: every replica with it
+        assert not alive(pid)
+
+
+async def test_three_http_server_replicas_all_take_traffic() -> None:
+    async with running_balancer(spawn_config(HTTP_SERVER)) as (balancer, address):
+        spawner = spawner_of(balancer)
+        await wait_until(lambda: all(r.server.healthy for r in spawner.replicas))
+        for _ in range(6):
+            assert (await get(address, "/README.md")).startswith(b"HTTP/1.0 200 OK")
+        assert all(r.server.total == 2 for r in spawner.replicas)
+
+
+async def test_a_replica_that_cannot_start_is_retried_and_the_rest_serve() -> None:
+    command = [sys.executable, "-c", "import sys; print('boom', file=sys.stderr); sys.exit(3)"]
+    async with running_balancer(spawn_config(command, replicas=1, start_timeout="1s")) as (balancer, _):
+        replica = spawner_of(balancer).replicas[0]
+        await wait_until(lambda: replica.restarts >= 1)
+        assert not replica.server.healthy
+
+
+# ----------------------------------------------------------------- the CLI
+
+
+async def _start_proxy(port: int, *extra: str) -> tuple[trio.Process, list[int], bytearray]:
+    """`anubis proxy` with 3 hello replicas; returns once all three started, with their pids."""
+    command = " ".join([*HELLO])
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "trioanubis", "proxy", f"127.0.0.1:{port}", "--spawn", command,
+         "--replicas", "3", *extra], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    output = bytearray()
+    assert process.stderr is not None
+    with trio.fail_after(EVENTUALLY * 2):
+        while b" ready" not in output:
+            data = await process.stderr.receive_some()
+            assert data, output.decode(errors="replace")
+            output += data
+    pids = [int(p) for p in re.findall(rb"replica proxy-\d+ started: pid (\d+)", output)]
+    assert len(pids) == 3, output.decode(errors="replace")
+    return process, pids, output
+
+
+async def test_sigterm_to_the_balancer_leaves_no_replica() -> None:
+    port = free_port()
+    process, pids, _ = await _start_proxy(port)
+    assert all(alive(pid) for pid in pids)
+    stream = await connect_when_listening(port)
+    await stream.aclose()
+    process.send_signal(signal.SIGTERM)
+    with trio.fail_after(EVENTUALLY):
+        await process.wait()
+    assert process.returncode == 0
+    assert not [pid for pid in pids if alive(pid)]
+
+
+async def test_sigkill_to_the_balancer_leaves_no_replica() -> None:
+    if not sys.platform.startswith("linux"):
+        return  # PR_SET_PDEATHSIG is Linux's; elsewhere only an orderly stop cleans up
+    port = free_port()
+    process, pids, _ = await _start_proxy(port)
+    process.kill()
+    with trio.fail_after(EVENTUALLY):
+        await process.wait()
+    await wait_until(lambda: not [pid for pid in pids if alive(pid)])
+
+
+# ----------------------------------------------------------------- config
+
+
+def test_spawn_needs_no_servers_and_resolves_paths(tmp_path: Path) -> None:
+    path = tmp_path / "anubis.toml"
+    path.write_text(
+        '[listeners.web]\nbind = "127.0.0.1:0"\npool = "app"\n'
+        '[pools.app.spawn]\ncommand = ["python3", "-m", "http.server", "{port}"]\nreplicas = 2\n'
+        'watch = ["src/**/*.py"]\nenv = { APP_ENV = "dev" }\n'
+    )
+    from trioanubis.config import load_config
+
+    spawn = load_config(path).pools["app"].spawn
+    assert spawn is not None and spawn.replicas == 2 and spawn.cwd == str(tmp_path / ".")
+    assert spawn.watch == (str(tmp_path / "src/**/*.py"),) and spawn.env == (("APP_ENV", "dev"),)
+
+
+def test_a_missing_program_is_named_at_check_time() -> None:
+    data = spawn_config(["no-such-program-anywhere", "{port}"])
+    try:
+        parse_config(data, "t.toml")
+    except ConfigError as exc:
+        assert "pools.app.spawn.command[0]: names no executable program" in str(exc)
+    else:
+        raise AssertionError("accepted a missing program")
+
+
+spawn_values = st.one_of(st.none(), st.integers(-3, 100), st.text(max_size=6), st.booleans(),
+                         st.lists(st.text(max_size=4), max_size=3),
+                         st.dictionaries(st.text(max_size=4), st.text(max_size=4), max_size=2))  # fmt: skip
+
+
+@given(key=st.sampled_from(["command", "replicas", "cwd", "env", "watch", "host", "start_timeout",
+                            "stop_grace", "comand"]), value=spawn_values)  # fmt: skip
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_fuzzed_spawn_keys_are_accepted_or_named_in_the_error(key: str, value: object) -> None:
+    data = spawn_config(HELLO)
+    table = data["pools"]["app"]["spawn"]
+    if value is None:
+        table.pop(key, None)
+    else:
+        table[key] = value
+    try:
+        config = parse_config(data, "t.toml")
+    except ConfigError as exc:
+        assert f"pools.app.spawn.{key}" in str(exc) or "pools.app.spawn" in str(exc), exc
+        return
+    spawn = config.pools["app"].spawn
+    assert spawn is not None and spawn.command and spawn.replicas >= 1
+
+
+# ----------------------------------------------------------------- rolling restarts
+
+
+async def test_a_roll_under_load_fails_no_request_and_replaces_every_replica(tmp_path: Path) -> None:
+    watched = tmp_path / "src"
+    watched.mkdir()
+    (watched / "app.py").write_text("v = 1\n")
+    data = spawn_config(HELLO, watch=[str(watched / "**" / "*.py")])
+    async with running_balancer(data) as (balancer, address):
+        spawner = spawner_of(balancer)
+        await wait_until(lambda: all(r.server.healthy for r in spawner.replicas))
+        first = {r.name for r in spawner.replicas}
+        total, workers = 2000, 2
+        done, failures, during_roll = 0, [], 0
+
+        async def load() -> None:
+            nonlocal done, during_roll
+            while done < total:
+                done += 1
+                during_roll += spawner.rolling
+                try:
+                    answer = await get(address)
+                except OSError as exc:  # trio.BrokenResourceError is not one: caught below
+                    failures.append(repr(exc))
+                    continue
+                except trio.BrokenResourceError as exc:
+                    failures.append(repr(exc))
+                    continue
+                if not answer.startswith(b"HTTP/1.1 200 "):
+                    failures.append(answer[:80])
+
+        (watched / "app.py").write_text("v = 2\n")  # the change: a roll starts within a second
+        await wait_until(lambda: spawner.rolling)
+        load_started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            for _ in range(workers):
+                nursery.start_soon(load)
+            await wait_until(lambda: spawner.rolls == 1, timeout=EVENTUALLY * 3)
+            roll_done = trio.current_time()
+        load_seconds = trio.current_time() - load_started
+        assert failures == []
+        now = {r.name for r in spawner.replicas}
+        assert len(now) == 3 and not now & first, (first, now)
+        assert all(r.server.healthy for r in spawner.replicas)
+        print(f"\nroll of 3 replicas: {spawner.last_roll_seconds:.2f}s; {during_roll} of {total} requests "
+              f"started while it ran; load {load_seconds:.2f}s, ended "
+              f"{load_seconds - (roll_done - load_started):.2f}s after the roll; 0 failed")
+        assert balancer.access.counts.get("connect_failed", 0) == 0
+        assert balancer.access.counts.get("server_reset", 0) == 0
+
+
+async def test_a_replica_that_does_not_become_healthy_stops_the_roll_and_the_old_ones_serve() -> None:
+    async with running_balancer(spawn_config(HELLO, replicas=2)) as (balancer, address):
+        spawner = spawner_of(balancer)
+        await wait_until(lambda: all(r.server.healthy for r in spawner.replicas))
+        old = [(r.name, r.pid) for r in spawner.replicas]
+        broken = spawn_config([sys.executable, "-c", "raise SystemExit(1)"], replicas=2, start_timeout="1s")
+        await balancer.apply_config(parse_config(broken, "t.toml"))  # a reload: the changed table rolls
+        await wait_until(lambda: spawner.roll_failures == 1)
+        assert [(r.name, r.pid) for r in spawner.replicas] == old
+        assert [s.name for s in balancer.pools["app"].servers] == [name for name, _ in old]
+        assert (await get(address)).startswith(b"HTTP/1.1 200 ")
+
+
+async def test_proxy_watch_rolls_the_replicas_when_a_file_changes(tmp_path: Path) -> None:
+    (tmp_path / "app.py").write_text("v = 1\n")
+    port = free_port()
+    process, pids, output = await _start_proxy(port, "--watch", str(tmp_path))
+    try:
+        (tmp_path / "app.py").write_text("v = 2\n")
+        assert process.stderr is not None
+        with trio.fail_after(EVENTUALLY * 3):
+            while b"rolling restart done" not in output:
+                output += await process.stderr.receive_some()
+        stream = await connect_when_listening(port)
+        await stream.aclose()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(EVENTUALLY):
+            await process.wait()
+    assert process.returncode == 0
+    assert not [pid for pid in pids if alive(pid)]
+    started = [int(p) for p in re.findall(rb"replica proxy-\d+ started: pid (\d+)", output)]
+    assert len(started) == 6 and not [pid for pid in started if alive(pid)]
+
+
+NEW_REFERENCE_KEYS = ("queue_timeout", "max_queued", "[pools.web.spawn]", "command", "replicas", "cwd", "env",
+                      "watch", "host", "start_timeout", "stop_grace")  # fmt: skip
+
+
+async def test_the_reference_config_with_the_new_keys_uncommented_checks_and_runs() -> None:
+    import tomllib
+
+    lines = (ROOT / "anubis.toml").read_text().splitlines()
+    text = "\n".join(
+        line[2:] if any(line.startswith(f"# {key} ") or line == f"# {key}" for key in NEW_REFERENCE_KEYS)
+        else line
+        for line in lines
+    ).replace('":8000"', '"127.0.0.1:0"')  # fmt: skip
+    data = tomllib.loads(text)
+    config = parse_config(data, str(ROOT / "anubis.toml"))
+    spawn = config.pools["web"].spawn
+    assert spawn is not None and spawn.replicas == 1 and config.pools["web"].max_queued == 1000
+    async with running_balancer(data) as (balancer, _):
+        replica = spawner_of_pool(balancer, "web").replicas[0]
+        await wait_until(lambda: replica.pid != 0)
+        await balancer.apply_config(config)  # a reload of the same file changes nothing
+        assert spawner_of_pool(balancer, "web").rolls == 0
+
+
+def spawner_of_pool(balancer: Balancer, name: str) -> Spawner:
+    return balancer.spawners[name]

@@ -1,0 +1,460 @@
+"""Replicas as children: a pool that runs its own servers, restarts them, and rolls them on change.
+
+Theory of operation: a pool with a `[pools.NAME.spawn]` table gets a
+`Spawner`, run in a scope of its own under the root nursery (apart from the
+pool's health checks, so a reload that changes the checks does not restart
+the replicas). Each replica is a child process on a free port of its own,
+and a `Server` of the pool at that address, health-checked like any other:
+
+- A supervisor task per replica starts the process, forwards its output
+  (stdout and stderr, one pipe) line by line to the log prefixed with its
+  name (a reader task; a line is cut at `MAX_LINE` bytes), waits for it to
+  exit and starts it again on the same port after a backoff that doubles
+  from `FIRST_BACKOFF` to `MAX_BACKOFF` (back to the first after a run of
+  `STABLE_RUN`).
+- Stopping a replica is cancelling its supervisor: in a shielded `finally`
+  it sends SIGTERM to the replica's process group, SIGKILL after
+  `stop_grace`, and waits. When the balancer stops, the root nursery is
+  cancelled after the drain, so the replicas serve until the last
+  connection ends and are then stopped this way.
+- No orphans when the balancer is killed outright: each replica leads a
+  process group of its own (so a stop reaches what it started, and the
+  terminal's Ctrl-C reaches only the balancer, which then stops them in
+  order), and on Linux it asks the kernel for SIGKILL when its parent dies
+  (`PR_SET_PDEATHSIG`, through ctypes, decided at run time). The kernel ties
+  that to the *thread* that forked, and Trio forks in a worker thread that
+  exits after 10 s idle; so replicas are forked from the event loop's own
+  thread, which costs the loop a few milliseconds per start.
+- A rolling restart (on a change of the `watch` files, or of the spawn
+  table at reload) replaces replicas one at a time: start the new one, wait
+  until it listens and its health check passes (`start_timeout`), drain the
+  old one (no new connections; open ones get `drain_timeout`), stop it. A
+  replica that does not become healthy stops the roll: it is stopped, the
+  old ones keep serving, and the failure is logged and counted.
+
+Watching is polling: every `WATCH_INTERVAL` the modification times of the
+files the patterns match are read in a worker thread (no new dependency,
+and a slow disk never blocks the loop).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import glob
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterable
+from typing import Final, final
+
+import trio
+
+from trioanubis.config import Address, ServerConfig, SpawnConfig
+from trioanubis.errors import ConnectFailed
+from trioanubis.pool import Pool, Server
+from trioanubis.proxy.connect import open_server_socket
+
+log = logging.getLogger("trioanubis.spawn")
+
+# The `source` of a replica's Server: reload keeps these, as it keeps discovered ones.
+SPAWN_SOURCE: Final = "spawn"
+# Restart backoff: quick for a crash during development, at most one start
+# every 10 s for a replica that cannot start at all.
+FIRST_BACKOFF: Final = 0.5
+MAX_BACKOFF: Final = 10.0
+# A replica that ran this long before exiting was stable: its backoff starts over.
+STABLE_RUN: Final = 10.0
+# A line of a replica's output longer than this is logged in pieces (bounded memory).
+MAX_LINE: Final = 8192
+# How often a starting replica is tried for listening: it has no other way to tell us.
+LISTEN_POLL: Final = 0.05
+# How often watched files are looked at, and how long a change must settle
+# before a roll (an editor saving several files is one change).
+WATCH_INTERVAL: Final = 0.5
+WATCH_SETTLE: Final = 0.3
+# After a replica is set draining, connects picked before that may still be
+# completing; they finish well within this on a local machine.
+DRAIN_SETTLE: Final = 0.2
+# Directories never worth watching.
+SKIPPED_DIRS: Final = frozenset({".git", "__pycache__", ".venv", "node_modules", ".mypy_cache"})
+
+_PR_SET_PDEATHSIG: Final = 1
+
+
+@final
+class Replica:
+    """One child process and the pool server at its address."""
+
+    __slots__ = ("ended", "name", "pid", "port", "restarts", "scope", "server")
+
+    def __init__(self, name: str, port: int, server: Server) -> None:
+        self.name = name
+        self.port = port
+        self.server = server
+        self.pid = 0  # of the running process; 0 between runs
+        self.restarts = 0
+        self.scope = trio.CancelScope()
+        self.ended = trio.Event()  # its supervisor has stopped the process for good
+
+
+@final
+class Spawner:
+    """Runs, restarts and rolls the replicas of one pool."""
+
+    def __init__(self, pool: Pool, config: SpawnConfig, drain_timeout: float) -> None:
+        self.pool = pool
+        self.config = config
+        self.drain_timeout = drain_timeout
+        self.replicas: list[Replica] = []
+        self.rolls = 0  # completed
+        self.roll_failures = 0
+        self.last_roll_seconds = 0.0
+        self.rolling = False
+        self._serial = 0
+        self._requests, self._queue = trio.open_memory_channel[str](1)
+        self._nursery: trio.Nursery | None = None
+
+    def request_roll(self, reason: str) -> None:
+        """Ask for a rolling restart (coalesced with one already pending)."""
+        with contextlib.suppress(trio.WouldBlock):
+            self._requests.send_nowait(reason)
+
+    def apply(self, config: SpawnConfig, drain_timeout: float) -> None:
+        """A reload: a changed spawn table takes effect through a roll."""
+        self.drain_timeout = drain_timeout
+        if config != self.config:
+            self.config = config
+            self.request_roll("the spawn table changed")
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start the replicas, report started() once they listen (or start_timeout), roll on request."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            fresh = [self._launch() for _ in range(self.config.replicas)]
+            with trio.move_on_after(self.config.start_timeout):
+                for replica in fresh:
+                    await _wait_listening(replica)
+            self._join(fresh)
+            await nursery.start(watch_files, lambda: self.config.watch, self.request_roll)
+            task_status.started()
+            async for reason in self._queue:
+                await self.roll(reason)
+
+    # ------------------------------------------------------------ replicas
+
+    def _launch(self) -> Replica:
+        """A new replica on a free port, its supervisor started; not in the pool yet."""
+        assert self._nursery is not None
+        self._serial += 1
+        host, port = self.config.host, free_port(self.config.host)
+        name = f"{self.pool.name}-{self._serial}"
+        server = Server(ServerConfig(Address(host, port), name),
+                        healthy=self.pool.config.health.check == "none", source=SPAWN_SOURCE)  # fmt: skip
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        server.sockaddrs = [(family, (host, port))]
+        replica = Replica(name, port, server)
+        self._nursery.start_soon(self._supervise, replica, self.config)
+        return replica
+
+    def _join(self, replicas: list[Replica]) -> None:
+        self.replicas.extend(replicas)
+        self.pool.add(r.server for r in replicas)
+
+    async def _supervise(self, replica: Replica, config: SpawnConfig) -> None:
+        """Run `replica` until cancelled, restarting it with backoff; stop it for good in finally."""
+        backoff = FIRST_BACKOFF
+        with replica.scope:
+            try:
+                while True:
+                    started = trio.current_time()
+                    code = await self._run_once(replica, config)
+                    ran = trio.current_time() - started
+                    backoff = FIRST_BACKOFF if ran >= STABLE_RUN else backoff
+                    log.warning("replica %s exited (%s) after %.1fs; restarting in %gs",
+                                replica.name, _describe_exit(code), ran, backoff)  # fmt: skip
+                    replica.restarts += 1
+                    await trio.sleep(backoff)
+                    backoff = min(MAX_BACKOFF, backoff * 2)
+            finally:
+                replica.pid = 0
+                replica.ended.set()
+
+    async def _run_once(self, replica: Replica, config: SpawnConfig) -> int | None:
+        """Start the process once and wait for it to exit; its exit status (None: could not start)."""
+        assert self._nursery is not None
+        try:
+            popen, output = start_process(config, replica.port)
+        except OSError as exc:
+            log.error("replica %s: cannot start %s: %s", replica.name, config.command[0],
+                      exc.strerror or exc)  # fmt: skip
+            return None
+        replica.pid = popen.pid
+        log.info("replica %s started: pid %d, port %d", replica.name, popen.pid, replica.port)
+        self._nursery.start_soon(forward_output, replica.name, output)
+        try:
+            return await wait_exit(popen)
+        finally:
+            with trio.CancelScope(shield=True):
+                await terminate(popen, config.stop_grace)
+
+    # ---------------------------------------------------------------- roll
+
+    async def roll(self, reason: str) -> bool:
+        """Replace every replica one at a time; False (old ones kept) if a new one fails its check."""
+        self.rolling = True
+        try:
+            return await self._roll(reason)
+        finally:
+            self.rolling = False
+
+    async def _roll(self, reason: str) -> bool:
+        started = trio.current_time()
+        log.warning("pool %s: rolling restart of %d replicas (%s)", self.pool.name,
+                    len(self.replicas), reason)  # fmt: skip
+        for old in list(self.replicas):
+            if not await self._replace(old):
+                self.roll_failures += 1
+                return False
+        while len(self.replicas) > self.config.replicas:  # the table asked for fewer
+            await self._retire(self.replicas[-1])
+        while len(self.replicas) < self.config.replicas:
+            if not await self._add_healthy():
+                self.roll_failures += 1
+                return False
+        self.rolls += 1
+        self.last_roll_seconds = trio.current_time() - started
+        log.warning("pool %s: rolling restart done in %.2fs", self.pool.name, self.last_roll_seconds)
+        return True
+
+    async def _replace(self, old: Replica) -> bool:
+        if not await self._add_healthy():
+            return False
+        await self._retire(old)
+        return True
+
+    async def _add_healthy(self) -> bool:
+        """Start a replica and wait for it to listen and pass its check; stop it if it does not."""
+        new = self._launch()
+        with trio.move_on_after(self.config.start_timeout):
+            await _wait_listening(new)
+            self._join([new])
+            while not new.server.healthy:
+                await self.pool.wait_changed()
+            return True
+        log.error("pool %s: replica %s did not become healthy within %gs; roll stopped, "
+                  "the running replicas keep serving", self.pool.name, new.name,
+                  self.config.start_timeout)  # fmt: skip
+        await self._stop(new)
+        return False
+
+    async def _retire(self, old: Replica) -> None:
+        """Drain `old` (no new connections; open ones get drain_timeout), then stop it."""
+        self.pool.set_draining(old.server, True)
+        await trio.sleep(DRAIN_SETTLE)
+        with trio.move_on_after(self.drain_timeout):
+            while old.server.active:
+                await self.pool.wait_changed()
+        await self._stop(old)
+
+    async def _stop(self, replica: Replica) -> None:
+        if replica in self.replicas:
+            self.replicas.remove(replica)
+        if replica.server in self.pool.servers:
+            self.pool.remove(replica.server)
+        replica.scope.cancel()
+        await replica.ended.wait()
+
+
+async def _wait_listening(replica: Replica) -> None:
+    """Return once `replica` accepts a connection, or has exited (unbounded: the caller bounds it)."""
+    while not replica.restarts:  # an exit is the supervisor's business: don't wait for it here
+        try:
+            sock = await open_server_socket(replica.server, 1.0)
+        except ConnectFailed:
+            await trio.sleep(LISTEN_POLL)
+            continue
+        sock.close()
+        return
+
+
+def free_port(host: str) -> int:
+    """A port nothing listens on now (the replica binds it a moment later)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+# ------------------------------------------------------------------ processes
+
+
+def start_process(config: SpawnConfig, port: int) -> tuple[subprocess.Popen[bytes], int]:
+    """Fork and exec one replica from this thread; its output pipe's read end is returned with it."""
+    command = [arg.replace("{port}", str(port)) for arg in config.command]
+    env = {**os.environ, **dict(config.env), "PORT": str(port)}
+    read_fd, write_fd = os.pipe()
+    try:
+        popen = subprocess.Popen(
+            command, cwd=config.cwd or None, env=env, stdin=subprocess.DEVNULL, stdout=write_fd,
+            stderr=write_fd, start_new_session=True, preexec_fn=_die_with_parent(),
+        )  # fmt: skip
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)
+    return popen, read_fd
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """On Linux, a preexec_fn asking for SIGKILL when this process dies; None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def set_death_signal() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the request took hold
+            os._exit(1)
+
+    return set_death_signal
+
+
+async def wait_exit(popen: subprocess.Popen[bytes]) -> int:
+    """Wait for `popen` to exit without blocking the loop: a pidfd on Linux, else a worker thread."""
+    pidfd_open = getattr(os, "pidfd_open", None)
+    fd = -1
+    if pidfd_open is not None:
+        with contextlib.suppress(OSError):
+            fd = pidfd_open(popen.pid)
+    if fd < 0:
+        return await trio.to_thread.run_sync(popen.wait, abandon_on_cancel=True)
+    try:
+        await trio.lowlevel.wait_readable(fd)
+    finally:
+        trio.lowlevel.notify_closing(fd)
+        os.close(fd)
+    return popen.wait()
+
+
+async def terminate(popen: subprocess.Popen[bytes], grace: float) -> None:
+    """SIGTERM the process group, SIGKILL after `grace`, and reap the leader."""
+    if popen.poll() is None:
+        _signal_group(popen.pid, signal.SIGTERM)
+        with trio.move_on_after(grace):
+            await wait_exit(popen)
+        if popen.poll() is None:
+            log.warning("pid %d did not stop within %gs of SIGTERM: SIGKILL", popen.pid, grace)
+            _signal_group(popen.pid, signal.SIGKILL)
+            await wait_exit(popen)
+    _signal_group(popen.pid, signal.SIGKILL)  # whatever it left behind in its group
+
+
+def _signal_group(pid: int, signum: int) -> None:
+    try:
+        os.killpg(pid, signum)
+    except OSError as exc:
+        if exc.errno not in (errno.ESRCH, errno.EPERM):
+            raise
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "could not start"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    return f"status {code}"
+
+
+async def forward_output(name: str, fd: int) -> None:
+    """Log each line `fd` carries as "NAME | line" until EOF; owns and closes `fd`."""
+    stream = trio.lowlevel.FdStream(fd)
+    pending = b""
+    async with stream:
+        while True:
+            try:
+                data = await stream.receive_some(65536)
+            except (trio.BrokenResourceError, OSError):
+                data = b""
+            if not data:
+                break
+            pending += data
+            *lines, pending = pending.split(b"\n")
+            while len(pending) > MAX_LINE:
+                lines.append(pending[:MAX_LINE])
+                pending = pending[MAX_LINE:]
+            _log_lines(name, lines)
+    _log_lines(name, [pending] if pending else [])
+
+
+def _log_lines(name: str, lines: Iterable[bytes]) -> None:
+    for line in lines:
+        log.info("%s | %s", name, line.rstrip(b"\r").decode(errors="replace"))
+
+
+# ------------------------------------------------------------------ watching
+
+
+async def watch_files(
+    patterns: Callable[[], Iterable[str]],
+    on_change: Callable[[str], None],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Call `on_change(reason)` whenever a file the glob `patterns()` match changes, appears or goes.
+
+    started() once the first look is taken: a change after that is seen. The
+    patterns are asked for at every look, so a reload that changes them applies at once.
+    """
+    watched = tuple(patterns())
+    last = await _snapshot(watched)
+    task_status.started()
+    while True:
+        await trio.sleep(WATCH_INTERVAL)
+        wanted = tuple(patterns())
+        now = await _snapshot(wanted)
+        if now == last or wanted != watched:  # new patterns (a reload): a new baseline
+            watched, last = wanted, now
+            continue
+        await trio.sleep(WATCH_SETTLE)
+        settled = await _snapshot(wanted)
+        changed = sorted(set(now.items()) ^ set(last.items()))
+        last = settled
+        on_change(f"{changed[0][0] if changed else 'a watched file'} changed")
+
+
+async def _snapshot(patterns: Iterable[str]) -> dict[str, int]:
+    patterns = tuple(patterns)
+    return await trio.to_thread.run_sync(snapshot, patterns) if patterns else {}
+
+
+def snapshot(patterns: Iterable[str]) -> dict[str, int]:
+    """Path → modification time (ns) of every file the patterns match; a directory means its files."""
+    found: dict[str, int] = {}
+    for pattern in patterns:
+        for path in glob.glob(pattern, recursive=True):
+            for file in _files(path):
+                with contextlib.suppress(OSError):
+                    found[file] = os.stat(file).st_mtime_ns
+    return found
+
+
+def _files(path: str) -> Iterable[str]:
+    if not os.path.isdir(path):
+        yield path
+        return
+    for root, dirs, files in os.walk(path):
+        dirs[:] = [d for d in dirs if d not in SKIPPED_DIRS and not d.startswith(".")]
+        for file in files:
+            yield os.path.join(root, file)
