@@ -39,7 +39,7 @@ import logging
 import os
 import resource
 import signal
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Final, final
 
@@ -51,7 +51,7 @@ from trioanubis.config import Address, Config, ListenerConfig, PoolConfig, load_
 from trioanubis.discovery import run_discovery, source_of
 from trioanubis.errors import AnubisError, ConfigError
 from trioanubis.health.checker import run_health_checks
-from trioanubis.listener import Limits, Listener
+from trioanubis.listener import Limits, Listener, SocketOpener
 from trioanubis.poller import Poller
 from trioanubis.pool import Pool, Server
 from trioanubis.resolve import resolve_address
@@ -66,6 +66,10 @@ RESERVED_FDS: Final = 64
 # How often `--watch` looks at the config file's modification time.
 WATCH_INTERVAL: Final = 1.0
 
+# What keeps a pool's servers' state current: started() once the first
+# verdicts are in. The default probes them; a worker follows its supervisor.
+HealthRunner = Callable[..., Awaitable[None]]
+
 
 def fd_connection_limit() -> int:
     """How many proxied connections fit in RLIMIT_NOFILE (two descriptors each)."""
@@ -79,8 +83,18 @@ def fd_connection_limit() -> int:
 class Balancer:
     """The running balancer: its pools, listeners and the scopes that stop them."""
 
-    def __init__(self, config: Config, *, config_path: str | None = None, watch: bool = False) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_path: str | None = None,
+        watch: bool = False,
+        open_socket: SocketOpener | None = None,
+        health: HealthRunner = run_health_checks,
+    ) -> None:
         self.config = config
+        self._open_socket = open_socket
+        self._health = health
         self.config_path = config_path
         self.watch = watch
         self.pools: dict[str, Pool] = {name: Pool(pc) for name, pc in config.pools.items()}
@@ -106,7 +120,8 @@ class Balancer:
         self._accepting: trio.Nursery | None = None
 
     def _new_listener(self, config: ListenerConfig) -> Listener:
-        return Listener(config, self.pools[config.pool], self.limits, self.access, self.timer, self.poller)
+        return Listener(config, self.pools[config.pool], self.limits, self.access, self.timer, self.poller,
+                        self._open_socket)  # fmt: skip
 
     @staticmethod
     def _tick(config: Config) -> float:
@@ -197,7 +212,7 @@ class Balancer:
                 async with trio.open_nursery() as nursery:
                     for entry in pool.config.discovery:
                         await nursery.start(run_discovery, pool, entry, nameserver)
-                    await nursery.start(run_health_checks, pool)
+                    await nursery.start(self._health, pool)
                     task_status.started()
 
         await self._root.start(pool_tasks)

@@ -125,6 +125,7 @@ class Settings:
     pid_file: str = ""
     resolver: str = ""
     max_connections: int = 0  # 0: derived from the file-descriptor limit
+    workers: int = 1  # processes serving connections; 0: "auto", one per usable core
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,7 +330,8 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
 
 def _parse_settings(node: _Node) -> Settings:
     node.check_keys(
-        ("drain_timeout", "log_format", "access_log", "pid_file", "resolver", "max_connections")
+        ("drain_timeout", "log_format", "access_log", "pid_file", "resolver", "max_connections",
+         "workers")
     )
     return Settings(
         drain_timeout=node.duration("drain_timeout", 30.0),
@@ -338,7 +340,22 @@ def _parse_settings(node: _Node) -> Settings:
         pid_file=node.string("pid_file", ""),
         resolver=_resolver(node),
         max_connections=node.integer("max_connections", 0),
+        workers=_workers(node),
     )
+
+
+# More worker processes than this is a typo, not a machine.
+MAX_WORKERS = 1024
+
+
+def _workers(node: _Node) -> int:
+    """`workers`: a count from 1 to MAX_WORKERS, or "auto" (stored as 0, resolved at run time)."""
+    if node.data.get("workers") == "auto":
+        return 0
+    if isinstance(node.data.get("workers"), str):
+        value = node.data["workers"]
+        raise node.error(f'must be "auto" or an integer from 1 to {MAX_WORKERS}', value, "workers")
+    return node.integer("workers", 1, minimum=1, maximum=MAX_WORKERS)
 
 
 def _resolver(node: _Node) -> str:

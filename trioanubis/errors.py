@@ -30,3 +30,7 @@ class AttemptCancelled(AnubisError):
 
 class OutOfResources(ConnectFailed):
     """Connecting failed on our side (no descriptor, no buffer): not the server's fault."""
+
+
+class ChannelError(AnubisError):
+    """A control-channel message between supervisor and worker was malformed or too long."""

@@ -144,6 +144,8 @@ class Pool:
         self._candidates: tuple[Server, ...] | None = None
         self._has_limits = any(s.max_connections for s in self.servers)
         self._lot = trio.lowlevel.ParkingLot()
+        # Told about each passive ejection (a worker passes it to its supervisor).
+        self.on_eject: Callable[[Server, str], None] | None = None
 
     # ---------------------------------------------------------------- picking
 
@@ -215,6 +217,8 @@ class Pool:
         if limit and server.consecutive_failures >= limit and server.healthy:
             self.mark_down(server, f"ejected after {server.consecutive_failures} failed connects "
                                    f"({reason})")  # fmt: skip
+            if self.on_eject is not None:
+                self.on_eject(server, reason)
 
     def record_time(self, server: Server, seconds: float) -> None:
         """Fold one latency sample into the server's moving average (least_time)."""

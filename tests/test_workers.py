@@ -1,0 +1,372 @@
+"""`workers = N`: a supervisor and its worker processes — real processes, real sockets, real signals."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import (
+    EVENTUALLY,
+    connect,
+    connect_when_listening,
+    echo_handler,
+    ending,
+    free_port,
+    name_handler,
+    request,
+    start_backend,
+    wait_until,
+)
+from tests.test_cli import ANUBIS, anubis, run_cli
+from trioanubis.config import Address
+from trioanubis.errors import ChannelError
+from trioanubis.workers.channel import LineDecoder, encode
+from trioanubis.workers.merge import sum_metrics
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="worker processes need a Unix")
+
+
+def write_config(path: Path, port: int, admin: int, servers: list[str], *, workers: int = 2,
+                 health: str = 'check = "none"', pool: str = "", **settings: object) -> None:  # fmt: skip
+    lines = ["[settings]", f"workers = {workers}", 'drain_timeout = "20s"']
+    lines += [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
+    lines += ["[admin]", f'bind = "127.0.0.1:{admin}"',
+              "[listeners.web]", f'bind = "127.0.0.1:{port}"', 'pool = "web"',
+              "[pools.web]", f"servers = {json.dumps(servers)}", pool,
+              "[pools.web.health]", health]  # fmt: skip
+    path.write_text("\n".join(lines) + "\n")
+
+
+async def admin(port: int, path: str, method: str = "GET", body: bytes = b"") -> tuple[int, bytes]:
+    """One admin request over HTTP/1.0: (status, body)."""
+    stream = await connect_when_listening(port)
+    async with stream:
+        head = f"{method} {path} HTTP/1.0\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        await stream.send_all(head + body)
+        answer = b""
+        while data := await stream.receive_some(65536):
+            answer += data
+    head_text, _, payload = answer.partition(b"\r\n\r\n")
+    return int(head_text.split()[1]), payload
+
+
+async def stats(port: int) -> dict[str, Any]:
+    status, body = await admin(port, "/stats")
+    assert status == 200, body
+    return dict(json.loads(body))
+
+
+async def all_serving(port: int, count: int) -> dict[str, Any]:
+    """/stats once every worker answers (after a start or a restart)."""
+    with trio.fail_after(EVENTUALLY):
+        while True:
+            doc = await stats(port)
+            workers = doc["workers"]
+            if len(workers) == count and all(w["serving"] and w["answered"] for w in workers):
+                return doc
+            await trio.sleep(0.05)
+
+
+def gone(pid: int) -> bool:
+    """The process ended (a zombie nobody reaped yet counts as ended)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+    return "\nState:\tZ" in status
+
+
+@asynccontextmanager
+async def supervisor(config: Path, *extra: str) -> AsyncIterator[trio.Process]:
+    async with anubis("run", "-c", str(config), *extra) as process:
+        yield process
+
+
+async def test_connections_spread_over_workers_and_admin_sums_are_the_sums(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    backend = await start_backend(nursery, name_handler("a"))
+    port, admin_port = free_port(), free_port()
+    config = tmp_path / "anubis.toml"
+    write_config(config, port, admin_port, [backend.address], access_log=False)
+    async with supervisor(config):
+        await all_serving(admin_port, 2)
+        for _ in range(200):  # each from its own source port: SO_REUSEPORT hashes them apart
+            assert await request(Address("127.0.0.1", port)) == b"a"
+        doc = await stats(admin_port)
+        per_worker = [w["accepted"] for w in doc["workers"]]
+        assert all(count > 0 for count in per_worker), per_worker
+        assert sum(per_worker) == doc["listeners"][0]["accepted"] == 200
+        assert doc["pools"][0]["servers"][0]["total"] == 200
+        assert doc["endings"] == {"client_eof": 200}
+        status, metrics = await admin(admin_port, "/metrics")
+        assert status == 200
+        assert b'anubis_listener_connections_total{listener="web"} 200\n' in metrics
+        assert b'anubis_worker_up{worker="2"} 1\n' in metrics
+        assert (await admin(admin_port, "/readyz"))[0] == 200
+
+
+async def test_kill_9_one_worker_ends_only_its_connections_and_it_comes_back(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    backend = await start_backend(nursery, echo_handler)
+    port, admin_port = free_port(), free_port()
+    config = tmp_path / "anubis.toml"
+    write_config(config, port, admin_port, [backend.address])
+    async with supervisor(config):
+        await all_serving(admin_port, 2)
+        held = [await connect(Address("127.0.0.1", port)) for _ in range(24)]
+        for stream in held:  # mid-transfer: every one has carried bytes both ways
+            await stream.send_all(b"x")
+            assert await stream.receive_some(1) == b"x"
+        doc = await stats(admin_port)
+        victim, survivor = doc["workers"]
+        assert victim["active"] + survivor["active"] == 24
+        os.kill(victim["pid"], signal.SIGKILL)
+        # Its listening socket closes with it (the kernel may finish that a moment after the exit,
+        # hence: once the supervisor saw the exit). Connections still queued on it are reset:
+        # SO_REUSEPORT's trade-off, unless net.ipv4.tcp_migrate_req = 1.
+        with trio.fail_after(EVENTUALLY):
+            while (await stats(admin_port))["workers"][0]["pid"] == victim["pid"]:
+                await trio.sleep(0.01)
+        assert await request(Address("127.0.0.1", port), b"at once") == b"at once"
+        ended = alive = 0
+        for stream in held:
+            try:
+                await stream.send_all(b"y")
+                with trio.fail_after(EVENTUALLY):
+                    answer = await stream.receive_some(1)
+            except trio.BrokenResourceError:
+                answer = b""
+            if answer == b"y":
+                alive += 1
+            else:
+                ended += 1
+            await stream.aclose()
+        assert (ended, alive) == (victim["active"], survivor["active"])
+        back = await all_serving(admin_port, 2)
+        assert back["workers"][0]["pid"] != victim["pid"]
+        assert back["workers"][0]["restarts"] == 1
+        assert back["workers"][1]["pid"] == survivor["pid"]
+
+
+async def test_sigterm_drains_every_worker_and_exits_zero(nursery: trio.Nursery, tmp_path: Path) -> None:
+    backend = await start_backend(nursery, echo_handler)
+    port, admin_port = free_port(), free_port()
+    config = tmp_path / "anubis.toml"
+    write_config(config, port, admin_port, [backend.address])
+    async with supervisor(config) as process:
+        doc = await all_serving(admin_port, 2)
+        pids = [w["pid"] for w in doc["workers"]]
+        held = [await connect(Address("127.0.0.1", port)) for _ in range(16)]
+        for stream in held:
+            await stream.send_all(b"x")
+            assert await stream.receive_some(1) == b"x"
+        process.send_signal(signal.SIGTERM)
+        await wait_until(lambda: backend.active == 16)
+        for stream in held:  # every worker drains: open connections keep flowing
+            await stream.send_all(b"still")
+            got = b""
+            while len(got) < 5:
+                got += await stream.receive_some(5)
+            assert got == b"still"
+            await stream.send_eof()
+            assert await ending(stream) == "eof"
+            await stream.aclose()
+        with trio.fail_after(EVENTUALLY):
+            await process.wait()
+        assert process.returncode == 0
+        assert all(gone(pid) for pid in pids)
+
+
+async def test_sighup_adds_a_server_in_every_worker(nursery: trio.Nursery, tmp_path: Path) -> None:
+    old = await start_backend(nursery, name_handler("old"))
+    new = await start_backend(nursery, name_handler("new"))
+    port, admin_port = free_port(), free_port()
+    config = tmp_path / "anubis.toml"
+    write_config(config, port, admin_port, [old.address], access_log=False)
+    async with supervisor(config) as process:
+        await all_serving(admin_port, 2)
+        write_config(config, port, admin_port, [old.address, new.address], access_log=False,
+                     pool='strategy = "round_robin"')  # fmt: skip
+        process.send_signal(signal.SIGHUP)
+        with trio.fail_after(EVENTUALLY):
+            while (await stats(admin_port)).get("reloads") != 1:
+                await trio.sleep(0.05)
+        doc = await stats(admin_port)
+        assert [s["name"] for s in doc["pools"][0]["servers"]] == [old.address, new.address]
+        answers = [await request(Address("127.0.0.1", port)) for _ in range(60)]
+        assert set(answers) == {b"old", b"new"}
+        per_worker = (await stats(admin_port))["workers"]
+        assert all(w["accepted"] >= 2 for w in per_worker), per_worker  # both workers round-robin
+        # round robin in each worker: a worker that had not applied it would answer "old" only
+        assert answers.count(b"new") >= 25
+
+
+async def test_invalid_reload_is_rejected_once_and_every_worker_keeps_serving(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    backend = await start_backend(nursery, name_handler("a"))
+    port, admin_port = free_port(), free_port()
+    config = tmp_path / "anubis.toml"
+    write_config(config, port, admin_port, [backend.address])
+    async with supervisor(config) as process:
+        await all_serving(admin_port, 2)
+        config.write_text(config.read_text().replace('check = "none"', 'check = "sometimes"'))
+        process.send_signal(signal.SIGHUP)
+        assert process.stderr is not None
+        seen = b""
+        with trio.fail_after(EVENTUALLY):
+            while b"reload rejected" not in seen:
+                seen += await process.stderr.receive_some()
+        assert seen.count(b"reload rejected") == 1
+        assert b"pools.web.health.check: must be one of" in seen
+        for _ in range(10):
+            assert await request(Address("127.0.0.1", port)) == b"a"
+
+
+async def test_drain_through_the_admin_applies_in_every_worker(nursery: trio.Nursery, tmp_path: Path) -> None:
+    one = await start_backend(nursery, name_handler("one"))
+    two = await start_backend(nursery, name_handler("two"))
+    port, admin_port = free_port(), free_port()
+    config = tmp_path / "anubis.toml"
+    write_config(config, port, admin_port, [one.address, two.address], access_log=False)
+    async with supervisor(config):
+        await all_serving(admin_port, 2)
+        status, body = await admin(admin_port, f"/pools/web/servers/{one.address}/drain", "POST")
+        assert status == 200, body
+        assert json.loads(body)["state"] == "draining"
+        answers = {await request(Address("127.0.0.1", port)) for _ in range(40)}
+        assert answers == {b"two"}  # confirmed only once every worker applied it
+        status, _ = await admin(
+            admin_port, f"/pools/web/servers/{one.address}/weight", "POST", b'{"weight": x}'
+        )
+        assert status == 400
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_a_backend_sees_one_probe_stream(nursery: trio.Nursery, tmp_path: Path, workers: int) -> None:
+    backend = await start_backend(nursery, echo_handler)
+    port, admin_port = free_port(), free_port()
+    config = tmp_path / "anubis.toml"
+    health = 'check = "tcp"\ninterval = "100ms"'
+    write_config(config, port, admin_port, [backend.address], workers=workers, health=health)
+    async with supervisor(config, "--workers", str(workers)):
+        await wait_until(lambda: backend.connections >= 20)
+
+        async def checks() -> int:
+            _, metrics = await admin(admin_port, "/metrics")
+            line = next(x for x in metrics.decode().splitlines()
+                        if x.startswith("anubis_health_checks_total") and 'result="pass"' in x)  # fmt: skip
+            return int(line.rsplit(" ", 1)[1])
+
+        # Every connection the backend saw is a probe counted by the one health view (give or take
+        # the probe in flight): workers probe nothing of their own.
+        before, seen, after = await checks(), backend.connections, await checks()
+        assert before - 1 <= seen <= after + 1, (before, seen, after)
+
+
+async def test_sigkill_to_the_supervisor_leaves_no_worker(nursery: trio.Nursery, tmp_path: Path) -> None:
+    backend = await start_backend(nursery, echo_handler)
+    port, admin_port = free_port(), free_port()
+    config = tmp_path / "anubis.toml"
+    write_config(config, port, admin_port, [backend.address])
+    process = await trio.lowlevel.open_process([*ANUBIS, "run", "-c", str(config)])
+    try:
+        pids = [w["pid"] for w in (await all_serving(admin_port, 2))["workers"]]
+        held = await connect(Address("127.0.0.1", port))
+        await held.send_all(b"x")
+        assert await held.receive_some(1) == b"x"
+        process.kill()
+        await process.wait()
+        await held.send_all(b"y")  # its worker drains it, as on SIGTERM, then goes
+        assert await held.receive_some(1) == b"y"
+        await held.aclose()
+        with trio.fail_after(EVENTUALLY):
+            while not all(gone(pid) for pid in pids):
+                await trio.sleep(0.05)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+def test_workers_setting_is_checked(tmp_path: Path) -> None:
+    config = tmp_path / "anubis.toml"
+    for value, ok in (('"auto"', True), ("4", True), ("0", False), ('"many"', False), ("true", False)):
+        write_config(config, 1, 2, ["127.0.0.1:3"], workers=1)
+        config.write_text(config.read_text().replace("workers = 1", f"workers = {value}"))
+        result = run_cli("check", "-c", str(config))
+        assert (result.returncode == 0) == ok, (value, result.stderr)
+        if not ok:
+            assert "settings.workers: must be" in result.stderr
+
+
+# ------------------------------------------------------------ control channel
+
+messages = st.dictionaries(
+    st.text(max_size=8),
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+        max_leaves=10,
+    ),
+    max_size=5,
+).map(lambda d: {**d, "t": "x"})
+
+
+@given(st.lists(messages, max_size=5), st.data())
+@settings(max_examples=200, deadline=None)
+def test_channel_lines_round_trip_in_any_chunking(sent: list[dict[str, Any]], data: st.DataObject) -> None:
+    wire = b"".join(encode(m) for m in sent)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(wire)), max_size=6)))
+    decoder, got = LineDecoder(), []
+    for start, end in zip([0, *cuts], [*cuts, len(wire)], strict=True):
+        got += decoder.feed(wire[start:end])
+    assert got == sent
+
+
+@given(st.lists(st.binary(max_size=64), max_size=8))
+@settings(max_examples=300, deadline=None)
+def test_channel_decoder_raises_only_channel_errors_and_recovers(chunks: list[bytes]) -> None:
+    decoder = LineDecoder(max_line=100)
+    for chunk in chunks:
+        with contextlib.suppress(ChannelError):
+            decoder.feed(chunk)
+    with contextlib.suppress(ChannelError):
+        decoder.feed(b"\n")  # whatever came before, a fresh line decodes
+    assert decoder.feed(encode({"t": "ok"})) == [{"t": "ok"}]
+
+
+def test_channel_decoder_refuses_deep_nesting_and_long_lines() -> None:
+    decoder = LineDecoder(max_line=1000)
+    with pytest.raises(ChannelError, match="nests"):
+        decoder.feed(b"[" * 500 + b"]" * 500 + b"\n")
+    with pytest.raises(ChannelError, match="longer than"):
+        decoder.feed(b"x" * 2000)
+    assert decoder.feed(b"still the long line\n" + encode({"t": "next"})) == [{"t": "next"}]
+
+
+def test_metrics_sum_counters_and_keep_shared_gauges_from_the_view() -> None:
+    view = '# TYPE anubis_server_up gauge\nanubis_server_up{s="a"} 1\n# TYPE anubis_c counter\nanubis_c 0\n'
+    worker = '# TYPE anubis_server_up gauge\nanubis_server_up{s="a"} 0\n# TYPE anubis_c counter\nanubis_c 3\n'
+    assert sum_metrics([view, worker, worker]) == (
+        '# TYPE anubis_server_up gauge\nanubis_server_up{s="a"} 1\n# TYPE anubis_c counter\nanubis_c 6\n'
+    )
