@@ -370,3 +370,79 @@ def test_metrics_sum_counters_and_keep_shared_gauges_from_the_view() -> None:
     assert sum_metrics([view, worker, worker]) == (
         '# TYPE anubis_server_up gauge\nanubis_server_up{s="a"} 1\n# TYPE anubis_c counter\nanubis_c 6\n'
     )
+
+
+# ------------------------------------------------- a worker's control input
+
+WORKER_TOML = """
+[listeners.web]
+bind = "127.0.0.1:0"
+pool = "web"
+[pools.web]
+servers = ["{server}"]
+[pools.web.health]
+check = "none"
+"""
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12,
+)
+control_messages = st.fixed_dictionaries(
+    {"t": st.sampled_from(["state", "config", "ask", "answer", "nonsense", ""])},
+    optional={
+        "seq": json_values,
+        "pools": json_values | st.just({"web": [["x", "y", True, False, 1, 1.0]]}),
+        "id": json_values,
+        "what": st.sampled_from(["stats", "metrics", "ready", "x"]) | json_values,
+        "text": st.text(max_size=60) | st.just("[listeners]"),
+        "source": json_values,
+        "binds": json_values | st.just({"web": "127.0.0.1:0"}),
+    },
+)
+raw_lines = st.binary(max_size=80).map(lambda b: b.replace(b"\n", b"") + b"\n")
+
+
+async def _fuzz_one_worker(server: str, inputs: list[bytes]) -> None:
+    from trioanubis.workers.channel import Channel
+    from trioanubis.workers.worker import run_worker
+
+    ours, theirs = trio.socket.socketpair()
+    supervisor_end = Channel(trio.SocketStream(ours))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: run_worker(Channel(trio.SocketStream(theirs)), 7, own_logging=False))
+        text = WORKER_TOML.format(server=server)
+        await supervisor_end.send({"t": "config", "text": text, "source": "fuzz.toml",
+                                   "binds": {"web": "127.0.0.1:0"}})  # fmt: skip
+        await supervisor_end.send(
+            {"t": "state", "seq": 1, "pools": {"web": [[server, server, True, False, 1, 1.0]]}}
+        )
+        with trio.fail_after(EVENTUALLY):
+            while (message := await supervisor_end.receive()) and message["t"] != "ready":
+                pass
+        for data in inputs:
+            await supervisor_end.stream.send_all(data)
+        await supervisor_end.send({"t": "ask", "id": "last", "what": "stats"})
+        with trio.fail_after(EVENTUALLY):
+            while True:
+                message = await supervisor_end.receive()
+                assert message is not None
+                if message["t"] == "answer" and message["id"] == "last":
+                    break
+        bind = message["value"]["listeners"][0]["bind"]
+        host, _, port = bind.rpartition(":")
+        assert await request(Address(host, int(port))) == b"fuzz"  # still serving
+        await supervisor_end.aclose()  # the supervisor "dies": the worker drains and returns
+
+
+@given(st.lists(control_messages.map(encode) | raw_lines, max_size=8))
+@settings(max_examples=40, deadline=None)
+def test_fuzzed_control_messages_never_stop_a_worker(inputs: list[bytes]) -> None:
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            backend = await start_backend(nursery, name_handler("fuzz"))
+            await _fuzz_one_worker(backend.address, inputs)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)

@@ -27,6 +27,8 @@ SERVER_SUMS = ("active", "total", "bytes_in", "bytes_out", "connect_failures")
 LISTENER_SUMS = ("accepted", "active", "rejected", "accept_overloads", "internal_errors")
 POOL_SUMS = ("no_server", "all_full")
 # Prometheus gauges that are the same in every worker (pushed state): not added up.
+# The admin API's bound on a weight (admin.parse_weight).
+MAX_WEIGHT = 1_000_000
 SHARED_GAUGES = ("anubis_server_weight", "anubis_server_effective_weight", "anubis_server_up")
 
 
@@ -72,6 +74,8 @@ def apply_snapshot(pools: Mapping[str, Pool], message: Mapping[str, Any], held: 
 def _apply_row(server: Server, row: Sequence[Any], keep_down: bool) -> bool:
     healthy, draining = bool(row[2]), bool(row[3])
     weight, effective = int(row[4]), float(row[5])
+    if not 0 <= effective <= weight <= MAX_WEIGHT:  # NaN fails this too
+        raise ValueError(f"server {row[0]!r}: weight {weight} / effective weight {effective} out of range")
     if keep_down and healthy:
         healthy = False
     new = (healthy, draining, weight, effective)

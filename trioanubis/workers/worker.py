@@ -226,13 +226,18 @@ class Worker:
             self.post({"t": "reloaded", "id": message.get("id"), "ok": True})
 
 
-async def run_worker(channel: Channel, worker_id: int) -> None:
-    """Receive the config, serve it until stopped, drain, return."""
+async def run_worker(channel: Channel, worker_id: int, *, own_logging: bool = True) -> None:
+    """Receive the config, serve it until stopped, drain, return.
+
+    `own_logging` lets the config's log level and format take over this
+    process's logging (a test running a worker in its own process says no).
+    """
     first = await channel.receive()
     if first is None or first.get("t") != "config":
         raise AnubisError("the supervisor sent no config")
     config = worker_config(first)
-    configure_logging(str(first.get("log_level", "info")), config.settings.log_format, worker_id)
+    if own_logging:
+        configure_logging(str(first.get("log_level", "info")), config.settings.log_format, worker_id)
     worker = Worker(channel, worker_id, first.get("inherited", {}))
     balancer = worker.make_balancer(config)
     with trio.open_signal_receiver(signal.SIGTERM) as signals:
