@@ -446,3 +446,36 @@ def test_fuzzed_control_messages_never_stop_a_worker(inputs: list[bytes]) -> Non
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+async def test_an_ejection_seen_by_one_worker_reaches_every_worker(nursery: trio.Nursery, tmp_path: Path) -> None:
+    live = await start_backend(nursery, name_handler("live"))
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens: every connect fails
+    port, admin_port = free_port(), free_port()
+    config = tmp_path / "anubis.toml"
+    write_config(config, port, admin_port, [dead, live.address], log_format="json",
+                 pool='eject_after = 1\neject_for = "10m"')  # fmt: skip
+    async with supervisor(config) as process:
+        await all_serving(admin_port, 2)
+        assert await request(Address("127.0.0.1", port)) == b"live"  # failed over, and ejected
+        with trio.fail_after(EVENTUALLY):
+            while (await stats(admin_port))["pools"][0]["servers"][0]["state"] != "down":
+                await trio.sleep(0.02)
+        failures = (await stats(admin_port))["pools"][0]["servers"][0]["connect_failures"]
+        # The ejection is in every worker now: no worker tries the dead server again.
+        assert {await request(Address("127.0.0.1", port)) for _ in range(40)} == {b"live"}
+        doc = await stats(admin_port)
+        assert doc["pools"][0]["servers"][0]["connect_failures"] == failures
+        assert all(w["accepted"] > 0 for w in doc["workers"])
+        process.send_signal(signal.SIGTERM)
+        assert process.stderr is not None
+        with trio.fail_after(EVENTUALLY):
+            await process.wait()
+        err = b""
+        while data := await process.stderr.receive_some():
+            err += data
+        lines = [json.loads(x) for x in err.splitlines() if x]
+    access = [x for x in lines if x.get("logger") == "trioanubis.access"]
+    assert len(access) == 41  # one line per connection, whichever worker served it
+    assert {x["worker"] for x in access} == {1, 2}
+    assert any("ejected by worker" in x.get("message", "") for x in lines)
