@@ -96,13 +96,14 @@ class Contender:
 # ----------------------------------------------------------------- contenders
 
 
-def trioanubis(access_log: bool) -> Callable[[Path, int, list[int]], list[str]]:
+def trioanubis(access_log: bool, workers: int = 1) -> Callable[[Path, int, list[int]], list[str]]:
     def command(tmp: Path, listen: int, backends: list[int]) -> list[str]:
         servers = ", ".join(f'"127.0.0.1:{p}"' for p in backends)
         config = tmp / "anubis.toml"
         config.write_text(f"""
 [settings]
 access_log = {str(access_log).lower()}
+workers = {workers}
 [listeners.bench]
 bind = "127.0.0.1:{listen}"
 pool = "bench"
@@ -115,13 +116,13 @@ servers = [{servers}]
     return command
 
 
-def haproxy(splice: bool) -> Callable[[Path, int, list[int]], list[str]]:
+def haproxy(splice: bool, threads: int = 1) -> Callable[[Path, int, list[int]], list[str]]:
     def command(tmp: Path, listen: int, backends: list[int]) -> list[str]:
         servers = "\n".join(f"  server s{i} 127.0.0.1:{p}" for i, p in enumerate(backends))
         config = tmp / "haproxy.cfg"
         config.write_text(f"""
 global
-  nbthread 1
+  nbthread {threads}
   maxconn 6000
 defaults
   mode tcp
@@ -183,6 +184,9 @@ def contenders(args: argparse.Namespace) -> list[Contender]:
         Contender("trioanubis+log", trioanubis(True), [], ("keepalive", "connrate")),
         Contender("haproxy", haproxy(False), ["haproxy"]),
         Contender("haproxy+splice", haproxy(True), ["haproxy"], ("bulk",)),
+        # Every core: 2 worker processes against 2 HAProxy threads (keep-alive, connection rate).
+        Contender("trioanubis-w2", trioanubis(False, workers=2), [], ("keepalive", "connrate")),
+        Contender("haproxy-t2", haproxy(False, threads=2), ["haproxy"], ("keepalive", "connrate")),
         Contender("nginx-stream", nginx_stream, ["nginx", "/usr/lib/nginx/modules/ngx_stream_module.so"]),
         Contender("pproxy", pproxy_command(args.pproxy), [args.pproxy]),
         Contender("asyncio", asyncio_relay(sys.executable, False), []),
@@ -267,8 +271,12 @@ http {{
 # ----------------------------------------------------------------- workloads
 
 
+# `--pin-load CPUS`: the load generator runs under `taskset -c CPUS` (empty: anywhere).
+PIN_LOAD: list[str] = []
+
+
 def wrk(port: int, duration: float, *extra: str) -> str:
-    command = ["wrk", "-t1", "-c50", f"-d{duration:g}s", *extra, f"http://127.0.0.1:{port}/"]
+    command = [*PIN_LOAD, "wrk", "-t1", "-c50", f"-d{duration:g}s", *extra, f"http://127.0.0.1:{port}/"]
     return subprocess.run(command, capture_output=True, text=True, timeout=duration + 60).stdout
 
 
@@ -480,6 +488,20 @@ def ratios(results: Results) -> str:
     return "\n".join(lines)
 
 
+def worker_ratios(results: Results) -> str:
+    """Every core: 2 workers against 1, and against HAProxy with 2 threads."""
+    lines = ["| workload | trioanubis-w2 ÷ trioanubis | trioanubis-w2 ÷ haproxy-t2 |", "|---|---|---|"]
+    for workload in ("keepalive", "connrate"):
+        m = medians(results, workload)
+        if "trioanubis-w2" not in m:
+            continue
+        ours = m["trioanubis-w2"]
+        one, t2 = m.get("trioanubis"), m.get("haproxy-t2")
+        lines.append(f"| {workload} | {f'{ours / one:.2f}×' if one else '–'} | "
+                     f"{f'{ours / t2:.2f}×' if t2 else '–'} |")  # fmt: skip
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     with suppress(OSError), open("/proc/cpuinfo") as f:
@@ -507,7 +529,12 @@ def main() -> None:
     parser.add_argument("--uvloop-python", default=sys.executable,
                         help="a python with uvloop installed (default: this one)")
     parser.add_argument("--save", action="store_true", help="write bench/results/<date>.md")
+    parser.add_argument("--pin-load", default="", metavar="CPUS",
+                        help="run wrk under taskset -c CPUS (e.g. 0), to see how much the load "
+                             "generator competes with multi-core contenders")  # fmt: skip
     args = parser.parse_args()
+    if args.pin_load:
+        PIN_LOAD[:] = ["taskset", "-c", args.pin_load]
     if args.quick:
         args.rounds, args.duration = 1, 2.0
     if args.uvloop_python == sys.executable:
@@ -518,7 +545,9 @@ def main() -> None:
     results, skipped = run_all(args)
     report = [f"Machine: {machine()}", "",
               f"{args.rounds} interleaved rounds of {args.duration:g} s runs; median (min–max).", "",
-              table(results), "", ratios(results)]  # fmt: skip
+              table(results), "", ratios(results), "", worker_ratios(results)]  # fmt: skip
+    if args.pin_load:
+        report.insert(2, f"Load generator pinned: taskset -c {args.pin_load}.")
     if skipped:
         report += ["", "Skipped: " + "; ".join(skipped)]
     text = "\n".join(report)
