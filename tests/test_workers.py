@@ -483,3 +483,29 @@ async def test_an_ejection_seen_by_one_worker_reaches_every_worker(
     assert len(access) == 41  # one line per connection, whichever worker served it
     assert {x["worker"] for x in access} == {1, 2}
     assert any("ejected by worker" in x.get("message", "") for x in lines)
+
+
+def test_a_snapshot_brings_state_and_slow_start_weight_and_respects_a_local_ejection() -> None:
+    from trioanubis.config import parse_config
+    from trioanubis.pool import Pool
+    from trioanubis.workers.merge import apply_snapshot, snapshot
+
+    config = parse_config({"listeners": {"l": {"bind": ":0", "pool": "p"}},
+                           "pools": {"p": {"servers": ["127.0.0.1:1", "127.0.0.1:2"]}}})  # fmt: skip
+    view, worker = Pool(config.pools["p"]), Pool(config.pools["p"])
+    view.mark_up(view.servers[0], 0.0)
+    view.set_weight(view.servers[0], 4)
+    view.set_effective_weight(view.servers[0], 1.0)  # slow start, a quarter of the way
+    view.mark_up(view.servers[1], 0.0)
+    version = worker.version
+    apply_snapshot({"p": worker}, snapshot({"p": view}, 1), held=[("127.0.0.1:2", "127.0.0.1:2")])
+    first, second = worker.servers
+    assert (first.healthy, first.weight, first.effective_weight) == (True, 4, 1.0)
+    assert not second.healthy  # ejected here: the snapshot already on its way does not undo it
+    assert worker.version == version + 1 and worker.candidates() == (first,)
+    apply_snapshot({"p": worker}, snapshot({"p": view}, 2), held=[])
+    assert second.healthy and worker.version == version + 2
+    apply_snapshot({"p": worker}, snapshot({"p": view}, 3), held=[])
+    assert worker.version == version + 2  # nothing changed: the strategies keep their tables
+    with pytest.raises(ValueError, match="out of range"):
+        apply_snapshot({"p": worker}, {"pools": {"p": [["127.0.0.1:1", "127.0.0.1:1", 1, 0, 1, 9.0]]}}, [])
