@@ -263,7 +263,7 @@ async def test_drain_through_the_admin_applies_in_every_worker(nursery: trio.Nur
         assert status == 400
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("workers", [1, 2, 4])
 async def test_a_backend_sees_one_probe_stream(nursery: trio.Nursery, tmp_path: Path, workers: int) -> None:
     backend = await start_backend(nursery, echo_handler)
     port, admin_port = free_port(), free_port()
