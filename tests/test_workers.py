@@ -509,3 +509,18 @@ def test_a_snapshot_brings_state_and_slow_start_weight_and_respects_a_local_ejec
     assert worker.version == version + 2  # nothing changed: the strategies keep their tables
     with pytest.raises(ValueError, match="out of range"):
         apply_snapshot({"p": worker}, {"pools": {"p": [["127.0.0.1:1", "127.0.0.1:1", 1, 0, 1, 9.0]]}}, [])
+
+
+def test_a_port_in_use_is_reported_once_by_the_supervisor_before_any_worker(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "anubis.toml"
+        write_config(config, port, free_port(), ["127.0.0.1:3"])
+        result = run_cli("run", "-c", str(config))
+    assert result.returncode == 1
+    assert result.stderr.count(f"binding 127.0.0.1:{port}") == 1, result.stderr
+    assert "worker 1 started" not in result.stderr

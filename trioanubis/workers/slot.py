@@ -29,7 +29,7 @@ from typing import Any, Final, Protocol, final
 import trio
 
 from trioanubis.config import Config
-from trioanubis.errors import ChannelError
+from trioanubis.errors import AnubisError, ChannelError
 from trioanubis.workers.channel import Channel, Message
 from trioanubis.workers.sockets import Holds
 
@@ -88,7 +88,8 @@ class WorkerSlot:
         try:
             await self._keep_running(backoff)
         finally:
-            self.ready.set()  # never leave the supervisor waiting for a slot that stopped
+            if self.supervisor.stopping:
+                self.ready.set()  # never leave the supervisor waiting for a slot that stopped
 
     async def _keep_running(self, backoff: float) -> None:
         while not self.supervisor.stopping:
@@ -97,6 +98,9 @@ class WorkerSlot:
             if self.supervisor.stopping:
                 log.info("worker %d exited (%s)", self.id, describe_status(status))
                 return
+            if not self.ready.is_set():  # it never served: starting again would fail the same way
+                raise AnubisError(f"worker {self.id} exited ({describe_status(status)}) before it "
+                                  "served; its log lines above say why")  # fmt: skip
             if trio.current_time() - started >= RESTART_STABLE:
                 backoff = RESTART_MIN
             log.error(

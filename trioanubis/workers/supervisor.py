@@ -268,6 +268,7 @@ class Supervisor:
         docs = [(slot.id, doc) for slot, doc in answers if isinstance(doc, dict)]
         out = sum_stats(stats(self.view), docs)
         out["ready"] = out["ready"] and len(docs) == len(self.slots) and not self.stopping
+        out["draining"] = self.stopping
         out["reloads"] = self.reloads
         out["workers"] = [self._worker_row(slot, doc if isinstance(doc, dict) else None)
                           for slot, doc in answers]  # fmt: skip

@@ -43,7 +43,7 @@ import trio
 from trioanubis.accesslog import configure_logging, log_fatal
 from trioanubis.app import Balancer
 from trioanubis.config import Config, parse_address, parse_config
-from trioanubis.errors import AnubisError, ChannelError, ConfigError
+from trioanubis.errors import AnubisError, ChannelError
 from trioanubis.metrics import prometheus, stats
 from trioanubis.pool import Pool, Server
 from trioanubis.workers.channel import Channel, Message
@@ -283,10 +283,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging("info", "text", args.worker_id)
     try:
         trio.run(_main, args.control_fd, args.worker_id)
-    except (AnubisError, ConfigError) as exc:
-        log_fatal(str(exc))
+    except BaseException as exc:
+        error = _find_error(exc)
+        if error is None:
+            raise
+        log_fatal(str(error))
         return 1
     return 0
+
+
+def _find_error(exc: BaseException) -> AnubisError | None:
+    """The first AnubisError in `exc`, looking through exception groups."""
+    if isinstance(exc, AnubisError):
+        return exc
+    for inner in getattr(exc, "exceptions", ()):
+        if (found := _find_error(inner)) is not None:
+            return found
+    return None
 
 
 async def _main(control_fd: int, worker_id: int) -> None:
