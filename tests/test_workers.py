@@ -524,3 +524,50 @@ def test_a_port_in_use_is_reported_once_by_the_supervisor_before_any_worker(tmp_
     assert result.returncode == 1
     assert result.stderr.count(f"binding 127.0.0.1:{port}") == 1, result.stderr
     assert "worker 1 started" not in result.stderr
+
+
+async def test_without_so_reuseport_the_workers_share_the_supervisors_listening_socket(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The path for platforms where SO_REUSEPORT does not balance, forced here: inherited sockets."""
+    from trioanubis.workers.sockets import Holds
+    from trioanubis.workers.supervisor import Supervisor, read_config
+
+    backend = await start_backend(nursery, name_handler("shared"))
+    admin_port = free_port()
+    config = tmp_path / "anubis.toml"
+    write_config(config, 0, admin_port, [backend.address], access_log=False)
+    text, parsed = read_config(str(config))
+    supervisor = Supervisor(parsed, text, count=2, log_level="warning")
+    supervisor.holds = Holds(reuse_port=False)
+    async with trio.open_nursery() as inner:
+        bound = await inner.start(supervisor.run)
+        address = bound["web"]
+        assert address.port != 0
+        for _ in range(50):
+            assert await request(address) == b"shared"
+        doc = await stats(admin_port)
+        assert sum(w["accepted"] for w in doc["workers"]) == 50
+        supervisor.stop()
+    assert all(w["pid"] is None or gone(w["pid"]) for w in doc["workers"])
+
+
+async def test_watch_reloads_every_worker_when_the_file_changes(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    one = await start_backend(nursery, name_handler("one"))
+    two = await start_backend(nursery, name_handler("two"))
+    port, admin_port = free_port(), free_port()
+    config = tmp_path / "anubis.toml"
+    write_config(config, port, admin_port, [one.address], access_log=False)
+    async with supervisor(config, "--watch") as process:
+        await all_serving(admin_port, 2)
+        write_config(config, port, admin_port, [two.address], access_log=False)
+        os.utime(config, (1, 1))  # a different modification time, whatever the clock's resolution
+        assert process.stderr is not None
+        seen = b""
+        with trio.fail_after(EVENTUALLY):
+            while b"reload applied in" not in seen:
+                seen += await process.stderr.receive_some()
+        assert b"reload applied in 2 of 2 workers" in seen
+        assert {await request(Address("127.0.0.1", port)) for _ in range(20)} == {b"two"}
