@@ -318,8 +318,8 @@ class Supervisor:
             log.warning("reload: settings.workers takes effect at the next restart; still %d workers",
                         len(self.slots))  # fmt: skip
         self.holds.commit(new, config)
+        self.config, self.text = config, text  # a worker starting from now on gets this one
         await self.view.apply_config(view_config(config))
-        self.config, self.text = config, text
         message = self.config_message()
         results: list[Any] = []
 

@@ -124,6 +124,10 @@ class Worker:
             apply_snapshot({name: pool}, message, held)
 
     def on_state(self, message: Message) -> None:
+        """Apply a snapshot (not one older than the last: two pushes may cross) and acknowledge it."""
+        if self.state is not None and int(message["seq"]) < int(self.state["seq"]):
+            self.post({"t": "applied", "seq": message["seq"]})
+            return
         if self.balancer is not None:
             self._apply(self.balancer.pools, message)
         self.state = message
