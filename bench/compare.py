@@ -99,7 +99,7 @@ class Contender:
 
 
 def trioanubis(
-    access_log: bool, send_proxy: str = "none", io: str = "auto"
+    access_log: bool, send_proxy: str = "none", io: str = "auto", workers: int = 1
 ) -> Callable[[Path, int, list[int]], list[str]]:
     def command(tmp: Path, listen: int, backends: list[int]) -> list[str]:
         servers = ", ".join(f'"127.0.0.1:{p}"' for p in backends)
@@ -108,6 +108,7 @@ def trioanubis(
 [settings]
 access_log = {str(access_log).lower()}
 io = "{io}"
+workers = {workers}
 [listeners.bench]
 bind = "127.0.0.1:{listen}"
 pool = "bench"
@@ -121,13 +122,13 @@ send_proxy = "{send_proxy}"
     return command
 
 
-def haproxy(splice: bool) -> Callable[[Path, int, list[int]], list[str]]:
+def haproxy(splice: bool, threads: int = 1) -> Callable[[Path, int, list[int]], list[str]]:
     def command(tmp: Path, listen: int, backends: list[int]) -> list[str]:
         servers = "\n".join(f"  server s{i} 127.0.0.1:{p}" for i, p in enumerate(backends))
         config = tmp / "haproxy.cfg"
         config.write_text(f"""
 global
-  nbthread 1
+  nbthread {threads}
   maxconn 6000
 defaults
   mode tcp
@@ -193,6 +194,9 @@ def contenders(args: argparse.Namespace) -> list[Contender]:
         Contender("trioanubis-portable", trioanubis(False, io="portable"), []),
         Contender("haproxy", haproxy(False), ["haproxy"]),
         Contender("haproxy+splice", haproxy(True), ["haproxy"], ("bulk",)),
+        # Every core: 2 worker processes against 2 HAProxy threads (keep-alive, connection rate).
+        Contender("trioanubis-w2", trioanubis(False, workers=2), [], ("keepalive", "connrate")),
+        Contender("haproxy-t2", haproxy(False, threads=2), ["haproxy"], ("keepalive", "connrate")),
         Contender("nginx-stream", nginx_stream, ["nginx", "/usr/lib/nginx/modules/ngx_stream_module.so"]),
         Contender("pproxy", pproxy_command(args.pproxy), [args.pproxy]),
         Contender("asyncio", asyncio_relay(sys.executable, False), []),
@@ -279,8 +283,12 @@ http {{
 # ----------------------------------------------------------------- workloads
 
 
+# `--pin-load CPUS`: the load generator runs under `taskset -c CPUS` (empty: anywhere).
+PIN_LOAD: list[str] = []
+
+
 def wrk(port: int, duration: float, *extra: str) -> str:
-    command = ["wrk", "-t1", "-c50", f"-d{duration:g}s", *extra, f"http://127.0.0.1:{port}/"]
+    command = [*PIN_LOAD, "wrk", "-t1", "-c50", f"-d{duration:g}s", *extra, f"http://127.0.0.1:{port}/"]
     return subprocess.run(command, capture_output=True, text=True, timeout=duration + 60).stdout
 
 
@@ -504,6 +512,20 @@ def portable_ratios(results: Results) -> str:
     return "\n".join(lines) if len(lines) > 4 else ""
 
 
+def worker_ratios(results: Results) -> str:
+    """Every core: 2 workers against 1, and against HAProxy with 2 threads."""
+    lines = ["| workload | trioanubis-w2 ÷ trioanubis | trioanubis-w2 ÷ haproxy-t2 |", "|---|---|---|"]
+    for workload in ("keepalive", "connrate"):
+        m = medians(results, workload)
+        if "trioanubis-w2" not in m:
+            continue
+        ours = m["trioanubis-w2"]
+        one, t2 = m.get("trioanubis"), m.get("haproxy-t2")
+        lines.append(f"| {workload} | {f'{ours / one:.2f}×' if one else '–'} | "
+                     f"{f'{ours / t2:.2f}×' if t2 else '–'} |")  # fmt: skip
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     with suppress(OSError), open("/proc/cpuinfo") as f:
@@ -531,7 +553,12 @@ def main() -> None:
     parser.add_argument("--uvloop-python", default=sys.executable,
                         help="a python with uvloop installed (default: this one)")
     parser.add_argument("--save", action="store_true", help="write bench/results/<date>.md")
+    parser.add_argument("--pin-load", default="", metavar="CPUS",
+                        help="run wrk under taskset -c CPUS (e.g. 0), to see how much the load "
+                             "generator competes with multi-core contenders")  # fmt: skip
     args = parser.parse_args()
+    if args.pin_load:
+        PIN_LOAD[:] = ["taskset", "-c", args.pin_load]
     if args.quick:
         args.rounds, args.duration = 1, 2.0
     if args.uvloop_python == sys.executable:
@@ -542,7 +569,9 @@ def main() -> None:
     results, skipped = run_all(args)
     report = [f"Machine: {machine()}", "",
               f"{args.rounds} interleaved rounds of {args.duration:g} s runs; median (min–max).", "",
-              table(results), "", ratios(results)]  # fmt: skip
+              table(results), "", ratios(results), "", worker_ratios(results)]  # fmt: skip
+    if args.pin_load:
+        report.insert(2, f"Load generator pinned: taskset -c {args.pin_load}.")
     if skipped:
         report += ["", "Skipped: " + "; ".join(skipped)]
     text = "\n".join(report)

@@ -55,12 +55,18 @@ class AccessLog:
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = worker  # with `workers = N`: which worker process wrote the line
+
     def format(self, record: logging.LogRecord) -> str:
         data: dict[str, object] = {
             "time": round(record.created, 6),
             "level": record.levelname.lower(),
             "logger": record.name,
         }
+        if self.worker is not None:
+            data["worker"] = self.worker
         access = getattr(record, "access", None)
         if isinstance(access, dict):
             data.update(access)
@@ -75,19 +81,21 @@ class JsonFormatter(logging.Formatter):
 _writer: LogWriter | None = None
 
 
-def configure_logging(level: str = "info", log_format: str = "text") -> None:
+def configure_logging(level: str = "info", log_format: str = "text", worker: int | None = None) -> None:
     """Send every log line to stderr at `level`, as text or JSON lines, never blocking the caller.
 
     Called again (once the config says which format), it changes the format of
-    the same writer, so lines already queued keep their order.
+    the same writer, so lines already queued keep their order. A worker
+    process passes its id, which every line then carries.
     """
     global _writer
     if _writer is None:
         _writer = LogWriter(_stderr_fd())
     if log_format == "json":
-        _writer.setFormatter(JsonFormatter())
+        _writer.setFormatter(JsonFormatter(worker))
     else:
-        formatter = logging.Formatter("%(asctime)s.%(msecs)03d %(levelname)-7s %(message)s",
+        tag = "" if worker is None else f"worker {worker}: "
+        formatter = logging.Formatter(f"%(asctime)s.%(msecs)03d %(levelname)-7s {tag}%(message)s",
                                       "%Y-%m-%dT%H:%M:%S")  # fmt: skip
         formatter.converter = time.gmtime
         _writer.setFormatter(formatter)

@@ -48,7 +48,7 @@ import ipaddress
 import json
 import logging
 import traceback
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, final
 from urllib.parse import unquote
@@ -252,14 +252,17 @@ def pick_victim(slots: Iterable[Slot]) -> Slot | None:
 
 
 Incoming = tuple[str, str, list[tuple[bytes, bytes]], bytes]  # method, target, headers, body
+# An API in place of `route` (the workers' supervisor asks its workers): request and token in.
+Router = Callable[[str, str, list[tuple[bytes, bytes]], bytes, str], Awaitable[Reply]]
 
 
 @final
 class Admin:
     """The admin endpoint of one balancer: its slots, its counters and its (reloadable) token."""
 
-    def __init__(self, balancer: Balancer, config: AdminConfig) -> None:
+    def __init__(self, balancer: Balancer, config: AdminConfig, *, router: Router | None = None) -> None:
         self.balancer = balancer
+        self.router = router
         self.config = config
         self.token = config.token
         self.backoff = AcceptBackoff("admin", log)
@@ -351,7 +354,7 @@ class Admin:
                 request = await _read_request(stream, conn, slot, min(deadline, end_of_life))
                 if request is None:
                     return  # closed, or timed out
-                reply = self._answer(request)
+                reply = await self._answer(request)
                 # With no token set nobody is proven: anyone may take anyone's slot.
                 slot.proven = slot.proven or (bool(self.token) and authorised(self.token, request[2]))
                 close = reply.close or trio.current_time() >= end_of_life
@@ -370,9 +373,11 @@ class Admin:
             await _send_error(stream, conn, 500, "internal error")
             raise
 
-    def _answer(self, request: Incoming) -> Reply:
+    async def _answer(self, request: Incoming) -> Reply:
         method, target, headers, body = request
         try:
+            if self.router is not None:
+                return await self.router(method, target, headers, body, self.token)
             return route(self.balancer, method, target, headers, body, self.token)
         except Exception as exc:
             self._internal_error(exc)

@@ -39,7 +39,7 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Final, final
 
@@ -51,7 +51,7 @@ from trioanubis.config import Address, Config, ListenerConfig, PoolConfig, load_
 from trioanubis.discovery import run_discovery, source_of
 from trioanubis.errors import AnubisError, ConfigError
 from trioanubis.health.checker import run_health_checks
-from trioanubis.listener import Limits, Listener
+from trioanubis.listener import Limits, Listener, SocketOpener
 from trioanubis.pool import Pool, Server
 from trioanubis.proxy.io import open_readiness
 from trioanubis.resolve import resolve_address
@@ -66,6 +66,10 @@ log = logging.getLogger("trioanubis")
 RESERVED_FDS: Final = 64
 # How often `--watch` looks at the config file's modification time.
 WATCH_INTERVAL: Final = 1.0
+
+# What keeps a pool's servers' state current: started() once the first
+# verdicts are in. The default probes them; a worker follows its supervisor.
+HealthRunner = Callable[..., Awaitable[None]]
 
 
 def file_signature(path: str) -> tuple[int, int, int] | None:
@@ -95,10 +99,19 @@ class Balancer:
     """The running balancer: its pools, listeners and the scopes that stop them."""
 
     def __init__(
-        self, config: Config, *, config_path: str | None = None, watch: bool = False, io: str = ""
+        self,
+        config: Config,
+        *,
+        config_path: str | None = None,
+        watch: bool = False,
+        io: str = "",
+        open_socket: SocketOpener | None = None,
+        health: HealthRunner = run_health_checks,
     ) -> None:
         self.config = config
         self.io = io  # `--io`: wins over [settings] io for the life of the process
+        self._open_socket = open_socket
+        self._health = health
         self.config_path = config_path
         self.watch = watch
         # What the config file looked like when it was loaded (just before this): --watch compares
@@ -129,7 +142,8 @@ class Balancer:
         self._accepting: trio.Nursery | None = None
 
     def _new_listener(self, config: ListenerConfig) -> Listener:
-        return Listener(config, self.pools[config.pool], self.limits, self.access, self.timer, self.poller)
+        return Listener(config, self.pools[config.pool], self.limits, self.access, self.timer, self.poller,
+                        self._open_socket)  # fmt: skip
 
     @staticmethod
     def _tick(config: Config) -> float:
@@ -221,7 +235,7 @@ class Balancer:
                 async with trio.open_nursery() as nursery:
                     for entry in pool.config.discovery:
                         await nursery.start(run_discovery, pool, entry, nameserver)
-                    await nursery.start(run_health_checks, pool)
+                    await nursery.start(self._health, pool)
                     task_status.started()
 
         await self._root.start(pool_tasks)

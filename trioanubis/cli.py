@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--watch", action="store_true",
                      help="reload when the config file changes (polls its modification time)")
     _add_io(run)
+    run.add_argument("--workers", type=_workers_argument, default=None, metavar="N",
+                     help='worker processes: a number or "auto" (default: [settings] workers)')
 
     reload = command("reload", "make the running balancer re-read its config")
     reload.add_argument("-c", "--config", default=DEFAULT_CONFIG,
@@ -143,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = load_config(_demo_config_path(args.config) if args.command == "demo"
                                  else args.config)  # fmt: skip
         configure_logging(args.log_level, config.settings.log_format)
+        if args.command == "run" and _workers(args, config) > 1:
+            return _run_workers(args, _workers(args, config))
         balancer = Balancer(
             config,
             config_path=None if args.command == "proxy" else str(config.source),
@@ -203,6 +207,35 @@ def _top_admin(args: argparse.Namespace) -> Admin:
     if url is None and (args.config is not None or Path(DEFAULT_CONFIG).exists()):
         url, token = admin_target(load_config(args.config or DEFAULT_CONFIG))
     return Admin(admin_url(url or DEFAULT_ADMIN), token if args.token is None else args.token)
+
+
+def _workers_argument(text: str) -> int:
+    """`--workers`: a count ≥ 1, or "auto" (0)."""
+    if text == "auto":
+        return 0
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f'must be "auto" or a number ≥ 1, got {text!r}')
+    return int(text)
+
+
+def _workers(args: argparse.Namespace, config: Config) -> int:
+    from trioanubis.workers.supervisor import worker_count  # only where workers are asked for
+
+    setting = config.settings.workers if args.workers is None else args.workers
+    return 1 if setting == 1 else worker_count(setting)
+
+
+def _run_workers(args: argparse.Namespace, count: int) -> int:
+    """`workers` > 1: this process becomes the supervisor of `count` worker processes."""
+    from trioanubis.workers.supervisor import Supervisor, read_config, run_supervised
+
+    text, config = read_config(args.config)
+    supervisor = Supervisor(config, text, count=count, log_level=args.log_level, watch=args.watch)
+    log.info("starting anubis %s with %s, %d workers\n%s", __version__, config.source, count,
+             describe(config))  # fmt: skip
+    trio.run(run_supervised, supervisor)
+    log.info("stopped")
+    return 0
 
 
 def _demo_config_path(path: str) -> Path:

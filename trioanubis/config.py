@@ -218,6 +218,7 @@ class Settings:
     resolver: str = ""
     max_connections: int = 0  # 0: derived from the file-descriptor limit
     io: IoName = "auto"  # the readiness backend (trioanubis.proxy.io)
+    workers: int = 1  # processes serving connections; 0: "auto", one per usable core
 
 
 @dataclass(frozen=True, slots=True)
@@ -537,7 +538,8 @@ def parse_config(
 
 def _parse_settings(node: _Node) -> Settings:
     node.check_keys(
-        ("drain_timeout", "log_format", "access_log", "pid_file", "resolver", "max_connections", "io")
+        ("drain_timeout", "log_format", "access_log", "pid_file", "resolver", "max_connections", "io",
+         "workers")
     )
     return Settings(
         drain_timeout=node.duration("drain_timeout", 30.0),
@@ -547,7 +549,22 @@ def _parse_settings(node: _Node) -> Settings:
         resolver=_resolver(node),
         max_connections=node.integer("max_connections", 0),
         io=_io(node),
+        workers=_workers(node),
     )
+
+
+# More worker processes than this is a typo, not a machine.
+MAX_WORKERS = 1024
+
+
+def _workers(node: _Node) -> int:
+    """`workers`: a count from 1 to MAX_WORKERS, or "auto" (stored as 0, resolved at run time)."""
+    if node.data.get("workers") == "auto":
+        return 0
+    if isinstance(node.data.get("workers"), str):
+        value = node.data["workers"]
+        raise node.error(f'must be "auto" or an integer from 1 to {MAX_WORKERS}', value, "workers")
+    return node.integer("workers", 1, minimum=1, maximum=MAX_WORKERS)
 
 
 def _io(node: _Node) -> IoName:

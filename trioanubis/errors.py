@@ -39,3 +39,7 @@ class ProxyHeaderError(AnubisError):
     def __init__(self, message: str, reason: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class ChannelError(AnubisError):
+    """A control-channel message between supervisor and worker was malformed or too long."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Awaitable, Callable
 from typing import Final, final
 
 import trio
@@ -52,6 +53,10 @@ ACCEPT_BACKOFF: Final = 0.1
 ACCEPTS_PER_CHECKPOINT: Final = 64
 # A constant task name: Trio would otherwise format one string per task.
 CONNECTION_TASK_NAME: Final = "trioanubis.connection"
+
+# How a listener gets its listening socket: bind address and backlog in, a
+# non-blocking listening socket out (workers share one bound by the supervisor).
+SocketOpener = Callable[[Address, int], Awaitable[socket.socket]]
 
 
 @final
@@ -122,8 +127,10 @@ class Listener:
         access: AccessLog,
         timer: Timer,
         poller: Readiness,
+        open_socket: SocketOpener | None = None,
     ) -> None:
         self.config = config
+        self.open_socket: SocketOpener = open_socket or open_listen_socket
         self.name = config.name
         self.pool = pool
         self.admission = Admission(config.name, config)
@@ -151,7 +158,7 @@ class Listener:
         """Bind, report the bound address, and accept into `connections` until cancelled."""
         self.connections = connections
         with self.scope:
-            sock = await open_listen_socket(self.config.bind, self.config.backlog or somaxconn())
+            sock = await self.open_socket(self.config.bind, self.config.backlog or somaxconn())
             try:
                 host, port = sock.getsockname()[:2]
                 self.bound = Address(host, port)
@@ -233,11 +240,14 @@ class Listener:
         self.access.log(record)
 
 
-async def open_listen_socket(bind: Address, backlog: int) -> socket.socket:
+async def open_listen_socket(
+    bind: Address, backlog: int, *, reuse_port: bool = False, listen: bool = True
+) -> socket.socket:
     """A non-blocking listening socket; "" as host means every IPv4 interface.
 
     A host name is resolved without blocking the event loop; failures become
-    AnubisError naming the address.
+    AnubisError naming the address. `reuse_port` sets SO_REUSEPORT (only ask
+    where it exists); `listen=False` only binds, to hold the address.
     """
     host = bind.host or "0.0.0.0"
     try:
@@ -248,8 +258,11 @@ async def open_listen_socket(bind: Address, backlog: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(sockaddr)
-        sock.listen(backlog)
+        if listen:
+            sock.listen(backlog)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()

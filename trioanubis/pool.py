@@ -175,6 +175,8 @@ class Pool:
         self._spill = 0.0
         self.held = HoldQueue()  # clients waiting for a server (queue_timeout)
         self.version = 0  # counts changed(): a held client sleeps only if nothing changed since it tried
+        # Told about each passive ejection (a worker passes it to its supervisor).
+        self.on_eject: Callable[[Server, str], None] | None = None
         self._group()
 
     @property
@@ -313,6 +315,8 @@ class Pool:
         if limit and server.consecutive_failures >= limit and server.healthy:
             self.mark_down(server, f"ejected after {server.consecutive_failures} failed connects "
                                    f"({reason})")  # fmt: skip
+            if self.on_eject is not None:
+                self.on_eject(server, reason)
 
     def record_time(self, server: Server, seconds: float) -> None:
         """Fold one latency sample into the server's moving average (least_time)."""

@@ -1,0 +1,260 @@
+"""One worker slot: a worker process, restarted when it dies, and the conversation with it.
+
+Theory of operation: `WorkerSlot.run` keeps one worker process alive until
+the supervisor stops. Each process gets a fresh socketpair as its control
+channel; the slot sends it the config and the current state, then reads what
+it says (ready, applied, answers, ejections) until it exits. An exit while
+the supervisor is not stopping is logged with its status and followed by a
+restart after a backoff (`RESTART_MIN` doubling to `RESTART_MAX`, back to
+`RESTART_MIN` after a worker ran `RESTART_STABLE` seconds). Questions to the
+worker (`request`) carry an id and wait at most `ASK_TIMEOUT`; a worker that
+exits answers every pending question with None.
+
+The process is started from the main thread with `subprocess.Popen`, not
+from a helper thread: PR_SET_PDEATHSIG fires when the *thread* that forked
+the child ends, and Trio's worker threads end when idle. Its exit is awaited
+through a pidfd where the platform has one, else in a Trio worker thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from typing import Any, Final, Protocol, final
+
+import trio
+
+from trioanubis.config import Config
+from trioanubis.errors import AnubisError, ChannelError
+from trioanubis.workers.channel import Channel, Message
+from trioanubis.workers.sockets import Holds
+
+log = logging.getLogger("trioanubis.supervisor")
+
+# How long an admin request waits for every worker's answer or acknowledgement.
+ASK_TIMEOUT: Final = 5.0
+# After drain_timeout, how long a stopping worker gets before it is killed.
+STOP_GRACE: Final = 5.0
+# Restart backoff of a worker that exited on its own: from MIN doubling to MAX;
+# a worker that ran STABLE seconds starts again from MIN.
+RESTART_MIN: Final = 0.5
+RESTART_MAX: Final = 30.0
+RESTART_STABLE: Final = 60.0
+
+
+class Owner(Protocol):
+    """What a slot needs from its supervisor."""
+
+    config: Config
+    holds: Holds
+    stopping: bool
+    stop_requested: trio.Event
+
+    def config_message(self) -> Message: ...
+
+    def state_message(self) -> Message: ...
+
+    def ejected(self, worker_id: int, message: Message) -> None: ...
+
+
+@final
+class WorkerSlot:
+    """Worker number `id`: the process currently in it, its channel and its answers."""
+
+    def __init__(self, supervisor: Owner, worker_id: int) -> None:
+        self.supervisor = supervisor
+        self.id = worker_id
+        self.process: subprocess.Popen[bytes] | None = None
+        self.channel: Channel | None = None
+        self.serving = False  # the current process said "ready"
+        self.ready = trio.Event()  # set once, at the first "ready"
+        self.restarts = 0
+        self.applied = 0  # highest state seq it acknowledged
+        self._next_id = 0
+        self._waiting: dict[int, tuple[trio.Event, list[Any]]] = {}
+        self._acks = trio.lowlevel.ParkingLot()
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
+
+    async def run(self) -> None:
+        """Keep a worker process in this slot until the supervisor stops."""
+        backoff = RESTART_MIN
+        try:
+            await self._keep_running(backoff)
+        finally:
+            if self.supervisor.stopping:
+                self.ready.set()  # never leave the supervisor waiting for a slot that stopped
+
+    async def _keep_running(self, backoff: float) -> None:
+        while not self.supervisor.stopping:
+            started = trio.current_time()
+            status = await self._run_once()
+            if self.supervisor.stopping:
+                log.info("worker %d exited (%s)", self.id, describe_status(status))
+                return
+            if not self.ready.is_set():  # it never served: starting again would fail the same way
+                raise AnubisError(f"worker {self.id} exited ({describe_status(status)}) before it "
+                                  "served; its log lines above say why")  # fmt: skip
+            if trio.current_time() - started >= RESTART_STABLE:
+                backoff = RESTART_MIN
+            log.error(
+                "worker %d exited (%s); starting it again in %gs", self.id, describe_status(status), backoff
+            )
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, RESTART_MAX)
+            self.restarts += 1
+
+    async def _run_once(self) -> int:
+        mine, theirs = socket.socketpair()
+        try:
+            process = self._spawn(theirs.fileno())
+        finally:
+            theirs.close()
+        self.process = process
+        self.channel = Channel(trio.SocketStream(trio.socket.from_stdlib_socket(mine)))
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read)
+                await self._send(self.supervisor.config_message())
+                await self._send(self.supervisor.state_message())
+                nursery.start_soon(self._stop_on_time)
+                status = await wait_for_exit(process)
+                nursery.cancel_scope.cancel()
+                return status
+        finally:
+            self.serving = False
+            with trio.CancelScope(shield=True):
+                await self.channel.aclose()
+            if process.poll() is None:  # cancelled: take the worker down with us
+                process.kill()
+                process.wait()
+            self._fail_waiting()
+
+    def _spawn(self, control_fd: int) -> subprocess.Popen[bytes]:
+        """Start the worker from this (the main) thread: PR_SET_PDEATHSIG follows the thread that forked."""
+        command = [sys.executable, "-m", "trioanubis.workers.worker", "--control-fd", str(control_fd),
+                   "--worker-id", str(self.id), "--parent-pid", str(os.getpid())]  # fmt: skip
+        fds = (control_fd, *self.supervisor.holds.inherited().values())
+        process = subprocess.Popen(command, pass_fds=fds, stdin=subprocess.DEVNULL)
+        log.info("worker %d started (pid %d)", self.id, process.pid)
+        return process
+
+    async def _stop_on_time(self) -> None:
+        """Once stopping, kill the worker if it outlives drain_timeout + STOP_GRACE."""
+        await self.supervisor.stop_requested.wait()
+        await trio.sleep(self.supervisor.config.settings.drain_timeout + STOP_GRACE)
+        if self.process is not None and self.process.poll() is None:
+            log.error("worker %d did not stop in time: killing it", self.id)
+            self.process.kill()
+
+    async def _send(self, message: Message) -> bool:
+        channel = self.channel
+        if channel is None:
+            return False
+        try:
+            await channel.send(message)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        return True
+
+    async def _read(self) -> None:
+        assert self.channel is not None
+        while True:
+            try:
+                message = await self.channel.receive()
+            except ChannelError as exc:
+                log.error("worker %d: control channel: %s; ignored", self.id, exc)
+                continue
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if message is None:
+                return
+            try:
+                self._dispatch(message)
+            except (KeyError, TypeError, ValueError) as exc:
+                log.error("worker %d: malformed %r message (%s); ignored", self.id, message.get("t"), exc)
+
+    def _dispatch(self, message: Message) -> None:
+        kind = message["t"]
+        if kind == "ready":
+            self.serving = True
+            self.ready.set()
+        elif kind == "applied":
+            self.applied = max(self.applied, int(message["seq"]))
+            self._acks.unpark_all()
+        elif kind in ("answer", "reloaded"):
+            waiting = self._waiting.pop(int(message["id"]), None)
+            if waiting is not None:
+                waiting[1].append(message.get("value", message))
+                waiting[0].set()
+        elif kind == "eject":
+            self.supervisor.ejected(self.id, message)
+        else:
+            raise ValueError(f"unknown message type {kind!r}")
+
+    def _fail_waiting(self) -> None:
+        for event, _ in self._waiting.values():
+            event.set()
+        self._waiting.clear()
+        self._acks.unpark_all()
+
+    async def request(self, message: Message, timeout: float = ASK_TIMEOUT) -> Any:
+        """Send `message` with a fresh id; its answer, or None (no answer in time, worker gone)."""
+        self._next_id += 1
+        event, box = trio.Event(), list[Any]()
+        self._waiting[self._next_id] = (event, box)
+        if not await self._send({**message, "id": self._next_id}):
+            self._waiting.pop(self._next_id, None)
+            return None
+        with trio.move_on_after(timeout):
+            await event.wait()
+        self._waiting.pop(self._next_id, None)
+        return box[0] if box else None
+
+    async def wait_applied(self, seq: int) -> bool:
+        """True once this worker acknowledged state `seq` (or it is not serving: it gets it at start)."""
+        with trio.move_on_after(ASK_TIMEOUT):
+            while self.serving and self.applied < seq:
+                await self._acks.park()
+            return True
+        return False
+
+    async def send(self, message: Message) -> None:
+        with trio.move_on_after(ASK_TIMEOUT):
+            await self._send(message)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+
+
+def describe_status(status: int) -> str:
+    if status < 0:
+        try:
+            return f"killed by {signal.Signals(-status).name}"
+        except ValueError:
+            return f"killed by signal {-status}"
+    return f"exit status {status}"
+
+
+async def wait_for_exit(process: subprocess.Popen[bytes]) -> int:
+    """Wait for `process` without blocking the loop: a pidfd where there is one, else a thread."""
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is not None:
+        try:
+            fd = pidfd_open(process.pid)
+        except OSError:
+            fd = -1
+        if fd >= 0:
+            try:
+                await trio.lowlevel.wait_readable(fd)
+            finally:
+                os.close(fd)
+            return process.wait()
+    return await trio.to_thread.run_sync(process.wait, abandon_on_cancel=True)

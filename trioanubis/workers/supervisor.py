@@ -1,0 +1,383 @@
+"""The supervisor: with `workers = N` (N > 1), the process that starts and owns the workers.
+
+Theory of operation — the tree `Supervisor.run` builds:
+
+    root nursery
+    ├── view: a Balancer with the config's pools and no listeners  app.py
+    │   ├── admin endpoint (its router asks the workers)
+    │   └── discovery and health checks: the one health view
+    ├── pusher: the view's state to every worker, on change and each second
+    ├── reloader: SIGHUP / `anubis reload` / --watch, one at a time
+    └── workers nursery: one task per worker slot             slot.py
+        └── spawn → feed config and state → wait for exit → log → back off → respawn
+
+Start-up binds every listener (sockets.py) before anything else, so a port
+in use is reported once, by the supervisor; then the view runs its first
+health round; then the workers start, and `task_status.started()` reports the
+concrete addresses once every worker is serving.
+
+One health view: only the supervisor probes servers. Each worker gets the
+view as `state` snapshots (merge.py) and runs no checks of its own, so a
+backend sees one probe stream however many workers there are; slow-start
+weights ramp in the view and reach every worker the same. A passive ejection
+a worker sees comes up as `eject`, is applied to the view, and so goes down to
+every worker with the next snapshot.
+
+The admin endpoint lives here. `/stats` and `/metrics` ask every worker at
+request time (nothing is sent while nobody looks, and the answer is as fresh
+as the request) and add their counters up; `/readyz` is ready when the view
+and every worker are. drain / enable / weight change the view, push a
+snapshot and answer 200 only once every running worker acknowledged it.
+
+Stop (SIGTERM/SIGINT): every worker is told to stop and drains within
+`drain_timeout`; a worker still running `STOP_GRACE` after that is killed;
+the supervisor returns when the last one has exited. A second signal tells
+the workers to cut their connections at once. Reload: the supervisor reads
+and validates the file once; an invalid file, or a listener that cannot be
+bound, is rejected here and every worker keeps its config; a valid one is
+sent, as the same text, to every worker. A worker that exits on its own is
+logged with its status and started again after a backoff (0.5 s doubling to
+30 s, back to 0.5 s once a worker has run for a minute); the others and
+their connections are not touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final, final
+
+import trio
+
+from trioanubis.admin import (
+    OPEN_PATHS,
+    PROMETHEUS_TYPE,
+    UNAUTHORISED,
+    Reply,
+    authorised,
+    error_reply,
+    json_reply,
+    route,
+)
+from trioanubis.app import Balancer
+from trioanubis.config import Address, Config, parse_config_text
+from trioanubis.errors import AnubisError, ConfigError
+from trioanubis.metrics import prometheus, stats
+from trioanubis.pool import Pool
+from trioanubis.workers.channel import Message
+from trioanubis.workers.merge import snapshot, sum_metrics, sum_stats
+from trioanubis.workers.slot import ASK_TIMEOUT, WorkerSlot
+from trioanubis.workers.sockets import Holds, reuse_port_balances
+
+log = logging.getLogger("trioanubis.supervisor")
+
+# How often the view is pushed even when nothing changed: a worker whose own
+# discovery found a server first gets its state within this.
+PUSH_INTERVAL: Final = 1.0
+# How often --watch looks at the config file's modification time (as app.py).
+WATCH_INTERVAL: Final = 1.0
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the platform says)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def worker_count(setting: int) -> int:
+    """`workers` as configured (0 is "auto") → a number of processes."""
+    return usable_cores() if setting == 0 else setting
+
+
+def read_config(path: str) -> tuple[str, Config]:
+    """The config file's text and what it says; ConfigError naming the file otherwise."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8", errors="replace")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
+    return text, parse_config_text(text, path)
+
+
+def view_config(config: Config) -> Config:
+    """The supervisor's own Balancer: the pools, the admin, the pid file; no listeners."""
+    return dataclasses.replace(config, listeners={})
+
+
+@final
+class Supervisor:
+    """N worker processes behind one set of listeners, one health view and one admin endpoint."""
+
+    def __init__(self, config: Config, text: str, *, count: int, log_level: str = "info",
+                 watch: bool = False) -> None:  # fmt: skip
+        self.config = config
+        self.text = text
+        self.log_level = log_level
+        self.watch = watch
+        self.holds = Holds(reuse_port_balances())
+        self.view = Balancer(view_config(config))
+        if self.view.admin is not None:
+            self.view.admin.router = self.route
+        self.slots = [WorkerSlot(self, k) for k in range(1, count + 1)]
+        self.stopping = False
+        self.stop_requested = trio.Event()
+        self.reloads = 0
+        self.reload_failures = 0
+        self._seq = 0
+        self._root: trio.Nursery | None = None
+        self._reload_requests, self._reload_queue = trio.open_memory_channel[str](1)
+
+    @property
+    def path(self) -> str:
+        return str(self.config.source)
+
+    # ------------------------------------------------------------------ run
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[Mapping[str, Address]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Bind, check, start the workers; started() with the listeners' addresses once all serve."""
+        self.holds.commit(await self.holds.prepare(self.config.listeners), self.config)
+        try:
+            async with trio.open_nursery() as root:
+                self._root = root
+                await root.start(self.view.run)
+                root.start_soon(self._push_loop)
+                root.start_soon(self._reload_loop)
+                if self.watch:
+                    root.start_soon(self._watch_config)
+                async with trio.open_nursery() as workers:
+                    for slot in self.slots:
+                        workers.start_soon(slot.run)
+                    for slot in self.slots:
+                        await slot.ready.wait()
+                    binds = self.holds.concrete_binds(self.config)
+                    log.info("%d workers serving (listeners shared with %s)", len(self.slots),
+                             "SO_REUSEPORT" if self.holds.reuse_port else "inherited sockets")  # fmt: skip
+                    task_status.started({n: _address(b) for n, b in binds.items()})
+                self.view.shutdown()
+                await self.view.stopped.wait()
+                root.cancel_scope.cancel()
+        finally:
+            self.holds.close()
+
+    def stop(self) -> None:
+        """Tell every worker to drain; a second call tells them to cut their connections now."""
+        now = self.stopping
+        if now:
+            log.warning("second stop request: workers reset every connection now")
+        self.stopping = True
+        self.stop_requested.set()
+        for slot in self.slots:
+            if slot.channel is not None and self._root is not None:
+                self._root.start_soon(slot.send, {"t": "stop", "now": now})
+
+    # ----------------------------------------------------------- health view
+
+    def config_message(self) -> Message:
+        return {"t": "config", "text": self.text, "source": self.path,
+                "binds": self.holds.concrete_binds(self.config), "inherited": self.holds.inherited(),
+                "log_level": self.log_level}  # fmt: skip
+
+    def state_message(self) -> Message:
+        return snapshot(self.view.pools, self._seq)
+
+    async def push(self) -> int:
+        """Send the view to every worker; returns the snapshot's seq."""
+        self._seq += 1
+        message = self.state_message()
+        async with trio.open_nursery() as nursery:
+            for slot in self.slots:
+                if slot.channel is not None:
+                    nursery.start_soon(slot.send, message)
+        return self._seq
+
+    async def _push_loop(self) -> None:
+        while True:
+            with trio.move_on_after(PUSH_INTERVAL):
+                await self._any_pool_changed()
+            await self.push()
+
+    async def _any_pool_changed(self) -> None:
+        async with trio.open_nursery() as nursery:
+            for pool in self.view.pools.values():
+                nursery.start_soon(_cancel_when_changed, pool, nursery.cancel_scope)
+
+    def ejected(self, worker_id: int, message: Message) -> None:
+        """A worker ejected a server: take it out of the view, hence out of every worker."""
+        pool = self.view.pools.get(str(message["pool"]))
+        server = None if pool is None else pool.find(str(message["server"]))
+        if pool is None or server is None or str(server.address) != str(message["address"]):
+            return
+        pool.mark_down(server, f"ejected by worker {worker_id}: {message.get('reason', '')}")
+
+    # ----------------------------------------------------------------- admin
+
+    async def route(self, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes,
+                    token: str) -> Reply:  # fmt: skip
+        """The admin API across the workers; everything else is `admin.route` on the view."""
+        path = target.split("?", 1)[0]
+        if path not in OPEN_PATHS and not authorised(token, headers):
+            return UNAUTHORISED
+        if method in ("GET", "HEAD") and path == "/stats":
+            return json_reply(200, await self.stats())
+        if method in ("GET", "HEAD") and path == "/metrics":
+            return Reply(200, PROMETHEUS_TYPE, (await self.metrics()).encode())
+        if method in ("GET", "HEAD") and path == "/readyz":
+            ready = await self.ready()
+            return Reply(200 if ready else 503, "text/plain", b"ready\n" if ready else b"not ready\n")
+        reply = route(self.view, method, target, headers, body, token)
+        if method == "POST" and reply.status == 200:
+            return await self._confirm(reply)
+        return reply
+
+    async def _confirm(self, reply: Reply) -> Reply:
+        seq = await self.push()
+        late = []
+        for slot in self.slots:
+            if not await slot.wait_applied(seq):
+                late.append(str(slot.id))
+        if late:
+            return error_reply(503, f"applied here, not confirmed by worker {', '.join(late)} in "
+                                    f"{ASK_TIMEOUT:g}s")  # fmt: skip
+        return reply
+
+    async def ask_all(self, what: str) -> list[tuple[WorkerSlot, Any]]:
+        answers: list[tuple[WorkerSlot, Any]] = []
+
+        async def ask(slot: WorkerSlot) -> None:
+            answers.append((slot, await slot.request({"t": "ask", "what": what}) if slot.serving else None))
+
+        async with trio.open_nursery() as nursery:
+            for slot in self.slots:
+                nursery.start_soon(ask, slot)
+        return sorted(answers, key=lambda a: a[0].id)
+
+    async def ready(self) -> bool:
+        if not self.view.is_ready() or self.stopping:
+            return False
+        return all(answer is True for _, answer in await self.ask_all("ready"))
+
+    async def stats(self) -> dict[str, Any]:
+        answers = await self.ask_all("stats")
+        docs = [(slot.id, doc) for slot, doc in answers if isinstance(doc, dict)]
+        out = sum_stats(stats(self.view), docs)
+        out["ready"] = out["ready"] and len(docs) == len(self.slots) and not self.stopping
+        out["draining"] = self.stopping
+        out["reloads"] = self.reloads
+        out["workers"] = [self._worker_row(slot, doc if isinstance(doc, dict) else None)
+                          for slot, doc in answers]  # fmt: skip
+        return out
+
+    @staticmethod
+    def _worker_row(slot: WorkerSlot, doc: dict[str, Any] | None) -> dict[str, Any]:
+        row: dict[str, Any] = {"id": slot.id, "pid": slot.pid, "serving": slot.serving,
+                               "restarts": slot.restarts, "answered": doc is not None}  # fmt: skip
+        if doc is not None:
+            row["active"] = doc.get("active", 0)
+            row["accepted"] = sum(int(x.get("accepted", 0)) for x in doc.get("listeners", []))
+        return row
+
+    async def metrics(self) -> str:
+        answers = await self.ask_all("metrics")
+        texts = [prometheus(self.view), *(text for _, text in answers if isinstance(text, str))]
+        lines = ["# HELP anubis_worker_up 1 if a worker process answered, else 0.",
+                 "# TYPE anubis_worker_up gauge"]  # fmt: skip
+        lines += [f'anubis_worker_up{{worker="{s.id}"}} {int(isinstance(t, str))}' for s, t in answers]
+        lines += ["# HELP anubis_worker_restarts_total Times a worker process was started again.",
+                  "# TYPE anubis_worker_restarts_total counter"]  # fmt: skip
+        lines += [f'anubis_worker_restarts_total{{worker="{s.id}"}} {s.restarts}' for s, _ in answers]
+        return sum_metrics(texts) + "\n".join(lines) + "\n"
+
+    # ---------------------------------------------------------------- reload
+
+    def request_reload(self, reason: str) -> None:
+        with contextlib.suppress(trio.WouldBlock):
+            self._reload_requests.send_nowait(reason)
+
+    async def _reload_loop(self) -> None:
+        async for reason in self._reload_queue:
+            await self.reload(reason)
+
+    async def reload(self, reason: str) -> bool:
+        """Validate the file once; if it is good, apply it to the view and to every worker."""
+        log.info("reloading %s (%s)", self.path, reason)
+        try:
+            text, config = await trio.to_thread.run_sync(read_config, self.path)
+            new = await self.holds.prepare(config.listeners)
+        except AnubisError as exc:
+            self.reload_failures += 1
+            log.error("reload rejected, every worker keeps the running config: %s", exc)
+            return False
+        if worker_count(config.settings.workers) != len(self.slots):
+            log.warning("reload: settings.workers takes effect at the next restart; still %d workers",
+                        len(self.slots))  # fmt: skip
+        self.holds.commit(new, config)
+        self.config, self.text = config, text  # a worker starting from now on gets this one
+        await self.view.apply_config(view_config(config))
+        message = self.config_message()
+        results: list[Any] = []
+
+        async def send(slot: WorkerSlot) -> None:
+            results.append(await slot.request(message) if slot.serving else {"ok": True})
+
+        async with trio.open_nursery() as nursery:
+            for slot in self.slots:
+                nursery.start_soon(send, slot)
+        await self.push()
+        applied = sum(1 for r in results if isinstance(r, dict) and r.get("ok"))
+        self.reloads += 1
+        log.info("reload applied in %d of %d workers", applied, len(self.slots))
+        return applied == len(self.slots)
+
+    async def _watch_config(self) -> None:
+        def mtime() -> float:
+            try:
+                return os.stat(self.path).st_mtime
+            except OSError:
+                return 0.0
+
+        last = mtime()
+        while True:
+            await trio.sleep(WATCH_INTERVAL)
+            now = mtime()
+            if now != last:
+                last = now
+                self.request_reload("the file changed")
+
+
+async def _cancel_when_changed(pool: Pool, scope: trio.CancelScope) -> None:
+    await pool.wait_changed()
+    scope.cancel()
+
+
+def _address(text: str) -> Address:
+    host, _, port = text.rpartition(":")
+    return Address(host.strip("[]"), int(port))
+
+
+async def run_supervised(
+    supervisor: Supervisor,
+    *,
+    task_status: trio.TaskStatus[Mapping[str, Address]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run `supervisor`: SIGTERM/SIGINT stop the workers (a second: at once), SIGHUP reloads them."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        supervisor.request_reload("SIGHUP")
+                        continue
+                    log.info("received %s", signal.Signals(signum).name)
+                    supervisor.stop()
+
+            nursery.start_soon(watch)
+            await supervisor.run(task_status=task_status)
+            nursery.cancel_scope.cancel()
