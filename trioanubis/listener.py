@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Final, final
 
 import trio
@@ -42,7 +43,9 @@ from trioanubis.connection import (
 from trioanubis.errors import AnubisError
 from trioanubis.poller import Poller
 from trioanubis.pool import Pool
+from trioanubis.sni_routes import RouteTable
 from trioanubis.timeouts import Timer
+from trioanubis.tls_listener import COUNTS, serve_tls_client
 
 log = logging.getLogger("trioanubis.listener")
 
@@ -55,6 +58,9 @@ ACCEPT_BACKOFF: Final = 0.1
 ACCEPTS_PER_CHECKPOINT: Final = 64
 # A constant task name: Trio would otherwise format one string per task.
 CONNECTION_TASK_NAME: Final = "trioanubis.connection"
+
+# A connection's first task: (client socket, client address, listener[, local address from a PROXY header]).
+Handler = Callable[..., Awaitable[None]]
 
 
 @final
@@ -120,7 +126,7 @@ class Listener:
     def __init__(
         self,
         config: ListenerConfig,
-        pool: Pool,
+        pools: Mapping[str, Pool],
         limits: Limits,
         access: AccessLog,
         timer: Timer,
@@ -128,10 +134,13 @@ class Listener:
     ) -> None:
         self.config = config
         self.name = config.name
-        self.pool = pool
+        self.pools = pools  # the balancer's, live: routes name them
+        self.pool: Pool | None = pools.get(config.pool)  # None only with routes and no fallback
+        self.routes = RouteTable(config.routes)
+        self.tls_counts = dict.fromkeys(COUNTS, 0)
         self.admission = Admission(config.name, config)
         self.screening = config.screens_clients
-        self._handler = serve_proxied if config.accept_proxy else handle_connection
+        self._handler = _handler_for(config)
         self.limits = limits
         self.access = access
         self.timer = timer
@@ -159,7 +168,7 @@ class Listener:
                 host, port = sock.getsockname()[:2]
                 self.bound = Address(host, port)
                 log.info("listener %s: listening on %s (pool %s)", self.name, self.bound,
-                         self.pool.name)  # fmt: skip
+                         self.config.pool or "-")  # fmt: skip
                 task_status.started(self.bound)
                 await self._accept_loop(sock, connections)
             finally:
@@ -208,13 +217,19 @@ class Listener:
             return True
         return bool(limits.max_connections and limits.active >= limits.max_connections)
 
-    def reconfigure(self, config: ListenerConfig, pool: Pool) -> None:
-        """A reload changed this listener's options or pool (its bind stays)."""
+    def reconfigure(self, config: ListenerConfig) -> None:
+        """A reload changed this listener's options, pool or routes (its bind stays)."""
         self.config = config
-        self.pool = pool
+        self.pool = self.pools.get(config.pool)
+        self.routes = RouteTable(config.routes)
         self.admission.configure(config)
         self.screening = config.screens_clients
-        self._handler = serve_proxied if config.accept_proxy else handle_connection
+        self._handler = _handler_for(config)
+
+    @property
+    def serve_admitted(self) -> Handler:
+        """What continues a connection admission.py admitted after its PROXY header."""
+        return serve_tls_client if self.config.routes or self.config.tls else handle_connection
 
     def closed_before_relay(self) -> None:
         """Account for an accepted connection that admission refused (admission.py calls this)."""
@@ -234,6 +249,15 @@ class Listener:
         record.ended = self.poller.now()
         pool.durations.observe(record.ended - record.started)
         self.access.log(record)
+
+
+def _handler_for(config: ListenerConfig) -> Handler:
+    """A connection's first task: the PROXY header first, the TLS opening first, or straight to connect."""
+    if config.accept_proxy:
+        return serve_proxied
+    if config.routes or config.tls:
+        return serve_tls_client
+    return handle_connection
 
 
 async def open_listen_socket(bind: Address, backlog: int) -> socket.socket:

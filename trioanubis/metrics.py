@@ -60,13 +60,14 @@ def stats(balancer: Balancer) -> dict[str, Any]:
             {
                 "name": listener.name,
                 "bind": str(listener.bound or listener.config.bind),
-                "pool": listener.pool.name,
+                "pool": listener.config.pool,
                 "accepted": listener.accepted,
                 "active": listener.active,
                 "rejected": listener.rejected,
                 "accept_overloads": listener.overloads,
                 "internal_errors": listener.internal_errors,
                 **listener.admission.stats(),
+                **({"tls": dict(listener.tls_counts)} if listener.routes or listener.config.tls else {}),
             }
             for listener in balancer.listeners.values()
         ],

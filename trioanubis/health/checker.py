@@ -88,7 +88,7 @@ async def _probe_forever(pool: Pool, server: Server, first: trio.Event) -> None:
             if not server.sockaddrs:
                 await _resolve(server)
             try:
-                ok, reason = await probe(server, config, health_proxy_header(pool, server))
+                ok, reason = await probe(server, config, health_proxy_header(pool, server), pool.config.tls)
             except OutOfResources as exc:
                 short = _skipped(pool, server, exc, short)
                 first.set()

@@ -21,10 +21,11 @@ from typing import Final
 import h11
 import trio
 
-from trioanubis.config import HealthConfig
+from trioanubis.config import HealthConfig, TlsClient
 from trioanubis.connection import LOCAL_SHORTAGE_ERRNOS, close_socket, open_server_socket
 from trioanubis.errors import ConnectFailed, OutOfResources
 from trioanubis.pool import Server
+from trioanubis.tls_stream import TlsError, TlsStream
 
 # The most of a health response body we read: enough for any status page
 # that says "up", small enough that a misbehaving server cannot bloat us.
@@ -34,9 +35,13 @@ MAX_HEADERS: Final = 16384
 Result = tuple[bool, str]
 
 
-async def probe(server: Server, config: HealthConfig, proxy_header: bytes = b"") -> Result:
+async def probe(
+    server: Server, config: HealthConfig, proxy_header: bytes = b"", tls: TlsClient | None = None
+) -> Result:
     """Run one check of `config.check` kind against `server`, after `proxy_header` if given.
 
+    With `tls` (the pool originates TLS) the check includes the handshake, so a
+    certificate that does not verify fails it, and an http check runs over it.
     Raises OutOfResources on a local shortage."""
     with trio.move_on_after(config.timeout):
         try:
@@ -46,14 +51,21 @@ async def probe(server: Server, config: HealthConfig, proxy_header: bytes = b"")
         except ConnectFailed as exc:
             return False, exc.reason
         try:
-            if config.check == "tcp" and not proxy_header:
+            if config.check == "tcp" and not proxy_header and tls is None:
                 return True, "connected"
-            stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+            stream: trio.abc.Stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
             if proxy_header:
                 try:
                     await stream.send_all(proxy_header)
                 except (OSError, trio.BrokenResourceError):
                     return False, "reset"
+            if tls is not None:
+                stream = TlsStream(stream, tls.context, server_side=False,
+                                   server_hostname=tls.sni or server.address.host)  # fmt: skip
+                try:
+                    await stream.do_handshake()
+                except TlsError as exc:
+                    return False, exc.reason
             if config.check == "tcp":
                 return True, "connected"
             return await _http_check(stream, server, config)
@@ -62,7 +74,7 @@ async def probe(server: Server, config: HealthConfig, proxy_header: bytes = b"")
     return False, "timeout"
 
 
-async def _http_check(stream: trio.SocketStream, server: Server, config: HealthConfig) -> Result:
+async def _http_check(stream: trio.abc.Stream, server: Server, config: HealthConfig) -> Result:
     conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADERS)
     host = config.host or str(server.address)
     request = h11.Request(
@@ -87,14 +99,14 @@ async def _http_check(stream: trio.SocketStream, server: Server, config: HealthC
     return True, f"status {status}"
 
 
-async def _read_response(stream: trio.SocketStream, conn: h11.Connection) -> tuple[int, bytes]:
+async def _read_response(stream: trio.abc.Stream, conn: h11.Connection) -> tuple[int, bytes]:
     status = 0
     body = bytearray()
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
             data = await stream.receive_some(MAX_HEADERS)
-            conn.receive_data(data)
+            conn.receive_data(bytes(data))
             continue
         if isinstance(event, h11.Response):
             status = event.status_code

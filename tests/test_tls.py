@@ -1,0 +1,247 @@
+"""SNI routing, TLS termination and origination, through a real balancer on loopback."""
+
+from __future__ import annotations
+
+import random
+import ssl
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from tests.conftest import (
+    EVENTUALLY,
+    Backend,
+    closed_without_answer,
+    connect,
+    echo_handler,
+    receive_all,
+    request,
+    running_balancer,
+    start_backend,
+    wait_until,
+)
+from tests.test_tls_hello import real_hello
+from tests.tlscerts import Authority, Pair
+from trioanubis.config import Address, parse_config
+from trioanubis.errors import ConfigError
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> Authority:
+    return Authority(tmp_path)
+
+
+def server_context(pair: Pair) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(pair.cert, pair.key)
+    return context
+
+
+def tls_backend(pair: Pair, name: str) -> Callable[[trio.SocketStream], Awaitable[None]]:
+    """A TLS server that says its name, then echoes until EOF (close_notify), then closes cleanly."""
+    context = server_context(pair)
+
+    async def handler(stream: trio.SocketStream) -> None:
+        tls = trio.SSLStream(stream, context, server_side=True, https_compatible=True)
+        try:
+            await tls.send_all(f"{name}\n".encode())
+            while data := await tls.receive_some(65536):
+                await tls.send_all(data)
+            await tls.aclose()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await trio.aclose_forcefully(tls)
+
+    return handler
+
+
+async def tls_client(address: Address, ca: Authority, name: str | None) -> trio.SSLStream[trio.SocketStream]:
+    context = ssl.create_default_context(cafile=ca.pair.cert)
+    stream = trio.SSLStream(await connect(address), context, server_hostname=name, https_compatible=True)
+    await stream.do_handshake()
+    return stream
+
+
+async def first_line(stream: trio.abc.ReceiveStream) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = await stream.receive_some(100)
+        assert chunk, data
+        data += chunk
+    return data
+
+
+def sni_config(pools: dict[str, list[str]], routes: list[dict[str, str]], **listener: Any) -> dict[str, Any]:
+    return {
+        "listeners": {"tls": {"bind": "127.0.0.1:0", "routes": routes, **listener}},
+        "pools": {name: {"servers": servers, "health": {"check": "none"}} for name, servers in pools.items()},
+    }
+
+
+async def test_sni_routes_each_name_to_its_backend_end_to_end(nursery: trio.Nursery, ca: Authority) -> None:
+    api = await start_backend(nursery, tls_backend(ca.issue("api.example.com"), "api"))
+    web = await start_backend(nursery, tls_backend(ca.issue("*.example.com"), "web"))
+    plain = await start_backend(nursery, echo_handler)
+    routes = [{"sni": "API.example.com", "pool": "api"}, {"sni": "*.example.com", "pool": "web"}]
+    data = sni_config({"api": [api.address], "web": [web.address], "plain": [plain.address]}, routes,
+                      pool="plain")  # fmt: skip
+    async with running_balancer(data) as (balancer, address):
+        for name, expected in (("api.example.com", b"api\n"), ("www.example.com", b"web\n")):
+            stream = await tls_client(address, ca, name)  # verifies the backend's own certificate
+            assert await first_line(stream) == expected
+            await stream.send_all(b"x" * 100_000)
+            echoed = b""
+            while len(echoed) < 100_000:
+                echoed += await stream.receive_some(65536)
+            assert echoed == b"x" * 100_000
+            await stream.aclose()
+        assert await request(address, b"not tls at all") == b"not tls at all"  # the fallback pool
+        counts = balancer.listeners["tls"].tls_counts
+        assert (counts["routed"], counts["not_tls"]) == (2, 1)
+
+
+async def test_a_hello_split_into_bytes_is_routed_and_relayed_unchanged(nursery: trio.Nursery,
+                                                                        ca: Authority) -> None:  # fmt: skip
+    received: list[bytes] = []
+
+    async def recorder(stream: trio.SocketStream) -> None:
+        received.append(await receive_all(stream))
+        await stream.aclose()
+
+    backend = await start_backend(nursery, recorder)
+    hello = real_hello("split.example.com", ["h2"])
+    data = sni_config({"p": [backend.address]}, [{"sni": "split.example.com", "pool": "p", "alpn": "h2"}])
+    async with running_balancer(data) as (_, address):
+        stream = await connect(address)
+        for byte in hello:
+            await stream.send_all(bytes([byte]))
+        await stream.send_all(b"trailing")
+        await stream.send_eof()
+        await wait_until(lambda: bool(received))
+        await stream.aclose()
+    assert received == [hello + b"trailing"]
+
+
+async def test_no_route_no_fallback_silence_and_garbage_are_closed(nursery: trio.Nursery) -> None:
+    backend = await start_backend(nursery, echo_handler)
+    data = sni_config({"p": [backend.address]}, [{"sni": "only.test", "pool": "p"}], peek_timeout="200ms")
+    async with running_balancer(data) as (balancer, address):
+        assert await closed_without_answer(address)  # sends nothing: closed after peek_timeout
+        assert await request(address, b"GET / HTTP/1.0\r\n\r\n") == b""  # not TLS, no fallback
+        assert await request(address, real_hello("other.test")) == b""  # no route, no fallback
+        rng = random.Random(16)
+        for _ in range(60):  # mutated and truncated hellos: closed, and the listener keeps serving
+            hello = bytearray(real_hello("only.test", ["h2"]))
+            for _ in range(rng.randint(1, 6)):
+                hello[rng.randrange(len(hello))] = rng.randrange(256)
+            stream = await connect(address)
+            await stream.send_all(bytes(hello[: rng.randint(1, len(hello))]))
+            await stream.aclose()
+        counts = balancer.listeners["tls"].tls_counts
+        assert counts["peek_timeout"] >= 1 and counts["no_route"] >= 2
+        assert (await request(address, real_hello("only.test"))).startswith(real_hello("only.test")[:5])
+        assert backend.connections >= 1
+
+
+async def test_termination_relays_plaintext_with_half_close(nursery: trio.Nursery, ca: Authority) -> None:
+    backend = await start_backend(nursery, echo_handler)
+    pair = ca.issue("localhost", "127.0.0.1")
+    tls = {"cert": pair.cert, "key": pair.key}
+    data = {"listeners": {"t": {"bind": "127.0.0.1:0", "pool": "p", "tls": tls}},
+            "pools": {"p": {"servers": [backend.address], "health": {"check": "none"}}}}  # fmt: skip
+    async with running_balancer(data) as (_, address):
+        context = ssl.create_default_context(cafile=ca.pair.cert)
+        raw = await connect(address)
+        tls = trio.SSLStream(raw, context, server_hostname="localhost")
+        payload = random.Random(1).randbytes(3_000_000)
+        async with trio.open_nursery() as inner:
+            async def send() -> None:
+                await tls.send_all(payload)
+
+            inner.start_soon(send)
+            echoed = b""
+            while len(echoed) < len(payload):
+                echoed += await tls.receive_some(65536)
+        assert echoed == payload
+        await tls.unwrap()  # close_notify: the backend sees EOF and echoes EOF back
+    assert backend.connections == 1
+
+
+async def test_origination_refuses_a_bad_certificate_and_fails_over(nursery: trio.Nursery, ca: Authority,
+                                                                    tmp_path: Path) -> None:  # fmt: skip
+    other = Authority(tmp_path, "other-ca")
+    old = ca.issue("127.0.0.1", expired=True, file="old")
+    expired = await start_backend(nursery, tls_backend(old, "old"))
+    stranger = await start_backend(nursery, tls_backend(other.issue("127.0.0.1", file="x"), "stranger"))
+    good = await start_backend(nursery, tls_backend(ca.issue("127.0.0.1", file="good"), "good"))
+    servers = [{"address": b.address, "name": b.name} for b, b.name in
+               ((expired, "expired"), (stranger, "stranger"), (good, "good"))]  # type: ignore[misc]
+    data = {"listeners": {"t": {"bind": "127.0.0.1:0", "pool": "p"}},
+            "pools": {"p": {"servers": servers, "health": {"check": "none"}, "retries": 2,
+                            "tls": {"ca": ca.pair.cert}}}}  # fmt: skip
+    async with running_balancer(data) as (balancer, address):
+        for _ in range(3):
+            stream = await connect(address)
+            assert await first_line(stream) == b"good\n"
+            await stream.aclose()
+        failures = {s.name: s.connect_failures for s in balancer.pools["p"].servers}
+        assert failures["expired"] >= 1 and failures["stranger"] >= 1 and failures["good"] == 0
+
+
+async def test_health_checks_speak_tls_and_fail_a_bad_certificate(nursery: trio.Nursery,
+                                                                  ca: Authority) -> None:  # fmt: skip
+    old = ca.issue("127.0.0.1", expired=True, file="old")
+    expired = await start_backend(nursery, tls_backend(old, "old"))
+    good = await start_backend(nursery, tls_backend(ca.issue("127.0.0.1", file="good"), "good"))
+    data = {"listeners": {"t": {"bind": "127.0.0.1:0", "pool": "p"}},
+            "pools": {"p": {"servers": [expired.address, good.address], "tls": {"ca": ca.pair.cert},
+                            "health": {"check": "tcp", "interval": "100ms", "fall": 1}}}}  # fmt: skip
+    async with running_balancer(data) as (balancer, _):
+        servers = balancer.pools["p"].servers
+        await wait_until(lambda: [s.healthy for s in servers] == [False, True])
+        assert "certificate" in servers[0].last_check
+
+
+def test_config_errors_name_the_key(tmp_path: Path, ca: Authority) -> None:
+    pair, other = ca.issue("a.test"), ca.issue("b.test")
+    base = {"pools": {"p": {"servers": ["127.0.0.1:1"]}}}
+
+    def error(listener: dict[str, Any], pool: dict[str, Any] | None = None) -> str:
+        data = {"listeners": {"l": {"bind": ":0", **listener}},
+                "pools": {"p": {"servers": ["127.0.0.1:1"], **(pool or {})}}}  # fmt: skip
+        with pytest.raises(ConfigError) as info:
+            parse_config(data, "t.toml")
+        return str(info.value)
+
+    assert "listeners.l.routes[0].sni" in error({"routes": [{"sni": "a.*.b", "pool": "p"}]})
+    assert "listeners.l.routes[1].pool: names pool 'q'" in error(
+        {"routes": [{"sni": "a.b", "pool": "p"}, {"sni": "c.d", "pool": "q"}]})
+    assert "listeners.l.tls: key:" in error({"pool": "p", "tls": {"cert": pair.cert, "key": other.key}})
+    assert "no such file" in error({"pool": "p", "tls": {"cert": pair.cert + "x", "key": pair.key}})
+    two = [{"cert": pair.cert, "key": pair.key}, {"crt": "x"}]
+    assert "listeners.l.tls[1].crt: unknown key" in error({"pool": "p", "tls": two})
+    assert "pools.p.tls: ca: no such file" in error({"pool": "p"}, {"tls": {"ca": "/nonexistent"}})
+    assert "listeners.l.peek_timeout: has no effect" in error({"pool": "p", "peek_timeout": "1s"})
+    both = [{"cert": pair.cert, "key": pair.key}, {"cert": other.cert, "key": other.key}]
+    routes = [{"sni": "*.A.test", "pool": "p"}]
+    ok = parse_config({**base, "listeners": {"l": {"bind": ":0", "routes": routes, "tls": both}}})
+    assert ok.listeners["l"].routes[0].sni == "*.a.test" and ok.listeners["l"].pool == ""
+
+
+async def test_several_certificates_are_chosen_by_name(nursery: trio.Nursery, ca: Authority) -> None:
+    backend = await start_backend(nursery, echo_handler)
+    a, b = ca.issue("a.test"), ca.issue("b.test")
+    tls = [{"cert": a.cert, "key": a.key}, {"cert": b.cert, "key": b.key}]
+    data = {"listeners": {"t": {"bind": "127.0.0.1:0", "pool": "p", "tls": tls}},
+            "pools": {"p": {"servers": [backend.address], "health": {"check": "none"}}}}  # fmt: skip
+    async with running_balancer(data) as (_, address):
+        for name in ("a.test", "b.test"):
+            stream = await tls_client(address, ca, name)  # verifies: the certificate for that name
+            await stream.send_all(b"hi")
+            assert await stream.receive_some(10) == b"hi"
+            await stream.aclose()
+
+
+_ = (Backend, EVENTUALLY)
