@@ -116,7 +116,7 @@ def test_a_hello_bigger_than_the_buffer_is_an_error() -> None:
     assert reader.feed(bytes([22]) + bytes(MAX_BUFFERED)).status == "error"
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.permutations([b"sni", b"alpn", b"grease1", b"grease2", b"other"]),
     st.integers(min_value=1, max_value=300),
@@ -132,22 +132,25 @@ def test_extensions_in_any_order_any_split(order: list[bytes], record_size: int,
     assert read(data, pieces) == Hello("hello", "x.example.org", ("h2", "http/1.1"))
 
 
-@settings(max_examples=500)
+@settings(max_examples=500, deadline=None)
 @given(st.binary(max_size=600), st.integers(min_value=1, max_value=50))
 def test_garbage_never_raises(data: bytes, pieces: int) -> None:
     result = read(data, pieces)
     assert result.status in ("need_more", "hello", "not_tls", "error")
 
 
-@settings(max_examples=500)
+@settings(max_examples=500, deadline=None)
 @given(st.data())
 def test_mutated_hellos_never_raise(data: st.DataObject) -> None:
-    hello = bytearray(real_hello("fuzz.example.com", ["h2"]))
+    hello = bytearray(FUZZ_HELLO)
     for _ in range(data.draw(st.integers(1, 8))):
         hello[data.draw(st.integers(0, len(hello) - 1))] = data.draw(st.integers(0, 255))
     cut = data.draw(st.integers(1, len(hello)))
     result = read(bytes(hello[:cut]), data.draw(st.integers(1, 20)))
     assert result.status in ("need_more", "hello", "not_tls", "error")
+
+
+FUZZ_HELLO = real_hello("fuzz.example.com", ["h2"])
 
 
 def test_route_matching() -> None:

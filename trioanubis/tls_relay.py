@@ -14,9 +14,9 @@ Each pump receives one chunk (at most `CHUNK_SIZE`), then sends it whole
 before receiving again: backpressure, and at most one chunk held per
 direction besides one TLS record in each BIO. EOF (close_notify, or FIN on
 a plain side) becomes `send_eof` on the other side (close_notify, or
-shutdown(SHUT_WR)) and the other direction keeps flowing; a reset, a TLS
-error or an end without close_notify ends the relay, named after the side
-that failed, and the connection resets both sockets.
+shutdown(SHUT_WR)) and the other direction keeps flowing; a reset or a TLS
+error ends the relay, named after the side that failed, and the connection
+resets both sockets.
 
 Sockets that joined the relay's poller (a server socket joins it to
 connect) leave it first (`Poller.unregister`): Trio waits on them now.

@@ -5,8 +5,10 @@ BIOs, like `trio.SSLStream`, with what a layer-4 relay needs and
 `trio.SSLStream` lacks: `send_eof` sends close_notify and shuts down writing
 on the transport while the other direction keeps flowing (TLS 1.3 allows it,
 RFC 8446 §6.1), and a close_notify received reads as EOF. A transport that
-ends without close_notify is a truncation, raised as `BrokenResourceError`,
-so the relay passes it on as a reset, never as a clean end.
+ends without close_notify reads as EOF too, as HAProxy, nginx and Trio's
+`https_compatible` treat it: real servers (nginx answering an HTTP/1.0
+request that arrived with a close_notify) close that way, and the
+application protocol above knows its own message lengths.
 
 Backpressure and memory: a receive reads at most `RECEIVE_SIZE` bytes from
 the transport, only when OpenSSL needs more to return a record; a send
@@ -121,7 +123,7 @@ class TlsStream(trio.abc.HalfCloseableStream):
                 data = self.ssl.read(size)
             except ssl.SSLWantReadError:
                 pass
-            except ssl.SSLZeroReturnError:
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):  # close_notify, or EOF without one
                 return b""
             except ssl.SSLError as exc:
                 raise trio.BrokenResourceError(f"TLS: {describe_ssl_error(exc)}") from exc
