@@ -2,27 +2,36 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
 import random
+import signal
 import ssl
+import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import (
     EVENTUALLY,
-    Backend,
     closed_without_answer,
     connect,
+    connect_when_listening,
     echo_handler,
+    free_port,
     receive_all,
     request,
     running_balancer,
     start_backend,
     wait_until,
 )
+from tests.test_cli import ANUBIS
 from tests.test_tls_hello import real_hello
 from tests.tlscerts import Authority, Pair
 from trioanubis.config import Address, parse_config
@@ -244,4 +253,108 @@ async def test_several_certificates_are_chosen_by_name(nursery: trio.Nursery, ca
             await stream.aclose()
 
 
-_ = (Backend, EVENTUALLY)
+async def stdout_line(process: trio.Process, wanted: str) -> str:
+    """Read the process's stdout until a line containing `wanted`."""
+    assert process.stdout is not None
+    data = b""
+    with trio.fail_after(EVENTUALLY):
+        while wanted.encode() not in data:
+            chunk = await process.stdout.receive_some(4096)
+            assert chunk, data
+            data += chunk
+    return next(line for line in data.decode().splitlines() if wanted in line)
+
+
+async def test_proxy_tls_makes_a_certificate_once_and_prints_its_fingerprint(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    backend = await start_backend(nursery, echo_handler)
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    fingerprints = []
+    for _ in range(2):
+        port = free_port()
+        argv = [*ANUBIS, "proxy", "--tls", f"127.0.0.1:{port}", backend.address]
+        process = await trio.lowlevel.open_process(argv, env=env, stdout=subprocess.PIPE,
+                                                   stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            fingerprints.append(await stdout_line(process, "fingerprint"))
+            cert = tmp_path / "trioanubis" / "localhost.crt"
+            context = ssl.create_default_context(cafile=str(cert))
+            raw = await connect_when_listening(port)
+            stream = trio.SSLStream(raw, context, server_hostname="localhost")
+            await stream.send_all(b"over tls")
+            assert await stream.receive_some(100) == b"over tls"
+            der = stream.getpeercert(binary_form=True)
+            assert der is not None
+            digest = hashlib.sha256(der).hexdigest().upper()
+            assert ":".join(digest[i : i + 2] for i in range(0, 64, 2)) in fingerprints[-1]
+            await stream.aclose()
+        finally:
+            process.send_signal(signal.SIGTERM)
+            with trio.fail_after(30):
+                await process.wait()
+        assert process.returncode == 0
+    assert fingerprints[0] == fingerprints[1]  # made once, then reused
+
+
+async def test_sighup_picks_up_renewed_certificate_files(nursery: trio.Nursery, tmp_path: Path) -> None:
+    backend = await start_backend(nursery, echo_handler)
+    first, second = Authority(tmp_path, "first-ca"), Authority(tmp_path, "second-ca")
+    pair = first.issue("localhost", file="live")
+    port = free_port()
+    config = tmp_path / "anubis.toml"
+    config.write_text(f"""
+[listeners.t]
+bind = "127.0.0.1:{port}"
+pool = "p"
+tls = {{ cert = "{pair.cert}", key = "{pair.key}" }}
+[pools.p]
+servers = ["{backend.address}"]
+""")
+    process = await trio.lowlevel.open_process([*ANUBIS, "run", "-c", str(config)], stdout=subprocess.DEVNULL,
+                                               stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        await (await connect_when_listening(port)).aclose()
+
+        async def handshake(ca: Authority) -> bool:
+            try:
+                stream = await tls_client(Address("127.0.0.1", port), ca, "localhost")
+            except trio.BrokenResourceError:
+                return False
+            await stream.aclose()
+            return True
+
+        assert await handshake(first)
+        second.issue("localhost", file="live")  # renewed in place, by another CA
+        process.send_signal(signal.SIGHUP)
+        with trio.fail_after(EVENTUALLY):
+            while not await handshake(second):
+                await trio.sleep(0.05)
+        assert not await handshake(first)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            await process.wait()
+    assert process.returncode == 0
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(max_size=200), st.integers(0, 400), st.binary(max_size=60))
+async def test_any_first_bytes_leave_an_sni_listener_serving(garbage: bytes, cut: int, tail: bytes) -> None:
+    hello = real_hello("ok.example.com", ["h2"])
+    async with trio.open_nursery() as nursery:
+        backend = await start_backend(nursery, echo_handler)
+        data = sni_config({"p": [backend.address]}, [{"sni": "ok.example.com", "pool": "p"}],
+                          peek_timeout="100ms")  # fmt: skip
+        async with running_balancer(data) as (balancer, address):
+            for first in (garbage, hello[:cut] + tail):
+                stream = await connect(address)
+                with trio.move_on_after(5):
+                    await stream.send_all(first)
+                    await stream.send_eof()
+                    with contextlib.suppress(trio.BrokenResourceError):
+                        await receive_all(stream)
+                await stream.aclose()
+            assert (await request(address, hello))[:len(hello)] == hello  # still routing
+            await wait_until(lambda: balancer.limits.active == 0)
+        nursery.cancel_scope.cancel()

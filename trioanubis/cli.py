@@ -25,6 +25,7 @@ from trioanubis.errors import AnubisError, ConfigError
 from trioanubis.hello import serve_hello
 from trioanubis.strategies import STRATEGIES
 from trioanubis.summary import describe
+from trioanubis.tls import fingerprint, self_signed
 
 log = logging.getLogger("trioanubis")
 
@@ -56,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     proxy.add_argument("servers", nargs="+", metavar="server", help="host:port of a backend")
     proxy.add_argument("--strategy", default="round_robin",
                        help=f"one of {', '.join(STRATEGIES)} (default: round_robin)")  # fmt: skip
+    proxy.add_argument("--tls", action="store_true",
+                       help="clients speak TLS (a self-signed localhost certificate, made once and kept "
+                            "in $XDG_CACHE_HOME/trioanubis); servers get plaintext")  # fmt: skip
 
     demo = commands.add_parser("demo", help="run hello-world backends behind the demo config")
     demo.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="default: ./anubis.toml")
@@ -82,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             trio.run(_run_hello, args.name, Address(args.host, args.port))
             return 0
         if args.command == "proxy":
-            config = proxy_config(args.listen, args.servers, args.strategy)
+            config = proxy_config(args.listen, args.servers, args.strategy, _dev_certificate(args.tls))
         else:
             config = load_config(_demo_config_path(args.config) if args.command == "demo"
                                  else args.config)  # fmt: skip
@@ -108,6 +112,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_fatal(str(error))
         return 1
     return 0
+
+
+def _dev_certificate(wanted: bool) -> tuple[str, str] | None:
+    """`anubis proxy --tls`: the self-signed certificate (made the first time), its fingerprint printed."""
+    if not wanted:
+        return None
+    cert, key = self_signed()
+    print(f"TLS certificate {cert} (self-signed for localhost, 127.0.0.1, ::1)\n"
+          f"  SHA-256 fingerprint {fingerprint(cert)}", flush=True)  # fmt: skip
+    return cert, key
 
 
 def _demo_config_path(path: str) -> Path:

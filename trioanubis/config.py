@@ -754,10 +754,15 @@ def _parse_health(node: _Node) -> HealthConfig:
     )
 
 
-def proxy_config(listen: str, servers: list[str], strategy: str) -> Config:
-    """The config `anubis proxy LISTEN SERVER...` stands for; errors name the argument."""
+def proxy_config(
+    listen: str, servers: list[str], strategy: str, tls: tuple[str, str] | None = None
+) -> Config:
+    """The config `anubis proxy LISTEN SERVER... [--tls]` stands for; errors name the argument."""
+    listener: dict[str, Any] = {"bind": listen, "pool": "proxy"}
+    if tls is not None:
+        listener["tls"] = {"cert": tls[0], "key": tls[1]}
     data = {
-        "listeners": {"proxy": {"bind": listen, "pool": "proxy"}},
+        "listeners": {"proxy": listener},
         "pools": {"proxy": {"strategy": strategy, "servers": servers, "health": {"check": "tcp"}}},
     }
     return parse_config(data, "anubis proxy")
