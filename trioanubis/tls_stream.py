@@ -73,8 +73,11 @@ class TlsStream(trio.abc.HalfCloseableStream):
             self._incoming.write(received)
         self.ssl = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side,
                                     server_hostname=server_hostname)  # fmt: skip
-        self._send_lock = trio.StrictFIFOLock()
+        self._send_lock = trio.StrictFIFOLock()  # whatever OpenSSL wrote goes out in order
         self._eof_sent = False
+        self._closed = False
+        self._receiving = False  # one receive_some at a time (Trio's stream contract)
+        self._sending = False  # one send_all / send_eof at a time
 
     async def _flush(self) -> None:
         async with self._send_lock:
@@ -115,9 +118,28 @@ class TlsStream(trio.abc.HalfCloseableStream):
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             await self._flush()
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("the TLS stream was closed")
+
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """Up to `max_bytes` decrypted bytes; b"" after close_notify. BrokenResourceError otherwise."""
-        size = max_bytes or RECEIVE_SIZE
+        if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 1):
+            if not isinstance(max_bytes, int):
+                raise TypeError("max_bytes must be an integer")
+            raise ValueError("max_bytes must be at least 1")
+        self._check_open()
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving on this TLS stream")
+        self._receiving = True
+        try:
+            data = await self._receive(max_bytes or RECEIVE_SIZE)
+        finally:
+            self._receiving = False
+        return data
+
+    async def _receive(self, size: int) -> bytes:
+        await trio.lowlevel.checkpoint_if_cancelled()
         while True:
             try:
                 data = self.ssl.read(size)
@@ -130,37 +152,62 @@ class TlsStream(trio.abc.HalfCloseableStream):
             else:
                 if self._outgoing.pending:  # e.g. an answer to a key update
                     await self._flush()
+                else:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                 return data
             if self._outgoing.pending:
                 await self._flush()
             await self._feed()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self._check_open()
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this TLS stream")
         if self._eof_sent:
             raise trio.ClosedResourceError("send_eof was called")
+        self._sending = True
         try:
-            self.ssl.write(data)
-        except ssl.SSLError as exc:
-            raise trio.BrokenResourceError(f"TLS: {describe_ssl_error(exc)}") from exc
-        await self._flush()
+            if data:
+                try:
+                    self.ssl.write(data)
+                except ssl.SSLError as exc:
+                    raise trio.BrokenResourceError(f"TLS: {describe_ssl_error(exc)}") from exc
+            await trio.lowlevel.checkpoint_if_cancelled()
+            await self._flush()
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        finally:
+            self._sending = False
 
     async def wait_send_all_might_not_block(self) -> None:
+        self._check_open()
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this TLS stream")
         await self.transport.wait_send_all_might_not_block()
 
     async def send_eof(self) -> None:
         """close_notify, then EOF on the transport; receiving goes on."""
+        self._check_open()
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this TLS stream")
         if self._eof_sent:
+            await trio.lowlevel.checkpoint()
             return
         self._eof_sent = True
+        self._sending = True
         try:
-            self.ssl.unwrap()
-        except ssl.SSLWantReadError:
-            pass  # the peer's close_notify has not come yet: fine, we only close our side
-        except ssl.SSLError as exc:
-            raise trio.BrokenResourceError(f"TLS: {describe_ssl_error(exc)}") from exc
-        await self._flush()
-        if isinstance(self.transport, trio.abc.HalfCloseableStream):
-            await self.transport.send_eof()
+            try:
+                self.ssl.unwrap()
+            except ssl.SSLWantReadError:
+                pass  # the peer's close_notify has not come yet: fine, we only close our side
+            except ssl.SSLError as exc:
+                raise trio.BrokenResourceError(f"TLS: {describe_ssl_error(exc)}") from exc
+            await self._flush()
+            if isinstance(self.transport, trio.abc.HalfCloseableStream):
+                await self.transport.send_eof()
+        finally:
+            self._sending = False
 
     async def aclose(self) -> None:
+        """Close the transport at once (no close_notify: the relay sends that as EOF when due)."""
+        self._closed = True
         await self.transport.aclose()
