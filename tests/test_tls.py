@@ -358,3 +358,46 @@ async def test_any_first_bytes_leave_an_sni_listener_serving(garbage: bytes, cut
             assert (await request(address, hello))[:len(hello)] == hello  # still routing
             await wait_until(lambda: balancer.limits.active == 0)
         nursery.cancel_scope.cancel()
+
+
+async def test_routes_behind_accept_proxy_and_a_reload_that_changes_them(nursery: trio.Nursery) -> None:
+    received: dict[str, list[bytes]] = {"a": [], "b": []}
+
+    def recorder(name: str) -> Callable[[trio.SocketStream], Awaitable[None]]:
+        async def handler(stream: trio.SocketStream) -> None:
+            received[name].append(await receive_all(stream))
+            await stream.aclose()
+
+        return handler
+
+    a = await start_backend(nursery, recorder("a"))
+    b = await start_backend(nursery, recorder("b"))
+    routes = [{"sni": "x.test", "pool": "a"}]
+    data = sni_config({"a": [a.address], "b": [b.address]}, routes, accept_proxy=True,
+                      proxy_trusted=["127.0.0.1/32"])  # fmt: skip
+    hello = real_hello("x.test")
+    header = b"PROXY TCP4 192.0.2.1 192.0.2.2 1000 443\r\n"
+    async with running_balancer(data) as (balancer, address):
+        assert await request(address, header + hello) == b""
+        await wait_until(lambda: received["a"] == [hello])
+        data["listeners"]["tls"]["routes"] = [{"sni": "*.test", "pool": "b"}]
+        await balancer.apply_config(parse_config(data, "test.toml"))
+        assert await request(address, header + hello) == b""
+        await wait_until(lambda: received["b"] == [hello])
+
+
+def test_check_rejects_a_key_that_is_not_the_certificates(tmp_path: Path, ca: Authority) -> None:
+    pair, other = ca.issue("a.test"), ca.issue("b.test")
+    config = tmp_path / "anubis.toml"
+    config.write_text(f"""
+[listeners.t]
+bind = ":8443"
+pool = "p"
+tls = {{ cert = "{pair.cert}", key = "{other.key}" }}
+[pools.p]
+servers = ["127.0.0.1:1"]
+""")
+    result = subprocess.run([*ANUBIS, "check", "-c", str(config)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"listeners.t.tls: key: '{other.key}' is not the key of the certificate" in result.stderr
+    assert "Traceback" not in result.stderr
