@@ -401,3 +401,23 @@ servers = ["127.0.0.1:1"]
     assert result.returncode == 1
     assert f"listeners.t.tls: key: '{other.key}' is not the key of the certificate" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+ROUTE = st.fixed_dictionaries({"sni": st.text(max_size=30), "pool": st.sampled_from(["p", "q", ""])},
+                              optional={"alpn": st.text(max_size=5), "x": st.integers()})  # fmt: skip
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(ROUTE, max_size=4), st.one_of(st.none(), st.text(max_size=10), st.integers(-5, 5)))
+def test_any_routes_are_accepted_or_rejected_with_a_config_error(routes: list[dict[str, Any]],
+                                                                 peek: object) -> None:  # fmt: skip
+    listener: dict[str, Any] = {"bind": ":0", "routes": routes}
+    if peek is not None:
+        listener["peek_timeout"] = peek
+    data = {"listeners": {"l": listener}, "pools": {"p": {"servers": ["127.0.0.1:1"]}}}
+    try:
+        config = parse_config(data, "fuzz.toml")
+    except ConfigError as exc:
+        assert str(exc).startswith("fuzz.toml: listeners.l")
+        return
+    assert all(route.pool == "p" for route in config.listeners["l"].routes)

@@ -311,7 +311,7 @@ async def handle_connection(
         log.exception("listener %s: connection from %s failed unexpectedly", listener.name, record.client)
     finally:
         timer.unwatch(relay)
-        if streams:
+        if streams or opening is not None:  # Trio's own waits saw these sockets
             release_sockets(client, relay.server)
         if record.end not in CLOSED_CLEANLY:
             reset_on_close(client)
@@ -328,6 +328,8 @@ async def _relay_tls(relay: Relay, opening: Opening | None, server_tls: ServerTl
     assert relay.server is not None
     client = opening.client_tls if opening is not None and opening.client_tls is not None else None
     server = server_tls.stream if server_tls is not None and server_tls.stream is not None else None
+    if server is None:
+        relay.poller.unregister(relay.server.fileno())  # Trio waits on it from now on
     server_stream = server or socket_stream(relay.server)
     if opening is not None and opening.prefix:
         relay.bytes_in += len(opening.prefix)
@@ -336,8 +338,6 @@ async def _relay_tls(relay: Relay, opening: Opening | None, server_tls: ServerTl
         except (trio.BrokenResourceError, OSError):
             relay.end = "server_reset"
             return
-    if server is None:
-        relay.poller.unregister(relay.server.fileno())  # Trio waits on it from now on
     await relay_streams(relay, client or socket_stream(relay.client), server_stream)
 
 
