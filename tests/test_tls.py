@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import random
 import signal
@@ -17,6 +18,7 @@ import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import (
     EVENTUALLY,
@@ -31,6 +33,7 @@ from tests.conftest import (
     start_backend,
     wait_until,
 )
+from tests.test_admin import http
 from tests.test_cli import ANUBIS
 from tests.test_tls_hello import real_hello
 from tests.tlscerts import Authority, Pair
@@ -421,3 +424,22 @@ def test_any_routes_are_accepted_or_rejected_with_a_config_error(routes: list[di
         assert str(exc).startswith("fuzz.toml: listeners.l")
         return
     assert all(route.pool == "p" for route in config.listeners["l"].routes)
+
+
+async def test_stats_and_metrics_count_the_openings(nursery: trio.Nursery) -> None:
+    backend = await start_backend(nursery, echo_handler)
+    data = sni_config({"p": [backend.address]}, [{"sni": "a.test", "pool": "p"}], pool="p")
+    data["admin"] = {"bind": "127.0.0.1:0"}
+    async with running_balancer(data) as (balancer, address):
+        assert await request(address, b"plain") == b"plain"
+        hello = real_hello("a.test")
+        assert (await request(address, hello))[: len(hello)] == hello
+        admin = balancer.admin_address
+        assert admin is not None
+        _, _, stats = await http(admin, "GET", "/stats")
+        _, _, metrics = await http(admin, "GET", "/metrics")
+    listener = json.loads(stats)["listeners"][0]
+    assert (listener["pool"], listener["tls"]["routed"], listener["tls"]["not_tls"]) == ("p", 1, 1)
+    families = {f.name: f for f in text_string_to_metric_families(metrics.decode())}
+    counts = {s.labels["result"]: s.value for s in families["anubis_listener_tls"].samples}
+    assert (counts["routed"], counts["not_tls"], counts["peek_timeout"]) == (1, 1, 0)

@@ -131,6 +131,13 @@ def _admission_metrics(listeners: list[Listener]) -> Iterator[str]:
                        "Clients with per-client state (open connections, rate buckets).")  # fmt: skip
     for x in listeners:
         yield f"anubis_listener_tracked_clients{_labels(listener=x.name)} {len(x.admission.clients)}"
+    tls = [x for x in listeners if x.routes or x.config.tls]
+    if tls:
+        yield from _family("listener_tls_total", "counter",
+                           "Openings of listeners with routes or tls, by result.")  # fmt: skip
+    for x in tls:
+        for result, count in x.tls_counts.items():
+            yield f"anubis_listener_tls_total{_labels(listener=x.name, result=result)} {count}"
 
 
 def prometheus(balancer: Balancer) -> str:
