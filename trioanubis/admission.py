@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Final, final
 
 from trioanubis.clients import LOG_INTERVAL, ClientTable, LogOnce, NetworkSet
 from trioanubis.config import ListenerConfig
-from trioanubis.connection import handle_connection
 from trioanubis.errors import ProxyHeaderError
 from trioanubis.proxy.connect import close_socket
 from trioanubis.proxy_io import read_proxy_header
@@ -148,7 +147,7 @@ async def serve_proxied(client: socket.socket, addr: tuple[object, ...], listene
     if admitted is not None:
         assert listener.connections is not None
         real, local = admitted
-        listener.connections.start_soon(handle_connection, client, real, listener, local,
+        listener.connections.start_soon(listener.serve_admitted, client, real, listener, local,
                                         name=CONNECTION_TASK_NAME)  # fmt: skip
 
 

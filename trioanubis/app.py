@@ -142,7 +142,7 @@ class Balancer:
         self._accepting: trio.Nursery | None = None
 
     def _new_listener(self, config: ListenerConfig) -> Listener:
-        return Listener(config, self.pools[config.pool], self.limits, self.access, self.timer, self.poller,
+        return Listener(config, self.pools, self.limits, self.access, self.timer, self.poller,
                         self._open_socket)  # fmt: skip
 
     @staticmethod
@@ -348,7 +348,7 @@ class Balancer:
     async def _update_listener(self, name: str, config: ListenerConfig) -> None:
         old = self.listeners.get(name)
         if old is not None and old.config.bind == config.bind:
-            old.reconfigure(config, self.pools[config.pool])
+            old.reconfigure(config)
             return
         listener = self._new_listener(config)
         assert self._accepting is not None and self._connections is not None

@@ -29,6 +29,7 @@ from trioanubis.proxy.io import IO_CHOICES, resolve_io
 from trioanubis.status import install_terminal_status, run_status
 from trioanubis.strategies import STRATEGIES
 from trioanubis.summary import describe
+from trioanubis.tls import fingerprint, self_signed
 from trioanubis.top import DEFAULT_ADMIN, Admin, admin_target, admin_url, run_top
 
 log = logging.getLogger("trioanubis")
@@ -101,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     proxy.add_argument("--watch", nargs="+", metavar="PATH", default=[],
                        help="files, directories or glob patterns: a change restarts the replicas, one "
                             "at a time")  # fmt: skip
+    proxy.add_argument("--tls", action="store_true",
+                       help="clients speak TLS (a self-signed localhost certificate, made once and kept "
+                            "in $XDG_CACHE_HOME/trioanubis); servers get plaintext")  # fmt: skip
 
     demo = command("demo", "run hello-world backends behind the demo config")
     demo.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="default: ./anubis.toml")
@@ -190,7 +194,8 @@ def _proxy_config(args: argparse.Namespace) -> Config:
     with contextlib.suppress(ValueError):
         queue_timeout = float(queue_timeout)  # "0" or "2.5": seconds, as in a config file
     return proxy_config(args.listen, args.servers, args.strategy, queue_timeout=queue_timeout,
-                        spawn=spawn, replicas=args.replicas, watch=args.watch)  # fmt: skip
+                        spawn=spawn, replicas=args.replicas, watch=args.watch,
+                        tls=_dev_certificate(args.tls))  # fmt: skip
 
 
 def _check_argument(name: str, value: str, *, listen: bool) -> None:
@@ -236,6 +241,16 @@ def _run_workers(args: argparse.Namespace, count: int) -> int:
     trio.run(run_supervised, supervisor)
     log.info("stopped")
     return 0
+
+
+def _dev_certificate(wanted: bool) -> tuple[str, str] | None:
+    """`anubis proxy --tls`: the self-signed certificate (made the first time), its fingerprint printed."""
+    if not wanted:
+        return None
+    cert, key = self_signed()
+    print(f"TLS certificate {cert} (self-signed for localhost, 127.0.0.1, ::1)\n"
+          f"  SHA-256 fingerprint {fingerprint(cert)}", flush=True)  # fmt: skip
+    return cert, key
 
 
 def _demo_config_path(path: str) -> Path:

@@ -25,6 +25,7 @@ import math
 import os
 import re
 import shutil
+import ssl
 import stat
 import sys
 from collections.abc import Callable, Mapping
@@ -42,6 +43,7 @@ from trioanubis.config_checks import (
 from trioanubis.errors import ConfigError
 from trioanubis.health.expect import PARSED, PROTOCOL_CHECKS, SERVER_FIRST, compile_regex, decode_escapes
 from trioanubis.proxy.io import IO_CHOICES, IoName, epoll_available
+from trioanubis.sni_routes import Route, check_pattern
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -159,6 +161,26 @@ class SpawnConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsServer:
+    """A listener's `tls`: clients speak TLS to us. `context` is loaded while parsing (tls.py)."""
+
+    certificates: tuple[tuple[str, str], ...]  # (cert, key) paths; the first is the default
+    context: ssl.SSLContext = field(compare=False, repr=False, default=None)  # type: ignore[assignment]
+
+
+@dataclass(frozen=True, slots=True)
+class TlsClient:
+    """A pool's `tls`: we speak TLS to its servers. `context` is loaded while parsing (tls.py)."""
+
+    verify: bool = True
+    ca: str = ""  # "": the system's CAs
+    sni: str = ""  # "": the server's host (sent as SNI when it is a name, verified either way)
+    cert: str = ""  # a client certificate (mTLS)
+    key: str = ""
+    context: ssl.SSLContext = field(compare=False, repr=False, default=None)  # type: ignore[assignment]
+
+
+@dataclass(frozen=True, slots=True)
 class PoolConfig:
     name: str
     servers: tuple[ServerConfig, ...]
@@ -178,13 +200,14 @@ class PoolConfig:
     queue_timeout: float = 0.0  # hold a client this long for a server; 0: close it at once
     max_queued: int = 1000
     spawn: SpawnConfig | None = None
+    tls: TlsClient | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class ListenerConfig:
     name: str
     bind: Address
-    pool: str
+    pool: str  # "" only with routes: a client no route takes is closed
     max_connections: int = 0  # 0: only the process-wide limit applies
     backlog: int = 0  # 0: the kernel's somaxconn
     accept_proxy: bool = False  # read a PROXY protocol header from every client first
@@ -194,6 +217,9 @@ class ListenerConfig:
     deny: tuple[Network, ...] = ()  # wins over allow
     max_connections_per_client: int = 0  # 0: no per-client limit
     rate_per_client: Rate | None = None  # new connections per client (token bucket)
+    routes: tuple[Route, ...] = ()  # by the ClientHello's server name (sni_routes.py)
+    peek_timeout: float = 5.0  # for the ClientHello (routes) and the TLS handshake (tls)
+    tls: TlsServer | None = None
 
     @property
     def screens_clients(self) -> bool:
@@ -524,12 +550,14 @@ def parse_config(
     listeners = {}
     for name in listeners_node.data:
         listener = _parse_listener(name, listeners_node.child(name))
-        if listener.pool not in pools:
-            known = ", ".join(sorted(pools)) or "none are defined"
-            raise listeners_node.error(
-                f"names pool {listener.pool!r}, which does not exist (pools: {known})",
-                key=f"{name}.pool",
-            )
+        named = [(f"{name}.pool", listener.pool)] if listener.pool else []
+        named += [(f"{name}.routes[{i}].pool", route.pool) for i, route in enumerate(listener.routes)]
+        for key, pool_name in named:
+            if pool_name not in pools:
+                known = ", ".join(sorted(pools)) or "none are defined"
+                raise listeners_node.error(
+                    f"names pool {pool_name!r}, which does not exist (pools: {known})", key=key
+                )
         listeners[name] = listener
     admin = _parse_admin(top.child("admin")) if "admin" in data else None
     _check_binds(top, listeners, admin)
@@ -592,17 +620,98 @@ _LISTENER_CLIENT_KEYS = (
 
 
 def _parse_listener(name: str, node: _Node) -> ListenerConfig:
-    node.check_keys(("bind", "pool", "max_connections", "backlog", *_LISTENER_CLIENT_KEYS))
-    if "pool" not in node.data:
+    node.check_keys(("bind", "pool", "max_connections", "backlog", "routes", "peek_timeout", "tls",
+                     *_LISTENER_CLIENT_KEYS))  # fmt: skip
+    routes = _parse_routes(node)
+    if "pool" not in node.data and not routes:
         raise node.error("is required (the name of a [pools.NAME] table)", key="pool")
+    if "pool" in node.data and not node.string("pool", ""):
+        raise node.error("must name a [pools.NAME] table", "", "pool")
+    if "peek_timeout" in node.data and not routes and "tls" not in node.data:
+        raise node.error("has no effect without routes or tls", key="peek_timeout")
     return ListenerConfig(
         name=name,
         bind=node.address("bind", allow_any_host=True),
         pool=node.string("pool", ""),
         max_connections=node.integer("max_connections", 0),
         backlog=node.integer("backlog", 0, maximum=65535),
+        routes=routes,
+        peek_timeout=node.duration("peek_timeout", 5.0, positive=True),
+        tls=_parse_tls_server(node) if "tls" in node.data else None,
         **_parse_client_options(node),
     )
+
+
+def _parse_routes(node: _Node) -> tuple[Route, ...]:
+    """`routes = [{ sni = "api.example.com", pool = "api", alpn = "h2" }, …]`; each error names its index."""
+    value = node.data.get("routes", [])
+    if not isinstance(value, list):
+        raise node.error("must be an array of { sni = \"…\", pool = \"…\" } tables", value, "routes")
+    routes = []
+    for index, entry in enumerate(value):
+        item = _Node(entry, node.key_path(f"routes[{index}]"), node.source)
+        item.check_keys(("sni", "pool", "alpn"))
+        for key in ("sni", "pool"):
+            if not item.string(key, ""):
+                raise item.error("is required", key=key)
+        sni = item.string("sni", "")
+        try:
+            pattern = check_pattern(sni)
+        except ValueError as exc:
+            raise item.error(str(exc), sni, "sni") from None
+        alpn = item.string("alpn", "")
+        if "alpn" in item.data and not 0 < len(alpn.encode()) < 256:
+            raise item.error("must be a protocol name like \"h2\" or \"http/1.1\"", alpn, "alpn")
+        routes.append(Route(pattern, item.string("pool", ""), alpn))
+    return tuple(routes)
+
+
+def _parse_tls_server(node: _Node) -> TlsServer:
+    """`tls = { cert = "…", key = "…" }`, or an array of them (the first is the default)."""
+    from trioanubis.tls import TlsConfigError, server_context
+
+    value = node.data["tls"]
+    entries = value if isinstance(value, list) else [value]
+    if not entries:
+        raise node.error("must be { cert = \"…\", key = \"…\" } or a non-empty array of them", value, "tls")
+    pairs = []
+    for index, entry in enumerate(entries):
+        item = _Node(entry, node.key_path(f"tls[{index}]" if isinstance(value, list) else "tls"), node.source)
+        item.check_keys(("cert", "key"))
+        for key in ("cert", "key"):
+            if not item.string(key, ""):
+                raise item.error("is required (a PEM file)", key=key)
+        pair = (item.string("cert", ""), item.string("key", ""))
+        try:
+            server_context([pair])
+        except TlsConfigError as exc:
+            raise item.error(str(exc)) from None
+        pairs.append(pair)
+    try:
+        context = server_context(pairs)
+    except TlsConfigError as exc:
+        raise node.error(str(exc), key="tls") from None
+    return TlsServer(tuple(pairs), context)
+
+
+def _parse_tls_client(node: _Node) -> TlsClient:
+    from trioanubis.tls import TlsConfigError, client_context
+
+    node.check_keys(("verify", "ca", "sni", "cert", "key"))
+    options = {"verify": node.boolean("verify", True)}
+    strings = {key: node.string(key, "") for key in ("ca", "sni", "cert", "key")}
+    if strings["sni"]:
+        try:
+            if check_pattern(strings["sni"]).startswith("*"):
+                raise ValueError("must be a name, not a wildcard")
+        except ValueError as exc:
+            raise node.error(str(exc), strings["sni"], "sni") from None
+    try:
+        context = client_context(verify=options["verify"], ca=strings["ca"], cert=strings["cert"],
+                                 key=strings["key"])  # fmt: skip
+    except TlsConfigError as exc:
+        raise node.error(str(exc)) from None
+    return TlsClient(verify=options["verify"], context=context, **strings)
 
 
 def _parse_client_options(node: _Node) -> dict[str, Any]:
@@ -685,7 +794,7 @@ def _read_token(node: _Node, path: str) -> str:
 _POOL_KEYS = (
     "strategy", "servers", "least_time", "connect_timeout", "idle_timeout",
     "half_close_timeout", "retries", "failover_timeout", "eject_after", "eject_for",
-    "resolver", "health", "send_proxy", "queue_timeout", "max_queued", "spawn",
+    "resolver", "health", "send_proxy", "queue_timeout", "max_queued", "spawn", "tls",
 )  # fmt: skip
 _SEND_PROXY = ("none", "v1", "v2")
 
@@ -706,6 +815,9 @@ def _parse_pool(name: str, node: _Node, base_dir: str | Path | None) -> PoolConf
     if health.send_proxy and not sending:
         raise node.child("health").error("has no effect: neither the pool nor any server sets send_proxy",
                                          key="send_proxy")  # fmt: skip
+    if "tls" in node.data and sending:
+        raise node.error("cannot be combined with send_proxy (yet): the PROXY header would have to go "
+                         "before the TLS handshake", key="tls")  # fmt: skip
     return PoolConfig(
         name=name,
         servers=servers,
@@ -725,6 +837,7 @@ def _parse_pool(name: str, node: _Node, base_dir: str | Path | None) -> PoolConf
         queue_timeout=node.duration("queue_timeout", 0.0),
         max_queued=node.integer("max_queued", 1000, minimum=1, maximum=1_000_000),
         spawn=_parse_spawn(node.child("spawn")) if "spawn" in node.data else None,
+        tls=_parse_tls_client(node.child("tls")) if "tls" in node.data else None,
     )
 
 
@@ -970,6 +1083,7 @@ def proxy_config(
     spawn: list[str] | None = None,
     replicas: int = 1,
     watch: list[str] | None = None,
+    tls: tuple[str, str] | None = None,
 ) -> Config:
     """The config `anubis proxy LISTEN SERVER...` stands for; errors name the argument.
 
@@ -984,5 +1098,8 @@ def proxy_config(
         pool["spawn"] = {"command": spawn, "replicas": replicas, "watch": watch or []}
     elif watch:
         raise ConfigError("anubis proxy: --watch restarts spawned replicas: it needs --spawn")
-    data = {"listeners": {"proxy": {"bind": listen, "pool": "proxy"}}, "pools": {"proxy": pool}}
+    listener: dict[str, Any] = {"bind": listen, "pool": "proxy"}
+    if tls is not None:  # --tls: clients speak TLS to a certificate made for localhost
+        listener["tls"] = {"cert": tls[0], "key": tls[1]}
+    data = {"listeners": {"proxy": listener}, "pools": {"proxy": pool}}
     return parse_config(data, "anubis proxy")

@@ -36,11 +36,13 @@ from trioanubis.hold import hold
 from trioanubis.pool import Pool, Server
 from trioanubis.proxy.connect import connect_any, connect_timed_out
 from trioanubis.proxy.record import CLOSED_CLEANLY, ConnectionRecord
-from trioanubis.proxy_io import send_proxy_header
+from trioanubis.proxy_io import send_proxy_header, send_to_server
 from trioanubis.relay import Relay, reset_on_close
+from trioanubis.tls_relay import ServerTls, relay_streams, release_sockets, socket_stream
 
 if TYPE_CHECKING:
     from trioanubis.listener import Listener
+    from trioanubis.tls_listener import Opening
 
 log = logging.getLogger("trioanubis.connection")
 
@@ -59,29 +61,33 @@ async def _attempt(relay: Relay, server: Server, timeout: float, deadline: float
 
 
 async def connect_with_failover(
-    pool: Pool, relay: Relay, client_key: bytes, record: ConnectionRecord
+    pool: Pool, relay: Relay, client_key: bytes, record: ConnectionRecord, tls: ServerTls | None = None
 ) -> bool:
     """Pick and connect, failing over to other servers; sets relay.server or returns False.
 
     Each attempt has `connect_timeout`, all of them together `failover_timeout`;
     the Timer enforces both and cancels the attempt if the client leaves. A
     pool with `queue_timeout` holds a client no server could take (hold.py),
-    and one that arrives while others are held joins the end of their line.
+    and one that arrives while others are held joins the end of their line. With
+    `tls` (the pool originates TLS), the handshake is part of the attempt: a
+    failed one (a certificate that does not verify) fails over like a refusal.
     """
     if not pool.config.queue_timeout:
-        return await _try_servers(pool, relay, client_key, record) or _no_server(pool, record)
-    if not len(pool.held) and await _try_servers(pool, relay, client_key, record):
+        return await _try_servers(pool, relay, client_key, record, tls) or _no_server(pool, record)
+    if not len(pool.held) and await _try_servers(pool, relay, client_key, record, tls):
         return True
     if record.end == "client_abort":
         return False
-    if await hold(pool, relay, record, lambda: _try_servers(pool, relay, client_key, record)):
+    if await hold(pool, relay, record, lambda: _try_servers(pool, relay, client_key, record, tls)):
         return True
     if record.end in ("queue_full", "queue_timeout"):
         return False  # counted by the queue
     return _no_server(pool, record)
 
 
-async def _try_servers(pool: Pool, relay: Relay, client_key: bytes, record: ConnectionRecord) -> bool:
+async def _try_servers(
+    pool: Pool, relay: Relay, client_key: bytes, record: ConnectionRecord, tls: ServerTls | None
+) -> bool:
     """One round of pick → connect with failover; False with `record.end` set when it found none."""
     config = pool.config
     tried: list[Server] = []
@@ -99,7 +105,13 @@ async def _try_servers(pool: Pool, relay: Relay, client_key: bytes, record: Conn
             started = relay.poller.now()
             try:
                 relay.server = await _attempt(relay, server, config.connect_timeout, deadline)
+                if tls is not None:
+                    await tls.originate(relay, server)
             except BaseException as exc:
+                if relay.server is not None:  # connected, but the TLS handshake failed
+                    release_sockets(relay.server)
+                    relay.poller.close(relay.server)
+                    relay.server = None
                 pool.release(server)
                 if not isinstance(exc, ConnectFailed):
                     raise
@@ -141,24 +153,35 @@ def _no_server(pool: Pool, record: ConnectionRecord) -> bool:
 
 
 async def handle_connection(
-    client: socket.socket, addr: tuple[object, ...], listener: Listener, local: tuple[str, int] | None = None
+    client: socket.socket,
+    addr: tuple[object, ...],
+    listener: Listener,
+    local: tuple[str, int] | None = None,
+    opening: Opening | None = None,
 ) -> None:
     """Serve one accepted client until it ends; closes both sockets in every case.
 
     This is the connection's task (its root coroutine, so a parked connection
     carries no extra frame); the listener accounts for it at the end. `addr` is
     the client (from accept, or the PROXY header admission.py read); `local`,
-    where it connected to when a PROXY header said so (for `send_proxy`).
+    where it connected to when a PROXY header said so (for `send_proxy`);
+    `opening`, what a listener with routes or tls did first (tls_listener.py):
+    the pool, bytes to send first, the client's TLS stream. A connection with
+    TLS on either side is relayed by tls_relay.py, any other by relay.py.
     """
     record = ConnectionRecord(listener.name, addr, started=listener.poller.now())
-    pool = listener.pool  # a reload may point the listener elsewhere meanwhile
+    # A reload may point the listener elsewhere meanwhile; a listener without opening has a pool.
+    pool = opening.pool if opening is not None else listener.pool
+    assert pool is not None
     config = pool.config
+    server_tls = ServerTls(config.tls) if config.tls is not None else None
+    streams = server_tls is not None or (opening is not None and opening.client_tls is not None)
     poller, timer = listener.poller, listener.timer
     relay = Relay(client, idle_timeout=config.idle_timeout, half_close_timeout=config.half_close_timeout,
                   poller=poller, pool=pool)  # fmt: skip
     timer.watch(relay)
     try:
-        if not await connect_with_failover(pool, relay, _client_key(addr), record):
+        if not await connect_with_failover(pool, relay, _client_key(addr), record, server_tls):
             return
         server = relay.server_record
         assert server is not None
@@ -169,9 +192,15 @@ async def handle_connection(
                 relay.end = "server_reset"
                 return
             pool.acquire(server)
-            async with trio.open_nursery() as nursery:  # this connection's: one task per direction
-                relay.start(nursery)
-                await relay.upstream()
+            if streams:
+                await _relay_tls(relay, opening, server_tls)
+            else:
+                if opening is not None and opening.prefix and not await send_to_server(relay, opening.prefix):
+                    relay.end = "server_reset"
+                    return
+                async with trio.open_nursery() as nursery:  # this connection's: one task per direction
+                    relay.start(nursery)
+                    await relay.upstream()
         finally:
             record.bytes_in, record.bytes_out = relay.bytes_in, relay.bytes_out
             record.end = relay.end or "shutdown"
@@ -182,6 +211,8 @@ async def handle_connection(
         log.exception("listener %s: connection from %s failed unexpectedly", listener.name, record.client)
     finally:
         timer.unwatch(relay)
+        if streams or opening is not None:  # Trio's own waits saw these sockets
+            release_sockets(client, relay.server)
         if record.end not in CLOSED_CLEANLY:
             reset_on_close(client)
             if relay.server is not None:
@@ -190,6 +221,24 @@ async def handle_connection(
             poller.close(relay.server)
         poller.close(client)
         listener.connection_ended(record, pool)
+
+
+async def _relay_tls(relay: Relay, opening: Opening | None, server_tls: ServerTls | None) -> None:
+    """The relay when either side speaks TLS (tls_relay.py); the bytes read while routing go first."""
+    assert relay.server is not None
+    client = opening.client_tls if opening is not None and opening.client_tls is not None else None
+    server = server_tls.stream if server_tls is not None and server_tls.stream is not None else None
+    if server is None:
+        relay.poller.unregister(relay.server.fileno())  # Trio waits on it from now on
+    server_stream = server or socket_stream(relay.server)
+    if opening is not None and opening.prefix:
+        relay.bytes_in += len(opening.prefix)
+        try:
+            await server_stream.send_all(opening.prefix)
+        except (trio.BrokenResourceError, OSError):
+            relay.end = "server_reset"
+            return
+    await relay_streams(relay, client or socket_stream(relay.client), server_stream)
 
 
 def _client_key(addr: tuple[object, ...]) -> bytes:

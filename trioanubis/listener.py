@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Final, final
 
 import trio
@@ -40,7 +40,9 @@ from trioanubis.pool import Pool
 from trioanubis.proxy.connect import LOCAL_SHORTAGE_ERRNOS, close_socket
 from trioanubis.proxy.io import Readiness
 from trioanubis.proxy.record import ConnectionRecord
+from trioanubis.sni_routes import RouteTable
 from trioanubis.timeouts import Timer
+from trioanubis.tls_listener import COUNTS, serve_tls_client
 
 log = logging.getLogger("trioanubis.listener")
 
@@ -57,6 +59,9 @@ CONNECTION_TASK_NAME: Final = "trioanubis.connection"
 # How a listener gets its listening socket: bind address and backlog in, a
 # non-blocking listening socket out (workers share one bound by the supervisor).
 SocketOpener = Callable[[Address, int], Awaitable[socket.socket]]
+
+# A connection's first task: (client socket, client address, listener[, local address from a PROXY header]).
+Handler = Callable[..., Awaitable[None]]
 
 
 @final
@@ -122,7 +127,7 @@ class Listener:
     def __init__(
         self,
         config: ListenerConfig,
-        pool: Pool,
+        pools: Mapping[str, Pool],
         limits: Limits,
         access: AccessLog,
         timer: Timer,
@@ -132,10 +137,13 @@ class Listener:
         self.config = config
         self.open_socket: SocketOpener = open_socket or open_listen_socket
         self.name = config.name
-        self.pool = pool
+        self.pools = pools  # the balancer's, live: routes name them
+        self.pool: Pool | None = pools.get(config.pool)  # None only with routes and no fallback
+        self.routes = RouteTable(config.routes)
+        self.tls_counts = dict.fromkeys(COUNTS, 0)
         self.admission = Admission(config.name, config)
         self.screening = config.screens_clients
-        self._handler = serve_proxied if config.accept_proxy else handle_connection
+        self._handler = _handler_for(config)
         self.limits = limits
         self.access = access
         self.timer = timer
@@ -163,7 +171,7 @@ class Listener:
                 host, port = sock.getsockname()[:2]
                 self.bound = Address(host, port)
                 log.info("listener %s: listening on %s (pool %s)", self.name, self.bound,
-                         self.pool.name)  # fmt: skip
+                         self.config.pool or "-")  # fmt: skip
                 task_status.started(self.bound)
                 await self._accept_loop(sock, connections)
             finally:
@@ -212,13 +220,19 @@ class Listener:
             return True
         return bool(limits.max_connections and limits.active >= limits.max_connections)
 
-    def reconfigure(self, config: ListenerConfig, pool: Pool) -> None:
-        """A reload changed this listener's options or pool (its bind stays)."""
+    def reconfigure(self, config: ListenerConfig) -> None:
+        """A reload changed this listener's options, pool or routes (its bind stays)."""
         self.config = config
-        self.pool = pool
+        self.pool = self.pools.get(config.pool)
+        self.routes = RouteTable(config.routes)
         self.admission.configure(config)
         self.screening = config.screens_clients
-        self._handler = serve_proxied if config.accept_proxy else handle_connection
+        self._handler = _handler_for(config)
+
+    @property
+    def serve_admitted(self) -> Handler:
+        """What continues a connection admission.py admitted after its PROXY header."""
+        return serve_tls_client if self.config.routes or self.config.tls else handle_connection
 
     def closed_before_relay(self) -> None:
         """Account for an accepted connection that admission refused (admission.py calls this)."""
@@ -238,6 +252,15 @@ class Listener:
         record.ended = self.poller.now()
         pool.durations.observe(record.ended - record.started)
         self.access.log(record)
+
+
+def _handler_for(config: ListenerConfig) -> Handler:
+    """A connection's first task: the PROXY header first, the TLS opening first, or straight to connect."""
+    if config.accept_proxy:
+        return serve_proxied
+    if config.routes or config.tls:
+        return serve_tls_client
+    return handle_connection
 
 
 async def open_listen_socket(

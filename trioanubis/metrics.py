@@ -67,13 +67,14 @@ def stats(balancer: Balancer) -> dict[str, Any]:
             {
                 "name": listener.name,
                 "bind": str(listener.bound or listener.config.bind),
-                "pool": listener.pool.name,
+                "pool": listener.config.pool,
                 "accepted": listener.accepted,
                 "active": listener.active,
                 "rejected": listener.rejected,
                 "accept_overloads": listener.overloads,
                 "internal_errors": listener.internal_errors,
                 **listener.admission.stats(),
+                **({"tls": dict(listener.tls_counts)} if listener.routes or listener.config.tls else {}),
             }
             for listener in balancer.listeners.values()
         ],
@@ -165,6 +166,13 @@ def _admission_metrics(listeners: list[Listener]) -> Iterator[str]:
                        "Clients with per-client state (open connections, rate buckets).")  # fmt: skip
     for x in listeners:
         yield f"anubis_listener_tracked_clients{_labels(listener=x.name)} {len(x.admission.clients)}"
+    tls = [x for x in listeners if x.routes or x.config.tls]
+    if tls:
+        yield from _family("listener_tls_total", "counter",
+                           "Openings of listeners with routes or tls, by result.")  # fmt: skip
+    for x in tls:
+        for result, count in x.tls_counts.items():
+            yield f"anubis_listener_tls_total{_labels(listener=x.name, result=result)} {count}"
 
 
 def prometheus(balancer: Balancer) -> str:

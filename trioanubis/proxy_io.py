@@ -95,12 +95,17 @@ async def send_proxy_header(
 
     False when the server failed meanwhile (the caller ends the connection).
     """
-    server = relay.server
-    assert server is not None
     if local is None:
         local = _local_address(relay.client)
     source = (str(client[0]), int(client[1]))  # type: ignore[call-overload]
-    view = memoryview(build_header(version, source, local))
+    return await send_to_server(relay, build_header(version, source, local))
+
+
+async def send_to_server(relay: Relay, data: bytes) -> bool:
+    """Send `data` to the just-connected server before the relay starts; False if the server failed."""
+    server = relay.server
+    assert server is not None
+    view = memoryview(data)
     while True:
         try:
             sent = server.send(view)

@@ -40,6 +40,15 @@ def _clients(listener: ListenerConfig) -> list[str]:
         limits.append(str(listener.rate_per_client))
     if limits:
         lines.append(f"  per client: {', '.join(limits)}")
+    for route in listener.routes:
+        alpn = f" (alpn {route.alpn})" if route.alpn else ""
+        lines.append(f"  sni {route.sni}{alpn} -> pool {route.pool}")
+    if listener.routes:
+        lines.append(f"  otherwise -> {'pool ' + listener.pool if listener.pool else 'closed'}; "
+                     f"peek_timeout {listener.peek_timeout:g}s")  # fmt: skip
+    if listener.tls is not None:
+        certs = ", ".join(cert for cert, _ in listener.tls.certificates)
+        lines.append(f"  tls termination with {certs}")
     return lines
 
 
@@ -65,10 +74,13 @@ def describe(config: Config, pools: Mapping[str, Pool] | None = None) -> str:
     lines = [_settings(config), _admin(config)]
     for name, listener in config.listeners.items():
         limit = f", max {listener.max_connections}" if listener.max_connections else ""
-        lines.append(f"listener {name}: {listener.bind} -> pool {listener.pool}{limit}")
+        target = f"pool {listener.pool}" if not listener.routes else "routes by sni"
+        lines.append(f"listener {name}: {listener.bind} -> {target}{limit}")
         lines += _clients(listener)
     for name, pc in config.pools.items():
         proxy = f", send_proxy {pc.send_proxy}" if pc.send_proxy != "none" else ""
+        if pc.tls is not None:
+            proxy += ", tls" + ("" if pc.tls.verify else " (not verified)")
         lines.append(f"pool {name}: {pc.strategy}; {_health(pc)}; connect_timeout "
                      f"{pc.connect_timeout:g}s, idle_timeout {pc.idle_timeout:g}s, "
                      f"retries {pc.retries}{proxy}")  # fmt: skip

@@ -92,7 +92,8 @@ async def _probe_forever(pool: Pool, server: Server, first: trio.Event) -> None:
             if not server.sockaddrs:
                 await _resolve(server)
             try:
-                ok, reason = await probe(server, config, plan, health_proxy_header(pool, server))
+                ok, reason = await probe(server, config, plan, health_proxy_header(pool, server),
+                                         pool.config.tls)  # fmt: skip
             except OutOfResources as exc:
                 short = _skipped(pool, server, exc, short)
                 first.set()

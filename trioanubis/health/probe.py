@@ -25,11 +25,12 @@ from typing import Final
 import h11
 import trio
 
-from trioanubis.config import HealthConfig
+from trioanubis.config import HealthConfig, TlsClient
 from trioanubis.errors import ConnectFailed, OutOfResources
 from trioanubis.health.expect import Matcher, Plan, Verdict, plan_for, show
 from trioanubis.pool import Server
 from trioanubis.proxy.connect import LOCAL_SHORTAGE_ERRNOS, close_socket, open_server_socket
+from trioanubis.tls_stream import TlsError, TlsStream
 
 # The most of a health response body we read: enough for any status page
 # that says "up", small enough that a misbehaving server cannot bloat us.
@@ -51,10 +52,18 @@ def plan_of(config: HealthConfig) -> Plan | None:
 
 
 async def probe(
-    server: Server, config: HealthConfig, plan: Plan | None = None, proxy_header: bytes = b""
+    server: Server,
+    config: HealthConfig,
+    plan: Plan | None = None,
+    proxy_header: bytes = b"",
+    tls: TlsClient | None = None,
 ) -> Result:
     """Run one check of `config.check` kind against `server` (`plan`: see `plan_of`), after
-    `proxy_header` if given. Raises OutOfResources on a local shortage."""
+    `proxy_header` if given.
+
+    With `tls` (the pool originates TLS) the check includes the handshake, so a
+    certificate that does not verify fails it, and an http or protocol check runs over it.
+    Raises OutOfResources on a local shortage."""
     matcher = plan.matcher() if plan is not None else None
     connected = False
     with trio.move_on_after(config.timeout):
@@ -66,14 +75,21 @@ async def probe(
             return False, exc.reason
         connected = True
         try:
-            if config.check == "tcp" and not proxy_header:
+            if config.check == "tcp" and not proxy_header and tls is None:
                 return True, "connected"
-            stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+            stream: trio.abc.Stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
             if proxy_header:
                 try:
                     await stream.send_all(proxy_header)
                 except (OSError, trio.BrokenResourceError):
                     return False, "reset"
+            if tls is not None:
+                stream = TlsStream(stream, tls.context, server_side=False,
+                                   server_hostname=tls.sni or server.address.host)  # fmt: skip
+                try:
+                    await stream.do_handshake()
+                except TlsError as exc:
+                    return False, exc.reason
             if config.check == "tcp":
                 return True, "connected"
             if matcher is not None:
@@ -88,7 +104,7 @@ async def probe(
     return False, "timeout"
 
 
-async def _converse(stream: trio.SocketStream, plan: Plan, matcher: Matcher) -> Verdict:
+async def _converse(stream: trio.abc.Stream, plan: Plan, matcher: Matcher) -> Verdict:
     """Send the plan's request and feed the reply to `matcher` until it decides."""
     try:
         if plan.send:
@@ -96,7 +112,7 @@ async def _converse(stream: trio.SocketStream, plan: Plan, matcher: Matcher) -> 
         verdict = None
         while verdict is None:
             data = await stream.receive_some(min(matcher.room, READ_CHUNK))
-            verdict = matcher.feed(data) if data else matcher.eof()
+            verdict = matcher.feed(bytes(data)) if data else matcher.eof()
     except (OSError, trio.BrokenResourceError):
         after = f" after {show(bytes(matcher.received))}" if matcher.received else ""
         return Verdict(False, f"reset{after}")
@@ -106,7 +122,7 @@ async def _converse(stream: trio.SocketStream, plan: Plan, matcher: Matcher) -> 
     return verdict
 
 
-async def _http_check(stream: trio.SocketStream, server: Server, config: HealthConfig) -> Result:
+async def _http_check(stream: trio.abc.Stream, server: Server, config: HealthConfig) -> Result:
     conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADERS)
     host = config.host or str(server.address)
     request = h11.Request(
@@ -131,14 +147,14 @@ async def _http_check(stream: trio.SocketStream, server: Server, config: HealthC
     return True, f"status {status}"
 
 
-async def _read_response(stream: trio.SocketStream, conn: h11.Connection) -> tuple[int, bytes]:
+async def _read_response(stream: trio.abc.Stream, conn: h11.Connection) -> tuple[int, bytes]:
     status = 0
     body = bytearray()
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
             data = await stream.receive_some(MAX_HEADERS)
-            conn.receive_data(data)
+            conn.receive_data(bytes(data))
             continue
         if isinstance(event, h11.Response):
             status = event.status_code

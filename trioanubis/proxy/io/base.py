@@ -47,6 +47,9 @@ class Readiness(Protocol):
         """
         ...
 
+    def unregister(self, fd: int) -> None:
+        """Hand `fd` over to Trio's own waits (a TLS connection's sockets: tls_relay.py)."""
+
     def forget(self, fd: int) -> None:
         """Wake whatever waits on `fd` with ClosedResourceError; call before closing it."""
 

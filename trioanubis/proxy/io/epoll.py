@@ -130,6 +130,11 @@ class Poller:
         self.hung_up.discard(fd)
         self._epoll.register(fd, _REGISTER)
 
+    def unregister(self, fd: int) -> None:
+        """Leave this poller: the socket is handed to Trio's own waits (a TLS connection, tls_relay.py)."""
+        self.forget(fd)
+        self._epoll.unregister(fd)
+
     # The two waits are plain functions that register the calling task and return
     # Trio's wait itself, so `await poller.wait_readable(fd)` parks the task with
     # no frame of ours in between (an idle connection's two parked pumps are most

@@ -107,6 +107,9 @@ class PortableReadiness:
                 woke = True
         return woke
 
+    def unregister(self, fd: int) -> None:
+        """Nothing to do: every wait here is Trio's own already."""
+
     def forget(self, fd: int) -> None:
         trio.lowlevel.notify_closing(fd)  # stepped waits are Trio's own: not in our tables
 
