@@ -269,8 +269,7 @@ async def test_tiny_segments_full_duplex_one_mib_each_way() -> None:
     rng = random.Random(6)
     upstream = rng.randbytes(MIB)
     script = Script(stream_bytes=rng.randbytes(MIB), echo=False, slice_writes=True, seed=6)
-    async with through_balancer(script) as (backend, _, address):
-        stream = await connect(address)
+    async with through_balancer(script) as (backend, _, address), await connect(address) as stream:
         received = bytearray()
 
         async def send() -> None:
@@ -511,41 +510,44 @@ async def test_accept_survives_running_out_of_file_descriptors(tmp_path: Path) -
             in_use = len(os.listdir(f"/proc/{process.pid}/fd"))
             resource.prlimit(process.pid, resource.RLIMIT_NOFILE, (in_use + 6, in_use + 6))
             address = Address("127.0.0.1", port)
-            held = []
-            for _ in range(6):  # 3 fit (2 fds each); the rest wait in the backlog
-                stream = await connect(address)
-                await stream.send_all(b"x")
-                held.append(stream)
-            with trio.fail_after(30):
-                while b"accept failed" not in seen:
-                    seen += await process.stderr.receive_some()
-            # That the loop backs off rather than spins is proved on Trio's MockClock below
-            # (test_accept_backs_off_between_retries_while_out_of_descriptors).
-            for stream in held[:3]:
-                await stream.aclose()
+            held: list[trio.SocketStream] = []
+            try:
+                for _ in range(6):  # 3 fit (2 fds each); the rest wait in the backlog
+                    held.append(stream := await connect(address))
+                    await stream.send_all(b"x")
+                with trio.fail_after(30):
+                    while b"accept failed" not in seen:
+                        seen += await process.stderr.receive_some()
+                # That the loop backs off rather than spins is proved on Trio's MockClock below
+                # (test_accept_backs_off_between_retries_while_out_of_descriptors).
+                for stream in held[:3]:
+                    await stream.aclose()
 
-            async def served_or_closed(stream: trio.SocketStream) -> None:
-                with suppress(trio.BrokenResourceError):
-                    assert await stream.receive_some(1) in (b"x", b"")
-                await stream.aclose()
+                async def served_or_closed(stream: trio.SocketStream) -> None:
+                    with suppress(trio.BrokenResourceError):
+                        assert await stream.receive_some(1) in (b"x", b"")
+                    await stream.aclose()
 
-            # Waiting clients are served, or closed if a socket() failed. At once: which of them
-            # the balancer took before it ran short depends on scheduling, and one still in the
-            # backlog may need the descriptors another one holds until we close it.
-            with trio.fail_after(30):
-                async with trio.open_nursery() as clients:
-                    for stream in held[3:]:
-                        clients.start_soon(served_or_closed, stream)
-            # Every descriptor is given back: then a request is served at once, and its accept
-            # ends any episode still open (one that began on an empty backlog has no other end).
-            await wait_until(lambda: len(os.listdir(f"/proc/{process.pid}/fd")) <= in_use)
-            assert await request(address, b"still serving") == b"still serving"
-            # logged once per episode (an fd freed for a moment may end one and start another)
-            with trio.fail_after(30):
-                while seen.count(b"accept failed") != seen.count(b"accepting again"):
-                    seen += await process.stderr.receive_some()
-            # ...and not once per retry: with 100 ms back-off, a spinning loop would log hundreds
-            assert seen.count(b"accept failed") < 10
+                # Waiting clients are served, or closed if a socket() failed. At once: which of them
+                # the balancer took before it ran short depends on scheduling, and one still in the
+                # backlog may need the descriptors another one holds until we close it.
+                with trio.fail_after(30):
+                    async with trio.open_nursery() as clients:
+                        for stream in held[3:]:
+                            clients.start_soon(served_or_closed, stream)
+                # Every descriptor is given back: then a request is served at once, and its accept
+                # ends any episode still open (one that began on an empty backlog has no other end).
+                await wait_until(lambda: len(os.listdir(f"/proc/{process.pid}/fd")) <= in_use)
+                assert await request(address, b"still serving") == b"still serving"
+                # logged once per episode (an fd freed for a moment may end one and start another)
+                with trio.fail_after(30):
+                    while seen.count(b"accept failed") != seen.count(b"accepting again"):
+                        seen += await process.stderr.receive_some()
+                # ...and not once per retry: with 100 ms back-off, a spinning loop would log hundreds
+                assert seen.count(b"accept failed") < 10
+            finally:  # closed even when the test fails, so no socket outlives it
+                for stream in held:
+                    stream.socket.close()
         nursery.cancel_scope.cancel()
 
 
