@@ -262,6 +262,10 @@ async def test_data_and_fin_arriving_together_are_both_relayed(nursery: trio.Nur
                 await stream.send_all(b"question")
                 with trio.fail_after(20):
                     assert await receive_all(stream) == b"answer"
+            # The client's FIN (sent by the close above) must reach the backend, whose handler
+            # then returns; only then may the balancer stop, or it would cut (reset) that
+            # connection while the FIN is still on its way.
+            await wait_until(lambda: backend.active == 0)
 
 
 def _has_ipv6_loopback() -> bool:
