@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import resource
 import socket
@@ -11,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mappin
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
+import pytest
 import trio
 
 from trioanubis.app import Balancer
@@ -235,3 +237,11 @@ def descriptors_exhausted() -> Iterator[None]:
         for fd in held:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage_after_each_test() -> Iterator[None]:
+    """Collect after every test, so a socket a test leaves unclosed is reported against that test
+    (as a ResourceWarning, an error here) rather than against whichever test the collector next runs in."""
+    yield
+    gc.collect()

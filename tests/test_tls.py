@@ -71,8 +71,13 @@ def tls_backend(pair: Pair, name: str) -> Callable[[trio.SocketStream], Awaitabl
 
 async def tls_client(address: Address, ca: Authority, name: str | None) -> trio.SSLStream[trio.SocketStream]:
     context = ssl.create_default_context(cafile=ca.pair.cert)
-    stream = trio.SSLStream(await connect(address), context, server_hostname=name, https_compatible=True)
-    await stream.do_handshake()
+    raw = await connect(address)
+    stream = trio.SSLStream(raw, context, server_hostname=name, https_compatible=True)
+    try:
+        await stream.do_handshake()
+    except BaseException:
+        await trio.aclose_forcefully(raw)  # a refused handshake must not leave the socket open
+        raise
     return stream
 
 
