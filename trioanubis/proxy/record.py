@@ -23,15 +23,18 @@ EndState = Literal[
     "client_abort",  # the client left while we were still connecting
     "connect_failed",  # every attempt to connect failed
     "no_server",  # no server could take the connection
+    "fault_reset",  # an injected fault (reset_after) reset it on purpose
+    "fault_close",  # an injected fault (close_after) closed it on purpose, with FIN
     "internal_error",  # a bug ended this connection (logged with its traceback)
     "shutdown",  # cut by the balancer stopping
 ]
 END_STATES: Final = get_args(EndState)
-# Ends after which both sockets close with FIN: both sides finished, or nothing was
-# relayed. Every other end (a peer's reset, idle or half-close timeout, a stop, a
-# bug) resets both sides, so no peer takes a cut for a complete transfer.
+# Ends after which both sockets close with FIN: both sides finished, nothing was
+# relayed, or an injected close_after asked for exactly that. Every other end (a
+# peer's reset, idle or half-close timeout, a stop, a bug, fault_reset) resets
+# both sides, so no peer takes a cut for a complete transfer.
 CLOSED_CLEANLY: Final[frozenset[EndState]] = frozenset(
-    {"client_eof", "server_eof", "connect_failed", "no_server", "client_abort"}
+    {"client_eof", "server_eof", "connect_failed", "no_server", "client_abort", "fault_close"}
 )
 # The side that sent EOF first, while the other still sends.
 FirstEof = Literal["", "client_eof", "server_eof"]
