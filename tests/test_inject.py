@@ -314,6 +314,54 @@ async def test_reload_keeps_runtime_faults_unless_the_file_changes_them(nursery:
         assert server.faults == FaultConfig(slice=3)
 
 
+fault_values = st.fixed_dictionaries({}, optional={
+    key: st.sampled_from(["1ms", "64KB", "1MB/s", "1B", -1, 0, 0.5, 2, True, "x", "nan", [1], {"a": 1}])
+    for key in ("direction", "probability", "latency", "jitter", "bandwidth", "reset_after", "close_after",
+                "blackhole", "refuse", "slice", "slice_delay", "other")
+})  # fmt: skip
+small_faults = fault_tables.map(lambda t: {**t, "latency": "5ms"} if "latency" in t else t)
+
+
+async def exchange_or_fault(address: Any) -> None:
+    """One request through whatever faults are set: any ending is fine, hanging is cut off."""
+    with trio.move_on_after(3), contextlib.suppress(trio.BrokenResourceError, OSError):
+        await request(address)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(small_faults, fault_values), st.one_of(small_faults, fault_values), st.booleans())
+async def test_every_accepted_faults_config_runs_and_reloads(
+    first: dict[str, Any], second: dict[str, Any], on_server: bool
+) -> None:
+    async with trio.open_nursery() as nursery:
+        backend = await start_backend(nursery, echo_handler)
+
+        def config(faults: dict[str, Any] | None) -> dict[str, Any]:
+            if faults is None:
+                return config_for([backend.address])
+            if on_server:
+                return config_for([{"address": backend.address, "faults": faults}])
+            return config_for([backend.address], faults=faults)
+
+        try:
+            parse_config(config(first), "t")
+        except ConfigError as exc:
+            assert re.match(r"t: pools\.test\.(servers\[0\]\.)?faults", str(exc)), exc
+            nursery.cancel_scope.cancel()
+            return
+        async with running_balancer(config(first)) as (balancer, address):
+            await exchange_or_fault(address)
+            with contextlib.suppress(ConfigError):
+                await balancer.apply_config(parse_config(config(second), "t"))
+            await exchange_or_fault(address)
+            await balancer.apply_config(parse_config(config(None), "t"))
+            if on_server:  # a server's own table left the file: back to the pool's (none)
+                assert balancer.pools["test"].servers[0].faults is None
+            assert await request(address) == b"ping"
+            assert not balancer.stopped.is_set()
+        nursery.cancel_scope.cancel()
+
+
 # ---------------------------------------------- hostile admin input, fuzzed
 
 
