@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -39,6 +40,7 @@ from trioanubis.config import FaultConfig, parse_bandwidth, parse_config, parse_
 from trioanubis.errors import ConfigError
 from trioanubis.faults import describe, draw
 from trioanubis.pool import Server
+from trioanubis.proxy.faulted import QUEUE_BOUND
 from trioanubis.proxy.io import epoll_available
 
 __all__ = ["live_balancer"]  # the fixture, shared with test_admin
@@ -180,29 +182,28 @@ async def test_latency_delays_each_exchange_without_serialising_pipelined_ones(n
     assert 0.1 <= elapsed < EVENTUALLY  # delayed at least once (no upper timing bound worth asserting)
 
 
-async def test_latency_queue_is_bounded_so_the_server_is_pushed_back(nursery: trio.Nursery) -> None:
-    sent = 0
+@pytest.mark.parametrize("io", BACKENDS)
+async def test_latency_queue_is_bounded_so_the_server_is_pushed_back(nursery: trio.Nursery, io: str) -> None:
+    payload = random.Random(2).randbytes(8 << 20)
+    done = trio.Event()
 
     async def firehose(stream: trio.SocketStream) -> None:
-        nonlocal sent
-        chunk = b"x" * 65536
-        try:
-            while sent < 200 << 20:
-                await stream.send_all(chunk)
-                sent += len(chunk)
-        except trio.BrokenResourceError:
-            pass
+        with contextlib.suppress(trio.BrokenResourceError):
+            await stream.send_all(payload)
+            await stream.send_eof()
+            done.set()
 
     backend = await start_backend(nursery, firehose)
-    async with running_balancer(faulted([backend.address], latency="50ms")) as (_, address):
-        stream = await connect(address)  # and never read
+    async with running_balancer(faulted([backend.address], io, latency="20ms")) as (balancer, address):
+        stream = await connect(address)  # and does not read, for now
         async with stream:
-            await wait_until(lambda: sent > 0)
-            before = -1
-            while before != sent:  # until the firehose stalls: kernel buffers plus one bounded queue
-                before = sent
-                await trio.sleep(0.5)
-            assert sent < 64 << 20
+            await wait_until(lambda: any(r.pending_out for r in balancer.timer.connections))
+            relay = next(iter(balancer.timer.connections))
+            for _ in range(20):
+                await trio.testing.wait_all_tasks_blocked(0.01)
+                assert relay.pending_out <= QUEUE_BOUND
+            assert not done.is_set() and relay.bytes_out < len(payload)  # pushed back on the server
+            assert await receive_all(stream, len(payload)) == payload  # and nothing was lost
 
 
 async def test_blackhole_reads_and_drops(nursery: trio.Nursery) -> None:

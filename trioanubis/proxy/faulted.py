@@ -132,8 +132,16 @@ class _Direction:
     def _push(self, data: bytes) -> None:
         delay = self.plan.delay() if self.plan.latency else 0.0
         self.queue.append((trio.current_time() + delay if delay else 0.0, data))
-        self.held += len(data)
+        self._hold(len(data))
         self._arrived.unpark_all()
+
+    def _hold(self, change: int) -> None:
+        """Count bytes in (or out of) this direction's queue; the relay's `pending_*` shows them."""
+        self.held += change
+        if self.upstream:
+            self.relay.pending_in = self.held
+        else:
+            self.relay.pending_out = self.held
 
     # ---------------------------------------------------------------- sending
 
@@ -151,7 +159,7 @@ class _Direction:
                 relay.on_eof(self.dst, self.upstream, forward=not self.plan.blackhole)
                 return
             delivered = await self._deliver(memoryview(data))
-            self.held -= len(data)
+            self._hold(-len(data))
             self._room.unpark_all()
             if not delivered:
                 return
