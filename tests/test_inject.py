@@ -95,6 +95,10 @@ def test_anubis_check_rejects_bad_faults_naming_the_key(tmp_path: Path) -> None:
     result = run_cli("check", "-c", str(bad))
     assert result.returncode != 0 and "pools.p.faults.bandwidth" in result.stderr
     assert "Traceback" not in result.stderr
+    bad.write_text(bad.read_text().replace('"fast"', '"1MB/s"\nlatency = "20ms"'))
+    result = run_cli("check", "-c", str(bad))
+    assert result.returncode == 0, result.stderr
+    assert "FAULTS direction=both probability=1.0 latency=20ms bandwidth=1000000B/s" in result.stdout
 
 
 fault_tables = st.fixed_dictionaries({}, optional={

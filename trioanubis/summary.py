@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 
-from trioanubis.config import Config, ListenerConfig, PoolConfig
+from trioanubis.config import Config, FaultConfig, ListenerConfig, PoolConfig
+from trioanubis.faults import describe as describe_faults
 from trioanubis.pool import Pool
 
 
@@ -35,6 +37,14 @@ def _clients(listener: ListenerConfig) -> list[str]:
     return lines
 
 
+def _faults(faults: FaultConfig | None) -> str:
+    """Injected faults in a line's tail ("" when none): they must not go unnoticed."""
+    shown = describe_faults(faults if faults is not None and faults.active else None)
+    if shown is None:
+        return ""
+    return "; FAULTS " + " ".join(f"{key}={json.dumps(value).strip(chr(34))}" for key, value in shown.items())
+
+
 def describe(config: Config, pools: Mapping[str, Pool] | None = None) -> str:
     """Listeners → pools → servers, with live state and latency when `pools` is given."""
     lines = []
@@ -46,7 +56,7 @@ def describe(config: Config, pools: Mapping[str, Pool] | None = None) -> str:
         proxy = f", send_proxy {pc.send_proxy}" if pc.send_proxy != "none" else ""
         lines.append(f"pool {name}: {pc.strategy}; {_health(pc)}; connect_timeout "
                      f"{pc.connect_timeout:g}s, idle_timeout {pc.idle_timeout:g}s, "
-                     f"retries {pc.retries}{proxy}")  # fmt: skip
+                     f"retries {pc.retries}{proxy}{_faults(pc.faults)}")  # fmt: skip
         live = pools[name].servers if pools else None
         if live is not None:
             for server in live:
@@ -56,7 +66,8 @@ def describe(config: Config, pools: Mapping[str, Pool] | None = None) -> str:
         else:
             for sc in pc.servers:
                 limit = f" max_connections {sc.max_connections}" if sc.max_connections else ""
-                lines.append(f"  server {sc.name}: {sc.address} weight {sc.weight}{limit}")
+                faults = _faults(sc.faults)
+                lines.append(f"  server {sc.name}: {sc.address} weight {sc.weight}{limit}{faults}")
         for d in pc.discovery:
             what = f"SRV {d.name}" if d.kind == "srv" else f"DNS {d.name}:{d.port}"
             lines.append(f"  servers from {what}, refreshed every {d.refresh:g}s")
