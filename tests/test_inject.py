@@ -170,6 +170,34 @@ async def test_latency_jitter_and_slices_keep_every_byte_in_order(nursery: trio.
             await wait_until(lambda: balancer.access.counts.get("client_eof") == 1)
 
 
+@pytest.mark.parametrize("io", BACKENDS)
+@pytest.mark.parametrize(
+    "faults", [{"latency": "2ms", "jitter": "1ms"}, {"slice": "3B"}], ids=["latency", "slice"]
+)
+async def test_faulted_streams_pass_trios_half_closeable_stream_checks(
+    nursery: trio.Nursery, io: str, faults: dict[str, Any]
+) -> None:
+    """trio.testing's conformance suite on (client, backend) pairs relayed by the faulted path."""
+    accepted: list[trio.SocketStream] = []
+    arrived = trio.lowlevel.ParkingLot()
+
+    async def hand_over(stream: trio.SocketStream) -> None:
+        accepted.append(stream)
+        arrived.unpark_all()
+        await trio.sleep_forever()
+
+    backend = await start_backend(nursery, hand_over)
+    async with running_balancer(faulted([backend.address], io, **faults)) as (_, address):
+
+        async def stream_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+            client = await connect(address)
+            while not accepted:
+                await arrived.park()
+            return client, accepted.pop()
+
+        await trio.testing.check_half_closeable_stream(stream_pair, None)
+
+
 async def test_latency_delays_each_exchange_without_serialising_pipelined_ones(nursery: trio.Nursery) -> None:
     backend = await start_backend(nursery, echo_handler)
     async with running_balancer(faulted([backend.address], latency="100ms", direction="upstream")) as (_, a):
@@ -276,6 +304,20 @@ async def test_refuse_drives_failover_to_another_server(nursery: trio.Nursery) -
         answers = [await request(address) for _ in range(6)]
     assert answers == [b"two"] * 6 and one.connections == 0
     assert balancer.pools["test"].servers[0].faults_applied["refuse"] >= 3
+
+
+async def test_least_time_sees_the_injected_latency(nursery: trio.Nursery) -> None:
+    fast = await start_backend(nursery, echo_handler)
+    slow = await start_backend(nursery, echo_handler)
+    servers = [{"address": fast.address, "name": "fast"},
+               {"address": slow.address, "name": "slow", "faults": {"latency": "50ms"}}]  # fmt: skip
+    async with running_balancer(config_for(servers, strategy="least_time")) as (balancer, address):
+        for _ in range(6):
+            assert await request(address) == b"ping"
+        fast_server, slow_server = balancer.pools["test"].servers
+        await wait_until(lambda: slow_server.ewma is not None and fast_server.ewma is not None)
+        assert slow_server.ewma > fast_server.ewma  # type: ignore[operator]
+        assert slow_server.ewma >= 0.05  # type: ignore[operator]
 
 
 async def test_runtime_faults_apply_to_new_connections_only(nursery: trio.Nursery) -> None:

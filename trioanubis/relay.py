@@ -242,7 +242,7 @@ class Relay:
                 self.first_sent = self.poller.now()
         else:
             if not self.bytes_out and self.first_sent and self.pool is not None:
-                self._record_first_byte(self.poller.now())
+                self.record_first_byte(self.poller.now())
             self.bytes_out += received
         try:
             sent = dst.send(_SCRATCH[:received])
@@ -413,7 +413,7 @@ class Relay:
         if both:
             self.end = self.first_eof
 
-    def _record_first_byte(self, now: float) -> None:
+    def record_first_byte(self, now: float) -> None:
         assert self.pool is not None and self.server_record is not None
         if self.pool.config.least_time == "first_byte":
             self.pool.record_time(self.server_record, now - self.first_sent)

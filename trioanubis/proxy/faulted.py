@@ -213,8 +213,12 @@ class _Direction:
             view = view[sent:]
             relay.active = True
             if self.upstream:
+                if not relay.first_sent:
+                    relay.first_sent = relay.poller.now()
                 relay.bytes_in += sent
             else:
+                if not relay.bytes_out and relay.first_sent and relay.pool is not None:
+                    relay.record_first_byte(relay.poller.now())  # least_time sees injected latency
                 relay.bytes_out += sent
         return True
 
