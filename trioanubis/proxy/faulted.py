@@ -123,7 +123,8 @@ class _Direction:
                 continue
             relay.active = True
             if data and self.plan.blackhole:
-                continue  # read and dropped
+                await trio.lowlevel.checkpoint()  # read and dropped; a flood still yields
+                continue
             self._push(data)
             if not data:
                 return
