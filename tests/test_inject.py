@@ -27,6 +27,7 @@ from tests.conftest import (
     echo_handler,
     free_port,
     name_handler,
+    no_fd_leak,
     receive_all,
     request,
     running_balancer,
@@ -294,6 +295,24 @@ async def test_close_after_is_a_clean_close_after_that_many_bytes(nursery: trio.
         await wait_until(lambda: balancer.access.counts.get("fault_close") == 1)
 
 
+async def test_faulted_connections_leave_no_descriptor_behind(nursery: trio.Nursery) -> None:
+    backend = await start_backend(nursery, echo_handler)
+    kinds: list[dict[str, Any]] = [
+        {"reset_after": "1KB"},
+        {"close_after": "1KB", "direction": "downstream"},
+        {"blackhole": True},
+        {"latency": "1ms", "slice": "100B"},
+        {"refuse": True},
+    ]
+    with no_fd_leak():
+        for faults in kinds:
+            async with running_balancer(faulted([backend.address], **faults)) as (balancer, address):
+                for _ in range(1 if "blackhole" in faults else 3):  # a blackhole hangs till cut off
+                    await exchange_or_fault(address, b"q" * 5000)
+                assert balancer.pools["test"].servers[0].faults_applied
+            await wait_until(lambda: backend.active == 0)
+
+
 async def test_refuse_drives_failover_to_another_server(nursery: trio.Nursery) -> None:
     one = await start_backend(nursery, name_handler("one"))
     two = await start_backend(nursery, name_handler("two"))
@@ -369,10 +388,10 @@ fault_values = st.fixed_dictionaries({}, optional={
 small_faults = fault_tables.map(lambda t: {**t, "latency": "5ms"} if "latency" in t else t)
 
 
-async def exchange_or_fault(address: Any) -> None:
+async def exchange_or_fault(address: Any, payload: bytes = b"ping") -> None:
     """One request through whatever faults are set: any ending is fine, hanging is cut off."""
     with trio.move_on_after(3), contextlib.suppress(trio.BrokenResourceError, OSError):
-        await request(address)
+        await request(address, payload)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
