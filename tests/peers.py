@@ -24,6 +24,7 @@ PACKAGES = {
     "tmux": "tmux",
     "redis-server": "redis-server",
     "redis-cli": "redis-tools",
+    "redis-benchmark": "redis-tools",
     "pg_ctl": "postgresql",
     "h2load": "nghttp2-client",
     "wrk": "wrk",

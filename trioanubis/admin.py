@@ -37,6 +37,9 @@ slept on, retried.
     POST /pools/{pool}/servers/{server}/drain    no new connections
     POST /pools/{pool}/servers/{server}/enable   back in rotation
     POST /pools/{pool}/servers/{server}/weight   body {"weight": N}
+    GET  /pools/{pool}/servers/{server}/faults   the injected faults in effect (trioanubis.faults)
+    PUT  /pools/{pool}/servers/{server}/faults   body {"latency": "200ms", ...}: replace them
+    DELETE /pools/{pool}/servers/{server}/faults no faults on this server (new connections)
 """
 
 from __future__ import annotations
@@ -57,20 +60,22 @@ import h11
 import trio
 
 from trioanubis import dashboard
-from trioanubis.config import Address, AdminConfig
-from trioanubis.errors import AnubisError
+from trioanubis.config import Address, AdminConfig, FaultConfig, parse_faults
+from trioanubis.errors import AnubisError, ConfigError
+from trioanubis.faults import NO_FAULTS, describe
 from trioanubis.listener import AcceptBackoff
 from trioanubis.metrics import prometheus, server_stats, stats
 
 if TYPE_CHECKING:
     from trioanubis.app import Balancer
+    from trioanubis.pool import Pool, Server
 
 log = logging.getLogger("trioanubis.admin")
 
 MAX_HEAD: Final = 16384
-# The only request with a body is {"weight": N}: 4 KiB is plenty.
+# The requests with a body are {"weight": N} and a faults table: 4 KiB is plenty.
 MAX_BODY: Final = 4096
-# {"weight": N} nests one level; json.loads recurses once per level, so a
+# {"weight": N} and a faults table nest one level; json.loads recurses once per level, so a
 # deeper body is refused before it is parsed.
 MAX_JSON_DEPTH: Final = 4
 # A client gets this long to send one whole request (from its first byte, or
@@ -157,6 +162,8 @@ def route(
         return Reply(200 if ready else 503, "text/plain", b"ready\n" if ready else b"not ready\n")
     parts = [unquote(p) for p in path.strip("/").split("/")]
     if len(parts) == 5 and parts[0] == "pools" and parts[2] == "servers":
+        if parts[4] == "faults":
+            return _faults_action(balancer, parts[1], parts[3], method, body)
         if method != "POST":
             return error_reply(405, f"{path} takes POST")
         return _server_action(balancer, parts[1], parts[3], parts[4], body)
@@ -185,9 +192,8 @@ def json_depth(text: str) -> int:
     return deepest
 
 
-def parse_weight(body: bytes) -> int:
-    """N from a `{"weight": N}` body; ValueError saying what is wrong otherwise."""
-    shape = 'the body must be JSON like {"weight": 3}'
+def parse_json_body(body: bytes, shape: str) -> Any:
+    """The JSON document in `body`, depth-checked before parsing; ValueError saying `shape` otherwise."""
     try:
         text = body.decode()
     except UnicodeDecodeError:
@@ -195,21 +201,68 @@ def parse_weight(body: bytes) -> int:
     if json_depth(text) > MAX_JSON_DEPTH:
         raise ValueError(f"{shape}; it nests more than {MAX_JSON_DEPTH} levels deep")
     try:
-        weight = json.loads(text or "null")["weight"]
-    except (ValueError, TypeError, KeyError, IndexError):
+        return json.loads(text or "null")
+    except ValueError:
+        raise ValueError(shape) from None
+
+
+def parse_weight(body: bytes) -> int:
+    """N from a `{"weight": N}` body; ValueError saying what is wrong otherwise."""
+    shape = 'the body must be JSON like {"weight": 3}'
+    try:
+        weight = parse_json_body(body, shape)["weight"]
+    except (TypeError, KeyError, IndexError):
         raise ValueError(shape) from None
     if not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= 1_000_000:
         raise ValueError(f"weight must be an integer from 0 to 1000000, got {json.dumps(weight)[:40]}")
     return weight
 
 
-def _server_action(balancer: Balancer, pool_name: str, key: str, action: str, body: bytes) -> Reply:
+def _find_server(balancer: Balancer, pool_name: str, key: str) -> tuple[Pool, Server] | Reply:
     pool = balancer.pools.get(pool_name)
     if pool is None:
         return error_reply(404, f"no pool {pool_name!r}")
     server = pool.find(key)
     if server is None:
         return error_reply(404, f"pool {pool_name!r} has no server {key!r}")
+    return pool, server
+
+
+def parse_faults_body(body: bytes) -> FaultConfig:
+    """A faults table from a PUT body, checked by the config's own parser; ValueError otherwise."""
+    data = parse_json_body(body, 'the body must be a JSON object like {"latency": "200ms"}')
+    try:
+        return parse_faults(data)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _faults_action(balancer: Balancer, pool_name: str, key: str, method: str, body: bytes) -> Reply:
+    """GET, PUT or DELETE a server's injected faults; they apply to new connections only."""
+    found = _find_server(balancer, pool_name, key)
+    if isinstance(found, Reply):
+        return found
+    pool, server = found
+    if method == "PUT":
+        try:
+            faults = parse_faults_body(body)
+        except ValueError as exc:
+            return error_reply(400, str(exc))
+        pool.set_faults(server, faults)
+        log.info("pool %s: server %s faults set to %s", pool.name, server.name, describe(server.faults))
+    elif method == "DELETE":
+        pool.set_faults(server, NO_FAULTS)
+        log.info("pool %s: server %s faults cleared", pool.name, server.name)
+    elif method not in ("GET", "HEAD"):
+        return error_reply(405, "faults takes GET, PUT or DELETE")
+    return json_reply(200, {"pool": pool.name, "server": server.name, "faults": describe(server.faults)})
+
+
+def _server_action(balancer: Balancer, pool_name: str, key: str, action: str, body: bytes) -> Reply:
+    found = _find_server(balancer, pool_name, key)
+    if isinstance(found, Reply):
+        return found
+    pool, server = found
     if action == "drain":
         pool.set_draining(server, True)
     elif action == "enable":
@@ -222,7 +275,7 @@ def _server_action(balancer: Balancer, pool_name: str, key: str, action: str, bo
         pool.set_weight(server, weight)
         log.info("pool %s: server %s weight set to %d", pool.name, server.name, weight)
     else:
-        return error_reply(404, f"no such action {action!r} (drain, enable, weight)")
+        return error_reply(404, f"no such action {action!r} (drain, enable, weight, faults)")
     return json_reply(200, server_stats(server))
 
 

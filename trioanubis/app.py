@@ -411,6 +411,9 @@ class Balancer:
                 server = current[key]
                 server.max_connections = sc.max_connections
                 server.send_proxy = sc.send_proxy
+                if sc.faults != server.config_faults:  # the file changed: it wins over the admin's
+                    server.config_faults = sc.faults
+                    pool.set_faults(server, sc.faults)
                 if server.weight != sc.weight:
                     pool.set_weight(server, sc.weight)
                 pool.set_priority(server, sc.priority)
@@ -420,6 +423,7 @@ class Balancer:
         if added:
             pool.add(added)
             log.info("reload: pool %s: %s added", pool.name, ", ".join(s.name for s in added))
+        pool.refresh_faults()
         pool.changed()
         if (config.health, config.discovery, config.resolver) != (old.health, old.discovery, old.resolver):
             self._pool_scopes.pop(pool.name).cancel()

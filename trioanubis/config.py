@@ -56,10 +56,16 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 SendProxy = Literal["none", "v1", "v2"]
 LeastTimeMode = Literal["first_byte", "connect"]
 LogFormat = Literal["text", "json"]
+FaultDirection = Literal["upstream", "downstream", "both"]
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _RATE = re.compile(r"\s*(\d+)\s*/\s*(\S+)\s*")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)\s*")
+_SIZE_UNITS = {"B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
+# The largest size or rate a fault accepts: 1 TiB, far beyond any test, small enough
+# that arithmetic on it stays exact.
+MAX_SIZE = 1 << 40
 
 # A config file is a page of text; anything larger is a mistake (or /dev/zero).
 MAX_CONFIG_BYTES: Final = 1 << 20
@@ -104,6 +110,29 @@ class Rate:
 
 
 @dataclass(frozen=True, slots=True)
+class FaultConfig:
+    """Network faults injected on a server's connections (trioanubis.faults); all zero: none."""
+
+    direction: FaultDirection = "both"
+    probability: float = 1.0  # the fraction of connections (or connect attempts, for refuse) affected
+    latency: float = 0.0  # every chunk is held this long (seconds) ...
+    jitter: float = 0.0  # ... give or take up to this much, order kept
+    bandwidth: int = 0  # bytes per second per connection and direction; 0: unlimited
+    reset_after: int = 0  # bytes, then a TCP reset; 0: never
+    close_after: int = 0  # bytes, then a clean close (FIN); 0: never
+    blackhole: bool = False  # read and drop, send nothing
+    refuse: bool = False  # connects fail as if refused
+    slice: int = 0  # deliver in segments of at most this many bytes; 0: whole chunks
+    slice_delay: float = 0.0  # the pause between two segments
+
+    @property
+    def active(self) -> bool:
+        """Whether any fault is set (direction and probability alone do nothing)."""
+        return bool(self.latency or self.jitter or self.bandwidth or self.reset_after or self.close_after
+                    or self.blackhole or self.refuse or self.slice)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     address: Address
     name: str
@@ -111,6 +140,7 @@ class ServerConfig:
     max_connections: int = 0  # 0: unlimited
     send_proxy: SendProxy | Literal[""] = ""  # "": the pool's
     priority: int = 0  # the lowest priority with a usable server takes the traffic
+    faults: FaultConfig | None = None  # None: the pool's
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +231,7 @@ class PoolConfig:
     max_queued: int = 1000
     spawn: SpawnConfig | None = None
     tls: TlsClient | None = None
+    faults: FaultConfig | None = None  # injected on every server's connections (trioanubis.faults)
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +299,8 @@ def parse_duration(value: object) -> float:
             raise ValueError("must be a finite duration")
         if value < 0:
             raise ValueError("must not be negative")
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number of seconds")
         return float(value)
     if not isinstance(value, str) or not value:
         raise ValueError("must be a duration like \"250ms\", \"2s\", \"1m\" or a number of seconds")
@@ -295,6 +328,39 @@ def parse_rate(value: object) -> Rate:
     if period <= 0:
         raise ValueError("the duration after \"/\" must be greater than zero")
     return Rate(int(match.group(1)), period)
+
+
+def parse_size(value: object) -> int:
+    """Bytes from "64KB", "1MiB", "512B" or a plain integer; ValueError otherwise.
+
+    KB, MB, GB count in thousands, KiB, MiB, GiB in 1024s (as `curl` and
+    toxiproxy users expect).
+    """
+    shape = "must be a size like \"512B\", \"64KB\", \"1MiB\" or a number of bytes"
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        match = _SIZE.fullmatch(value) if isinstance(value, str) else None
+        if match is None:
+            raise ValueError(shape)
+        size = round(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+    if not 0 <= size <= MAX_SIZE:
+        raise ValueError(f"must be from 0 to {MAX_SIZE} bytes")
+    return size
+
+
+def parse_bandwidth(value: object) -> int:
+    """Bytes per second from "1MB/s", "512KiB/s" or a plain integer of bytes per second."""
+    shape = "must be a rate like \"1MB/s\", \"512KiB/s\" or a number of bytes per second"
+    if isinstance(value, str):
+        size, slash, unit = value.rpartition("/")
+        if not slash or unit.strip() != "s":
+            raise ValueError(shape)
+        value = size
+    try:
+        return parse_size(value)
+    except ValueError:
+        raise ValueError(shape) from None
 
 
 def parse_network(value: object) -> Network:
@@ -426,6 +492,19 @@ class _Node:
         if positive and seconds <= 0:
             raise self.error("must be greater than zero", value, key)
         return seconds
+
+    def size(self, key: str, parse: Callable[[object], int] = parse_size) -> int:
+        value = self.data.get(key, 0)
+        try:
+            return parse(value)
+        except ValueError as exc:
+            raise self.error(str(exc), value, key) from None
+
+    def fraction(self, key: str, default: float) -> float:
+        value = self.data.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise self.error("must be a number from 0 to 1", value, key)
+        return float(value)
 
     def networks(self, key: str) -> tuple[Network, ...]:
         """A list of CIDRs; each bad entry is named by its index (`allow[2]`)."""
@@ -794,7 +873,7 @@ def _read_token(node: _Node, path: str) -> str:
 _POOL_KEYS = (
     "strategy", "servers", "least_time", "connect_timeout", "idle_timeout",
     "half_close_timeout", "retries", "failover_timeout", "eject_after", "eject_for",
-    "resolver", "health", "send_proxy", "queue_timeout", "max_queued", "spawn", "tls",
+    "resolver", "health", "send_proxy", "queue_timeout", "max_queued", "spawn", "tls", "faults",
 )  # fmt: skip
 _SEND_PROXY = ("none", "v1", "v2")
 
@@ -838,6 +917,7 @@ def _parse_pool(name: str, node: _Node, base_dir: str | Path | None) -> PoolConf
         max_queued=node.integer("max_queued", 1000, minimum=1, maximum=1_000_000),
         spawn=_parse_spawn(node.child("spawn")) if "spawn" in node.data else None,
         tls=_parse_tls_client(node.child("tls")) if "tls" in node.data else None,
+        faults=_parse_faults(node.child("faults")) if "faults" in node.data else None,
     )
 
 
@@ -858,7 +938,8 @@ def _parse_servers(node: _Node) -> tuple[tuple[ServerConfig, ...], tuple[Discove
         if "dns" in item.data or "srv" in item.data:
             discovery.append(_parse_discovery(item))
             continue
-        item.check_keys(("address", "weight", "name", "max_connections", "send_proxy", "backup", "priority"))
+        item.check_keys(("address", "weight", "name", "max_connections", "send_proxy", "backup", "priority",
+                         "faults"))
         address = item.address("address")
         server = ServerConfig(
             address=address,
@@ -867,6 +948,7 @@ def _parse_servers(node: _Node) -> tuple[tuple[ServerConfig, ...], tuple[Discove
             max_connections=item.integer("max_connections", 0),
             send_proxy=item.choice("send_proxy", "", _SEND_PROXY) if "send_proxy" in item.data else "",  # type: ignore[arg-type]
             priority=_parse_priority(item),
+            faults=_parse_faults(item.child("faults")) if "faults" in item.data else None,
         )
         if server.name in names:
             raise item.error("duplicate server name in this pool", server.name, "name")
@@ -1072,6 +1154,46 @@ def _loopback_host(node: _Node) -> str:
     except ValueError:
         raise node.error("must be an IP address the replicas listen on", host, "host") from None
     return host
+
+
+FAULT_KEYS = (
+    "direction", "probability", "latency", "jitter", "bandwidth", "reset_after", "close_after",
+    "blackhole", "refuse", "slice", "slice_delay",
+)  # fmt: skip
+# Longer than any test would wait: a typo like "200s" for "200ms" is caught.
+MAX_FAULT_DELAY = 60.0
+
+
+def _parse_faults(node: _Node) -> FaultConfig:
+    """A `faults` table (config, or an admin PUT body); every error names the key."""
+    node.check_keys(FAULT_KEYS)
+    delays = {}
+    for key in ("latency", "jitter", "slice_delay"):
+        delays[key] = node.duration(key, 0.0)
+        if delays[key] > MAX_FAULT_DELAY:
+            raise node.error(f"must be at most {MAX_FAULT_DELAY:g}s", node.data[key], key)
+    faults = FaultConfig(
+        direction=node.choice("direction", "both", ("upstream", "downstream", "both")),  # type: ignore[arg-type]
+        probability=node.fraction("probability", 1.0),
+        bandwidth=node.size("bandwidth", parse_bandwidth),
+        reset_after=node.size("reset_after"),
+        close_after=node.size("close_after"),
+        blackhole=node.boolean("blackhole", False),
+        refuse=node.boolean("refuse", False),
+        slice=node.size("slice"),
+        **delays,
+    )
+    if faults.slice_delay and not faults.slice:
+        raise node.error("has no effect without slice", node.data["slice_delay"], "slice_delay")
+    if faults.jitter > faults.latency:
+        raise node.error("must not exceed latency (a chunk is never due before it arrived)",
+                         node.data["jitter"], "jitter")  # fmt: skip
+    return faults
+
+
+def parse_faults(data: object, source: str = "admin request") -> FaultConfig:
+    """A faults table from elsewhere than a file (the admin's JSON body); ConfigError naming the key."""
+    return _parse_faults(_Node(data, "faults", source))
 
 
 def proxy_config(

@@ -32,9 +32,11 @@ from typing import TYPE_CHECKING
 import trio
 
 from trioanubis.errors import AttemptCancelled, ConnectFailed, OutOfResources
+from trioanubis.faults import draw, refused
 from trioanubis.hold import hold
 from trioanubis.pool import Pool, Server
 from trioanubis.proxy.connect import connect_any, connect_timed_out
+from trioanubis.proxy.faulted import relay_faulted
 from trioanubis.proxy.record import CLOSED_CLEANLY, ConnectionRecord
 from trioanubis.proxy_io import send_proxy_header, send_to_server
 from trioanubis.relay import Relay, reset_on_close
@@ -50,6 +52,8 @@ log = logging.getLogger("trioanubis.connection")
 async def _attempt(relay: Relay, server: Server, timeout: float, deadline: float) -> socket.socket:
     """One connect attempt of a client's connection, timed by the Timer, not a deadline of its own."""
     relay.attempt_deadline = min(relay.poller.now() + timeout, deadline)
+    if server.faults is not None and (refusal := refused(server)) is not None:
+        raise refusal  # an injected `refuse`: failover and ejection see a refused connect
     try:
         return await connect_any(server, relay)
     except AttemptCancelled:
@@ -198,9 +202,13 @@ async def handle_connection(
                 if opening is not None and opening.prefix and not await send_to_server(relay, opening.prefix):
                     relay.end = "server_reset"
                     return
+                plan = None if server.faults is None else draw(server.faults, server)
                 async with trio.open_nursery() as nursery:  # this connection's: one task per direction
-                    relay.start(nursery)
-                    await relay.upstream()
+                    if plan is None:
+                        relay.start(nursery)
+                        await relay.upstream()
+                    else:  # injected faults: the copying path of proxy/faulted.py
+                        relay_faulted(relay, plan, nursery)
         finally:
             record.bytes_in, record.bytes_out = relay.bytes_in, relay.bytes_out
             record.end = relay.end or "shutdown"

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from trioanubis.accesslog import log_dropped
+from trioanubis.faults import describe
 
 if TYPE_CHECKING:
     from trioanubis.admin import Admin
@@ -35,6 +36,8 @@ def server_stats(server: Server) -> dict[str, Any]:
         "connect_failures": server.connect_failures,
         "last_check": server.last_check,
         "ewma_ms": None if server.ewma is None else round(server.ewma * 1000, 3),
+        "faults": describe(server.faults),
+        "faults_applied": dict(sorted(server.faults_applied.items())),
     }
 
 
@@ -199,6 +202,10 @@ def prometheus(balancer: Balancer) -> str:
         lines.append(f"anubis_health_checks_total{_labels(**labels, result='pass')} {s.checks_passed}")
         lines.append(f"anubis_health_checks_total{_labels(**labels, result='fail')} {s.checks_failed}")
         lines.append(f"anubis_health_checks_total{_labels(**labels, result='skipped')} {s.checks_skipped}")
+    lines += _family("faults_applied_total", "counter", "Injected faults that acted, by server and fault.")
+    for labels, s in rows:
+        for fault, count in sorted(s.faults_applied.items()):
+            lines.append(f"anubis_faults_applied_total{_labels(**labels, fault=fault)} {count}")
     lines += _family("pool_no_server_total", "counter", "Clients closed because no server could take them.")
     pools = list(balancer.pools.values())
     lines += [f"anubis_pool_no_server_total{_labels(pool=p.name)} {p.no_server}" for p in pools]

@@ -42,7 +42,7 @@ from typing import Final, final
 
 import trio
 
-from trioanubis.config import Address, PoolConfig, ServerConfig
+from trioanubis.config import Address, FaultConfig, PoolConfig, ServerConfig
 from trioanubis.hold import HoldQueue
 from trioanubis.strategies import Strategy, make_strategy
 
@@ -94,10 +94,9 @@ class Server:
 
     __slots__ = (
         "active", "address", "bytes_in", "bytes_out", "checks_failed", "checks_passed", "checks_skipped",
-        "connect_failures",
-        "consecutive_failures", "draining", "effective_weight", "ewma", "healthy",
-        "last_check", "max_connections", "name", "priority", "removed", "send_proxy", "sockaddrs",
-        "source", "total", "weight",
+        "config_faults", "connect_failures", "consecutive_failures", "draining", "effective_weight", "ewma",
+        "fault_override", "faults", "faults_applied", "healthy", "last_check", "max_connections", "name",
+        "priority", "removed", "send_proxy", "sockaddrs", "source", "total", "weight",
     )  # fmt: skip
 
     def __init__(self, config: ServerConfig, *, healthy: bool = True, source: str = "") -> None:
@@ -124,6 +123,10 @@ class Server:
         self.checks_skipped = 0  # probes that ran short locally (descriptors, memory): no verdict
         self.ewma: float | None = None
         self.last_check = ""
+        self.config_faults = config.faults  # what the config file gives this server (None: the pool's)
+        self.fault_override = config.faults  # the same, or what the admin API set since
+        self.faults: FaultConfig | None = None  # in effect for new connections; None: none (see Pool)
+        self.faults_applied: dict[str, int] = {}  # fault name → times it acted (trioanubis.faults)
 
     @property
     def state(self) -> str:
@@ -160,6 +163,8 @@ class Pool:
         self.name = config.name
         healthy = config.health.check == "none" if initially_healthy is None else initially_healthy
         self.servers: list[Server] = [Server(s, healthy=healthy) for s in config.servers]
+        for server in self.servers:
+            self._resolve_faults(server)
         self.retired: list[Server] = []  # removed, still carrying connections
         self._strategy: Strategy = make_strategy(config.strategy)
         self._strategies: dict[int, Strategy] = {}  # per priority group
@@ -369,8 +374,26 @@ class Pool:
         return None
 
     def add(self, servers: Iterable[Server]) -> None:
-        self.servers.extend(servers)
+        added = list(servers)
+        for server in added:
+            self._resolve_faults(server)
+        self.servers.extend(added)
         self.changed()
+
+    def set_faults(self, server: Server, faults: FaultConfig | None) -> None:
+        """Replace `server`'s own faults (None: follow the pool's); new connections only."""
+        server.fault_override = faults
+        self._resolve_faults(server)
+
+    def refresh_faults(self) -> None:
+        """Recompute every server's faults after the pool's config changed (a reload)."""
+        for server in self.servers:
+            self._resolve_faults(server)
+
+    def _resolve_faults(self, server: Server) -> None:
+        # One attribute read per connection on the data path: None unless a fault is set.
+        own = server.fault_override if server.fault_override is not None else self.config.faults
+        server.faults = own if own is not None and own.active else None
 
     def remove(self, server: Server) -> None:
         """Stop new connections to `server`; it leaves for good once idle."""

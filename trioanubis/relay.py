@@ -233,7 +233,7 @@ class Relay:
             self._reset(client=upstream)  # the side we read from
             return DONE
         if not received:
-            self._on_eof(dst, upstream)
+            self.on_eof(dst, upstream)
             return DONE
         self.active = True
         if upstream:
@@ -242,7 +242,7 @@ class Relay:
                 self.first_sent = self.poller.now()
         else:
             if not self.bytes_out and self.first_sent and self.pool is not None:
-                self._record_first_byte(self.poller.now())
+                self.record_first_byte(self.poller.now())
             self.bytes_out += received
         try:
             sent = dst.send(_SCRATCH[:received])
@@ -341,7 +341,7 @@ class Relay:
                     await poller.wait_readable(src_fd)
                     continue
                 if not moved:
-                    self._on_eof(dst, upstream)
+                    self.on_eof(dst, upstream)
                     return True
                 self.active = True
                 if upstream:
@@ -398,20 +398,22 @@ class Relay:
         else:
             self.pending_out = count
 
-    def _on_eof(self, dst: socket.socket, upstream: bool) -> None:
+    def on_eof(self, dst: socket.socket, upstream: bool, *, forward: bool = True) -> None:
+        """EOF from one side: pass it on to `dst` (unless a blackhole swallows it: `forward`)."""
         both = bool(self.first_eof)  # the other side's EOF came first
         if not both:
             self.first_eof = "client_eof" if upstream else "server_eof"
         self.active = True
         try:
-            dst.shutdown(socket.SHUT_WR)
+            if forward:
+                dst.shutdown(socket.SHUT_WR)
         except OSError:
             self._reset(client=not upstream)  # the side we write to
             return
         if both:
             self.end = self.first_eof
 
-    def _record_first_byte(self, now: float) -> None:
+    def record_first_byte(self, now: float) -> None:
         assert self.pool is not None and self.server_record is not None
         if self.pool.config.least_time == "first_byte":
             self.pool.record_time(self.server_record, now - self.first_sent)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 
-from trioanubis.config import BACKUP_PRIORITY, Config, ListenerConfig, PoolConfig
+from trioanubis.config import BACKUP_PRIORITY, Config, FaultConfig, ListenerConfig, PoolConfig
+from trioanubis.faults import describe as describe_faults
 from trioanubis.pool import Pool
 
 
@@ -69,6 +71,14 @@ def _admin(config: Config) -> str:
     return f"admin: {config.admin.bind}, {token}"
 
 
+def _faults(faults: FaultConfig | None) -> str:
+    """Injected faults in a line's tail ("" when none): they must not go unnoticed."""
+    shown = describe_faults(faults if faults is not None and faults.active else None)
+    if shown is None:
+        return ""
+    return "; FAULTS " + " ".join(f"{key}={json.dumps(value).strip(chr(34))}" for key, value in shown.items())
+
+
 def describe(config: Config, pools: Mapping[str, Pool] | None = None) -> str:
     """Settings, admin, listeners → pools → servers, with live state when `pools` is given."""
     lines = [_settings(config), _admin(config)]
@@ -83,7 +93,7 @@ def describe(config: Config, pools: Mapping[str, Pool] | None = None) -> str:
             proxy += ", tls" + ("" if pc.tls.verify else " (not verified)")
         lines.append(f"pool {name}: {pc.strategy}; {_health(pc)}; connect_timeout "
                      f"{pc.connect_timeout:g}s, idle_timeout {pc.idle_timeout:g}s, "
-                     f"retries {pc.retries}{proxy}")  # fmt: skip
+                     f"retries {pc.retries}{proxy}{_faults(pc.faults)}")  # fmt: skip
         live = pools[name].servers if pools else None
         if live is not None:
             for server in live:
@@ -95,7 +105,7 @@ def describe(config: Config, pools: Mapping[str, Pool] | None = None) -> str:
             for sc in pc.servers:
                 limit = f" max_connections {sc.max_connections}" if sc.max_connections else ""
                 lines.append(f"  server {sc.name}: {sc.address} weight {sc.weight}{limit}"
-                             f"{_priority(sc.priority)}")  # fmt: skip
+                             f"{_priority(sc.priority)}{_faults(sc.faults)}")  # fmt: skip
         if pc.spawn is not None and live is None:
             watch = f", rolled when {len(pc.spawn.watch)} watched patterns change" if pc.spawn.watch else ""
             lines.append(f"  {pc.spawn.replicas} replicas of: {' '.join(pc.spawn.command)}{watch}")

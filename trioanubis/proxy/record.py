@@ -25,15 +25,19 @@ EndState = Literal[
     "no_server",  # no server could take the connection
     "queue_full",  # no server could take it and max_queued clients were held already
     "queue_timeout",  # held for queue_timeout and no server could take it
+    "fault_reset",  # an injected fault (reset_after) reset it on purpose
+    "fault_close",  # an injected fault (close_after) closed it on purpose, with FIN
     "internal_error",  # a bug ended this connection (logged with its traceback)
     "shutdown",  # cut by the balancer stopping
 ]
 END_STATES: Final = get_args(EndState)
-# Ends after which both sockets close with FIN: both sides finished, or nothing was
-# relayed. Every other end (a peer's reset, idle or half-close timeout, a stop, a
-# bug) resets both sides, so no peer takes a cut for a complete transfer.
+# Ends after which both sockets close with FIN: both sides finished, nothing was
+# relayed, or an injected close_after asked for exactly that. Every other end (a
+# peer's reset, idle or half-close timeout, a stop, a bug, fault_reset) resets
+# both sides, so no peer takes a cut for a complete transfer.
 CLOSED_CLEANLY: Final[frozenset[EndState]] = frozenset(
-    {"client_eof", "server_eof", "connect_failed", "no_server", "client_abort", "queue_full", "queue_timeout"}
+    {"client_eof", "server_eof", "connect_failed", "no_server", "client_abort", "queue_full", "queue_timeout",
+     "fault_close"}
 )
 # The side that sent EOF first, while the other still sends.
 FirstEof = Literal["", "client_eof", "server_eof"]
