@@ -245,13 +245,15 @@ async def test_hello_sends_reason_phrases_and_binds_loopback_only_by_default() -
 
 def test_check_summary_shows_settings_and_the_admin_endpoint_but_never_the_token(tmp_path: Path) -> None:
     config = tmp_path / "anubis.toml"
-    text = (ROOT / "anubis.toml").read_text().replace('drain_timeout = "30s"', 'drain_timeout = "45s"')
+    text = (ROOT / "anubis.toml").read_text()
+    text = text.replace('drain_timeout = "30s"', 'drain_timeout = "45s"\nworkers = 2')
     config.write_text('[admin]\nbind = "127.0.0.1:9911"\ntoken = "s3cret-token"\n' + text.replace(
         'log_format = "text"', 'log_format = "json"').replace("access_log = true", "access_log = false"))
     result = run_cli("check", "-c", str(config))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    expected = "settings: drain_timeout 45s, log_format json, access_log off, max_connections from ulimit -n"
+    expected = ("settings: drain_timeout 45s, log_format json, access_log off, "
+                "max_connections from ulimit -n, workers 2")
     assert expected in lines
     assert "admin: 127.0.0.1:9911, token required" in lines
     assert "s3cret-token" not in result.stdout + result.stderr

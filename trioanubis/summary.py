@@ -59,8 +59,10 @@ def _settings(config: Config) -> str:
     limit = str(s.max_connections) if s.max_connections else "from ulimit -n"
     extra = "".join(f", {key} {value}" for key, value in (("pid_file", s.pid_file),
                     ("resolver", s.resolver)) if value)  # fmt: skip
+    workers = "auto" if s.workers == 0 else str(s.workers)
     return (f"settings: drain_timeout {s.drain_timeout:g}s, log_format {s.log_format}, "
-            f"access_log {'on' if s.access_log else 'off'}, max_connections {limit}{extra}")  # fmt: skip
+            f"access_log {'on' if s.access_log else 'off'}, max_connections {limit}, "
+            f"workers {workers}{extra}")  # fmt: skip
 
 
 def _admin(config: Config) -> str:
