@@ -440,7 +440,21 @@ async def run_until_signalled(
     task_status: trio.TaskStatus[Mapping[str, Address]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run `balancer`: SIGTERM/SIGINT stop it gracefully (a second one: at once), SIGHUP reloads."""
-    # Windows has no SIGHUP (reload there with --watch).
+    await run_with_signals(balancer.run, balancer.request_reload, balancer.shutdown, task_status=task_status)
+
+
+async def run_with_signals(
+    run: Callable[..., Awaitable[None]],
+    reload: Callable[[str], None],
+    stop: Callable[[], None],
+    *,
+    task_status: trio.TaskStatus[Mapping[str, Address]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run `run(task_status=...)` while SIGTERM/SIGINT call `stop` and SIGHUP calls `reload`.
+
+    The balancer and the worker supervisor both stop this way; Windows has no
+    SIGHUP (reload there with --watch).
+    """
     reload_signals = [signal.SIGHUP] if hasattr(signal, "SIGHUP") else []
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, *reload_signals) as signals:
         async with trio.open_nursery() as nursery:
@@ -448,11 +462,11 @@ async def run_until_signalled(
             async def watch() -> None:
                 async for signum in signals:
                     if signum in reload_signals:
-                        balancer.request_reload("SIGHUP")
+                        reload("SIGHUP")
                         continue
                     log.info("received %s", signal.Signals(signum).name)
-                    balancer.shutdown()
+                    stop()
 
             nursery.start_soon(watch)
-            await balancer.run(task_status=task_status)
+            await run(task_status=task_status)
             nursery.cancel_scope.cancel()

@@ -47,7 +47,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import signal
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final, final
@@ -64,7 +63,7 @@ from trioanubis.admin import (
     json_reply,
     route,
 )
-from trioanubis.app import Balancer
+from trioanubis.app import Balancer, run_with_signals
 from trioanubis.config import Address, Config, parse_config_text
 from trioanubis.errors import AnubisError, ConfigError
 from trioanubis.metrics import prometheus, stats
@@ -367,17 +366,5 @@ async def run_supervised(
     task_status: trio.TaskStatus[Mapping[str, Address]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run `supervisor`: SIGTERM/SIGINT stop the workers (a second: at once), SIGHUP reloads them."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async with trio.open_nursery() as nursery:
-
-            async def watch() -> None:
-                async for signum in signals:
-                    if signum == signal.SIGHUP:
-                        supervisor.request_reload("SIGHUP")
-                        continue
-                    log.info("received %s", signal.Signals(signum).name)
-                    supervisor.stop()
-
-            nursery.start_soon(watch)
-            await supervisor.run(task_status=task_status)
-            nursery.cancel_scope.cancel()
+    await run_with_signals(supervisor.run, supervisor.request_reload, supervisor.stop,
+                           task_status=task_status)  # fmt: skip
