@@ -18,6 +18,7 @@ import trio.testing
 
 from tests.test_io import BACKENDS, fill, running, socket_pair
 from trioanubis.errors import AttemptCancelled
+from trioanubis.proxy.connect import Connecting
 from trioanubis.proxy.io import Readiness, open_readiness
 from trioanubis.relay import Relay
 from trioanubis.timeouts import Timer, tick_for
@@ -108,11 +109,11 @@ async def test_half_close_timeout_fires_within_its_bound_after_the_first_eof(
         assert 20.0 <= fired - eof <= 20.0 * (1 + LATE) + 1e-9
 
 
-async def attempt(relay: Relay, sock: socket.socket) -> float:
-    """Park as a connect attempt does (connection._attempt); when the Timer stopped it."""
-    relay.attempt_fd = sock.fileno()
+async def attempt(connecting: Connecting, sock: socket.socket) -> float:
+    """Park as a connect attempt does (connect_any); when the Timer stopped it."""
+    connecting.fd = sock.fileno()
     with pytest.raises(AttemptCancelled):
-        await relay.poller.wait_writable(sock.fileno())
+        await connecting.poller.wait_writable(sock.fileno())
     return trio.current_time()
 
 
@@ -127,14 +128,14 @@ async def test_connect_and_failover_deadlines_fire_within_their_bound(
             backend.register(pending.fileno())
             fill(pending)  # never writable: a connect that does not finish
             start = trio.current_time()
-            relay.connecting = True
-            relay.connect_started = start
+            connecting = relay.connecting = Connecting(client, backend)
+            connecting.started = start
             deadline = start + failover_timeout if failover_timeout else float("inf")
-            relay.attempt_deadline = min(start + connect_timeout, deadline)  # as connection._attempt
+            connecting.deadline = min(start + connect_timeout, deadline)  # as connection._attempt
             timer.watch(relay)
-            fired = await attempt(relay, pending)
+            fired = await attempt(connecting, pending)
             bound = min(connect_timeout, failover_timeout or connect_timeout)
-            assert relay.attempt_end == "timeout"
+            assert connecting.end == "timeout"
             assert bound <= fired - start <= bound * (1 + LATE)
             timer.unwatch(relay)
 
@@ -147,9 +148,9 @@ async def test_client_leaving_cancels_the_connect_attempt_within_a_tick(
             relay = relaying(client, backend, idle=600.0, half_close=60.0)
             backend.register(pending.fileno())
             fill(pending)
-            relay.connecting = True
-            relay.connect_started = trio.current_time()
-            relay.attempt_deadline = relay.connect_started + 10.0
+            connecting = relay.connecting = Connecting(client, backend)
+            connecting.started = trio.current_time()
+            connecting.deadline = connecting.started + 10.0
             timer.watch(relay)
             async with trio.open_nursery() as nursery:
 
@@ -158,9 +159,9 @@ async def test_client_leaving_cancels_the_connect_attempt_within_a_tick(
                     peer.close()
 
                 nursery.start_soon(leave)
-                fired = await attempt(relay, pending)
-            assert relay.attempt_end == "client_abort"
-            assert 2.0 <= fired - relay.connect_started <= 2.0 + 2 * timer.tick
+                fired = await attempt(connecting, pending)
+            assert connecting.end == "client_abort"
+            assert 2.0 <= fired - connecting.started <= 2.0 + 2 * timer.tick
             timer.unwatch(relay)
 
 

@@ -35,7 +35,7 @@ from trioanubis.errors import AttemptCancelled, ConnectFailed, OutOfResources
 from trioanubis.faults import draw, refused
 from trioanubis.hold import hold
 from trioanubis.pool import Pool, Server
-from trioanubis.proxy.connect import connect_any, connect_timed_out
+from trioanubis.proxy.connect import Connecting, connect_any, connect_timed_out
 from trioanubis.proxy.faulted import relay_faulted
 from trioanubis.proxy.record import CLOSED_CLEANLY, ConnectionRecord
 from trioanubis.proxy_io import send_proxy_header, send_to_server
@@ -49,19 +49,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("trioanubis.connection")
 
 
-async def _attempt(relay: Relay, server: Server, timeout: float, deadline: float) -> socket.socket:
+async def _attempt(connecting: Connecting, server: Server, timeout: float, deadline: float) -> socket.socket:
     """One connect attempt of a client's connection, timed by the Timer, not a deadline of its own."""
-    relay.attempt_deadline = min(relay.poller.now() + timeout, deadline)
+    connecting.deadline = min(connecting.poller.now() + timeout, deadline)
     if server.faults is not None and (refusal := refused(server)) is not None:
         raise refusal  # an injected `refuse`: failover and ejection see a refused connect
     try:
-        return await connect_any(server, relay)
+        return await connect_any(server, connecting)
     except AttemptCancelled:
-        if relay.attempt_end == "timeout":
+        if connecting.end == "timeout":
             raise connect_timed_out(server, timeout) from None
         raise ConnectFailed(f"connecting to {server.address}: the client left", "client_abort") from None
-    finally:
-        relay.attempt_fd = -1
 
 
 async def connect_with_failover(
@@ -76,17 +74,21 @@ async def connect_with_failover(
     `tls` (the pool originates TLS), the handshake is part of the attempt: a
     failed one (a certificate that does not verify) fails over like a refusal.
     """
-    if not pool.config.queue_timeout:
-        return await _try_servers(pool, relay, client_key, record, tls) or _no_server(pool, record)
-    if not len(pool.held) and await _try_servers(pool, relay, client_key, record, tls):
-        return True
-    if record.end == "client_abort":
-        return False
-    if await hold(pool, relay, record, lambda: _try_servers(pool, relay, client_key, record, tls)):
-        return True
-    if record.end in ("queue_full", "queue_timeout"):
-        return False  # counted by the queue
-    return _no_server(pool, record)
+    relay.connecting = Connecting(relay.client, relay.poller)  # the Timer watches it until we return
+    try:
+        if not pool.config.queue_timeout:
+            return await _try_servers(pool, relay, client_key, record, tls) or _no_server(pool, record)
+        if not len(pool.held) and await _try_servers(pool, relay, client_key, record, tls):
+            return True
+        if record.end == "client_abort":
+            return False
+        if await hold(pool, relay, record, lambda: _try_servers(pool, relay, client_key, record, tls)):
+            return True
+        if record.end in ("queue_full", "queue_timeout"):
+            return False  # counted by the queue
+        return _no_server(pool, record)
+    finally:
+        relay.connecting = None
 
 
 async def _try_servers(
@@ -94,10 +96,10 @@ async def _try_servers(
 ) -> bool:
     """One round of pick → connect with failover; False with `record.end` set when it found none."""
     config = pool.config
+    connecting = relay.connecting
+    assert connecting is not None
     tried: list[Server] = []
-    now = relay.poller.now()
-    relay.connecting = True
-    relay.connect_started = now
+    now = connecting.started = relay.poller.now()
     deadline = now + config.failover_timeout if config.failover_timeout else float("inf")
     try:
         for _ in range(config.retries + 1):
@@ -108,7 +110,7 @@ async def _try_servers(
             tried.append(server)
             started = relay.poller.now()
             try:
-                relay.server = await _attempt(relay, server, config.connect_timeout, deadline)
+                relay.server = await _attempt(connecting, server, config.connect_timeout, deadline)
                 if tls is not None:
                     await tls.originate(relay, server)
             except BaseException as exc:
@@ -119,7 +121,7 @@ async def _try_servers(
                 pool.release(server)
                 if not isinstance(exc, ConnectFailed):
                     raise
-                if relay.attempt_end == "client_abort":
+                if connecting.end == "client_abort":
                     record.end = "client_abort"
                     return False
                 log.info("%s (pool %s, client %s)", exc, pool.name, record.client)
@@ -129,13 +131,13 @@ async def _try_servers(
                 if relay.poller.now() >= deadline:
                     log.info("pool %s: failover_timeout reached after %d attempts", pool.name, len(tried))
                     break
-                relay.attempt_end = ""
+                connecting.end = ""
                 continue
             relay.server_record = server
             pool.record_connect_success(server, relay.poller.now() - started)
             return True
     finally:
-        relay.connecting = False
+        connecting.deadline = float("inf")  # between rounds (held): nothing for the Timer to time out
     record.end = "connect_failed" if tried else "no_server"
     return False
 

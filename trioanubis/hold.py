@@ -28,77 +28,24 @@ server takes its held clients within about `FAST_PROBE` of listening.
 from __future__ import annotations
 
 import logging
-from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Final, final
+from typing import TYPE_CHECKING, Final
 
 import trio
 
-from trioanubis.timeouts import client_gone
+from trioanubis.proxy.connect import client_gone
 
 if TYPE_CHECKING:
+    from trioanubis.hold_queue import Ticket
     from trioanubis.pool import Pool
     from trioanubis.proxy.record import ConnectionRecord
     from trioanubis.relay import Relay
 
 log = logging.getLogger("trioanubis.hold")
 
-# How often health checks probe while clients are held: a server that comes
-# back is used within this long (the issue's 100 ms).
-FAST_PROBE: Final = 0.1
 # How often a held client checks whether it has gone: an abandoned client
 # frees its place in line within a second, at one peek per second each.
 GONE_CHECK: Final = 1.0
-
-
-@final
-class Ticket:
-    """One held client's place in line."""
-
-    __slots__ = ("turn",)
-
-    def __init__(self) -> None:
-        self.turn = trio.Event()  # set when it becomes the head of the line
-
-
-@final
-class HoldQueue:
-    """The line of held clients of one pool, and its counters."""
-
-    def __init__(self) -> None:
-        self._line: deque[Ticket] = deque()
-        self._busy = trio.lowlevel.ParkingLot()  # health checks waiting for the first held client
-        self.held = 0  # clients that were ever held
-        self.served = 0  # held clients that got a server
-        self.timeouts = 0  # closed after queue_timeout
-        self.full = 0  # closed at once: max_queued were held already
-
-    def __len__(self) -> int:
-        return len(self._line)
-
-    def join(self) -> Ticket:
-        ticket = Ticket()
-        self._line.append(ticket)
-        self.held += 1
-        if len(self._line) == 1:
-            ticket.turn.set()
-            self._busy.unpark_all()  # probe fast from now on
-        return ticket
-
-    def leave(self, ticket: Ticket) -> None:
-        """Take `ticket` out of line; the next client gets its turn if it was the head."""
-        was_head = bool(self._line) and self._line[0] is ticket
-        self._line.remove(ticket)
-        if was_head and self._line:
-            self._line[0].turn.set()
-
-    async def pause(self, seconds: float) -> None:
-        """A health check's sleep: `FAST_PROBE` while clients are held, cut short when one is."""
-        if self._line:
-            await trio.sleep(FAST_PROBE)
-            return
-        with trio.move_on_after(seconds):
-            await self._busy.park()
 
 
 async def hold(
@@ -138,7 +85,6 @@ async def _wait_and_try(
 ) -> bool:
     version = pool.version
     while True:
-        relay.connecting = True  # to the Timer: not idle, nothing to time out (we keep the deadline)
         woken = await _wait_turn(pool, ticket, deadline, version)
         if trio.current_time() >= deadline:
             pool.held.timeouts += 1

@@ -43,7 +43,7 @@ from typing import Final, final
 import trio
 
 from trioanubis.config import Address, FaultConfig, PoolConfig, ServerConfig
-from trioanubis.hold import HoldQueue
+from trioanubis.hold_queue import HoldQueue
 from trioanubis.strategies import Strategy, make_strategy
 
 log = logging.getLogger("trioanubis.pool")

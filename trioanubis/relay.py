@@ -57,12 +57,11 @@ from typing import TYPE_CHECKING, Final, Literal, final
 
 import trio
 
-from trioanubis.errors import AttemptCancelled
-
 if TYPE_CHECKING:
     from trioanubis.pool import Pool, Server
+    from trioanubis.proxy.connect import Connecting
     from trioanubis.proxy.io import Readiness as Poller
-    from trioanubis.proxy.record import AttemptEnd, EndState, FirstEof
+    from trioanubis.proxy.record import EndState, FirstEof
 
 # One read's worth of bytes; also the most a pump ever holds while its peer
 # is not reading (per direction). 64 KiB is the size where loopback
@@ -131,8 +130,8 @@ class Relay:
     """One proxied connection: both sockets, what moved, and how it ended."""
 
     __slots__ = (
-        "active", "attempt_deadline", "attempt_end", "attempt_fd", "bytes_in", "bytes_out", "client",
-        "client_fd", "connect_started", "connecting", "end", "first_eof", "first_sent", "half_close_timeout",
+        "active", "bytes_in", "bytes_out", "client",
+        "client_fd", "connecting", "end", "first_eof", "first_sent", "half_close_timeout",
         "idle_timeout", "last_activity", "pending_in", "pending_out", "poller", "pool", "scope",
         "server", "server_record", "spliced", "unsent_in", "unsent_out",
     )  # fmt: skip
@@ -167,23 +166,7 @@ class Relay:
         self.active = False  # moved something since the Timer last looked
         self.spliced = 0  # directions that switched to splice (bulk)
         self.scope: trio.CancelScope | None = None
-        # While connecting (checked by the Timer):
-        self.connecting = False
-        self.connect_started = 0.0
-        self.attempt_deadline = 0.0
-        self.attempt_fd = -1  # the socket a connect attempt waits on, while it waits
-        self.attempt_end: AttemptEnd = ""  # "timeout" or "client_abort" once the Timer cancelled an attempt
-
-    def cancel_attempt(self, why: AttemptEnd) -> None:
-        """Called by the Timer: stop the connect attempt under way (it raises AttemptCancelled).
-
-        The attempt is woken through the poller it waits in, which costs less
-        than a cancel scope per attempt; an attempt that is not waiting (it has
-        just finished) is left alone.
-        """
-        if self.attempt_fd >= 0 and not self.attempt_end and \
-                self.poller.interrupt(self.attempt_fd, AttemptCancelled):  # fmt: skip
-            self.attempt_end = why
+        self.connecting: Connecting | None = None  # until connected (proxy/connect.py; the Timer checks it)
 
     def start(self, nursery: trio.Nursery) -> None:
         """Start relaying in the connection's nursery: server → client as its child task.

@@ -10,7 +10,7 @@ looked at (a timing wheel, like HAProxy's), and a tick looks only at its own
 bucket:
 
 - while connecting, every tick: the attempt's `connect_timeout` and the
-  pool's `failover_timeout` cancel the attempt (`Relay.cancel_attempt`); a
+  pool's `failover_timeout` cancel the attempt (`Connecting.cancel`); a
   client that closed or reset meanwhile (seen with a non-blocking MSG_PEEK)
   cancels it too, so a blackholed server never holds a socket for a client
   that has gone;
@@ -32,17 +32,15 @@ own timeouts, so a timeout fires at most a tenth of its value late.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Final, final
 
 import trio
 
+from trioanubis.proxy.connect import client_gone
+
 if TYPE_CHECKING:
     from trioanubis.relay import Relay
-
-# The client socket is non-blocking already; MSG_DONTWAIT (not on Windows) only makes sure.
-_PEEK: Final = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
 
 MIN_TICK: Final = 0.005
 MAX_TICK: Final = 0.5
@@ -53,16 +51,6 @@ TICKS_PER_TIMEOUT: Final = 20
 def tick_for(timeouts: Iterable[float]) -> float:
     shortest = min((t for t in timeouts if t > 0), default=MAX_TICK * TICKS_PER_TIMEOUT)
     return min(MAX_TICK, max(MIN_TICK, shortest / TICKS_PER_TIMEOUT))
-
-
-def client_gone(client: socket.socket) -> bool:
-    """True when the client has closed or reset (peeking never consumes its bytes)."""
-    try:
-        return client.recv(1, _PEEK) == b""
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
 
 
 @final
@@ -110,11 +98,12 @@ class Timer:
         steps: dict[float, int] = {}  # a relay's shortest timeout → ticks between its looks
         # Cancelling a scope runs no task, so nothing unwatches meanwhile.
         for relay in bucket:
-            if relay.connecting:
-                if now >= relay.attempt_deadline:
-                    relay.cancel_attempt("timeout")
-                elif now - relay.connect_started >= tick and client_gone(relay.client):
-                    relay.cancel_attempt("client_abort")
+            connecting = relay.connecting
+            if connecting is not None:
+                if now >= connecting.deadline:
+                    connecting.cancel("timeout")
+                elif now - connecting.started >= tick and client_gone(relay.client):
+                    connecting.cancel("client_abort")
                 step = 1
             else:
                 if relay.active:  # moved bytes since the last look: idle from now at the earliest

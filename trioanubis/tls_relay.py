@@ -78,7 +78,8 @@ class ServerTls:
         hostname = self.config.sni or server.address.host
         stream = TlsStream(socket_stream(sock), self.config.context, server_side=False,
                            server_hostname=hostname)  # fmt: skip
-        with trio.move_on_at(relay.attempt_deadline) as scope:
+        deadline = relay.connecting.deadline if relay.connecting is not None else float("inf")
+        with trio.move_on_at(deadline) as scope:
             try:
                 await stream.do_handshake()
             except TlsError as exc:

@@ -2,9 +2,11 @@
 
 Theory of operation: `connect_any` tries a server's resolved addresses in
 order with a non-blocking `connect_ex` and waits for writability only on
-EINPROGRESS. A client's connection passes its relay: the socket then waits
-through the relay's readiness backend (and stays registered there for the
-relay), and `relay.attempt_fd` names it while the Timer may cancel the wait.
+EINPROGRESS. A client's connection passes its `Connecting` state: the
+socket then waits through the connection's readiness backend (and stays
+registered there for the relay), and `Connecting.fd` names it while the
+Timer may cancel the wait (`Connecting.cancel`, which wakes it through the
+backend: cheaper than a cancel scope per attempt).
 Health checks pass none and wait through Trio (`open_server_socket`), so they
 never depend on the data path's connection handling.
 
@@ -17,16 +19,16 @@ from __future__ import annotations
 
 import errno
 import socket
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, final
 
 import trio
 
-from trioanubis.errors import ConnectFailed, OutOfResources
+from trioanubis.errors import AttemptCancelled, ConnectFailed, OutOfResources
 
 if TYPE_CHECKING:
     from trioanubis.pool import Server
     from trioanubis.proxy.io import Readiness
-    from trioanubis.relay import Relay
+    from trioanubis.proxy.record import AttemptEnd
 
 
 def close_socket(sock: socket.socket) -> None:
@@ -76,17 +78,46 @@ def reason_for(code: int) -> str:
     return errno.errorcode.get(code, str(code)).lower()
 
 
-async def connect_any(server: Server, relay: Relay | None = None) -> socket.socket:
+@final
+class Connecting:
+    """A client connection's state while it connects: what the Timer checks, and how it stops an attempt.
+
+    One per connection from its accept until it has a server (and while it is
+    held in a pool's line); the relay points at it meanwhile and drops it once
+    connected, so a relaying connection carries none of it.
+    """
+
+    __slots__ = ("client", "deadline", "end", "fd", "poller", "started")
+
+    def __init__(self, client: socket.socket, poller: Readiness) -> None:
+        self.client = client  # peeked by the Timer: a client that left cancels the attempt
+        self.poller = poller
+        self.started = 0.0  # when this round of attempts began
+        self.deadline = float("inf")  # the attempt's: connect_timeout, capped by failover_timeout
+        self.fd = -1  # the socket an attempt waits on, while it waits
+        self.end: AttemptEnd = ""  # "timeout" or "client_abort" once the Timer cancelled an attempt
+
+    def cancel(self, why: AttemptEnd) -> None:
+        """Called by the Timer: stop the attempt under way (it raises AttemptCancelled).
+
+        The attempt is woken through the poller it waits in; an attempt that is
+        not waiting (it has just finished, or none is under way) is left alone.
+        """
+        if self.fd >= 0 and not self.end and self.poller.interrupt(self.fd, AttemptCancelled):
+            self.end = why
+
+
+async def connect_any(server: Server, connecting: Connecting | None = None) -> socket.socket:
     """Connect to the first of `server`'s addresses that accepts; ConnectFailed otherwise.
 
-    A client's connection passes its `relay`: the socket joins the relay's
+    A client's connection passes its `connecting` state: the socket joins that
     poller before the wait and stays in it for the relay, so Trio's epoll never
-    sees it, and `relay.attempt_fd` names it while the Timer may cancel the
+    sees it, and `connecting.fd` names it while the Timer may cancel the
     wait. Health checks pass none and wait through Trio.
 
     Not bounded in time: the caller is (a deadline, or the Timer).
     """
-    poller = relay.poller if relay is not None else None
+    poller = connecting.poller if connecting is not None else None
     last: ConnectFailed | None = None
     for family, sockaddr in server.sockaddrs:
         sock = new_socket(family, server.address)
@@ -95,9 +126,12 @@ async def connect_any(server: Server, relay: Relay | None = None) -> socket.sock
             if poller is not None and code in (0, errno.EINPROGRESS):
                 poller.register(sock.fileno())
             if code == errno.EINPROGRESS:
-                if relay is not None:
-                    relay.attempt_fd = sock.fileno()
-                    await relay.poller.wait_writable(relay.attempt_fd)
+                if connecting is not None:
+                    connecting.fd = sock.fileno()
+                    try:
+                        await connecting.poller.wait_writable(connecting.fd)
+                    finally:
+                        connecting.fd = -1
                 else:
                     await trio.lowlevel.wait_writable(sock)
                 code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -128,3 +162,17 @@ async def open_server_socket(server: Server, timeout: float) -> socket.socket:
     with trio.move_on_after(timeout):
         return await connect_any(server)
     raise connect_timed_out(server, timeout)
+
+
+# The client socket is non-blocking already; MSG_DONTWAIT (not on Windows) only makes sure.
+_PEEK: Final = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
+
+
+def client_gone(client: socket.socket) -> bool:
+    """True when the client has closed or reset (peeking never consumes its bytes)."""
+    try:
+        return client.recv(1, _PEEK) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
