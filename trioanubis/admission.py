@@ -10,7 +10,7 @@ reconfigures it, keeping its counters and its table of clients), and:
   wins; an empty allow list allows everyone), then the per-client limits
   (`ClientTable`);
 - with `accept_proxy`, `at_accept` only checks that the peer is in
-  `proxy_trusted`; the connection's task (`serve_proxied`) then reads the
+  `proxy_trusted`; the connection's task (listener.py's `serve_proxied`) reads the
   header within `proxy_timeout` (proxy_io.py) and judges the client the
   header names the same way. The admitted connection continues as any other
   (`handle_connection`) with that client as its address: the access log,
@@ -25,17 +25,10 @@ per minute (`LogOnce`). An admitted connection is counted per client until
 from __future__ import annotations
 
 import logging
-import socket
-from typing import TYPE_CHECKING, Final, final
+from typing import Final, final
 
 from trioanubis.clients import LOG_INTERVAL, ClientTable, LogOnce, NetworkSet
 from trioanubis.config import ListenerConfig
-from trioanubis.errors import ProxyHeaderError
-from trioanubis.proxy.connect import close_socket
-from trioanubis.proxy_io import read_proxy_header
-
-if TYPE_CHECKING:
-    from trioanubis.listener import Listener
 
 log = logging.getLogger("trioanubis.admission")
 
@@ -44,8 +37,6 @@ REASONS: Final = ("denied", "untrusted", "proxy_header", "proxy_timeout", "clien
                   "client_rate")  # fmt: skip
 # Clients with the most open connections that /stats lists per listener.
 BUSIEST_SHOWN: Final = 20
-# A constant task name (as listener.py's): Trio would otherwise format one per task.
-CONNECTION_TASK_NAME: Final = "trioanubis.connection"
 
 
 @final
@@ -124,48 +115,3 @@ class Admission:
             "tracked_clients": len(self.clients),
             "busiest_clients": [{"client": c, "active": n} for c, n in self.clients.busiest(BUSIEST_SHOWN)],
         }
-
-
-async def serve_proxied(client: socket.socket, addr: tuple[object, ...], listener: Listener) -> None:
-    """The first task of a connection to an `accept_proxy` listener: the header and the checks.
-
-    A connection refused here (bad, late or missing header, or a refused
-    client) is closed and accounted for by the listener. An admitted one is
-    handed to a new task, `handle_connection`, which then owns the socket:
-    the relay's task then carries no frame of this one (memory per connection).
-    """
-    admitted: tuple[tuple[object, ...], tuple[str, int] | None] | None = None
-    try:
-        admitted = await _read_and_admit(client, addr, listener.admission, listener)
-    except Exception:  # a bug ends this connection only, never the process
-        log.exception("listener %s: reading the PROXY header from %s failed unexpectedly",
-                      listener.name, addr[0])  # fmt: skip
-    finally:
-        if admitted is None:
-            close_socket(client)
-            listener.closed_before_relay()
-    if admitted is not None:
-        assert listener.connections is not None
-        real, local = admitted
-        listener.connections.start_soon(listener.serve_admitted, client, real, listener, local,
-                                        name=CONNECTION_TASK_NAME)  # fmt: skip
-
-
-async def _read_and_admit(
-    client: socket.socket, addr: tuple[object, ...], admission: Admission, listener: Listener
-) -> tuple[tuple[object, ...], tuple[str, int] | None] | None:
-    """The real client and the address it connected to, or None when refused."""
-    now = listener.poller.now
-    try:
-        header = await read_proxy_header(client, admission.proxy_timeout)
-    except ProxyHeaderError as exc:
-        admission.refuse(str(addr[0]), exc.reason, now(), str(exc))
-        return None
-    if header.source is None:  # LOCAL / UNKNOWN: the proxy speaks for itself
-        real: tuple[object, ...] = addr
-        local = None
-    else:
-        real, local = header.source, header.destination
-    if not admission.admit(str(real[0]), now()):
-        return None
-    return real, local

@@ -142,7 +142,7 @@ class Balancer:
         self._accepting: trio.Nursery | None = None
 
     def _new_listener(self, config: ListenerConfig) -> Listener:
-        return Listener(config, self.pools, self.limits, self.access, self.timer, self.poller,
+        return Listener(config, self.pools, self.limits, self.access.log, self.timer, self.poller,
                         self._open_socket)  # fmt: skip
 
     @staticmethod

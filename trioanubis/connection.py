@@ -21,13 +21,19 @@ abortonclose), so a blackholed server never holds a socket for a client that
 has left.
 
 `OSError` from connecting is translated once, in proxy/connect.py, into `ConnectFailed`.
+
+A connection knows the listener that accepted it only as an `Origin` (its
+name, pool, readiness backend and Timer, and where to report its end), and
+what a listener with routes or tls did first as an `Opening`, so this module
+imports neither listener.py nor tls_listener.py.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, Protocol, final
 
 import trio
 
@@ -43,10 +49,38 @@ from trioanubis.relay import Relay, reset_on_close
 from trioanubis.tls_relay import ServerTls, relay_streams, release_sockets, socket_stream
 
 if TYPE_CHECKING:
-    from trioanubis.listener import Listener
-    from trioanubis.tls_listener import Opening
+    from trioanubis.proxy.io import Readiness
+    from trioanubis.timeouts import Timer
+    from trioanubis.tls_stream import TlsStream
 
 log = logging.getLogger("trioanubis.connection")
+
+# A constant task name for every connection's task: Trio would otherwise format one string per task.
+CONNECTION_TASK_NAME: Final = "trioanubis.connection"
+
+
+class Origin(Protocol):
+    """What a connection needs from the listener that accepted it (listener.py's `Listener` is one)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def pool(self) -> Pool | None: ...
+    @property
+    def poller(self) -> Readiness: ...
+    @property
+    def timer(self) -> Timer: ...
+    def connection_ended(self, record: ConnectionRecord, pool: Pool) -> None: ...
+
+
+@final
+@dataclass(slots=True)
+class Opening:
+    """What a listener with routes or tls did first: the pool, bytes to send first, the client's TLS."""
+
+    pool: Pool
+    prefix: bytes = b""
+    client_tls: TlsStream | None = None
 
 
 async def _attempt(connecting: Connecting, server: Server, timeout: float, deadline: float) -> socket.socket:
@@ -161,7 +195,7 @@ def _no_server(pool: Pool, record: ConnectionRecord) -> bool:
 async def handle_connection(
     client: socket.socket,
     addr: tuple[object, ...],
-    listener: Listener,
+    listener: Origin,
     local: tuple[str, int] | None = None,
     opening: Opening | None = None,
 ) -> None:

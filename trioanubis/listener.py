@@ -18,8 +18,13 @@ Limits: a listener's `max_connections` and the process-wide `Limits` are
 checked right after accept; a client over either limit is closed at once and
 counted in `rejected`. A listener that screens its clients (allow/deny,
 per-client limits, the PROXY protocol) asks its `Admission` next, and starts
-an `accept_proxy` connection with `serve_proxied`, which reads the header
-first (admission.py); without those options the accept path is unchanged.
+an `accept_proxy` connection with `serve_proxied` (below), which reads the
+header first and asks again for the client it names; without those options
+the accept path is unchanged.
+
+A listener does not know the access log: it hands each ended connection's
+record to `on_record` (app.py wires the access log in), and connections know
+it only as the `Origin` connection.py describes.
 """
 
 from __future__ import annotations
@@ -31,15 +36,15 @@ from typing import Final, final
 
 import trio
 
-from trioanubis.accesslog import AccessLog
-from trioanubis.admission import Admission, serve_proxied
+from trioanubis.admission import Admission
 from trioanubis.config import Address, ListenerConfig
-from trioanubis.connection import handle_connection
-from trioanubis.errors import AnubisError
+from trioanubis.connection import CONNECTION_TASK_NAME, handle_connection
+from trioanubis.errors import AnubisError, ProxyHeaderError
 from trioanubis.pool import Pool
 from trioanubis.proxy.connect import LOCAL_SHORTAGE_ERRNOS, close_socket
 from trioanubis.proxy.io import Readiness
-from trioanubis.proxy.record import ConnectionRecord
+from trioanubis.proxy.record import ConnectionRecord, RecordSink
+from trioanubis.proxy_io import read_proxy_header
 from trioanubis.sni_routes import RouteTable
 from trioanubis.timeouts import Timer
 from trioanubis.tls_listener import COUNTS, serve_tls_client
@@ -53,8 +58,6 @@ ACCEPT_OVERLOAD_ERRNOS: Final = LOCAL_SHORTAGE_ERRNOS
 ACCEPT_BACKOFF: Final = 0.1
 # Accepts in a row before yielding to the connections already running.
 ACCEPTS_PER_CHECKPOINT: Final = 64
-# A constant task name: Trio would otherwise format one string per task.
-CONNECTION_TASK_NAME: Final = "trioanubis.connection"
 
 # How a listener gets its listening socket: bind address and backlog in, a
 # non-blocking listening socket out (workers share one bound by the supervisor).
@@ -129,7 +132,7 @@ class Listener:
         config: ListenerConfig,
         pools: Mapping[str, Pool],
         limits: Limits,
-        access: AccessLog,
+        on_record: RecordSink,
         timer: Timer,
         poller: Readiness,
         open_socket: SocketOpener | None = None,
@@ -145,7 +148,7 @@ class Listener:
         self.screening = config.screens_clients
         self._handler = _handler_for(config)
         self.limits = limits
-        self.access = access
+        self.on_record = on_record  # where each ended connection's record goes (the access log)
         self.timer = timer
         self.poller = poller
         self.accepted = 0
@@ -251,7 +254,7 @@ class Listener:
             record.end = "drained"
         record.ended = self.poller.now()
         pool.durations.observe(record.ended - record.started)
-        self.access.log(record)
+        self.on_record(record)
 
 
 def _handler_for(config: ListenerConfig) -> Handler:
@@ -261,6 +264,51 @@ def _handler_for(config: ListenerConfig) -> Handler:
     if config.routes or config.tls:
         return serve_tls_client
     return handle_connection
+
+
+async def serve_proxied(client: socket.socket, addr: tuple[object, ...], listener: Listener) -> None:
+    """The first task of a connection to an `accept_proxy` listener: the header and the checks.
+
+    A connection refused here (bad, late or missing header, or a refused
+    client) is closed and accounted for by the listener. An admitted one is
+    handed to a new task, `handle_connection`, which then owns the socket:
+    the relay's task then carries no frame of this one (memory per connection).
+    """
+    admitted: tuple[tuple[object, ...], tuple[str, int] | None] | None = None
+    try:
+        admitted = await _read_and_admit(client, addr, listener.admission, listener)
+    except Exception:  # a bug ends this connection only, never the process
+        log.exception("listener %s: reading the PROXY header from %s failed unexpectedly",
+                      listener.name, addr[0])  # fmt: skip
+    finally:
+        if admitted is None:
+            close_socket(client)
+            listener.closed_before_relay()
+    if admitted is not None:
+        assert listener.connections is not None
+        real, local = admitted
+        listener.connections.start_soon(listener.serve_admitted, client, real, listener, local,
+                                        name=CONNECTION_TASK_NAME)  # fmt: skip
+
+
+async def _read_and_admit(
+    client: socket.socket, addr: tuple[object, ...], admission: Admission, listener: Listener
+) -> tuple[tuple[object, ...], tuple[str, int] | None] | None:
+    """The real client and the address it connected to, or None when refused."""
+    now = listener.poller.now
+    try:
+        header = await read_proxy_header(client, admission.proxy_timeout)
+    except ProxyHeaderError as exc:
+        admission.refuse(str(addr[0]), exc.reason, now(), str(exc))
+        return None
+    if header.source is None:  # LOCAL / UNKNOWN: the proxy speaks for itself
+        real: tuple[object, ...] = addr
+        local = None
+    else:
+        real, local = header.source, header.destination
+    if not admission.admit(str(real[0]), now()):
+        return None
+    return real, local
 
 
 async def open_listen_socket(

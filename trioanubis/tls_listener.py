@@ -26,40 +26,47 @@ from __future__ import annotations
 
 import logging
 import socket
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, final
+from typing import TYPE_CHECKING, Final, Protocol
 
 import trio
 
-from trioanubis.connection import handle_connection
+from trioanubis.connection import CONNECTION_TASK_NAME, Opening, Origin, handle_connection
 from trioanubis.proxy.connect import close_socket
 from trioanubis.tls_hello import Hello, HelloReader
 from trioanubis.tls_relay import socket_stream
 from trioanubis.tls_stream import TlsError, TlsStream
 
 if TYPE_CHECKING:
-    from trioanubis.listener import Listener
+    from collections.abc import Mapping
+
+    from trioanubis.config import ListenerConfig
     from trioanubis.pool import Pool
+    from trioanubis.sni_routes import RouteTable
 
 log = logging.getLogger("trioanubis.tls")
 
 # What tls_counts counts: routed by a route, sent to the fallback pool (and why), closed (and why).
 COUNTS: Final = ("routed", "fallback", "not_tls", "bad_hello", "no_route", "peek_timeout", "handshake_failed")
-CONNECTION_TASK_NAME: Final = "trioanubis.connection"
 
 
-@final
-@dataclass(slots=True)
-class Opening:
-    """What happened before connecting: the pool, bytes to send first, the client's TLS stream."""
+class TlsOrigin(Origin, Protocol):
+    """What the opening needs from its listener, beyond what a connection needs."""
 
-    pool: Pool
-    prefix: bytes = b""
-    client_tls: TlsStream | None = None
+    @property
+    def config(self) -> ListenerConfig: ...
+    @property
+    def pools(self) -> Mapping[str, Pool]: ...
+    @property
+    def routes(self) -> RouteTable: ...
+    @property
+    def connections(self) -> trio.Nursery | None: ...
+    @property
+    def tls_counts(self) -> dict[str, int]: ...
+    def closed_before_relay(self) -> None: ...
 
 
 async def serve_tls_client(
-    client: socket.socket, addr: tuple[object, ...], listener: Listener, local: tuple[str, int] | None = None
+    client: socket.socket, addr: tuple[object, ...], listener: TlsOrigin, local: tuple[str, int] | None = None
 ) -> None:
     """The first task of a connection to a listener with routes or tls (see the module docstring)."""
     opening: Opening | None = None
@@ -80,7 +87,7 @@ async def serve_tls_client(
                                         name=CONNECTION_TASK_NAME)  # fmt: skip
 
 
-async def _open(client: socket.socket, addr: tuple[object, ...], listener: Listener) -> Opening | None:
+async def _open(client: socket.socket, addr: tuple[object, ...], listener: TlsOrigin) -> Opening | None:
     pool, prefix = listener.pool, b""
     if listener.routes:
         routed = await _route(client, listener)
@@ -103,7 +110,7 @@ async def _open(client: socket.socket, addr: tuple[object, ...], listener: Liste
     return Opening(pool, b"", stream)
 
 
-async def _route(client: socket.socket, listener: Listener) -> tuple[Pool | None, bytes] | None:
+async def _route(client: socket.socket, listener: TlsOrigin) -> tuple[Pool | None, bytes] | None:
     """The pool the ClientHello asks for (None: the fallback) and the bytes read; None if the client left."""
     reader = HelloReader()
     hello = await _read_hello(client, reader)

@@ -9,6 +9,7 @@ this type, so mypy --strict catches a misspelt one anywhere.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Literal, final, get_args
 
@@ -64,3 +65,7 @@ class ConnectionRecord:
         """The client as host:port, formatted when needed (most connections are never logged)."""
         host = str(self.peer[0])
         return f"[{host}]:{self.peer[1]}" if ":" in host else f"{host}:{self.peer[1]}"
+
+
+# Where a listener hands each ended connection's record (the access log's `log`).
+RecordSink = Callable[[ConnectionRecord], None]
