@@ -21,8 +21,8 @@ import time
 import trio
 
 from trioanubis.proxy.io.portable import PortableReadiness
-from trioanubis.relay import Relay
-from trioanubis.timeouts import Timer
+from trioanubis.proxy.relay import Relay
+from trioanubis.proxy.timeouts import Timer
 
 
 async def cpu_per_second(relays: int, seconds: float, tick: float) -> float:

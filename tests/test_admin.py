@@ -39,9 +39,9 @@ from tests.conftest import (
 )
 from tests.test_cli import ANUBIS, anubis
 from tests.test_operations import wait_port
-from trioanubis.admin import MAX_ADMIN_CONNECTIONS, authorised, route
 from trioanubis.config import Address, parse_config
 from trioanubis.errors import ConfigError
+from trioanubis.ops.admin import MAX_ADMIN_CONNECTIONS, authorised, route
 
 
 async def http(
@@ -204,7 +204,7 @@ async def test_bad_requests_get_json_errors(
 async def test_garbage_oversized_and_slow_clients_never_disturb_the_proxy(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("trioanubis.admin.REQUEST_TIMEOUT", 0.2)
+    monkeypatch.setattr("trioanubis.ops.admin.REQUEST_TIMEOUT", 0.2)
     one = await start_backend(nursery, name_handler("one"))
     async with running_balancer(admin_config([one.address])) as (b, address):
         admin = b.admin_address
@@ -282,7 +282,7 @@ async def test_a_bug_in_a_handler_answers_500_is_logged_once_and_counted(
     def broken(balancer: object) -> object:
         raise RecursionError("a bug")
 
-    monkeypatch.setattr("trioanubis.admin.stats", broken)
+    monkeypatch.setattr("trioanubis.ops.admin.stats", broken)
     one = await start_backend(nursery, name_handler("one"))
     async with running_balancer(admin_config([one.address])) as (b, address):
         admin = b.admin_address
@@ -359,8 +359,8 @@ async def test_idle_and_slow_callers_cannot_lock_out_the_admin(nursery: trio.Nur
 async def test_keep_alive_connections_end_when_idle_and_at_their_lifetime(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("trioanubis.admin.KEEPALIVE_TIMEOUT", 0.2)
-    monkeypatch.setattr("trioanubis.admin.CONNECTION_LIFETIME", 1.0)
+    monkeypatch.setattr("trioanubis.ops.admin.KEEPALIVE_TIMEOUT", 0.2)
+    monkeypatch.setattr("trioanubis.ops.admin.CONNECTION_LIFETIME", 1.0)
     one = await start_backend(nursery, name_handler("one"))
     async with running_balancer(admin_config([one.address])) as (b, _):
         admin = b.admin_address
@@ -371,7 +371,7 @@ async def test_keep_alive_connections_end_when_idle_and_at_their_lifetime(
         with trio.fail_after(20):
             assert await stream.receive_some(1) == b""  # idle past KEEPALIVE_TIMEOUT: closed
         await stream.aclose()
-        monkeypatch.setattr("trioanubis.admin.KEEPALIVE_TIMEOUT", 10.0)
+        monkeypatch.setattr("trioanubis.ops.admin.KEEPALIVE_TIMEOUT", 10.0)
         stream = await connect(admin)
         answers = [b""]
         with trio.fail_after(20):  # a connection kept busy still ends once its lifetime is over
@@ -408,6 +408,28 @@ def blocking_exchange(port: int, data: bytes) -> bytes:
         except OSError:  # reset, or closed while we were still sending
             pass
     return answer
+
+
+def test_a_refused_body_is_taken_and_the_connection_ends_cleanly(live_balancer: LiveBalancer) -> None:
+    """A 413 is answered before the body is read; the client may still send it: no reset may follow.
+
+    Without a lingering close the admin closed with the body unread or still
+    coming, the kernel answered the rest with a reset, and a client still
+    sending lost the answer (seen in the fuzz test under load).
+    """
+    body = b"[" * 6000
+    head = (f"PUT /pools/web/servers/one/faults HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {FUZZ_TOKEN}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+    with socket.create_connection(("127.0.0.1", live_balancer.admin), timeout=EVENTUALLY) as sock:
+        sock.sendall(head)
+        answer = sock.recv(65536)  # the answer comes before the body is sent
+        assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+        sock.sendall(body)  # what a client had on its way
+        sock.shutdown(socket.SHUT_WR)
+        rest = b""
+        while chunk := sock.recv(65536):  # a reset raises ConnectionResetError here
+            rest += chunk
+    assert live_balancer.process.poll() is None
 
 
 def wait_listening(port: int) -> None:

@@ -27,7 +27,7 @@ from tests.conftest import (
 from tests.test_admin import admin_config, http
 from trioanubis.app import Balancer
 from trioanubis.config import Address, parse_config
-from trioanubis.proxy_protocol import HeaderReader, build_header, build_local
+from trioanubis.proxy.proxy_protocol import HeaderReader, build_header, build_local
 
 
 def has_ipv6_loopback() -> bool:
@@ -377,7 +377,7 @@ async def test_a_plain_listener_never_calls_into_admission(
         raise AssertionError("the plain accept path called into admission")
 
     for name in ("at_accept", "admit", "release", "refuse"):
-        monkeypatch.setattr(f"trioanubis.admission.Admission.{name}", fail)
+        monkeypatch.setattr(f"trioanubis.proxy.admission.Admission.{name}", fail)
     backend = await start_backend(nursery, echo_handler)
     async with running_balancer(config_for([backend.address])) as (balancer, address):
         for _ in range(3):

@@ -8,8 +8,8 @@ import tracemalloc
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trioanubis.clients import MAX_TRACKED_CLIENTS, ClientTable, LogOnce, NetworkSet, address_key
 from trioanubis.config import parse_network
+from trioanubis.proxy.clients import MAX_TRACKED_CLIENTS, ClientTable, LogOnce, NetworkSet, address_key
 
 
 def networks(*texts: str) -> NetworkSet:

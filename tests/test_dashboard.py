@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 from tests.conftest import EVENTUALLY, config_for, echo_handler, running_balancer, start_backend
 from tests.peers import need
 from tests.test_admin import admin_config, http
-from trioanubis import dashboard
-from trioanubis.admin import route
 from trioanubis.app import Balancer
 from trioanubis.config import Address, parse_config
+from trioanubis.ops import dashboard
+from trioanubis.ops.admin import route
 
 T = TypeVar("T")
 TOKEN = "sesame"
@@ -100,7 +100,7 @@ async def test_fuzzed_page_requests_leave_the_admin_serving(nursery: trio.Nurser
 def test_package_ships_the_static_files() -> None:
     from importlib import resources
 
-    static = resources.files("trioanubis") / "static"
+    static = resources.files("trioanubis.ops") / "static"
     for name in ("dashboard.html", "dashboard.css", "dashboard.js", "login.html", "uPlot.iife.min.js",
                  "uPlot.min.css", "uPlot.LICENSE"):  # fmt: skip
         assert (static / name).is_file(), name

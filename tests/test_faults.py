@@ -40,12 +40,12 @@ from tests.faulty import FaultyBackend, Script, start_faulty
 from tests.test_cli import anubis
 from tests.test_health import blackholed_port
 from tests.test_operations import wait_port
-from trioanubis import relay as relay_module
 from trioanubis.app import Balancer
 from trioanubis.config import Address
-from trioanubis.listener import ACCEPT_BACKOFF
+from trioanubis.proxy import relay as relay_module
 from trioanubis.proxy.io.epoll import PIPE_SIZE
-from trioanubis.relay import CHUNK_SIZE, Relay
+from trioanubis.proxy.listener import ACCEPT_BACKOFF
+from trioanubis.proxy.relay import CHUNK_SIZE, Relay
 
 # At most one chunk (copying) or one pipe-full (splice, in kernel memory) per direction.
 HELD_AT_MOST = max(CHUNK_SIZE, PIPE_SIZE)

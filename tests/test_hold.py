@@ -27,7 +27,7 @@ from tests.conftest import (
 )
 from trioanubis.config import parse_config
 from trioanubis.errors import ConfigError
-from trioanubis.metrics import pool_stats, prometheus
+from trioanubis.ops.metrics import pool_stats, prometheus
 
 HELLO_REQUEST = b"GET /first-bytes HTTP/1.0\r\nHost: x\r\n\r\n"
 

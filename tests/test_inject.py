@@ -39,9 +39,9 @@ from tests.test_admin import LiveBalancer, blocking_exchange, http, live_balance
 from tests.test_cli import run_cli
 from trioanubis.config import FaultConfig, parse_bandwidth, parse_config, parse_faults, parse_size
 from trioanubis.errors import ConfigError
-from trioanubis.faults import describe, draw
 from trioanubis.pool import Server
 from trioanubis.proxy.faulted import QUEUE_BOUND
+from trioanubis.proxy.faults import describe, draw
 from trioanubis.proxy.io import epoll_available
 
 __all__ = ["live_balancer"]  # the fixture, shared with test_admin

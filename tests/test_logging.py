@@ -34,9 +34,9 @@ from tests.conftest import (
 )
 from tests.test_cli import ANUBIS, ROOT, http_get
 from tests.test_operations import wait_port
-from trioanubis.accesslog import JsonFormatter
 from trioanubis.config import Address
-from trioanubis.logwriter import LogWriter
+from trioanubis.ops.accesslog import JsonFormatter
+from trioanubis.ops.logwriter import LogWriter
 
 # One request per connection; enough connections that their access-log lines overflow a
 # 64 KiB pipe and the writer's queue many times over, checked every batch.

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trioanubis.proxy_protocol import (
+from trioanubis.proxy.proxy_protocol import (
     MAX_BUFFERED,
     V1_MAX,
     V2_SIGNATURE,

@@ -28,9 +28,9 @@ from tests.conftest import (
     start_backend,
     wait_until,
 )
-from trioanubis import relay as relay_module
 from trioanubis.app import Balancer
-from trioanubis.relay import USE_SPLICE, Relay
+from trioanubis.proxy import relay as relay_module
+from trioanubis.proxy.relay import USE_SPLICE, Relay
 
 MIB = 1 << 20
 # Enough to fill whole chunks, so the direction switches to splice when it may.

@@ -26,7 +26,7 @@ from tests.conftest import (
 from trioanubis.app import Balancer
 from trioanubis.config import Address, parse_config
 from trioanubis.errors import ConfigError
-from trioanubis.metrics import stats
+from trioanubis.ops.metrics import stats
 from trioanubis.spawn import Spawner
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,7 +14,7 @@ import trio
 
 from tests.conftest import EVENTUALLY, free_port, name_handler, start_backend, wait_until
 from tests.peers import need
-from trioanubis.status import CLEAR_LINE, Sample, StatusHandler, format_status
+from trioanubis.ops.status import CLEAR_LINE, Sample, StatusHandler, format_status
 
 ROOT = Path(__file__).resolve().parent.parent
 

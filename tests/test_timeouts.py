@@ -20,8 +20,8 @@ from tests.test_io import BACKENDS, fill, running, socket_pair
 from trioanubis.errors import AttemptCancelled
 from trioanubis.proxy.connect import Connecting
 from trioanubis.proxy.io import Readiness, open_readiness
-from trioanubis.relay import Relay
-from trioanubis.timeouts import Timer, tick_for
+from trioanubis.proxy.relay import Relay
+from trioanubis.proxy.timeouts import Timer, tick_for
 
 LATE = 0.1  # the most a timeout may fire late, as a fraction of its value
 

@@ -10,8 +10,8 @@ import trio
 import trio.testing
 
 from tests.tlscerts import Authority
-from trioanubis.tls import client_context, server_context
-from trioanubis.tls_stream import TlsError, TlsStream
+from trioanubis.tls.context import client_context, server_context
+from trioanubis.tls.stream import TlsError, TlsStream
 
 
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])

@@ -18,7 +18,7 @@ from tests.conftest import EVENTUALLY, echo_handler, free_port, running_balancer
 from tests.peers import need
 from tests.test_dashboard import TOKEN, two_servers
 from trioanubis.config import parse_config
-from trioanubis.top import TopError, admin_target, admin_url, parse_keys, rates, render, server_rows
+from trioanubis.ops.top import TopError, admin_target, admin_url, parse_keys, rates, render, server_rows
 
 pytest.importorskip("rich")
 

@@ -45,19 +45,19 @@ from typing import Final, final
 
 import trio
 
-from trioanubis.accesslog import AccessLog
-from trioanubis.admin import Admin
 from trioanubis.config import Address, Config, ListenerConfig, PoolConfig, load_config
 from trioanubis.discovery import run_discovery, source_of
 from trioanubis.errors import AnubisError, ConfigError
 from trioanubis.health.checker import run_health_checks
-from trioanubis.listener import Limits, Listener, SocketOpener
+from trioanubis.ops.accesslog import AccessLog
+from trioanubis.ops.admin import Admin
 from trioanubis.pool import Pool, Server
 from trioanubis.proxy.io import open_readiness
+from trioanubis.proxy.listener import Limits, Listener, SocketOpener
+from trioanubis.proxy.timeouts import Timer, tick_for
 from trioanubis.resolve import resolve_address
 from trioanubis.spawn import SPAWN_SOURCE, Spawner
 from trioanubis.strategies import make_strategy
-from trioanubis.timeouts import Timer, tick_for
 
 log = logging.getLogger("trioanubis")
 
@@ -164,6 +164,11 @@ class Balancer:
                             "allows (ulimit -n); the lower figure applies",
                             config.source, what, value, derived)  # fmt: skip
         return min(wanted, derived) if wanted else derived
+
+    @property
+    def endings(self) -> dict[str, int]:
+        """Connections ended so far, by end state (the access log counts them)."""
+        return self.access.counts
 
     def is_ready(self) -> bool:
         """Listeners bound, not draining, and every pool has a server to send clients to."""

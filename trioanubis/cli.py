@@ -20,17 +20,17 @@ from pathlib import Path
 import trio
 
 from trioanubis import __version__
-from trioanubis.accesslog import configure_logging, log_fatal, logs_json
 from trioanubis.app import Balancer, run_until_signalled
 from trioanubis.config import Address, Config, load_config, parse_address, proxy_config
 from trioanubis.errors import AnubisError, ConfigError
 from trioanubis.hello import serve_hello
+from trioanubis.ops.accesslog import configure_logging, log_fatal, logs_json
+from trioanubis.ops.status import install_terminal_status, run_status
+from trioanubis.ops.top import DEFAULT_ADMIN, Admin, admin_target, admin_url, run_top
 from trioanubis.proxy.io import IO_CHOICES, resolve_io
-from trioanubis.status import install_terminal_status, run_status
 from trioanubis.strategies import STRATEGIES
 from trioanubis.summary import describe
-from trioanubis.tls import fingerprint, self_signed
-from trioanubis.top import DEFAULT_ADMIN, Admin, admin_target, admin_url, run_top
+from trioanubis.tls.context import fingerprint, self_signed
 
 log = logging.getLogger("trioanubis")
 

@@ -43,7 +43,7 @@ from trioanubis.config_checks import (
 from trioanubis.errors import ConfigError
 from trioanubis.health.expect import PARSED, PROTOCOL_CHECKS, SERVER_FIRST, compile_regex, decode_escapes
 from trioanubis.proxy.io import IO_CHOICES, IoName, epoll_available
-from trioanubis.sni_routes import Route, check_pattern
+from trioanubis.proxy.sni_routes import Route, check_pattern
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -747,7 +747,7 @@ def _parse_routes(node: _Node) -> tuple[Route, ...]:
 
 def _parse_tls_server(node: _Node) -> TlsServer:
     """`tls = { cert = "…", key = "…" }`, or an array of them (the first is the default)."""
-    from trioanubis.tls import TlsConfigError, server_context
+    from trioanubis.tls.context import TlsConfigError, server_context
 
     value = node.data["tls"]
     entries = value if isinstance(value, list) else [value]
@@ -774,7 +774,7 @@ def _parse_tls_server(node: _Node) -> TlsServer:
 
 
 def _parse_tls_client(node: _Node) -> TlsClient:
-    from trioanubis.tls import TlsConfigError, client_context
+    from trioanubis.tls.context import TlsConfigError, client_context
 
     node.check_keys(("verify", "ca", "sni", "cert", "key"))
     options = {"verify": node.boolean("verify", True)}

@@ -6,8 +6,8 @@ import json
 from collections.abc import Mapping
 
 from trioanubis.config import BACKUP_PRIORITY, Config, FaultConfig, ListenerConfig, PoolConfig
-from trioanubis.faults import describe as describe_faults
 from trioanubis.pool import Pool
+from trioanubis.proxy.faults import describe as describe_faults
 
 
 def _health(pool: PoolConfig) -> str:

@@ -31,7 +31,7 @@ from trioanubis.errors import OutOfResources
 from trioanubis.health.probe import plan_of, probe
 from trioanubis.health.state import Hysteresis, next_slow_start_step, slow_start_weight
 from trioanubis.pool import Pool, Server
-from trioanubis.proxy_protocol import build_local
+from trioanubis.proxy.proxy_protocol import build_local
 from trioanubis.resolve import resolve_address
 
 log = logging.getLogger("trioanubis.health")

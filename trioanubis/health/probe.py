@@ -30,7 +30,7 @@ from trioanubis.errors import ConnectFailed, OutOfResources
 from trioanubis.health.expect import Matcher, Plan, Verdict, plan_for, show
 from trioanubis.pool import Server
 from trioanubis.proxy.connect import LOCAL_SHORTAGE_ERRNOS, close_socket, open_server_socket
-from trioanubis.tls_stream import TlsError, TlsStream
+from trioanubis.tls.stream import TlsError, TlsStream
 
 # The most of a health response body we read: enough for any status page
 # that says "up", small enough that a misbehaving server cannot bloat us.

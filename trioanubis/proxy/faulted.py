@@ -40,8 +40,8 @@ from typing import TYPE_CHECKING, Final, final
 
 import trio
 
-from trioanubis.faults import DirectionPlan, FaultPlan, count
-from trioanubis.relay import CHUNK_SIZE, Relay, _send
+from trioanubis.proxy.faults import DirectionPlan, FaultPlan, count
+from trioanubis.proxy.relay import CHUNK_SIZE, Relay, _send
 
 if TYPE_CHECKING:
     from trioanubis.pool import Server

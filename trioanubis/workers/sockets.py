@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from typing import final
 
 from trioanubis.config import Address, Config, ListenerConfig
-from trioanubis.listener import open_listen_socket, somaxconn
+from trioanubis.proxy.listener import open_listen_socket, somaxconn
 
 
 def reuse_port_balances() -> bool:

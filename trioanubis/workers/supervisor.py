@@ -53,7 +53,10 @@ from typing import Any, Final, final
 
 import trio
 
-from trioanubis.admin import (
+from trioanubis.app import Balancer, run_with_signals
+from trioanubis.config import Address, Config, parse_config_text
+from trioanubis.errors import AnubisError, ConfigError
+from trioanubis.ops.admin import (
     OPEN_PATHS,
     PROMETHEUS_TYPE,
     UNAUTHORISED,
@@ -63,10 +66,7 @@ from trioanubis.admin import (
     json_reply,
     route,
 )
-from trioanubis.app import Balancer, run_with_signals
-from trioanubis.config import Address, Config, parse_config_text
-from trioanubis.errors import AnubisError, ConfigError
-from trioanubis.metrics import prometheus, stats
+from trioanubis.ops.metrics import prometheus, stats
 from trioanubis.pool import Pool
 from trioanubis.workers.channel import Message
 from trioanubis.workers.merge import snapshot, sum_metrics, sum_stats

@@ -40,11 +40,11 @@ from typing import Any, Final, final
 
 import trio
 
-from trioanubis.accesslog import configure_logging, log_fatal
 from trioanubis.app import Balancer
 from trioanubis.config import Config, parse_address, parse_config
 from trioanubis.errors import AnubisError, ChannelError
-from trioanubis.metrics import prometheus, stats
+from trioanubis.ops.accesslog import configure_logging, log_fatal
+from trioanubis.ops.metrics import prometheus, stats
 from trioanubis.pool import Pool, Server
 from trioanubis.workers.channel import Channel, Message
 from trioanubis.workers.merge import ServerKey, apply_snapshot, key_of

@@ -59,15 +59,15 @@ from urllib.parse import unquote
 import h11
 import trio
 
-from trioanubis import dashboard
 from trioanubis.config import Address, AdminConfig, FaultConfig, parse_faults
 from trioanubis.errors import AnubisError, ConfigError
-from trioanubis.faults import NO_FAULTS, describe
-from trioanubis.listener import AcceptBackoff
-from trioanubis.metrics import prometheus, server_stats, stats
+from trioanubis.ops import dashboard
+from trioanubis.ops.metrics import prometheus, server_stats, stats
+from trioanubis.proxy.faults import NO_FAULTS, describe
+from trioanubis.proxy.listener import AcceptBackoff
 
 if TYPE_CHECKING:
-    from trioanubis.app import Balancer
+    from trioanubis.ops.view import View
     from trioanubis.pool import Pool, Server
 
 log = logging.getLogger("trioanubis.admin")
@@ -75,6 +75,9 @@ log = logging.getLogger("trioanubis.admin")
 MAX_HEAD: Final = 16384
 # The requests with a body are {"weight": N} and a faults table: 4 KiB is plenty.
 MAX_BODY: Final = 4096
+# A lingering close (after an error answered before the request was read): how long, how much.
+LINGER_TIME: Final = 2.0
+LINGER_BYTES: Final = 256 * 1024
 # {"weight": N} and a faults table nest one level; json.loads recurses once per level, so a
 # deeper body is refused before it is parsed.
 MAX_JSON_DEPTH: Final = 4
@@ -137,7 +140,7 @@ def authorised(token: str, headers: list[tuple[bytes, bytes]]) -> bool:
 
 
 def route(
-    balancer: Balancer, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes, token: str
+    view: View, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes, token: str
 ) -> Reply:
     """The admin API, without I/O."""
     path = path.split("?", 1)[0]
@@ -153,20 +156,20 @@ def route(
         if method not in ("GET", "HEAD"):
             return error_reply(405, f"{path} takes GET")
         if path == "/stats":
-            return json_reply(200, stats(balancer))
+            return json_reply(200, stats(view))
         if path == "/metrics":
-            return Reply(200, PROMETHEUS_TYPE, prometheus(balancer).encode())
+            return Reply(200, PROMETHEUS_TYPE, prometheus(view).encode())
         if path == "/healthz":
             return Reply(200, "text/plain", b"ok\n")
-        ready = balancer.is_ready()
+        ready = view.is_ready()
         return Reply(200 if ready else 503, "text/plain", b"ready\n" if ready else b"not ready\n")
     parts = [unquote(p) for p in path.strip("/").split("/")]
     if len(parts) == 5 and parts[0] == "pools" and parts[2] == "servers":
         if parts[4] == "faults":
-            return _faults_action(balancer, parts[1], parts[3], method, body)
+            return _faults_action(view, parts[1], parts[3], method, body)
         if method != "POST":
             return error_reply(405, f"{path} takes POST")
-        return _server_action(balancer, parts[1], parts[3], parts[4], body)
+        return _server_action(view, parts[1], parts[3], parts[4], body)
     return error_reply(404, f"no such endpoint: {path}")
 
 
@@ -218,8 +221,8 @@ def parse_weight(body: bytes) -> int:
     return weight
 
 
-def _find_server(balancer: Balancer, pool_name: str, key: str) -> tuple[Pool, Server] | Reply:
-    pool = balancer.pools.get(pool_name)
+def _find_server(view: View, pool_name: str, key: str) -> tuple[Pool, Server] | Reply:
+    pool = view.pools.get(pool_name)
     if pool is None:
         return error_reply(404, f"no pool {pool_name!r}")
     server = pool.find(key)
@@ -237,9 +240,9 @@ def parse_faults_body(body: bytes) -> FaultConfig:
         raise ValueError(str(exc)) from None
 
 
-def _faults_action(balancer: Balancer, pool_name: str, key: str, method: str, body: bytes) -> Reply:
+def _faults_action(view: View, pool_name: str, key: str, method: str, body: bytes) -> Reply:
     """GET, PUT or DELETE a server's injected faults; they apply to new connections only."""
-    found = _find_server(balancer, pool_name, key)
+    found = _find_server(view, pool_name, key)
     if isinstance(found, Reply):
         return found
     pool, server = found
@@ -258,8 +261,8 @@ def _faults_action(balancer: Balancer, pool_name: str, key: str, method: str, bo
     return json_reply(200, {"pool": pool.name, "server": server.name, "faults": describe(server.faults)})
 
 
-def _server_action(balancer: Balancer, pool_name: str, key: str, action: str, body: bytes) -> Reply:
-    found = _find_server(balancer, pool_name, key)
+def _server_action(view: View, pool_name: str, key: str, action: str, body: bytes) -> Reply:
+    found = _find_server(view, pool_name, key)
     if isinstance(found, Reply):
         return found
     pool, server = found
@@ -311,10 +314,10 @@ Router = Callable[[str, str, list[tuple[bytes, bytes]], bytes, str], Awaitable[R
 
 @final
 class Admin:
-    """The admin endpoint of one balancer: its slots, its counters and its (reloadable) token."""
+    """The admin endpoint of one balancer (seen as a `View`): its slots, counters and reloadable token."""
 
-    def __init__(self, balancer: Balancer, config: AdminConfig, *, router: Router | None = None) -> None:
-        self.balancer = balancer
+    def __init__(self, view: View, config: AdminConfig, *, router: Router | None = None) -> None:
+        self.view = view
         self.router = router
         self.config = config
         self.token = config.token
@@ -326,6 +329,11 @@ class Admin:
         self._slots: set[Slot] = set()
         self._logged: set[tuple[str, str, int]] = set()  # the places internal errors came from
 
+
+    @property
+    def accept_overloads(self) -> int:
+        """Accepts that failed for lack of descriptors or memory (read by metrics.py)."""
+        return self.backoff.overloads
     def apply(self, config: AdminConfig) -> None:
         """Take a reloaded [admin] table: the token now, the bind address at the next restart."""
         if config.bind != self.config.bind:
@@ -420,6 +428,7 @@ class Admin:
                 deadline = slot.since + KEEPALIVE_TIMEOUT
         except h11.RemoteProtocolError as exc:
             await _send_error(stream, conn, exc.error_status_hint, str(exc))
+            await _linger(stream)  # the client may still be sending what we refused to read
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
             return
         except Exception:
@@ -431,7 +440,7 @@ class Admin:
         try:
             if self.router is not None:
                 return await self.router(method, target, headers, body, self.token)
-            return route(self.balancer, method, target, headers, body, self.token)
+            return route(self.view, method, target, headers, body, self.token)
         except Exception as exc:
             self._internal_error(exc)
             return error_reply(500, "internal error", close=True)
@@ -478,6 +487,25 @@ async def _read_request(
             else:  # ConnectionClosed, or PAUSED after the peer closed
                 return None
     return None
+
+
+async def _linger(stream: trio.SocketStream) -> None:
+    """Close as nginx's lingering close does, after answering a request we did not read to its end.
+
+    Closing a socket with unread bytes makes the kernel send a reset, which
+    can destroy the answer before the client reads it (a 413 for a large
+    body). So: send EOF, then read and drop what still comes, up to
+    `LINGER_BYTES` within `LINGER_TIME`, and only then close.
+    """
+    with trio.move_on_after(LINGER_TIME), contextlib.suppress(trio.BrokenResourceError,
+                                                              trio.ClosedResourceError, OSError):  # fmt: skip
+        await stream.send_eof()
+        dropped = 0
+        while dropped < LINGER_BYTES:
+            data = await stream.receive_some(MAX_HEAD)
+            if not data:
+                return
+            dropped += len(data)
 
 
 def _check_length(request: h11.Request) -> None:

@@ -1,6 +1,6 @@
 """What the admin endpoint shows: `/stats` as JSON and `/metrics` in Prometheus text format.
 
-Both are pure functions of the balancer's live view; they read counters and
+Both are pure functions of a balancer's `View` (view.py); they read counters and
 never change them.
 """
 
@@ -9,14 +9,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from trioanubis.accesslog import log_dropped
-from trioanubis.faults import describe
+from trioanubis.ops.accesslog import log_dropped
+from trioanubis.proxy.faults import describe
 
 if TYPE_CHECKING:
-    from trioanubis.admin import Admin
-    from trioanubis.app import Balancer
-    from trioanubis.listener import Listener
+    from trioanubis.ops.view import AdminCounters, View
     from trioanubis.pool import Pool, Server
+    from trioanubis.proxy.listener import Listener
     from trioanubis.spawn import Spawner
 
 
@@ -57,14 +56,14 @@ def pool_stats(pool: Pool) -> dict[str, Any]:
     }
 
 
-def stats(balancer: Balancer) -> dict[str, Any]:
+def stats(view: View) -> dict[str, Any]:
     """The `/stats` document."""
     return {
-        "ready": balancer.is_ready(),
-        "draining": balancer.draining,
-        "active": balancer.limits.active,
-        "max_connections": balancer.limits.max_connections,
-        "endings": dict(sorted(balancer.access.counts.items())),
+        "ready": view.is_ready(),
+        "draining": view.draining,
+        "active": view.limits.active,
+        "max_connections": view.limits.max_connections,
+        "endings": dict(sorted(view.endings.items())),
         "log_dropped": log_dropped(),
         "listeners": [
             {
@@ -79,11 +78,11 @@ def stats(balancer: Balancer) -> dict[str, Any]:
                 **listener.admission.stats(),
                 **({"tls": dict(listener.tls_counts)} if listener.routes or listener.config.tls else {}),
             }
-            for listener in balancer.listeners.values()
+            for listener in view.listeners.values()
         ],
-        "pools": [pool_stats(pool) for pool in balancer.pools.values()],
-        "replicas": {name: spawner_stats(s) for name, s in balancer.spawners.items()},
-        "admin": None if balancer.admin is None else admin_stats(balancer.admin),
+        "pools": [pool_stats(pool) for pool in view.pools.values()],
+        "replicas": {name: spawner_stats(s) for name, s in view.spawners.items()},
+        "admin": None if view.admin is None else admin_stats(view.admin),
     }
 
 
@@ -100,8 +99,8 @@ def spawner_stats(spawner: Spawner) -> dict[str, Any]:
     }
 
 
-def _spawn_lines(balancer: Balancer) -> list[str]:
-    spawners = balancer.spawners.items()
+def _spawn_lines(view: View) -> list[str]:
+    spawners = view.spawners.items()
     lines = list(_family("replica_restarts_total", "counter",
                          "Times a spawned replica exited and was started again."))  # fmt: skip
     lines += [f"anubis_replica_restarts_total{_labels(pool=name, replica=r.name)} {r.restarts}"
@@ -113,11 +112,11 @@ def _spawn_lines(balancer: Balancer) -> list[str]:
     return lines
 
 
-def admin_stats(admin: Admin) -> dict[str, int]:
+def admin_stats(admin: AdminCounters) -> dict[str, int]:
     return {name: value for name, _, value in _admin_rows(admin)}
 
 
-def _admin_rows(admin: Admin) -> list[tuple[str, str, int]]:
+def _admin_rows(admin: AdminCounters) -> list[tuple[str, str, int]]:
     return [
         ("internal_errors", "Admin requests that hit a bug (answered 500, never a process exit).",
          admin.internal_errors),
@@ -125,7 +124,7 @@ def _admin_rows(admin: Admin) -> list[tuple[str, str, int]]:
         ("rejected", "Admin connections refused because every slot was busy with authorised work.",
          admin.rejected),
         ("accept_overloads", "Admin accepts that failed for lack of descriptors or memory.",
-         admin.backoff.overloads),
+         admin.accept_overloads),
     ]  # fmt: skip
 
 
@@ -141,8 +140,8 @@ def _family(name: str, kind: str, help_text: str) -> Iterator[str]:
     yield f"# TYPE anubis_{name} {kind}"
 
 
-def _server_rows(balancer: Balancer) -> Iterator[tuple[dict[str, str], Server]]:
-    for pool in balancer.pools.values():
+def _server_rows(view: View) -> Iterator[tuple[dict[str, str], Server]]:
+    for pool in view.pools.values():
         for server in [*pool.servers, *pool.retired]:
             yield {"pool": pool.name, "server": server.name}, server
 
@@ -178,10 +177,10 @@ def _admission_metrics(listeners: list[Listener]) -> Iterator[str]:
             yield f"anubis_listener_tls_total{_labels(listener=x.name, result=result)} {count}"
 
 
-def prometheus(balancer: Balancer) -> str:
+def prometheus(view: View) -> str:
     """The `/metrics` document (text exposition format 0.0.4)."""
     lines: list[str] = []
-    listeners = list(balancer.listeners.values())
+    listeners = list(view.listeners.values())
     for name, kind, help_text, attribute in (
         ("listener_connections_total", "counter", "Connections accepted by a listener.", "accepted"),
         ("listener_active_connections", "gauge", "Open connections of a listener.", "active"),
@@ -191,7 +190,7 @@ def prometheus(balancer: Balancer) -> str:
         lines += _family(name, kind, help_text)
         lines += [f"anubis_{name}{_labels(listener=x.name)} {getattr(x, attribute)}" for x in listeners]
     lines += _admission_metrics(listeners)
-    rows = list(_server_rows(balancer))
+    rows = list(_server_rows(view))
     for name, kind, help_text, attribute in SERVER_METRICS:
         lines += _family(name, kind, help_text)
         lines += [f"anubis_{name}{_labels(**labels)} {getattr(s, attribute)}" for labels, s in rows]
@@ -207,7 +206,7 @@ def prometheus(balancer: Balancer) -> str:
         for fault, count in sorted(s.faults_applied.items()):
             lines.append(f"anubis_faults_applied_total{_labels(**labels, fault=fault)} {count}")
     lines += _family("pool_no_server_total", "counter", "Clients closed because no server could take them.")
-    pools = list(balancer.pools.values())
+    pools = list(view.pools.values())
     lines += [f"anubis_pool_no_server_total{_labels(pool=p.name)} {p.no_server}" for p in pools]
     lines += _family("pool_serving_priority", "gauge",
                      "The priority group taking new connections (absent when none can).")  # fmt: skip
@@ -223,7 +222,7 @@ def prometheus(balancer: Balancer) -> str:
     ):  # fmt: skip
         lines += _family(name, kind, help_text)
         lines += [f"anubis_{name}{_labels(pool=p.name)} {held(p)}" for p in pools]
-    lines += _spawn_lines(balancer)
+    lines += _spawn_lines(view)
     lines += _family("connection_duration_seconds", "histogram", "How long connections lasted.")
     for pool in pools:
         histogram = pool.durations
@@ -235,10 +234,10 @@ def prometheus(balancer: Balancer) -> str:
         lines.append(f"anubis_connection_duration_seconds_sum{_labels(pool=pool.name)} {histogram.total}")
         lines.append(f"anubis_connection_duration_seconds_count{_labels(pool=pool.name)} {histogram.count}")
     lines += _family("connections_ended_total", "counter", "Finished connections by how they ended.")
-    for end, count in sorted(balancer.access.counts.items()):
+    for end, count in sorted(view.endings.items()):
         lines.append(f"anubis_connections_ended_total{_labels(end=end)} {count}")
-    if balancer.admin is not None:
-        for name, help_text, value in _admin_rows(balancer.admin):
+    if view.admin is not None:
+        for name, help_text, value in _admin_rows(view.admin):
             lines += _family(f"admin_{name}_total", "counter", help_text)
             lines.append(f"anubis_admin_{name}_total {value}")
     lines += _family("log_dropped_total", "counter", "Log lines dropped because stderr could not keep up.")

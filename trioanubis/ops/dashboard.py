@@ -1,6 +1,6 @@
 """The dashboard's bytes: one self-contained HTML page built from files shipped in the package.
 
-Theory of operation: `trioanubis/static/` holds the page's template, its
+Theory of operation: `trioanubis/ops/static/` holds the page's template, its
 stylesheet and script, and a vendored copy of uPlot (the charting library,
 MIT, with its licence beside it). `page()` inlines them into one document the
 first time it is asked for and keeps the bytes, so serving `GET /` afterwards
@@ -42,7 +42,7 @@ _INCLUDE = re.compile(r"\{\{([\w.-]+)\}\}")
 
 
 def _read(name: str) -> str:
-    return (resources.files("trioanubis") / "static" / name).read_text(encoding="utf-8")
+    return (resources.files("trioanubis.ops") / "static" / name).read_text(encoding="utf-8")
 
 
 def _assemble(template: str) -> bytes:

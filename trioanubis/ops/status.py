@@ -1,6 +1,6 @@
 """`anubis proxy`'s status: a live line on a terminal, plain log lines elsewhere.
 
-Theory of operation: `run_status` samples the balancer every
+Theory of operation: `run_status` samples the balancer (its `View`) every
 `STATUS_INTERVAL` (servers up / total, clients held, connections accepted
 per second) and `format_status` turns a `Sample` into one line (pure, so it
 is tested without a terminal). On a terminal the line is redrawn in place
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Final, TextIO, final
 import trio
 
 if TYPE_CHECKING:
-    from trioanubis.app import Balancer
+    from trioanubis.ops.view import View
 
 log = logging.getLogger("trioanubis.status")
 
@@ -48,16 +48,16 @@ def format_status(sample: Sample, width: int = 0) -> str:
     return line
 
 
-def take_sample(balancer: Balancer, accepted_before: int, seconds: float) -> tuple[Sample, int]:
-    servers = [s for pool in balancer.pools.values() for s in pool.servers]
-    accepted = sum(listener.accepted for listener in balancer.listeners.values())
+def take_sample(view: View, accepted_before: int, seconds: float) -> tuple[Sample, int]:
+    servers = [s for pool in view.pools.values() for s in pool.servers]
+    accepted = sum(listener.accepted for listener in view.listeners.values())
     rate = (accepted - accepted_before) / seconds if seconds > 0 else 0.0
     sample = Sample(
         up=sum(s.state == "up" for s in servers),
         total=len(servers),
-        held=sum(len(pool.held) for pool in balancer.pools.values()),
+        held=sum(len(pool.held) for pool in view.pools.values()),
         rate=max(0.0, rate),
-        rolling=any(s.rolling for s in balancer.spawners.values()),
+        rolling=any(s.rolling for s in view.spawners.values()),
     )
     return sample, accepted
 
@@ -106,16 +106,16 @@ def install_terminal_status(stream: TextIO = sys.stderr) -> StatusHandler | None
     return handler
 
 
-async def run_status(balancer: Balancer, terminal: StatusHandler | None) -> None:
+async def run_status(view: View, terminal: StatusHandler | None) -> None:
     """Until cancelled: redraw the status line on a terminal, else log the state when it changes."""
-    accepted = sum(listener.accepted for listener in balancer.listeners.values())
+    accepted = sum(listener.accepted for listener in view.listeners.values())
     last_state: tuple[int, int, int] | None = None
     then = trio.current_time()
     try:
         while True:
             await trio.sleep(STATUS_INTERVAL)
             now = trio.current_time()
-            sample, accepted = take_sample(balancer, accepted, now - then)
+            sample, accepted = take_sample(view, accepted, now - then)
             then = now
             if terminal is not None:
                 terminal.show(format_status(sample, _columns(terminal.stream)))

@@ -23,7 +23,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, final
 
-from trioanubis.logwriter import LogWriter
+from trioanubis.ops.logwriter import LogWriter
 
 if TYPE_CHECKING:
     from trioanubis.proxy.record import ConnectionRecord

@@ -40,7 +40,7 @@ import trio
 from trioanubis.proxy.connect import client_gone
 
 if TYPE_CHECKING:
-    from trioanubis.relay import Relay
+    from trioanubis.proxy.relay import Relay
 
 MIN_TICK: Final = 0.005
 MAX_TICK: Final = 0.5

@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Final
 import trio
 
 from trioanubis.errors import ProxyHeaderError
-from trioanubis.proxy_protocol import HeaderReader, HostPort, ProxyHeader, ProxyVersion, build_header
+from trioanubis.proxy.proxy_protocol import HeaderReader, HostPort, ProxyHeader, ProxyVersion, build_header
 
 if TYPE_CHECKING:
-    from trioanubis.relay import Relay
+    from trioanubis.proxy.relay import Relay
 
 _sink = bytearray(4096)  # consumed header bytes land here; their content is already parsed
 _SINK: Final = memoryview(_sink)

@@ -30,18 +30,18 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 import trio
 
-from trioanubis.connection import CONNECTION_TASK_NAME, Opening, Origin, handle_connection
 from trioanubis.proxy.connect import close_socket
-from trioanubis.tls_hello import Hello, HelloReader
-from trioanubis.tls_relay import socket_stream
-from trioanubis.tls_stream import TlsError, TlsStream
+from trioanubis.proxy.connection import CONNECTION_TASK_NAME, Opening, Origin, handle_connection
+from trioanubis.proxy.tls_relay import socket_stream
+from trioanubis.tls.hello import Hello, HelloReader
+from trioanubis.tls.stream import TlsError, TlsStream
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from trioanubis.config import ListenerConfig
     from trioanubis.pool import Pool
-    from trioanubis.sni_routes import RouteTable
+    from trioanubis.proxy.sni_routes import RouteTable
 
 log = logging.getLogger("trioanubis.tls")
 

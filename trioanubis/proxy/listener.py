@@ -36,18 +36,18 @@ from typing import Final, final
 
 import trio
 
-from trioanubis.admission import Admission
 from trioanubis.config import Address, ListenerConfig
-from trioanubis.connection import CONNECTION_TASK_NAME, handle_connection
 from trioanubis.errors import AnubisError, ProxyHeaderError
 from trioanubis.pool import Pool
+from trioanubis.proxy.admission import Admission
 from trioanubis.proxy.connect import LOCAL_SHORTAGE_ERRNOS, close_socket
+from trioanubis.proxy.connection import CONNECTION_TASK_NAME, handle_connection
+from trioanubis.proxy.header_io import read_proxy_header
 from trioanubis.proxy.io import Readiness
 from trioanubis.proxy.record import ConnectionRecord, RecordSink
-from trioanubis.proxy_io import read_proxy_header
-from trioanubis.sni_routes import RouteTable
-from trioanubis.timeouts import Timer
-from trioanubis.tls_listener import COUNTS, serve_tls_client
+from trioanubis.proxy.sni_routes import RouteTable
+from trioanubis.proxy.timeouts import Timer
+from trioanubis.proxy.tls_opening import COUNTS, serve_tls_client
 
 log = logging.getLogger("trioanubis.listener")
 

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from trioanubis.hold_queue import Ticket
     from trioanubis.pool import Pool
     from trioanubis.proxy.record import ConnectionRecord
-    from trioanubis.relay import Relay
+    from trioanubis.proxy.relay import Relay
 
 log = logging.getLogger("trioanubis.hold")
 

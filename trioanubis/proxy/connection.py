@@ -38,20 +38,20 @@ from typing import TYPE_CHECKING, Final, Protocol, final
 import trio
 
 from trioanubis.errors import AttemptCancelled, ConnectFailed, OutOfResources
-from trioanubis.faults import draw, refused
-from trioanubis.hold import hold
 from trioanubis.pool import Pool, Server
 from trioanubis.proxy.connect import Connecting, connect_any, connect_timed_out
 from trioanubis.proxy.faulted import relay_faulted
+from trioanubis.proxy.faults import draw, refused
+from trioanubis.proxy.header_io import send_proxy_header, send_to_server
+from trioanubis.proxy.hold import hold
 from trioanubis.proxy.record import CLOSED_CLEANLY, ConnectionRecord
-from trioanubis.proxy_io import send_proxy_header, send_to_server
-from trioanubis.relay import Relay, reset_on_close
-from trioanubis.tls_relay import ServerTls, relay_streams, release_sockets, socket_stream
+from trioanubis.proxy.relay import Relay, reset_on_close
+from trioanubis.proxy.tls_relay import ServerTls, relay_streams, release_sockets, socket_stream
 
 if TYPE_CHECKING:
     from trioanubis.proxy.io import Readiness
-    from trioanubis.timeouts import Timer
-    from trioanubis.tls_stream import TlsStream
+    from trioanubis.proxy.timeouts import Timer
+    from trioanubis.tls.stream import TlsStream
 
 log = logging.getLogger("trioanubis.connection")
 

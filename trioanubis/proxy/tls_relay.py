@@ -39,12 +39,12 @@ import trio
 
 from trioanubis.config import TlsClient
 from trioanubis.errors import ConnectFailed
-from trioanubis.relay import CHUNK_SIZE
-from trioanubis.tls_stream import TlsError, TlsStream
+from trioanubis.proxy.relay import CHUNK_SIZE
+from trioanubis.tls.stream import TlsError, TlsStream
 
 if TYPE_CHECKING:
     from trioanubis.pool import Server
-    from trioanubis.relay import Relay
+    from trioanubis.proxy.relay import Relay
 
 _PUMP_TASK_NAME = "trioanubis.tls_relay.server_to_client"
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)

@@ -27,8 +27,8 @@ from __future__ import annotations
 import logging
 from typing import Final, final
 
-from trioanubis.clients import LOG_INTERVAL, ClientTable, LogOnce, NetworkSet
 from trioanubis.config import ListenerConfig
+from trioanubis.proxy.clients import LOG_INTERVAL, ClientTable, LogOnce, NetworkSet
 
 log = logging.getLogger("trioanubis.admission")
 

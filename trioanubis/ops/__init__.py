@@ -1,0 +1,1 @@
+"""The operator's surface: admin endpoint, metrics, dashboard, logs, `anubis top`, status line."""

@@ -1,0 +1,53 @@
+"""The narrow view of a running balancer that the operator's surface reads.
+
+Theory of operation: admin.py, metrics.py and status.py answer questions
+about a balancer (its pools, listeners, replicas, counters) and act on its
+servers (drain, enable, weight, faults). They see it only through `View`, a
+protocol of what they read, so they never import app.py: `app.Balancer` is
+one view, and the worker supervisor's (a Balancer with pools and no
+listeners) another. `AdminCounters` is the admin endpoint's own part of
+/stats and /metrics, read the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from trioanubis.pool import Pool
+    from trioanubis.proxy.listener import Limits, Listener
+    from trioanubis.spawn import Spawner
+
+
+class AdminCounters(Protocol):
+    """The admin endpoint's counters (admin.py's `Admin` is one)."""
+
+    @property
+    def internal_errors(self) -> int: ...
+    @property
+    def evicted(self) -> int: ...
+    @property
+    def rejected(self) -> int: ...
+    @property
+    def accept_overloads(self) -> int: ...
+
+
+class View(Protocol):
+    """What the operator's surface reads of a balancer (app.py's `Balancer` is one)."""
+
+    @property
+    def pools(self) -> Mapping[str, Pool]: ...
+    @property
+    def listeners(self) -> Mapping[str, Listener]: ...
+    @property
+    def spawners(self) -> Mapping[str, Spawner]: ...
+    @property
+    def limits(self) -> Limits: ...
+    @property
+    def draining(self) -> bool: ...
+    @property
+    def endings(self) -> Mapping[str, int]: ...  # connections ended, by end state
+    @property
+    def admin(self) -> AdminCounters | None: ...
+    def is_ready(self) -> bool: ...
