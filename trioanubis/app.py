@@ -46,7 +46,7 @@ from typing import Final, final
 import trio
 
 from trioanubis.config import Address, Config, ListenerConfig, PoolConfig, load_config
-from trioanubis.discovery import run_discovery, source_of
+from trioanubis.discovery import run_discovery
 from trioanubis.errors import AnubisError, ConfigError
 from trioanubis.health.checker import run_health_checks
 from trioanubis.ops.accesslog import AccessLog
@@ -55,8 +55,9 @@ from trioanubis.pool import Pool, Server
 from trioanubis.proxy.io import open_readiness
 from trioanubis.proxy.listener import Limits, Listener, SocketOpener
 from trioanubis.proxy.timeouts import Timer, tick_for
+from trioanubis.reload import plan, update_servers
 from trioanubis.resolve import resolve_address
-from trioanubis.spawn import SPAWN_SOURCE, Spawner
+from trioanubis.spawn import Spawner
 from trioanubis.strategies import make_strategy
 
 log = logging.getLogger("trioanubis")
@@ -316,29 +317,29 @@ class Balancer:
                 self.request_reload("the file changed")
 
     async def apply_config(self, new: Config) -> None:
-        """Bring the running balancer to `new` without touching established connections."""
+        """Bring the running balancer to `new` without touching established connections (reload.py plans)."""
+        changes = plan(self.config, self.pools, {n: li.config for n, li in self.listeners.items()}, new,
+                       io_forced=bool(self.io))  # fmt: skip
+        for warning in changes.warnings:
+            log.warning("%s", warning)
         if self.admin is not None and new.admin is not None:
             self.admin.apply(new.admin)  # the token now, a new bind at the next restart
-        elif new.admin != self.config.admin:
-            log.warning("reload: adding or removing [admin] takes effect at the next restart")
-        if new.settings.io != self.config.settings.io and not self.io:
-            log.warning("reload: settings.io changes take effect at the next restart")
-        for name, pool_config in new.pools.items():
-            if name in self.pools:
-                await self._update_pool(self.pools[name], pool_config)
-            else:
-                pool = Pool(pool_config)
-                self.pools[name] = pool
-                await self._resolve(pool.servers, name)
-                await self._update_spawner(pool)
-                await self._start_pool_tasks(pool)
-                log.info("reload: pool %s added", name)
-        for name, listener_config in new.listeners.items():
-            await self._update_listener(name, listener_config)
-        for name in [n for n in self.listeners if n not in new.listeners]:
+        for name in changes.pools_kept:
+            await self._update_pool(self.pools[name], new.pools[name])
+        for name in changes.pools_added:
+            pool = self.pools[name] = Pool(new.pools[name])
+            await self._resolve(pool.servers, name)
+            await self._update_spawner(pool)
+            await self._start_pool_tasks(pool)
+            log.info("reload: pool %s added", name)
+        for name in changes.listeners_reconfigured:
+            self.listeners[name].reconfigure(new.listeners[name])
+        for name in changes.listeners_bound:
+            await self._bind_listener(name, new.listeners[name])
+        for name in changes.listeners_removed:
             self.listeners.pop(name).scope.cancel()
             log.info("reload: listener %s removed", name)
-        for name in [n for n in self.pools if n not in new.pools]:
+        for name in changes.pools_removed:
             self._pool_scopes.pop(name).cancel()
             self._stop_spawner(name)
             del self.pools[name]
@@ -350,11 +351,9 @@ class Balancer:
         self.reloads += 1
         log.info("reload applied")
 
-    async def _update_listener(self, name: str, config: ListenerConfig) -> None:
+    async def _bind_listener(self, name: str, config: ListenerConfig) -> None:
+        """A new listener, or one on a new bind: the new socket listens before the old one closes."""
         old = self.listeners.get(name)
-        if old is not None and old.config.bind == config.bind:
-            old.reconfigure(config)
-            return
         listener = self._new_listener(config)
         assert self._accepting is not None and self._connections is not None
         try:
@@ -400,30 +399,7 @@ class Balancer:
         await self._update_spawner(pool)
         if config.strategy != old.strategy:
             pool.strategy = make_strategy(config.strategy)
-        current = {(s.name, s.address): s for s in pool.servers}
-        wanted = {(sc.name, sc.address): sc for sc in config.servers}
-        sources = {source_of(entry) for entry in config.discovery}
-        if config.spawn is not None:
-            sources.add(SPAWN_SOURCE)  # the spawner owns those
-        for key, server in current.items():
-            if key not in wanted and server.source not in sources:
-                pool.remove(server)
-                log.info("reload: pool %s: server %s removed (its open connections go on)",
-                         pool.name, server.name)  # fmt: skip
-        added = []
-        for key, sc in wanted.items():
-            if key in current:
-                server = current[key]
-                server.max_connections = sc.max_connections
-                server.send_proxy = sc.send_proxy
-                if sc.faults != server.config_faults:  # the file changed: it wins over the admin's
-                    server.config_faults = sc.faults
-                    pool.set_faults(server, sc.faults)
-                if server.weight != sc.weight:
-                    pool.set_weight(server, sc.weight)
-                pool.set_priority(server, sc.priority)
-            else:
-                added.append(Server(sc, healthy=config.health.check == "none"))
+        added = update_servers(pool, config)
         await self._resolve(added, pool.name)
         if added:
             pool.add(added)

@@ -53,7 +53,7 @@ import dns.resolver
 import trio
 
 from trioanubis.config import Address, DiscoveryConfig, ServerConfig, parse_address
-from trioanubis.pool import Pool, Server
+from trioanubis.pool import Pool, Server, diff_servers
 from trioanubis.resolve import resolve_address
 
 log = logging.getLogger("trioanubis.discovery")
@@ -281,26 +281,25 @@ def source_of(entry: DiscoveryConfig) -> str:
 def apply(pool: Pool, entry: DiscoveryConfig, found: frozenset[Found]) -> None:
     """Make the pool's servers from `entry` match `found`."""
     source = source_of(entry)
-    current = {s.address: s for s in pool.servers if s.source == source}
-    wanted = {f.address: f for f in found}
-    for address, server in current.items():
-        if address not in wanted:
-            pool.remove(server)
-            log.info("pool %s: %s no longer lists %s; it gets no new connections", pool.name,
-                     source, server.name)  # fmt: skip
-            continue
-        if server.weight != wanted[address].weight:
-            pool.set_weight(server, wanted[address].weight)
+    removed, kept, new = diff_servers({s.address: s for s in pool.servers if s.source == source},
+                                      {f.address: f for f in found})  # fmt: skip
+    for server in removed:
+        pool.remove(server)
+        log.info("pool %s: %s no longer lists %s; it gets no new connections", pool.name,
+                 source, server.name)  # fmt: skip
+    for server, item in kept:
+        if server.weight != item.weight:
+            pool.set_weight(server, item.weight)
         pool.set_priority(server, entry.priority)  # a reload may have changed it
     added = []
-    for address, item in wanted.items():
-        if address not in current:
-            config = ServerConfig(address, str(address), item.weight, entry.max_connections,
-                                  priority=entry.priority)
-            server = Server(config, healthy=pool.config.health.check == "none", source=source)
-            family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-            server.sockaddrs = [(family, (address.host, address.port))]
-            added.append(server)
+    for item in new:
+        address = item.address
+        config = ServerConfig(address, str(address), item.weight, entry.max_connections,
+                              priority=entry.priority)  # fmt: skip
+        server = Server(config, healthy=pool.config.health.check == "none", source=source)
+        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+        server.sockaddrs = [(family, (address.host, address.port))]
+        added.append(server)
     if added:
         pool.add(added)
         log.info("pool %s: %s added %s", pool.name, source, ", ".join(s.name for s in added))

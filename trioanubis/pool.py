@@ -36,9 +36,9 @@ stays in `retired` until its last connection (or connect) ends.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Hashable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Final, final
+from typing import Final, TypeVar, final
 
 import trio
 
@@ -427,3 +427,19 @@ def _ramp_share(groups: tuple[Group, ...]) -> float:
 
 def _ramp(group: Group) -> float:
     return max(min(1.0, s.effective_weight / s.weight) if s.weight else 1.0 for s in group.servers)
+
+
+_Key = TypeVar("_Key", bound=Hashable)
+_Wanted = TypeVar("_Wanted")
+
+
+def diff_servers(
+    current: Mapping[_Key, Server], wanted: Mapping[_Key, _Wanted]
+) -> tuple[list[Server], list[tuple[Server, _Wanted]], list[_Wanted]]:
+    """What makes `current` match `wanted`, keyed alike: (servers to remove, servers kept with
+    what is wanted of them, what to add). Reload (a file's server list) and discovery (a DNS
+    answer) both bring a pool's servers to a wanted list through this one comparison."""
+    removed = [server for key, server in current.items() if key not in wanted]
+    kept = [(current[key], want) for key, want in wanted.items() if key in current]
+    added = [want for key, want in wanted.items() if key not in current]
+    return removed, kept, added

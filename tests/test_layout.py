@@ -1,0 +1,166 @@
+"""The package's layout holds: no import circle, the data plane apart from the operator's surface,
+and reload's plan and server diff (reload.py, pool.diff_servers) as pure functions."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from trioanubis.config import Address, parse_config
+from trioanubis.pool import Pool, diff_servers
+from trioanubis.reload import ADMIN_WARNING, IO_WARNING, plan, update_servers
+
+PACKAGE = Path(__file__).resolve().parent.parent / "trioanubis"
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module → the package's modules it imports, type-only imports and imports in functions included."""
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        modules[".".join(parts)] = path
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
+                targets = [base, *(f"{base}.{alias.name}" for alias in node.names)]
+            elif isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            else:
+                continue
+            graph[name] |= {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in graph[node]:
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                top = stack.pop()
+                component.append(top)
+                if top == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in graph:
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_import_circle() -> None:
+    assert circles(import_graph()) == []
+
+
+def test_the_circle_finder_finds_a_circle() -> None:
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_layers_import_only_downwards() -> None:
+    graph = import_graph()
+    for name, imports in graph.items():
+        if name.startswith("trioanubis.proxy"):  # the data plane never reaches up to the operator's surface
+            assert not {i for i in imports if i.startswith(("trioanubis.ops", "trioanubis.app"))}, name
+        if name.startswith("trioanubis.health"):  # health checks share socket-level connecting only
+            data_path = {i for i in imports if i.startswith("trioanubis.proxy")}
+            shared = {"trioanubis.proxy.connect", "trioanubis.proxy.proxy_protocol"}
+            assert data_path <= shared, (name, data_path)
+        if name.startswith("trioanubis.ops") and name != "trioanubis.ops.view":
+            assert "trioanubis.app" not in imports, name  # they read a View
+    assert "trioanubis.proxy.listener" not in graph["trioanubis.proxy.connection"]
+    assert not {i for i in graph["trioanubis.pool"] if i.startswith("trioanubis.proxy")}
+
+
+# ------------------------------------------------------------ reload's plan
+
+BASE = {
+    "listeners": {
+        "web": {"bind": "127.0.0.1:8000", "pool": "a"},
+        "old": {"bind": "127.0.0.1:8001", "pool": "a"},
+    },
+    "pools": {"a": {"servers": ["127.0.0.1:9000"]}, "gone": {"servers": ["127.0.0.1:9001"]}},
+}
+
+
+def test_plan_sorts_pools_and_listeners_by_what_happens_to_them() -> None:
+    running = parse_config(BASE, "a.toml")
+    new = parse_config({
+        "listeners": {
+            "web": {"bind": "127.0.0.1:8000", "pool": "b"},
+            "moved": {"bind": "127.0.0.1:8002", "pool": "a"},
+        },
+        "pools": {"a": {"servers": ["127.0.0.1:9000"]}, "b": {"servers": ["127.0.0.1:9002"]}},
+        "admin": {"bind": "127.0.0.1:8100"},
+    }, "b.toml")  # fmt: skip
+    changes = plan(running, running.pools, {n: c for n, c in running.listeners.items()}, new, io_forced=False)
+    assert (changes.pools_added, changes.pools_kept, changes.pools_removed) == (("b",), ("a",), ("gone",))
+    assert changes.listeners_reconfigured == ("web",)
+    assert changes.listeners_bound == ("moved",)
+    assert changes.listeners_removed == ("old",)
+    assert changes.warnings == (ADMIN_WARNING,)
+
+
+def test_plan_compares_with_the_bind_that_runs_not_the_last_file() -> None:
+    """A rebind that failed left the listener on its old address: the next reload tries again."""
+    running = parse_config(BASE, "a.toml")
+    still = {"web": parse_config(BASE, "a.toml").listeners["web"]}
+    wanted = dict(BASE, listeners={"web": {"bind": "127.0.0.1:8005", "pool": "a"}})
+    new = parse_config(wanted, "b.toml")
+    after_failed_rebind = parse_config(wanted, "b.toml")  # what self.config became
+    assert plan(after_failed_rebind, running.pools, still, new, io_forced=False).listeners_bound == ("web",)
+
+
+def test_plan_warns_about_io_only_when_not_forced() -> None:
+    running = parse_config(BASE, "a.toml")
+    new = parse_config(dict(BASE, settings={"io": "portable"}), "b.toml")
+    assert plan(running, running.pools, running.listeners, new, io_forced=False).warnings == (IO_WARNING,)
+    assert plan(running, running.pools, running.listeners, new, io_forced=True).warnings == ()
+
+
+# ------------------------------------------------------------ the server diff
+
+
+def test_diff_servers_splits_into_removed_kept_and_added() -> None:
+    pool = Pool(parse_config(BASE, "a.toml").pools["a"])
+    [server] = pool.servers
+    removed, kept, added = diff_servers({"x": server}, {"y": 1})
+    assert (removed, kept, added) == ([server], [], [1])
+    assert diff_servers({"x": server}, {"x": 2}) == ([], [(server, 2)], [])
+
+
+def test_update_servers_keeps_removes_and_returns_the_new_ones() -> None:
+    pool = Pool(parse_config(BASE, "a.toml").pools["a"])
+    [kept] = pool.servers
+    new = parse_config(dict(BASE, pools={
+        "a": {"servers": [{"address": "127.0.0.1:9000", "weight": 5}, "127.0.0.1:9003"]},
+        "gone": {"servers": ["127.0.0.1:9001"]},
+    }), "b.toml").pools["a"]  # fmt: skip
+    added = update_servers(pool, new)
+    assert [s.address for s in added] == [Address("127.0.0.1", 9003)]
+    assert pool.servers == [kept] and kept.weight == 5
+    pools = {"a": {"servers": ["127.0.0.1:9004"]}, "gone": {"servers": ["127.0.0.1:9001"]}}
+    gone = parse_config(dict(BASE, pools=pools), "c.toml").pools["a"]
+    assert [s.address.port for s in update_servers(pool, gone)] == [9004]
+    assert kept not in pool.servers
