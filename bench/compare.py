@@ -1,12 +1,16 @@
 """Side-by-side benchmark: trioanubis against HAProxy, nginx stream and Python peers.
 
-    python bench/compare.py [--quick] [--rounds N] [--duration S] [--only NAME,...] [--save]
+    python bench/compare.py [--quick] [--rounds N] [--duration S] [--only NAME,...] [--profile] [--save]
 
 Every contender relays to the same loopback backends; runs are interleaved
 (A B C A B C …) and each run starts the contender afresh. Prints a Markdown
 table of medians with min–max, and ratios against HAProxy and against the
 best Python peer. `--save` also writes bench/results/<date>.md with the
-machine's description. It never installs anything: see bench/README.md; a
+machine's description. `--profile` also reads each contender's CPU time
+(user and system, its worker processes included) before and after every
+keepalive and connrate run, and prints the CPU per request and per
+connection: on shared cores, work per unit is steadier than work per
+second. It never installs anything: see bench/README.md; a
 missing contender or tool is skipped with a message.
 """
 
@@ -69,6 +73,38 @@ def rss_kib(pids: list[int]) -> int:
 def children(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
+
+
+# Workloads `--profile` measures the CPU of, and the unit of work of each.
+PROFILED = {"keepalive": "request", "connrate": "connection"}
+CLOCK_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of `pid`, its threads and descendants (Linux /proc).
+
+    A process's stat counts all its threads, and its children once they are
+    waited for (cutime, cstime); children still running are read themselves.
+    """
+    user = system = 0.0
+    with suppress(OSError, IndexError, ValueError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        user = (int(fields[11]) + int(fields[13])) / CLOCK_TICK
+        system = (int(fields[12]) + int(fields[14])) / CLOCK_TICK
+    for child in children(pid):
+        child_user, child_system = cpu_times(child)
+        user, system = user + child_user, system + child_system
+    return user, system
+
+
+@contextmanager
+def cpu_used(pid: int) -> Iterator[list[float]]:
+    """Yields a list that holds, once the block ends, the user and system CPU seconds used during it."""
+    used: list[float] = []
+    before = cpu_times(pid)
+    yield used
+    after = cpu_times(pid)
+    used += [after[0] - before[0], after[1] - before[1]]
 
 
 @dataclass
@@ -405,7 +441,7 @@ def run_all(args: argparse.Namespace) -> tuple[Results, list[str]]:
                         continue
                     http = backends.proxied if contender.proxied else backends.http
                     target = {"bulk": [backends.bulk], "memory": [backends.idle]}.get(workload, http)
-                    with running(contender, target) as (port, process):
+                    with running(contender, target) as (port, process), cpu_used(process.pid) as cpu:
                         value: object
                         if workload == "keepalive":
                             value = run_keepalive(port, args.duration)
@@ -418,6 +454,11 @@ def run_all(args: argparse.Namespace) -> tuple[Results, list[str]]:
                         else:
                             value = run_memory(port, process)
                     results.add(workload, contender.name, value)
+                    if args.profile and workload in PROFILED:
+                        assert isinstance(value, float)
+                        units = max(1.0, value * args.duration)  # wrk's rate × its duration
+                        per_unit = (cpu[0] / units * 1e6, cpu[1] / units * 1e6)
+                        results.add(f"{workload} cpu", contender.name, per_unit)
                     print(f"  round {round_number} {workload:9} {contender.name:15} {fmt_value(value)}",
                           file=sys.stderr, flush=True)  # fmt: skip
     return results, skipped
@@ -526,6 +567,55 @@ def worker_ratios(results: Results) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+def cpu_values(results: Results, workload: str, name: str) -> list[tuple[float, float]]:
+    """`--profile`'s (user µs, system µs) per unit of work of each run of `name`."""
+    return [v for v in results.values.get((f"{workload} cpu", name), []) if isinstance(v, tuple)]
+
+
+PROFILE_RATIOS = ("trioanubis", "haproxy", "trioanubis+log")
+
+
+def cpu_total(results: Results, workload: str, name: str) -> float:
+    """Median user + system µs per unit of work of `name` (0 when it did not run)."""
+    values = cpu_values(results, workload, name)
+    return statistics.median(u + s for u, s in values) if values else 0.0
+
+
+def cpu_table(results: Results) -> str:
+    """`--profile`: the contenders' CPU per unit of work, median µs (min–max of the total)."""
+    profiled = {c for (w, c) in results.values if w.endswith(" cpu")}
+    if not profiled:
+        return ""
+    head = " | ".join(f"{w}: µs user + sys per {unit} (total min–max)" for w, unit in PROFILED.items())
+    lines = [f"| contender | {head} |", "|---|" + "---|" * len(PROFILED)]
+    for name in sorted(profiled, key=lambda n: (n != "trioanubis", n)):
+        cells = []
+        for workload in PROFILED:
+            values = cpu_values(results, workload, name)
+            if not values:
+                cells.append("–")
+                continue
+            user = statistics.median(u for u, _ in values)
+            system = statistics.median(s for _, s in values)
+            totals = [u + s for u, s in values]
+            cells.append(f"{user:.1f} + {system:.1f} = {statistics.median(totals):.1f} "
+                         f"({min(totals):.1f}–{max(totals):.1f})")  # fmt: skip
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + cpu_ratios(results)
+
+
+def cpu_ratios(results: Results) -> str:
+    """trioanubis's CPU per unit of work against HAProxy's, and with the access log against without."""
+    lines = ["", "", "| workload | CPU per unit: trioanubis ÷ haproxy | trioanubis+log ÷ trioanubis |",
+             "|---|---|---|"]  # fmt: skip
+    for workload in PROFILED:
+        ours, theirs, logged = (cpu_total(results, workload, name) for name in PROFILE_RATIOS)
+        if ours:
+            lines.append(f"| {workload} | {f'{ours / theirs:.2f}×' if theirs else '–'} | "
+                         f"{f'{logged / ours:.2f}×' if logged else '–'} |")  # fmt: skip
+    return "\n".join(lines) if len(lines) > 4 else ""
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     with suppress(OSError), open("/proc/cpuinfo") as f:
@@ -553,6 +643,9 @@ def main() -> None:
     parser.add_argument("--uvloop-python", default=sys.executable,
                         help="a python with uvloop installed (default: this one)")
     parser.add_argument("--save", action="store_true", help="write bench/results/<date>.md")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print each contender's user and system CPU per request (keepalive) "
+                             "and per connection (connrate), read from /proc")  # fmt: skip
     parser.add_argument("--pin-load", default="", metavar="CPUS",
                         help="run wrk under taskset -c CPUS (e.g. 0), to see how much the load "
                              "generator competes with multi-core contenders")  # fmt: skip
@@ -570,6 +663,8 @@ def main() -> None:
     report = [f"Machine: {machine()}", "",
               f"{args.rounds} interleaved rounds of {args.duration:g} s runs; median (min–max).", "",
               table(results), "", ratios(results), "", worker_ratios(results)]  # fmt: skip
+    if args.profile:
+        report += ["", cpu_table(results)]
     if args.pin_load:
         report.insert(2, f"Load generator pinned: taskset -c {args.pin_load}.")
     if skipped:

@@ -18,7 +18,9 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from unittest.mock import patch
 
+import pytest
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -35,8 +37,9 @@ from tests.conftest import (
 from tests.test_cli import ANUBIS, ROOT, http_get
 from tests.test_operations import wait_port
 from trioanubis.config import Address
-from trioanubis.ops.accesslog import JsonFormatter
+from trioanubis.ops.accesslog import AccessLine, JsonFormatter, TextFormatter
 from trioanubis.ops.logwriter import LogWriter
+from trioanubis.proxy.record import END_STATES, ConnectionRecord
 
 # One request per connection; enough connections that their access-log lines overflow a
 # 64 KiB pipe and the writer's queue many times over, checked every batch.
@@ -279,3 +282,151 @@ async def test_a_fatal_error_stays_one_plain_line_under_the_text_format(tmp_path
                                         capture_stderr=True, check=False)  # fmt: skip
     assert result.returncode == 1
     assert result.stderr.decode().splitlines()[-1].startswith(f"anubis: binding 127.0.0.1:{port}: ")
+
+
+# ------------------------------------------------------ access lines, deferred
+
+
+# The formats as they were before access lines skipped `logging`: the reference.
+OLD_TEXT_FORMAT = "%(asctime)s.%(msecs)03d %(levelname)-7s {tag}%(message)s"
+OLD_ACCESS_MESSAGE = "%s %s -> %s in=%d out=%d %.1fms %s"
+
+
+def old_text_formatter(worker: int | None) -> logging.Formatter:
+    tag = "" if worker is None else f"worker {worker}: "
+    formatter = logging.Formatter(OLD_TEXT_FORMAT.format(tag=tag), "%Y-%m-%dT%H:%M:%S")
+    formatter.converter = time.gmtime
+    return formatter
+
+
+def logged_the_old_way(record: ConnectionRecord, created: float) -> logging.LogRecord:
+    """The LogRecord `AccessLog.log` made through `logging.info` before lines were deferred."""
+    end = record.end or "shutdown"
+    duration = record.ended - record.started
+    fields = {
+        "listener": record.listener, "client": record.client, "server": record.server,
+        "bytes_in": record.bytes_in, "bytes_out": record.bytes_out, "duration": round(duration, 6),
+        "end": end,
+    }  # fmt: skip
+    args = (record.listener, record.client, record.server, record.bytes_in, record.bytes_out,
+            duration * 1000, end)  # fmt: skip
+    access = logging.getLogger("trioanubis.access")
+    with patch("time.time", return_value=created), patch("time.time_ns", return_value=round(created * 1e9)):
+        return access.makeRecord(access.name, logging.INFO, __file__, 0, OLD_ACCESS_MESSAGE, args, None,
+                                 extra={"access": fields})  # fmt: skip
+
+
+hosts = st.one_of(st.ip_addresses(v=4).map(str), st.ip_addresses(v=6).map(str))
+records = st.builds(
+    ConnectionRecord,
+    listener=st.text(),
+    peer=st.tuples(hosts, st.integers(0, 65535)),
+    server=st.text(),
+    bytes_in=st.integers(0, 1 << 50),
+    bytes_out=st.integers(0, 1 << 50),
+    started=st.floats(0, 1e6),
+    ended=st.floats(1e6, 2e6),
+    end=st.sampled_from([*END_STATES, ""]),
+)
+# When a line is logged: whole milliseconds plus 100–899 µs, away from the rounding edges where
+# Python 3.13's nanosecond msecs and 3.10–3.12's float msecs may differ by one.
+times = st.builds(lambda s, ms, us: s + ms / 1e3 + us / 1e6, st.integers(0, 4_000_000_000),
+                  st.integers(0, 999), st.integers(100, 899))  # fmt: skip
+
+
+@given(records, times, st.one_of(st.none(), st.integers(0, 64)))
+@settings(max_examples=300, deadline=None)
+def test_a_deferred_access_line_is_the_line_logging_wrote_before(
+    record: ConnectionRecord, created: float, worker: int | None
+) -> None:
+    """Formatted on the writer thread, without a LogRecord: byte for byte the old line, text and JSON."""
+    old = logged_the_old_way(record, created)
+    text = old_text_formatter(worker).format(old)
+    assert AccessLine(record, created, TextFormatter(worker)).render() == text
+    assert TextFormatter(worker).format(old) == text  # lines that go through logging too
+    json_line = AccessLine(record, created, JsonFormatter(worker)).render()
+    assert json_line == JsonFormatter(worker).format(old)
+    keys = ["time", "level", "logger", *(["worker"] if worker is not None else []),
+            "listener", "client", "server", "bytes_in", "bytes_out", "duration", "end"]  # fmt: skip
+    assert list(json.loads(json_line)) == keys
+    assert json.loads(json_line).get("worker") == worker
+    plain = logging.Formatter("%(name)s %(levelname)s %(message)s")  # another formatter: via a LogRecord
+    assert AccessLine(record, created, plain).render() == plain.format(old)
+
+
+def test_deferred_lines_are_bounded_counted_when_dropped_and_reported() -> None:
+    read_end, write_end = os.pipe()
+    writer = LogWriter(write_end, limit=4096)
+    try:
+        fill(write_end)  # a stalled sink
+        writer.setFormatter(JsonFormatter())
+        total = 1000
+        for i in range(total):
+            record = ConnectionRecord("web", ("192.0.2.1", i), "s1", i, 0, 0.0, 0.5, "client_eof")
+            writer.defer(AccessLine(record, 1_700_000_000.25, writer.formatter))
+        assert 0 < writer.dropped < total  # bounded: the queue took some, then dropped the rest
+        received = read_everything_written(read_end, writer)
+        lines = [json.loads(line) for line in received.splitlines() if line]
+        access = [line for line in lines if line["logger"] == "trioanubis.access"]
+        assert [line["bytes_in"] for line in access] == list(range(len(access)))  # the first ones, in order
+        assert len(access) + writer.dropped == total
+        [report] = [line for line in lines if line["logger"] == "trioanubis.log"]
+        assert report["message"] == f"dropped {writer.dropped} log lines: the log output could not keep up"
+    finally:
+        stop(writer, read_end, write_end)
+
+
+class Broken:
+    def render(self) -> str:
+        raise ValueError("a formatter bug")
+
+
+def test_a_deferred_line_that_fails_to_render_is_counted_and_the_writer_goes_on() -> None:
+    read_end, write_end = os.pipe()
+    writer = LogWriter(write_end)
+    try:
+        writer.put(b"before\n")
+        writer.defer(Broken())
+        record = ConnectionRecord("web", ("192.0.2.1", 1), "s1", 3, 4, 0.0, 0.5, "server_eof")
+        writer.defer(AccessLine(record, 1_700_000_000.25, TextFormatter()))
+        lines = read_everything_written(read_end, writer).splitlines()
+        line = b"2023-11-14T22:13:20.250 INFO    web 192.0.2.1:1 -> s1 in=3 out=4 500.0ms server_eof"
+        assert lines == [b"before", line]
+        assert writer.lost == 1
+    finally:
+        stop(writer, read_end, write_end)
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+async def test_access_lines_of_a_real_process_keep_their_format(
+    nursery: trio.Nursery, tmp_path: Path, log_format: str
+) -> None:
+    backend = await start_backend(nursery, echo_handler)
+    port = free_port()
+    config = tmp_path / "anubis.toml"
+    head = f'[settings]\nlog_format = "{log_format}"\naccess_log = true\n'
+    config.write_text(config_text(port, f'[{{ address = "{backend.address}", name = "echo" }}]', head))
+    async with balancer_process(config) as process:
+        await wait_port(port)  # a connection too: it logs `in=0`, left out below
+        for payload in (b"one", b"three"):
+            assert await request(Address("127.0.0.1", port), payload) == payload
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(EVENTUALLY):
+            await process.wait()
+        assert process.stderr is not None
+        output = b""
+        while data := await process.stderr.receive_some():
+            output += data
+    if log_format == "json":
+        lines = [json.loads(line) for line in output.splitlines()]
+        access = [line for line in lines if line["logger"] == "trioanubis.access" and line["bytes_in"]]
+        fields = [(line["listener"], line["server"], line["bytes_in"], line["bytes_out"], line["end"],
+                   line["level"]) for line in access]  # fmt: skip
+        assert fields == [("web", "echo", n, n, "client_eof", "info") for n in (3, 5)]
+        assert all(str(line["client"]).startswith("127.0.0.1:") for line in access)
+        assert all(isinstance(line["duration"], float) and isinstance(line["time"], float) for line in access)
+    else:
+        pattern = (rb"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3} INFO    web 127\.0\.0\.1:\d+ -> echo "
+                   rb"in=(\d+) out=(\d+) \d+\.\dms client_eof$")  # fmt: skip
+        found = [m.groups() for m in re.finditer(pattern, output, re.MULTILINE) if m[1] != b"0"]
+        assert found == [(b"3", b"3"), (b"5", b"5")], output

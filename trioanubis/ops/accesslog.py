@@ -13,6 +13,14 @@ never makes the event loop wait and drops lines when stderr cannot keep up;
 as text or, with `log_format = "json"`, as one JSON object per line (fatal
 errors included, see `log_fatal`); access-log lines then carry their fields
 as keys.
+
+The access log is on the data path (one line per connection), so it skips
+`logging` when it can: while the writer alone receives `trioanubis.access`
+lines (what `configure_logging` sets up), `AccessLog.log` queues an
+`AccessLine` (the finished record and the time) with `LogWriter.defer`, and
+the writer thread renders it through the formatter in force, to the very
+line `logging` would have written (`format_access`). Anything else listening
+(a test's caplog, a handler added later) gets the line through `logging`.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import json
 import logging
 import sys
 import time
-from typing import TYPE_CHECKING, final
+from typing import TYPE_CHECKING, Final, final
 
 from trioanubis.ops.logwriter import LogWriter
 
@@ -29,6 +37,11 @@ if TYPE_CHECKING:
     from trioanubis.proxy.record import ConnectionRecord
 
 log = logging.getLogger("trioanubis.access")
+# The logger whose handlers receive access lines (access lines propagate to it).
+_root = logging.getLogger("trioanubis")
+
+ACCESS_MESSAGE: Final = "%s %s -> %s in=%d out=%d %.1fms %s"
+DATE_FORMAT: Final = "%Y-%m-%dT%H:%M:%S"
 
 
 @final
@@ -38,20 +51,92 @@ class AccessLog:
         self.counts: dict[str, int] = {}  # termination state → connections
 
     def log(self, record: ConnectionRecord) -> None:
+        """Count how `record` ended and, when enabled, log its line (never blocks, never formats here)."""
         end = record.end or "shutdown"
         self.counts[end] = self.counts.get(end, 0) + 1
         if not self.enabled or not log.isEnabledFor(logging.INFO):
             return
-        duration = record.ended - record.started
-        fields = {
-            "listener": record.listener, "client": record.client, "server": record.server,
-            "bytes_in": record.bytes_in, "bytes_out": record.bytes_out,
-            "duration": round(duration, 6), "end": end,
-        }  # fmt: skip
-        log.info(
-            "%s %s -> %s in=%d out=%d %.1fms %s", record.listener, record.client, record.server,
-            record.bytes_in, record.bytes_out, duration * 1000, end, extra={"access": fields},
-        )  # fmt: skip
+        writer = _sole_writer()
+        if writer is not None:
+            writer.defer(AccessLine(record, time.time(), writer.formatter))
+            return
+        log.info(ACCESS_MESSAGE, *message_args(record), extra={"access": access_fields(record)})
+
+
+def message_args(record: ConnectionRecord) -> tuple[object, ...]:
+    """The arguments of an access line's ACCESS_MESSAGE."""
+    return (record.listener, record.client, record.server, record.bytes_in, record.bytes_out,
+            (record.ended - record.started) * 1000, record.end or "shutdown")  # fmt: skip
+
+
+def access_fields(record: ConnectionRecord) -> dict[str, object]:
+    """An access line's fields: its JSON keys (and a LogRecord's `access` attribute)."""
+    return {
+        "listener": record.listener, "client": record.client, "server": record.server,
+        "bytes_in": record.bytes_in, "bytes_out": record.bytes_out,
+        "duration": round(record.ended - record.started, 6), "end": record.end or "shutdown",
+    }  # fmt: skip
+
+
+def _sole_writer() -> LogWriter | None:
+    """The writer, while it is the only thing an access line reaches (so it may skip `logging`)."""
+    writer, handlers = _writer, _root.handlers
+    if writer is None or len(handlers) != 1 or handlers[0] is not writer or _root.propagate:
+        return None
+    if log.handlers or log.filters or _root.filters or writer.filters or writer.level > logging.INFO:
+        return None
+    return writer
+
+
+@final
+class AccessLine:
+    """An access line not formatted yet: the writer thread renders it, as `logging` would have."""
+
+    __slots__ = ("created", "formatter", "record")
+
+    def __init__(self, record: ConnectionRecord, created: float, formatter: logging.Formatter | None) -> None:
+        self.record = record  # finished: nobody changes it any more
+        self.created = created  # when it was logged, as LogRecord.created
+        self.formatter = formatter  # the one in force when it was logged
+
+    def render(self) -> str:
+        formatter = self.formatter
+        if isinstance(formatter, (TextFormatter, JsonFormatter)):
+            return formatter.format_access(self.record, self.created)
+        return (formatter or logging.Formatter()).format(self.log_record())
+
+    def log_record(self) -> logging.LogRecord:
+        """The LogRecord `logging` would have made for this line."""
+        record = logging.LogRecord(log.name, logging.INFO, __file__, 0, ACCESS_MESSAGE,
+                                   message_args(self.record), None, "log")  # fmt: skip
+        record.created, record.msecs = self.created, _msecs(self.created)
+        record.relativeCreated = (self.created - logging._startTime) * 1000  # type: ignore[attr-defined]
+        record.access = access_fields(self.record)
+        return record
+
+
+def _msecs(created: float) -> float:
+    """LogRecord.msecs of a record created at `created` (as Python 3.10–3.12 compute it)."""
+    return int((created - int(created)) * 1000) + 0.0
+
+
+class TextFormatter(logging.Formatter):
+    """The text format: `time level [worker N: ]message`, UTC, to the millisecond."""
+
+    def __init__(self, worker: int | None = None) -> None:
+        self.tag = "" if worker is None else f"worker {worker}: "
+        super().__init__(f"%(asctime)s.%(msecs)03d %(levelname)-7s {self.tag}%(message)s", DATE_FORMAT)
+        self.converter = time.gmtime
+        self._second = -1  # the second `_stamp` shows (access lines only; the writer thread's)
+        self._stamp = ""
+
+    def format_access(self, record: ConnectionRecord, created: float) -> str:
+        """`format` of the access line of `record` logged at `created`, without a LogRecord."""
+        second = int(created)
+        if second != self._second:
+            self._stamp, self._second = time.strftime(DATE_FORMAT, time.gmtime(second)), second
+        message = ACCESS_MESSAGE % message_args(record)
+        return f"{self._stamp}.{int(_msecs(created)):03d} INFO    {self.tag}{message}"
 
 
 class JsonFormatter(logging.Formatter):
@@ -76,6 +161,14 @@ class JsonFormatter(logging.Formatter):
             data["error"] = self.formatException(record.exc_info)
         return json.dumps(data)
 
+    def format_access(self, record: ConnectionRecord, created: float) -> str:
+        """`format` of the access line of `record` logged at `created`, without a LogRecord."""
+        data: dict[str, object] = {"time": round(created, 6), "level": "info", "logger": log.name}
+        if self.worker is not None:
+            data["worker"] = self.worker
+        data.update(access_fields(record))
+        return json.dumps(data)
+
 
 # The process's one log writer, made by the first configure_logging (so nothing starts at import).
 _writer: LogWriter | None = None
@@ -91,14 +184,7 @@ def configure_logging(level: str = "info", log_format: str = "text", worker: int
     global _writer
     if _writer is None:
         _writer = LogWriter(_stderr_fd())
-    if log_format == "json":
-        _writer.setFormatter(JsonFormatter(worker))
-    else:
-        tag = "" if worker is None else f"worker {worker}: "
-        formatter = logging.Formatter(f"%(asctime)s.%(msecs)03d %(levelname)-7s {tag}%(message)s",
-                                      "%Y-%m-%dT%H:%M:%S")  # fmt: skip
-        formatter.converter = time.gmtime
-        _writer.setFormatter(formatter)
+    _writer.setFormatter(JsonFormatter(worker) if log_format == "json" else TextFormatter(worker))
     root = logging.getLogger("trioanubis")
     root.handlers[:] = [_writer]
     root.setLevel(level.upper())

@@ -6,8 +6,16 @@ loop's), formats the record and puts the encoded line on a queue, unless the
 bytes queued and not yet written would pass `MAX_QUEUED_BYTES`: then the line
 is dropped and counted (`dropped`; with the lines a vanished sink refused,
 `lost`, exported as `anubis_log_dropped_total`).
+A hot caller (the access log, once per connection) may instead `defer` a
+line: it queues an object that knows how to render itself, and the writer
+thread formats it, so the event loop pays for neither the `logging` machinery
+nor the formatting. A deferred line counts `DEFERRED_BYTES` against the limit
+until it is written, whatever its rendered length.
 One daemon thread, started with the first line, takes lines off the queue and
-writes them to the descriptor with plain blocking `os.write`. A sink that
+writes them to the descriptor with plain blocking `os.write`. Woken by a line
+after it had caught up, it first lingers `LINGER` seconds, so that a burst
+(an access line per connection) costs one wake-up and one write, not one of
+each per line: the event loop's `put` then finds nobody to wake. A sink that
 stalls (a pipe nobody reads, a frozen container log driver) stalls only that
 thread; the data path never waits for it. Once the thread has caught up
 (queue empty) after drops, it writes one line saying how many were dropped.
@@ -34,7 +42,8 @@ import logging
 import os
 import queue
 import threading
-from typing import Final, final
+import time
+from typing import Final, Protocol, final
 
 # Bytes queued but not yet written, at most: about 2,500 access-log lines, a
 # burst several times a pipe's 64 KiB, yet a bounded cost when the sink stalls.
@@ -43,11 +52,25 @@ MAX_QUEUED_BYTES: Final = 256 * 1024
 FLUSH_TIMEOUT: Final = 2.0
 # The most one write system call carries (several lines joined).
 BATCH_BYTES: Final = 65536
+# How long the writer thread lets lines gather after it was woken: at most
+# this much later on the sink, and at 10,000 lines/s about 100 lines (19 KiB,
+# well under MAX_QUEUED_BYTES) per wake-up and per write.
+LINGER: Final = 0.01
+# What a deferred line counts against MAX_QUEUED_BYTES: about an access-log
+# line's length (text 100–150 bytes, JSON 180–250), so the bound stays near
+# the same number of lines whether they are queued rendered or deferred.
+DEFERRED_BYTES: Final = 192
 
 # What `close` queues to end the thread (no line is empty: each ends with "\n").
 _STOP: Final = b""
 
 DROPPED_MESSAGE: Final = "dropped %d log lines: the log output could not keep up"
+
+
+class Deferred(Protocol):
+    """A log line queued unformatted: the writer thread renders it (without its newline)."""
+
+    def render(self) -> str: ...
 
 
 @final
@@ -59,11 +82,11 @@ class LogWriter(logging.Handler):
         self.fd = fd
         self.limit = limit
         self.dropped = 0  # lines dropped since start because the queue was full
-        self.lost = 0  # lines the sink refused (it went away); only the thread changes it
+        self.lost = 0  # lines the sink refused (it went away) or failed to render; only the thread changes it
         self._reported = 0  # of those, the ones a "dropped N log lines" line has reported
-        self._queued = 0  # bytes ever queued (only emit changes it, under the handler's lock)
+        self._queued = 0  # bytes ever queued (changed under the handler's lock: emit, defer)
         self._written = 0  # bytes ever taken off the queue and written (only the thread changes it)
-        self._queue: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[bytes | Deferred] = queue.SimpleQueue()
         self._idle = threading.Condition()  # notified whenever the thread has caught up
         self._thread: threading.Thread | None = None
 
@@ -88,6 +111,23 @@ class LogWriter(logging.Handler):
         if self._thread is None:
             self._start()
 
+    def defer(self, line: Deferred) -> None:
+        """Queue a line the writer thread will format, or count it as dropped when the queue is full.
+
+        Never blocks, and costs the caller one queue put: no LogRecord, no formatting.
+        """
+        self.acquire()  # as `handle` does around `emit`: another thread may log meanwhile
+        try:
+            if self._queued - self._written + DEFERRED_BYTES > self.limit:
+                self.dropped += 1
+                return
+            self._queued += DEFERRED_BYTES
+            self._queue.put(line)
+            if self._thread is None:
+                self._start()
+        finally:
+            self.release()
+
     def flush(self, timeout: float = FLUSH_TIMEOUT) -> None:
         """Wait until every queued line is written, for at most `timeout` seconds."""
         self.drain(timeout)
@@ -110,27 +150,33 @@ class LogWriter(logging.Handler):
         try:
             thread.start()
         except RuntimeError:  # at interpreter exit no thread can start: nobody waits on us any more
-            line = self._queue.get()
-            self._write(line)
-            self._written += len(line)
+            item = self._queue.get()
+            line = self._render(item)
+            if line is not None:
+                self._write(line)
+            self._written += _size(item)
             return
         self._thread = thread
 
     def _run(self) -> None:
         take, take_now = self._queue.get, self._queue.get_nowait
+        caught_up = True
         while True:
             batch = [take()]
-            size = len(batch[0])
+            if caught_up and batch[0] is not _STOP:
+                time.sleep(LINGER)  # more lines come in a burst: gather them
+            size = _size(batch[0])
             while size < BATCH_BYTES and batch[-1] is not _STOP:
                 try:
-                    line = take_now()
+                    item = take_now()
                 except queue.Empty:
                     break
-                batch.append(line)
-                size += len(line)
+                batch.append(item)
+                size += _size(item)
             stop = batch[-1] is _STOP
-            if not self._write(b"".join(batch)):
-                self.lost += len(batch) - stop
+            lines = [line for item in batch if (line := self._render(item)) is not None]
+            if not self._write(b"".join(lines)):
+                self.lost += len(lines) - stop
             caught_up = self._queue.empty()
             if caught_up:
                 self._report_drops()
@@ -140,6 +186,16 @@ class LogWriter(logging.Handler):
                     self._idle.notify_all()
             if stop:
                 return
+
+    def _render(self, item: bytes | Deferred) -> bytes | None:
+        """The encoded line of a queued item; None (counted as lost) when a deferred one fails to render."""
+        if isinstance(item, bytes):
+            return item
+        try:
+            return (item.render() + "\n").encode("utf-8", "backslashreplace")
+        except Exception:  # a formatter bug must not end the writer: the line is lost, and counted
+            self.lost += 1
+            return None
 
     def _report_drops(self) -> None:
         missed = self.dropped - self._reported
@@ -164,3 +220,8 @@ class LogWriter(logging.Handler):
             except OSError:  # the reader went away (EPIPE) or the descriptor is gone
                 return False
         return True
+
+
+def _size(item: bytes | Deferred) -> int:
+    """What a queued item counts against the limit (the same when queued and when written)."""
+    return len(item) if isinstance(item, bytes) else DEFERRED_BYTES
