@@ -93,6 +93,18 @@ def test_check_accepts_the_shipped_config_and_summarises_it() -> None:
     assert "server web2: 127.0.0.1:9002 weight 1" in result.stdout
 
 
+def test_check_into_a_closed_pipe_ends_quietly() -> None:
+    """`anubis check | head -1`: the reader left; no BrokenPipeError traceback, the shell's 141."""
+    process = subprocess.Popen([*ANUBIS, "check", "-c", "anubis.toml"], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)  # fmt: skip
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # before the interpreter has even started: every write fails
+    with process.stderr:
+        stderr = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 141
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+
+
 def test_check_rejects_bad_config_without_traceback(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     text = (ROOT / "anubis.toml").read_text().replace('strategy = "round_robin"', 'strategy = 7')

@@ -135,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{args.config}: ok")
             print(describe(config))
             print(f"io: {resolve_io(config.settings.io)}")
+            sys.stdout.flush()  # a closed pipe (`anubis check | head -1`) is seen here, not at exit
             return 0
         if args.command == "reload":
             return _signal_reload(args.config)
@@ -161,6 +162,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         log_fatal(str(exc))
         return 1
+    except BrokenPipeError:
+        # Whoever read our output stopped reading (`| head`): quietly, as other tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # what a shell reports for SIGPIPE
     except BaseException as exc:
         error = _find_error(exc)
         if error is None:
