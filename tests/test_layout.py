@@ -132,6 +132,17 @@ def test_plan_compares_with_the_bind_that_runs_not_the_last_file() -> None:
     assert plan(after_failed_rebind, running.pools, still, new, io_forced=False).listeners_bound == ("web",)
 
 
+def test_plan_keeps_a_listener_whose_bind_is_only_written_differently() -> None:
+    """":8000" and "0.0.0.0:8000" are one socket: rebinding it would fail with "address in use"."""
+    running = parse_config(dict(BASE, listeners={"web": {"bind": ":8000", "pool": "a"}}), "a.toml")
+    for same in ("0.0.0.0:8000", ":8000"):
+        new = parse_config(dict(BASE, listeners={"web": {"bind": same, "pool": "a"}}), "b.toml")
+        changes = plan(running, running.pools, running.listeners, new, io_forced=False)
+        assert changes.listeners_reconfigured == ("web",)
+    moved = parse_config(dict(BASE, listeners={"web": {"bind": "127.0.0.1:8000", "pool": "a"}}), "c.toml")
+    assert plan(running, running.pools, running.listeners, moved, io_forced=False).listeners_bound == ("web",)
+
+
 def test_plan_warns_about_io_only_when_not_forced() -> None:
     running = parse_config(BASE, "a.toml")
     new = parse_config(dict(BASE, settings={"io": "portable"}), "b.toml")

@@ -6,7 +6,7 @@ what changes and carries it out. `plan` compares what runs (the pools and
 the listeners' own configs, which may differ from the last file when a
 rebind failed) with the new config: pools added, kept (reconfigured in
 place, their servers diffed) and removed; listeners reconfigured in place
-(same bind: the socket and its backlog stay), bound anew (new, or a new
+(the same bind, however it is written: the socket and its backlog stay), bound anew (new, or a new
 bind: the new socket listens before the old one closes) and removed; and
 the settings only a restart applies, one warning each.
 
@@ -20,12 +20,14 @@ or the spawner put in the pool are theirs, not the file's.
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import logging
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Final, final
 
-from trioanubis.config import Config, ListenerConfig, PoolConfig
+from trioanubis.config import Address, Config, ListenerConfig, PoolConfig
 from trioanubis.discovery import source_of
 from trioanubis.pool import Pool, Server, diff_servers
 from trioanubis.spawn import SPAWN_SOURCE
@@ -60,8 +62,9 @@ def plan(
         warnings.append(ADMIN_WARNING)
     if new.settings.io != running.settings.io and not io_forced:
         warnings.append(IO_WARNING)
+    running_binds = {name: _bind_key(config.bind) for name, config in listeners.items()}
     same_bind = {name for name, config in new.listeners.items()
-                 if name in listeners and listeners[name].bind == config.bind}  # fmt: skip
+                 if running_binds.get(name) == _bind_key(config.bind)}  # fmt: skip
     return ReloadPlan(
         pools_added=tuple(n for n in new.pools if n not in pools),
         pools_kept=tuple(n for n in new.pools if n in pools),
@@ -71,6 +74,14 @@ def plan(
         listeners_removed=tuple(n for n in listeners if n not in new.listeners),
         warnings=tuple(warnings),
     )
+
+
+def _bind_key(bind: Address) -> tuple[str, int]:
+    """A bind as the socket sees it: ":8000" and "0.0.0.0:8000" are one address, as "::0" and "::"."""
+    host = bind.host.lower() or "0.0.0.0"
+    with contextlib.suppress(ValueError):
+        host = str(ipaddress.ip_address(host))
+    return host, bind.port
 
 
 def update_servers(pool: Pool, config: PoolConfig) -> list[Server]:
