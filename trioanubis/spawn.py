@@ -53,6 +53,7 @@ from typing import Final, final
 
 import trio
 
+from trioanubis.children import set_death_signal, wait_exit
 from trioanubis.config import Address, ServerConfig, SpawnConfig
 from trioanubis.errors import ConnectFailed
 from trioanubis.pool import Pool, Server
@@ -82,7 +83,6 @@ DRAIN_SETTLE: Final = 0.2
 # Directories never worth watching.
 SKIPPED_DIRS: Final = frozenset({".git", "__pycache__", ".venv", "node_modules", ".mypy_cache"})
 
-_PR_SET_PDEATHSIG: Final = 1
 
 
 @final
@@ -314,37 +314,13 @@ def _die_with_parent() -> Callable[[], None] | None:
     """On Linux, a preexec_fn asking for SIGKILL when this process dies; None elsewhere."""
     if not sys.platform.startswith("linux"):
         return None
-    import ctypes
-
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
     parent = os.getpid()
 
-    def set_death_signal() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before the request took hold
+    def die_with_parent() -> None:
+        if not set_death_signal(signal.SIGKILL, parent):  # the parent died before the request took hold
             os._exit(1)
 
-    return set_death_signal
-
-
-async def wait_exit(popen: subprocess.Popen[bytes]) -> int:
-    """Wait for `popen` to exit without blocking the loop: a pidfd on Linux, else a worker thread."""
-    pidfd_open = getattr(os, "pidfd_open", None)
-    fd = -1
-    if pidfd_open is not None:
-        with contextlib.suppress(OSError):
-            fd = pidfd_open(popen.pid)
-    if fd < 0:
-        return await trio.to_thread.run_sync(popen.wait, abandon_on_cancel=True)
-    try:
-        await trio.lowlevel.wait_readable(fd)
-    finally:
-        trio.lowlevel.notify_closing(fd)
-        os.close(fd)
-    return popen.wait()
+    return die_with_parent
 
 
 async def terminate(popen: subprocess.Popen[bytes], grace: float) -> None:

@@ -28,6 +28,7 @@ from typing import Any, Final, Protocol, final
 
 import trio
 
+from trioanubis.children import wait_exit
 from trioanubis.config import Config
 from trioanubis.errors import AnubisError, ChannelError
 from trioanubis.workers.channel import Channel, Message
@@ -124,7 +125,7 @@ class WorkerSlot:
                 await self._send(self.supervisor.config_message())
                 await self._send(self.supervisor.state_message())
                 nursery.start_soon(self._stop_on_time)
-                status = await wait_for_exit(process)
+                status = await wait_exit(process)
                 nursery.cancel_scope.cancel()
                 return status
         finally:
@@ -241,20 +242,3 @@ def describe_status(status: int) -> str:
         except ValueError:
             return f"killed by signal {-status}"
     return f"exit status {status}"
-
-
-async def wait_for_exit(process: subprocess.Popen[bytes]) -> int:
-    """Wait for `process` without blocking the loop: a pidfd where there is one, else a thread."""
-    pidfd_open = getattr(os, "pidfd_open", None)
-    if pidfd_open is not None:
-        try:
-            fd = pidfd_open(process.pid)
-        except OSError:
-            fd = -1
-        if fd >= 0:
-            try:
-                await trio.lowlevel.wait_readable(fd)
-            finally:
-                os.close(fd)
-            return process.wait()
-    return await trio.to_thread.run_sync(process.wait, abandon_on_cancel=True)

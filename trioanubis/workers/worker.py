@@ -27,7 +27,6 @@ which tells each worker what to do.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import logging
 import os
@@ -41,6 +40,7 @@ from typing import Any, Final, final
 import trio
 
 from trioanubis.app import Balancer
+from trioanubis.children import set_death_signal
 from trioanubis.config import Config, parse_address, parse_config
 from trioanubis.errors import AnubisError, ChannelError
 from trioanubis.ops.accesslog import configure_logging, log_fatal
@@ -57,8 +57,6 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 log = logging.getLogger("trioanubis.worker")
 
-# prctl(2) option: the signal the kernel sends when the parent dies.
-PR_SET_PDEATHSIG: Final = 1
 # Messages waiting to go up (ejections, answers); more than this means the
 # supervisor is not reading, and ejections are best effort anyway.
 OUTBOX_SIZE: Final = 256
@@ -266,13 +264,7 @@ async def _stop_on_signals(signals: Any, worker: Worker) -> None:
 
 def die_with_parent(parent_pid: int) -> bool:
     """Ask the kernel for SIGTERM when the supervisor dies (Linux); False if it already has."""
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        except (OSError, AttributeError):
-            pass
-    return os.getppid() == parent_pid
+    return set_death_signal(signal.SIGTERM, parent_pid)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
