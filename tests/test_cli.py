@@ -340,14 +340,19 @@ class FirstUsable:
 '''
 
 
-async def test_a_strategy_module_beside_the_config_is_found(tmp_path: Path, nursery: trio.Nursery) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_a_strategy_module_beside_the_config_is_found(
+    tmp_path: Path, nursery: trio.Nursery, workers: int
+) -> None:
+    """Found by `check`, by a single process, and by a supervisor and its workers (which parse the text)."""
     one = await start_backend(nursery, name_handler("one"))
     two = await start_backend(nursery, name_handler("two"))
     port = free_port()
     (tmp_path / "conf").mkdir()
     (tmp_path / "conf" / "mystrat.py").write_text(MYSTRAT)
     config = tmp_path / "conf" / "anubis.toml"
-    config.write_text(f'[listeners.web]\nbind = "127.0.0.1:{port}"\npool = "web"\n[pools.web]\n'
+    config.write_text(f'[settings]\nworkers = {workers}\n'
+                      f'[listeners.web]\nbind = "127.0.0.1:{port}"\npool = "web"\n[pools.web]\n'
                       f'strategy = "mystrat:FirstUsable"\nservers = ["{one.address}", "{two.address}"]\n')
     assert "mystrat" not in os.environ.get("PYTHONPATH", "")
     checked = run_cli("check", "-c", str(config))  # run from the repository, not the config's folder

@@ -428,9 +428,10 @@ def parse_resolver(text: str) -> Address:
 class _Node:
     """A TOML table being validated; remembers its key path for error messages."""
 
-    def __init__(self, data: object, path: str, source: str) -> None:
+    def __init__(self, data: object, path: str, source: str, base: Path | None = None) -> None:
         self.path = path
         self.source = source
+        self.base = base or Path.cwd()  # where the config's relative paths start
         if not isinstance(data, Mapping):
             raise self.error("must be a table", data)
         self.data: Mapping[str, Any] = data
@@ -455,7 +456,11 @@ class _Node:
                 ))
 
     def child(self, key: str) -> _Node:
-        return _Node(self.data.get(key, {}), self.key_path(key), self.source)
+        return self.nested(self.data.get(key, {}), self.key_path(key))
+
+    def nested(self, data: object, path: str) -> _Node:
+        """A table inside this one (`path` is its full key path), validated the same way."""
+        return _Node(data, path, self.source, self.base)
 
     def string(self, key: str, default: str) -> str:
         value = self.data.get(key, default)
@@ -579,6 +584,13 @@ def load_config(path: str | Path) -> Config:
     return parse_config_text(raw.decode("utf-8", errors="replace"), source, Path(path).parent)
 
 
+def _config_dir(source: str, base_dir: str | Path | None) -> Path:
+    if base_dir is not None:
+        return Path(base_dir).resolve()
+    path = Path(source)
+    return path.resolve().parent if path.is_file() else Path.cwd()
+
+
 def read_config_file(path: str | Path) -> bytes:
     """At most MAX_CONFIG_BYTES of a regular file; OSError with a strerror otherwise.
 
@@ -613,15 +625,17 @@ def parse_config(
 ) -> Config:
     """Validate a TOML mapping and build the frozen config records.
 
-    `base_dir` (the config file's directory) is searched first for a custom
-    strategy's module.
+    Relative paths (a custom strategy's module, a spawn table's cwd and watch
+    patterns) start at `base_dir`, else the directory of `source` when it names
+    a file (the worker supervisor and its workers parse the file's text), else
+    the current directory (`anubis proxy`).
     """
-    top = _Node(data, "", source)
+    top = _Node(data, "", source, _config_dir(source, base_dir))
     top.check_keys(("settings", "listeners", "pools", "admin"))
     settings = _parse_settings(top.child("settings"))
     pools_node = top.child("pools")
     pools = {
-        name: _parse_pool(name, pools_node.child(name), base_dir) for name in pools_node.data
+        name: _parse_pool(name, pools_node.child(name)) for name in pools_node.data
     }
     listeners_node = top.child("listeners")
     if not listeners_node.data:
@@ -728,7 +742,7 @@ def _parse_routes(node: _Node) -> tuple[Route, ...]:
         raise node.error("must be an array of { sni = \"…\", pool = \"…\" } tables", value, "routes")
     routes = []
     for index, entry in enumerate(value):
-        item = _Node(entry, node.key_path(f"routes[{index}]"), node.source)
+        item = node.nested(entry, node.key_path(f"routes[{index}]"))
         item.check_keys(("sni", "pool", "alpn"))
         for key in ("sni", "pool"):
             if not item.string(key, ""):
@@ -755,7 +769,7 @@ def _parse_tls_server(node: _Node) -> TlsServer:
         raise node.error("must be { cert = \"…\", key = \"…\" } or a non-empty array of them", value, "tls")
     pairs = []
     for index, entry in enumerate(entries):
-        item = _Node(entry, node.key_path(f"tls[{index}]" if isinstance(value, list) else "tls"), node.source)
+        item = node.nested(entry, node.key_path(f"tls[{index}]" if isinstance(value, list) else "tls"))
         item.check_keys(("cert", "key"))
         for key in ("cert", "key"):
             if not item.string(key, ""):
@@ -878,13 +892,13 @@ _POOL_KEYS = (
 _SEND_PROXY = ("none", "v1", "v2")
 
 
-def _parse_pool(name: str, node: _Node, base_dir: str | Path | None) -> PoolConfig:
+def _parse_pool(name: str, node: _Node) -> PoolConfig:
     node.check_keys(_POOL_KEYS)
     strategy = node.string("strategy", "round_robin")
     from trioanubis.strategies import StrategyError, check_strategy
 
     try:
-        check_strategy(strategy, base_dir)
+        check_strategy(strategy, node.base)
     except StrategyError as exc:
         raise node.error(str(exc), strategy, "strategy") from None
     servers, discovery = _parse_servers(node)
@@ -934,7 +948,7 @@ def _parse_servers(node: _Node) -> tuple[tuple[ServerConfig, ...], tuple[Discove
         path = node.key_path(f"servers[{index}]")
         if isinstance(entry, str):
             entry = {"address": entry}
-        item = _Node(entry, path, node.source)
+        item = node.nested(entry, path)
         if "dns" in item.data or "srv" in item.data:
             discovery.append(_parse_discovery(item))
             continue
@@ -1089,15 +1103,9 @@ MAX_REPLICAS = 64
 _SPAWN_KEYS = ("command", "replicas", "cwd", "env", "watch", "host", "start_timeout", "stop_grace")
 
 
-def _base_dir(node: _Node) -> Path:
-    """Where relative paths of a config start: the file's directory (the cwd for `anubis proxy`)."""
-    source = Path(node.source)
-    return source.resolve().parent if source.is_file() else Path.cwd()
-
-
 def _parse_spawn(node: _Node) -> SpawnConfig:
     node.check_keys(_SPAWN_KEYS)
-    base = _base_dir(node)
+    base = node.base
     cwd = str(base / node.string("cwd", "."))
     if not os.path.isdir(cwd):
         raise node.error("must name an existing directory", node.data.get("cwd", "."), "cwd")
@@ -1122,7 +1130,7 @@ def _string_list(node: _Node, key: str) -> tuple[str, ...]:
 
 
 def _string_table(node: _Node, key: str) -> tuple[tuple[str, str], ...]:
-    table = _Node(node.data.get(key, {}), node.key_path(key), node.source)
+    table = node.child(key)
     pairs = []
     for name, value in table.data.items():
         if not name or "=" in name or "\0" in name:
