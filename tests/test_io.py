@@ -10,6 +10,7 @@ call showed the socket drained, and after a short read on a socket in
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import struct
 from collections.abc import AsyncIterator, Iterator
@@ -179,6 +180,30 @@ async def test_peer_reset_while_parked(backend_name: str) -> None:
                 assert a.fileno() in backend.hung_up
             with pytest.raises(ConnectionResetError):
                 a.recv(100)
+
+
+async def test_a_reused_descriptor_number_starts_clean(backend_name: str) -> None:
+    """A socket closed behind the backend's back leaves its number `hung_up`; the next socket given
+    that number must not inherit it (it would be read as if its peer had closed)."""
+    with socket_pair("tcp") as (a, b), socket_pair("tcp") as (c, d):
+        async with running(backend_name) as backend:
+            number = a.fileno()
+            backend.register(number)
+            reset(b)
+            with trio.fail_after(10):
+                await backend.wait_readable(number)
+            if backend.name == "epoll":
+                assert number in backend.hung_up
+            a.close()  # not through the backend: the kernel drops it from the epoll by itself
+            os.dup2(c.fileno(), number)  # a new connection under the old number
+            with socket.socket(fileno=number) as reused:
+                backend.register(reused.fileno())
+                assert number not in backend.hung_up
+                d.sendall(b"fresh")
+                with trio.fail_after(10):
+                    await backend.wait_readable(number)
+                assert reused.recv(100) == b"fresh"
+                backend.forget(number)
 
 
 async def test_close_while_parked_raises_closed_resource_error(backend_name: str) -> None:
