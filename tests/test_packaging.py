@@ -1,0 +1,70 @@
+"""What `pip install .` installs (the Quick start's demo line and docker/Dockerfile do that, not
+an editable install): every module and data file of the source tree, importable from the wheel."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "trioanubis"
+
+IMPORT_ALL = """
+import importlib, pkgutil, trioanubis
+assert trioanubis.__file__.startswith(%r), trioanubis.__file__
+for module in pkgutil.walk_packages(trioanubis.__path__, "trioanubis."):
+    if not module.name.endswith("__main__"):  # that one runs the command line
+        importlib.import_module(module.name)
+from trioanubis.ops import dashboard
+assert b"uPlot" in dashboard.page()
+print("ok")
+"""
+
+
+def tracked_files(under: str) -> list[str]:
+    """Files git tracks (or would: untracked, not ignored) below `under`, as they are now."""
+    command = ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z", under or "."]
+    listed = subprocess.run(command, cwd=ROOT, capture_output=True, check=True).stdout
+    return [name for name in listed.decode().split("\0") if name and (ROOT / name).is_file()]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    source = tmp_path_factory.mktemp("source")  # the tracked files only: a stale build/ must not help
+    for name in tracked_files(""):
+        target = source / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, target)
+    command = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(source)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    [built] = out.glob("trioanubis-*.whl")
+    return built
+
+
+def test_the_wheel_holds_every_module_and_data_file(wheel: Path) -> None:
+    wanted = set(tracked_files("trioanubis"))
+    with zipfile.ZipFile(wheel) as archive:
+        shipped = {name for name in archive.namelist() if name.startswith("trioanubis/")}
+    assert wanted - shipped == set()
+
+
+def test_the_installed_package_imports_and_checks_the_reference_config(wheel: Path, tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(site)
+    env = dict(os.environ, PYTHONPATH=str(site))
+    imported = subprocess.run([sys.executable, "-c", IMPORT_ALL % str(site)], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert imported.stdout.strip() == "ok", imported.stderr
+    reference = site / "trioanubis" / "anubis.toml"
+    checked = subprocess.run([sys.executable, "-m", "trioanubis", "check", "-c", str(reference)],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert checked.returncode == 0, checked.stderr
