@@ -432,6 +432,23 @@ def test_a_refused_body_is_taken_and_the_connection_ends_cleanly(live_balancer: 
     assert live_balancer.process.poll() is None
 
 
+def test_a_head_over_16_kib_is_refused_even_when_it_arrives_whole(live_balancer: LiveBalancer) -> None:
+    """h11 bounds only a head still incomplete; 18 KB of short headers used to be answered 200."""
+    headers = "".join(f"X-{i}: y\r\n" for i in range(3000))  # about 21 KB
+    head = f"GET /healthz HTTP/1.1\r\nHost: a\r\n{headers}\r\n".encode()
+    assert blocking_exchange(live_balancer.admin, head).startswith(b"HTTP/1.1 431 ")
+    small = b"GET /healthz HTTP/1.1\r\nHost: a\r\n" + b"X: y\r\n" * 1000 + b"\r\n"  # 6 KB: fine
+    assert blocking_exchange(live_balancer.admin, small).startswith(b"HTTP/1.1 200 ")
+
+
+def test_two_authorization_headers_are_not_authorised(live_balancer: LiveBalancer) -> None:
+    both = (f"GET /stats HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer wrong\r\n"
+            f"Authorization: Bearer {FUZZ_TOKEN}\r\nConnection: close\r\n\r\n").encode()  # fmt: skip
+    assert blocking_exchange(live_balancer.admin, both).startswith(b"HTTP/1.1 401 ")
+    one = f"GET /stats HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {FUZZ_TOKEN}\r\nConnection: close\r\n\r\n"
+    assert blocking_exchange(live_balancer.admin, one.encode()).startswith(b"HTTP/1.1 200 ")
+
+
 def wait_listening(port: int) -> None:
     deadline = time.monotonic() + EVENTUALLY
     while True:

@@ -105,6 +105,24 @@ def test_check_into_a_closed_pipe_ends_quietly() -> None:
     assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
 
 
+def test_reload_does_not_signal_a_stranger_named_by_a_stale_pid_file(tmp_path: Path) -> None:
+    """After a kill -9 the pid file stays; its number may be another program's by now."""
+    stranger = subprocess.Popen(["sleep", "300"])
+    try:
+        pid_file = tmp_path / "anubis.pid"
+        pid_file.write_text(f"{stranger.pid}\n")
+        config = tmp_path / "anubis.toml"
+        config.write_text(f'[settings]\npid_file = "{pid_file}"\n[listeners.web]\nbind = "127.0.0.1:1"\n'
+                          'pool = "web"\n[pools.web]\nservers = ["127.0.0.1:2"]\n')  # fmt: skip
+        result = run_cli("reload", "-c", str(config))
+        assert result.returncode == 1
+        assert "is not anubis (a stale pid file?)" in result.stderr
+        assert stranger.poll() is None  # still running: never signalled
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
 def test_check_rejects_bad_config_without_traceback(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     text = (ROOT / "anubis.toml").read_text().replace('strategy = "round_robin"', 'strategy = 7')

@@ -7,6 +7,7 @@ import ast
 from pathlib import Path
 
 from trioanubis.config import Address, parse_config
+from trioanubis.config_checks import listen_ip
 from trioanubis.pool import Pool, diff_servers
 from trioanubis.reload import ADMIN_WARNING, IO_WARNING, plan, update_servers
 
@@ -139,6 +140,12 @@ def test_plan_keeps_a_listener_whose_bind_is_only_written_differently() -> None:
         new = parse_config(dict(BASE, listeners={"web": {"bind": same, "pool": "a"}}), "b.toml")
         changes = plan(running, running.pools, running.listeners, new, io_forced=False)
         assert changes.listeners_reconfigured == ("web",)
+    local = parse_config(dict(BASE, listeners={"web": {"bind": "localhost:8000", "pool": "a"}}), "l.toml")
+    loopback = listen_ip("localhost")
+    assert loopback is not None
+    host = f"[{loopback}]" if loopback.version == 6 else str(loopback)
+    same = parse_config(dict(BASE, listeners={"web": {"bind": f"{host}:8000", "pool": "a"}}), "s.toml")
+    assert plan(local, local.pools, local.listeners, same, io_forced=False).listeners_reconfigured == ("web",)
     moved = parse_config(dict(BASE, listeners={"web": {"bind": "127.0.0.1:8000", "pool": "a"}}), "c.toml")
     assert plan(running, running.pools, running.listeners, moved, io_forced=False).listeners_bound == ("web",)
 
@@ -175,3 +182,17 @@ def test_update_servers_keeps_removes_and_returns_the_new_ones() -> None:
     gone = parse_config(dict(BASE, pools=pools), "c.toml").pools["a"]
     assert [s.address.port for s in update_servers(pool, gone)] == [9004]
     assert kept not in pool.servers
+
+
+def test_a_weight_set_through_the_admin_survives_a_reload_of_an_unchanged_file() -> None:
+    """As a drain and the admin's faults do; a weight the file changes wins (HAProxy's server-state idea)."""
+    config = parse_config(BASE, "a.toml").pools["a"]
+    pool = Pool(config)
+    [server] = pool.servers
+    pool.set_weight(server, 5)  # POST /pools/a/servers/…/weight
+    assert update_servers(pool, config) == []
+    assert server.weight == 5
+    pools = {"a": {"servers": [{"address": "127.0.0.1:9000", "weight": 3}]}, "gone": BASE["pools"]["gone"]}
+    changed = parse_config(dict(BASE, pools=pools), "b.toml").pools["a"]
+    update_servers(pool, changed)
+    assert server.weight == 3

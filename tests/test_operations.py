@@ -29,6 +29,7 @@ from tests.conftest import (
 from tests.test_cli import anubis, run_cli
 from trioanubis.app import Balancer
 from trioanubis.config import Address, load_config, parse_config
+from trioanubis.ops.metrics import prometheus, stats
 
 MIB = 1 << 20
 
@@ -265,6 +266,53 @@ async def test_reload_in_process_changes_strategy_weights_and_listeners(nursery:
         assert type(balancer.pools["test"].strategy).__name__ == "LeastConnections"
         assert balancer.reloads == 2
 
+
+
+async def test_reload_narrowing_a_wildcard_bind_to_loopback_moves_the_listener(nursery: trio.Nursery) -> None:
+    """":PORT" → "127.0.0.1:PORT" on another pool, the old pool gone: the kernel refuses a second bind
+    while the old socket holds the port, so the old one is closed first (as a restart would)."""
+    old = await start_backend(nursery, name_handler("old"))
+    new = await start_backend(nursery, name_handler("new"))
+    port = free_port()
+    data = {"listeners": {"web": {"bind": f":{port}", "pool": "old"}},
+            "pools": {"old": {"servers": [old.address], "health": {"check": "none"}},
+                      "new": {"servers": [new.address], "health": {"check": "none"}}}}  # fmt: skip
+    async with running_balancer(data) as (balancer, _):
+        assert await request(Address("127.0.0.1", port)) == b"old"
+        data["listeners"]["web"] = {"bind": f"127.0.0.1:{port}", "pool": "new"}
+        del data["pools"]["old"]
+        await balancer.apply_config(parse_config(data, "reloaded.toml"))
+        assert balancer.listeners["web"].bound == Address("127.0.0.1", port)
+        assert await request(Address("127.0.0.1", port)) == b"new"
+        assert list(balancer.pools) == ["new"]
+        assert (balancer.reloads, balancer.reload_failures) == (1, 0)
+
+
+async def test_a_listener_that_cannot_move_keeps_its_pool(nursery: trio.Nursery) -> None:
+    """The new bind is taken by someone else: the listener stays where it was, and so does the pool
+    it sends clients to, though the new file removed it; the reload is counted as failed."""
+    old = await start_backend(nursery, name_handler("old"))
+    new = await start_backend(nursery, name_handler("new"))
+    data = {"listeners": {"web": {"bind": "127.0.0.1:0", "pool": "old"}},
+            "pools": {"old": {"servers": [old.address], "health": {"check": "none"}},
+                      "new": {"servers": [new.address], "health": {"check": "none"}}}}  # fmt: skip
+    with trio.socket.socket() as squatter:
+        await squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        async with running_balancer(data) as (balancer, address):
+            data["listeners"]["web"] = {"bind": f"127.0.0.1:{taken}", "pool": "new"}
+            del data["pools"]["old"]
+            await balancer.apply_config(parse_config(data, "reloaded.toml"))
+            assert balancer.listeners["web"].bound == address
+            assert await request(address) == b"old"
+            assert sorted(balancer.pools) == ["new", "old"]
+            assert (balancer.reloads, balancer.reload_failures) == (0, 1)
+            metrics = prometheus(balancer)
+            assert 'anubis_reloads_total{result="failed"} 1' in metrics
+            assert stats(balancer)["reload_failures"] == 1
+            await balancer.apply_config(parse_config(data, "reloaded.toml"))  # still taken: the same
+            assert await request(address) == b"old"
 
 
 async def test_reload_that_changes_io_keeps_the_backend_and_says_so(

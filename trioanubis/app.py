@@ -334,12 +334,17 @@ class Balancer:
             log.info("reload: pool %s added", name)
         for name in changes.listeners_reconfigured:
             self.listeners[name].reconfigure(new.listeners[name])
-        for name in changes.listeners_bound:
-            await self._bind_listener(name, new.listeners[name])
+        failed = [name for name in changes.listeners_bound
+                  if not await self._bind_listener(name, new.listeners[name])]  # fmt: skip
         for name in changes.listeners_removed:
             self.listeners.pop(name).scope.cancel()
             log.info("reload: listener %s removed", name)
+        in_use = {pool for listener in self.listeners.values() for pool in _pools_of(listener.config)}
         for name in changes.pools_removed:
+            if name in in_use:  # a listener whose new bind failed still sends its clients there
+                log.warning("reload: pool %s kept: listener %s still uses it", name,
+                            ", ".join(n for n, li in self.listeners.items() if name in _pools_of(li.config)))
+                continue
             self._pool_scopes.pop(name).cancel()
             self._stop_spawner(name)
             del self.pools[name]
@@ -348,23 +353,51 @@ class Balancer:
         self.limits.max_connections = self._connection_limit(new)
         self.timer.tick = self._tick(new)
         self.config = new
+        if failed:
+            self.reload_failures += 1
+            log.error("reload applied except for listener %s, which keeps its old address and pool "
+                      "(the next reload tries again)", ", ".join(failed))  # fmt: skip
+            return
         self.reloads += 1
         log.info("reload applied")
 
-    async def _bind_listener(self, name: str, config: ListenerConfig) -> None:
-        """A new listener, or one on a new bind: the new socket listens before the old one closes."""
+    async def _bind_listener(self, name: str, config: ListenerConfig) -> bool:
+        """A new listener, or one on a new bind: the new socket listens before the old one closes.
+
+        When the old socket itself holds the port (":8000" → "127.0.0.1:8000":
+        without SO_REUSEPORT the kernel refuses the second bind) the old one is
+        closed first and the new one bound at once, as a restart would; if that
+        fails too, the old one listens again. False when the old one stays.
+        """
         old = self.listeners.get(name)
-        listener = self._new_listener(config)
-        assert self._accepting is not None and self._connections is not None
         try:
-            await self._accepting.start(listener.serve, self._connections)
+            listener = await self._start_listener(config)
         except AnubisError as exc:
-            log.error("reload: listener %s not started: %s", name, exc)
-            return
-        if old is not None:
+            if old is None or old.bound is None or old.bound.port != config.bind.port:
+                log.error("reload: listener %s not started: %s", name, exc)
+                return False
+            log.warning("reload: listener %s: %s is held by its own old socket; closing that one first "
+                        "(connections arriving meanwhile are refused)", name, config.bind)  # fmt: skip
             old.scope.cancel()
+            await old.closed.wait()
+            try:
+                listener = await self._start_listener(config)
+            except AnubisError as again:
+                log.error("reload: listener %s not started: %s; back on %s", name, again, old.config.bind)
+                self.listeners[name] = await self._start_listener(old.config)
+                return False
+        else:
+            if old is not None:
+                old.scope.cancel()
         self.listeners[name] = listener
         log.info("reload: listener %s on %s", name, listener.bound)
+        return True
+
+    async def _start_listener(self, config: ListenerConfig) -> Listener:
+        listener = self._new_listener(config)
+        assert self._accepting is not None and self._connections is not None
+        await self._accepting.start(listener.serve, self._connections)
+        return listener
 
     async def _update_spawner(self, pool: Pool) -> None:
         """Start, change (a roll) or stop the replicas of `pool` to match its config."""
@@ -409,6 +442,11 @@ class Balancer:
         if (config.health, config.discovery, config.resolver) != (old.health, old.discovery, old.resolver):
             self._pool_scopes.pop(pool.name).cancel()
             await self._start_pool_tasks(pool)
+
+
+def _pools_of(config: ListenerConfig) -> set[str]:
+    """The pools a listener sends clients to: its own, and its routes'."""
+    return {config.pool, *(route.pool for route in config.routes)} - {""}
 
 
 def _open_connections(count: int) -> str:

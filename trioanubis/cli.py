@@ -278,12 +278,28 @@ def _signal_reload(config_path: str) -> int:
                           "process cannot be found; set it or send SIGHUP yourself")  # fmt: skip
     try:
         pid = int(Path(pid_file).read_text().strip())
+        if not _is_anubis(pid):
+            print(f"anubis: process {pid} in {pid_file} is not anubis (a stale pid file?); "
+                  "nothing was signalled", file=sys.stderr)  # fmt: skip
+            return 1
         os.kill(pid, signal.SIGHUP)
     except (OSError, ValueError) as exc:
         print(f"anubis: cannot signal the process in {pid_file}: {exc}", file=sys.stderr)
         return 1
     print(f"sent SIGHUP to process {pid}; it logs whether the reload was applied")
     return 0
+
+
+def _is_anubis(pid: int) -> bool:
+    """Whether `pid` runs anubis, where /proc says (a pid file outlives a killed process, and its
+    number may be another program's by now); True where there is no /proc to ask."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        if not Path("/proc/self").exists():
+            return True  # no /proc here: trust the pid file
+        raise ProcessLookupError(f"no process {pid}") from None
+    return b"anubis" in command
 
 
 async def _serve(balancer: Balancer, demo: bool, status: bool = False) -> None:

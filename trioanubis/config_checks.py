@@ -20,8 +20,10 @@ No name is resolved, so a host name is compared by its text.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import re
+import socket
 from collections.abc import Iterable
 from typing import Final
 
@@ -137,7 +139,7 @@ def find_bind_overlap(binds: Iterable[tuple[str, str, int]]) -> tuple[str, str, 
 
 def _overlap(a: str, b: str) -> str | None:
     """Why listening on hosts `a` and `b` (one port) collides, or None."""
-    ip_a, ip_b = _listen_ip(a), _listen_ip(b)
+    ip_a, ip_b = listen_ip(a), listen_ip(b)
     wildcards = [ip for ip in (ip_a, ip_b) if ip is not None and ip.is_unspecified]
     if ip_a is None or ip_b is None:  # a name: the same name, or a wildcard covers it
         if a.lower().rstrip(".") == b.lower().rstrip("."):
@@ -155,7 +157,13 @@ _WILDCARD: Final = {4: "0.0.0.0 (or \":port\") is every IPv4 address",
                     6: "[::] is every address, IPv4 and IPv6 (dual-stack)"}  # fmt: skip
 
 
-def _listen_ip(host: str) -> IPAddress | None:
+def listen_ip(host: str) -> IPAddress | None:
+    """The address a bind to `host` listens on: an IP as written, "" as 0.0.0.0, "localhost" as the
+    address it resolves to first (as the bind resolves it: the hosts file, never DNS); None for
+    another name, which only the bind itself resolves."""
+    if host.lower().rstrip(".") == "localhost":
+        with contextlib.suppress(OSError, IndexError):
+            host = str(socket.getaddrinfo("localhost", None, type=socket.SOCK_STREAM)[0][4][0])
     ip = ip_address_or_none(host or "0.0.0.0")
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped

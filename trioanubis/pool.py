@@ -94,15 +94,17 @@ class Server:
 
     __slots__ = (
         "active", "address", "bytes_in", "bytes_out", "checks_failed", "checks_passed", "checks_skipped",
-        "config_faults", "connect_failures", "consecutive_failures", "draining", "effective_weight", "ewma",
-        "fault_override", "faults", "faults_applied", "healthy", "last_check", "max_connections", "name",
-        "priority", "removed", "send_proxy", "sockaddrs", "source", "total", "weight",
+        "config_faults", "config_weight", "connect_failures", "consecutive_failures", "draining",
+        "effective_weight", "ewma", "fault_override", "faults", "faults_applied", "healthy", "last_check",
+        "max_connections", "name", "priority", "removed", "send_proxy", "sockaddrs", "source", "total",
+        "weight",
     )  # fmt: skip
 
     def __init__(self, config: ServerConfig, *, healthy: bool = True, source: str = "") -> None:
         self.name = config.name
         self.address: Address = config.address
         self.weight = config.weight
+        self.config_weight = config.weight  # what the config file says; `weight` may be the admin's since
         self.max_connections = config.max_connections
         self.send_proxy = config.send_proxy  # "": the pool's
         self.priority = config.priority

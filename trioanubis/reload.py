@@ -13,21 +13,22 @@ the settings only a restart applies, one warning each.
 `update_servers` brings a kept pool's servers from the file to the new
 list through `pool.diff_servers`, the comparison discovery makes for DNS
 answers: servers that left the file are removed (their open connections go
-on), kept ones take their new weight, priority, limits and faults, and new
-ones are returned for the caller to resolve and add. Servers that discovery
+on), kept ones take their new priority and limits, and a new weight or
+fault table when the file changed it (what the admin API set survives a
+reload of an unchanged file, as a drain does), and new ones are returned for
+the caller to resolve and add. Servers that discovery
 or the spawner put in the pool are theirs, not the file's.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ipaddress
 import logging
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Final, final
 
 from trioanubis.config import Address, Config, ListenerConfig, PoolConfig
+from trioanubis.config_checks import listen_ip
 from trioanubis.discovery import source_of
 from trioanubis.pool import Pool, Server, diff_servers
 from trioanubis.spawn import SPAWN_SOURCE
@@ -77,11 +78,10 @@ def plan(
 
 
 def _bind_key(bind: Address) -> tuple[str, int]:
-    """A bind as the socket sees it: ":8000" and "0.0.0.0:8000" are one address, as "::0" and "::"."""
-    host = bind.host.lower() or "0.0.0.0"
-    with contextlib.suppress(ValueError):
-        host = str(ipaddress.ip_address(host))
-    return host, bind.port
+    """A bind as the socket sees it: ":8000" and "0.0.0.0:8000" are one address, as "::0" and "::",
+    and "localhost:8000" and "127.0.0.1:8000" where localhost is 127.0.0.1."""
+    ip = listen_ip(bind.host)
+    return (bind.host.lower() if ip is None else str(ip)), bind.port
 
 
 def update_servers(pool: Pool, config: PoolConfig) -> list[Server]:
@@ -102,7 +102,8 @@ def update_servers(pool: Pool, config: PoolConfig) -> list[Server]:
         if sc.faults != server.config_faults:  # the file changed: it wins over the admin's
             server.config_faults = sc.faults
             pool.set_faults(server, sc.faults)
-        if server.weight != sc.weight:
+        if sc.weight != server.config_weight:  # the file changed it: it wins over the admin's
+            server.config_weight = sc.weight
             pool.set_weight(server, sc.weight)
         pool.set_priority(server, sc.priority)
     return [Server(sc, healthy=config.health.check == "none") for sc in new]

@@ -131,12 +131,11 @@ def page_reply(status: int, body: bytes, cache: str) -> Reply:
 
 
 def authorised(token: str, headers: list[tuple[bytes, bytes]]) -> bool:
+    """With a token set: exactly one Authorization header, and it carries the token."""
     if not token:
         return True
-    expected = f"Bearer {token}".encode()
-    return any(
-        name == b"authorization" and hmac.compare_digest(value, expected) for name, value in headers
-    )
+    given = [value for name, value in headers if name == b"authorization"]
+    return len(given) == 1 and hmac.compare_digest(given[0], f"Bearer {token}".encode())
 
 
 def route(
@@ -463,11 +462,16 @@ async def _read_request(
     """
     request: h11.Request | None = None
     body = bytearray()
+    head = 0  # bytes received while no whole head has come (h11 bounds only a head still incomplete)
     with trio.move_on_at(deadline) as scope:
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
-                data = await stream.receive_some(MAX_HEAD)
+                if request is None and head >= MAX_HEAD:
+                    raise h11.RemoteProtocolError("request head too large", error_status_hint=431)
+                data = await stream.receive_some(MAX_HEAD - head if request is None else MAX_HEAD)
+                if request is None:
+                    head += len(data)
                 if slot.idle and data:
                     slot.idle, slot.since = False, trio.current_time()
                     scope.deadline = slot.since + REQUEST_TIMEOUT

@@ -64,6 +64,8 @@ def stats(view: View) -> dict[str, Any]:
         "active": view.limits.active,
         "max_connections": view.limits.max_connections,
         "endings": dict(sorted(view.endings.items())),
+        "reloads": view.reloads,
+        "reload_failures": view.reload_failures,
         "log_dropped": log_dropped(),
         "listeners": [
             {
@@ -240,6 +242,10 @@ def prometheus(view: View) -> str:
         for name, help_text, value in _admin_rows(view.admin):
             lines += _family(f"admin_{name}_total", "counter", help_text)
             lines.append(f"anubis_admin_{name}_total {value}")
+    lines += _family("reloads_total", "counter",
+                     "Config reloads: applied, or failed (rejected, or a listener that could not move).")
+    lines.append(f"anubis_reloads_total{_labels(result='applied')} {view.reloads}")
+    lines.append(f"anubis_reloads_total{_labels(result='failed')} {view.reload_failures}")
     lines += _family("log_dropped_total", "counter", "Log lines dropped because stderr could not keep up.")
     lines.append(f"anubis_log_dropped_total {log_dropped()}")
     return "\n".join(lines) + "\n"

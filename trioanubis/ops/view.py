@@ -50,4 +50,8 @@ class View(Protocol):
     def endings(self) -> Mapping[str, int]: ...  # connections ended, by end state
     @property
     def admin(self) -> AdminCounters | None: ...
+    @property
+    def reloads(self) -> int: ...  # applied
+    @property
+    def reload_failures(self) -> int: ...  # rejected, or applied except for a listener that could not move
     def is_ready(self) -> bool: ...

@@ -159,6 +159,7 @@ class Listener:
         self.bound: Address | None = None
         self.connections: trio.Nursery | None = None  # where connection tasks run (outlives us)
         self.scope = trio.CancelScope()
+        self.closed = trio.Event()  # set once its listening socket is closed
 
     async def serve(
         self,
@@ -179,6 +180,7 @@ class Listener:
                 await self._accept_loop(sock, connections)
             finally:
                 close_socket(sock)
+                self.closed.set()
 
     @property
     def overloads(self) -> int:

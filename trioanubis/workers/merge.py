@@ -26,10 +26,12 @@ ServerKey = tuple[str, str]  # name, "host:port"
 SERVER_SUMS = ("active", "total", "bytes_in", "bytes_out", "connect_failures")
 LISTENER_SUMS = ("accepted", "active", "rejected", "accept_overloads", "internal_errors")
 POOL_SUMS = ("no_server", "all_full")
-# Prometheus gauges that are the same in every worker (pushed state): not added up.
 # The admin API's bound on a weight (admin.parse_weight).
 MAX_WEIGHT = 1_000_000
-SHARED_GAUGES = ("anubis_server_weight", "anubis_server_effective_weight", "anubis_server_up")
+# Prometheus series that are the same in every worker (pushed state) or the supervisor's alone
+# (reloads): taken from the supervisor's view, not added up.
+SHARED_GAUGES = ("anubis_server_weight", "anubis_server_effective_weight", "anubis_server_up",
+                 "anubis_reloads_total")  # fmt: skip
 
 
 def key_of(server: Server) -> ServerKey:

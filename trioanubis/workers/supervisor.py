@@ -125,8 +125,6 @@ class Supervisor:
         self.slots = [WorkerSlot(self, k) for k in range(1, count + 1)]
         self.stopping = False
         self.stop_requested = trio.Event()
-        self.reloads = 0
-        self.reload_failures = 0
         self._seq = 0
         self._root: trio.Nursery | None = None
         self._reload_requests, self._reload_queue = trio.open_memory_channel[str](1)
@@ -268,7 +266,6 @@ class Supervisor:
         out = sum_stats(stats(self.view), docs)
         out["ready"] = out["ready"] and len(docs) == len(self.slots) and not self.stopping
         out["draining"] = self.stopping
-        out["reloads"] = self.reloads
         out["workers"] = [self._worker_row(slot, doc if isinstance(doc, dict) else None)
                           for slot, doc in answers]  # fmt: skip
         return out
@@ -310,7 +307,7 @@ class Supervisor:
             text, config = await trio.to_thread.run_sync(read_config, self.path)
             new = await self.holds.prepare(config.listeners)
         except AnubisError as exc:
-            self.reload_failures += 1
+            self.view.reload_failures += 1
             log.error("reload rejected, every worker keeps the running config: %s", exc)
             return False
         if worker_count(config.settings.workers) != len(self.slots):
@@ -330,7 +327,6 @@ class Supervisor:
                 nursery.start_soon(send, slot)
         await self.push()
         applied = sum(1 for r in results if isinstance(r, dict) and r.get("ok"))
-        self.reloads += 1
         log.info("reload applied in %d of %d workers", applied, len(self.slots))
         return applied == len(self.slots)
 
