@@ -42,7 +42,8 @@ exception from a step is raised in that task and ends only its connection.
   the next read, is then the bound.
 - EOF from one side shuts down writing towards the other side and ends that
   direction; the other keeps flowing (half-close). When both directions
-  have seen EOF the relay ends normally.
+  have seen EOF the relay ends normally; the second EOF is passed on by the
+  close that follows at once (its FIN), not by a shutdown of its own.
 - A reset or error on either socket ends the whole relay at once (`finish`,
   recording why in `end`); the caller closes both sockets, with a reset
   (`reset_on_close`) unless both sides ended cleanly, so a peer never takes
@@ -436,14 +437,17 @@ class Relay:
         if not both:
             self.first_eof = "client_eof" if upstream else "server_eof"
         self.active = True
+        if both:
+            # The relay ends now and the connection closes both sockets, which sends
+            # `dst` its FIN (as HAProxy does): no shutdown first. `dst` sent EOF
+            # already, so nothing unread is left to make that close a reset.
+            self.end = self.first_eof
+            return
         try:
             if forward:
                 dst.shutdown(socket.SHUT_WR)
         except OSError:
             self._reset(client=not upstream)  # the side we write to
-            return
-        if both:
-            self.end = self.first_eof
 
     def record_first_byte(self, now: float) -> None:
         assert self.pool is not None and self.server_record is not None
