@@ -345,17 +345,17 @@ async def test_client_abort_while_connecting_cancels_the_attempt() -> None:
 
 
 async def test_a_bug_in_one_connection_ends_only_that_connection(monkeypatch: pytest.MonkeyPatch) -> None:
-    real_start = Relay.start
+    real_run = Relay.run
     calls = 0
 
-    def buggy_once(relay: Relay, nursery: trio.Nursery) -> None:
+    async def buggy_once(relay: Relay) -> None:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise RuntimeError("a bug in the relay")
-        real_start(relay, nursery)
+        await real_run(relay)
 
-    monkeypatch.setattr(Relay, "start", buggy_once)
+    monkeypatch.setattr(Relay, "run", buggy_once)
     async with through_balancer(Script(echo=True)) as (_, balancer, address):
         with trio.fail_after(20):
             assert await closed_without_answer(address)  # the bug ended this connection
@@ -369,18 +369,19 @@ async def test_a_bug_in_one_connection_ends_only_that_connection(monkeypatch: py
 async def test_a_bug_in_a_step_taken_by_the_dispatcher_ends_only_that_connection(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    real_step = Relay.step
+    real_advance = Relay.advance
     calls = 0
 
-    def buggy_once(relay: Relay, fd: int) -> int | None:
+    def buggy_once(relay: Relay, upstream: bool) -> int:
         nonlocal calls
-        calls += 1
-        if calls == 1:
-            raise RuntimeError("a bug in a step")
-        return real_step(relay, fd)
+        if not upstream:
+            calls += 1
+            if calls == 2:  # the first step after the start: the dispatcher's, on epoll
+                raise RuntimeError("a bug in a step")
+        return real_advance(relay, upstream)
 
-    monkeypatch.setattr(Relay, "step", buggy_once)
-    # The server answers late, so its answer finds the server → client pump parked.
+    monkeypatch.setattr(Relay, "advance", buggy_once)
+    # The server answers late, so its answer finds the server → client direction parked.
     async with through_balancer(Script(echo=True, chunk_delay=0.05)) as (_, balancer, address):
         with trio.fail_after(20):
             try:

@@ -25,6 +25,7 @@ import trio.testing
 from trioanubis.config import parse_config
 from trioanubis.errors import AttemptCancelled, ConfigError
 from trioanubis.proxy.io import IO_CHOICES, Readiness, epoll_available, open_readiness
+from trioanubis.proxy.relay import Relay
 
 BACKENDS = [
     pytest.param("epoll", marks=pytest.mark.skipif(not epoll_available(), reason="no epoll here")),
@@ -217,22 +218,18 @@ async def test_close_while_parked_raises_closed_resource_error(backend_name: str
                 try:
                     if kind == "read":
                         await backend.wait_readable(a.fileno())
-                    elif kind == "stepped read":
-                        await backend.wait_readable(a.fileno(), Counting(a, wake_at=1))
                     else:
                         await backend.wait_writable(a.fileno())
                 except trio.ClosedResourceError as exc:
                     errors.append(type(exc))
 
-            for reader in ("read", "stepped read"):
-                errors.clear()
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(wait, reader)
-                    nursery.start_soon(wait, "write")
-                    await trio.testing.wait_all_tasks_blocked()
-                    assert not errors
-                    backend.forget(a.fileno())
-                assert errors == [trio.ClosedResourceError, trio.ClosedResourceError], reader
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait, "read")
+                nursery.start_soon(wait, "write")
+                await trio.testing.wait_all_tasks_blocked()
+                assert not errors
+                backend.forget(a.fileno())
+            assert errors == [trio.ClosedResourceError, trio.ClosedResourceError]
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(wait, "write")
                 await trio.testing.wait_all_tasks_blocked()
@@ -297,108 +294,132 @@ async def test_two_readers_of_one_socket_is_an_error(backend_name: str) -> None:
                 nursery.cancel_scope.cancel()
 
 
-class Counting:
-    """A stepper that reads what is there and wakes its task once `wake_at` bytes arrived."""
+@asynccontextmanager
+async def driven(backend: Readiness) -> AsyncIterator[tuple[Relay, socket.socket, socket.socket]]:
+    """A relay between two loopback connections, run by `backend`; yields it and both far ends.
 
-    def __init__(self, sock: socket.socket, wake_at: int) -> None:
-        self.sock = sock
-        self.wake_at = wake_at
-        self.got = 0
-        self.steps = 0
-
-    def step(self, fd: int) -> int | None:
-        self.steps += 1
-        self.got += len(drain(self.sock))
-        return self.got if self.got >= self.wake_at else None
-
-
-async def test_steps_keep_the_task_parked_until_one_returns_a_result(backend_name: str) -> None:
-    with socket_pair("tcp") as (a, b):
-        async with running(backend_name) as backend:
-            backend.register(a.fileno())
-            stepper = Counting(a, wake_at=3)
-            result: list[int] = []
-
-            async def pump() -> None:
-                result.append(await backend.wait_readable(a.fileno(), stepper))
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(pump)
-                for sent in (1, 2):
-                    await trio.testing.wait_all_tasks_blocked()
-                    b.send(b"x")
-                    with trio.fail_after(10):
-                        while stepper.got < sent:
-                            await trio.testing.wait_all_tasks_blocked(0.01)
-                    assert not result  # each step stayed short of a result: still parked
-                b.send(b"x")
-            assert result == [3]
-            assert stepper.steps >= 3
+    The far ends: what the client and the server hold. The relay's own sockets
+    are closed at the end, as connection.py closes them.
+    """
+    with socket_pair("tcp") as (near_client, client), socket_pair("tcp") as (near_server, server):
+        relay = Relay(near_client, idle_timeout=600.0, half_close_timeout=60.0, poller=backend)
+        relay.server = near_server
+        backend.register(near_server.fileno())
+        yield relay, client, server
 
 
-class Raising:
-    def step(self, fd: int) -> int | None:
-        raise RuntimeError("a bug in a step")
+async def received(sock: socket.socket, size: int) -> bytes:
+    got = b""
+    with trio.fail_after(10):
+        while len(got) < size:
+            got += drain(sock)
+            await trio.testing.wait_all_tasks_blocked(0.01)
+    return got
 
 
-async def test_a_step_that_raises_ends_only_its_own_task(backend_name: str) -> None:
-    with socket_pair("tcp") as (a, b), socket_pair("tcp") as (c, d):
-        async with running(backend_name) as backend:
-            backend.register(a.fileno())
-            backend.register(c.fileno())
-            raised: list[BaseException] = []
+async def closed(sock: socket.socket) -> None:
+    """Wait until the peer of `sock` closed (EOF or a reset)."""
+    with trio.fail_after(10):
+        while True:
+            try:
+                if sock.recv(65536) == b"":
+                    return
+            except BlockingIOError:
+                await trio.sleep(0.01)
+            except ConnectionResetError:
+                return
 
-            async def buggy() -> None:
-                try:
-                    await backend.wait_readable(a.fileno(), Raising())
-                except RuntimeError as exc:
-                    raised.append(exc)
 
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(buggy)
-                await trio.testing.wait_all_tasks_blocked()
-                b.send(b"boom")
-                with trio.fail_after(10):
-                    while not raised:
-                        await trio.testing.wait_all_tasks_blocked(0.01)
-            assert str(raised[0]) == "a bug in a step"
-            # The backend still serves everyone else.
-            d.send(b"fine")
+async def test_a_relay_is_one_task_for_both_directions_on_epoll(backend_name: str) -> None:
+    async with running(backend_name) as backend, driven(backend) as (relay, client, server):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relay.run)
+            await trio.testing.wait_all_tasks_blocked()
+            (task,) = nursery.child_tasks
+            # epoll: the relay's task runs both directions with no nursery of its own;
+            # portable: one task per direction, in a nursery of the relay's task.
+            assert len(task.child_nurseries) == (0 if backend_name == "epoll" else 1)
+            for _ in range(3):  # an exchange: both directions, taken by the dispatcher on epoll
+                client.send(b"ping")
+                assert await received(server, 4) == b"ping"
+                server.send(b"pong!")
+                assert await received(client, 5) == b"pong!"
+            assert (relay.bytes_in, relay.bytes_out) == (12, 15)
+            client.shutdown(socket.SHUT_WR)  # half-close: the other direction keeps flowing
+            await closed(server)
+            server.send(b"late")
+            assert await received(client, 4) == b"late"
+            server.shutdown(socket.SHUT_WR)
+        assert relay.end == "client_eof"
+
+
+async def test_finishing_a_parked_relay_from_outside_ends_its_run(backend_name: str) -> None:
+    async with running(backend_name) as backend, driven(backend) as (relay, _, _):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relay.run)
+            await trio.testing.wait_all_tasks_blocked()
+            relay.finish("idle_timeout")  # what the Timer does
+        assert relay.end == "idle_timeout"
+
+
+async def test_a_step_that_raises_ends_only_its_own_relay(
+    backend_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_advance = Relay.advance
+    bad: list[Relay] = []
+
+    def advance(relay: Relay, upstream: bool) -> int:
+        if relay in bad:
+            raise RuntimeError("a bug in a step")
+        return real_advance(relay, upstream)
+
+    monkeypatch.setattr(Relay, "advance", advance)
+    async with running(backend_name) as backend, driven(backend) as (buggy, client, _), \
+            driven(backend) as (fine, other_client, other_server):  # fmt: skip
+        raised: list[BaseException] = []
+
+        async def run_buggy() -> None:
+            try:
+                await buggy.run()
+            except Exception as exc:  # what connection.py does: log it, end that connection
+                raised.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_buggy)
+            nursery.start_soon(fine.run)
+            await trio.testing.wait_all_tasks_blocked()
+            bad.append(buggy)  # from the next step on (the dispatcher's, on epoll)
+            client.send(b"boom")
             with trio.fail_after(10):
-                await backend.wait_readable(c.fileno(), Counting(c, wake_at=4))
+                while not raised:
+                    await trio.testing.wait_all_tasks_blocked(0.01)
+            assert "a bug in a step" in repr(raised[0])
+            # The backend and the other relay still serve.
+            other_client.send(b"fine")
+            assert await received(other_server, 4) == b"fine"
+            fine.finish("idle_timeout")
 
 
-async def test_a_step_that_cancels_its_own_relay_ends_in_cancellation(backend_name: str) -> None:
-    with socket_pair("tcp") as (a, b):
-        async with running(backend_name) as backend:
-            backend.register(a.fileno())
-            scope = trio.CancelScope()
+async def test_cancelling_a_relay_parked_on_both_sockets_closes_both(backend_name: str) -> None:
+    async with running(backend_name) as backend, driven(backend) as (relay, client, server):
+        scope = trio.CancelScope()
 
-            class Cancelling:
-                def step(self, fd: int) -> int | None:
-                    drain(a)
-                    scope.cancel()  # the relay ends (a reset seen by the step)
-                    return 4  # and the step has a result for the task too: cancellation wins
+        async def connection() -> None:  # connection.py's shape: run, and close both in `finally`
+            try:
+                with scope:
+                    await relay.run()
+            finally:
+                assert relay.server is not None
+                backend.close(relay.server)
+                backend.close(relay.client)
 
-            after: list[str] = []
-            with trio.fail_after(10):
-                async with trio.open_nursery() as nursery:
-
-                    async def pump() -> None:
-                        with scope:
-                            await backend.wait_readable(a.fileno(), Cancelling())
-                            await trio.lowlevel.checkpoint()
-                            after.append("ran on")  # must not happen
-
-                    nursery.start_soon(pump)
-                    await trio.testing.wait_all_tasks_blocked()
-                    b.send(b"x")
-            assert scope.cancelled_caught
-            assert not after
-            # The socket is free again for the next waiter.
-            b.send(b"y")
-            with trio.fail_after(10):
-                await backend.wait_readable(a.fileno())
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connection)
+            await trio.testing.wait_all_tasks_blocked()
+            scope.cancel()
+        assert scope.cancelled_caught and relay.end == ""
+        await closed(client)
+        await closed(server)
 
 
 async def test_connect_wait_through_the_backend(backend_name: str) -> None:

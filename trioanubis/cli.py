@@ -20,7 +20,7 @@ from pathlib import Path
 import trio
 
 from trioanubis import __version__
-from trioanubis.app import Balancer, run_until_signalled
+from trioanubis.app import Balancer, run_until_signalled, settle_gc
 from trioanubis.config import Address, Config, load_config, parse_address, proxy_config
 from trioanubis.errors import AnubisError, ConfigError
 from trioanubis.hello import serve_hello
@@ -314,6 +314,7 @@ async def _serve(balancer: Balancer, demo: bool, status: bool = False) -> None:
         )
         if demo:
             _print_demo_help(bound)
+        settle_gc()
         log.info("ready\n%s", describe(config, balancer.pools))
         if status:  # anubis proxy: a live line on a terminal, plain lines elsewhere
             nursery.start_soon(run_status, balancer, install_terminal_status())

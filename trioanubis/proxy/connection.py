@@ -3,12 +3,12 @@
 Theory of operation: `handle_connection` owns the client socket from the
 moment the listener accepted it, and the server socket from the moment a
 connect succeeded; both are closed in its `finally`, whatever happens. Once
-connected it opens the connection's nursery, where the relay runs its two
-pumps (relay.py). A server's `active` count is raised by `Pool.reserve` in the
-same step as the pick (so connects in flight count against `max_connections`)
-and lowered by `release` when that connect fails or, in a `try/finally` around
-the relay, when the connection ends, so a cancelled or failed connection never
-leaks a count.
+connected the relay (relay.py) runs in this same task: on the epoll backend
+the connection is that one task, with no nursery of its own. A server's
+`active` count is raised by `Pool.reserve` in the same step as the pick (so
+connects in flight count against `max_connections`) and lowered by `release`
+when that connect fails or, in a `try/finally` around the relay, when the
+connection ends, so a cancelled or failed connection never leaks a count.
 
 Connecting: the pool's strategy picks a server, `connect_any` (proxy/connect.py) tries its
 addresses within `connect_timeout` (the socket joins the relay's poller for
@@ -239,11 +239,10 @@ async def handle_connection(
                     relay.end = "server_reset"
                     return
                 plan = None if server.faults is None else draw(server.faults, server)
-                async with trio.open_nursery() as nursery:  # this connection's: one task per direction
-                    if plan is None:
-                        relay.start(nursery)
-                        await relay.upstream()
-                    else:  # injected faults: the copying path of proxy/faulted.py
+                if plan is None:
+                    await relay.run()  # both directions, in this task on the epoll backend
+                else:  # injected faults: the copying path of proxy/faulted.py, tasks in a nursery
+                    async with trio.open_nursery() as nursery:
                         relay_faulted(relay, plan, nursery)
         finally:
             record.bytes_in, record.bytes_out = relay.bytes_in, relay.bytes_out

@@ -39,7 +39,7 @@ from typing import Any, Final, final
 
 import trio
 
-from trioanubis.app import Balancer
+from trioanubis.app import Balancer, settle_gc
 from trioanubis.children import set_death_signal
 from trioanubis.config import Config, parse_address, parse_config
 from trioanubis.errors import AnubisError, ChannelError
@@ -249,6 +249,7 @@ async def run_worker(channel: Channel, worker_id: int, *, own_logging: bool = Tr
                 nursery.start_soon(worker.send_outgoing)
                 nursery.start_soon(_stop_on_signals, signals, worker)
                 await nursery.start(balancer.run)
+                settle_gc()
                 worker.post({"t": "ready", "pid": os.getpid()})
                 await balancer.stopped.wait()
                 nursery.cancel_scope.cancel()

@@ -6,20 +6,24 @@ so the fast path can be platform code behind an interface (as Trio keeps
 epoll, kqueue and Windows behind one in `trio._core._io_*`):
 
 - `epoll` (epoll.py, Linux): relay sockets join one edge-triggered epoll of
-  the process once; one dispatcher task takes parked pumps' steps inline and
-  bulk directions switch to splice(2). The product's fast path.
+  the process once; one dispatcher task advances the relays inline, so a
+  connection is one task parked once for both sockets, and bulk directions
+  switch to splice(2). The product's fast path.
 - `portable` (portable.py, everywhere Trio runs): every wait is Trio's own
   `trio.lowlevel.wait_readable` / `wait_writable` (epoll on Linux, kqueue
-  on macOS and BSD, IOCP/AFD on Windows), level-triggered, and bytes are
-  copied through the process with `recv_into` / `send`.
+  on macOS and BSD, IOCP/AFD on Windows), level-triggered, a task per
+  direction, and bytes are copied through the process with `recv_into` /
+  `send`.
 
 Both give the relay the same contract: wait only after a system call showed
-the socket drained or full; `wait_readable(fd, stepper)` returns the first
-step result that is not None (so a pump never learns which backend did the
-step); `interrupt` raises a chosen error in a waiter; `forget`/`close` wake
-waiters with `ClosedResourceError` before the socket goes. Every relay
-behaviour above this line (half-close, resets, backpressure, timeouts,
-failover, drain) is therefore the relay's own code on either backend.
+the socket drained or full; `drive(relay)` runs a relay in the connection's
+task until it ends, calling only the relay's `advance` (move a direction as
+far as it goes without waiting, and say what it waits for) and waiting for
+what it says, so the relay never learns which backend moved it; `interrupt`
+raises a chosen error in a waiter; `forget`/`close` wake waiters with
+`ClosedResourceError` before the socket goes. Every relay behaviour above
+this line (half-close, resets, backpressure, timeouts, failover, drain) is
+therefore the relay's own code on either backend.
 
 Nothing here, nor in either backend, touches a Linux-only name at import
 time: the choice is made by `open_readiness` when the balancer is built.
@@ -34,10 +38,10 @@ import select
 from typing import Final, Literal
 
 from trioanubis.errors import AnubisError
-from trioanubis.proxy.io.base import Readiness, Stepper
+from trioanubis.proxy.io.base import AGAIN, OVER, READ, WRITE, Driven, Readiness
 
-__all__ = ["IO_CHOICES", "IO_ENV", "IoName", "Readiness", "Stepper", "epoll_available", "open_readiness",
-           "resolve_io"]  # fmt: skip
+__all__ = ["AGAIN", "IO_CHOICES", "IO_ENV", "OVER", "READ", "WRITE", "Driven", "IoName", "Readiness",
+           "epoll_available", "open_readiness", "resolve_io"]  # fmt: skip
 
 IoName = Literal["auto", "epoll", "portable"]
 IO_CHOICES: Final[tuple[IoName, ...]] = ("auto", "epoll", "portable")

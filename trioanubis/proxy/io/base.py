@@ -4,14 +4,44 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
+
+import trio
+
+# What a relay's direction waits for next (the relay's `advance` returns one):
+READ: Final = 0  # its source socket to become readable
+WRITE: Final = 1  # its destination socket to take more
+AGAIN: Final = 2  # nothing: it stopped for fairness with more to read; advance it after a checkpoint
+OVER: Final = 3  # nothing ever: this direction is over
 
 
-class Stepper(Protocol):
-    """What a task parked with `wait_readable(fd, stepper)` lets the backend do for it."""
+class Driven(Protocol):
+    """What a backend needs of the relay it drives (proxy/relay.py's `Relay`)."""
 
-    def step(self, fd: int) -> int | None:
-        """Act on `fd` being readable; None to keep the task parked, else what to wake it with."""
+    client_fd: int
+    server_fd: int
+    # The epoll backend's: the task parked for this relay.
+    parked: Any
+    # Where the portable backend's nursery scope goes, so that ending the relay cancels it.
+    scope: trio.CancelScope | None
+    # What a step taken by the dispatcher raised, for `drive` to raise in the relay's task.
+    error: Exception | None
+
+    @property
+    def end(self) -> str:
+        """Why the relay ended; "" while it runs. Once set, `drive` returns."""
+        ...
+
+    def advance(self, upstream: bool) -> int:
+        """Move one direction as far as it goes without waiting; what it waits for (READ, ...)."""
+        ...
+
+    def ready(self, fd: int, readable: bool, writable: bool) -> bool:
+        """Advance what waited for `fd`; True when the relay's task is needed (ended, or AGAIN)."""
+        ...
+
+    def resume(self) -> bool:
+        """Advance the directions that wait for a turn (both, at first); True if one must wait again."""
         ...
 
 
@@ -31,8 +61,8 @@ class Readiness(Protocol):
     def register(self, fd: int) -> None:
         """Make `fd` (a relay or connecting socket) waitable; once per socket."""
 
-    def wait_readable(self, fd: int, stepper: Stepper | None = None) -> Awaitable[Any]:
-        """Park until `fd` may have bytes, EOF or an error; with a stepper, until a step says wake."""
+    def wait_readable(self, fd: int) -> Awaitable[object]:
+        """Park until `fd` may have bytes, EOF or an error."""
         ...
 
     def wait_writable(self, fd: int) -> Awaitable[object]:
@@ -42,8 +72,7 @@ class Readiness(Protocol):
     def interrupt(self, fd: int, error: Callable[[], BaseException]) -> bool:
         """Wake a plain wait on `fd` (no stepper), raising `error()` in it; False when none waited.
 
-        A pump parked with a stepper is ended by cancelling its relay, not by
-        this (the epoll backend wakes it too; the portable one does not see it).
+        A driven relay is ended by `Relay.finish`, not by this.
         """
         ...
 
@@ -59,6 +88,15 @@ class Readiness(Protocol):
     def open_pipe(self) -> tuple[int, int, int] | None:
         """A non-blocking pipe for splice (read end, write end, capacity), or None."""
         ...
+
+    async def drive(self, relay: Driven) -> None:
+        """Run `relay` in the calling task until it ends (`relay.end`); raise what a step raised.
+
+        Both its sockets are registered. Cancellation stops it; the caller closes the sockets.
+        """
+
+    def wake(self, relay: Driven) -> None:
+        """The relay ended from outside its task (the Timer, a step): let `drive` return."""
 
     async def run(self) -> None:
         """The backend's task for the process's lifetime (the dispatcher, or nothing)."""

@@ -7,11 +7,12 @@ development machine from Python: 0.4-1.1 µs per `epoll_ctl`, against 18-23 µs
 for a 100-byte `send` plus `recv_into` over loopback TCP, so the calls
 themselves are a few per cent of a message's cost; the task switches (and
 Trio's bookkeeping around each wait) are the larger part, and the dispatcher's
-steps below remove them. The relay's sockets join this poller's epoll once,
+steps for driven relays below remove them. The relay's sockets join this poller's epoll once,
 edge-triggered, for both directions. A relay task that must wait parks
 itself here (`wait_task_rescheduled`); the dispatcher task sleeps on the
 epoll's own descriptor through Trio, and when it becomes readable it drains
-the ready list and steps or reschedules the parked tasks.
+the ready list, advances the relays that own the ready sockets and
+reschedules the tasks parked in plain waits (connects, faulted relays).
 
 Why edge-triggered without EPOLLONESHOT is safe. ONESHOT exists so that a
 registration cannot fire twice before its waiter re-arms it, and so that
@@ -37,11 +38,17 @@ A connecting socket joins right after connect() returned EINPROGRESS and
 waits for writability at once: registering reports the state at that moment,
 so a handshake that completed in between is not missed.
 
-A task may park with a `Stepper` (the relay's pumps do): readiness then does
-not wake it; the dispatcher calls `stepper.step(fd)` in its place and wakes
-it only with a result the task must act on. The task stays the owner: if a
-step ends its relay, the cancellation wins, and an exception from a step is
-raised in the task, not in the dispatcher.
+A relay is driven here (`drive`): its two sockets belong to it in this
+poller for as long as it runs, and the dispatcher calls `relay.ready` for
+their events in place of waking anyone, whether the relay's task is parked
+or not, so no event is dropped. The relay advances the direction that
+waited for that socket (one read and one complete send, usually) and asks
+for its task only for what a step cannot finish: the end, a direction that
+stopped for fairness, or an exception, which the task raises (a bug ends
+that connection only). The task parks once for both sockets; `wake` checks
+that it is still parked for that relay (Trio clears `custom_sleep_data` when
+it reschedules a task, cancelled or not), so a cancelled task is never
+rescheduled twice and its abort needs no state of its own.
 
 Cancellation works as anywhere in Trio: a parked task's abort callback
 removes it. `forget` wakes anything still parked on a descriptor with
@@ -62,12 +69,12 @@ import select
 import socket
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any, Final, final
+from typing import Final, final
 
 import outcome
 import trio
 
-from trioanubis.proxy.io.base import Stepper
+from trioanubis.proxy.io.base import Driven
 
 # Ready descriptors taken from the kernel per dispatcher wake-up.
 MAX_EVENTS: Final = 1024
@@ -111,6 +118,11 @@ def _abort(waiters: dict[int, trio.lowlevel.Task], fd: int, _: object) -> trio.l
     return _SUCCEEDED
 
 
+def _abort_driven(_: object) -> trio.lowlevel.Abort:
+    """A driven relay's task, cancelled: Trio clears its `custom_sleep_data`, so nothing wakes it twice."""
+    return _SUCCEEDED
+
+
 @final
 class Poller:
     """The `epoll` readiness backend (see trioanubis.proxy.io)."""
@@ -122,6 +134,8 @@ class Poller:
         self._epoll = select.epoll()
         self._readers: dict[int, trio.lowlevel.Task] = {}
         self._writers: dict[int, trio.lowlevel.Task] = {}
+        self._owners: dict[int, Driven] = {}  # both sockets of every relay being driven
+        self._woke = False  # a relay's task was woken during this batch of events
         self.hung_up: set[int] = set()  # sockets whose peer sent FIN or failed
         # Trio's clock, read without trio.current_time()'s layers (the relay stamps every chunk).
         self.now: Callable[[], float] = trio.current_time
@@ -140,19 +154,12 @@ class Poller:
     # no frame of ours in between (an idle connection's two parked pumps are most
     # of its memory). Call them only as `await poller.wait_...(fd)`.
 
-    def wait_readable(self, fd: int, stepper: Stepper | None = None) -> Awaitable[Any]:
-        """Park until `fd` (registered) may have bytes, EOF or an error to read.
-
-        With a `stepper`, readiness does not wake the task: the dispatcher calls
-        `stepper.step(fd)` in its place and wakes it only when that returns
-        something other than None, which is then what this wait returns.
-        """
+    def wait_readable(self, fd: int) -> Awaitable[object]:
+        """Park until `fd` (registered) may have bytes, EOF or an error to read."""
         readers = self._readers
         if fd in readers:
             raise trio.BusyResourceError("another task is already reading this socket")
-        task = _current_task()
-        task.custom_sleep_data = stepper  # Trio leaves this attribute to custom sleeps like ours
-        readers[fd] = task
+        readers[fd] = _current_task()
         return _wait_task_rescheduled(partial(_abort, readers, fd))
 
     def wait_writable(self, fd: int) -> Awaitable[object]:
@@ -162,6 +169,45 @@ class Poller:
             raise trio.BusyResourceError("another task is already writing this socket")
         writers[fd] = _current_task()
         return _wait_task_rescheduled(partial(_abort, writers, fd))
+
+    async def drive(self, relay: Driven) -> None:
+        """Run `relay` in the calling task: the dispatcher advances it, the task waits for its end.
+
+        Both sockets are the relay's in this poller while it runs: the
+        dispatcher calls `relay.ready` for their events, whether the task is
+        parked or not (no event is dropped). The task parks once for both, and
+        wakes for a direction that stopped for fairness (`AGAIN`: after a
+        checkpoint it advances it itself), for the relay's end, or to raise
+        what a step raised.
+        """
+        owners = self._owners
+        client_fd, server_fd = relay.client_fd, relay.server_fd
+        owners[client_fd] = owners[server_fd] = relay
+        try:
+            while True:
+                again = relay.resume()
+                if relay.error is not None:
+                    raise relay.error
+                if relay.end:
+                    return
+                if again:
+                    await trio.lowlevel.checkpoint()
+                    continue
+                task = _current_task()
+                task.custom_sleep_data = relay  # what `wake` checks: still parked for this relay
+                relay.parked = task
+                await _wait_task_rescheduled(_abort_driven)
+        finally:
+            relay.parked = None
+            del owners[client_fd], owners[server_fd]
+
+    def wake(self, relay: Driven) -> None:
+        """Wake the task parked in `drive` for `relay`, if it is parked there."""
+        task = relay.parked
+        if task is not None and task.custom_sleep_data is relay:
+            relay.parked = None
+            _reschedule(task)
+            self._woke = True
 
     def open_pipe(self) -> tuple[int, int, int] | None:
         """A non-blocking pipe for splice, as large as allowed: (read end, write end, capacity).
@@ -204,15 +250,9 @@ class Poller:
                 woke = True
         return woke
 
-    def _wake_stepped(self, fd: int, task: trio.lowlevel.Task, wake: outcome.Outcome[int]) -> None:
-        """Wake a stepped task with its step's result; a step that ended its relay has woken it already."""
-        if self._readers.get(fd) is task:
-            del self._readers[fd]
-            _reschedule(task, wake)
-
     async def run(self) -> None:
         """The dispatcher: wake parked relay tasks as their sockets become ready."""
-        readers, writers, hung_up = self._readers, self._writers, self.hung_up
+        readers, writers, owners, hung_up = self._readers, self._writers, self._owners, self.hung_up
         poll = self._epoll.poll
         self.now = trio.lowlevel.current_clock().current_time
         handled = 0  # events handled without waking a task, since the last checkpoint
@@ -227,26 +267,24 @@ class Poller:
                 for fd, events in events_seen:
                     if events & _HANG_UP_EVENTS:
                         hung_up.add(fd)
+                    owner = owners.get(fd)
+                    if owner is not None:  # a driven relay's socket: advance it in its task's place
+                        try:
+                            wake = owner.ready(fd, bool(events & _READ_EVENTS), bool(events & _WRITE_EVENTS))
+                        except Exception as exc:  # a bug: raised in the relay's task, ends its connection
+                            owner.error = exc
+                            wake = True
+                        if wake:
+                            self.wake(owner)
+                        continue
                     if events & _READ_EVENTS and fd in readers:
-                        task = readers[fd]
-                        stepper = task.custom_sleep_data
-                        if stepper is None:
-                            del readers[fd]
-                            _reschedule(task)
-                            woke = True
-                        else:  # take the parked task's step in its place
-                            try:
-                                state = stepper.step(fd)
-                            except Exception as exc:  # a bug: raised in the task, ends that connection only
-                                self._wake_stepped(fd, task, outcome.Error(exc))
-                                woke = True
-                            else:
-                                if state is not None:  # a result the task must act on
-                                    self._wake_stepped(fd, task, outcome.Value(state))
-                                    woke = True
+                        _reschedule(readers.pop(fd))
+                        woke = True
                     if events & _WRITE_EVENTS and fd in writers:
                         _reschedule(writers.pop(fd))
                         woke = True
+                woke = woke or self._woke
+                self._woke = False
                 handled += len(events_seen)
                 if woke or handled >= EVENTS_PER_CHECKPOINT:
                     # Let the woken tasks (and Trio's own I/O) run, then look again

@@ -7,34 +7,34 @@ Trio's waits are level-triggered: a socket that already has bytes, a FIN or
 an error is readable at once, so a wait after a short read never misses a
 FIN queued behind the data, and `hung_up` stays empty.
 
-The relay's contract is kept in the waiting task itself rather than in a
-dispatcher: `wait_readable(fd, stepper)` waits and then takes the stepper's
-step in the task until one returns something to act on (a step that finds
-the socket drained waits again). A bulk direction keeps copying through the
-relay's 64 KiB chunk (`splice` is False), so backpressure holds at most one
-chunk per direction, as on the epoll backend with splice off.
+A relay is driven (`drive`) with one task per direction in a nursery of
+the connection's: each advances its direction and waits, with Trio's waits,
+for what the direction waits for (a read, room to write, a turn). Ending
+the relay cancels the nursery (`relay.scope`); a bug in a step is raised in
+that direction's task and ends the connection. A bulk direction keeps
+copying through the relay's 64 KiB chunk (`splice` is False), so
+backpressure holds at most one chunk per direction, as on the epoll backend
+with splice off.
 
 A plain wait runs in a cancel scope of its own, kept per descriptor, so
 that `interrupt` can end it with a chosen error (the Timer cancels a connect
-attempt this way, as on the epoll backend). A stepped wait (a relay pump)
-takes no scope: a scope per wait cost a third of the keep-alive rate, and
-nothing interrupts a pump (its relay is cancelled instead), so `interrupt`
-does not see it. `forget` and `close` use Trio's
+attempt this way, as on the epoll backend). A relay's direction waits
+without one (see `_direction`), so `interrupt` does not see it. `forget` and `close` use Trio's
 `notify_closing`, which wakes a waiter with `ClosedResourceError`. What this
 costs against the epoll backend: a Trio epoll_ctl pair and a task switch per
-wait, a coroutine frame per parked pump, and every bulk byte copied through
-user space.
+wait, a nursery and a second task per connection, and every bulk byte
+copied through user space.
 """
 
 from __future__ import annotations
 
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Any, final
+from typing import Final, final
 
 import trio
 
-from trioanubis.proxy.io.base import Stepper
+from trioanubis.proxy.io.base import AGAIN, READ, WRITE, Driven
 
 
 @final
@@ -64,23 +64,21 @@ class PortableReadiness:
     def register(self, fd: int) -> None:
         """Nothing to do: Trio registers a descriptor for the length of each wait."""
 
-    def wait_readable(self, fd: int, stepper: Stepper | None = None) -> Awaitable[Any]:
-        if stepper is None:
-            return self._wait(self._readers, fd, trio.lowlevel.wait_readable)
-        return self._wait_and_step(fd, stepper)
+    def wait_readable(self, fd: int) -> Awaitable[object]:
+        return self._wait(self._readers, fd, trio.lowlevel.wait_readable)
 
     def wait_writable(self, fd: int) -> Awaitable[object]:
         return self._wait(self._writers, fd, trio.lowlevel.wait_writable)
 
-    async def _wait_and_step(self, fd: int, stepper: Stepper) -> int:
-        # No scope of our own here: a cancel scope per wait cost a third of the
-        # keep-alive rate (quick bench: 14k → 20k req/s), and nothing interrupts
-        # a pump (its relay is cancelled instead); `forget` still reaches it.
-        while True:
-            await trio.lowlevel.wait_readable(fd)
-            state = stepper.step(fd)
-            if state is not None:
-                return state
+    async def drive(self, relay: Driven) -> None:
+        """Run `relay` with one task per direction in a nursery, which ending the relay cancels."""
+        async with trio.open_nursery() as nursery:
+            relay.scope = nursery.cancel_scope
+            nursery.start_soon(_direction, relay, False, name=_DIRECTION_TASK_NAME)
+            await _direction(relay, True)
+
+    def wake(self, relay: Driven) -> None:
+        """Nothing to do: ending the relay cancels its nursery (`relay.scope`)."""
 
     async def _wait(
         self, waiters: dict[int, _Wait], fd: int, wait: Callable[[int], Awaitable[None]]
@@ -125,3 +123,27 @@ class PortableReadiness:
         """Nothing to dispatch; only take Trio's clock for `now`, then wait for the end."""
         self.now = trio.lowlevel.current_clock().current_time
         await trio.sleep_forever()
+
+
+# A constant task name: Trio would otherwise format one string per task.
+_DIRECTION_TASK_NAME: Final = "trioanubis.relay.server_to_client"
+
+
+async def _direction(relay: Driven, upstream: bool) -> None:
+    """One direction of a driven relay: advance it, wait for what it waits for, until it is over.
+
+    No scope per wait here: a cancel scope per wait cost a third of the
+    keep-alive rate, and nothing interrupts a direction (its relay is
+    finished instead, which cancels the nursery); `forget` still reaches it.
+    """
+    src, dst = (relay.client_fd, relay.server_fd) if upstream else (relay.server_fd, relay.client_fd)
+    while True:
+        wants = relay.advance(upstream)
+        if wants == READ:
+            await trio.lowlevel.wait_readable(src)
+        elif wants == WRITE:
+            await trio.lowlevel.wait_writable(dst)
+        elif wants == AGAIN:
+            await trio.lowlevel.checkpoint()
+        else:
+            return
