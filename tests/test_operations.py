@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -29,7 +30,9 @@ from tests.conftest import (
 from tests.test_cli import anubis, run_cli
 from trioanubis.app import Balancer
 from trioanubis.config import Address, load_config, parse_config
+from trioanubis.errors import AnubisError
 from trioanubis.ops.metrics import prometheus, stats
+from trioanubis.proxy.listener import open_listen_socket
 
 MIB = 1 << 20
 
@@ -313,6 +316,36 @@ async def test_a_listener_that_cannot_move_keeps_its_pool(nursery: trio.Nursery)
             assert stats(balancer)["reload_failures"] == 1
             await balancer.apply_config(parse_config(data, "reloaded.toml"))  # still taken: the same
             assert await request(address) == b"old"
+
+
+async def test_a_listener_whose_port_is_lost_during_the_hand_over_closes_and_the_process_serves_on(
+    nursery: trio.Nursery,
+) -> None:
+    """Worst case of the hand-over: after the old socket closed, neither the new bind nor the old one
+    can be had again (another process took the port in between). The listener closes; the reload
+    and the process go on."""
+    backend = await start_backend(nursery, name_handler("b"))
+    port = free_port()
+    taken = {"now": False}
+
+    async def open_socket(bind: Address, backlog: int) -> socket.socket:
+        if taken["now"]:
+            raise AnubisError(f"binding {bind}: Address already in use")
+        return await open_listen_socket(bind, backlog)
+
+    listeners = {"web": {"bind": f":{port}", "pool": "p"}, "api": {"bind": "127.0.0.1:0", "pool": "p"}}
+    pools = {"p": {"servers": [backend.address], "health": {"check": "none"}}}
+    data = {"listeners": listeners, "pools": pools}
+    balancer = Balancer(parse_config(data, "t.toml"), open_socket=open_socket)
+    bound = await nursery.start(balancer.run)
+    taken["now"] = True
+    data["listeners"]["web"] = {"bind": f"127.0.0.1:{port}", "pool": "p"}
+    await balancer.apply_config(parse_config(data, "reloaded.toml"))
+    assert "web" not in balancer.listeners
+    assert balancer.reload_failures == 1 and not balancer.stopped.is_set()
+    assert await request(bound["api"]) == b"b"
+    balancer.shutdown()
+    await balancer.stopped.wait()
 
 
 async def test_reload_that_changes_io_keeps_the_backend_and_says_so(

@@ -394,7 +394,11 @@ class Balancer:
                 listener = await self._start_listener(config)
             except AnubisError as again:
                 log.error("reload: listener %s not started: %s; back on %s", name, again, old.config.bind)
-                self.listeners[name] = await self._start_listener(old.config)
+                try:
+                    self.listeners[name] = await self._start_listener(old.config)
+                except AnubisError as lost:  # someone took the port in between: nothing to go back to
+                    del self.listeners[name]
+                    log.error("reload: listener %s is closed: %s", name, lost)
                 return False
         else:
             if old is not None:
