@@ -615,3 +615,11 @@ def test_the_key_walk_sees_every_table_kind() -> None:
     assert {"", "settings", "admin", "listeners.*", "pools.*", "pools.*.health",
             "pools.*.servers[]"} <= set(tables)  # fmt: skip
     assert {"address", "dns", "srv", "refresh", "weight"} <= tables["pools.*.servers[]"]
+
+
+@pytest.mark.parametrize("source", ["x" * 5000, "a\0b", "{'not': 'a path'}", ""])
+def test_a_source_that_is_no_path_parses_with_the_cwd_as_base(source: str) -> None:
+    """Workers parse a config sent with its source name; a name that is no path must not raise."""
+    data = {"listeners": {"web": {"bind": "127.0.0.1:0", "pool": "p"}},
+            "pools": {"p": {"servers": ["127.0.0.1:1"]}}}  # fmt: skip
+    assert config_module.parse_config(data, source).listeners["web"].pool == "p"

@@ -587,8 +587,11 @@ def load_config(path: str | Path) -> Config:
 def _config_dir(source: str, base_dir: str | Path | None) -> Path:
     if base_dir is not None:
         return Path(base_dir).resolve()
-    path = Path(source)
-    return path.resolve().parent if path.is_file() else Path.cwd()
+    try:  # `source` names a file, or says where the config came from ("anubis proxy")
+        path = Path(source)
+        return path.resolve().parent if path.is_file() else Path.cwd()
+    except (OSError, ValueError):  # not a path at all (too long, a NUL in it)
+        return Path.cwd()
 
 
 def read_config_file(path: str | Path) -> bytes:
