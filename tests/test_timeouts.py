@@ -128,7 +128,7 @@ async def test_connect_and_failover_deadlines_fire_within_their_bound(
             backend.register(pending.fileno())
             fill(pending)  # never writable: a connect that does not finish
             start = trio.current_time()
-            connecting = relay.connecting = Connecting(client, backend)
+            connecting = relay.connecting = Connecting(backend)
             connecting.started = start
             deadline = start + failover_timeout if failover_timeout else float("inf")
             connecting.deadline = min(start + connect_timeout, deadline)  # as connection._attempt
@@ -148,7 +148,7 @@ async def test_client_leaving_cancels_the_connect_attempt_within_a_tick(
             relay = relaying(client, backend, idle=600.0, half_close=60.0)
             backend.register(pending.fileno())
             fill(pending)
-            connecting = relay.connecting = Connecting(client, backend)
+            connecting = relay.connecting = Connecting(backend)
             connecting.started = trio.current_time()
             connecting.deadline = connecting.started + 10.0
             timer.watch(relay)

@@ -87,10 +87,9 @@ class Connecting:
     connected, so a relaying connection carries none of it.
     """
 
-    __slots__ = ("client", "deadline", "end", "fd", "poller", "started")
+    __slots__ = ("deadline", "end", "fd", "poller", "started")
 
-    def __init__(self, client: socket.socket, poller: Readiness) -> None:
-        self.client = client  # peeked by the Timer: a client that left cancels the attempt
+    def __init__(self, poller: Readiness) -> None:
         self.poller = poller
         self.started = 0.0  # when this round of attempts began
         self.deadline = float("inf")  # the attempt's: connect_timeout, capped by failover_timeout

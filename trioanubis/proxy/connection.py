@@ -108,7 +108,7 @@ async def connect_with_failover(
     `tls` (the pool originates TLS), the handshake is part of the attempt: a
     failed one (a certificate that does not verify) fails over like a refusal.
     """
-    relay.connecting = Connecting(relay.client, relay.poller)  # the Timer watches it until we return
+    relay.connecting = Connecting(relay.poller)  # the Timer watches it until we return
     try:
         if not pool.config.queue_timeout:
             return await _try_servers(pool, relay, client_key, record, tls) or _no_server(pool, record)
