@@ -41,6 +41,7 @@ restart.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -328,8 +329,9 @@ class Balancer:
 
     async def apply_config(self, new: Config) -> None:
         """Bring the running balancer to `new` without touching established connections (reload.py plans)."""
-        changes = plan(self.config, self.pools, {n: li.config for n, li in self.listeners.items()}, new,
-                       io_forced=bool(self.io))  # fmt: skip
+        running = {name: listener.config for name, listener in self.listeners.items()}
+        changes = await trio.to_thread.run_sync(  # it may look "localhost" up
+            functools.partial(plan, self.config, tuple(self.pools), running, new, io_forced=bool(self.io)))
         for warning in changes.warnings:
             log.warning("%s", warning)
         if self.admin is not None and new.admin is not None:

@@ -14,13 +14,16 @@ refuses, up front, whatever they would choke on later:
   (`0.0.0.0` covers every IPv4 address, `[::]` is dual-stack and covers both
   families), which `run` would only report as "Address already in use".
 
-Everything here is pure: plain values in, a `ValueError` with the reason out.
-No name is resolved, so a host name is compared by its text.
+Everything here is pure, plain values in and a `ValueError` with the reason
+out, but for one lookup: "localhost" is compared as the address it resolves
+to (once per process, from the hosts file), since a bind to it listens there.
+Any other host name is compared by its text.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import re
 import socket
@@ -153,17 +156,24 @@ def _overlap(a: str, b: str) -> str | None:
     return None
 
 
+@functools.cache
+def _localhost() -> str | None:
+    """What "localhost" resolves to first, looked up once per process (the hosts file)."""
+    with contextlib.suppress(OSError, IndexError):
+        return str(socket.getaddrinfo("localhost", None, type=socket.SOCK_STREAM)[0][4][0])
+    return None
+
+
 _WILDCARD: Final = {4: "0.0.0.0 (or \":port\") is every IPv4 address",
                     6: "[::] is every address, IPv4 and IPv6 (dual-stack)"}  # fmt: skip
 
 
 def listen_ip(host: str) -> IPAddress | None:
     """The address a bind to `host` listens on: an IP as written, "" as 0.0.0.0, "localhost" as the
-    address it resolves to first (as the bind resolves it: the hosts file, never DNS); None for
-    another name, which only the bind itself resolves."""
+    address it resolves to first (as the bind resolves it); None for another name, which only the
+    bind itself resolves."""
     if host.lower().rstrip(".") == "localhost":
-        with contextlib.suppress(OSError, IndexError):
-            host = str(socket.getaddrinfo("localhost", None, type=socket.SOCK_STREAM)[0][4][0])
+        host = _localhost() or host
     ip = ip_address_or_none(host or "0.0.0.0")
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped

@@ -1,4 +1,4 @@
-"""Reload: what a new config changes in the running balancer, decided without I/O.
+"""Reload: what a new config changes in the running balancer, decided apart from carrying it out.
 
 Theory of operation: SIGHUP, `anubis reload`, `--watch` and the worker
 supervisor all end in `app.Balancer.apply_config`, which asks this module
@@ -6,9 +6,11 @@ what changes and carries it out. `plan` compares what runs (the pools and
 the listeners' own configs, which may differ from the last file when a
 rebind failed) with the new config: pools added, kept (reconfigured in
 place, their servers diffed) and removed; listeners reconfigured in place
-(the same bind, however it is written: the socket and its backlog stay), bound anew (new, or a new
-bind: the new socket listens before the old one closes) and removed; and
-the settings only a restart applies, one warning each.
+(the same bind, however it is written: the socket and its backlog stay),
+bound anew (new, or a new bind: the new socket listens before the old one
+closes) and removed; and the settings only a restart applies, one warning
+each. Its one lookup is "localhost" in a bind (config_checks.listen_ip), so
+the balancer runs it in a worker thread, on immutable values only.
 
 `update_servers` brings a kept pool's servers from the file to the new
 list through `pool.diff_servers`, the comparison discovery makes for DNS
