@@ -244,7 +244,7 @@ def contenders(args: argparse.Namespace) -> list[Contender]:
 def running(contender: Contender, backends: list[int]) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
     port = free_port()
     with tempfile.TemporaryDirectory(prefix=f"bench-{contender.name}-") as tmp:
-        argv = contender.command(Path(tmp), port, backends)
+        argv = [*PIN_CONTENDER, *contender.command(Path(tmp), port, backends)]
         log = open(Path(tmp) / "stderr.log", "w+b")  # noqa: SIM115 - closed below
         process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log,
                                    env={**os.environ, **contender.env})  # fmt: skip
@@ -298,13 +298,16 @@ http {{
   }}
 }}
 """)
-            processes.append(subprocess.Popen(["nginx", "-p", tmp, "-e", "stderr", "-c", str(config)],
+            nginx = [*PIN_BACKENDS, "nginx", "-p", tmp, "-e", "stderr", "-c", str(config)]
+            processes.append(subprocess.Popen(nginx,
                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         bulk = free_port()
-        processes.append(subprocess.Popen(["iperf3", "-s", "-p", str(bulk)], stdout=subprocess.DEVNULL,
+        iperf = [*PIN_BACKENDS, "iperf3", "-s", "-p", str(bulk)]
+        processes.append(subprocess.Popen(iperf, stdout=subprocess.DEVNULL,
                                           stderr=subprocess.DEVNULL))  # fmt: skip
         idle = free_port()
-        processes.append(subprocess.Popen([sys.executable, str(PEERS / "hold_server.py"), str(idle)]))
+        hold = [*PIN_BACKENDS, sys.executable, str(PEERS / "hold_server.py"), str(idle)]
+        processes.append(subprocess.Popen(hold))
         try:
             for port in [*http, *proxied, bulk, idle]:
                 wait_port(port)
@@ -321,6 +324,10 @@ http {{
 
 # `--pin-load CPUS`: the load generator runs under `taskset -c CPUS` (empty: anywhere).
 PIN_LOAD: list[str] = []
+# `--pin C:L`: the contender runs under `taskset -c C`, the backends and the load generator
+# under `taskset -c L` (PIN_LOAD), so that the contender has its CPU to itself.
+PIN_CONTENDER: list[str] = []
+PIN_BACKENDS: list[str] = []
 
 
 def wrk(port: int, duration: float, *extra: str) -> str:
@@ -353,7 +360,7 @@ def run_connrate(port: int, duration: float) -> float:
 
 
 def run_latency(port: int, duration: float) -> tuple[float, float]:
-    output = subprocess.run(["wrk", "-t1", "-c10", f"-d{duration:g}s", "--latency",
+    output = subprocess.run([*PIN_LOAD, "wrk", "-t1", "-c10", f"-d{duration:g}s", "--latency",
                              f"http://127.0.0.1:{port}/"], capture_output=True, text=True,
                             timeout=duration + 60).stdout  # fmt: skip
     return latency_ms(output, "50"), latency_ms(output, "99")
@@ -649,7 +656,17 @@ def main() -> None:
     parser.add_argument("--pin-load", default="", metavar="CPUS",
                         help="run wrk under taskset -c CPUS (e.g. 0), to see how much the load "
                              "generator competes with multi-core contenders")  # fmt: skip
+    parser.add_argument("--pin", default="", metavar="C:L",
+                        help="run each contender under taskset -c C, and the backends and wrk under "
+                             "taskset -c L (e.g. 1:0): the contender gets a CPU of its own")  # fmt: skip
     args = parser.parse_args()
+    if args.pin:
+        contender_cpus, _, load_cpus = args.pin.partition(":")
+        if not contender_cpus or not load_cpus:
+            parser.error(f"--pin {args.pin!r}: expected CONTENDER_CPUS:LOAD_CPUS, e.g. 1:0")
+        PIN_CONTENDER[:] = ["taskset", "-c", contender_cpus]
+        PIN_BACKENDS[:] = ["taskset", "-c", load_cpus]
+        args.pin_load = args.pin_load or load_cpus
     if args.pin_load:
         PIN_LOAD[:] = ["taskset", "-c", args.pin_load]
     if args.quick:
@@ -665,7 +682,10 @@ def main() -> None:
               table(results), "", ratios(results), "", worker_ratios(results)]  # fmt: skip
     if args.profile:
         report += ["", cpu_table(results)]
-    if args.pin_load:
+    if args.pin:
+        report.insert(2, f"Pinned: each contender under taskset -c {args.pin.partition(':')[0]}, "
+                         f"the backends and wrk under taskset -c {args.pin_load}.")  # fmt: skip
+    elif args.pin_load:
         report.insert(2, f"Load generator pinned: taskset -c {args.pin_load}.")
     if skipped:
         report += ["", "Skipped: " + "; ".join(skipped)]

@@ -339,7 +339,8 @@ times = st.builds(lambda s, ms, us: s + ms / 1e3 + us / 1e6, st.integers(0, 4_00
 def test_a_deferred_access_line_is_the_line_logging_wrote_before(
     record: ConnectionRecord, created: float, worker: int | None
 ) -> None:
-    """Formatted on the writer thread, without a LogRecord: byte for byte the old line, text and JSON."""
+    """Formatted without a LogRecord (on the loop, or on the writer thread when deferred): byte for
+    byte the old line, text and JSON."""
     old = logged_the_old_way(record, created)
     text = old_text_formatter(worker).format(old)
     assert AccessLine(record, created, TextFormatter(worker)).render() == text

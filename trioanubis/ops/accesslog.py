@@ -16,19 +16,27 @@ as keys.
 
 The access log is on the data path (one line per connection), so it skips
 `logging` when it can: while the writer alone receives `trioanubis.access`
-lines (what `configure_logging` sets up), `AccessLog.log` queues an
-`AccessLine` (the finished record and the time) with `LogWriter.defer`, and
-the writer thread renders it through the formatter in force, to the very
-line `logging` would have written (`format_access`). Anything else listening
-(a test's caplog, a handler added later) gets the line through `logging`.
+lines (what `configure_logging` sets up), `AccessLog.log` renders the line
+with the formatter's `format_access` (the very line `logging` would have
+written, with no LogRecord: about a microsecond for either format) and hands
+the text to the writer with `LogWriter.put_text`. Rendering here costs less
+than on the writer thread: there, each batch of lines needs the GIL back from
+the event loop, and the loop then waits for it (measured at about 10,000
+connections/s: 2.7 µs of CPU per connection in all against 4.9 for rendering
+on the writer thread). A formatter of someone else's gets an `AccessLine`,
+rendered on the writer thread through a LogRecord (`LogWriter.defer`).
+Anything else listening (a test's caplog, a handler added later) gets the
+line through `logging`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
+from json.encoder import encode_basestring_ascii as _json_string  # json.dumps's own (C when it can)
 from typing import TYPE_CHECKING, Final, final
 
 from trioanubis.ops.logwriter import LogWriter
@@ -51,14 +59,18 @@ class AccessLog:
         self.counts: dict[str, int] = {}  # termination state → connections
 
     def log(self, record: ConnectionRecord) -> None:
-        """Count how `record` ended and, when enabled, log its line (never blocks, never formats here)."""
+        """Count how `record` ended and, when enabled, log its line (never blocks)."""
         end = record.end or "shutdown"
         self.counts[end] = self.counts.get(end, 0) + 1
         if not self.enabled or not log.isEnabledFor(logging.INFO):
             return
         writer = _sole_writer()
         if writer is not None:
-            writer.defer(AccessLine(record, time.time(), writer.formatter))
+            formatter = writer.formatter
+            if isinstance(formatter, (TextFormatter, JsonFormatter)):
+                writer.put_text(formatter.format_access(record, time.time()))
+            else:
+                writer.defer(AccessLine(record, time.time(), formatter))
             return
         log.info(ACCESS_MESSAGE, *message_args(record), extra={"access": access_fields(record)})
 
@@ -127,16 +139,18 @@ class TextFormatter(logging.Formatter):
         self.tag = "" if worker is None else f"worker {worker}: "
         super().__init__(f"%(asctime)s.%(msecs)03d %(levelname)-7s {self.tag}%(message)s", DATE_FORMAT)
         self.converter = time.gmtime
-        self._second = -1  # the second `_stamp` shows (access lines only; the writer thread's)
-        self._stamp = ""
+        # The last second an access line showed, and its text (one tuple: one store replaces it).
+        self._stamp = (-1, "")
 
     def format_access(self, record: ConnectionRecord, created: float) -> str:
         """`format` of the access line of `record` logged at `created`, without a LogRecord."""
-        second = int(created)
-        if second != self._second:
-            self._stamp, self._second = time.strftime(DATE_FORMAT, time.gmtime(second)), second
+        second, stamp = self._stamp
+        if int(created) != second:
+            second = int(created)
+            stamp = time.strftime(DATE_FORMAT, time.gmtime(second))
+            self._stamp = (second, stamp)
         message = ACCESS_MESSAGE % message_args(record)
-        return f"{self._stamp}.{int(_msecs(created)):03d} INFO    {self.tag}{message}"
+        return f"{stamp}.{int(_msecs(created)):03d} INFO    {self.tag}{message}"
 
 
 class JsonFormatter(logging.Formatter):
@@ -162,12 +176,32 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data)
 
     def format_access(self, record: ConnectionRecord, created: float) -> str:
-        """`format` of the access line of `record` logged at `created`, without a LogRecord."""
-        data: dict[str, object] = {"time": round(created, 6), "level": "info", "logger": log.name}
-        if self.worker is not None:
-            data["worker"] = self.worker
-        data.update(access_fields(record))
-        return json.dumps(data)
+        """`format` of the access line of `record` logged at `created`, without a LogRecord.
+
+        Spelt out rather than `json.dumps` of a dict (a third of the time):
+        the same keys in the same order, the same separators, strings escaped
+        by json's own encoder, numbers written as json writes them.
+        """
+        worker = "" if self.worker is None else f', "worker": {self.worker!r}'
+        return (
+            f'{{"time": {_json_float(round(created, 6))}, "level": "info", '
+            f'"logger": {_ACCESS_LOGGER}{worker}, '
+            f'"listener": {_json_string(record.listener)}, "client": {_json_string(record.client)}, '
+            f'"server": {_json_string(record.server)}, "bytes_in": {int.__repr__(record.bytes_in)}, '
+            f'"bytes_out": {int.__repr__(record.bytes_out)}, '
+            f'"duration": {_json_float(round(record.ended - record.started, 6))}, '
+            f'"end": {_json_string(record.end or "shutdown")}}}'
+        )
+
+
+_ACCESS_LOGGER: Final = _json_string(log.name)
+
+
+def _json_float(value: float) -> str:
+    """A float as `json.dumps` writes it."""
+    if math.isfinite(value):
+        return float.__repr__(value)
+    return "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
 
 
 # The process's one log writer, made by the first configure_logging (so nothing starts at import).

@@ -6,11 +6,14 @@ loop's), formats the record and puts the encoded line on a queue, unless the
 bytes queued and not yet written would pass `MAX_QUEUED_BYTES`: then the line
 is dropped and counted (`dropped`; with the lines a vanished sink refused,
 `lost`, exported as `anubis_log_dropped_total`).
-A hot caller (the access log, once per connection) may instead `defer` a
-line: it queues an object that knows how to render itself, and the writer
-thread formats it, so the event loop pays for neither the `logging` machinery
-nor the formatting. A deferred line counts `DEFERRED_BYTES` against the limit
-until it is written, whatever its rendered length.
+A hot caller (the access log, once per connection) may skip `logging`: it
+renders its own line and queues it with `put_text`, or `defer`s an object
+that knows how to render itself, which the writer thread formats (the
+access log does that only for a formatter not its own: rendering on the
+writer thread needs the GIL back from the event loop for every batch, which
+costs the loop more than rendering there). A deferred line counts
+`DEFERRED_BYTES` against the limit until it is written, whatever its
+rendered length.
 One daemon thread, started with the first line, takes lines off the queue and
 writes them to the descriptor with plain blocking `os.write`. Woken by a line
 after it had caught up, it first lingers `LINGER` seconds, so that a burst
@@ -110,6 +113,19 @@ class LogWriter(logging.Handler):
         self._queue.put(line)
         if self._thread is None:
             self._start()
+
+    def put_text(self, text: str) -> None:
+        """Queue one line of text (without its newline), as `emit` would, without a LogRecord.
+
+        For a hot caller that renders its own line (the access log); takes the
+        handler's lock as `handle` does around `emit`.
+        """
+        line = (text + "\n").encode("utf-8", "backslashreplace")
+        self.acquire()
+        try:
+            self.put(line)
+        finally:
+            self.release()
 
     def defer(self, line: Deferred) -> None:
         """Queue a line the writer thread will format, or count it as dropped when the queue is full.
