@@ -53,6 +53,9 @@ class Readiness(Protocol):
     # have read to the end: after a short read on one of these the relay reads
     # again instead of waiting. Always empty on a level-triggered backend.
     hung_up: set[int]
+    # Whether `hung_up` takes in every socket whose wake-up carried an error or hang-up,
+    # so that a connect woken without one is known to have succeeded (no SO_ERROR call).
+    reports_errors: bool
     # Whether bulk directions may move through a pipe with splice(2).
     splice: bool
     # Trio's clock (the relay stamps connection times with it).

@@ -137,6 +137,7 @@ class Poller:
         self._owners: dict[int, Driven] = {}  # both sockets of every relay being driven
         self._woke = False  # a relay's task was woken during this batch of events
         self.hung_up: set[int] = set()  # sockets whose peer sent FIN or failed
+        self.reports_errors = True  # every event's EPOLLERR / EPOLLHUP lands in hung_up before a wake-up
         # Trio's clock, read without trio.current_time()'s layers (the relay stamps every chunk).
         self.now: Callable[[], float] = trio.current_time
 

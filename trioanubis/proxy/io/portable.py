@@ -56,6 +56,7 @@ class PortableReadiness:
 
     def __init__(self) -> None:
         self.hung_up: set[int] = set()  # level-triggered: never needed, always empty
+        self.reports_errors = False  # Trio's waits say only "ready": a connect asks SO_ERROR
         self.splice = False
         self.now: Callable[[], float] = trio.current_time
         self._readers: dict[int, _Wait] = {}
