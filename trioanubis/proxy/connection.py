@@ -123,6 +123,7 @@ async def connect_with_failover(
         return _no_server(pool, record)
     finally:
         relay.connecting = None
+        relay.active = True  # idle from the Timer's next look on (a float of its own would cost 24 bytes)
 
 
 async def _try_servers(

@@ -200,6 +200,7 @@ class Poller:
         finally:
             relay.parked = None
             del owners[client_fd], owners[server_fd]
+            relay.stopped()
 
     def wake(self, relay: Driven) -> None:
         """Wake the task parked in `drive` for `relay`, if it is parked there."""
