@@ -1,6 +1,6 @@
 """Where an idle connection's memory goes: bytes per connection by allocation site and by object type.
 
-    python bench/memory_breakdown.py [-n 2000] [--frames 12] [--io auto|portable] [--rss-only]
+    python bench/memory_breakdown.py [-n 2000] [--frames 12] [--io auto|portable] [--rss-only] [--source DIR]
 
 Theory of operation: the same load as `compare.py --workloads memory`, taken
 apart. An idle backend (peers/hold_server.py) holds every connection; the
@@ -46,7 +46,7 @@ from pathlib import Path
 from types import FrameType
 
 HERE = Path(__file__).resolve().parent
-PACKAGE = str(HERE.parent / "trioanubis")
+PACKAGE = "trioanubis/"  # a frame in our package, whichever tree it is imported from
 TOP = 30
 
 
@@ -98,7 +98,7 @@ class Recorder:
             inner = _where(frames[0])
             by_line[inner] += diff.size_diff
             counts[inner] += diff.count_diff
-            ours = next((f for f in frames if f.filename.startswith(PACKAGE)), None)
+            ours = next((f for f in frames if _ours(f.filename)), None)
             site = f"{_where(ours)}  →  {inner}" if ours is not None and ours is not frames[0] else inner
             by_ours[site] += diff.size_diff
         lines = ["", f"tracemalloc, bytes per connection: {total / n:,.0f}", "",
@@ -152,9 +152,13 @@ def _frozen() -> list[object]:
         gc.freeze()
 
 
+def _ours(filename: str) -> bool:
+    return PACKAGE in filename and "site-packages" not in filename
+
+
 def _where(frame: tracemalloc.Frame) -> str:
     name = frame.filename
-    for prefix in (str(HERE.parent) + "/", os.path.dirname(os.__file__) + "/"):
+    for prefix in (os.environ.get("PYTHONPATH", str(HERE.parent)) + "/", os.path.dirname(os.__file__) + "/"):
         if name.startswith(prefix):
             name = name[len(prefix):]
             break
@@ -231,7 +235,7 @@ servers = ["127.0.0.1:{idle}"]
                       "-n", str(args.n), "--frames", str(args.frames)]  # fmt: skip
         if args.rss_only:
             child_argv.append("--rss-only")
-        child = subprocess.Popen(child_argv, env={**os.environ, "PYTHONPATH": str(HERE.parent)})
+        child = subprocess.Popen(child_argv, env={**os.environ, "PYTHONPATH": args.source})
         sockets: list[socket.socket] = []
         try:
             wait_for("the backend", lambda: answers(idle))
@@ -263,6 +267,8 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=12, help="traceback depth kept by tracemalloc")
     parser.add_argument("--io", default="auto", help="the readiness backend: auto, epoll or portable")
     parser.add_argument("--rss-only", action="store_true", help="no tracemalloc: RSS and object types only")
+    parser.add_argument("--source", default=str(HERE.parent),
+                        help="where trioanubis is imported from (another tree, `git archive`d)")  # fmt: skip
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
