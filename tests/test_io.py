@@ -25,7 +25,7 @@ import trio.testing
 from trioanubis.config import parse_config
 from trioanubis.errors import AttemptCancelled, ConfigError
 from trioanubis.proxy.io import IO_CHOICES, Readiness, epoll_available, open_readiness
-from trioanubis.proxy.relay import Relay
+from trioanubis.proxy.relay import CHUNK_SIZE, Relay
 
 BACKENDS = [
     pytest.param("epoll", marks=pytest.mark.skipif(not epoll_available(), reason="no epoll here")),
@@ -351,6 +351,62 @@ async def test_a_relay_is_one_task_for_both_directions_on_epoll(backend_name: st
             assert await received(client, 4) == b"late"
             server.shutdown(socket.SHUT_WR)
         assert relay.end == "client_eof"
+
+
+def awaited_frames(task: trio.lowlevel.Task) -> list[str]:
+    """The qualified names of the coroutines and generators a parked task is suspended in, outermost first."""
+    names = []
+    awaiting: object = task.coro
+    while awaiting is not None:
+        code = getattr(awaiting, "cr_code", None) or getattr(awaiting, "gi_code", None)
+        if code is None:
+            break
+        names.append(code.co_qualname)
+        awaiting = getattr(awaiting, "cr_await", None) or getattr(awaiting, "gi_yieldfrom", None)
+    return names
+
+
+async def test_an_idle_relay_awaits_the_backend_with_no_frame_of_the_relay_between(backend_name: str) -> None:
+    """Every frame an idle connection's task keeps is memory per connection: `run` adds none."""
+    async with running(backend_name) as backend, driven(backend) as (relay, _, _):
+
+        async def connection() -> None:  # connection.py's shape
+            await relay.run()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connection)
+            await trio.testing.wait_all_tasks_blocked()
+            (task,) = nursery.child_tasks
+            frames = awaited_frames(task)
+            assert frames[:2] == ["test_an_idle_relay_awaits_the_backend_with_no_frame_of_the_relay_between."
+                                  "<locals>.connection", f"{type(backend).__name__}.drive"]  # fmt: skip
+            assert not [name for name in frames if name.startswith("Relay.")]
+            relay.finish("idle_timeout")
+
+
+async def test_cancelling_a_spliced_relay_closes_its_pipe() -> None:
+    """The backend calls `relay.stopped()` however `drive` ends: the splice pipe goes with it."""
+    if not epoll_available():
+        pytest.skip("splice needs the epoll backend")
+    async with running("epoll") as backend, driven(backend) as (relay, client, server):
+        scope = trio.CancelScope()
+
+        async def connection() -> None:
+            with scope:
+                await relay.run()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connection)
+            await trio.testing.wait_all_tasks_blocked()
+            client.send(bytes(CHUNK_SIZE))  # a full chunk: the direction turns bulk
+            await received(server, CHUNK_SIZE)
+            assert relay.up is not None and relay.spliced == 1
+            pipe = relay.up.pipe_in
+            assert pipe >= 0
+            scope.cancel()
+        assert relay.up.pipe_in == -1
+        with pytest.raises(OSError):
+            os.fstat(pipe)
 
 
 async def test_finishing_a_parked_relay_from_outside_ends_its_run(backend_name: str) -> None:

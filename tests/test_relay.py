@@ -6,6 +6,7 @@ import errno
 import hashlib
 import os
 import socket
+from collections.abc import Iterator
 
 import pytest
 import trio
@@ -30,6 +31,7 @@ from tests.conftest import (
 )
 from trioanubis.app import Balancer
 from trioanubis.proxy import relay as relay_module
+from trioanubis.proxy.connection import CONNECTION_TASK_NAME
 from trioanubis.proxy.relay import USE_SPLICE, Relay
 
 MIB = 1 << 20
@@ -227,6 +229,44 @@ async def test_cancelling_the_root_scope_closes_every_socket(nursery: trio.Nurse
                 assert await ending(stream) == "reset"
             await stream.aclose()
         await wait_until(lambda: backend.active == 0)
+
+
+def our_frames(task: trio.lowlevel.Task) -> list[str]:
+    """The trioanubis coroutines a parked task is suspended in, outermost first."""
+    names = []
+    awaiting: object = task.coro
+    while (code := getattr(awaiting, "cr_code", None) or getattr(awaiting, "gi_code", None)) is not None:
+        if "trioanubis" in code.co_filename:
+            names.append(code.co_qualname)
+        awaiting = getattr(awaiting, "cr_await", None) or getattr(awaiting, "gi_yieldfrom", None)
+    return names
+
+
+def connection_tasks() -> list[trio.lowlevel.Task]:
+    def walk(task: trio.lowlevel.Task) -> Iterator[trio.lowlevel.Task]:
+        yield task
+        for nursery in task.child_nurseries:
+            for child in nursery.child_tasks:
+                yield from walk(child)
+
+    return [t for t in walk(trio.lowlevel.current_root_task()) if t.name == CONNECTION_TASK_NAME]
+
+
+async def test_an_idle_connection_is_parked_in_two_frames_of_ours(nursery: trio.Nursery) -> None:
+    """Each frame an idle connection keeps is memory per connection (bench/README.md): the task is
+    suspended in `handle_connection` and the backend's `drive`, and in nothing else of ours."""
+    backend = await start_backend(nursery, echo_handler)
+    async with running_balancer(config_for([backend.address])) as (balancer, address):
+        stream = await connect(address)
+        async with stream:
+            await stream.send_all(b"hello")
+            assert await stream.receive_some(5) == b"hello"
+            await trio.testing.wait_all_tasks_blocked()
+            (task,) = connection_tasks()
+            drive = f"{type(balancer.poller).__qualname__}.drive"
+            frames = our_frames(task)
+            assert frames[:2] == ["handle_connection", drive]
+            assert frames[2:] == ([] if IO_BACKEND == "epoll" else ["_direction"])
 
 
 @pytest.mark.parametrize("strategy", ["round_robin", "least_connections"])

@@ -123,6 +123,7 @@ async def connect_with_failover(
         return _no_server(pool, record)
     finally:
         relay.connecting = None
+        relay.active = True  # idle from the Timer's next look on (a float of its own would cost 24 bytes)
 
 
 async def _try_servers(
@@ -208,18 +209,22 @@ async def handle_connection(
     `opening`, what a listener with routes or tls did first (tls_listener.py):
     the pool, bytes to send first, the client's TLS stream. A connection with
     TLS on either side is relayed by tls_relay.py, any other by relay.py.
+
+    An idle connection keeps this frame (twice: Trio takes the root
+    coroutine's frame object), 16 bytes per local variable: what only some
+    connections do (a PROXY header, TLS, a prefix, injected faults) is in
+    `_relay_with_extras`, and the rest is read from the relay and the listener.
     """
     record = ConnectionRecord(listener.name, addr, started=listener.poller.now())
     # A reload may point the listener elsewhere meanwhile; a listener without opening has a pool.
     pool = opening.pool if opening is not None else listener.pool
     assert pool is not None
-    config = pool.config
-    server_tls = ServerTls(config.tls) if config.tls is not None else None
-    streams = server_tls is not None or (opening is not None and opening.client_tls is not None)
-    poller, timer = listener.poller, listener.timer
-    relay = Relay(client, idle_timeout=config.idle_timeout, half_close_timeout=config.half_close_timeout,
-                  poller=poller, pool=pool)  # fmt: skip
-    timer.watch(relay)
+    server_tls = ServerTls(pool.config.tls) if pool.config.tls is not None else None
+    relay = Relay(
+        client, idle_timeout=pool.config.idle_timeout, half_close_timeout=pool.config.half_close_timeout,
+        poller=listener.poller, pool=pool,
+    )  # fmt: skip
+    listener.timer.watch(relay)
     try:
         if not await connect_with_failover(pool, relay, _client_key(addr), record, server_tls):
             return
@@ -227,23 +232,12 @@ async def handle_connection(
         assert server is not None
         try:  # the connect's reservation of `server` is ours now: released whatever happens
             record.server = server.name
-            version = server.send_proxy or config.send_proxy
-            if version != "none" and not await send_proxy_header(relay, version, addr, local):
-                relay.end = "server_reset"
-                return
-            pool.acquire(server)
-            if streams:
-                await _relay_tls(relay, opening, server_tls)
+            if (server_tls is None and opening is None and server.faults is None
+                    and (server.send_proxy or pool.config.send_proxy) == "none"):  # fmt: skip
+                pool.acquire(server)
+                await relay.run()  # both directions, in this task on the epoll backend
             else:
-                if opening is not None and opening.prefix and not await send_to_server(relay, opening.prefix):
-                    relay.end = "server_reset"
-                    return
-                plan = None if server.faults is None else draw(server.faults, server)
-                if plan is None:
-                    await relay.run()  # both directions, in this task on the epoll backend
-                else:  # injected faults: the copying path of proxy/faulted.py, tasks in a nursery
-                    async with trio.open_nursery() as nursery:
-                        relay_faulted(relay, plan, nursery)
+                await _relay_with_extras(relay, addr, local, opening, server_tls)
         finally:
             record.bytes_in, record.bytes_out = relay.bytes_in, relay.bytes_out
             record.end = relay.end or "shutdown"
@@ -253,17 +247,46 @@ async def handle_connection(
         record.end = "internal_error"
         log.exception("listener %s: connection from %s failed unexpectedly", listener.name, record.client)
     finally:
-        timer.unwatch(relay)
-        if streams or opening is not None:  # Trio's own waits saw these sockets
+        listener.timer.unwatch(relay)
+        if server_tls is not None or opening is not None:  # Trio's own waits may have seen these sockets
             release_sockets(client, relay.server)
         if record.end not in CLOSED_CLEANLY:
             reset_on_close(client)
             if relay.server is not None:
                 reset_on_close(relay.server)
         if relay.server is not None:
-            poller.close(relay.server)
-        poller.close(client)
+            relay.poller.close(relay.server)
+        relay.poller.close(client)
         listener.connection_ended(record, pool)
+
+
+async def _relay_with_extras(
+    relay: Relay,
+    addr: tuple[object, ...],
+    local: tuple[str, int] | None,
+    opening: Opening | None,
+    server_tls: ServerTls | None,
+) -> None:
+    """Relay a connection that needs more than relay.py: a PROXY header, TLS, a prefix, injected faults."""
+    pool, server = relay.pool, relay.server_record
+    assert pool is not None and server is not None
+    version = server.send_proxy or pool.config.send_proxy
+    if version != "none" and not await send_proxy_header(relay, version, addr, local):
+        relay.end = "server_reset"
+        return
+    pool.acquire(server)
+    if server_tls is not None or (opening is not None and opening.client_tls is not None):
+        await _relay_tls(relay, opening, server_tls)
+        return
+    if opening is not None and opening.prefix and not await send_to_server(relay, opening.prefix):
+        relay.end = "server_reset"
+        return
+    plan = None if server.faults is None else draw(server.faults, server)
+    if plan is None:
+        await relay.run()
+    else:  # injected faults: the copying path of proxy/faulted.py, tasks in a nursery
+        async with trio.open_nursery() as nursery:
+            relay_faulted(relay, plan, nursery)
 
 
 async def _relay_tls(relay: Relay, opening: Opening | None, server_tls: ServerTls | None) -> None:

@@ -48,14 +48,16 @@ exception from a step is raised in that task and ends only its connection.
   recording why in `end`); the caller closes both sockets, with a reset
   (`reset_on_close`) unless both sides ended cleanly, so a peer never takes
   a cut for a complete transfer.
-- Every chunk sets `active` (no clock read per chunk); the Timer turns that
-  into `last_activity` on its next tick and ends a relay that moved no byte
-  either way for `idle_timeout` (or the shorter `half_close_timeout` once
-  one side has sent EOF) with `end = "idle_timeout"`.
+- Every chunk sets `active` (no clock read per chunk), and so does the end
+  of connecting (connection.py); the Timer turns that into `last_activity`
+  (its tick's time, one float for all) on its next look and ends a relay
+  that moved no byte either way for `idle_timeout` (or the shorter
+  `half_close_timeout` once one side has sent EOF) with `end = "idle_timeout"`.
 
 Sockets are stdlib sockets in non-blocking mode; this module never closes
 them (the connection that opened them does, once `run` returned, so nothing
-waits on them any more); it closes the splice pipes it opened.
+waits on them any more); it closes the splice pipes it opened, once the
+backend stops driving it (`stopped`).
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ import contextlib
 import os
 import socket
 import struct
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Final, Literal, final
 
 import trio
@@ -139,9 +142,11 @@ class Direction:
     __slots__ = ("dst", "dst_fd", "pipe_in", "pipe_out", "pipe_size", "piped", "splice", "src", "src_fd",
                  "unsent", "upstream", "wants")  # fmt: skip
 
-    def __init__(self, src: socket.socket, dst: socket.socket, upstream: bool, splice: bool) -> None:
+    def __init__(
+        self, src: socket.socket, dst: socket.socket, src_fd: int, dst_fd: int, upstream: bool, splice: bool
+    ) -> None:
         self.src, self.dst = src, dst
-        self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
+        self.src_fd, self.dst_fd = src_fd, dst_fd
         self.upstream = upstream  # client → server
         self.wants = AGAIN  # nothing tried yet: the first `advance` reads
         self.unsent = _NOTHING  # what the peer did not take of the last chunk, until sent
@@ -188,8 +193,8 @@ class Relay:
         self.end: EndState | Literal[""] = ""  # why it ended; "" while running or when cut from outside
         self.error: Exception | None = None  # what a step raised, for the connection's task to raise
         self.first_sent = 0.0  # when the first client byte went to the server
-        self.last_activity = 0.0  # when the Timer last saw it active (or when it started)
-        self.active = False  # moved something since the Timer last looked
+        self.last_activity = 0.0  # when the Timer last saw it active
+        self.active = False  # moved something since the Timer last looked (or connected since)
         self.spliced = 0  # directions that switched to splice (bulk)
         # A nursery's scope to cancel when the relay ends: the portable backend's, a
         # faulted or TLS connection's (faulted.py, tls_relay.py); None on epoll.
@@ -199,26 +204,31 @@ class Relay:
         self.up: Direction | None = None  # set by `run`
         self.down: Direction | None = None
 
-    async def run(self) -> None:
-        """Relay until both sides sent EOF or one failed (or the Timer ends it).
+    def run(self) -> Awaitable[None]:
+        """Relay until both sides sent EOF or one failed (or the Timer ends it); `await relay.run()`.
 
-        Cancellation from outside (a stop) leaves `end` empty. The caller then
-        closes both sockets; the splice pipes are closed here.
+        A plain function that prepares the directions and returns the
+        backend's `drive` itself, so the connection's task awaits the backend
+        with no frame of ours in between (an idle connection's frames are a
+        good part of its memory). Cancellation from outside (a stop) leaves
+        `end` empty. The caller then closes both sockets; the splice pipes
+        are closed when the backend stops driving the relay (`stopped`).
         """
         server = self.server
         assert server is not None
         poller = self.poller
-        self.server_fd = server.fileno()
+        self.server_fd = server_fd = server.fileno()
         splice = USE_SPLICE and poller.splice
-        self.up = Direction(self.client, server, True, splice)
-        self.down = Direction(server, self.client, False, splice)
-        self.last_activity = poller.now()
+        # The descriptors' int objects are shared, not one per direction (above 256 each is an object).
+        self.up = Direction(self.client, server, self.client_fd, server_fd, True, splice)
+        self.down = Direction(server, self.client, server_fd, self.client_fd, False, splice)
         poller.register(self.client_fd)  # the server socket joined it to connect
-        try:
-            await poller.drive(self)
-        finally:
-            self._close_pipe(self.up)
-            self._close_pipe(self.down)
+        return poller.drive(self)
+
+    def stopped(self) -> None:
+        """The backend stopped driving this relay (ended, raised or cancelled): close its splice pipes."""
+        self._close_pipe(self.up)
+        self._close_pipe(self.down)
 
     def finish(self, end: EndState) -> None:
         """End the relay now, recording why (the first reason given wins)."""

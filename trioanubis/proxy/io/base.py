@@ -44,6 +44,9 @@ class Driven(Protocol):
         """Advance the directions that wait for a turn (both, at first); True if one must wait again."""
         ...
 
+    def stopped(self) -> None:
+        """`drive` is over (the end, an exception or a cancellation): release what the steps opened."""
+
 
 class Readiness(Protocol):
     """What the relay and the connect path need from a readiness backend."""
@@ -96,6 +99,7 @@ class Readiness(Protocol):
         """Run `relay` in the calling task until it ends (`relay.end`); raise what a step raised.
 
         Both its sockets are registered. Cancellation stops it; the caller closes the sockets.
+        However it returns, it calls `relay.stopped()` last.
         """
 
     def wake(self, relay: Driven) -> None:

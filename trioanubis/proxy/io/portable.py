@@ -73,10 +73,13 @@ class PortableReadiness:
 
     async def drive(self, relay: Driven) -> None:
         """Run `relay` with one task per direction in a nursery, which ending the relay cancels."""
-        async with trio.open_nursery() as nursery:
-            relay.scope = nursery.cancel_scope
-            nursery.start_soon(_direction, relay, False, name=_DIRECTION_TASK_NAME)
-            await _direction(relay, True)
+        try:
+            async with trio.open_nursery() as nursery:
+                relay.scope = nursery.cancel_scope
+                nursery.start_soon(_direction, relay, False, name=_DIRECTION_TASK_NAME)
+                await _direction(relay, True)
+        finally:
+            relay.stopped()
 
     def wake(self, relay: Driven) -> None:
         """Nothing to do: ending the relay cancels its nursery (`relay.scope`)."""
