@@ -173,6 +173,28 @@ async def test_connect_refused_closes_client_and_keeps_running(nursery: trio.Nur
         assert await request(address) == b"alive"
 
 
+async def test_a_loopback_connect_done_inside_connect_waits_for_nothing(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over loopback the handshake completes within connect(): the task is not parked for it.
+
+    (A refused connect still waits and fails over: the test above.)
+    """
+    backend = await start_backend(nursery, name_handler("alive"))
+    async with running_balancer(config_for([backend.address])) as (balancer, address):
+        waits: list[int] = []
+        wait_writable = balancer.poller.wait_writable
+
+        def counted(fd: int) -> object:
+            waits.append(fd)
+            return wait_writable(fd)
+
+        monkeypatch.setattr(balancer.poller, "wait_writable", counted)
+        for _ in range(3):
+            assert await request(address) == b"alive"
+        assert waits == []
+
+
 async def test_idle_timeout_resets_both_sides(nursery: trio.Nursery, splice: bool) -> None:
     endings: list[str] = []
 
