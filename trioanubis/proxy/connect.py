@@ -112,7 +112,8 @@ async def connect_any(server: Server, connecting: Connecting | None = None) -> s
     A client's connection passes its `connecting` state: the socket joins that
     poller before the wait and stays in it for the relay, so Trio's epoll never
     sees it, and `connecting.fd` names it while the Timer may cancel the
-    wait. Health checks pass none and wait through Trio.
+    wait; a loopback connect that finished inside connect() is not waited
+    for (`_connected_at_once`). Health checks pass none and wait through Trio.
 
     Not bounded in time: the caller is (a deadline, or the Timer).
     """
