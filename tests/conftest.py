@@ -212,6 +212,19 @@ def count_tasks() -> int:
     return walk(trio.lowlevel.current_root_task())
 
 
+def awaited_frames(task: trio.lowlevel.Task) -> list[tuple[str, str]]:
+    """The coroutines and generators a parked task is suspended in, outermost first: (qualified name, file).
+
+    The object's `__qualname__`, not its code's `co_qualname` (Python 3.11 and later only).
+    """
+    frames = []
+    awaiting: Any = task.coro
+    while (code := getattr(awaiting, "cr_code", None) or getattr(awaiting, "gi_code", None)) is not None:
+        frames.append((awaiting.__qualname__, code.co_filename))
+        awaiting = getattr(awaiting, "cr_await", None) or getattr(awaiting, "gi_yieldfrom", None)
+    return frames
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

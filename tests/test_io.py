@@ -22,6 +22,7 @@ import pytest
 import trio
 import trio.testing
 
+from tests.conftest import awaited_frames
 from trioanubis.config import parse_config
 from trioanubis.errors import AttemptCancelled, ConfigError
 from trioanubis.proxy.io import IO_CHOICES, Readiness, epoll_available, open_readiness
@@ -353,19 +354,6 @@ async def test_a_relay_is_one_task_for_both_directions_on_epoll(backend_name: st
         assert relay.end == "client_eof"
 
 
-def awaited_frames(task: trio.lowlevel.Task) -> list[str]:
-    """The qualified names of the coroutines and generators a parked task is suspended in, outermost first."""
-    names = []
-    awaiting: object = task.coro
-    while awaiting is not None:
-        code = getattr(awaiting, "cr_code", None) or getattr(awaiting, "gi_code", None)
-        if code is None:
-            break
-        names.append(code.co_qualname)
-        awaiting = getattr(awaiting, "cr_await", None) or getattr(awaiting, "gi_yieldfrom", None)
-    return names
-
-
 async def test_an_idle_relay_awaits_the_backend_with_no_frame_of_the_relay_between(backend_name: str) -> None:
     """Every frame an idle connection's task keeps is memory per connection: `run` adds none."""
     async with running(backend_name) as backend, driven(backend) as (relay, _, _):
@@ -377,7 +365,7 @@ async def test_an_idle_relay_awaits_the_backend_with_no_frame_of_the_relay_betwe
             nursery.start_soon(connection)
             await trio.testing.wait_all_tasks_blocked()
             (task,) = nursery.child_tasks
-            frames = awaited_frames(task)
+            frames = [name for name, _ in awaited_frames(task)]
             assert frames[:2] == ["test_an_idle_relay_awaits_the_backend_with_no_frame_of_the_relay_between."
                                   "<locals>.connection", f"{type(backend).__name__}.drive"]  # fmt: skip
             assert not [name for name in frames if name.startswith("Relay.")]

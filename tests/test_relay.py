@@ -14,6 +14,7 @@ import trio.testing
 
 from tests.conftest import (
     IO_BACKEND,
+    awaited_frames,
     closed_without_answer,
     config_for,
     connect,
@@ -255,13 +256,7 @@ async def test_cancelling_the_root_scope_closes_every_socket(nursery: trio.Nurse
 
 def our_frames(task: trio.lowlevel.Task) -> list[str]:
     """The trioanubis coroutines a parked task is suspended in, outermost first."""
-    names = []
-    awaiting: object = task.coro
-    while (code := getattr(awaiting, "cr_code", None) or getattr(awaiting, "gi_code", None)) is not None:
-        if "trioanubis" in code.co_filename:
-            names.append(code.co_qualname)
-        awaiting = getattr(awaiting, "cr_await", None) or getattr(awaiting, "gi_yieldfrom", None)
-    return names
+    return [name for name, path in awaited_frames(task) if "trioanubis" in path]
 
 
 def connection_tasks() -> list[trio.lowlevel.Task]:
