@@ -66,7 +66,6 @@ def relay_faulted(relay: Relay, plan: FaultPlan, nursery: trio.Nursery) -> None:
     """
     server = relay.server
     assert server is not None and relay.server_record is not None
-    relay.last_activity = relay.poller.now()
     relay.poller.register(relay.client_fd)  # the server socket joined it to connect
     relay.scope = nursery.cancel_scope
     if plan.upstream.slice or plan.downstream.slice:  # tiny segments must leave as they are

@@ -92,7 +92,6 @@ class ServerTls:
 async def relay_streams(relay: Relay, client: trio.abc.HalfCloseableStream,
                         server: trio.abc.HalfCloseableStream) -> None:  # fmt: skip
     """Relay until both sides sent EOF or one failed (or the Timer or a stop ends it)."""
-    relay.last_activity = relay.poller.now()
     async with trio.open_nursery() as nursery:
         relay.scope = nursery.cancel_scope
         nursery.start_soon(_pump, relay, server, client, False, name=_PUMP_TASK_NAME)
