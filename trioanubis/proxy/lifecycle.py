@@ -70,7 +70,6 @@ if TYPE_CHECKING:
     from trioanubis.proxy.faults import FaultPlan
     from trioanubis.proxy.io import Readiness
     from trioanubis.proxy.sni_routes import RouteTable
-    from trioanubis.proxy.timeouts import Timer
 
 log = logging.getLogger("trioanubis.connection")
 
@@ -198,6 +197,13 @@ class Limits:
             await self._idle.park()
 
 
+class Watcher(Protocol):
+    """What keeps a connection's timeouts (timeouts.py's `Timer`)."""
+
+    def watch(self, conn: Connection) -> None: ...
+    def unwatch(self, conn: Connection) -> None: ...
+
+
 class Origin(Protocol):
     """What a connection needs from the listener that accepted it (listener.py's `Listener` is one).
 
@@ -224,7 +230,7 @@ class Origin(Protocol):
     @property
     def poller(self) -> Readiness: ...
     @property
-    def timer(self) -> Timer: ...
+    def timer(self) -> Watcher: ...
     @property
     def limits(self) -> Limits: ...
     @property
