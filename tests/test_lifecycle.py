@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import (
     EVENTUALLY,
@@ -25,17 +28,19 @@ from tests.conftest import (
     connect,
     echo_handler,
     free_port,
+    open_fds,
     receive_all,
     running_balancer,
     start_backend,
     wait_until,
 )
 from tests.test_admission import connect_from
+from tests.test_health import blackholed_port
 from tests.test_tls_hello import real_hello
 from tests.tlscerts import Authority
 from trioanubis.app import Balancer
-from trioanubis.config import Address
-from trioanubis.tls.stream import TlsStream
+from trioanubis.config import Address, parse_config
+from trioanubis.tls.stream import TlsError, TlsStream
 
 HTTP_REQUEST = b"GET / HTTP/1.0\r\nHost: x\r\n\r\n"
 
@@ -327,3 +332,198 @@ async def test_faulted_tls_streams_pass_trios_half_closeable_stream_checks(
 
         await trio.testing.check_half_closeable_stream(stream_pair, None)
         assert set(balancer.pools["test"].servers[0].faults_applied) == set(faults)
+
+
+# ------------------------------------------------------------- the property
+
+# Every kind of listener (the listener's options → the pool it sends to).
+SHORT = "300ms"
+KINDS: dict[str, tuple[dict[str, Any], str]] = {
+    "plain": ({"max_connections_per_client": 3}, "echo"),
+    "proxy": (
+        {"accept_proxy": True, "proxy_trusted": ["127.0.0.0/8"], "max_connections_per_client": 2,
+         "proxy_timeout": SHORT},
+        "echo",
+    ),
+    "tls": ({"max_connections_per_client": 3, "peek_timeout": SHORT}, "echo"),
+    "sni": ({"routes": [{"sni": "known.test", "pool": "echo"}], "peek_timeout": SHORT}, ""),
+    "queue": ({}, "one"),  # one server taking one connection at a time; the rest wait in line
+    "dead": ({}, "dead"),  # nothing listens: held, then queue_timeout
+    "faulty": ({"max_connections": 3}, "faulty"),
+    "tls_faulty": ({"peek_timeout": SHORT}, "faulty"),  # faults through TLS termination
+    "slow": ({}, "hole"),  # connects never finish: connect_timeout
+    "refusing": ({}, "refused"),  # connect_failed
+    "flaky": ({}, "flaky"),  # the server answers a little, then resets
+}
+ENDINGS = ("complete", "close_early", "reset_early", "reset_mid", "bad_opening", "stall")
+SOURCES = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
+PROXIED = ("10.9.0.1", "::ffff:10.9.0.1", "10.9.0.2")  # the first two are one client
+
+
+def property_config(ca: Authority, echo: str, flaky: str, hole: int) -> dict[str, Any]:
+    pair = ca.issue("localhost")
+    tls = {"cert": pair.cert, "key": pair.key}
+    timeouts = {"idle_timeout": "500ms", "half_close_timeout": "500ms", "health": {"check": "none"}}
+    pools = {
+        "echo": {"servers": [echo]},
+        "one": {"servers": [{"address": echo, "max_connections": 1}], "queue_timeout": "1s"},
+        "dead": {"servers": [f"127.0.0.1:{free_port()}"], "queue_timeout": SHORT, "eject_after": 0},
+        "faulty": {"servers": [echo], "faults": {"latency": "5ms", "slice": "700B"}},
+        "hole": {"servers": [f"127.0.0.1:{hole}"], "connect_timeout": SHORT, "retries": 0},
+        "refused": {"servers": [f"127.0.0.1:{free_port()}"], "retries": 0, "eject_after": 0},
+        "flaky": {"servers": [flaky]},
+    }
+    listeners = {}
+    for kind, (options, pool) in KINDS.items():
+        listener: dict[str, Any] = {"bind": "127.0.0.1:0", **options}
+        if pool:
+            listener["pool"] = pool
+        if kind.startswith("tls"):
+            listener["tls"] = tls
+        listeners[kind] = listener
+    return {
+        "settings": {"drain_timeout": SHORT},
+        "listeners": listeners,
+        "pools": {name: {**timeouts, **pool} for name, pool in pools.items()},
+    }
+
+
+async def flaky_handler(stream: trio.SocketStream) -> None:
+    """A server that answers a little, then resets."""
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await stream.receive_some(100)
+        await stream.send_all(b"partial")
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await stream.aclose()
+
+
+class Client:
+    """One client of the property test: connect to a listener of `kind`, end the way `ending` says."""
+
+    def __init__(self, ca: Authority, address: Address, kind: str, ending: str, source: int) -> None:
+        self.ca, self.address, self.kind, self.ending = ca, address, kind, ending
+        self.source = SOURCES[source % len(SOURCES)]
+        self.proxied = PROXIED[source % len(PROXIED)]
+
+    async def run(self, progress: list[int]) -> None:
+        """Act, then wait until the balancer ends the connection; every error is a way to end."""
+        stream: trio.SocketStream | None = None
+        try:
+            with trio.fail_after(EVENTUALLY):
+                stream = await connect_from(self.source, self.address)
+                progress.append(1)
+                await self._act(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError, TlsError):
+            pass
+        finally:
+            if stream is not None:
+                stream.socket.close()
+
+    async def _act(self, raw: trio.SocketStream) -> None:
+        ending = self.ending
+        if ending == "close_early":
+            return
+        if ending == "reset_early":
+            await raw.send_all(b"abc")
+            abort(raw)
+            return
+        if ending == "bad_opening":
+            await raw.send_all(self._bad_opening())
+            await drain_until_closed(raw)
+            return
+        stream = await self._open(raw)
+        if ending == "stall":
+            await drain_until_closed(stream)
+            return
+        await stream.send_all(b"x" * 3000)
+        if ending == "reset_mid":
+            with trio.move_on_after(0.05):  # a moment to let some bytes through; any amount will do
+                await stream.receive_some(100)
+            abort(raw)
+            return
+        with contextlib.suppress(trio.BrokenResourceError, ssl.SSLError):
+            await stream.send_eof()
+        await drain_until_closed(stream)
+
+    async def _open(self, raw: trio.SocketStream) -> trio.abc.HalfCloseableStream:
+        if self.kind == "proxy":
+            family = "TCP6" if ":" in self.proxied else "TCP4"
+            local = "::ffff:10.0.0.9" if family == "TCP6" else "10.0.0.9"
+            await raw.send_all(f"PROXY {family} {self.proxied} {local} 1234 80\r\n".encode())
+        if self.kind == "sni":
+            await raw.send_all(real_hello("known.test"))  # echoed back by the server, unread
+        if self.kind.startswith("tls"):
+            context = ssl.create_default_context(cafile=self.ca.pair.cert)
+            context.maximum_version = ssl.TLSVersion.TLSv1_2
+            stream = TlsStream(raw, context, server_side=False, server_hostname="localhost")
+            await stream.do_handshake()
+            return stream
+        return raw
+
+    def _bad_opening(self) -> bytes:
+        if self.kind == "proxy":
+            return b"PROXY TCP9 nonsense\r\n"
+        if self.kind == "sni":
+            return real_hello("unknown.test")  # no route, no fallback
+        if self.kind.startswith("tls"):
+            return HTTP_REQUEST  # not TLS: the handshake fails
+        return b"\x16\x03\x01\x00\x05hello"  # anything, to a listener that reads nothing first
+
+
+def abort(stream: trio.SocketStream) -> None:
+    """Close with a reset."""
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    stream.socket.close()
+
+
+async def drain_until_closed(stream: trio.abc.ReceiveStream) -> None:
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
+        while await stream.receive_some(65536):
+            pass
+
+
+ONE_CLIENT = st.tuples(st.sampled_from(list(KINDS)), st.sampled_from(ENDINGS), st.integers(0, 5))
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
+@given(
+    plan=st.lists(ONE_CLIENT, min_size=1, max_size=14),
+    stop=st.sampled_from(["settle", "drain", "cancel"]),
+    cut=st.integers(0, 14),
+)
+async def test_every_way_a_connection_ends_gives_back_everything_it_took(
+    ca: Authority, plan: list[tuple[str, str, int]], stop: str, cut: int
+) -> None:
+    """Connections through every kind of listener, ended at random points (by the client, a timeout,
+    a refusal, a server, a drain or a cancellation), leave every counter and descriptor as it was."""
+    before = open_fds()
+    async with trio.open_nursery() as outer:
+        echo = await start_backend(outer, echo_handler)
+        flaky = await start_backend(outer, flaky_handler)
+        with blackholed_port() as hole:
+            balancer = Balancer(parse_config(property_config(ca, echo.address, flaky.address, hole)))
+            scope = trio.CancelScope()
+
+            async def run_balancer(task_status: trio.TaskStatus[dict[str, Address]]) -> None:
+                with scope:
+                    await balancer.run(task_status=task_status)
+
+            bound = await outer.start(run_balancer)
+            progress: list[int] = []
+            async with trio.open_nursery() as clients:
+                for kind, ending, source in plan:
+                    clients.start_soon(Client(ca, bound[kind], kind, ending, source).run, progress)
+                if stop != "settle":
+                    await wait_until(lambda: len(progress) >= min(cut, len(plan)))
+                    balancer.shutdown() if stop == "drain" else scope.cancel()
+            if stop == "settle":
+                await wait_until(lambda: not counters_at_rest(balancer))
+                assert await Client(ca, bound["plain"], "plain", "complete", 0).run([]) is None
+                balancer.shutdown()
+            with trio.fail_after(EVENTUALLY):
+                await balancer.stopped.wait()
+            assert counters_at_rest(balancer) == []
+            assert "internal_error" not in balancer.access.counts, balancer.access.counts
+        outer.cancel_scope.cancel()
+    await wait_until(lambda: open_fds() <= before)
