@@ -10,11 +10,11 @@ reconfigures it, keeping its counters and its table of clients), and:
   wins; an empty allow list allows everyone), then the per-client limits
   (`ClientTable`);
 - with `accept_proxy`, `at_accept` only checks that the peer is in
-  `proxy_trusted`; the connection's task (listener.py's `serve_proxied`) reads the
-  header within `proxy_timeout` (proxy_io.py) and judges the client the
-  header names the same way. The admitted connection continues as any other
-  (`handle_connection`) with that client as its address: the access log,
-  `/stats`, `source_hash`, the limits and `send_proxy` all see the real client.
+  `proxy_trusted`; the connection's first stage (header_io.py's `read_header`)
+  reads the header within `proxy_timeout` and judges the client the header
+  names the same way. The admitted connection continues as any other with
+  that client as its address: the access log, `/stats`, `source_hash`, the
+  limits and `send_proxy` all see the real client.
 
 A refused client is closed before any server is contacted, counted by reason
 (`refused`, shown in /stats and /metrics) and logged at most once per client

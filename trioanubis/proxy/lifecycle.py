@@ -386,31 +386,34 @@ class Connection:
             self.relay = None  # the relay points back here: no cycle outlives the connection
             if relay.up is not None and relay.down is not None:  # what was sent before the relay counts too
                 self.bytes_in, self.bytes_out = self.bytes_in + relay.up.bytes, relay.down.bytes
-        self._give_back()
+        connected = self._give_back()
         self._close_sockets(end not in CLOSED_CLEANLY)
         origin.active -= 1
         origin.limits.release()
         if end == "internal_error":
             origin.internal_errors += 1
         self.ended = origin.poller.now()
-        if self.pool is not None:
+        if connected and self.pool is not None:  # the pool's durations: connections it was asked for
             self.pool.durations.observe(self.ended - self.started)
-        origin.on_record(self)
+        try:
+            origin.on_record(self)
+        except Exception:  # a bug in the access log ends nothing else
+            log.exception("listener %s: recording the connection from %s failed", origin.name, self.client)
 
-    def _give_back(self) -> None:
-        holding = self.holding
+    def _give_back(self) -> bool:
+        """Give back what `holding` says is held; True if the connection got as far as connecting."""
+        holding, pool = self.holding, self.pool
         self.holding = holding & TRIO_WAITED
-        if holding & TICKET:
-            assert self.pool is not None
-            self.pool.held.leave(self)
+        if holding & TICKET and pool is not None:
+            pool.held.leave(self)
         if holding & WATCHED:
             self.origin.timer.unwatch(self)
-        if holding & SERVER:
-            assert self.pool is not None and self.picked is not None
-            self.pool.release(self.picked, self.bytes_in, self.bytes_out)
+        if holding & SERVER and pool is not None and self.picked is not None:
+            pool.release(self.picked, self.bytes_in, self.bytes_out)
         if self.counted is not None:
             self.origin.admission.release(self.counted)
             self.counted = None
+        return bool(holding & WATCHED)
 
     def _close_sockets(self, reset: bool) -> None:
         poller = self.origin.poller

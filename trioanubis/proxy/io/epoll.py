@@ -12,7 +12,7 @@ edge-triggered, for both directions. A relay task that must wait parks
 itself here (`wait_task_rescheduled`); the dispatcher task sleeps on the
 epoll's own descriptor through Trio, and when it becomes readable it drains
 the ready list, advances the relays that own the ready sockets and
-reschedules the tasks parked in plain waits (connects, faulted relays).
+reschedules the tasks parked in plain waits (connects, a PROXY header sent).
 
 Why edge-triggered without EPOLLONESHOT is safe. ONESHOT exists so that a
 registration cannot fire twice before its waiter re-arms it, and so that
