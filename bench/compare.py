@@ -32,7 +32,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -135,7 +135,7 @@ class Contender:
 
 
 def trioanubis(
-    access_log: bool, send_proxy: str = "none", io: str = "auto", workers: int = 1
+    access_log: bool, send_proxy: str = "none", io: str = "auto", workers: int = 1, source: str = ""
 ) -> Callable[[Path, int, list[int]], list[str]]:
     def command(tmp: Path, listen: int, backends: list[int]) -> list[str]:
         servers = ", ".join(f'"127.0.0.1:{p}"' for p in backends)
@@ -153,9 +153,18 @@ servers = [{servers}]
 send_proxy = "{send_proxy}"
 """)
         level = "info" if access_log else "warning"
-        return [sys.executable, "-m", "trioanubis", "--log-level", level, "run", "-c", str(config)]
+        return [*python_running(source), "--log-level", level, "run", "-c", str(config)]
 
     return command
+
+
+def python_running(source: str) -> list[str]:
+    """How to start `python -m trioanubis`: this tree's, or the one in `source` (`--baseline`)."""
+    if not source:
+        return [sys.executable, "-m", "trioanubis"]
+    start = (f"import sys, runpy; sys.path.insert(0, {source!r}); "
+             "runpy.run_module('trioanubis', run_name='__main__')")
+    return [sys.executable, "-c", start]
 
 
 def haproxy(splice: bool, threads: int = 1) -> Callable[[Path, int, list[int]], list[str]]:
@@ -221,17 +230,30 @@ def asyncio_relay(python: str, uvloop: bool) -> Callable[[Path, int, list[int]],
 
 
 def contenders(args: argparse.Namespace) -> list[Contender]:
+    ours = our_contenders("")
+    if args.baseline:  # the same contenders from another tree, interleaved with these
+        ours += [replace(c, name=f"{c.name}@base") for c in our_contenders(args.baseline)]
+    return [*ours, *others(args)]
+
+
+def our_contenders(source: str) -> list[Contender]:
     return [
-        Contender("trioanubis", trioanubis(False), []),
-        Contender("trioanubis+log", trioanubis(True), [], ("keepalive", "connrate")),
-        Contender("trioanubis+send_proxy", trioanubis(False, "v2"), [], ("keepalive", "connrate"),
-                  proxied=True),
+        Contender("trioanubis", trioanubis(False, source=source), []),
+        Contender("trioanubis+log", trioanubis(True, source=source), [], ("keepalive", "connrate")),
+        Contender("trioanubis+send_proxy", trioanubis(False, "v2", source=source), [],
+                  ("keepalive", "connrate"), proxied=True),
         # The readiness backend of macOS, BSD and Windows (Trio's waits, copying), run on Linux.
-        Contender("trioanubis-portable", trioanubis(False, io="portable"), []),
+        Contender("trioanubis-portable", trioanubis(False, io="portable", source=source), []),
+        # Every core: 2 worker processes against 2 HAProxy threads (keep-alive, connection rate).
+        Contender("trioanubis-w2", trioanubis(False, workers=2, source=source), [],
+                  ("keepalive", "connrate")),
+    ]
+
+
+def others(args: argparse.Namespace) -> list[Contender]:
+    return [
         Contender("haproxy", haproxy(False), ["haproxy"]),
         Contender("haproxy+splice", haproxy(True), ["haproxy"], ("bulk",)),
-        # Every core: 2 worker processes against 2 HAProxy threads (keep-alive, connection rate).
-        Contender("trioanubis-w2", trioanubis(False, workers=2), [], ("keepalive", "connrate")),
         Contender("haproxy-t2", haproxy(False, threads=2), ["haproxy"], ("keepalive", "connrate")),
         Contender("nginx-stream", nginx_stream, ["nginx", "/usr/lib/nginx/modules/ngx_stream_module.so"]),
         Contender("pproxy", pproxy_command(args.pproxy), [args.pproxy]),
@@ -650,6 +672,9 @@ def main() -> None:
     parser.add_argument("--uvloop-python", default=sys.executable,
                         help="a python with uvloop installed (default: this one)")
     parser.add_argument("--save", action="store_true", help="write bench/results/<date>.md")
+    parser.add_argument("--baseline", default="", metavar="DIR",
+                        help="also run every trioanubis contender from the source tree DIR (a checkout "
+                             "of main, say), as NAME@base, interleaved with this tree's")
     parser.add_argument("--profile", action="store_true",
                         help="also print each contender's user and system CPU per request (keepalive) "
                              "and per connection (connrate), read from /proc")  # fmt: skip

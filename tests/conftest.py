@@ -16,8 +16,14 @@ import pytest
 import trio
 
 from trioanubis.app import Balancer
-from trioanubis.config import Address, parse_config
-from trioanubis.proxy.io import resolve_io
+from trioanubis.config import Address, ListenerConfig, parse_config
+from trioanubis.pool import Pool
+from trioanubis.proxy.admission import Admission
+from trioanubis.proxy.io import Readiness, resolve_io
+from trioanubis.proxy.lifecycle import Connection, Limits
+from trioanubis.proxy.relay import Relay
+from trioanubis.proxy.sni_routes import RouteTable
+from trioanubis.proxy.timeouts import Timer
 
 # Deadline for "eventually": generous, since these machines are shared and noisy.
 EVENTUALLY = 20.0
@@ -258,3 +264,51 @@ def _collect_garbage_after_each_test() -> Iterator[None]:
     (as a ResourceWarning, an error here) rather than against whichever test the collector next runs in."""
     yield
     gc.collect()
+
+
+class StubOrigin:
+    """What a connection needs from a listener, for tests that drive a relay or the Timer alone."""
+
+    def __init__(self, poller: Readiness, timer: Timer, pool: Pool, listener: ListenerConfig) -> None:
+        self.name = "test"
+        self.config = listener
+        self.poller = poller
+        self.timer = timer
+        self.pool: Pool | None = pool
+        self.pools = {pool.name: pool}
+        self.routes = RouteTable(())
+        self.tls_counts: dict[str, int] = {}
+        self.limits = Limits(0)
+        self.admission = Admission("test", listener)
+        self.opening: tuple[Any, ...] = ()
+        self.records: list[Any] = []
+        self.on_record = self.records.append
+        self.active = 0
+        self.internal_errors = 0
+
+
+def standalone_connection(
+    poller: Readiness, client: socket.socket, *, idle: float = 600.0, half_close: float = 60.0,
+    timer: Timer | None = None,
+) -> Connection:  # fmt: skip
+    """A `Connection` with no listener around it (its pool's timeouts as given)."""
+    config = parse_config(config_for(["127.0.0.1:1"], idle_timeout=idle, half_close_timeout=half_close))
+    pool = Pool(config.pools["test"], initially_healthy=True)
+    origin = StubOrigin(poller, timer or Timer(), pool, config.listeners["test"])
+    return Connection(origin, client, ("127.0.0.1", 1), pool)
+
+
+def standalone_relay(
+    poller: Readiness, client: socket.socket, server: socket.socket, **timeouts: float
+) -> Relay:
+    """A socket relay between `client` and `server` (connected already), its connection standalone."""
+    conn = standalone_connection(poller, client, **timeouts)  # type: ignore[arg-type]
+    conn.server_sock = server
+    relay = Relay(conn, client, server, poller)
+    conn.relay = relay
+    return relay
+
+
+def relays(balancer: Balancer) -> list[Any]:
+    """The relays of the balancer's connections that are relaying now (the Timer watches them)."""
+    return [conn.relay for conn in balancer.timer.connections if conn.relay is not None]

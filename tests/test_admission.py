@@ -282,10 +282,10 @@ async def test_max_connections_per_client(nursery: trio.Nursery) -> None:
         assert await exchange(await connect_from("127.0.0.2", address)) is None  # the third
         assert await exchange(await connect_from("127.0.0.3", address)) == b"ping"  # another client
         await held.pop().aclose()
-        await wait_until(lambda: balancer.listeners["test"].admission.active.get("127.0.0.2") == 1)
+        await wait_until(lambda: balancer.listeners["test"].admission.clients.active.get("127.0.0.2") == 1)
         assert await exchange(await connect_from("127.0.0.2", address)) == b"ping"
         await held.pop().aclose()
-        await wait_until(lambda: not balancer.listeners["test"].admission.active)
+        await wait_until(lambda: not balancer.listeners["test"].admission.clients.active)
         assert balancer.listeners["test"].admission.refused["client_connections"] == 1
 
 
@@ -422,7 +422,7 @@ async def test_refused_connections_of_every_kind_leave_no_descriptor_behind(nurs
             assert await held.receive_some(1) == b"x"
             assert await exchange(await connect(address), V2) is None  # client_connections
             await held.aclose()
-            await wait_until(lambda: not admission.active)
+            await wait_until(lambda: not admission.clients.active)
             assert await exchange(await connect(address), V2 + b"y") == b"y"
             # client_rate: 2/h, both tokens used (the refusal by connection count took none)
             assert await exchange(await connect(address), V2 + b"z") is None
@@ -430,4 +430,4 @@ async def test_refused_connections_of_every_kind_leave_no_descriptor_behind(nurs
             assert {k: v for k, v in admission.refused.items() if v} == {
                 "proxy_header": 1, "proxy_timeout": 1, "denied": 1, "client_connections": 1, "client_rate": 1,
             }
-            assert balancer.listeners["test"].active == 0 and not admission.active
+            assert balancer.listeners["test"].active == 0 and not admission.clients.active

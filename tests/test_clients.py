@@ -9,7 +9,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trioanubis.config import parse_network
-from trioanubis.proxy.clients import MAX_TRACKED_CLIENTS, ClientTable, LogOnce, NetworkSet, address_key
+from trioanubis.proxy.clients import (
+    COUNTED,
+    MAX_TRACKED_CLIENTS,
+    NOT_COUNTED,
+    ClientTable,
+    LogOnce,
+    NetworkSet,
+    address_key,
+)
 
 
 def networks(*texts: str) -> NetworkSet:
@@ -112,7 +120,7 @@ def test_a_flood_of_100000_distinct_clients_keeps_the_table_bounded() -> None:
             host = f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}" if i % 2 else f"2001:db8::{i:x}"
             assert table.admit(host, 1000.0 + i * 1e-6) == ""
             table.release(host)
-            assert len(table.buckets) <= MAX_TRACKED_CLIENTS
+            assert len(table) <= MAX_TRACKED_CLIENTS
         grown = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
@@ -121,15 +129,16 @@ def test_a_flood_of_100000_distinct_clients_keeps_the_table_bounded() -> None:
     assert grown < 4 * 1024 * 1024, f"{grown} bytes for {MAX_TRACKED_CLIENTS} buckets"
     # A period later every bucket is full again: a new client's arrival sweeps them all.
     table.admit("192.0.2.1", 1002.0)
-    assert len(table.buckets) == 1
+    assert len(table) == 1
 
 
 def test_expired_buckets_are_dropped_as_new_clients_arrive() -> None:
     table = ClientTable(rate=(5, 10.0), capacity=100)
     for i in range(50):
         table.admit(f"10.0.0.{i}", float(i))
+        table.release(f"10.0.0.{i}")  # no open connection: only its bucket keeps it
     table.admit("10.0.1.1", 55.0)  # buckets stamped at 45.0 or before are full again
-    assert len(table.buckets) == 4 + 1  # 46..49 and the new one
+    assert len(table) == 4 + 1  # 46..49 and the new one
     assert table.evicted == 0
 
 
@@ -137,7 +146,7 @@ def test_reconfiguring_keeps_open_counts_and_drops_buckets_when_the_rate_goes() 
     table = ClientTable(max_connections=1, rate=(1, 60.0))
     assert table.admit("c", 0.0) == ""
     table.configure(max_connections=2, rate=None)
-    assert table.admit("c", 0.0) == "" and table.active == {"c": 2} and not table.buckets
+    assert table.admit("c", 0.0) == "" and table.active == {"c": 2} and len(table) == 1
     assert table.admit("c", 0.0) == "client_connections"
     assert table.busiest(5) == [("c", 2)]
 
@@ -153,12 +162,16 @@ def test_the_table_never_admits_beyond_its_bounds(events: list[tuple[str, bool, 
         if release and open_.get(client):
             table.release(client)
             open_[client] -= 1
-        elif table.admit(client, now) == "":
-            open_[client] = open_.get(client, 0) + 1
+        else:
+            answer = table.admit(client, now)
+            if answer == COUNTED:
+                open_[client] = open_.get(client, 0) + 1
+            elif answer == NOT_COUNTED:  # only when every entry is a client with open connections
+                assert len(table.active) == 2
         assert open_.get(client, 0) <= 3
         assert table.active == {k: v for k, v in open_.items() if v}
-        assert len(table.buckets) <= 2
-        assert all(0.0 <= b.tokens <= 4.0 for b in table.buckets.values())
+        assert len(table) <= 2
+        assert all(0.0 <= tokens <= 4.0 for tokens in table.tokens())
 
 
 # ----------------------------------------------------------------- logging

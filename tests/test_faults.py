@@ -31,6 +31,7 @@ from tests.conftest import (
     ending,
     free_port,
     receive_all,
+    relays,
     request,
     reset,
     running_balancer,
@@ -43,9 +44,8 @@ from tests.test_operations import wait_port
 from trioanubis.app import Balancer
 from trioanubis.config import Address
 from trioanubis.proxy import relay as relay_module
-from trioanubis.proxy.io.epoll import PIPE_SIZE
 from trioanubis.proxy.listener import ACCEPT_BACKOFF
-from trioanubis.proxy.relay import CHUNK_SIZE, Relay
+from trioanubis.proxy.relay import CHUNK_SIZE, PIPE_SIZE, Direction, Relay
 
 # At most one chunk (copying) or one pipe-full (splice, in kernel memory) per direction.
 HELD_AT_MOST = max(CHUNK_SIZE, PIPE_SIZE)
@@ -113,10 +113,6 @@ async def through_balancer(
         async with running_balancer(config_for([backend.address], **pool)) as (balancer, address):
             yield backend, balancer, address
         nursery.cancel_scope.cancel()
-
-
-def relays(balancer: Balancer) -> list[Relay]:
-    return list(balancer.timer.connections)
 
 
 # 1
@@ -229,11 +225,11 @@ async def test_stopped_server_reader_applies_backpressure_and_loses_nothing(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(send)
             # Wait until the client is blocked: no progress for a while means the pipe is full.
-            await wait_until(lambda: bool(relays(balancer)) and relays(balancer)[0].pending_in > 0)
+            await wait_until(lambda: bool(relays(balancer)) and relays(balancer)[0].up.held > 0)
             relay = relays(balancer)[0]
             for _ in range(20):
                 await trio.testing.wait_all_tasks_blocked(0.01)
-                assert relay.pending_in <= HELD_AT_MOST
+                assert relay.up.held <= HELD_AT_MOST
             assert sent < len(payload)  # backpressure reached the client
             resume.set()
         with trio.fail_after(30):
@@ -250,12 +246,12 @@ async def test_stopped_client_reader_applies_backpressure_and_loses_nothing(
     payload = os.urandom(16 * MIB)
     async with through_balancer(Script(stream_bytes=payload, echo=False)) as (_, balancer, address):
         stream = await connect(address)
-        await wait_until(lambda: bool(relays(balancer)) and relays(balancer)[0].pending_out > 0)
+        await wait_until(lambda: bool(relays(balancer)) and relays(balancer)[0].down.held > 0)
         relay = relays(balancer)[0]
         for _ in range(20):
             await trio.testing.wait_all_tasks_blocked(0.01)
-            assert relay.pending_out <= HELD_AT_MOST
-        assert relay.bytes_out < len(payload)  # the balancer stopped reading from the server
+            assert relay.down.held <= HELD_AT_MOST
+        assert relay.down.bytes < len(payload)  # the balancer stopped reading from the server
         received = bytearray()
         with trio.fail_after(30):
             while len(received) < len(payload):
@@ -338,10 +334,10 @@ async def test_client_abort_while_connecting_cancels_the_attempt() -> None:
             data = config_for([f"127.0.0.1:{port}"], connect_timeout="1h", eject_after=0)
             async with running_balancer(data) as (balancer, address):
                 stream = await connect(address)
-                await wait_until(lambda: any(r.connecting for r in relays(balancer)))
+                await wait_until(lambda: any(c.connecting for c in balancer.timer.connections))
                 await stream.aclose()  # the client gives up
                 await wait_until(lambda: balancer.access.counts == {"client_abort": 1})
-                assert relays(balancer) == []
+                assert not balancer.timer.connections
 
 
 async def test_a_bug_in_one_connection_ends_only_that_connection(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -372,13 +368,13 @@ async def test_a_bug_in_a_step_taken_by_the_dispatcher_ends_only_that_connection
     real_advance = Relay.advance
     calls = 0
 
-    def buggy_once(relay: Relay, upstream: bool) -> int:
+    def buggy_once(relay: Relay, direction: Direction) -> int:
         nonlocal calls
-        if not upstream:
+        if not direction.way.upstream:
             calls += 1
             if calls == 2:  # the first step after the start: the dispatcher's, on epoll
                 raise RuntimeError("a bug in a step")
-        return real_advance(relay, upstream)
+        return real_advance(relay, direction)
 
     monkeypatch.setattr(Relay, "advance", buggy_once)
     # The server answers late, so its answer finds the server → client direction parked.
@@ -609,7 +605,8 @@ async def test_shutdown_mid_transfer_and_mid_connect_exits_cleanly(tmp_path: Pat
                 stderr = await read_rest(process)
                 assert "Traceback" not in stderr
                 assert "drain timeout: resetting 2 open connections" in stderr, stderr
-                assert " -> - in=0 out=0 " in stderr and "shutdown" in stderr  # the one mid-connect
+                # The one mid-connect names the server it was connecting to.
+                assert f" -> 127.0.0.1:{hole} in=0 out=0 " in stderr and "shutdown" in stderr
                 assert f"-> {backend.address} in=0" in stderr  # the one mid-transfer
                 with trio.fail_after(30):  # cut when drain_timeout ran out: a reset, not a FIN
                     assert await ending(transfer) == "reset"

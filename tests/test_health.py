@@ -282,24 +282,3 @@ async def test_a_probe_that_runs_out_of_descriptors_does_not_count_against_the_s
             assert await request(address) == b"up"
     skipped_lines = [r for r in caplog.records if "health check skipped" in r.getMessage()]
     assert len(skipped_lines) == 1 and "not counted against the server" in skipped_lines[0].getMessage()
-
-
-async def test_a_released_connection_wakes_only_what_waits_for_a_release() -> None:
-    pool = Pool(parse_config(config_for(["127.0.0.1:1"])).pools["test"], initially_healthy=True)
-    server = pool.servers[0]
-    woken: list[str] = []
-
-    async def wait(name: str, waiting: Callable[[], Awaitable[None]]) -> None:
-        await waiting()
-        woken.append(name)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(wait, "changed", pool.wait_changed)
-        nursery.start_soon(wait, "released", pool.wait_released)
-        await trio.testing.wait_all_tasks_blocked()
-        pool.acquire(server)
-        pool.release(server, 10, 20)
-        await trio.testing.wait_all_tasks_blocked()
-        assert woken == ["released"]  # health checks waiting for a change slept on
-        pool.changed()
-    assert woken == ["released", "changed"]

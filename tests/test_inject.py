@@ -1,4 +1,4 @@
-"""Injected network faults (trioanubis/faults.py, proxy/faulted.py): parsing, the relay, real clients.
+"""Injected network faults (proxy/faults.py, proxy/streams.py): parsing, the relay, real clients.
 
 Not to be confused with test_faults.py, which is about the balancer *tolerating* failing backends.
 """
@@ -29,6 +29,7 @@ from tests.conftest import (
     name_handler,
     no_fd_leak,
     receive_all,
+    relays,
     request,
     running_balancer,
     start_backend,
@@ -40,9 +41,9 @@ from tests.test_cli import run_cli
 from trioanubis.config import FaultConfig, parse_bandwidth, parse_config, parse_faults, parse_size
 from trioanubis.errors import ConfigError
 from trioanubis.pool import Server
-from trioanubis.proxy.faulted import QUEUE_BOUND
 from trioanubis.proxy.faults import describe, draw
 from trioanubis.proxy.io import epoll_available
+from trioanubis.proxy.streams import QUEUE_BOUND
 
 __all__ = ["live_balancer"]  # the fixture, shared with test_admin
 
@@ -230,12 +231,12 @@ async def test_latency_queue_is_bounded_so_the_server_is_pushed_back(nursery: tr
     async with running_balancer(faulted([backend.address], io, latency="20ms")) as (balancer, address):
         stream = await connect(address)  # and does not read, for now
         async with stream:
-            await wait_until(lambda: any(r.pending_out for r in balancer.timer.connections))
-            relay = next(iter(balancer.timer.connections))
+            await wait_until(lambda: any(r.down.held for r in relays(balancer)))
+            relay = relays(balancer)[0]
             for _ in range(20):
                 await trio.testing.wait_all_tasks_blocked(0.01)
-                assert relay.pending_out <= QUEUE_BOUND
-            assert not done.is_set() and relay.bytes_out < len(payload)  # pushed back on the server
+                assert relay.down.held <= QUEUE_BOUND
+            assert not done.is_set() and relay.down.bytes < len(payload)  # pushed back on the server
             assert await receive_all(stream, len(payload)) == payload  # and nothing was lost
 
 

@@ -22,7 +22,7 @@ import pytest
 import trio
 import trio.testing
 
-from tests.conftest import awaited_frames
+from tests.conftest import awaited_frames, standalone_relay
 from trioanubis.config import parse_config
 from trioanubis.errors import AttemptCancelled, ConfigError
 from trioanubis.proxy.io import IO_CHOICES, Readiness, epoll_available, open_readiness
@@ -44,11 +44,14 @@ def backend_name(request: pytest.FixtureRequest) -> str:
 async def running(name: str) -> AsyncIterator[Readiness]:
     """A backend with its task running, stopped at the end."""
     backend = open_readiness(name)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(backend.run)
-        await trio.testing.wait_all_tasks_blocked()
-        yield backend
-        nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(backend.run)
+            await trio.testing.wait_all_tasks_blocked()
+            yield backend
+            nursery.cancel_scope.cancel()
+    finally:
+        backend.shut_down()
 
 
 @contextmanager
@@ -178,7 +181,7 @@ async def test_peer_reset_while_parked(backend_name: str) -> None:
                 nursery.start_soon(peer)
                 with trio.fail_after(10):
                     await backend.wait_readable(a.fileno())
-            if backend.name == "epoll":
+            if backend.caps.name == "epoll":
                 assert a.fileno() in backend.hung_up
             with pytest.raises(ConnectionResetError):
                 a.recv(100)
@@ -194,7 +197,7 @@ async def test_a_reused_descriptor_number_starts_clean(backend_name: str) -> Non
             reset(b)
             with trio.fail_after(10):
                 await backend.wait_readable(number)
-            if backend.name == "epoll":
+            if backend.caps.name == "epoll":
                 assert number in backend.hung_up
             a.close()  # not through the backend: the kernel drops it from the epoll by itself
             os.dup2(c.fileno(), number)  # a new connection under the old number
@@ -303,8 +306,7 @@ async def driven(backend: Readiness) -> AsyncIterator[tuple[Relay, socket.socket
     are closed at the end, as connection.py closes them.
     """
     with socket_pair("tcp") as (near_client, client), socket_pair("tcp") as (near_server, server):
-        relay = Relay(near_client, idle_timeout=600.0, half_close_timeout=60.0, poller=backend)
-        relay.server = near_server
+        relay = standalone_relay(backend, near_client, near_server)
         backend.register(near_server.fileno())
         yield relay, client, server
 
@@ -345,13 +347,14 @@ async def test_a_relay_is_one_task_for_both_directions_on_epoll(backend_name: st
                 assert await received(server, 4) == b"ping"
                 server.send(b"pong!")
                 assert await received(client, 5) == b"pong!"
-            assert (relay.bytes_in, relay.bytes_out) == (12, 15)
+            assert relay.up is not None and relay.down is not None
+            assert (relay.up.bytes, relay.down.bytes) == (12, 15)
             client.shutdown(socket.SHUT_WR)  # half-close: the other direction keeps flowing
             await closed(server)
             server.send(b"late")
             assert await received(client, 4) == b"late"
             server.shutdown(socket.SHUT_WR)
-        assert relay.end == "client_eof"
+        assert relay.conn.end == "client_eof"
 
 
 async def test_an_idle_relay_awaits_the_backend_with_no_frame_of_the_relay_between(backend_name: str) -> None:
@@ -369,7 +372,7 @@ async def test_an_idle_relay_awaits_the_backend_with_no_frame_of_the_relay_betwe
             assert frames[:2] == ["test_an_idle_relay_awaits_the_backend_with_no_frame_of_the_relay_between."
                                   "<locals>.connection", f"{type(backend).__name__}.drive"]  # fmt: skip
             assert not [name for name in frames if name.startswith("Relay.")]
-            relay.finish("idle_timeout")
+            relay.conn.end_with("idle_timeout")
 
 
 async def test_cancelling_a_spliced_relay_closes_its_pipe() -> None:
@@ -402,8 +405,8 @@ async def test_finishing_a_parked_relay_from_outside_ends_its_run(backend_name: 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(relay.run)
             await trio.testing.wait_all_tasks_blocked()
-            relay.finish("idle_timeout")  # what the Timer does
-        assert relay.end == "idle_timeout"
+            relay.conn.end_with("idle_timeout")  # what the Timer does
+        assert relay.conn.end == "idle_timeout" and relay.over
 
 
 async def test_a_step_that_raises_ends_only_its_own_relay(
@@ -412,10 +415,10 @@ async def test_a_step_that_raises_ends_only_its_own_relay(
     real_advance = Relay.advance
     bad: list[Relay] = []
 
-    def advance(relay: Relay, upstream: bool) -> int:
+    def advance(relay: Relay, direction: object) -> int:
         if relay in bad:
             raise RuntimeError("a bug in a step")
-        return real_advance(relay, upstream)
+        return real_advance(relay, direction)  # type: ignore[arg-type]
 
     monkeypatch.setattr(Relay, "advance", advance)
     async with running(backend_name) as backend, driven(backend) as (buggy, client, _), \
@@ -441,7 +444,7 @@ async def test_a_step_that_raises_ends_only_its_own_relay(
             # The backend and the other relay still serve.
             other_client.send(b"fine")
             assert await received(other_server, 4) == b"fine"
-            fine.finish("idle_timeout")
+            fine.conn.end_with("idle_timeout")
 
 
 async def test_cancelling_a_relay_parked_on_both_sockets_closes_both(backend_name: str) -> None:
@@ -461,7 +464,7 @@ async def test_cancelling_a_relay_parked_on_both_sockets_closes_both(backend_nam
             nursery.start_soon(connection)
             await trio.testing.wait_all_tasks_blocked()
             scope.cancel()
-        assert scope.cancelled_caught and relay.end == ""
+        assert scope.cancelled_caught and relay.conn.end == ""
         await closed(client)
         await closed(server)
 

@@ -357,12 +357,12 @@ async def test_reload_that_changes_io_keeps_the_backend_and_says_so(
     backend = await start_backend(nursery, name_handler("same"))
     data = config_for([backend.address])
     async with running_balancer(data) as (balancer, address):
-        running = balancer.poller.name
+        running = balancer.poller.caps.name
         data["settings"] = {"io": "portable"}  # was "auto"
         with caplog.at_level(logging.WARNING, logger="trioanubis"):
             await balancer.apply_config(parse_config(data, "reloaded.toml"))
         assert "settings.io changes take effect at the next restart" in caplog.text
-        assert balancer.poller.name == running
+        assert balancer.poller.caps.name == running
         assert await request(address) == b"same"
 
 

@@ -93,7 +93,7 @@ async def main():
             async for data in stream:
                 received += data
         assert bytes(received) == payload, "payload mismatch"
-        print("proxied", len(received), "bytes through", balancer.poller.name)
+        print("proxied", len(received), "bytes through", balancer.poller.caps.name)
         nursery.cancel_scope.cancel()
 
 trio.run(main)

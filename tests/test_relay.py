@@ -24,6 +24,7 @@ from tests.conftest import (
     name_handler,
     no_fd_leak,
     receive_all,
+    relays,
     request,
     reset,
     running_balancer,
@@ -109,7 +110,8 @@ def splice(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> b
 
 
 def the_relay(balancer: Balancer) -> Relay:
-    [relay] = balancer.timer.connections
+    [relay] = relays(balancer)
+    assert isinstance(relay, Relay)
     return relay
 
 
@@ -271,7 +273,7 @@ def connection_tasks() -> list[trio.lowlevel.Task]:
 
 async def test_an_idle_connection_is_parked_in_two_frames_of_ours(nursery: trio.Nursery) -> None:
     """Each frame an idle connection keeps is memory per connection (bench/README.md): the task is
-    suspended in `handle_connection` and the backend's `drive`, and in nothing else of ours."""
+    suspended in `run_connection` and the backend's `drive`, and in nothing else of ours."""
     backend = await start_backend(nursery, echo_handler)
     async with running_balancer(config_for([backend.address])) as (balancer, address):
         stream = await connect(address)
@@ -282,7 +284,7 @@ async def test_an_idle_connection_is_parked_in_two_frames_of_ours(nursery: trio.
             (task,) = connection_tasks()
             drive = f"{type(balancer.poller).__qualname__}.drive"
             frames = our_frames(task)
-            assert frames[:2] == ["handle_connection", drive]
+            assert frames[:2] == ["run_connection", drive]
             assert frames[2:] == ([] if IO_BACKEND == "epoll" else ["_direction"])
 
 
@@ -366,8 +368,8 @@ async def test_bulk_switches_to_splice_and_falls_back_to_copying_without_pipes(
                 await stream.send_eof()
 
             inner.start_soon(send)
-            await wait_until(lambda: bool(balancer.timer.connections))
-            seen.extend(balancer.timer.connections)
+            await wait_until(lambda: bool(relays(balancer)))
+            seen.extend(relays(balancer))
             echoed = await receive_all(stream)
         await stream.aclose()
     assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()

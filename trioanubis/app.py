@@ -60,7 +60,8 @@ from trioanubis.ops.accesslog import AccessLog
 from trioanubis.ops.admin import Admin
 from trioanubis.pool import Pool, Server
 from trioanubis.proxy.io import open_readiness
-from trioanubis.proxy.listener import Limits, Listener, SocketOpener
+from trioanubis.proxy.lifecycle import Limits
+from trioanubis.proxy.listener import Listener, SocketOpener
 from trioanubis.proxy.timeouts import Timer, tick_for
 from trioanubis.reload import plan, update_servers
 from trioanubis.resolve import resolve_address
@@ -197,6 +198,7 @@ class Balancer:
         try:
             await self._run(task_status)
         finally:
+            self.poller.shut_down()  # every connection has closed: nothing uses it any more
             self.listening = False
             self._remove_pid_file()
             self.stopped.set()
@@ -209,7 +211,7 @@ class Balancer:
             if self.admin is not None:
                 self.admin_address = await root.start(self.admin.serve)
             for pool in self.pools.values():
-                await self._resolve(pool.servers, pool.name)
+                await self._resolve(pool.servers, pool)
                 await self._update_spawner(pool)
                 await self._start_pool_tasks(pool)
             async with trio.open_nursery() as connections:
@@ -232,13 +234,13 @@ class Balancer:
                 connections.cancel_scope.cancel()
             root.cancel_scope.cancel()
 
-    async def _resolve(self, servers: list[Server], pool_name: str) -> None:
+    async def _resolve(self, servers: list[Server], pool: Pool) -> None:
         for server in servers:
             try:
-                server.sockaddrs = await resolve_address(server.address)
+                pool.set_addresses(server, await resolve_address(server.address))
             except OSError as exc:
                 log.warning("pool %s: cannot resolve server %s (%s): %s; will retry",
-                            pool_name, server.name, server.address.host, exc)  # fmt: skip
+                            pool.name, server.name, server.address.host, exc)  # fmt: skip
 
     async def _start_pool_tasks(self, pool: Pool) -> None:
         """Discovery and health checks of `pool`, in one scope; returns after their first rounds."""
@@ -340,7 +342,7 @@ class Balancer:
             await self._update_pool(self.pools[name], new.pools[name])
         for name in changes.pools_added:
             pool = self.pools[name] = Pool(new.pools[name])
-            await self._resolve(pool.servers, name)
+            await self._resolve(pool.servers, pool)
             await self._update_spawner(pool)
             await self._start_pool_tasks(pool)
             log.info("reload: pool %s added", name)
@@ -359,7 +361,7 @@ class Balancer:
                 continue
             self._pool_scopes.pop(name).cancel()
             self._stop_spawner(name)
-            del self.pools[name]
+            self.pools.pop(name).shut()  # clients it holds leave now, not at their queue_timeout
             log.info("reload: pool %s removed", name)
         self.access.enabled = new.settings.access_log
         self.limits.max_connections = self._connection_limit(new)
@@ -449,7 +451,7 @@ class Balancer:
         if config.strategy != old.strategy:
             pool.strategy = make_strategy(config.strategy)
         added = update_servers(pool, config)
-        await self._resolve(added, pool.name)
+        await self._resolve(added, pool)
         if added:
             pool.add(added)
             log.info("reload: pool %s: %s added", pool.name, ", ".join(s.name for s in added))

@@ -305,7 +305,7 @@ def _is_anubis(pid: int) -> bool:
 async def _serve(balancer: Balancer, demo: bool, status: bool = False) -> None:
     config = balancer.config
     log.info("starting anubis %s with %s (io: %s)\n%s", __version__, config.source,
-             balancer.poller.name, describe(config))  # fmt: skip
+             balancer.poller.caps.name, describe(config))  # fmt: skip
     async with trio.open_nursery() as nursery:
         if demo:
             await _start_demo_backends(nursery, config)

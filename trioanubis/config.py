@@ -229,6 +229,7 @@ class PoolConfig:
     send_proxy: SendProxy = "none"  # a PROXY protocol header before the client's first byte
     queue_timeout: float = 0.0  # hold a client this long for a server; 0: close it at once
     max_queued: int = 1000
+    abort_on_close: bool = True  # a held client that sent FIN has gone (HAProxy's abortonclose)
     spawn: SpawnConfig | None = None
     tls: TlsClient | None = None
     faults: FaultConfig | None = None  # injected on every server's connections (trioanubis.faults)
@@ -890,7 +891,8 @@ def _read_token(node: _Node, path: str) -> str:
 _POOL_KEYS = (
     "strategy", "servers", "least_time", "connect_timeout", "idle_timeout",
     "half_close_timeout", "retries", "failover_timeout", "eject_after", "eject_for",
-    "resolver", "health", "send_proxy", "queue_timeout", "max_queued", "spawn", "tls", "faults",
+    "resolver", "health", "send_proxy", "queue_timeout", "max_queued", "abort_on_close", "spawn", "tls",
+    "faults",
 )  # fmt: skip
 _SEND_PROXY = ("none", "v1", "v2")
 
@@ -932,6 +934,7 @@ def _parse_pool(name: str, node: _Node) -> PoolConfig:
         send_proxy=send_proxy,  # type: ignore[arg-type]
         queue_timeout=node.duration("queue_timeout", 0.0),
         max_queued=node.integer("max_queued", 1000, minimum=1, maximum=1_000_000),
+        abort_on_close=node.boolean("abort_on_close", True),
         spawn=_parse_spawn(node.child("spawn")) if "spawn" in node.data else None,
         tls=_parse_tls_client(node.child("tls")) if "tls" in node.data else None,
         faults=_parse_faults(node.child("faults")) if "faults" in node.data else None,

@@ -296,10 +296,9 @@ def apply(pool: Pool, entry: DiscoveryConfig, found: frozenset[Found]) -> None:
         address = item.address
         config = ServerConfig(address, str(address), item.weight, entry.max_connections,
                               priority=entry.priority)  # fmt: skip
-        server = Server(config, healthy=pool.config.health.check == "none", source=source)
         family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-        server.sockaddrs = [(family, (address.host, address.port))]
-        added.append(server)
+        added.append(Server(config, healthy=pool.config.health.check == "none", source=source,
+                            sockaddrs=[(family, (address.host, address.port))]))  # fmt: skip
     if added:
         pool.add(added)
         log.info("pool %s: %s added %s", pool.name, source, ", ".join(s.name for s in added))

@@ -23,14 +23,28 @@ traffic returns gradually instead of all at once; groups that ramp together
 (a fresh start) keep their order.
 
 
+One writer: a server's state (up, draining, removed, weights, priority,
+limits, faults, resolved addresses) changes only through a method of its
+pool, whoever reports it (health checks, discovery, the spawner, a reload,
+the admin API, a worker following its supervisor), so each change is logged
+once and the candidates are rebuilt. Counters the data path bumps (`active`,
+`total`, bytes) go through `reserve`, `acquire` and `release` too.
+
 Invariants: `active` counts a connection from the moment it is picked, while
 it connects, and while it relays: `reserve` raises it in the same step as the
 pick (no checkpoint in between, so a burst of connects in flight cannot slip
 past `max_connections`, which is a hard cap like HAProxy's `maxconn`), and
 `release` lowers it when the connect failed or the connection ended; the
-connection code calls them in `try/finally`. `acquire` only counts a
-connection that reached its server (`total`). A server removed from the config
-stays in `retired` until its last connection (or connect) ends.
+connection gives its slot back whatever way it ends (proxy/lifecycle.py).
+`acquire` only counts a connection that reached its server (`total`). A
+server removed from the config stays in `retired` until its last connection
+(or connect) ends.
+
+The wake-up contract with held clients (hold_queue.py): whatever may let a
+held client connect pokes the head of the pool's line, and only it: a state
+or weight change (`changed`) and a freed slot (`release`). Nothing else is
+woken per connection: `wait_changed` parkers (health checks, the spawner)
+wake for changes only.
 """
 
 from __future__ import annotations
@@ -100,7 +114,8 @@ class Server:
         "weight",
     )  # fmt: skip
 
-    def __init__(self, config: ServerConfig, *, healthy: bool = True, source: str = "") -> None:
+    def __init__(self, config: ServerConfig, *, healthy: bool = True, source: str = "",
+                 sockaddrs: list[tuple[int, tuple[object, ...]]] | None = None) -> None:  # fmt: skip
         self.name = config.name
         self.address: Address = config.address
         self.weight = config.weight
@@ -113,7 +128,7 @@ class Server:
         self.draining = False
         self.removed = False
         self.effective_weight = float(config.weight)
-        self.sockaddrs: list[tuple[int, tuple[object, ...]]] = []  # (family, sockaddr)
+        self.sockaddrs: list[tuple[int, tuple[object, ...]]] = sockaddrs or []  # (family, sockaddr)
         self.active = 0
         self.total = 0
         self.bytes_in = 0  # client → server
@@ -175,13 +190,12 @@ class Pool:
         self.all_full = 0  # of those, the ones where every server was at max_connections
         self._has_limits = any(s.max_connections for s in self.servers)
         self._lot = trio.lowlevel.ParkingLot()  # waiting for a change
-        self._released = trio.lowlevel.ParkingLot()  # waiting for a connection to end
         self.groups: tuple[Group, ...] = ()  # usable groups, best first
         self.serving_priority: int | None = None  # the best group's priority
         self._spill_rate = 0.0  # share of picks the next group keeps while the best ramps up
         self._spill = 0.0
         self.held = HoldQueue()  # clients waiting for a server (queue_timeout)
-        self.version = 0  # counts changed(): a held client sleeps only if nothing changed since it tried
+        self.version = 0  # counts changed(): whoever keeps something derived can tell it is stale
         # Told about each passive ejection (a worker passes it to its supervisor).
         self.on_eject: Callable[[Server, str], None] | None = None
         self._group()
@@ -242,6 +256,7 @@ class Pool:
         self._has_limits = any(s.max_connections for s in self.servers)
         self._group()
         self._lot.unpark_all()
+        self.held.poke()  # a held client may connect now
 
     def _group(self) -> None:
         """Split the servers that may take connections into priority groups, best first."""
@@ -284,10 +299,6 @@ class Pool:
         """Sleep until the next `changed()` (membership, state or weights)."""
         await self._lot.park()
 
-    async def wait_released(self) -> None:
-        """Sleep until a connection to one of the pool's servers ends."""
-        await self._released.park()
-
     # ------------------------------------------------------------ accounting
 
     def reserve(self, server: Server) -> None:
@@ -306,8 +317,8 @@ class Pool:
         if server.removed and server.active == 0 and server in self.retired:
             self.retired.remove(server)
             log.info("pool %s: server %s removed after its last connection", self.name, server.name)
-        if self._released:  # nothing waits, as a rule: no wake-up per connection
-            self._released.unpark_all()
+        if self.held:  # a freed slot may let the first held client connect (nothing to do as a rule)
+            self.held.poke()
 
     def record_connect_success(self, server: Server, connect_time: float) -> None:
         server.consecutive_failures = 0
@@ -367,6 +378,51 @@ class Pool:
         if server.effective_weight != weight:
             server.effective_weight = weight
             self.changed()
+
+    def set_addresses(self, server: Server, sockaddrs: list[tuple[int, tuple[object, ...]]]) -> None:
+        """What `server`'s address resolved to (start-up, reload, discovery, the spawner, a health check)."""
+        server.sockaddrs = sockaddrs
+
+    def record_check(self, server: Server, ok: bool, reason: str) -> None:
+        """Count one health check's verdict (the state change, if any, is `mark_up` / `mark_down`)."""
+        if ok:
+            server.checks_passed += 1
+        else:
+            server.checks_failed += 1
+        server.last_check = reason if ok else f"failed: {reason}"
+
+    def record_check_skipped(self, server: Server, reason: str) -> None:
+        """A check that ran short on our side: no verdict about the server."""
+        server.checks_skipped += 1
+        server.last_check = f"skipped: {reason}"
+
+    def configure_server(self, server: Server, config: ServerConfig) -> None:
+        """A reload's word on a server it keeps: limits, PROXY version, priority; weight and faults when
+        the file changed them (what the admin API set survives a reload of an unchanged file)."""
+        server.max_connections = config.max_connections
+        server.send_proxy = config.send_proxy
+        if config.faults != server.config_faults:
+            server.config_faults = config.faults
+            self.set_faults(server, config.faults)
+        if config.weight != server.config_weight:
+            server.config_weight = config.weight
+            self.set_weight(server, config.weight)
+        self.set_priority(server, config.priority)
+        self._has_limits = any(s.max_connections for s in self.servers)
+
+    def follow(self, server: Server, healthy: bool, draining: bool, weight: int, effective: float) -> bool:
+        """Take a server's state as another process sees it (a worker, its supervisor); True if it changed.
+
+        The caller calls `changed` once for a batch."""
+        new = (healthy, draining, weight, effective)
+        if new == (server.healthy, server.draining, server.weight, server.effective_weight):
+            return False
+        server.healthy, server.draining, server.weight, server.effective_weight = new
+        return True
+
+    def shut(self) -> None:
+        """The pool was removed (a reload): clients it holds are told to leave."""
+        self.held.shut()
 
     def find(self, key: str) -> Server | None:
         """A server by name or by its address as written ("host:port")."""

@@ -99,13 +99,5 @@ def update_servers(pool: Pool, config: PoolConfig) -> list[Server]:
             log.info("reload: pool %s: server %s removed (its open connections go on)",
                      pool.name, server.name)  # fmt: skip
     for server, sc in kept:
-        server.max_connections = sc.max_connections
-        server.send_proxy = sc.send_proxy
-        if sc.faults != server.config_faults:  # the file changed: it wins over the admin's
-            server.config_faults = sc.faults
-            pool.set_faults(server, sc.faults)
-        if sc.weight != server.config_weight:  # the file changed it: it wins over the admin's
-            server.config_weight = sc.weight
-            pool.set_weight(server, sc.weight)
-        pool.set_priority(server, sc.priority)
+        pool.configure_server(server, sc)
     return [Server(sc, healthy=config.health.check == "none") for sc in new]

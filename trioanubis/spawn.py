@@ -152,10 +152,9 @@ class Spawner:
         self._serial += 1
         host, port = self.config.host, free_port(self.config.host)
         name = f"{self.pool.name}-{self._serial}"
-        server = Server(ServerConfig(Address(host, port), name),
-                        healthy=self.pool.config.health.check == "none", source=SPAWN_SOURCE)  # fmt: skip
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        server.sockaddrs = [(family, (host, port))]
+        server = Server(ServerConfig(Address(host, port), name), source=SPAWN_SOURCE,
+                        healthy=self.pool.config.health.check == "none", sockaddrs=[(family, (host, port))])
         replica = Replica(name, port, server)
         self._nursery.start_soon(self._supervise, replica, self.config)
         return replica

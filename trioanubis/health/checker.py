@@ -90,7 +90,7 @@ async def _probe_forever(pool: Pool, server: Server, first: trio.Event) -> None:
         ramp = trio.CancelScope()
         while True:
             if not server.sockaddrs:
-                await _resolve(server)
+                await _resolve(pool, server)
             try:
                 ok, reason = await probe(server, config, plan, health_proxy_header(pool, server),
                                          pool.config.tls)  # fmt: skip
@@ -102,11 +102,7 @@ async def _probe_forever(pool: Pool, server: Server, first: trio.Event) -> None:
             if short:
                 short = False
                 log.info("pool %s: server %s: health checks run again", pool.name, server.name)
-            server.last_check = reason if ok else f"failed: {reason}"
-            if ok:
-                server.checks_passed += 1
-            else:
-                server.checks_failed += 1
+            pool.record_check(server, ok, reason)
             was_up = server.healthy
             now_up = state.observe(was_up, ok) or (ok and len(pool.held) > 0)  # clients wait: no rise
             if now_up and not was_up:
@@ -123,8 +119,7 @@ async def _probe_forever(pool: Pool, server: Server, first: trio.Event) -> None:
 
 def _skipped(pool: Pool, server: Server, exc: OutOfResources, short: bool) -> bool:
     """A check that ran short on our side: counted apart, logged once per episode, not held against it."""
-    server.checks_skipped += 1
-    server.last_check = f"skipped: {exc.reason}"
+    pool.record_check_skipped(server, exc.reason)
     if not short:
         log.error("pool %s: server %s: health check skipped: %s; not counted against the server",
                   pool.name, server.name, exc)  # fmt: skip
@@ -139,11 +134,11 @@ def health_proxy_header(pool: Pool, server: Server) -> bytes:
     return b"" if version == "none" else build_local(version)
 
 
-async def _resolve(server: Server) -> None:
+async def _resolve(pool: Pool, server: Server) -> None:
     try:
-        server.sockaddrs = await resolve_address(server.address)
+        pool.set_addresses(server, await resolve_address(server.address))
     except OSError as exc:
-        server.last_check = f"failed: cannot resolve {server.address.host!r}: {exc}"
+        pool.record_check(server, False, f"cannot resolve {server.address.host!r}: {exc}")
 
 
 def _ramp_up(nursery: trio.Nursery, pool: Pool, server: Server) -> trio.CancelScope:

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Final, final
 from trioanubis.ops.logwriter import LogWriter
 
 if TYPE_CHECKING:
-    from trioanubis.proxy.record import ConnectionRecord
+    from trioanubis.proxy.lifecycle import Record as ConnectionRecord
 
 log = logging.getLogger("trioanubis.access")
 # The logger whose handlers receive access lines (access lines propagate to it).

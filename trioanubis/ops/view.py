@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from trioanubis.pool import Pool
-    from trioanubis.proxy.listener import Limits, Listener
+    from trioanubis.proxy.lifecycle import Limits
+    from trioanubis.proxy.listener import Listener
     from trioanubis.spawn import Spawner
 
 

@@ -10,16 +10,17 @@ reconfigures it, keeping its counters and its table of clients), and:
   wins; an empty allow list allows everyone), then the per-client limits
   (`ClientTable`);
 - with `accept_proxy`, `at_accept` only checks that the peer is in
-  `proxy_trusted`; the connection's task (listener.py's `serve_proxied`) reads the
-  header within `proxy_timeout` (proxy_io.py) and judges the client the
-  header names the same way. The admitted connection continues as any other
-  (`handle_connection`) with that client as its address: the access log,
-  `/stats`, `source_hash`, the limits and `send_proxy` all see the real client.
+  `proxy_trusted`; the connection's first stage (header_io.py's `read_header`)
+  reads the header within `proxy_timeout` and judges the client the header
+  names the same way. The admitted connection continues as any other with
+  that client as its address: the access log, `/stats`, `source_hash`, the
+  limits and `send_proxy` all see the real client.
 
 A refused client is closed before any server is contacted, counted by reason
 (`refused`, shown in /stats and /metrics) and logged at most once per client
-per minute (`LogOnce`). An admitted connection is counted per client until
-`release`, which the listener calls when it ends.
+per minute (`LogOnce`). An admitted connection is counted per client: the
+address counted is the connection's to give back (`release`), which it does
+whenever it ends (lifecycle.py).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import logging
 from typing import Final, final
 
 from trioanubis.config import ListenerConfig
-from trioanubis.proxy.clients import LOG_INTERVAL, ClientTable, LogOnce, NetworkSet
+from trioanubis.proxy.clients import COUNTED, LOG_INTERVAL, NOT_COUNTED, ClientTable, LogOnce, NetworkSet
 
 log = logging.getLogger("trioanubis.admission")
 
@@ -47,7 +48,6 @@ class Admission:
         self.listener = listener
         self.refused = dict.fromkeys(REASONS, 0)
         self.clients = ClientTable()
-        self.active = self.clients.active  # client → open connections (only while counting)
         self.logged = LogOnce()
         self._flood_warned = -LOG_INTERVAL
         self.configure(config)
@@ -66,30 +66,36 @@ class Admission:
         # Open connections are counted per client when a limit needs it, or to show real clients.
         self.counting = bool(config.accept_proxy or config.max_connections_per_client or rate)
 
-    def at_accept(self, host: str, now: float) -> bool:
-        """The check right after accept(): the proxy must be trusted, or the client admitted."""
+    def at_accept(self, host: str, now: float) -> str | None:
+        """The check right after accept(): the proxy must be trusted, or the client admitted (see `admit`)."""
         if not self.accept_proxy:
             return self.admit(host, now)
         if host in self.trusted:
-            return True
+            return ""
         self.refuse(host, "untrusted", now, "not in proxy_trusted")
-        return False
+        return None
 
-    def admit(self, host: str, now: float) -> bool:
-        """Allow/deny, then the per-client limits; an admitted client is counted until `release`."""
+    def admit(self, host: str, now: float) -> str | None:
+        """Allow/deny, then the per-client limits: None if refused, else the address counted ("" if none).
+
+        The address counted is a slot the connection gives back with `release`.
+        """
         if (self.deny and host in self.deny) or (self.allow and host not in self.allow):
             self.refuse(host, "denied", now, "denied by allow/deny")
-            return False
-        if self.counting:
-            reason = self.clients.admit(host, now)
-            if reason:
-                self.refuse(host, reason, now, self._describe_limit(reason))
-                return False
-        return True
+            return None
+        if not self.counting:
+            return ""
+        answer = self.clients.admit(host, now)
+        if answer == COUNTED:
+            return host
+        if answer == NOT_COUNTED:
+            return ""
+        self.refuse(host, answer, now, self._describe_limit(answer))
+        return None
 
-    def release(self, peer: tuple[object, ...]) -> None:
-        """A connection this admission counted has ended."""
-        self.clients.release(str(peer[0]))
+    def release(self, host: str) -> None:
+        """A connection this admission counted for `host` has ended."""
+        self.clients.release(host)
 
     def refuse(self, host: str, reason: str, now: float, why: str) -> None:
         """Count a refusal and log it, at most once per client per minute."""
@@ -113,5 +119,6 @@ class Admission:
             "refused": dict(self.refused),
             "refusals_not_logged": self.logged.suppressed,
             "tracked_clients": len(self.clients),
+            "untracked_clients": self.clients.untracked,
             "busiest_clients": [{"client": c, "active": n} for c, n in self.clients.busiest(BUSIEST_SHOWN)],
         }

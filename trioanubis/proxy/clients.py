@@ -11,15 +11,17 @@ questions of a client address, as accept() or a PROXY header reported it:
   open connections (`max_connections_per_client`) and keeps a token bucket
   per client (`rate_per_client`: `count` tokens, refilled at count/period per
   second, one per new connection; a fresh client starts with a full bucket).
-  Memory is bounded: a client's open-connection entry exists only while it has
-  open connections (bounded by the connection limit), and the buckets live in
-  an LRU of at most `capacity` entries. A bucket that has not been touched
-  for a whole period is full again, the same as no entry, so it is dropped
-  from the old end as new clients arrive; when the table is full of recent
-  clients the least recently seen is forgotten (its client starts afresh), as
-  HAProxy's stick tables purge their oldest entries. Under a flood from more
-  distinct addresses than `capacity`, per-address limits cannot hold anyway;
-  the table's size does.
+  Memory is bounded whatever the source of the addresses (accept, or PROXY
+  headers that may name any): at most `capacity` clients in all, each one
+  entry. A client with open connections is kept; one without is kept, in an
+  LRU, only while its bucket is not full again (a bucket untouched for a
+  whole period is the same as no entry, so it is dropped from the old end as
+  new clients arrive). When the table is full, the least recently seen
+  client without open connections is forgotten (its client starts afresh),
+  as HAProxy's stick tables purge their oldest entries; when every entry has
+  open connections, a new client is admitted without being counted
+  (`untracked`). Under a flood from more distinct addresses than `capacity`,
+  per-address limits cannot hold anyway; the table's size does.
 - `LogOnce`: should this refusal be logged? At most once per client per
   interval, for at most `capacity` clients per interval; the rest are only
   counted (`suppressed`).
@@ -112,25 +114,35 @@ class NetworkSet:
         return index >= 0 and value <= self._ends[version][index]
 
 
+# What `ClientTable.admit` answers when it admits a client (any other answer names the limit it hit).
+COUNTED: Final = ""  # admitted, and counted until `release`
+NOT_COUNTED: Final = "not_counted"  # admitted, but the table is full of clients with open connections
+
+
 @final
-class _Bucket:
-    __slots__ = ("stamp", "tokens")
+class _Entry:
+    """One client: its open connections and its rate bucket."""
+
+    __slots__ = ("active", "stamp", "tokens")
 
     def __init__(self, tokens: float, stamp: float) -> None:
+        self.active = 0
         self.tokens = tokens
         self.stamp = stamp
 
 
 @final
 class ClientTable:
-    """Open connections and connection-rate buckets per client, for one listener."""
+    """Open connections and connection-rate buckets per client, for one listener, at most `capacity`."""
 
     def __init__(self, max_connections: int = 0, rate: tuple[int, float] | None = None,
                  capacity: int = MAX_TRACKED_CLIENTS) -> None:  # fmt: skip
         self.capacity = capacity
-        self.active: dict[str, int] = {}  # clients with open connections only
-        self.buckets: OrderedDict[str, _Bucket] = OrderedDict()  # least recently seen first
-        self.evicted = 0  # buckets forgotten while still recent, because the table was full
+        self._open: dict[str, _Entry] = {}  # clients with open connections
+        # No open connection but a recent bucket; least recently seen first.
+        self._idle: OrderedDict[str, _Entry] = OrderedDict()
+        self.evicted = 0  # recent buckets forgotten because the table was full
+        self.untracked = 0  # clients admitted uncounted: every entry had open connections
         self.max_connections = 0
         self.burst = 0.0
         self.per_second = 0.0
@@ -142,61 +154,83 @@ class ClientTable:
         self.max_connections = max_connections
         if rate is None:
             self.burst = self.per_second = self.period = 0.0
-            self.buckets.clear()
+            self._idle.clear()
         else:
             count, period = rate
             self.burst, self.period, self.per_second = float(count), period, count / period
 
     def __len__(self) -> int:
-        return len(self.active) + len(self.buckets)
+        return len(self._open) + len(self._idle)
+
+    @property
+    def active(self) -> dict[str, int]:
+        """Open connections per client, for the clients that have any (a copy)."""
+        return {client: entry.active for client, entry in self._open.items()}
+
+    def tokens(self) -> list[float]:
+        """Every rate bucket's tokens (a test's look inside)."""
+        return [entry.tokens for entry in (*self._open.values(), *self._idle.values())]
 
     def admit(self, client: str, now: float) -> str:
-        """Count a new connection from `client`: "" if admitted, else the limit it hit."""
-        if self.max_connections and self.active.get(client, 0) >= self.max_connections:
+        """Count a new connection from `client`: COUNTED, NOT_COUNTED, or the limit it hit."""
+        entry = self._open.get(client)
+        if entry is None:
+            entry = self._idle.pop(client, None)
+            if entry is None:
+                if not self._make_room(now):
+                    self.untracked += 1
+                    return NOT_COUNTED
+                entry = _Entry(self.burst, now)
+        elif self.max_connections and entry.active >= self.max_connections:
             return "client_connections"
-        if self.per_second and not self._take_token(client, now):
+        if self.per_second and not self._take_token(entry, now):
+            if not entry.active:
+                self._idle[client] = entry  # its empty bucket is what refuses the next one too
             return "client_rate"
-        self.active[client] = self.active.get(client, 0) + 1
-        return ""
+        entry.active += 1
+        self._open[client] = entry
+        return COUNTED
 
     def release(self, client: str) -> None:
-        """A connection `admit` counted has ended (unknown clients are ignored: a reload started it)."""
-        count = self.active.get(client, 0)
-        if count > 1:
-            self.active[client] = count - 1
-        elif count:
-            del self.active[client]
+        """A connection `admit` counted has ended."""
+        entry = self._open.get(client)
+        if entry is None:
+            return
+        entry.active -= 1
+        if not entry.active:
+            del self._open[client]
+            if self.per_second:
+                self._idle[client] = entry  # its bucket counts until it is full again
 
-    def _take_token(self, client: str, now: float) -> bool:
-        bucket = self.buckets.get(client)
-        if bucket is None:
-            self._expire(now)
-            self.buckets[client] = _Bucket(self.burst - 1.0, now)
-            return True
-        self.buckets.move_to_end(client)
-        tokens = min(self.burst, bucket.tokens + (now - bucket.stamp) * self.per_second)
-        bucket.stamp = now
+    def _take_token(self, entry: _Entry, now: float) -> bool:
+        tokens = min(self.burst, entry.tokens + (now - entry.stamp) * self.per_second)
+        entry.stamp = now
         if tokens < 1.0:
-            bucket.tokens = tokens
+            entry.tokens = tokens
             return False
-        bucket.tokens = tokens - 1.0
+        entry.tokens = tokens - 1.0
         return True
 
-    def _expire(self, now: float) -> None:
-        """Make room for one bucket: drop full-again ones from the old end, or the oldest if none is."""
-        buckets = self.buckets
-        while buckets:
-            oldest = next(iter(buckets.values()))
+    def _make_room(self, now: float) -> bool:
+        """Room for one more client: drop full-again buckets, else the oldest idle one; False if none idle."""
+        idle = self._idle
+        while idle:
+            oldest = next(iter(idle.values()))
             if now - oldest.stamp < self.period:
                 break
-            buckets.popitem(last=False)
-        if len(buckets) >= self.capacity:
-            buckets.popitem(last=False)
-            self.evicted += 1
+            idle.popitem(last=False)
+        if len(self) < self.capacity:
+            return True
+        if not idle:
+            return False
+        idle.popitem(last=False)
+        self.evicted += 1
+        return True
 
     def busiest(self, count: int) -> list[tuple[str, int]]:
         """The clients with the most open connections, most first."""
-        return heapq.nsmallest(count, self.active.items(), key=lambda item: (-item[1], item[0]))
+        return heapq.nsmallest(count, ((c, e.active) for c, e in self._open.items()),
+                               key=lambda item: (-item[1], item[0]))  # fmt: skip
 
 
 @final

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import errno
 import socket
-from typing import TYPE_CHECKING, Final, final
+import sys
+from typing import TYPE_CHECKING, Final, Literal, final
 
 import trio
 
@@ -28,7 +29,10 @@ from trioanubis.errors import AttemptCancelled, ConnectFailed, OutOfResources
 if TYPE_CHECKING:
     from trioanubis.pool import Server
     from trioanubis.proxy.io import Readiness
-    from trioanubis.proxy.record import AttemptEnd
+
+
+# Why the Timer cancelled a connect attempt ("" while it has not).
+AttemptEnd = Literal["", "timeout", "client_abort"]
 
 
 def close_socket(sock: socket.socket) -> None:
@@ -175,7 +179,7 @@ def _connect_result(sock: socket.socket, fd: int, poller: Readiness) -> int:
     Where the poller reports errors and hang-ups (epoll), a socket that woke
     without one is connected, and the system call is saved (one per connection).
     """
-    if poller.reports_errors and fd not in poller.hung_up:
+    if poller.caps.reports_errors and fd not in poller.hung_up:
         return 0
     return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
 
@@ -200,13 +204,73 @@ async def open_server_socket(server: Server, timeout: float) -> socket.socket:
 
 # The client socket is non-blocking already; MSG_DONTWAIT (not on Windows) only makes sure.
 _PEEK: Final = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
+# Linux's TCP_INFO starts with the connection's state; CLOSE_WAIT means the peer sent FIN.
+_TCP_INFO: Final[int | None] = getattr(socket, "TCP_INFO", None) if sys.platform.startswith("linux") else None
+_TCP_CLOSE_WAIT: Final = 8
 
 
-def client_gone(client: socket.socket) -> bool:
-    """True when the client has closed or reset (peeking never consumes its bytes)."""
+def client_gone(client: socket.socket, *, fin_after_data: bool = False) -> bool:
+    """True when the client has closed or reset (peeking consumes none of its bytes).
+
+    A client that sent its request and then closed looks, from here, exactly
+    like one that only shut down its sending side and waits for an answer:
+    both sent bytes and a FIN. With `fin_after_data` such a client is taken
+    for gone too (HAProxy's `abortonclose`: what a held client asks for by
+    default, so that a client that gave up loses its place and its request is
+    never sent on); the FIN behind unread bytes is seen where the kernel says
+    so (Linux's TCP_INFO), elsewhere only a FIN with nothing before it is.
+    """
     try:
-        return client.recv(1, _PEEK) == b""
+        if client.recv(1, _PEEK) == b"":
+            return True
     except BlockingIOError:
         return False
     except OSError:
         return True
+    return fin_after_data and _fin_received(client)
+
+
+def _fin_received(sock: socket.socket) -> bool:
+    if _TCP_INFO is None:
+        return False
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)
+    except OSError:
+        return False
+    return info[0] == _TCP_CLOSE_WAIT
+
+
+async def send_first(sock: socket.socket, data: bytes, connecting: Connecting) -> None:
+    """Send `data` on a just-connected server socket before the relay starts (a PROXY header, a prefix).
+
+    Waits through the connection's poller, where the Timer can end the wait
+    (the attempt's deadline, or the client leaving), as it ends a connect.
+    `OSError` from the server becomes `ConnectFailed`: the attempt failed
+    before a byte of the client's reached a server, so it may fail over.
+    """
+    view = memoryview(data)
+    fd = sock.fileno()
+    while True:
+        try:
+            sent = sock.send(view)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            reason = reason_for(exc.errno or 0)
+            raise ConnectFailed(f"sending to {sock_peer(sock)}: {reason}", reason) from None
+        view = view[sent:]
+        if not view:
+            return
+        connecting.fd = fd
+        try:
+            await connecting.poller.wait_writable(fd)
+        finally:
+            connecting.fd = -1
+
+
+def sock_peer(sock: socket.socket) -> str:
+    try:
+        host, port = sock.getpeername()[:2]
+    except OSError:
+        return "the server"
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"

@@ -5,11 +5,11 @@ server's own table, else its pool's, None when nothing is set) is read once
 per connection, right after the connect; None, the rule, leaves the fast path
 untouched. Otherwise `draw` decides with the table's `probability` whether
 this connection is affected and returns a `FaultPlan`: what each direction
-does (`DirectionPlan`). A faulted connection is then relayed by
-proxy/faulted.py, a copying path of its own, never splice nor the
-dispatcher's inline steps. `refuse` acts earlier, per connect attempt
-(`refused`), so the failover and passive ejection of connection.py see a
-refused connect exactly as if the server had refused it.
+does (`DirectionPlan`). A faulted connection is then relayed by the
+stream relay (streams.py), whatever its transport (plain or TLS), never by
+splice nor the dispatcher's inline steps. `refuse` acts earlier, per connect
+attempt (`refused`), so the failover and passive ejection of failover.py see
+a refused connect exactly as if the server had refused it.
 
 Everything here is pure (plain values in, plain values out) apart from the
 random draws, which take a `random.Random` so tests can seed them. Faults set

@@ -1,6 +1,15 @@
-"""The PROXY protocol on sockets: read a header from a trusted peer, send one to a server.
+"""The PROXY protocol on sockets: the opening stage of an `accept_proxy` listener.
 
-Theory of operation: `read_proxy_header` peeks at the client socket, feeds
+Theory of operation: `read_header` is the first stage of a connection to a
+listener with `accept_proxy` (connection.py): it reads the header within
+`proxy_timeout`, takes the client it names as the connection's client (an
+IPv4-mapped address as IPv4), and asks the listener's admission about that
+client (allow/deny, the per-client limits), whose slot the connection then
+holds. A bad, late or missing header, or a refused client, ends the
+connection here (`proxy_header`, `proxy_timeout`, `refused`), counted by
+the admission. (Our own header for servers is sent by failover.py.)
+
+`read_proxy_header` peeks at the client socket, feeds
 what it sees to the sans-IO `HeaderReader` (proxy_protocol.py), and consumes
 exactly the bytes the reader took, so nothing of the client's own stream is
 read here: it stays in the kernel for the relay, in order. Every peek is
@@ -8,11 +17,6 @@ followed by consuming everything peeked until the header is complete, so a
 wait for readability always waits for new bytes (never a busy loop on bytes
 already seen). The whole read is bounded by `timeout` (`proxy_timeout`), a
 header sent byte by byte included.
-
-`send_proxy_header` writes our header to a freshly connected server before
-the relay starts. The header (at most 107 bytes) fits in any empty send
-buffer, so it goes in one `send`; a partial send waits through the relay's
-poller for the rest.
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ from typing import TYPE_CHECKING, Final
 import trio
 
 from trioanubis.errors import ProxyHeaderError
-from trioanubis.proxy.proxy_protocol import HeaderReader, HostPort, ProxyHeader, ProxyVersion, build_header
+from trioanubis.proxy.lifecycle import normalise_peer
+from trioanubis.proxy.proxy_protocol import HeaderReader, ProxyHeader
 
 if TYPE_CHECKING:
-    from trioanubis.proxy.relay import Relay
+    from trioanubis.proxy.lifecycle import Connection
 
 _sink = bytearray(4096)  # consumed header bytes land here; their content is already parsed
 _SINK: Final = memoryview(_sink)
@@ -80,41 +85,27 @@ async def read_proxy_header(sock: socket.socket, timeout: float) -> ProxyHeader:
     raise ProxyHeaderError(f"no whole PROXY header within proxy_timeout ({timeout:g}s)", "proxy_timeout")
 
 
-def _local_address(client: socket.socket) -> HostPort | None:
+async def read_header(conn: Connection) -> bool:
+    """The opening stage of an `accept_proxy` listener (see the module docstring); False when it ended."""
+    origin = conn.origin
+    admission = origin.admission
+    now = origin.poller.now
+    conn.waited_by_trio()  # the header is read with Trio's own waits
     try:
-        host, port = client.getsockname()[:2]
-    except OSError:
-        return None
-    return str(host), int(port)
-
-
-async def send_proxy_header(
-    relay: Relay, version: ProxyVersion, client: tuple[object, ...], local: HostPort | None
-) -> bool:
-    """Send the header naming `client` → `local` (default: the address it connected to) to the server.
-
-    False when the server failed meanwhile (the caller ends the connection).
-    """
-    if local is None:
-        local = _local_address(relay.client)
-    source = (str(client[0]), int(client[1]))  # type: ignore[call-overload]
-    return await send_to_server(relay, build_header(version, source, local))
-
-
-async def send_to_server(relay: Relay, data: bytes) -> bool:
-    """Send `data` to the just-connected server before the relay starts; False if the server failed."""
-    server = relay.server
-    assert server is not None
-    view = memoryview(data)
-    while True:
-        try:
-            sent = server.send(view)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            return False
-        view = view[sent:]
-        if not view:
-            return True
-        relay.active = True  # the Timer's idle clock starts now, not at the epoch
-        await relay.poller.wait_writable(server.fileno())
+        header = await read_proxy_header(conn.client_sock, admission.proxy_timeout)
+    except ProxyHeaderError as exc:
+        admission.refuse(str(conn.peer[0]), exc.reason, now(), str(exc))
+        conn.end_with("proxy_timeout" if exc.reason == "proxy_timeout" else "proxy_header")
+        return False
+    if header.source is not None:  # not LOCAL / UNKNOWN, where the proxy speaks for itself
+        conn.peer = normalise_peer(header.source)
+        if header.destination is not None:
+            host, port = normalise_peer(header.destination)
+            conn.more.local = (str(host), int(port))  # type: ignore[call-overload]
+    counted = admission.admit(str(conn.peer[0]), now())
+    if counted is None:
+        conn.end_with("refused")
+        return False
+    if counted:
+        conn.admitted(counted)
+    return True

@@ -1,24 +1,29 @@
 """Holding clients while no server can take them, instead of closing them.
 
-Theory of operation: a pool with `queue_timeout > 0` owns a `HoldQueue`, a
-line of clients in arrival order. When the connection code finds no server
-to take a client (none up, all full, or every attempt failed), `hold` puts
-the client in line instead of closing it. Nothing is read from a held client:
-its bytes wait in the kernel until a server is connected, so none is lost.
+Theory of operation: a pool with `queue_timeout > 0` owns a `HoldQueue`
+(hold_queue.py), a line of clients in accept order. When connecting
+(failover.py) finds no server to take a client (none up, all full, or every
+attempt failed), `hold` puts the client in line instead of closing it.
+Nothing is read from a held client: its bytes wait in the kernel until a
+server is connected, so none is lost.
 
-Only the head of the line is awake, parked on the pool's live view
-(`Pool.wait_changed`: a server came up, a connection ended, weights
-changed); everyone behind it waits on an event of its own. The head tries
-to connect (the normal pick → connect with failover); when it succeeds it
-leaves and hands the turn to the next, which tries at once. So clients
-connect in arrival order, one wake-up per change, whatever the length of
-the line, and a newcomer while the line is not empty joins its end rather
-than overtaking it.
+Only the head of the line is awake: the pool pokes it whenever something may
+let it connect (a server came up, a connection ended and freed a slot,
+weights changed: `Pool.changed` and `Pool.release` keep that contract); it
+tries to connect (the normal pick → connect with failover), and when it
+succeeds it leaves and hands the turn to the next, which tries at once. So
+clients connect in accept order, one wake-up per change, whatever the length
+of the line. A poke that arrives while the head is trying is not lost: the
+head takes a fresh turn before each try, so the poke wakes it at once after.
 
 A client leaves the line by connecting, after `queue_timeout` from its
-accept (`queue_timeout`), when it closes (`client_abort`, checked every
-`GONE_CHECK`), or when the line is full on arrival (`max_queued`:
-`queue_full`). Each is counted.
+accept (`queue_timeout`), when it has gone (`client_abort`, checked every
+`GONE_CHECK`: closed or reset; with `abort_on_close`, the default, also a
+client that sent its bytes and then FIN, since from here it cannot be told
+from one that gave up and closed), when the
+line was full (`max_queued`: `queue_full`, the newest arrival is the one
+refused), or when its pool was removed by a reload (`no_server`). Its place
+in line is the connection's to give back (lifecycle.py), on every exit.
 
 While clients are held the pool's health checks probe every `FAST_PROBE`
 (`pause`) and the first passing check brings a server back, so a restarted
@@ -36,10 +41,7 @@ import trio
 from trioanubis.proxy.connect import client_gone
 
 if TYPE_CHECKING:
-    from trioanubis.hold_queue import Ticket
-    from trioanubis.pool import Pool
-    from trioanubis.proxy.record import ConnectionRecord
-    from trioanubis.proxy.relay import Relay
+    from trioanubis.proxy.lifecycle import Connection, EndState
 
 log = logging.getLogger("trioanubis.hold")
 
@@ -47,77 +49,52 @@ log = logging.getLogger("trioanubis.hold")
 # frees its place in line within a second, at one peek per second each.
 GONE_CHECK: Final = 1.0
 
+# One round of pick → connect: "" when connected, else why not.
+Attempt = Callable[["Connection"], Awaitable["EndState | str"]]
 
-async def hold(
-    pool: Pool, relay: Relay, record: ConnectionRecord, attempt: Callable[[], Awaitable[bool]]
-) -> bool:
-    """Hold the client until `attempt()` connects it (True) or it must be closed (False).
 
-    `record.end` says why on False: `queue_full`, `queue_timeout`,
-    `client_abort`. The client's place in line is given back in every case,
-    cancellation included.
+async def hold(conn: Connection, attempt: Attempt) -> EndState | str:
+    """Hold the client until `attempt` connects it (""), or say why it must be closed.
+
+    `queue_full`, `queue_timeout`, `client_abort` or `no_server` (its pool is gone).
     """
+    pool = conn.pool
+    assert pool is not None
     queue = pool.held
-    if len(queue) >= pool.config.max_queued:
-        queue.full += 1
-        record.end = "queue_full"
+    if not conn.join_line(queue, pool.config.max_queued):
         log.warning("pool %s: %d clients held already (max_queued); closing client %s",
-                    pool.name, len(queue), record.client)  # fmt: skip
-        return False
-    deadline = record.started + pool.config.queue_timeout
-    ticket = queue.join()
+                    pool.name, len(queue), conn.client)  # fmt: skip
+        return "queue_full"
     if len(queue) == 1:
         log.warning("pool %s: no server can take client %s; holding it for up to %gs",
-                    pool.name, record.client, pool.config.queue_timeout)  # fmt: skip
-    try:
-        return await _wait_and_try(pool, ticket, relay, record, deadline, attempt)
-    finally:
-        queue.leave(ticket)
-
-
-async def _wait_and_try(
-    pool: Pool,
-    ticket: Ticket,
-    relay: Relay,
-    record: ConnectionRecord,
-    deadline: float,
-    attempt: Callable[[], Awaitable[bool]],
-) -> bool:
-    version = pool.version
+                    pool.name, conn.client, pool.config.queue_timeout)  # fmt: skip
+    deadline = conn.started + pool.config.queue_timeout
+    ticket = queue.ticket(conn)
     while True:
-        woken = await _wait_turn(pool, ticket, deadline, version)
-        if trio.current_time() >= deadline:
-            pool.held.timeouts += 1
-            record.end = "queue_timeout"
-            log.warning("pool %s: no server for client %s within queue_timeout %gs; closing it",
-                        pool.name, record.client, pool.config.queue_timeout)  # fmt: skip
-            return False
-        if client_gone(relay.client):
-            record.end = "client_abort"
-            return False
-        if not woken:
-            continue
-        version = pool.version
-        record.end = ""
-        if await attempt():
-            pool.held.served += 1
-            return True
-        if record_end(record) == "client_abort":  # `attempt` sets it
-            return False
-
-
-async def _wait_turn(pool: Pool, ticket: Ticket, deadline: float, version: int) -> bool:
-    """Wait to be the head and for the pool to change; False if GONE_CHECK or the deadline came first."""
-    with trio.move_on_at(min(deadline, trio.current_time() + GONE_CHECK)):
-        if not ticket.turn.is_set():
+        with trio.move_on_at(min(deadline, trio.current_time() + GONE_CHECK)):
             await ticket.turn.wait()
-            return True  # the one before us connected (or left): try at once
-        if pool.version == version:  # nothing changed since our last attempt
-            await pool.wait_changed()
-        return True
-    return False
-
-
-def record_end(record: ConnectionRecord) -> str:
-    """How `record` ended so far (read through a call: the attempt that set it is opaque to mypy)."""
-    return record.end
+        if ticket.evicted:
+            log.warning("pool %s: max_queued clients held and client %s is the newest; closing it",
+                        pool.name, conn.client)  # fmt: skip
+            return "queue_full"
+        if queue.closed:
+            return "no_server"
+        if trio.current_time() >= deadline:
+            queue.timeouts += 1
+            log.warning("pool %s: no server for client %s within queue_timeout %gs; closing it",
+                        pool.name, conn.client, pool.config.queue_timeout)  # fmt: skip
+            return "queue_timeout"
+        if client_gone(conn.client_sock, fin_after_data=pool.config.abort_on_close):
+            return "client_abort"
+        if not ticket.turn.is_set():
+            continue
+        ticket.turn = trio.Event()  # a poke from now on wakes the next round
+        if not queue.is_head(ticket):
+            continue  # the turn went to a client accepted earlier, which joined meanwhile
+        outcome = await attempt(conn)
+        if not outcome:
+            queue.served += 1
+            conn.leave_line()
+            return ""
+        if outcome == "client_abort":
+            return outcome

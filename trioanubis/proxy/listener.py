@@ -1,11 +1,12 @@
 """Listeners: bind a socket, accept connections, start one task per connection.
 
 Theory of operation: `Listener.serve` binds its socket, reports the bound
-address through `task_status.started`, then accepts until cancelled. Accepted
-connections are started in a *separate* nursery that the caller owns, so
-closing a listener (drain, reload) stops new connections without touching the
-open ones. The listen socket is closed in `finally` the moment its accept
-loop is cancelled.
+address through `task_status.started`, then accepts until cancelled. Each
+accepted client becomes a `Connection` (lifecycle.py), the one owner of its
+life, and its task (`run_connection`, connection.py) starts in a *separate*
+nursery that the caller owns, so closing a listener (drain, reload) stops
+new connections without touching the open ones. The listen socket is closed
+in `finally` the moment its accept loop is cancelled.
 
 Accepting drains the backlog (several connections per wake-up) and waits for
 readiness only on EAGAIN. Errors that mean "out of resources" (EMFILE,
@@ -16,15 +17,19 @@ loop uses the same `AcceptBackoff`.
 
 Limits: a listener's `max_connections` and the process-wide `Limits` are
 checked right after accept; a client over either limit is closed at once and
-counted in `rejected`. A listener that screens its clients (allow/deny,
-per-client limits, the PROXY protocol) asks its `Admission` next, and starts
-an `accept_proxy` connection with `serve_proxied` (below), which reads the
-header first and asks again for the client it names; without those options
-the accept path is unchanged.
+counted in `rejected`. A listener that screens its clients at accept
+(allow/deny, per-client limits, without the PROXY protocol) asks its
+`Admission` next: a refused client is closed before it gets a task, an
+admitted one's per-client slot is its connection's to give back.
 
-A listener does not know the access log: it hands each ended connection's
-record to `on_record` (app.py wires the access log in), and connections know
-it only as the `Origin` connection.py describes.
+What a connection does before connecting is the listener's `opening`, a
+tuple of stages chosen from its config (and again at a reload): the PROXY
+header with the admission of the client it names (header_io.py), then the
+TLS opening for `routes` or `tls` (tls_opening.py). A plain listener has
+none, and its accept path is unchanged.
+
+A listener does not know the access log: each ended connection hands itself
+to `on_record` (app.py wires the access log in).
 """
 
 from __future__ import annotations
@@ -37,17 +42,18 @@ from typing import Final, final
 import trio
 
 from trioanubis.config import Address, ListenerConfig
-from trioanubis.errors import AnubisError, ProxyHeaderError
+from trioanubis.errors import AnubisError
 from trioanubis.pool import Pool
 from trioanubis.proxy.admission import Admission
 from trioanubis.proxy.connect import LOCAL_SHORTAGE_ERRNOS, close_socket
-from trioanubis.proxy.connection import CONNECTION_TASK_NAME, handle_connection
-from trioanubis.proxy.header_io import read_proxy_header
+from trioanubis.proxy.connection import CONNECTION_TASK_NAME, Stage, run_connection
+from trioanubis.proxy.header_io import read_header
 from trioanubis.proxy.io import Readiness
-from trioanubis.proxy.record import ConnectionRecord, RecordSink
+from trioanubis.proxy.lifecycle import Connection, Limits, normalise_peer
+from trioanubis.proxy.record import RecordSink
 from trioanubis.proxy.sni_routes import RouteTable
 from trioanubis.proxy.timeouts import Timer
-from trioanubis.proxy.tls_opening import COUNTS, serve_tls_client
+from trioanubis.proxy.tls_opening import COUNTS, open_tls
 
 log = logging.getLogger("trioanubis.listener")
 
@@ -63,8 +69,6 @@ ACCEPTS_PER_CHECKPOINT: Final = 64
 # non-blocking listening socket out (workers share one bound by the supervisor).
 SocketOpener = Callable[[Address, int], Awaitable[socket.socket]]
 
-# A connection's first task: (client socket, client address, listener[, local address from a PROXY header]).
-Handler = Callable[..., Awaitable[None]]
 
 
 @final
@@ -103,27 +107,6 @@ def somaxconn() -> int:
 
 
 @final
-class Limits:
-    """The process-wide connection count and limit, shared by every listener."""
-
-    def __init__(self, max_connections: int) -> None:
-        self.max_connections = max_connections
-        self.active = 0
-        self.draining = False  # connections that end normally now end as "drained"
-        self._idle = trio.lowlevel.ParkingLot()
-
-    def release(self) -> None:
-        self.active -= 1
-        if not self.active:
-            self._idle.unpark_all()
-
-    async def wait_idle(self) -> None:
-        """Return once no connection is open, whichever listener accepted it."""
-        while self.active:
-            await self._idle.park()
-
-
-@final
 class Listener:
     """One bound socket and its counters."""
 
@@ -145,8 +128,8 @@ class Listener:
         self.routes = RouteTable(config.routes)
         self.tls_counts = dict.fromkeys(COUNTS, 0)
         self.admission = Admission(config.name, config)
-        self.screening = config.screens_clients
-        self._handler = _handler_for(config)
+        self.screening = config.screens_clients  # judged at accept (with accept_proxy: only the proxy)
+        self.opening = _opening_for(config)
         self.limits = limits
         self.on_record = on_record  # where each ended connection's record goes (the access log)
         self.timer = timer
@@ -206,14 +189,21 @@ class Listener:
                 self.rejected += 1
                 client.close()
                 continue
-            if self.screening and not self.admission.at_accept(addr[0], self.poller.now()):
-                client.close()
-                continue
+            addr = normalise_peer(addr)
+            counted: str | None = ""
+            if self.screening:
+                counted = self.admission.at_accept(str(addr[0]), self.poller.now())
+                if counted is None:
+                    client.close()
+                    continue
             client.setblocking(False)
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.active += 1
-            self.limits.active += 1
-            connections.start_soon(self._handler, client, addr, self, name=CONNECTION_TASK_NAME)
+            conn = Connection(self, client, addr, self.pool, counted or None)  # holds its counts from now
+            try:
+                connections.start_soon(run_connection, conn, name=CONNECTION_TASK_NAME)
+            except BaseException:  # no task to own it (the nursery is closing): give back at once
+                conn.close()
+                raise
             in_a_row += 1
             if in_a_row >= ACCEPTS_PER_CHECKPOINT:
                 in_a_row = 0
@@ -232,85 +222,17 @@ class Listener:
         self.routes = RouteTable(config.routes)
         self.admission.configure(config)
         self.screening = config.screens_clients
-        self._handler = _handler_for(config)
-
-    @property
-    def serve_admitted(self) -> Handler:
-        """What continues a connection admission.py admitted after its PROXY header."""
-        return serve_tls_client if self.config.routes or self.config.tls else handle_connection
-
-    def closed_before_relay(self) -> None:
-        """Account for an accepted connection that admission refused (admission.py calls this)."""
-        self.active -= 1
-        self.limits.release()
-
-    def connection_ended(self, record: ConnectionRecord, pool: Pool) -> None:
-        """Account for one connection that ended, however it ended (connection.py calls this)."""
-        self.active -= 1
-        self.limits.release()
-        if self.admission.active:
-            self.admission.release(record.peer)
-        if record.end == "internal_error":
-            self.internal_errors += 1
-        elif self.limits.draining and record.end in ("client_eof", "server_eof"):
-            record.end = "drained"
-        record.ended = self.poller.now()
-        pool.durations.observe(record.ended - record.started)
-        self.on_record(record)
+        self.opening = _opening_for(config)
 
 
-def _handler_for(config: ListenerConfig) -> Handler:
-    """A connection's first task: the PROXY header first, the TLS opening first, or straight to connect."""
+def _opening_for(config: ListenerConfig) -> tuple[Stage, ...]:
+    """What a connection to this listener does before connecting, in order (connection.py)."""
+    stages: list[Stage] = []
     if config.accept_proxy:
-        return serve_proxied
+        stages.append(read_header)
     if config.routes or config.tls:
-        return serve_tls_client
-    return handle_connection
-
-
-async def serve_proxied(client: socket.socket, addr: tuple[object, ...], listener: Listener) -> None:
-    """The first task of a connection to an `accept_proxy` listener: the header and the checks.
-
-    A connection refused here (bad, late or missing header, or a refused
-    client) is closed and accounted for by the listener. An admitted one is
-    handed to a new task, `handle_connection`, which then owns the socket:
-    the relay's task then carries no frame of this one (memory per connection).
-    """
-    admitted: tuple[tuple[object, ...], tuple[str, int] | None] | None = None
-    try:
-        admitted = await _read_and_admit(client, addr, listener.admission, listener)
-    except Exception:  # a bug ends this connection only, never the process
-        log.exception("listener %s: reading the PROXY header from %s failed unexpectedly",
-                      listener.name, addr[0])  # fmt: skip
-    finally:
-        if admitted is None:
-            close_socket(client)
-            listener.closed_before_relay()
-    if admitted is not None:
-        assert listener.connections is not None
-        real, local = admitted
-        listener.connections.start_soon(listener.serve_admitted, client, real, listener, local,
-                                        name=CONNECTION_TASK_NAME)  # fmt: skip
-
-
-async def _read_and_admit(
-    client: socket.socket, addr: tuple[object, ...], admission: Admission, listener: Listener
-) -> tuple[tuple[object, ...], tuple[str, int] | None] | None:
-    """The real client and the address it connected to, or None when refused."""
-    now = listener.poller.now
-    try:
-        header = await read_proxy_header(client, admission.proxy_timeout)
-    except ProxyHeaderError as exc:
-        admission.refuse(str(addr[0]), exc.reason, now(), str(exc))
-        return None
-    if header.source is None:  # LOCAL / UNKNOWN: the proxy speaks for itself
-        real: tuple[object, ...] = addr
-        local = None
-    else:
-        real, local = header.source, header.destination
-    if not admission.admit(str(real[0]), now()):
-        return None
-    return real, local
+        stages.append(open_tls)
+    return tuple(stages)
 
 
 async def open_listen_socket(

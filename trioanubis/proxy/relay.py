@@ -1,9 +1,10 @@
-"""The relay: both directions of one connection, moved by one task.
+"""The socket relay: both directions of one plain connection, moved by one task.
 
-Theory of operation: one `Relay` per connection holds both sockets, the
-counters of both directions and the connection's timeout state (which the
-process-wide `Timer` in timeouts.py checks). Each direction is a `Direction`
-(client → server is `up`, server → client `down`), a small state machine
+Theory of operation: a connection with no TLS and no filter (the plain path)
+is relayed here, between its two non-blocking sockets. The `Relay` is a
+`Flow` (lifecycle.py: the accounting every relay shape shares, and the
+Timer's view of activity); each direction is a `Direction` (client → server
+is `up`, server → client `down`, its `way` says which), a small state machine
 that `advance` moves as far as it goes without waiting and leaves with what
 it waits for next (`wants`): its source to become readable (`READ`), its
 destination to take more (`WRITE`), a turn of the loop because it stopped
@@ -30,29 +31,28 @@ exception from a step is raised in that task and ends only its connection.
   for readiness only when the kernel says EAGAIN (or a short read shows the
   socket drained, unless the poller saw a FIN or error behind the data:
   `hung_up`), so a busy connection costs one syscall per chunk.
-- Every direction reads into one process-wide scratch buffer and sends from
-  it before anything else runs, which is safe because Trio runs one task at
-  a time. Only the bytes the peer did not accept yet are copied out, into a
-  buffer the direction owns until they are sent. So an idle connection holds
-  no buffer, and a blocked one holds at most one chunk per direction: a
-  direction reads again only after the previous chunk is sent (backpressure).
+- Every direction reads into its relay's scratch buffer (`Scratch`, one per
+  readiness backend, so two balancers in one process share nothing) and
+  sends from it before anything else runs, which is safe because Trio runs
+  one task at a time. Only the bytes the peer did not accept yet are copied
+  out, into a buffer the direction owns until they are sent. So an idle
+  connection holds no buffer, and a blocked one holds at most one chunk per
+  direction: a direction reads again only after the previous chunk is sent
+  (backpressure).
 - A direction whose read fills a whole chunk is bulk: where the backend
-  offers it (epoll), it switches to splice(2) through a pipe of its own
-  (256 KiB), so its bytes never enter the process; the pipe, emptied before
-  the next read, is then the bound.
-- EOF from one side shuts down writing towards the other side and ends that
-  direction; the other keeps flowing (half-close). When both directions
-  have seen EOF the relay ends normally; the second EOF is passed on by the
-  close that follows at once (its FIN), not by a shutdown of its own.
-- A reset or error on either socket ends the whole relay at once (`finish`,
-  recording why in `end`); the caller closes both sockets, with a reset
-  (`reset_on_close`) unless both sides ended cleanly, so a peer never takes
-  a cut for a complete transfer.
-- Every chunk sets `active` (no clock read per chunk), and so does the end
-  of connecting (connection.py); the Timer turns that into `last_activity`
-  (its tick's time, one float for all) on its next look and ends a relay
-  that moved no byte either way for `idle_timeout` (or the shorter
-  `half_close_timeout` once one side has sent EOF) with `end = "idle_timeout"`.
+  offers it (`caps.splice`, epoll), it switches to splice(2) through a pipe
+  of its own (256 KiB), so its bytes never enter the process; the pipe,
+  emptied before the next read, is then the bound.
+- What moved, EOFs and failures are counted and judged by the `Flow`: EOF
+  from one side shuts down writing towards the other side and ends that
+  direction; the other keeps flowing (half-close). When both directions have
+  seen EOF the connection ends normally; the second EOF is passed on by the
+  close that follows at once (its FIN), not by a shutdown of its own. A
+  reset or error on either socket ends the connection at once, naming that
+  side; it then closes both sockets with a reset, so a peer never takes a
+  cut for a complete transfer.
+- The connection stops a running relay (`stop`) when it decided its end
+  (the Timer's idle timeout, a stop): every direction is then `OVER`.
 
 Sockets are stdlib sockets in non-blocking mode; this module never closes
 them (the connection that opened them does, once `run` returned, so nothing
@@ -62,27 +62,17 @@ backend stops driving it (`stopped`).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
-import struct
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any, Final, Literal, final
+from typing import TYPE_CHECKING, Any, Final, final
 
-import trio
-
-from trioanubis.proxy.io.base import AGAIN, OVER, READ, WRITE
+from trioanubis.proxy.io.base import AGAIN, CHUNK_SIZE, OVER, READ, WRITE
+from trioanubis.proxy.lifecycle import DOWN, UP, Flow, Way
 
 if TYPE_CHECKING:
-    from trioanubis.pool import Pool, Server
-    from trioanubis.proxy.connect import Connecting
     from trioanubis.proxy.io import Readiness as Poller
-    from trioanubis.proxy.record import EndState, FirstEof
-
-# One read's worth of bytes; also the most a direction ever holds while its
-# peer is not reading. 64 KiB is the size where loopback throughput stops
-# improving with bigger reads.
-CHUNK_SIZE: Final = 65536
+    from trioanubis.proxy.lifecycle import Connection
 
 # A direction that never finds its socket empty stops (`AGAIN`) after this
 # many full chunks, so other connections and cancellation get a turn.
@@ -96,6 +86,12 @@ FULL_READS_PER_CHECKPOINT: Final = 16
 # to exercise copying.
 USE_SPLICE: Final = hasattr(os, "splice")
 _SPLICE_FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+# Pipe capacity asked for when a direction switches to splice: 256 KiB moves a
+# bulk stream in a quarter of the splice calls of the default 64 KiB; it is
+# also the most held per direction.
+PIPE_SIZE: Final = 262144
+# What a pipe holds when the kernel refuses PIPE_SIZE (above /proc/sys/fs/pipe-max-size).
+DEFAULT_PIPE_SIZE: Final = 65536
 
 # What one read-and-send found (`Relay._move`).
 EMPTY: Final = 0  # nothing to read (EAGAIN)
@@ -104,22 +100,7 @@ FULL: Final = 2  # a whole chunk read and sent: more may be waiting
 BLOCKED: Final = 3  # the peer took part of the chunk; the rest is in `Direction.unsent`
 DONE: Final = 4  # EOF or an error; this direction is over (already handled)
 
-_scratch = bytearray(CHUNK_SIZE)
-_SCRATCH: Final = memoryview(_scratch)
 _NOTHING: Final = memoryview(b"")
-
-# SO_LINGER on, with a zero timeout: close() sends a reset and drops unsent bytes.
-_LINGER_RESET: Final = struct.pack("ii", 1, 0)
-
-
-def reset_on_close(sock: socket.socket) -> None:
-    """Make the coming close of `sock` send a TCP reset instead of FIN (HAProxy's nolinger).
-
-    For a connection that did not end cleanly: a peer's reset, a timeout, a
-    stop. A socket the peer already reset has nothing left to send; that is fine.
-    """
-    with contextlib.suppress(OSError):  # already failed: the close that follows is all there is
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
 
 
 def _send(sock: socket.socket, data: memoryview) -> int:
@@ -135,19 +116,39 @@ def _send(sock: socket.socket, data: memoryview) -> int:
         return 0
 
 
+def open_pipe() -> tuple[int, int, int] | None:
+    """A non-blocking pipe for splice, as large as allowed: (read end, write end, capacity).
+
+    None when no pipe can be had (out of descriptors): the relay keeps copying.
+    Only called where splice exists (Linux), so fcntl is imported here.
+    """
+    import fcntl
+
+    try:
+        pipe_out, pipe_in = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        size = fcntl.fcntl(pipe_in, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:  # above /proc/sys/fs/pipe-max-size: keep the default
+        size = DEFAULT_PIPE_SIZE
+    return pipe_out, pipe_in, size
+
+
 @final
 class Direction:
-    """One direction of a relay: its sockets, what it waits for, what it holds."""
+    """One direction of a relay: its sockets, what it waits for, what it holds, what it moved."""
 
-    __slots__ = ("dst", "dst_fd", "pipe_in", "pipe_out", "pipe_size", "piped", "splice", "src", "src_fd",
-                 "unsent", "upstream", "wants")  # fmt: skip
+    __slots__ = ("bytes", "dst", "dst_fd", "pipe_in", "pipe_out", "pipe_size", "piped", "splice", "src",
+                 "src_fd", "unsent", "wants", "way")  # fmt: skip
 
     def __init__(
-        self, src: socket.socket, dst: socket.socket, src_fd: int, dst_fd: int, upstream: bool, splice: bool
+        self, way: Way, src: socket.socket, dst: socket.socket, src_fd: int, dst_fd: int, splice: bool
     ) -> None:
+        self.way = way
         self.src, self.dst = src, dst
         self.src_fd, self.dst_fd = src_fd, dst_fd
-        self.upstream = upstream  # client → server
+        self.bytes = 0  # moved this way
         self.wants = AGAIN  # nothing tried yet: the first `advance` reads
         self.unsent = _NOTHING  # what the peer did not take of the last chunk, until sent
         self.splice = splice  # may switch to splice once bulk
@@ -155,101 +156,63 @@ class Direction:
         self.pipe_size = 0
         self.piped = 0  # bytes in the pipe, not yet sent on
 
+    @property
+    def held(self) -> int:
+        """Bytes read and not yet taken by the receiver (in the pipe, or the unsent rest of a chunk)."""
+        return self.piped if self.pipe_in >= 0 else len(self.unsent)
+
 
 @final
-class Relay:
-    """One proxied connection: both sockets, what moved, and how it ended."""
+class Relay(Flow[Direction]):
+    """One plain connection's relay: both sockets and both directions (the counters are the Flow's)."""
 
-    __slots__ = (
-        "active", "bytes_in", "bytes_out", "client", "client_fd", "connecting", "down", "end", "error",
-        "first_eof", "first_sent", "half_close_timeout", "idle_timeout", "last_activity", "parked",
-        "pending_in", "pending_out", "poller", "pool", "scope", "server", "server_fd", "server_record",
-        "spliced", "up",
-    )  # fmt: skip
+    __slots__ = ("client", "client_fd", "driver", "poller", "server", "server_fd", "spliced")
 
     def __init__(
-        self,
-        client: socket.socket,
-        *,
-        idle_timeout: float,
-        half_close_timeout: float,
-        poller: Poller,
-        pool: Pool | None = None,
+        self, conn: Connection, client: socket.socket, server: socket.socket, poller: Poller
     ) -> None:
+        super().__init__(conn)
         self.client = client
+        self.server = server
         self.client_fd = client.fileno()
+        self.server_fd = server.fileno()
         self.poller = poller
-        self.server: socket.socket | None = None
-        self.server_fd = -1
-        self.idle_timeout = idle_timeout
-        self.half_close_timeout = half_close_timeout
-        self.pool = pool  # where first-byte latency samples go (least_time)
-        self.server_record: Server | None = None
-        self.bytes_in = 0  # client → server
-        self.bytes_out = 0  # server → client
-        self.pending_in = 0  # bytes read from the client, not yet accepted by the server
-        self.pending_out = 0
-        self.first_eof: FirstEof = ""  # "client_eof" or "server_eof": the side that sent EOF first
-        self.end: EndState | Literal[""] = ""  # why it ended; "" while running or when cut from outside
-        self.error: Exception | None = None  # what a step raised, for the connection's task to raise
-        self.first_sent = 0.0  # when the first client byte went to the server
-        self.last_activity = 0.0  # when the Timer last saw it active
-        self.active = False  # moved something since the Timer last looked (or connected since)
         self.spliced = 0  # directions that switched to splice (bulk)
-        # A nursery's scope to cancel when the relay ends: the portable backend's, a
-        # faulted or TLS connection's (faulted.py, tls_relay.py); None on epoll.
-        self.scope: trio.CancelScope | None = None
-        self.parked: Any = None  # the task the epoll backend parked for this relay (its business)
-        self.connecting: Connecting | None = None  # until connected (proxy/connect.py; the Timer checks it)
-        self.up: Direction | None = None  # set by `run`
-        self.down: Direction | None = None
+        self.driver: Any = None  # the readiness backend's own state while it drives this relay
 
     def run(self) -> Awaitable[None]:
-        """Relay until both sides sent EOF or one failed (or the Timer ends it); `await relay.run()`.
+        """Relay until both sides sent EOF or one failed (or the connection stops it); `await relay.run()`.
 
         A plain function that prepares the directions and returns the
         backend's `drive` itself, so the connection's task awaits the backend
         with no frame of ours in between (an idle connection's frames are a
-        good part of its memory). Cancellation from outside (a stop) leaves
-        `end` empty. The caller then closes both sockets; the splice pipes
-        are closed when the backend stops driving the relay (`stopped`).
+        good part of its memory). The caller then closes both sockets; the
+        splice pipes are closed when the backend stops driving the relay (`stopped`).
         """
-        server = self.server
-        assert server is not None
         poller = self.poller
-        self.server_fd = server_fd = server.fileno()
-        splice = USE_SPLICE and poller.splice
+        splice = USE_SPLICE and poller.caps.splice
+        client, server, client_fd, server_fd = self.client, self.server, self.client_fd, self.server_fd
         # The descriptors' int objects are shared, not one per direction (above 256 each is an object).
-        self.up = Direction(self.client, server, self.client_fd, server_fd, True, splice)
-        self.down = Direction(server, self.client, server_fd, self.client_fd, False, splice)
-        poller.register(self.client_fd)  # the server socket joined it to connect
+        self.up = Direction(UP, client, server, client_fd, server_fd, splice)
+        self.down = Direction(DOWN, server, client, server_fd, client_fd, splice)
+        poller.register(client_fd)  # the server socket joined it to connect
         return poller.drive(self)
+
+    def stop(self) -> None:
+        """The connection decided its end: move nothing more, and let `drive` return."""
+        self.over = True
+        self.poller.wake(self)
 
     def stopped(self) -> None:
         """The backend stopped driving this relay (ended, raised or cancelled): close its splice pipes."""
         self._close_pipe(self.up)
         self._close_pipe(self.down)
 
-    def finish(self, end: EndState) -> None:
-        """End the relay now, recording why (the first reason given wins)."""
-        if not self.end:
-            self.end = end
-        if self.scope is not None:
-            self.scope.cancel()
-        else:
-            self.poller.wake(self)
-
-    def _reset(self, *, client: bool) -> None:
-        """One side failed (reset or error): end the relay, naming that side."""
-        self.finish("client_reset" if client else "server_reset")
-
     # ------------------------------------------------------- the backend's calls
 
-    def advance(self, upstream: bool) -> int:
+    def advance(self, direction: Direction) -> int:
         """Move one direction as far as it goes without waiting; what it waits for next."""
-        direction = self.up if upstream else self.down
-        assert direction is not None
-        if self.end:
+        if self.over:
             wants = OVER
         elif direction.pipe_in >= 0:
             wants = self._splice(direction)
@@ -263,20 +226,19 @@ class Relay:
     def ready(self, fd: int, readable: bool, writable: bool) -> bool:
         """`fd` (one of ours) reported readiness: advance what waited for it; True to wake the task.
 
-        The task is needed once the relay ended or a direction stopped for
-        fairness. A relay a step broke (`error`) takes no more steps.
+        The task is needed once the relay ended or a direction stopped for fairness.
         """
         up, down = self.up, self.down
         assert up is not None and down is not None
         for direction in (up, down):
-            if self.end or self.error is not None:
+            if self.over:
                 return True
             wants = direction.wants
             if (wants == READ and readable and fd == direction.src_fd) or (
                 wants == WRITE and writable and fd == direction.dst_fd
             ):
-                self.advance(direction.upstream)
-        return bool(self.end) or self.error is not None or up.wants == AGAIN or down.wants == AGAIN
+                self.advance(direction)
+        return self.over or up.wants == AGAIN or down.wants == AGAIN
 
     def resume(self) -> bool:
         """Advance the directions that stopped for fairness (both, at first); True if one stopped again."""
@@ -284,16 +246,16 @@ class Relay:
         assert up is not None and down is not None
         again = False
         if up.wants == AGAIN:
-            again = self.advance(True) == AGAIN
+            again = self.advance(up) == AGAIN
         if down.wants == AGAIN:
-            again = self.advance(False) == AGAIN or again
-        return again and not self.end
+            again = self.advance(down) == AGAIN or again
+        return again and not self.over
 
     # ------------------------------------------------------------ copying
 
     def _copy(self, direction: Direction) -> int:
         if direction.unsent and not self._send_rest(direction):
-            return OVER if self.end else WRITE
+            return OVER if self.over else WRITE
         hung_up = self.poller.hung_up
         full_reads = 0
         while True:
@@ -319,71 +281,54 @@ class Relay:
 
         A plain function, so EAGAIN raised here leaves nothing behind (see `_send`).
         """
-        upstream = direction.upstream
+        scratch = self.poller.scratch  # the backend's read buffer (one task runs at a time)
         try:
-            received = direction.src.recv_into(_SCRATCH)
+            received = direction.src.recv_into(scratch)
         except BlockingIOError:
             return EMPTY
         except OSError:
-            self._reset(client=upstream)  # the side we read from
+            self.failed(direction.way, reading=True)
             return DONE
         if not received:
-            self.on_eof(direction.dst, upstream)
+            self._on_eof(direction)
             return DONE
-        self.active = True
-        if upstream:
-            self.bytes_in += received
-            if not self.first_sent:
-                self.first_sent = self.poller.now()
-        else:
-            if not self.bytes_out and self.first_sent and self.pool is not None:
-                self.record_first_byte(self.poller.now())
-            self.bytes_out += received
+        self.moved(direction, received)
         try:
-            sent = direction.dst.send(_SCRATCH[:received])
+            sent = direction.dst.send(scratch[:received])
         except BlockingIOError:
             sent = 0
         except OSError:
-            self._reset(client=not upstream)  # the side we write to
+            self.failed(direction.way, reading=False)
             return DONE
         if sent < received:
             # The one chunk this direction may hold, until the peer takes it.
-            direction.unsent = memoryview(bytes(_SCRATCH[sent:received]))
-            self._set_pending(upstream, received - sent)
+            direction.unsent = memoryview(bytes(scratch[sent:received]))
             return BLOCKED
         return DRAINED if received < CHUNK_SIZE else FULL
 
     def _send_rest(self, direction: Direction) -> bool:
         """Send what the peer did not take yet; False while some is left (or the relay ended)."""
-        view, upstream = direction.unsent, direction.upstream
+        view = direction.unsent
         while view:
             try:
                 sent = _send(direction.dst, view)
             except OSError:
-                self._reset(client=not upstream)  # the side we write to
+                self.failed(direction.way, reading=False)
                 return False
             if not sent:
                 direction.unsent = view
-                self._set_pending(upstream, len(view))
                 return False
             view = view[sent:]
             self.active = True
         direction.unsent = _NOTHING
-        self._set_pending(upstream, 0)
         return True
-
-    def _set_pending(self, upstream: bool, count: int) -> None:
-        if upstream:
-            self.pending_in = count
-        else:
-            self.pending_out = count
 
     # ------------------------------------------------------------ splicing
 
     def _open_pipe(self, direction: Direction) -> bool:
         """Switch a bulk direction to splice; False (and copying from now on) when no pipe can be had."""
         direction.splice = False
-        pipe = self.poller.open_pipe()
+        pipe = open_pipe()
         if pipe is None:
             return False
         direction.pipe_out, direction.pipe_in, direction.pipe_size = pipe
@@ -396,7 +341,6 @@ class Relay:
         The pipe is emptied into the destination before anything more is read,
         so at most one pipe-full is held for a slow receiver.
         """
-        upstream = direction.upstream
         moves = 0
         while True:
             while direction.piped:
@@ -404,12 +348,10 @@ class Relay:
                     direction.piped -= os.splice(direction.pipe_out, direction.dst_fd, direction.piped,
                                                  flags=_SPLICE_FLAGS)  # fmt: skip
                 except BlockingIOError:
-                    self._set_pending(upstream, direction.piped)
                     return WRITE
                 except OSError:
-                    self._reset(client=not upstream)  # the side we write to
+                    self.failed(direction.way, reading=False)
                     return OVER
-            self._set_pending(upstream, 0)
             if moves >= FULL_READS_PER_CHECKPOINT:
                 return AGAIN
             try:
@@ -418,16 +360,12 @@ class Relay:
             except BlockingIOError:
                 return READ
             except OSError:
-                self._reset(client=upstream)  # the side we read from
+                self.failed(direction.way, reading=True)
                 return OVER
             if not moved:
-                self.on_eof(direction.dst, upstream)
+                self._on_eof(direction)
                 return OVER
-            self.active = True
-            if upstream:
-                self.bytes_in += moved
-            else:
-                self.bytes_out += moved
+            self.moved(direction, moved)
             direction.piped = moved
             moves += 1
 
@@ -437,29 +375,20 @@ class Relay:
             os.close(direction.pipe_out)
             direction.pipe_in = direction.pipe_out = -1
             direction.piped = 0
-            self._set_pending(direction.upstream, 0)
 
     # ------------------------------------------------------------ ends
 
-    def on_eof(self, dst: socket.socket, upstream: bool, *, forward: bool = True) -> None:
-        """EOF from one side: pass it on to `dst` (unless a blackhole swallows it: `forward`)."""
-        both = bool(self.first_eof)  # the other side's EOF came first
-        if not both:
-            self.first_eof = "client_eof" if upstream else "server_eof"
-        self.active = True
-        if both:
-            # The relay ends now and the connection closes both sockets, which sends
-            # `dst` its FIN (as HAProxy does): no shutdown first. `dst` sent EOF
-            # already, so nothing unread is left to make that close a reset.
-            self.end = self.first_eof
+    def _on_eof(self, direction: Direction) -> None:
+        """EOF from the direction's source: pass it on, unless it was the second (the end).
+
+        After the second, the connection closes both sockets, which sends the
+        destination its FIN (as HAProxy does): no shutdown first. The
+        destination sent EOF already, so nothing unread makes that close a reset.
+        """
+        if self.eof(direction.way):
             return
         try:
-            if forward:
-                dst.shutdown(socket.SHUT_WR)
+            direction.dst.shutdown(socket.SHUT_WR)
         except OSError:
-            self._reset(client=not upstream)  # the side we write to
+            self.failed(direction.way, reading=False)
 
-    def record_first_byte(self, now: float) -> None:
-        assert self.pool is not None and self.server_record is not None
-        if self.pool.config.least_time == "first_byte":
-            self.pool.record_time(self.server_record, now - self.first_sent)

@@ -3,7 +3,8 @@
 Theory of operation: a connection's timeouts (connect, failover, idle,
 half-close) change with every byte it moves, so giving each connection its
 own Trio deadline would cost a heap update per chunk and a scope per connect.
-Instead every live connection registers with the `Timer`, one task that wakes
+Instead every connection registers with the `Timer` once it starts
+connecting (`Connection.watch`; it leaves when it closes), one task that wakes
 every `tick` seconds. Its cost follows the deadlines, not the number of
 connections: each relay sits in the bucket of the tick at which it is next
 looked at (a timing wheel, like HAProxy's), and a tick looks only at its own
@@ -17,9 +18,12 @@ bucket:
 - while relaying, every twentieth of its shortest timeout (idle or
   half-close), at least one tick: no byte either way for `idle_timeout`
   (once one side sent EOF, for the shorter of that and `half_close_timeout`)
-  ends the relay. The relay only marks itself `active` when it moves bytes
-  (reading the clock per chunk costs more than the bytes' own bookkeeping);
-  each look turns that mark into `last_activity = now`.
+  ends the connection (`idle_timeout`). The relay only marks itself `active`
+  when it moves bytes (reading the clock per chunk costs more than the bytes'
+  own bookkeeping); each look turns that mark into `last_activity = now`.
+
+The Timer decides nothing itself: it asks the connection (`end_with`) or its
+connect attempt (`Connecting.cancel`), where the end is decided.
 
 So an idle connection costs twenty looks per timeout, whatever the tick: at
 the defaults (10 min idle, 1 min half-close) one look every 3 s. A connect
@@ -40,7 +44,7 @@ import trio
 from trioanubis.proxy.connect import client_gone
 
 if TYPE_CHECKING:
-    from trioanubis.proxy.relay import Relay
+    from trioanubis.proxy.lifecycle import Connection
 
 MIN_TICK: Final = 0.005
 MAX_TICK: Final = 0.5
@@ -59,25 +63,25 @@ class Timer:
 
     def __init__(self, tick: float = MAX_TICK) -> None:
         self.tick = tick
-        self.connections: dict[Relay, int] = {}  # every watched relay → the tick it is looked at next
-        self._wheel: dict[int, set[Relay]] = {}  # tick number → the relays looked at then
+        self.connections: dict[Connection, int] = {}  # every watched connection → the tick of its next look
+        self._wheel: dict[int, set[Connection]] = {}  # tick number → the connections looked at then
         self._ticks = 0  # the number of the next tick
 
-    def watch(self, relay: Relay) -> None:
-        """Look after `relay` from the next tick on (no clock read here)."""
-        self._schedule(relay, self._ticks)
+    def watch(self, conn: Connection) -> None:
+        """Look after `conn` from the next tick on (no clock read here)."""
+        self._schedule(conn, self._ticks)
 
-    def unwatch(self, relay: Relay) -> None:
-        due = self.connections.pop(relay, None)
+    def unwatch(self, conn: Connection) -> None:
+        due = self.connections.pop(conn, None)
         if due is not None:
-            self._wheel[due].discard(relay)
+            self._wheel[due].discard(conn)
 
-    def _schedule(self, relay: Relay, due: int) -> None:
-        self.connections[relay] = due
+    def _schedule(self, conn: Connection, due: int) -> None:
+        self.connections[conn] = due
         bucket = self._wheel.get(due)
         if bucket is None:
             bucket = self._wheel[due] = set()
-        bucket.add(relay)
+        bucket.add(conn)
 
     async def run(self) -> None:
         while True:
@@ -85,7 +89,7 @@ class Timer:
             self.check(trio.current_time())
 
     def check(self, now: float) -> None:
-        """One tick: look at the relays whose turn it is, and schedule their next look."""
+        """One tick: look at the connections whose turn it is, and schedule their next look."""
         this = self._ticks
         self._ticks = this + 1
         bucket = self._wheel.pop(this, None)
@@ -93,42 +97,45 @@ class Timer:
             return
         tick = self.tick
         connections = self.connections
-        # Relays looked at again at the same tick go into that bucket together.
-        later: dict[int, list[Relay]] = {}
-        steps: dict[float, int] = {}  # a relay's shortest timeout → ticks between its looks
-        # Cancelling a scope runs no task, so nothing unwatches meanwhile.
-        for relay in bucket:
-            connecting = relay.connecting
+        # Connections looked at again at the same tick go into that bucket together.
+        later: dict[int, list[Connection]] = {}
+        steps: dict[float, int] = {}  # a connection's shortest timeout → ticks between its looks
+        # Ending a connection or an attempt runs no task, so nothing unwatches meanwhile.
+        for conn in bucket:
+            connecting, relay = conn.connecting, conn.relay
             if connecting is not None:
                 if now >= connecting.deadline:
                     connecting.cancel("timeout")
-                elif now - connecting.started >= tick and client_gone(relay.client):
+                elif now - connecting.started >= tick and client_gone(conn.client_sock):
                     connecting.cancel("client_abort")
                 step = 1
+            elif relay is None:
+                step = 1  # between connecting and relaying
             else:
+                config = conn.pool.config  # type: ignore[union-attr]  # a relaying connection has its pool
                 if relay.active:  # moved bytes since the last look: idle from now at the earliest
                     relay.active = False
                     relay.last_activity = now
                 else:
-                    limit = relay.idle_timeout
+                    limit = config.idle_timeout
                     if relay.first_eof:
-                        limit = min(limit, relay.half_close_timeout)
+                        limit = min(limit, config.half_close_timeout)
                     if now - relay.last_activity >= limit:
-                        relay.finish("idle_timeout")
-                shortest = min(relay.idle_timeout, relay.half_close_timeout)
+                        conn.end_with("idle_timeout")
+                shortest = min(config.idle_timeout, config.half_close_timeout)
                 step = steps.get(shortest, 0)
                 if not step:
                     step = steps[shortest] = max(1, int(shortest / TICKS_PER_TIMEOUT / tick))
             due = this + step
-            connections[relay] = due
+            connections[conn] = due
             group = later.get(due)
             if group is None:
-                later[due] = [relay]
+                later[due] = [conn]
             else:
-                group.append(relay)
+                group.append(conn)
         wheel = self._wheel
-        for due, relays in later.items():
+        for due, conns in later.items():
             if due in wheel:
-                wheel[due].update(relays)
+                wheel[due].update(conns)
             else:
-                wheel[due] = set(relays)
+                wheel[due] = set(conns)

@@ -68,23 +68,19 @@ def apply_snapshot(pools: Mapping[str, Pool], message: Mapping[str, Any], held: 
         for server in pool.servers:
             row = wanted.get(key_of(server))
             if row is not None:
-                changed |= _apply_row(server, row, key_of(server) in keep_down)
+                changed |= _apply_row(pool, server, row, key_of(server) in keep_down)
         if changed:
             pool.changed()
 
 
-def _apply_row(server: Server, row: Sequence[Any], keep_down: bool) -> bool:
+def _apply_row(pool: Pool, server: Server, row: Sequence[Any], keep_down: bool) -> bool:
     healthy, draining = bool(row[2]), bool(row[3])
     weight, effective = int(row[4]), float(row[5])
     if not 0 <= effective <= weight <= MAX_WEIGHT:  # NaN fails this too
         raise ValueError(f"server {row[0]!r}: weight {weight} / effective weight {effective} out of range")
     if keep_down and healthy:
         healthy = False
-    new = (healthy, draining, weight, effective)
-    if new == (server.healthy, server.draining, server.weight, server.effective_weight):
-        return False
-    server.healthy, server.draining, server.weight, server.effective_weight = new
-    return True
+    return pool.follow(server, healthy, draining, weight, effective)
 
 
 # ----------------------------------------------------------------- /stats

@@ -38,10 +38,10 @@ import select
 from typing import Final, Literal
 
 from trioanubis.errors import AnubisError
-from trioanubis.proxy.io.base import AGAIN, OVER, READ, WRITE, Driven, Readiness
+from trioanubis.proxy.io.base import AGAIN, OVER, READ, WRITE, Capabilities, Driven, Readiness
 
-__all__ = ["AGAIN", "IO_CHOICES", "IO_ENV", "OVER", "READ", "WRITE", "Driven", "IoName", "Readiness",
-           "epoll_available", "open_readiness", "resolve_io"]  # fmt: skip
+__all__ = ["AGAIN", "IO_CHOICES", "IO_ENV", "OVER", "READ", "WRITE", "Capabilities", "Driven", "IoName",
+           "Readiness", "epoll_available", "open_readiness", "resolve_io"]  # fmt: skip
 
 IoName = Literal["auto", "epoll", "portable"]
 IO_CHOICES: Final[tuple[IoName, ...]] = ("auto", "epoll", "portable")

@@ -1,12 +1,21 @@
-"""The readiness interface both backends implement (see trioanubis.proxy.io for the contract)."""
+"""The readiness interface both backends implement (see trioanubis.proxy.io for the contract).
+
+Its surface, in Trio's spirit (`_core/_io_*.py` expose a few waits and
+nothing of the relay): what a backend can do (`Capabilities`, one record),
+the plain waits (`wait_readable`, `wait_writable`, and `interrupt` to end one
+with a chosen error), a relay driven in its connection's task (`drive`, and
+`wake` when it ended from outside), and the sockets' membership (`register`,
+`unregister`, `forget`, `close`). What a backend keeps per relay while it
+drives it lives in the relay's one opaque `driver` slot, which nothing else
+reads.
+"""
 
 from __future__ import annotations
 
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Any, Final, Protocol
-
-import trio
+from dataclasses import dataclass
+from typing import Any, Final, Protocol, final
 
 # What a relay's direction waits for next (the relay's `advance` returns one):
 READ: Final = 0  # its source socket to become readable
@@ -15,24 +24,43 @@ AGAIN: Final = 2  # nothing: it stopped for fairness with more to read; advance 
 OVER: Final = 3  # nothing ever: this direction is over
 
 
+@final
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a readiness backend offers, decided once when it is built."""
+
+    name: str  # "epoll" or "portable": what `anubis check` and the start-up log name
+    # Whether bulk directions may move through a pipe with splice(2).
+    splice: bool
+    # Whether `hung_up` takes in every socket whose wake-up carried an error or hang-up,
+    # so that a connect woken without one is known to have succeeded (no SO_ERROR call).
+    reports_errors: bool
+    # Whether readiness is edge-triggered (a short read must consult `hung_up` before waiting).
+    edge_triggered: bool
+
+
 class Driven(Protocol):
     """What a backend needs of the relay it drives (proxy/relay.py's `Relay`)."""
 
     client_fd: int
     server_fd: int
-    # The epoll backend's: the task parked for this relay.
-    parked: Any
-    # Where the portable backend's nursery scope goes, so that ending the relay cancels it.
-    scope: trio.CancelScope | None
-    # What a step taken by the dispatcher raised, for `drive` to raise in the relay's task.
-    error: Exception | None
+    # The backend's own state for this relay while it drives it (the parked task, a nursery's scope).
+    driver: Any
 
     @property
-    def end(self) -> str:
-        """Why the relay ended; "" while it runs. Once set, `drive` returns."""
+    def over(self) -> bool:
+        """True once the relay ended; `drive` then returns."""
         ...
 
-    def advance(self, upstream: bool) -> int:
+    @property
+    def up(self) -> Any:
+        """Its client → server direction (what `advance` takes), once it runs."""
+        ...
+
+    @property
+    def down(self) -> Any: ...
+
+    def advance(self, direction: Any) -> int:
         """Move one direction as far as it goes without waiting; what it waits for (READ, ...)."""
         ...
 
@@ -51,18 +79,15 @@ class Driven(Protocol):
 class Readiness(Protocol):
     """What the relay and the connect path need from a readiness backend."""
 
-    name: str
+    caps: Capabilities
     # Sockets whose peer sent FIN or failed, seen by an edge the relay may not
     # have read to the end: after a short read on one of these the relay reads
     # again instead of waiting. Always empty on a level-triggered backend.
     hung_up: set[int]
-    # Whether `hung_up` takes in every socket whose wake-up carried an error or hang-up,
-    # so that a connect woken without one is known to have succeeded (no SO_ERROR call).
-    reports_errors: bool
-    # Whether bulk directions may move through a pipe with splice(2).
-    splice: bool
-    # Trio's clock (the relay stamps connection times with it).
+    # Trio's clock (connections stamp their times with it).
     now: Callable[[], float]
+    # The relays' read buffer: one per backend (so per balancer), safe because one task runs at a time.
+    scratch: memoryview
 
     def register(self, fd: int) -> None:
         """Make `fd` (a relay or connecting socket) waitable; once per socket."""
@@ -76,14 +101,11 @@ class Readiness(Protocol):
         ...
 
     def interrupt(self, fd: int, error: Callable[[], BaseException]) -> bool:
-        """Wake a plain wait on `fd` (no stepper), raising `error()` in it; False when none waited.
-
-        A driven relay is ended by `Relay.finish`, not by this.
-        """
+        """Wake a plain wait on `fd` (not a driven relay), raising `error()` in it; False when none waited."""
         ...
 
     def unregister(self, fd: int) -> None:
-        """Hand `fd` over to Trio's own waits (a TLS connection's sockets: tls_relay.py)."""
+        """Hand `fd` over to Trio's own waits (the stream relay's and the opening's sockets)."""
 
     def forget(self, fd: int) -> None:
         """Wake whatever waits on `fd` with ClosedResourceError; call before closing it."""
@@ -91,19 +113,33 @@ class Readiness(Protocol):
     def close(self, sock: socket.socket) -> None:
         """Wake the socket's waiters, then close it."""
 
-    def open_pipe(self) -> tuple[int, int, int] | None:
-        """A non-blocking pipe for splice (read end, write end, capacity), or None."""
-        ...
-
     async def drive(self, relay: Driven) -> None:
-        """Run `relay` in the calling task until it ends (`relay.end`); raise what a step raised.
+        """Run `relay` in the calling task until it is over; raise what a step raised.
 
         Both its sockets are registered. Cancellation stops it; the caller closes the sockets.
         However it returns, it calls `relay.stopped()` last.
         """
 
     def wake(self, relay: Driven) -> None:
-        """The relay ended from outside its task (the Timer, a step): let `drive` return."""
+        """The relay ended from outside its task (the connection stopped it): let `drive` return."""
 
     async def run(self) -> None:
         """The backend's task for the process's lifetime (the dispatcher, or nothing)."""
+
+    def shut_down(self) -> None:
+        """Release the backend's own resources, once nothing uses it (its balancer has stopped).
+
+        Not at the end of `run`: when a whole tree is cancelled at once, a
+        connection may still register a socket after the dispatcher stopped.
+        """
+
+
+# One read's worth of bytes; also the most a relay's direction ever holds while
+# its peer is not reading. 64 KiB is the size where loopback throughput stops
+# improving with bigger reads.
+CHUNK_SIZE: Final = 65536
+
+
+def new_scratch() -> memoryview:
+    """A backend's read buffer for its relays."""
+    return memoryview(bytearray(CHUNK_SIZE))

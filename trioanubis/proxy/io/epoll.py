@@ -12,7 +12,7 @@ edge-triggered, for both directions. A relay task that must wait parks
 itself here (`wait_task_rescheduled`); the dispatcher task sleeps on the
 epoll's own descriptor through Trio, and when it becomes readable it drains
 the ready list, advances the relays that own the ready sockets and
-reschedules the tasks parked in plain waits (connects, faulted relays).
+reschedules the tasks parked in plain waits (connects, a PROXY header sent).
 
 Why edge-triggered without EPOLLONESHOT is safe. ONESHOT exists so that a
 registration cannot fire twice before its waiter re-arms it, and so that
@@ -74,7 +74,7 @@ from typing import Final, final
 import outcome
 import trio
 
-from trioanubis.proxy.io.base import Driven
+from trioanubis.proxy.io.base import Capabilities, Driven, new_scratch
 
 # Ready descriptors taken from the kernel per dispatcher wake-up.
 MAX_EVENTS: Final = 1024
@@ -96,12 +96,6 @@ _HANG_UP_EVENTS: Final = _EPOLLRDHUP | _EPOLLHUP | _EPOLLERR
 _READ_EVENTS: Final = _EPOLLIN | _HANG_UP_EVENTS
 _WRITE_EVENTS: Final = _EPOLLOUT | _EPOLLHUP | _EPOLLERR
 _REGISTER: Final = _EPOLLIN | _EPOLLOUT | _EPOLLRDHUP | _EPOLLET
-# Pipe capacity asked for when a direction switches to splice: 256 KiB moves a
-# bulk stream in a quarter of the splice calls of the default 64 KiB; it is
-# also the most held per direction.
-PIPE_SIZE: Final = 262144
-# What a pipe holds when the kernel refuses PIPE_SIZE (above /proc/sys/fs/pipe-max-size).
-DEFAULT_PIPE_SIZE: Final = 65536
 
 _reschedule = trio.lowlevel.reschedule
 _current_task = trio.lowlevel.current_task
@@ -127,17 +121,18 @@ def _abort_driven(_: object) -> trio.lowlevel.Abort:
 class Poller:
     """The `epoll` readiness backend (see trioanubis.proxy.io)."""
 
-    name = "epoll"
-
     def __init__(self) -> None:
-        self.splice = hasattr(os, "splice")
+        # Every event's EPOLLERR / EPOLLHUP lands in hung_up before a wake-up: reports_errors.
+        self.caps = Capabilities("epoll", splice=hasattr(os, "splice"), reports_errors=True,
+                                 edge_triggered=True)  # fmt: skip
+        self.scratch = new_scratch()
         self._epoll = select.epoll()
         self._readers: dict[int, trio.lowlevel.Task] = {}
         self._writers: dict[int, trio.lowlevel.Task] = {}
         self._owners: dict[int, Driven] = {}  # both sockets of every relay being driven
+        self._errors: dict[Driven, Exception] = {}  # what a step raised, until its relay's task raises it
         self._woke = False  # a relay's task was woken during this batch of events
         self.hung_up: set[int] = set()  # sockets whose peer sent FIN or failed
-        self.reports_errors = True  # every event's EPOLLERR / EPOLLHUP lands in hung_up before a wake-up
         # Trio's clock, read without trio.current_time()'s layers (the relay stamps every chunk).
         self.now: Callable[[], float] = trio.current_time
 
@@ -146,7 +141,7 @@ class Poller:
         self._epoll.register(fd, _REGISTER)
 
     def unregister(self, fd: int) -> None:
-        """Leave this poller: the socket is handed to Trio's own waits (a TLS connection, tls_relay.py)."""
+        """Leave this poller: the socket is handed to Trio's own waits (the stream relay, streams.py)."""
         self.forget(fd)
         self._epoll.unregister(fd)
 
@@ -183,47 +178,32 @@ class Poller:
         """
         # Few locals: an idle connection keeps this frame, 8 bytes a slot.
         self._owners[relay.client_fd] = self._owners[relay.server_fd] = relay
+        errors = self._errors
         try:
             while True:
-                if relay.resume() and relay.error is None:  # one stopped for fairness: a turn, then again
+                if relay.resume() and not (errors and relay in errors):  # stopped for fairness: a turn
                     await trio.lowlevel.checkpoint()
                     continue
-                if relay.error is not None:
-                    raise relay.error
-                if relay.end:
+                if errors and relay in errors:
+                    raise errors.pop(relay)
+                if relay.over:
                     return
-                relay.parked = _current_task()
-                relay.parked.custom_sleep_data = relay  # what `wake` checks: still parked for this relay
+                relay.driver = _current_task()
+                relay.driver.custom_sleep_data = relay  # what `wake` checks: still parked for this relay
                 await _wait_task_rescheduled(_abort_driven)
         finally:
-            relay.parked = None
+            relay.driver = None
+            errors.pop(relay, None)
             del self._owners[relay.client_fd], self._owners[relay.server_fd]
             relay.stopped()
 
     def wake(self, relay: Driven) -> None:
         """Wake the task parked in `drive` for `relay`, if it is parked there."""
-        task = relay.parked
+        task = relay.driver
         if task is not None and task.custom_sleep_data is relay:
-            relay.parked = None
+            relay.driver = None
             _reschedule(task)
             self._woke = True
-
-    def open_pipe(self) -> tuple[int, int, int] | None:
-        """A non-blocking pipe for splice, as large as allowed: (read end, write end, capacity).
-
-        None when no pipe can be had (out of descriptors): the relay keeps copying.
-        """
-        import fcntl  # Linux-only, and only needed once a direction turns bulk
-
-        try:
-            pipe_out, pipe_in = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            return None
-        try:
-            size = fcntl.fcntl(pipe_in, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-        except OSError:  # above /proc/sys/fs/pipe-max-size: keep the default
-            size = DEFAULT_PIPE_SIZE
-        return pipe_out, pipe_in, size
 
     def close(self, sock: socket.socket) -> None:
         """Close a socket that only this poller ever waited on, waking its waiters first.
@@ -255,41 +235,43 @@ class Poller:
         poll = self._epoll.poll
         self.now = trio.lowlevel.current_clock().current_time
         handled = 0  # events handled without waking a task, since the last checkpoint
-        try:
-            while True:
-                events_seen = poll(0, MAX_EVENTS)
-                if not events_seen:
-                    # Idle: sleep in Trio's epoll until ours has something.
-                    await trio.lowlevel.wait_readable(self._epoll.fileno())
+        while True:
+            events_seen = poll(0, MAX_EVENTS)
+            if not events_seen:
+                # Idle: sleep in Trio's epoll until ours has something.
+                await trio.lowlevel.wait_readable(self._epoll.fileno())
+                continue
+            woke = False
+            for fd, events in events_seen:
+                if events & _HANG_UP_EVENTS:
+                    hung_up.add(fd)
+                owner = owners.get(fd)
+                if owner is not None:  # a driven relay's socket: advance it in its task's place
+                    try:
+                        wake = owner.ready(fd, bool(events & _READ_EVENTS), bool(events & _WRITE_EVENTS))
+                    except Exception as exc:  # a bug: raised in the relay's task, ends its connection
+                        self._errors[owner] = exc
+                        wake = True
+                    if wake:
+                        self.wake(owner)
                     continue
-                woke = False
-                for fd, events in events_seen:
-                    if events & _HANG_UP_EVENTS:
-                        hung_up.add(fd)
-                    owner = owners.get(fd)
-                    if owner is not None:  # a driven relay's socket: advance it in its task's place
-                        try:
-                            wake = owner.ready(fd, bool(events & _READ_EVENTS), bool(events & _WRITE_EVENTS))
-                        except Exception as exc:  # a bug: raised in the relay's task, ends its connection
-                            owner.error = exc
-                            wake = True
-                        if wake:
-                            self.wake(owner)
-                        continue
-                    if events & _READ_EVENTS and fd in readers:
-                        _reschedule(readers.pop(fd))
-                        woke = True
-                    if events & _WRITE_EVENTS and fd in writers:
-                        _reschedule(writers.pop(fd))
-                        woke = True
-                woke = woke or self._woke
-                self._woke = False
-                handled += len(events_seen)
-                if woke or handled >= EVENTS_PER_CHECKPOINT:
-                    # Let the woken tasks (and Trio's own I/O) run, then look again
-                    # without re-arming Trio's epoll.
-                    handled = 0
-                    await trio.lowlevel.checkpoint()
-        finally:
+                if events & _READ_EVENTS and fd in readers:
+                    _reschedule(readers.pop(fd))
+                    woke = True
+                if events & _WRITE_EVENTS and fd in writers:
+                    _reschedule(writers.pop(fd))
+                    woke = True
+            woke = woke or self._woke
+            self._woke = False
+            handled += len(events_seen)
+            if woke or handled >= EVENTS_PER_CHECKPOINT:
+                # Let the woken tasks (and Trio's own I/O) run, then look again
+                # without re-arming Trio's epoll.
+                handled = 0
+                await trio.lowlevel.checkpoint()
+
+    def shut_down(self) -> None:
+        """Close the epoll, once nothing uses this poller (the balancer's run has returned)."""
+        if not self._epoll.closed:
             trio.lowlevel.notify_closing(self._epoll.fileno())
             self._epoll.close()

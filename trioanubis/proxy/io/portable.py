@@ -10,8 +10,9 @@ FIN queued behind the data, and `hung_up` stays empty.
 A relay is driven (`drive`) with one task per direction in a nursery of
 the connection's: each advances its direction and waits, with Trio's waits,
 for what the direction waits for (a read, room to write, a turn). Ending
-the relay cancels the nursery (`relay.scope`); a bug in a step is raised in
-that direction's task and ends the connection. A bulk direction keeps
+the relay (`wake`) cancels the nursery, whose scope is the relay's `driver`
+meanwhile; a bug in a step is raised in that direction's task and ends the
+connection. A bulk direction keeps
 copying through the relay's 64 KiB chunk (`splice` is False), so
 backpressure holds at most one chunk per direction, as on the epoll backend
 with splice off.
@@ -30,11 +31,11 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Final, final
+from typing import Any, Final, final
 
 import trio
 
-from trioanubis.proxy.io.base import AGAIN, READ, WRITE, Driven
+from trioanubis.proxy.io.base import AGAIN, READ, WRITE, Capabilities, Driven, new_scratch
 
 
 @final
@@ -52,12 +53,11 @@ class _Wait:
 class PortableReadiness:
     """The `portable` readiness backend (see trioanubis.proxy.io)."""
 
-    name = "portable"
-
     def __init__(self) -> None:
+        # Trio's waits say only "ready" (a connect asks SO_ERROR); bulk bytes are copied.
+        self.caps = Capabilities("portable", splice=False, reports_errors=False, edge_triggered=False)
         self.hung_up: set[int] = set()  # level-triggered: never needed, always empty
-        self.reports_errors = False  # Trio's waits say only "ready": a connect asks SO_ERROR
-        self.splice = False
+        self.scratch = new_scratch()
         self.now: Callable[[], float] = trio.current_time
         self._readers: dict[int, _Wait] = {}
         self._writers: dict[int, _Wait] = {}
@@ -75,14 +75,20 @@ class PortableReadiness:
         """Run `relay` with one task per direction in a nursery, which ending the relay cancels."""
         try:
             async with trio.open_nursery() as nursery:
-                relay.scope = nursery.cancel_scope
-                nursery.start_soon(_direction, relay, False, name=_DIRECTION_TASK_NAME)
-                await _direction(relay, True)
+                relay.driver = nursery.cancel_scope
+                if relay.over:
+                    return
+                nursery.start_soon(_direction, relay, relay.down, name=_DIRECTION_TASK_NAME)
+                await _direction(relay, relay.up)
         finally:
+            relay.driver = None
             relay.stopped()
 
     def wake(self, relay: Driven) -> None:
-        """Nothing to do: ending the relay cancels its nursery (`relay.scope`)."""
+        """Cancel the relay's nursery (its `driver` while it runs)."""
+        scope = relay.driver
+        if scope is not None:
+            scope.cancel()
 
     async def _wait(
         self, waiters: dict[int, _Wait], fd: int, wait: Callable[[int], Awaitable[None]]
@@ -120,8 +126,8 @@ class PortableReadiness:
             trio.lowlevel.notify_closing(sock)
         sock.close()
 
-    def open_pipe(self) -> tuple[int, int, int] | None:
-        return None  # no splice here: bulk bytes are copied
+    def shut_down(self) -> None:
+        """Nothing to release: Trio owns every wait."""
 
     async def run(self) -> None:
         """Nothing to dispatch; only take Trio's clock for `now`, then wait for the end."""
@@ -133,16 +139,16 @@ class PortableReadiness:
 _DIRECTION_TASK_NAME: Final = "trioanubis.relay.server_to_client"
 
 
-async def _direction(relay: Driven, upstream: bool) -> None:
+async def _direction(relay: Driven, direction: Any) -> None:
     """One direction of a driven relay: advance it, wait for what it waits for, until it is over.
 
     No scope per wait here: a cancel scope per wait cost a third of the
     keep-alive rate, and nothing interrupts a direction (its relay is
-    finished instead, which cancels the nursery); `forget` still reaches it.
+    stopped instead, which cancels the nursery); `forget` still reaches it.
     """
-    src, dst = (relay.client_fd, relay.server_fd) if upstream else (relay.server_fd, relay.client_fd)
+    src, dst = direction.src_fd, direction.dst_fd
     while True:
-        wants = relay.advance(upstream)
+        wants = relay.advance(direction)
         if wants == READ:
             await trio.lowlevel.wait_readable(src)
         elif wants == WRITE:

@@ -1,0 +1,314 @@
+"""The stream relay: a connection with TLS on either side, or with byte filters, over Trio streams.
+
+Theory of operation: the socket relay (relay.py, with the poller's inline
+steps and splice) moves plain bytes between two sockets with no filter. A
+connection that needs more — TLS termination or origination (its bytes
+decrypted and encrypted), or filters on its bytes (injected faults today:
+latency, jitter, bandwidth, slices, a cut after N bytes, a blackhole) — is
+relayed here instead, chosen once per connection by connection.py. Every
+combination composes: faults apply through TLS as on plain TCP, because this
+relay only sees two `Side`s, each a Trio half-closeable stream (a `TlsStream`
+or a `trio.SocketStream` over the plain socket) with its socket beside it.
+
+The relay is a `Flow` (lifecycle.py), so counting, the first byte each way,
+EOF, blame and the Timer's idle clock are the socket relay's, decided in
+the same place; what differs is only how bytes move. Each direction is a
+`StreamDirection`:
+
+- without filters, one pump task: receive one chunk (at most `CHUNK_SIZE`),
+  send it whole, receive again (backpressure: at most one chunk held, besides
+  one TLS record in each BIO);
+- with filters, two tasks: a reader that moves bytes from its source into a
+  FIFO of (due time, bytes), and a sender that takes them off in order when
+  due and delivers them (in slices, paced by a token bucket, up to a cut). The
+  FIFO holds at most `QUEUE_BOUND` bytes, counting what is being sent: a full
+  queue stops the reader, so a slow or delayed direction pushes back on its
+  sender (TCP backpressure) rather than growing. With latency L a direction
+  carries at most QUEUE_BOUND per L.
+
+What a relay promises still holds: bytes leave in the order they came, EOF
+(close_notify, or FIN on a plain side) is passed on after the last byte as
+`send_eof` and the other direction keeps flowing (half-close), a reset or a
+TLS error ends the connection naming the side that failed. The filters' cuts
+end it on purpose: `fault_close` (a clean close) or `fault_reset` (a reset,
+after the kernel has sent the bytes before the cut, so the peer receives
+exactly `reset_after` bytes and then ECONNRESET). A blackholed direction
+reads and drops, and passes no EOF either: a dead link, not a closed one.
+
+The sockets of a connection relayed here left the readiness backend's epoll
+(`Readiness.unregister`) when it was chosen; Trio waits on them, and the
+connection announces them to Trio before it closes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import sys
+from collections import deque
+from typing import TYPE_CHECKING, Final, final
+
+import trio
+
+from trioanubis.proxy.faults import count
+from trioanubis.proxy.io.base import CHUNK_SIZE
+from trioanubis.proxy.lifecycle import DOWN, UP, Flow, Way
+
+if TYPE_CHECKING:
+    from trioanubis.proxy.faults import DirectionPlan
+    from trioanubis.proxy.lifecycle import Connection
+
+# Bytes one filtered direction may hold (queued or being sent): the socket relay's bound.
+QUEUE_BOUND: Final = CHUNK_SIZE
+# A bandwidth limit is paced in steps of 1/20 s: smooth enough for a client to
+# see a steady rate, few enough wake-ups to cost nothing.
+PACING_STEPS: Final = 20
+# Tiny slices without a delay yield to other tasks this often.
+SLICES_PER_CHECKPOINT: Final = 64
+# Before a reset, how long the kernel gets to send what precedes the cut.
+DRAIN_LIMIT: Final = 2.0
+_DRAIN_POLL: Final = 0.001
+# What a stream raises when its peer or its transport failed.
+_STREAM_ERRORS: Final = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+_DOWN_TASK_NAME: Final = "trioanubis.streams.server_to_client"
+
+
+def socket_stream(sock: socket.socket) -> trio.SocketStream:
+    """A Trio stream over a connection's plain socket (the connection keeps owning the socket)."""
+    return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+
+
+@final
+class Side:
+    """One end of a stream-relayed connection: the stream bytes move through, and its socket."""
+
+    __slots__ = ("sock", "stream")
+
+    def __init__(self, stream: trio.abc.HalfCloseableStream, sock: socket.socket) -> None:
+        self.stream = stream
+        self.sock = sock
+
+
+@final
+class StreamRelay(Flow["StreamDirection"]):
+    """A connection relayed over two streams, each direction with its filters (or none)."""
+
+    __slots__ = ("scope",)
+
+    def __init__(self, conn: Connection) -> None:
+        super().__init__(conn)
+        self.scope: trio.CancelScope | None = None
+
+    def stop(self) -> None:
+        self.over = True
+        if self.scope is not None:
+            self.scope.cancel()
+
+    async def run(
+        self, client: Side, server: Side, up: DirectionPlan | None, down: DirectionPlan | None
+    ) -> None:
+        """Relay until both sides sent EOF or one failed (or the connection stops it)."""
+        self.up = StreamDirection(self, UP, client, server, up)
+        self.down = StreamDirection(self, DOWN, server, client, down)
+        async with trio.open_nursery() as nursery:
+            self.scope = nursery.cancel_scope
+            if self.over:
+                nursery.cancel_scope.cancel()
+            self.down.start(nursery, _DOWN_TASK_NAME)
+            self.up.start(nursery, None)
+
+
+@final
+class StreamDirection:
+    """One direction of a stream relay: its sides, its filters, its FIFO and what it moved."""
+
+    __slots__ = ("_arrived", "_room", "bytes", "delivered", "dst", "held", "next_send", "plan", "queue",
+                 "relay", "src", "way")  # fmt: skip
+
+    def __init__(
+        self, relay: StreamRelay, way: Way, src: Side, dst: Side, plan: DirectionPlan | None
+    ) -> None:
+        self.relay = relay
+        self.way = way
+        self.src, self.dst = src, dst
+        self.plan = plan
+        self.bytes = 0  # delivered this way
+        self.queue: deque[tuple[float, bytes]] = deque()  # (due, data); b"" is the EOF
+        self.held = 0  # bytes queued or being sent: at most QUEUE_BOUND
+        self.delivered = 0  # towards a cut (reset_after / close_after)
+        self.next_send = 0.0  # the token bucket's next free moment (bandwidth)
+        self._room = trio.lowlevel.ParkingLot()  # the reader, waiting for the queue to shrink
+        self._arrived = trio.lowlevel.ParkingLot()  # the sender, waiting for the queue to fill
+
+    def start(self, nursery: trio.Nursery, name: str | None) -> None:
+        if self.plan is None:
+            nursery.start_soon(self.pump, name=name)
+        else:
+            nursery.start_soon(self.read, name=name)
+            nursery.start_soon(self.send, name=name)
+
+    # ------------------------------------------------------- without filters
+
+    async def pump(self) -> None:
+        relay, src, dst = self.relay, self.src.stream, self.dst.stream
+        while True:
+            try:
+                data = await src.receive_some(CHUNK_SIZE)
+            except _STREAM_ERRORS:
+                relay.failed(self.way, reading=True)
+                return
+            if not data:
+                await self._pass_eof(forward=True)
+                return
+            try:
+                await dst.send_all(data)
+            except _STREAM_ERRORS:
+                relay.failed(self.way, reading=False)
+                return
+            relay.moved(self, len(data))
+
+    async def _pass_eof(self, *, forward: bool) -> None:
+        """The source sent EOF: pass it on (unless a blackhole swallows it), then count it."""
+        if forward:
+            try:
+                await self.dst.stream.send_eof()
+            except _STREAM_ERRORS:
+                self.relay.failed(self.way, reading=False)
+                return
+        self.relay.eof(self.way)
+
+    # ------------------------------------------------------- with filters: reading
+
+    async def read(self) -> None:
+        relay, src, plan = self.relay, self.src.stream, self.plan
+        assert plan is not None
+        while True:
+            room = QUEUE_BOUND - self.held
+            if room <= 0:
+                await self._room.park()
+                continue
+            try:
+                data = await src.receive_some(room)
+            except _STREAM_ERRORS:
+                relay.failed(self.way, reading=True)
+                return
+            relay.active = True
+            if data and plan.blackhole:
+                continue  # read and dropped (receive_some checkpoints, so a flood still yields)
+            self._push(bytes(data))
+            if not data:
+                return
+
+    def _push(self, data: bytes) -> None:
+        plan = self.plan
+        assert plan is not None
+        delay = plan.delay() if plan.latency else 0.0
+        self.queue.append((trio.current_time() + delay if delay else 0.0, data))
+        self.held += len(data)
+        self._arrived.unpark_all()
+
+    # ------------------------------------------------------- with filters: sending
+
+    async def send(self) -> None:
+        plan = self.plan
+        assert plan is not None
+        while True:
+            if not self.queue:
+                await self._arrived.park()
+                continue
+            due, data = self.queue[0]
+            if due and due > trio.current_time():
+                await trio.sleep_until(due)
+            self.queue.popleft()
+            if not data:
+                await self._pass_eof(forward=not plan.blackhole)
+                return
+            delivered = await self._deliver(memoryview(data))
+            self.held -= len(data)
+            self._room.unpark_all()
+            if not delivered:
+                return
+
+    async def _deliver(self, view: memoryview) -> bool:
+        """Send one chunk in slices, paced, up to the cut; False when the connection ends here."""
+        plan = self.plan
+        assert plan is not None
+        pieces = 0
+        while view:
+            piece = len(view)
+            if plan.slice:
+                piece = min(piece, plan.slice)
+            if plan.bandwidth:
+                piece = min(piece, max(1, plan.bandwidth // PACING_STEPS))
+                await self._pace(piece, plan.bandwidth)
+            if plan.limit:
+                piece = min(piece, plan.limit - self.delivered)
+            try:
+                await self.dst.stream.send_all(view[:piece])
+            except _STREAM_ERRORS:
+                self.relay.failed(self.way, reading=False)
+                return False
+            self.relay.moved(self, piece)
+            self.delivered += piece
+            view = view[piece:]
+            if plan.limit and self.delivered >= plan.limit:
+                await self._cut(plan.cut)
+                return False
+            if plan.slice and view:
+                pieces += 1
+                if plan.slice_delay:
+                    await trio.sleep(plan.slice_delay)
+                elif pieces % SLICES_PER_CHECKPOINT == 0:
+                    await trio.lowlevel.checkpoint()
+        return True
+
+    async def _pace(self, size: int, rate: int) -> None:
+        """The token bucket: wait until `size` more bytes keep the rate."""
+        now = trio.current_time()
+        if self.next_send > now:
+            await trio.sleep_until(self.next_send)
+        self.next_send = max(self.next_send, now) + size / rate
+
+    async def _cut(self, end: str) -> None:
+        """`reset_after` / `close_after` reached: end the connection the way the plan says."""
+        conn = self.relay.conn
+        server = conn.picked
+        if server is not None:
+            count(server, "reset_after" if end == "fault_reset" else "close_after")
+        if end == "fault_reset":
+            # A reset drops what the kernel still holds: let it send the bytes before the cut.
+            with trio.move_on_after(DRAIN_LIMIT):
+                while _unsent(self.dst.sock):
+                    await trio.sleep(_DRAIN_POLL)
+            conn.end_with("fault_reset")
+        else:
+            conn.end_with("fault_close")
+
+
+def _unsent(sock: socket.socket) -> bool:
+    """Whether `sock` still holds bytes its peer has not acknowledged (Linux: SIOCOUTQ).
+
+    Elsewhere there is no portable way to ask; False, and the reset may take
+    the last bytes with it (a real network's reset does too).
+    """
+    try:
+        import fcntl  # Unix only: imported here, never at import time
+        import termios
+
+        outq = getattr(termios, "TIOCOUTQ", None)
+        if outq is None:
+            return False
+        buffer = fcntl.ioctl(sock.fileno(), outq, b"\0\0\0\0")
+    except (ImportError, OSError):
+        return False
+    return int.from_bytes(buffer, sys.byteorder) > 0
+
+
+def release_to_trio(conn: Connection) -> None:
+    """Hand the connection's sockets from the readiness backend to Trio's own waits (streams use them)."""
+    poller = conn.origin.poller
+    for sock in (conn.client_sock, conn.server_sock):
+        if sock is not None:
+            with contextlib.suppress(KeyError, ValueError, OSError):  # never registered: nothing to leave
+                poller.unregister(sock.fileno())
+    conn.waited_by_trio()
