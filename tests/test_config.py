@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import EVENTUALLY, start_backend, wait_until
 from trioanubis import config as config_module
+from trioanubis.config import load as config_load
 from trioanubis.app import Balancer
 from trioanubis.config import Address, ConfigError, load_config, parse_address, parse_duration
 
@@ -203,7 +204,7 @@ def test_tomli_code_path_parses_the_same(monkeypatch: pytest.MonkeyPatch, tmp_pa
     """Python < 3.11 parses with tomli: run the loader with it and compare the results."""
     tomli = pytest.importorskip("tomli", reason="tomli is in the test extra")
     with_stdlib = load_config(ROOT / "anubis.toml")
-    monkeypatch.setattr(config_module, "tomllib", tomli)
+    monkeypatch.setattr(config_load, "tomllib", tomli)
     assert repr(load_config(ROOT / "anubis.toml")) == repr(with_stdlib)
     assert "invalid TOML" in error_of(tmp_path, "[listeners.web\n")
 
@@ -562,15 +563,15 @@ EVERY_TABLE: dict[str, Any] = {
 def accepted_keys() -> dict[str, set[str]]:
     """{"pools.*.health": {"check", "path", …}, …}: what each table's validation accepts."""
     tables: dict[str, set[str]] = {}
-    original = config_module._Node.check_keys
+    original = config_module.Node.check_keys
 
-    def recording(node: config_module._Node, known: tuple[str, ...]) -> None:
+    def recording(node: config_module.Node, known: tuple[str, ...]) -> None:
         path = re.sub(r"^(listeners|pools)\.[^.\[]+", r"\1.*", node.path)
         tables.setdefault(re.sub(r"\[\d+\]", "[]", path), set()).update(known)
         original(node, known)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(config_module._Node, "check_keys", recording)
+        patch.setattr(config_module.Node, "check_keys", recording)
         config_module.parse_config(EVERY_TABLE)
     return tables
 
