@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 
 from tests.conftest import EVENTUALLY, start_backend, wait_until
 from trioanubis import config as config_module
-from trioanubis.config import load as config_load
 from trioanubis.app import Balancer
 from trioanubis.config import Address, ConfigError, load_config, parse_address, parse_duration
+from trioanubis.config import load as config_load
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -242,15 +242,15 @@ HOSTILE = [
     ('bind = ":8000"', 'bind = "a..b:80"', "listeners.web.bind: 'a..b' is not a valid host name"),
     ("[listeners.web]", '[admin]\nbind = "a..b:80"\n[listeners.web]', "admin.bind: 'a..b' is not a valid"),
     ("[pools.web]", '[pools.web.health]\ninterval = nan\n[pools.web]',
-     "pools.web.health.interval: must be a finite duration, got nan"),
+     "pools.web.health.interval: must be a finite duration from 1ms to 24h, got nan"),
     ("[pools.web]", '[pools.web.health]\ntimeout = inf\n[pools.web]',
-     "pools.web.health.timeout: must be a finite duration, got inf"),
+     "pools.web.health.timeout: must be a finite duration from 1ms to 24h, got inf"),
     ("[pools.web]", "[settings]\ndrain_timeout = nan\n[pools.web]",
-     "settings.drain_timeout: must be a finite duration, got nan"),
+     "settings.drain_timeout: must be a finite duration from 0 to 24h, got nan"),
     ("[pools.web]", "[pools.web]\nconnect_timeout = nan", "pools.web.connect_timeout: must be a finite"),
     ("[pools.web]", "[pools.web]\nidle_timeout = -inf", "pools.web.idle_timeout: must be a finite"),
     ("[pools.web]", f'[pools.web]\nfailover_timeout = "{"9" * 400}s"',
-     "pools.web.failover_timeout: must be a finite duration"),
+     f'pools.web.failover_timeout: must be a duration from 0 to 24h, got "{"9" * 48}...{"9" * 12}s"'),
     ("[pools.web]", '[pools.web]\nstrategy = "trioanubis.strategies.base:Strategy"',
      "pools.web.strategy: trioanubis.strategies.base:Strategy is a typing.Protocol"),
     ("[pools.web]", '[pools.web]\nstrategy = "fractions:Fraction"',

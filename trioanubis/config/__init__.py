@@ -8,6 +8,7 @@ the ones above it in this list (and `trioanubis.errors`):
   header text, SNI patterns, overlapping binds), plain values in;
 - `values.py`: single values (durations, rates, sizes, networks, addresses,
   escaped bytes), plain values in and out, `ValueError` with the reason;
+- `ranges.py`: every numeric key's kind and range, the table `node.py` reads;
 - `node.py`: a table under validation, which turns a reason into a
   `ConfigError` naming file, key path and value;
 - the section parsers: `settings.py` (settings, admin), `faults.py`,
@@ -24,8 +25,8 @@ re-exported here: `from trioanubis.config import X`.
 from __future__ import annotations
 
 from trioanubis.config.checks import check_pattern, find_bind_overlap, listen_ip
-from trioanubis.config.faults import FAULT_KEYS, MAX_FAULT_DELAY, parse_faults
-from trioanubis.config.health_checks import MAX_EXPECT_BYTES, MAX_SEND
+from trioanubis.config.faults import FAULT_KEYS, parse_faults
+from trioanubis.config.health_checks import MAX_SEND
 from trioanubis.config.load import (
     MAX_CONFIG_BYTES,
     load_config,
@@ -65,18 +66,33 @@ from trioanubis.config.model import (
     TlsClient,
     TlsServer,
 )
-from trioanubis.config.node import Node
-from trioanubis.config.pools import MAX_PRIORITY
-from trioanubis.config.settings import MAX_TOKEN_BYTES, MAX_WORKERS, epoll_available
-from trioanubis.config.spawn import MAX_REPLICAS
+from trioanubis.config.node import Node, show_value
+from trioanubis.config.ranges import (
+    MAX_CONNECTIONS,
+    MAX_EXPECT_BYTES,
+    MAX_FAULT_DELAY,
+    MAX_PRIORITY,
+    MAX_REPLICAS,
+    MAX_WEIGHT,
+    MAX_WORKERS,
+    RANGES,
+    WEIGHT,
+    range_of,
+)
+from trioanubis.config.settings import MAX_TOKEN_BYTES, epoll_available
 from trioanubis.config.values import (
+    DAY,
     DNS_PORT,
     MAX_SIZE,
+    RATE_PERIOD,
+    Range,
     compile_regex,
     decode_escapes,
     parse_address,
     parse_bandwidth,
     parse_duration,
+    parse_fraction,
+    parse_integer,
     parse_network,
     parse_rate,
     parse_resolver,
@@ -85,14 +101,76 @@ from trioanubis.config.values import (
 from trioanubis.errors import ConfigError
 
 __all__ = [
-    "BACKUP_PRIORITY", "DNS_PORT", "EXPECT_BYTES", "FAULT_KEYS", "HEALTH_CHECKS", "IO_CHOICES",
-    "MAX_CONFIG_BYTES", "MAX_EXPECT_BYTES", "MAX_FAULT_DELAY", "MAX_PRIORITY", "MAX_REPLICAS", "MAX_SEND",
-    "MAX_SIZE", "MAX_TOKEN_BYTES", "MAX_WORKERS", "PARSED", "PROTOCOL_CHECKS", "SERVER_FIRST",
-    "Address", "AdminConfig", "Config", "ConfigError", "DiscoveryConfig", "FaultConfig", "FaultDirection",
-    "HealthCheck", "HealthConfig", "IoName", "LeastTimeMode", "ListenerConfig", "LogFormat", "Network",
-    "Node", "PoolConfig", "Rate", "Route", "SendProxy", "ServerConfig", "Settings", "SpawnConfig",
-    "TlsClient", "TlsServer", "check_pattern", "compile_regex", "decode_escapes", "epoll_available",
-    "find_bind_overlap", "listen_ip", "load_config", "parse_address", "parse_bandwidth", "parse_config",
-    "parse_config_text", "parse_duration", "parse_faults", "parse_network", "parse_rate", "parse_resolver",
-    "parse_size", "proxy_config", "read_config_file",
+    "BACKUP_PRIORITY",
+    "DAY",
+    "DNS_PORT",
+    "EXPECT_BYTES",
+    "FAULT_KEYS",
+    "HEALTH_CHECKS",
+    "IO_CHOICES",
+    "MAX_CONFIG_BYTES",
+    "MAX_CONNECTIONS",
+    "MAX_EXPECT_BYTES",
+    "MAX_FAULT_DELAY",
+    "MAX_PRIORITY",
+    "MAX_REPLICAS",
+    "MAX_SEND",
+    "MAX_SIZE",
+    "MAX_TOKEN_BYTES",
+    "MAX_WEIGHT",
+    "MAX_WORKERS",
+    "PARSED",
+    "PROTOCOL_CHECKS",
+    "RANGES",
+    "RATE_PERIOD",
+    "SERVER_FIRST",
+    "WEIGHT",
+    "Address",
+    "AdminConfig",
+    "Config",
+    "ConfigError",
+    "DiscoveryConfig",
+    "FaultConfig",
+    "FaultDirection",
+    "HealthCheck",
+    "HealthConfig",
+    "IoName",
+    "LeastTimeMode",
+    "ListenerConfig",
+    "LogFormat",
+    "Network",
+    "Node",
+    "PoolConfig",
+    "Range",
+    "Rate",
+    "Route",
+    "SendProxy",
+    "ServerConfig",
+    "Settings",
+    "SpawnConfig",
+    "TlsClient",
+    "TlsServer",
+    "check_pattern",
+    "compile_regex",
+    "decode_escapes",
+    "epoll_available",
+    "find_bind_overlap",
+    "listen_ip",
+    "load_config",
+    "parse_address",
+    "parse_bandwidth",
+    "parse_config",
+    "parse_config_text",
+    "parse_duration",
+    "parse_faults",
+    "parse_fraction",
+    "parse_integer",
+    "parse_network",
+    "parse_rate",
+    "parse_resolver",
+    "parse_size",
+    "proxy_config",
+    "range_of",
+    "read_config_file",
+    "show_value",
 ]  # fmt: skip

@@ -114,7 +114,7 @@ def check_header_host(host: str) -> None:
 
 
 def _is_port(text: str) -> bool:
-    return text.isdigit() and 0 < int(text) < 65536
+    return text.isdigit() and len(text) <= 5 and 0 < int(text) < 65536
 
 
 def _is_ipv6(text: str) -> bool:

@@ -24,9 +24,7 @@ from trioanubis.config.model import (
 from trioanubis.config.node import Node
 from trioanubis.config.values import compile_regex, decode_escapes
 
-# Protocol checks: the ceiling of the bytes one check may read, and the most a
-# check may send (a request, not a payload).
-MAX_EXPECT_BYTES = 1 << 20
+# Protocol checks: the most a check may send (a request, not a payload).
 MAX_SEND = 65536
 
 
@@ -44,12 +42,12 @@ def parse_health(node: Node) -> HealthConfig:
         check=check,  # type: ignore[arg-type]
         path=path,
         host=host,
-        expect_status=node.integer("expect_status", 200, minimum=100, maximum=599),
+        expect_status=node.integer("expect_status", 200),
         expect_body=node.string("expect_body", ""),
-        interval=node.duration("interval", 2.0, positive=True),
-        timeout=node.duration("timeout", 1.0, positive=True),
-        rise=node.integer("rise", 2, minimum=1, maximum=1000),
-        fall=node.integer("fall", 3, minimum=1, maximum=1000),
+        interval=node.duration("interval", 2.0),
+        timeout=node.duration("timeout", 1.0),
+        rise=node.integer("rise", 2),
+        fall=node.integer("fall", 3),
         slow_start=node.duration("slow_start", 0.0),
         send_proxy=node.boolean("send_proxy", False),
         **_parse_probe(node, check),
@@ -77,7 +75,7 @@ def _parse_probe(node: Node, check: str) -> dict[str, Any]:
                              f"check = \"send_expect\" to send", node.data[key], key)  # fmt: skip
         if key == "user" and check != "postgres":
             raise node.error("is only used by check = \"postgres\"", node.data[key], key)
-    limit = node.integer("expect_bytes", EXPECT_BYTES, minimum=1, maximum=MAX_EXPECT_BYTES)
+    limit = node.integer("expect_bytes", EXPECT_BYTES)
     send = _escaped(node, "send", MAX_SEND) if "send" in node.data else None
     expect = _escaped(node, "expect", limit)
     regex = node.string("expect_regex", "")

@@ -40,9 +40,9 @@ def parse_listener(name: str, node: Node) -> ListenerConfig:
         bind=node.address("bind", allow_any_host=True),
         pool=node.string("pool", ""),
         max_connections=node.integer("max_connections", 0),
-        backlog=node.integer("backlog", 0, maximum=65535),
+        backlog=node.integer("backlog", 0),
         routes=routes,
-        peek_timeout=node.duration("peek_timeout", 5.0, positive=True),
+        peek_timeout=node.duration("peek_timeout", 5.0),
         tls=_parse_tls_server(node) if "tls" in node.data else None,
         **_parse_client_options(node),
     )
@@ -55,7 +55,7 @@ def _parse_routes(node: Node) -> tuple[Route, ...]:
         raise node.error("must be an array of { sni = \"…\", pool = \"…\" } tables", value, "routes")
     routes = []
     for index, entry in enumerate(value):
-        item = node.nested(entry, node.key_path(f"routes[{index}]"))
+        item = node.nested(entry, node.key_path(f"routes[{index}]"), "listeners.*.routes[]")
         item.check_keys(("sni", "pool", "alpn"))
         for key in ("sni", "pool"):
             if not item.string(key, ""):
@@ -82,7 +82,8 @@ def _parse_tls_server(node: Node) -> TlsServer:
         raise node.error("must be { cert = \"…\", key = \"…\" } or a non-empty array of them", value, "tls")
     pairs = []
     for index, entry in enumerate(entries):
-        item = node.nested(entry, node.key_path(f"tls[{index}]" if isinstance(value, list) else "tls"))
+        path = node.key_path(f"tls[{index}]" if isinstance(value, list) else "tls")
+        item = node.nested(entry, path, "listeners.*.tls")
         item.check_keys(("cert", "key"))
         for key in ("cert", "key"):
             if not item.string(key, ""):
@@ -114,7 +115,7 @@ def _parse_client_options(node: Node) -> dict[str, Any]:
     return {
         "accept_proxy": accept_proxy,
         "proxy_trusted": trusted,
-        "proxy_timeout": node.duration("proxy_timeout", 3.0, positive=True),
+        "proxy_timeout": node.duration("proxy_timeout", 3.0),
         "allow": node.networks("allow"),
         "deny": node.networks("deny"),
         "max_connections_per_client": node.integer("max_connections_per_client", 0),

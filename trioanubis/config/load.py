@@ -90,6 +90,8 @@ def parse_config_text(
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: invalid TOML: {exc}") from None
+    except ValueError as exc:  # an integer of more than 4300 digits (sys.get_int_max_str_digits)
+        raise ConfigError(f"{source}: invalid TOML: a number too long to read ({exc})") from None
     except RecursionError:  # the TOML parser recurses once per nested array or table
         raise ConfigError(f"{source}: invalid TOML: arrays or tables nested too deeply") from None
     return parse_config(data, source, base_dir)
@@ -110,14 +112,14 @@ def parse_config(
     settings = parse_settings(top.child("settings"))
     pools_node = top.child("pools")
     pools = {
-        name: parse_pool(name, pools_node.child(name)) for name in pools_node.data
+        name: parse_pool(name, pools_node.child(name, "pools.*")) for name in pools_node.data
     }
     listeners_node = top.child("listeners")
     if not listeners_node.data:
         raise top.error("at least one [listeners.NAME] table is required")
     listeners = {}
     for name in listeners_node.data:
-        listener = parse_listener(name, listeners_node.child(name))
+        listener = parse_listener(name, listeners_node.child(name, "listeners.*"))
         named = [(f"{name}.pool", listener.pool)] if listener.pool else []
         named += [(f"{name}.routes[{i}].pool", route.pool) for i, route in enumerate(listener.routes)]
         for key, pool_name in named:

@@ -24,10 +24,6 @@ from trioanubis.config.node import Node
 from trioanubis.config.settings import resolver_of
 from trioanubis.config.spawn import parse_spawn
 
-# Priority groups: 0 is served first; `backup = true` means 1. A hundred levels
-# is far more than any failover chain (Envoy's are usually 2 or 3).
-MAX_PRIORITY = 100
-
 _POOL_KEYS = (
     "strategy", "servers", "least_time", "connect_timeout", "idle_timeout",
     "half_close_timeout", "retries", "failover_timeout", "eject_after", "eject_for",
@@ -61,21 +57,21 @@ def parse_pool(name: str, node: Node) -> PoolConfig:
         discovery=discovery,
         strategy=strategy,
         least_time=node.choice("least_time", "first_byte", ("first_byte", "connect")),  # type: ignore[arg-type]
-        connect_timeout=node.duration("connect_timeout", 3.0, positive=True),
-        idle_timeout=node.duration("idle_timeout", 600.0, positive=True),
-        half_close_timeout=node.duration("half_close_timeout", 60.0, positive=True),
-        retries=node.integer("retries", 2, maximum=100),
+        connect_timeout=node.duration("connect_timeout", 3.0),
+        idle_timeout=node.duration("idle_timeout", 600.0),
+        half_close_timeout=node.duration("half_close_timeout", 60.0),
+        retries=node.integer("retries", 2),
         failover_timeout=node.duration("failover_timeout", 0.0),
         eject_after=node.integer("eject_after", 3),
-        eject_for=node.duration("eject_for", 10.0, positive=True),
+        eject_for=node.duration("eject_for", 10.0),
         resolver=resolver_of(node),
         health=health,
         send_proxy=send_proxy,  # type: ignore[arg-type]
         queue_timeout=node.duration("queue_timeout", 0.0),
-        max_queued=node.integer("max_queued", 1000, minimum=1, maximum=1_000_000),
+        max_queued=node.integer("max_queued", 1000),
         spawn=parse_spawn(node.child("spawn")) if "spawn" in node.data else None,
         tls=_parse_tls_client(node.child("tls")) if "tls" in node.data else None,
-        faults=parse_fault_table(node.child("faults")) if "faults" in node.data else None,
+        faults=parse_fault_table(node.child("faults", "faults")) if "faults" in node.data else None,
     )
 
 
@@ -92,7 +88,7 @@ def _parse_servers(node: Node) -> tuple[tuple[ServerConfig, ...], tuple[Discover
         path = node.key_path(f"servers[{index}]")
         if isinstance(entry, str):
             entry = {"address": entry}
-        item = node.nested(entry, path)
+        item = node.nested(entry, path, "pools.*.servers[]")
         if "dns" in item.data or "srv" in item.data:
             discovery.append(_parse_discovery(item))
             continue
@@ -102,11 +98,11 @@ def _parse_servers(node: Node) -> tuple[tuple[ServerConfig, ...], tuple[Discover
         server = ServerConfig(
             address=address,
             name=item.string("name", "") or str(address),
-            weight=item.integer("weight", 1, maximum=1_000_000),
+            weight=item.integer("weight", 1),
             max_connections=item.integer("max_connections", 0),
             send_proxy=item.choice("send_proxy", "", _SEND_PROXY) if "send_proxy" in item.data else "",  # type: ignore[arg-type]
             priority=_parse_priority(item),
-            faults=parse_fault_table(item.child("faults")) if "faults" in item.data else None,
+            faults=parse_fault_table(item.child("faults", "faults")) if "faults" in item.data else None,
         )
         if server.name in names:
             raise item.error("duplicate server name in this pool", server.name, "name")
@@ -119,8 +115,8 @@ def _parse_discovery(item: Node) -> DiscoveryConfig:
     item.check_keys(("dns", "srv", "refresh", "weight", "max_connections", "backup", "priority"))
     if "dns" in item.data and "srv" in item.data:
         raise item.error("give either dns or srv, not both")
-    refresh = item.duration("refresh", 10.0, positive=True)
-    weight = item.integer("weight", 1, maximum=1_000_000)
+    refresh = item.duration("refresh", 10.0)
+    weight = item.integer("weight", 1)
     max_connections = item.integer("max_connections", 0)
     priority = _parse_priority(item)
     if "srv" in item.data:
@@ -139,7 +135,7 @@ def _parse_priority(item: Node) -> int:
         raise item.error("give either backup = true or priority = N, not both")
     if item.boolean("backup", False):
         return BACKUP_PRIORITY
-    return item.integer("priority", 0, maximum=MAX_PRIORITY)
+    return item.integer("priority", 0)
 
 
 

@@ -39,18 +39,14 @@ def parse_settings(node: Node) -> Settings:
     )
 
 
-# More worker processes than this is a typo, not a machine.
-MAX_WORKERS = 1024
-
-
 def _workers(node: Node) -> int:
-    """`workers`: a count from 1 to MAX_WORKERS, or "auto" (stored as 0, resolved at run time)."""
+    """`workers`: a count (ranges.py), or "auto" (stored as 0, resolved at run time)."""
     if node.data.get("workers") == "auto":
         return 0
     if isinstance(node.data.get("workers"), str):
         value = node.data["workers"]
-        raise node.error(f'must be "auto" or an integer from 1 to {MAX_WORKERS}', value, "workers")
-    return node.integer("workers", 1, minimum=1, maximum=MAX_WORKERS)
+        raise node.error(f'must be "auto" or {node.range("workers").describe()}', value, "workers")
+    return node.integer("workers", 1)
 
 
 def _io(node: Node) -> IoName:

@@ -16,8 +16,6 @@ import shutil
 from trioanubis.config.model import SpawnConfig
 from trioanubis.config.node import Node
 
-# The largest replica count: a dev machine's worth of processes, not a fork bomb.
-MAX_REPLICAS = 64
 _SPAWN_KEYS = ("command", "replicas", "cwd", "env", "watch", "host", "start_timeout", "stop_grace")
 
 
@@ -30,12 +28,12 @@ def parse_spawn(node: Node) -> SpawnConfig:
     env = _string_table(node, "env")
     return SpawnConfig(
         command=_command(node, cwd, dict(env)),
-        replicas=node.integer("replicas", 1, minimum=1, maximum=MAX_REPLICAS),
+        replicas=node.integer("replicas", 1),
         cwd=cwd,
         env=env,
         watch=tuple(str(base / pattern) for pattern in _string_list(node, "watch")),
         host=_loopback_host(node),
-        start_timeout=node.duration("start_timeout", 30.0, positive=True),
+        start_timeout=node.duration("start_timeout", 30.0),
         stop_grace=node.duration("stop_grace", 5.0),
     )
 
