@@ -11,13 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trioanubis.config import ConfigError, parse_config
+from trioanubis.config import ConfigError, decode_escapes, parse_config
 from trioanubis.health.expect import (
     PG_TERMINATE,
     Matcher,
     MySQLHandshake,
     PostgresReply,
-    decode_escapes,
     pg_startup,
     plan_for,
     show,

@@ -1,13 +1,13 @@
 """The package's layout holds: no import circle, the data plane apart from the operator's surface,
-and reload's plan and server diff (reload.py, pool.diff_servers) as pure functions."""
+the config package at the bottom, and reload's plan and server diff (reload.py, pool.diff_servers)
+as pure functions."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
-from trioanubis.config import Address, parse_config
-from trioanubis.config_checks import listen_ip
+from trioanubis.config import Address, listen_ip, parse_config
 from trioanubis.pool import Pool, diff_servers
 from trioanubis.reload import ADMIN_WARNING, IO_WARNING, plan, update_servers
 
@@ -92,6 +92,52 @@ def test_layers_import_only_downwards() -> None:
             assert "trioanubis.app" not in imports, name  # they read a View
     assert "trioanubis.proxy.listener" not in graph["trioanubis.proxy.connection"]
     assert not {i for i in graph["trioanubis.pool"] if i.startswith("trioanubis.proxy")}
+
+
+# The config package sits at the bottom: it imports itself and errors, and two leaves it loads
+# while parsing so that `anubis check` proves what `run` will do (certificates, custom strategies).
+CONFIG_MAY_IMPORT = ("trioanubis.config", "trioanubis.errors")
+CONFIG_LEAVES = {
+    "trioanubis.tls.context": ("trioanubis.errors",),
+    "trioanubis.strategies": ("trioanubis.errors", "trioanubis.strategies"),
+}
+
+
+def within(name: str, packages: tuple[str, ...] | list[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in packages)
+
+
+def config_escapes(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """Module → what it imports that the config package may not reach (directly, or through a leaf)."""
+    found: dict[str, set[str]] = {}
+    for name, imports in graph.items():
+        if within(name, ["trioanubis.config"]):
+            allowed: tuple[str, ...] = (*CONFIG_MAY_IMPORT, *CONFIG_LEAVES)
+        else:
+            leaf = next((leaf for leaf in CONFIG_LEAVES if within(name, [leaf])), None)
+            if leaf is None:
+                continue
+            allowed = CONFIG_LEAVES[leaf]
+        bad = {i for i in imports if not within(i, allowed)}
+        if bad:
+            found[name] = bad
+    return found
+
+
+def test_the_config_package_imports_nothing_above_it() -> None:
+    assert config_escapes(import_graph()) == {}
+
+
+def test_the_config_rule_finds_an_upward_import() -> None:
+    graph = import_graph()
+    graph["trioanubis.config.values"] = graph["trioanubis.config.values"] | {"trioanubis.pool"}
+    graph["trioanubis.tls.context"] = graph["trioanubis.tls.context"] | {"trioanubis.config"}
+    graph["trioanubis.strategies.base"] = graph["trioanubis.strategies.base"] | {"trioanubis.proxy.io"}
+    assert config_escapes(graph) == {
+        "trioanubis.config.values": {"trioanubis.pool"},
+        "trioanubis.tls.context": {"trioanubis.config"},
+        "trioanubis.strategies.base": {"trioanubis.proxy.io"},
+    }
 
 
 # ------------------------------------------------------------ reload's plan

@@ -9,7 +9,8 @@ import struct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trioanubis.proxy.sni_routes import Route, RouteTable, check_pattern
+from trioanubis.config import Route, check_pattern
+from trioanubis.proxy.sni_routes import RouteTable
 from trioanubis.tls.hello import MAX_BUFFERED, MAX_RECORD, Hello, HelloReader
 
 GREASE = [0x0A0A, 0x1A1A, 0x2A2A, 0xFAFA]

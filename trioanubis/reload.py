@@ -9,8 +9,8 @@ place, their servers diffed) and removed; listeners reconfigured in place
 (the same bind, however it is written: the socket and its backlog stay),
 bound anew (new, or a new bind: the new socket listens before the old one
 closes) and removed; and the settings only a restart applies, one warning
-each. Its one lookup is "localhost" in a bind (config_checks.listen_ip), so
-the balancer runs it in a worker thread, on immutable values only.
+each. Its one lookup is "localhost" in a bind (config/checks.py `listen_ip`),
+so the balancer runs it in a worker thread, on immutable values only.
 
 `update_servers` brings a kept pool's servers from the file to the new
 list through `pool.diff_servers`, the comparison discovery makes for DNS
@@ -29,8 +29,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Final, final
 
-from trioanubis.config import Address, Config, ListenerConfig, PoolConfig
-from trioanubis.config_checks import listen_ip
+from trioanubis.config import Address, Config, ListenerConfig, PoolConfig, listen_ip
 from trioanubis.discovery import source_of
 from trioanubis.pool import Pool, Server, diff_servers
 from trioanubis.spawn import SPAWN_SOURCE

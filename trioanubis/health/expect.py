@@ -1,4 +1,4 @@
-"""Send/expect health checks without I/O: presets, escapes, and the reply matchers.
+"""Send/expect health checks without I/O: presets and the reply matchers.
 
 Theory of operation: a check that speaks a protocol is a `Plan`: bytes to
 send when connected (possibly none: the server speaks first), a factory for a
@@ -34,12 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, final
 
-# Check kinds that talk (everything but tcp, http and none), and which of them
-# let the server speak first: sending before its banner would be a protocol error.
-PROTOCOL_CHECKS: Final = ("send_expect", "redis", "postgres", "mysql", "smtp", "banner")
-SERVER_FIRST: Final = ("mysql", "smtp", "banner")
-# Presets whose reply is a parsed protocol message: send/expect make no sense there.
-PARSED: Final = ("postgres", "mysql")
+from trioanubis.config.values import compile_regex
 
 # How much of a reply a failure reason quotes: enough to recognise an error
 # line, short enough for one log line.
@@ -52,8 +47,6 @@ PG_TERMINATE: Final = b"X\x00\x00\x00\x04"
 REDIS_PING: Final = b"PING\r\n"
 REDIS_PONG: Final = b"+PONG"
 SMTP_READY: Final = b"220"
-
-_ESCAPES: Final = {"r": 0x0D, "n": 0x0A, "t": 0x09, "0": 0x00, "\\": 0x5C, '"': 0x22, "'": 0x27}
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,45 +299,7 @@ def mysql_error(payload: bytes) -> str:
     return f"{code} {show(text, quote=False)}"
 
 
-# ------------------------------------------------------------------ values
-
-
-def decode_escapes(text: str) -> bytes:
-    """`text` as bytes: \\r \\n \\t \\0 \\\\ \\xHH decoded, other characters as UTF-8.
-
-    TOML decodes its own escapes in "basic strings" first; this lets 'literal
-    strings' and binary bytes (`\\x00`, which TOML 1.0 lacks) through too.
-    Raises ValueError naming a bad escape.
-    """
-    out = bytearray()
-    i = 0
-    while i < len(text):
-        char = text[i]
-        if char != "\\":
-            out += char.encode("utf-8", errors="surrogatepass")
-            i += 1
-            continue
-        nxt = text[i + 1 : i + 2]
-        if nxt == "x":
-            digits = text[i + 2 : i + 4]
-            if len(digits) != 2 or not all(c in "0123456789abcdefABCDEF" for c in digits):
-                raise ValueError(f"\\x must be followed by two hex digits, got {text[i:i + 4]!r}")
-            out.append(int(digits, 16))
-            i += 4
-        elif nxt in _ESCAPES and nxt:
-            out.append(_ESCAPES[nxt])
-            i += 2
-        else:
-            raise ValueError(f"unknown escape {text[i:i + 2]!r} (known: \\r \\n \\t \\0 \\\\ \\xHH)")
-    return bytes(out)
-
-
-def compile_regex(text: str) -> re.Pattern[bytes]:
-    """`text` as a bytes regular expression; ValueError with the reason when it is invalid."""
-    try:
-        return re.compile(text.encode("utf-8", errors="surrogatepass"))
-    except (re.error, OverflowError, RecursionError) as exc:
-        raise ValueError(f"invalid regular expression: {exc}") from None
+# ------------------------------------------------------------------ showing
 
 
 def show(data: bytes, limit: int = SHOW_LIMIT, *, quote: bool = True) -> str:

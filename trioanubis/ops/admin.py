@@ -59,7 +59,15 @@ from urllib.parse import unquote
 import h11
 import trio
 
-from trioanubis.config import Address, AdminConfig, FaultConfig, parse_faults
+from trioanubis.config import (
+    MAX_WEIGHT,
+    Address,
+    AdminConfig,
+    FaultConfig,
+    parse_faults,
+    parse_integer,
+    show_value,
+)
 from trioanubis.errors import AnubisError, ConfigError
 from trioanubis.ops import dashboard
 from trioanubis.ops.metrics import prometheus, server_stats, stats
@@ -215,9 +223,10 @@ def parse_weight(body: bytes) -> int:
         weight = parse_json_body(body, shape)["weight"]
     except (TypeError, KeyError, IndexError):
         raise ValueError(shape) from None
-    if not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= 1_000_000:
-        raise ValueError(f"weight must be an integer from 0 to 1000000, got {json.dumps(weight)[:40]}")
-    return weight
+    try:
+        return parse_integer(weight, 0, MAX_WEIGHT)
+    except ValueError as exc:
+        raise ValueError(f"weight {exc}, got {show_value(weight)}") from None
 
 
 def _find_server(view: View, pool_name: str, key: str) -> tuple[Pool, Server] | Reply:

@@ -14,36 +14,15 @@ listener's fallback `pool` then applies). Matching, as HAProxy, nginx's
   the same name it beats a route without one; otherwise the first route
   listed wins.
 
-`check_pattern` is what config.py validates each `sni` with.
+A `Route` is a config record; `trioanubis.config.checks.check_pattern` validates each `sni`.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Final, final
+from typing import final
 
-# A pattern: a DNS name, or "*." followed by one (letters, digits, "-", "_"; labels of 1-63).
-_LABEL: Final = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
-_PATTERN: Final = re.compile(rf"(?:\*\.)?{_LABEL}(?:\.{_LABEL})*")
-
-
-@final
-@dataclass(frozen=True, slots=True)
-class Route:
-    sni: str  # "api.example.com" or "*.example.com", lower case
-    pool: str
-    alpn: str = ""  # "": any client
-
-
-def check_pattern(pattern: str) -> str:
-    """The pattern in lower case; ValueError saying what is wrong with it otherwise."""
-    lowered = pattern.strip().lower().removesuffix(".")
-    if len(lowered) > 253 or not _PATTERN.fullmatch(lowered):
-        raise ValueError("must be a DNS name like \"api.example.com\" or a wildcard like \"*.example.com\" "
-                         "(\"*.\" only as the first label)")  # fmt: skip
-    return lowered
+from trioanubis.config import Route
 
 
 @final

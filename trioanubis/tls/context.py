@@ -1,7 +1,8 @@
 """TLS contexts: the listener side (termination) and the pool side (origination). No I/O but file reads.
 
-Theory of operation: config.py calls `server_context` for a listener's
-`tls` and `client_context` for a pool's `tls` while it parses, so a
+Theory of operation: the config parsers (config/listeners.py, config/pools.py)
+call `server_context` for a listener's `tls` and `client_context` for a pool's
+`tls` while they parse, so a
 certificate that is missing, unreadable, not matching its key, or a CA file
 that does not load is a `TlsConfigError` that `anubis check` reports and a
 reload rejects; and since every reload parses again, renewed files are

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from trioanubis.config import MAX_WEIGHT  # the bound on a weight, in the file and the admin API
 from trioanubis.pool import Pool, Server
 
 ServerKey = tuple[str, str]  # name, "host:port"
@@ -26,8 +27,6 @@ ServerKey = tuple[str, str]  # name, "host:port"
 SERVER_SUMS = ("active", "total", "bytes_in", "bytes_out", "connect_failures")
 LISTENER_SUMS = ("accepted", "active", "rejected", "accept_overloads", "internal_errors")
 POOL_SUMS = ("no_server", "all_full")
-# The admin API's bound on a weight (admin.parse_weight).
-MAX_WEIGHT = 1_000_000
 # Prometheus series that are the same in every worker (pushed state) or the supervisor's alone
 # (reloads): taken from the supervisor's view, not added up.
 SHARED_GAUGES = ("anubis_server_weight", "anubis_server_effective_weight", "anubis_server_up",

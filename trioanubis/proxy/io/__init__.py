@@ -34,23 +34,17 @@ variable, when set, replaces `"auto"` (the test suite runs twice this way).
 from __future__ import annotations
 
 import os
-import select
 from typing import Final, Literal
 
+from trioanubis.config import IO_CHOICES, IoName, epoll_available
 from trioanubis.errors import AnubisError
 from trioanubis.proxy.io.base import AGAIN, OVER, READ, WRITE, Capabilities, Driven, Readiness
 
 __all__ = ["AGAIN", "IO_CHOICES", "IO_ENV", "OVER", "READ", "WRITE", "Capabilities", "Driven", "IoName",
            "Readiness", "epoll_available", "open_readiness", "resolve_io"]  # fmt: skip
 
-IoName = Literal["auto", "epoll", "portable"]
-IO_CHOICES: Final[tuple[IoName, ...]] = ("auto", "epoll", "portable")
 # Replaces "auto" when set (tests, and a quick switch without editing the config).
 IO_ENV: Final = "ANUBIS_IO"
-
-
-def epoll_available() -> bool:
-    return hasattr(select, "epoll")
 
 
 def resolve_io(wanted: str) -> Literal["epoll", "portable"]:

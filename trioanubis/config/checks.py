@@ -1,7 +1,7 @@
 """Value checks that keep `run` and a reload from failing on what `check` accepted.
 
-Theory of operation: `config.py` knows the shape of the file (which keys, which
-types); this module knows what the layers underneath will do with a value and
+Theory of operation: the section parsers know the shape of the file (which keys,
+which types); this module knows what the layers underneath will do with a value and
 refuses, up front, whatever they would choke on later:
 
 - a host name goes to `getaddrinfo`, which encodes it with Python's IDNA codec
@@ -12,7 +12,9 @@ refuses, up front, whatever they would choke on later:
   builds only from visible ASCII (RFC 7230 `request-target`, `Host`);
 - two listening sockets on one port collide when their addresses overlap
   (`0.0.0.0` covers every IPv4 address, `[::]` is dual-stack and covers both
-  families), which `run` would only report as "Address already in use".
+  families), which `run` would only report as "Address already in use";
+- an SNI route's pattern is matched label by label (`proxy/sni_routes.py`),
+  so it must be a DNS name or one leading "*." wildcard.
 
 Everything here is pure, plain values in and a `ValueError` with the reason
 out, but for one lookup: "localhost" is compared as the address it resolves
@@ -41,6 +43,9 @@ MAX_NAME: Final = 253
 _ASCII_LABEL: Final = re.compile(r"[A-Za-z0-9_-]+")
 # RFC 7230 request-target as h11 accepts it: visible ASCII, no space.
 _VISIBLE_ASCII: Final = re.compile(r"[\x21-\x7e]+")
+# An SNI pattern: a DNS name, or "*." followed by one (letters, digits, "-", "_"; labels of 1-63).
+_SNI_LABEL: Final = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+_SNI_PATTERN: Final = re.compile(rf"(?:\*\.)?{_SNI_LABEL}(?:\.{_SNI_LABEL})*")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -74,6 +79,15 @@ def _check_ascii_name(name: str) -> None:
                              "(letters, digits, '-', '_' and '.' only)")  # fmt: skip
 
 
+def check_pattern(pattern: str) -> str:
+    """An SNI route's pattern in lower case; ValueError saying what is wrong with it otherwise."""
+    lowered = pattern.strip().lower().removesuffix(".")
+    if len(lowered) > MAX_NAME or not _SNI_PATTERN.fullmatch(lowered):
+        raise ValueError("must be a DNS name like \"api.example.com\" or a wildcard like \"*.example.com\" "
+                         "(\"*.\" only as the first label)")  # fmt: skip
+    return lowered
+
+
 def check_header_path(path: str) -> None:
     """An HTTP request target: starts with "/", visible ASCII only (no space, CR or LF)."""
     if not path.startswith("/"):
@@ -100,7 +114,7 @@ def check_header_host(host: str) -> None:
 
 
 def _is_port(text: str) -> bool:
-    return text.isdigit() and 0 < int(text) < 65536
+    return text.isdigit() and len(text) <= 5 and 0 < int(text) < 65536
 
 
 def _is_ipv6(text: str) -> bool:

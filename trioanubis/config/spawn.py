@@ -1,0 +1,80 @@
+"""A pool's `[pools.NAME.spawn]` table: replicas the balancer starts itself (spawn.py).
+
+Theory of operation: `parse_spawn` turns the table into a `SpawnConfig` with
+every path made absolute against the config file's directory, so a reload
+from another working directory means the same files. The program must exist
+now (looked up in the table's PATH and cwd), so `anubis check` catches a typo
+rather than the first roll; nothing is started here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+
+from trioanubis.config.model import SpawnConfig
+from trioanubis.config.node import Node
+
+_SPAWN_KEYS = ("command", "replicas", "cwd", "env", "watch", "host", "start_timeout", "stop_grace")
+
+
+def parse_spawn(node: Node) -> SpawnConfig:
+    node.check_keys(_SPAWN_KEYS)
+    base = node.base
+    cwd = str(base / node.string("cwd", "."))
+    if not os.path.isdir(cwd):
+        raise node.error("must name an existing directory", node.data.get("cwd", "."), "cwd")
+    env = _string_table(node, "env")
+    return SpawnConfig(
+        command=_command(node, cwd, dict(env)),
+        replicas=node.integer("replicas", 1),
+        cwd=cwd,
+        env=env,
+        watch=tuple(str(base / pattern) for pattern in _string_list(node, "watch")),
+        host=_loopback_host(node),
+        start_timeout=node.duration("start_timeout", 30.0),
+        stop_grace=node.duration("stop_grace", 5.0),
+    )
+
+
+def _string_list(node: Node, key: str) -> tuple[str, ...]:
+    value = node.data.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) and v and "\0" not in v for v in value):
+        raise node.error("must be an array of non-empty strings", value, key)
+    return tuple(value)
+
+
+def _string_table(node: Node, key: str) -> tuple[tuple[str, str], ...]:
+    table = node.child(key)
+    pairs = []
+    for name, value in table.data.items():
+        if not name or "=" in name or "\0" in name:
+            raise table.error("must be an environment variable name", name, name)
+        if not isinstance(value, str) or "\0" in value:
+            raise table.error("must be a string", value, name)
+        pairs.append((name, value))
+    return tuple(pairs)
+
+
+def _command(node: Node, cwd: str, env: dict[str, str]) -> tuple[str, ...]:
+    """The argument vector; its program must exist now, so `anubis check` catches a typo."""
+    command = _string_list(node, "command")
+    if not command:
+        raise node.error("must be a non-empty array: the program and its arguments", [], "command")
+    program = command[0].replace("{port}", "0")
+    path = env.get("PATH", os.environ.get("PATH", os.defpath))
+    found = shutil.which(program, path=path) if os.sep not in program \
+        else shutil.which(os.path.join(cwd, program))  # fmt: skip
+    if found is None:
+        raise node.error("names no executable program (looked in PATH and cwd)", command[0], "command[0]")
+    return command
+
+
+def _loopback_host(node: Node) -> str:
+    host = node.string("host", "127.0.0.1")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise node.error("must be an IP address the replicas listen on", host, "host") from None
+    return host
