@@ -113,7 +113,7 @@ OPEN_PATHS: Final = frozenset({"/healthz", "/readyz"})
 SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 # What `Sec-Fetch-Site` says when the operator's own page, or the operator typing a URL, sent it.
 OWN_SITE: Final = frozenset({b"same-origin", b"none"})
-# Distinct offending Host / Origin values logged; beyond that refusals are only counted.
+# Distinct refusals logged (offending value, method, path); beyond that they are only counted.
 MAX_LOGGED_REFUSALS: Final = 64
 PROMETHEUS_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 JSON_TYPE: Final = "application/json"
@@ -474,7 +474,7 @@ class Admin:
         self.bound: Address | None = None
         self._slots: set[Slot] = set()
         self._logged: set[tuple[str, str, int]] = set()  # the places internal errors came from
-        self._refusals_logged: set[tuple[str, str]] = set()
+        self._refusals_logged: set[tuple[str, str, str, str]] = set()
 
     @property
     def accept_overloads(self) -> int:
@@ -601,7 +601,7 @@ class Admin:
 
 
     def _refused(self, method: str, target: str, refusal: Refusal) -> None:
-        """Count a refusal; log it the first time its offending value is seen."""
+        """Count a refusal; log it the first time its offending value comes for that method and path."""
         if refusal.kind == "misdirected":
             self.misdirected += 1
             why = ("not an IP address, localhost or a name in [admin] hosts: a DNS-rebinding page would "
@@ -609,7 +609,7 @@ class Admin:
         else:
             self.cross_origin += 1
             why = "a page from another origin tried to change the balancer through a browser"
-        key = (refusal.kind, refusal.why)
+        key = (refusal.kind, refusal.why, method, target.split("?", 1)[0])
         if key in self._refusals_logged or len(self._refusals_logged) >= MAX_LOGGED_REFUSALS:
             return
         self._refusals_logged.add(key)
