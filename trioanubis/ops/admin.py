@@ -34,7 +34,7 @@ sockets. The I/O shell around it keeps four promises:
   (`Sec-Fetch-Site`, else `Origin` against `Host`). A request with neither
   header is not from a browser and passes: curl and scripts are not affected.
   Refusals are counted (`misdirected`, `cross_origin`) and logged once per
-  offending value.
+  offending value, method and path (at most 64 lines).
 
 Accept errors that mean the process ran short (EMFILE, ENFILE, ENOBUFS,
 ENOMEM) go to the proxy listeners' `AcceptBackoff`: logged once per episode,
@@ -482,7 +482,7 @@ class Admin:
         return self.backoff.overloads
 
     def apply(self, config: AdminConfig) -> None:
-        """Take a reloaded [admin] table: the token now, the bind address at the next restart."""
+        """Take a reloaded [admin] table: token and host names now, the bind address at the next restart."""
         if config.bind != self.config.bind:
             log.warning("reload: admin: the new bind %s takes effect at the next restart; still on %s",
                         config.bind, self.bound or self.config.bind)  # fmt: skip
@@ -598,7 +598,6 @@ class Admin:
         except Exception as exc:
             self._internal_error(exc)
             return error_reply(500, "internal error", close=True)
-
 
     def _refused(self, method: str, target: str, refusal: Refusal) -> None:
         """Count a refusal; log it the first time its offending value comes for that method and path."""
