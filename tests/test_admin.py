@@ -51,7 +51,7 @@ async def http(
     conn = h11.Connection(h11.CLIENT)
     stream = await connect(address)
     async with stream:
-        all_headers = [("Host", "admin"), ("Content-Length", str(len(body))), *headers]
+        all_headers = [("Host", "127.0.0.1"), ("Content-Length", str(len(body))), *headers]
         data = conn.send(h11.Request(method=method, target=path, headers=all_headers))
         data += conn.send(h11.Data(data=body)) if body else b""
         await stream.send_all(data + conn.send(h11.EndOfMessage()))
@@ -127,20 +127,33 @@ async def test_token_is_enforced(nursery: trio.Nursery) -> None:
 
 
 async def test_healthz_and_readyz(nursery: trio.Nursery) -> None:
+    """Issue 29: /readyz was 503 whenever no server was up, taking every client pod of a sidecar
+    out of its Service for the upstream's bad minute. Now /readyz is about the balancer itself;
+    /readyz?upstream=1 asks about the servers too."""
     port = free_port()
     data = admin_config([f"127.0.0.1:{port}"], health={"check": "tcp", "interval": "50ms", "rise": 1})
     async with running_balancer(data) as (b, address):
         admin = b.admin_address
         assert admin is not None
         assert (await http(admin, "GET", "/healthz"))[0] == 200
-        assert (await http(admin, "GET", "/readyz"))[0] == 503  # its only server is down
+        await wait_until(lambda: not b.pools["test"].servers[0].healthy)
+        assert (await http(admin, "GET", "/readyz"))[0] == 200  # its only server is down: still ready
+        for asks_upstream in ("/readyz?upstream=1", "/readyz?upstream", "/readyz?verbose&upstream=1"):
+            assert (await http(admin, "GET", asks_upstream))[0] == 503
+        assert (await http(admin, "GET", "/readyz?upstream=0"))[0] == 200
+        assert (await http(admin, "HEAD", "/readyz?upstream=1"))[0] == 503
+        for bad in ("/readyz?upstream=yes", "/readyz?upstream=1&upstream=0"):
+            status, _, body = await http(admin, "GET", bad)
+            assert status == 400 and b"upstream takes 1" in body
         await start_backend(nursery, name_handler("x"), port=port)
         await wait_until(lambda: b.pools["test"].servers[0].healthy)
         assert (await http(admin, "GET", "/readyz"))[0] == 200
+        assert (await http(admin, "GET", "/readyz?upstream=1"))[0] == 200
         held = await connect(address)  # keeps the drain going while we ask
         await wait_until(lambda: b.limits.active == 1)
-        b.shutdown()  # draining: not ready any more
+        b.shutdown()  # draining: not ready any more, either way
         assert (await http(admin, "GET", "/readyz"))[0] == 503
+        assert (await http(admin, "GET", "/readyz?upstream=1"))[0] == 503
         await held.aclose()
 
 
@@ -307,11 +320,11 @@ async def test_replies_carry_a_reason_phrase(nursery: trio.Nursery) -> None:
         assert admin is not None
         for target, line in (("/healthz", b"HTTP/1.1 200 OK\r\n"),
                              ("/stats", b"HTTP/1.1 401 Unauthorized\r\n")):  # fmt: skip
-            head = f"GET {target} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+            head = f"GET {target} HTTP/1.1\r\nHost: [::1]\r\nConnection: close\r\n\r\n"
             answer = await raw_exchange(admin, head.encode())
             assert answer.startswith(line), answer[:40]
-        answer = await raw_exchange(admin, b"GET /x HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer s3cret\r\n"
-                                           b"Connection: close\r\n\r\n")  # fmt: skip
+        answer = await raw_exchange(admin, b"GET /x HTTP/1.1\r\nHost: [::1]\r\nAuthorization: Bearer s3cret"
+                                           b"\r\nConnection: close\r\n\r\n")  # fmt: skip
         assert answer.startswith(b"HTTP/1.1 404 Not Found\r\n")
 
 
@@ -324,8 +337,8 @@ async def test_probes_need_no_token_and_a_401_closes_its_connection(nursery: tri
         assert (await http(admin, "GET", "/readyz?verbose"))[0] == 200
         assert (await http(admin, "GET", "/metrics"))[0] == 401
         # Keep-alive asked for, but after the 401 the admin closes: the second request is never read.
-        answer = await raw_exchange(admin, b"GET /stats HTTP/1.1\r\nHost: a\r\n\r\nGET /healthz HTTP/1.1\r\n"
-                                           b"Host: a\r\n\r\n")  # fmt: skip
+        answer = await raw_exchange(admin, b"GET /stats HTTP/1.1\r\nHost: [::1]\r\n\r\n"
+                                           b"GET /healthz HTTP/1.1\r\nHost: [::1]\r\n\r\n")  # fmt: skip
         assert answer.startswith(b"HTTP/1.1 401 ") and answer.count(b"HTTP/1.1") == 1
         assert b"connection: close" in answer.lower()
 
@@ -339,12 +352,12 @@ async def test_idle_and_slow_callers_cannot_lock_out_the_admin(nursery: trio.Nur
         held: list[trio.SocketStream] = []
         for _ in range(MAX_ADMIN_CONNECTIONS):  # keep-alive, no token: idle after one answer
             stream = await connect(admin)
-            await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+            await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: [::1]\r\n\r\n")
             assert (await stream.receive_some(65536)).startswith(b"HTTP/1.1 ")  # 200 now; 401 once
             held.append(stream)
         for _ in range(16):  # slow: a request head that never ends
             stream = await connect(admin)
-            await stream.send_all(b"GET /stats HTTP/1.1\r\nHost: a\r\n")
+            await stream.send_all(b"GET /stats HTTP/1.1\r\nHost: [::1]\r\n")
             held.append(stream)
         token = (("Authorization", "Bearer s3cret"),)
         status, _, body = await http(admin, "GET", "/stats", headers=token)
@@ -366,7 +379,7 @@ async def test_keep_alive_connections_end_when_idle_and_at_their_lifetime(
         admin = b.admin_address
         assert admin is not None
         stream = await connect(admin)
-        await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+        await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: [::1]\r\n\r\n")
         assert (await stream.receive_some(65536)).startswith(b"HTTP/1.1 200")
         with trio.fail_after(20):
             assert await stream.receive_some(1) == b""  # idle past KEEPALIVE_TIMEOUT: closed
@@ -377,7 +390,7 @@ async def test_keep_alive_connections_end_when_idle_and_at_their_lifetime(
         with trio.fail_after(20):  # a connection kept busy still ends once its lifetime is over
             while answers[-1] != b"CLOSED" and b"connection: close" not in answers[-1].lower():
                 try:
-                    await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+                    await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: [::1]\r\n\r\n")
                     answers.append(await stream.receive_some(65536) or b"CLOSED")
                 except trio.BrokenResourceError:  # it ended while we were between two requests
                     answers.append(b"CLOSED")
@@ -418,8 +431,8 @@ def test_a_refused_body_is_taken_and_the_connection_ends_cleanly(live_balancer: 
     sending lost the answer (seen in the fuzz test under load).
     """
     body = b"[" * 6000
-    head = (f"PUT /pools/web/servers/one/faults HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {FUZZ_TOKEN}\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+    head = (f"PUT /pools/web/servers/one/faults HTTP/1.1\r\nHost: [::1]\r\n"
+            f"Authorization: Bearer {FUZZ_TOKEN}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
     with socket.create_connection(("127.0.0.1", live_balancer.admin), timeout=EVENTUALLY) as sock:
         sock.sendall(head)
         answer = sock.recv(65536)  # the answer comes before the body is sent
@@ -435,17 +448,18 @@ def test_a_refused_body_is_taken_and_the_connection_ends_cleanly(live_balancer: 
 def test_a_head_over_16_kib_is_refused_even_when_it_arrives_whole(live_balancer: LiveBalancer) -> None:
     """h11 bounds only a head still incomplete; 18 KB of short headers used to be answered 200."""
     headers = "".join(f"X-{i}: y\r\n" for i in range(3000))  # about 21 KB
-    head = f"GET /healthz HTTP/1.1\r\nHost: a\r\n{headers}\r\n".encode()
+    head = f"GET /healthz HTTP/1.1\r\nHost: [::1]\r\n{headers}\r\n".encode()
     assert blocking_exchange(live_balancer.admin, head).startswith(b"HTTP/1.1 431 ")
-    small = b"GET /healthz HTTP/1.1\r\nHost: a\r\n" + b"X: y\r\n" * 1000 + b"\r\n"  # 6 KB: fine
+    small = b"GET /healthz HTTP/1.1\r\nHost: [::1]\r\n" + b"X: y\r\n" * 1000 + b"\r\n"  # 6 KB: fine
     assert blocking_exchange(live_balancer.admin, small).startswith(b"HTTP/1.1 200 ")
 
 
 def test_two_authorization_headers_are_not_authorised(live_balancer: LiveBalancer) -> None:
-    both = (f"GET /stats HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer wrong\r\n"
+    both = (f"GET /stats HTTP/1.1\r\nHost: [::1]\r\nAuthorization: Bearer wrong\r\n"
             f"Authorization: Bearer {FUZZ_TOKEN}\r\nConnection: close\r\n\r\n").encode()  # fmt: skip
     assert blocking_exchange(live_balancer.admin, both).startswith(b"HTTP/1.1 401 ")
-    one = f"GET /stats HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {FUZZ_TOKEN}\r\nConnection: close\r\n\r\n"
+    one = (f"GET /stats HTTP/1.1\r\nHost: [::1]\r\nAuthorization: Bearer {FUZZ_TOKEN}\r\n"
+           "Connection: close\r\n\r\n")  # fmt: skip
     assert blocking_exchange(live_balancer.admin, one.encode()).startswith(b"HTTP/1.1 200 ")
 
 
@@ -468,7 +482,7 @@ class LiveBalancer:
     stderr: Path
 
     def admin_request(self, method: str, path: str, body: bytes = b"") -> bytes:
-        head = (f"{method} {path} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {FUZZ_TOKEN}\r\n"
+        head = (f"{method} {path} HTTP/1.1\r\nHost: [::1]\r\nAuthorization: Bearer {FUZZ_TOKEN}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")  # fmt: skip
         return blocking_exchange(self.admin, head.encode() + body)
 
@@ -503,7 +517,7 @@ def live_balancer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveBala
 def http_bytes(
     method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes, length: int | None
 ) -> bytes:
-    lines = [f"{method} {path} HTTP/1.1".encode(errors="surrogateescape"), b"Host: admin"]
+    lines = [f"{method} {path} HTTP/1.1".encode(errors="surrogateescape"), b"Host: 127.0.0.1"]
     lines += [name + b": " + value for name, value in headers]
     if length is not None:
         lines.append(b"Content-Length: %d" % length)
@@ -554,7 +568,7 @@ def admin_requests(draw: st.DrawFn) -> bytes:
 
 
 AUTHORISED = [(b"Authorization", f"Bearer {FUZZ_TOKEN}".encode())]
-CLOSE = b"Host: a\r\nConnection: close\r\n\r\n"
+CLOSE = b"Host: [::1]\r\nConnection: close\r\n\r\n"
 
 
 @given(data=admin_requests())

@@ -68,7 +68,7 @@ async def http_get(port: int, path: str = "/", timeout: float = 30) -> bytes:
             answer = b""
             async with stream:
                 try:  # a balancer whose servers are not up yet closes us: ask again
-                    await stream.send_all(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+                    await stream.send_all(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
                     await stream.send_eof()
                     while data := await stream.receive_some(65536):
                         answer += data

@@ -184,9 +184,11 @@ class Balancer:
         return self.access.counts
 
     def is_ready(self) -> bool:
-        """Listeners bound, not draining, and every pool has a server to send clients to."""
-        if not self.listening or self.draining:
-            return False
+        """Listeners bound and not draining: this balancer takes clients, whatever its servers (/readyz)."""
+        return self.listening and not self.draining
+
+    def has_upstream(self) -> bool:
+        """Every pool has a server to send clients to (/readyz?upstream=1 asks this too)."""
         return all(pool.candidates() for pool in self.pools.values())
 
     # ------------------------------------------------------------------ run

@@ -237,6 +237,8 @@ class AdminConfig:
     bind: Address
     token: str = ""  # from `token`, or read from `token_file` (each load, so a reload rotates it)
     token_file: str = ""
+    # Names the Host header may carry besides an IP address and localhost (admin.py: DNS rebinding).
+    hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

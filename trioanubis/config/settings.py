@@ -76,7 +76,7 @@ MAX_TOKEN_BYTES = 4096
 
 
 def parse_admin(node: Node) -> AdminConfig:
-    node.check_keys(("bind", "token", "token_file"))
+    node.check_keys(("bind", "token", "token_file", "hosts"))
     token, token_file = node.string("token", ""), node.string("token_file", "")
     if token and token_file:
         raise node.error("set token or token_file, not both", key="token_file")
@@ -88,7 +88,29 @@ def parse_admin(node: Node) -> AdminConfig:
         bind=node.address("bind", allow_any_host=True, default="127.0.0.1:9900"),
         token=token,
         token_file=token_file,
+        hosts=_admin_hosts(node),
     )
+
+
+# A DNS name as a Host header carries it: dot-separated labels of letters, digits and inner hyphens.
+_HOST_NAME = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*", re.ASCII)
+# More names than any deployment has: a longer list is a mistake (a pasted file?).
+MAX_ADMIN_HOSTS = 64
+
+
+def _admin_hosts(node: Node) -> tuple[str, ...]:
+    """`[admin] hosts`: DNS names, lower-cased; each bad entry named by its index (`hosts[2]`)."""
+    value = node.data.get("hosts", [])
+    if not isinstance(value, list) or len(value) > MAX_ADMIN_HOSTS:
+        raise node.error(f'must be a list of at most {MAX_ADMIN_HOSTS} host names like ["lb1.internal"]',
+                         value, "hosts")  # fmt: skip
+    for index, item in enumerate(value):
+        name = item.lower() if isinstance(item, str) else ""
+        if len(name) > 253 or not _HOST_NAME.fullmatch(name):
+            raise node.error("must be a DNS name without a port (IP addresses and localhost are "
+                             "always accepted; write an international name in its xn-- form)",
+                             item, f"hosts[{index}]")  # fmt: skip
+    return tuple(dict.fromkeys(item.lower() for item in value))
 
 
 def _read_token(node: Node, path: str) -> str:

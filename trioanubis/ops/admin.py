@@ -3,7 +3,7 @@
 Theory of operation: `Admin.serve` binds, reports its address, and serves
 each connection in its own task. `route` is the whole API and is sans-IO:
 method, path, headers and body in, a `Reply` out, so it is tested without
-sockets. The I/O shell around it keeps three promises:
+sockets. The I/O shell around it keeps four promises:
 
 - Nothing a caller sends can stop the process. Every connection runs inside
   a boundary: input errors get a 4xx; a bug (any other exception) gets a 500
@@ -22,8 +22,19 @@ sockets. The I/O shell around it keeps three promises:
   request in progress is the newcomer closed.
 - `/healthz` and `/readyz` answer without a token (they reveal nothing and
   Kubernetes probes cannot send one); everything else needs it when one is
-  set. A reload can replace the token (`Admin.apply`); the bind address
-  changes only at a restart.
+  set. A reload can replace the token and the host names (`Admin.apply`);
+  the bind address changes only at a restart.
+- A web page the operator happens to open cannot use the operator's browser
+  against the admin (`screen`, before any route, in the shell, so the
+  workers' supervisor gets it too). A request whose `Host` is not an IP
+  address, `localhost` or a name in `[admin] hosts` gets 421: a DNS-rebinding
+  page reaches a loopback admin under its own domain name, and is then
+  same-origin with it. A non-safe request that a browser marks as coming from
+  another origin gets 403: Go 1.25's `net/http.CrossOriginProtection`
+  (`Sec-Fetch-Site`, else `Origin` against `Host`). A request with neither
+  header is not from a browser and passes: curl and scripts are not affected.
+  Refusals are counted (`misdirected`, `cross_origin`) and logged once per
+  offending value, method and path (at most 64 lines).
 
 Accept errors that mean the process ran short (EMFILE, ENFILE, ENOBUFS,
 ENOMEM) go to the proxy listeners' `AcceptBackoff`: logged once per episode,
@@ -33,7 +44,8 @@ slept on, retried.
     GET  /stats                                  JSON: listeners, pools, servers
     GET  /metrics                                Prometheus text format
     GET  /healthz                                200 while the process runs (no token needed)
-    GET  /readyz                                 200 when serving, 503 otherwise (no token needed)
+    GET  /readyz                                 200 while this balancer takes clients (no token needed)
+    GET  /readyz?upstream=1                      ... and every pool has a server to send them to
     POST /pools/{pool}/servers/{server}/drain    no new connections
     POST /pools/{pool}/servers/{server}/enable   back in rotation
     POST /pools/{pool}/servers/{server}/weight   body {"weight": N}
@@ -50,11 +62,12 @@ import http
 import ipaddress
 import json
 import logging
+import re
 import traceback
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, final
-from urllib.parse import unquote
+from typing import TYPE_CHECKING, Any, Final, Literal, final
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import h11
 import trio
@@ -104,6 +117,12 @@ CONNECTION_LIFETIME: Final = 120.0
 MAX_ADMIN_CONNECTIONS: Final = 64
 # Answered without a token: they reveal nothing, and probes cannot send one.
 OPEN_PATHS: Final = frozenset({"/healthz", "/readyz"})
+# Methods that never change anything here; a browser may send them from anywhere (as Go's list).
+SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
+# What `Sec-Fetch-Site` says when the operator's own page, or the operator typing a URL, sent it.
+OWN_SITE: Final = frozenset({b"same-origin", b"none"})
+# Distinct refusals logged (offending value, method, path); beyond that they are only counted.
+MAX_LOGGED_REFUSALS: Final = 64
 PROMETHEUS_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 JSON_TYPE: Final = "application/json"
 
@@ -149,8 +168,8 @@ def authorised(token: str, headers: list[tuple[bytes, bytes]]) -> bool:
 def route(
     view: View, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes, token: str
 ) -> Reply:
-    """The admin API, without I/O."""
-    path = path.split("?", 1)[0]
+    """The admin API, without I/O (`screen` has already let the request in)."""
+    target, path = path, path.split("?", 1)[0]
     if path not in OPEN_PATHS and not authorised(token, headers):
         if dashboard.is_page(method, path):  # a browser's first visit: a page that asks for the token
             return page_reply(401, dashboard.login_page(), dashboard.LOGIN_CACHE)
@@ -168,8 +187,10 @@ def route(
             return Reply(200, PROMETHEUS_TYPE, prometheus(view).encode())
         if path == "/healthz":
             return Reply(200, "text/plain", b"ok\n")
-        ready = view.is_ready()
-        return Reply(200 if ready else 503, "text/plain", b"ready\n" if ready else b"not ready\n")
+        upstream = upstream_asked(target)
+        if isinstance(upstream, Reply):
+            return upstream
+        return ready_reply(view.is_ready() and (not upstream or view.has_upstream()))
     parts = [unquote(p) for p in path.strip("/").split("/")]
     if len(parts) == 5 and parts[0] == "pools" and parts[2] == "servers":
         if parts[4] == "faults":
@@ -178,6 +199,129 @@ def route(
             return error_reply(405, f"{path} takes POST")
         return _server_action(view, parts[1], parts[3], parts[4], body)
     return error_reply(404, f"no such endpoint: {path}")
+
+
+def upstream_asked(target: str) -> bool | Reply:
+    """Whether `/readyz?upstream=1` (or bare `?upstream`) asks about the servers too; 400 for another value.
+
+    Other parameters are ignored, as Kubernetes' `/readyz?verbose` would be.
+    """
+    values = [v for k, v in parse_qsl(target.partition("?")[2], keep_blank_values=True) if k == "upstream"]
+    if not values:
+        return False
+    if len(values) > 1 or values[0] not in ("", "1", "0"):
+        return error_reply(400, "/readyz: upstream takes 1 (ask about the servers too) or 0")
+    return values[0] != "0"
+
+
+def ready_reply(ready: bool) -> Reply:
+    return Reply(200 if ready else 503, "text/plain", b"ready\n" if ready else b"not ready\n")
+
+
+# ------------------------------------------------- who may ask: Host and Origin
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A request `screen` turns away before any route sees it."""
+
+    kind: Literal["misdirected", "cross_origin"]
+    reply: Reply
+    why: str  # for the log line: the offending header values, shown safely
+
+
+# host[:port], where host is [IPv6] or anything without colons and brackets (checked after).
+_HOST_SYNTAX: Final = re.compile(r"(?:\[([0-9a-f:.]+)\]|([^:\[\]]+))(?::([0-9]{1,5}))?", re.ASCII)
+
+
+def host_allowed(value: bytes, names: frozenset[str]) -> bool:
+    """A Host value naming an IP address ([v6] too), localhost or one of `names`, with or without a port."""
+    try:
+        text = value.decode("ascii").lower()
+    except UnicodeDecodeError:
+        return False
+    match = _HOST_SYNTAX.fullmatch(text)
+    if match is None or (match[3] is not None and int(match[3]) > 65535):
+        return False
+    if match[1] is not None:
+        return _is_address(match[1], ipaddress.IPv6Address)
+    return _is_address(match[2], ipaddress.IPv4Address) or match[2] == "localhost" or match[2] in names
+
+
+def _is_address(text: str, kind: type[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> bool:
+    try:
+        kind(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _first(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes:
+    """The first value of header `name`, b"" when absent (Go's `Header.Get`)."""
+    return next((value for key, value in headers if key == name), b"")
+
+
+def origin_host(origin: bytes) -> bytes | None:
+    """The host[:port] of an Origin value (Go's `url.Parse(origin).Host`); None where Go fails to parse."""
+    if any(byte <= 0x20 or byte == 0x7F for byte in origin):
+        return None  # url.Parse refuses control characters and spaces; urlsplit would drop some
+    try:
+        netloc = urlsplit(origin.decode("latin-1")).netloc
+    except ValueError:  # unbalanced brackets, a bad port
+        return None
+    return netloc.rpartition("@")[2].encode("latin-1")
+
+
+def cross_origin(method: str, headers: list[tuple[bytes, bytes]]) -> str | None:
+    """Why a browser's cross-origin request may not do `method`, or None: `CrossOriginProtection.Check`.
+
+    Go 1.25's algorithm, without its trusted origins and bypass patterns (the
+    admin has no cross-origin callers to trust): safe methods pass; else a
+    `Sec-Fetch-Site` other than same-origin or none refuses; else an `Origin`
+    whose host is not the request's `Host` refuses; a request with neither
+    header is not from a browser and passes.
+    """
+    if method in SAFE_METHODS:
+        return None
+    site = _first(headers, b"sec-fetch-site")
+    if site:
+        return None if site in OWN_SITE else f"Sec-Fetch-Site: {_show(site)}"
+    origin = _first(headers, b"origin")
+    if not origin:
+        return None
+    host = _first(headers, b"host")
+    if host and origin_host(origin) == host:  # no Host never matches (Go's "" == "" would)
+        return None
+    return f"Origin {_show(origin)} is not Host {_show(host)}"
+
+
+def screen(
+    method: str, target: str, headers: list[tuple[bytes, bytes]], names: frozenset[str]
+) -> Refusal | None:
+    """The checks before any route: 421 for a Host not ours, then 403 for a browser's cross-origin change.
+
+    The probes (`OPEN_PATHS`) skip the Host check: they reveal nothing, and
+    a prober may name the pod however it likes. A request without Host
+    (HTTP/1.0) passes it: a browser always sends one.
+    """
+    hosts = [value for name, value in headers if name == b"host"]
+    if target.split("?", 1)[0] not in OPEN_PATHS and (
+        len(hosts) > 1 or (hosts and not host_allowed(hosts[0], names))
+    ):
+        shown = ", ".join(_show(h) for h in hosts)
+        message = (f"misdirected request: Host {shown} is not an IP address, localhost or a name in "
+                   "[admin] hosts")  # fmt: skip
+        return Refusal("misdirected", error_reply(421, message, close=True), f"Host {shown}")
+    why = cross_origin(method, headers)
+    if why is not None:
+        return Refusal("cross_origin", error_reply(403, f"cross-origin request refused ({why})"), why)
+    return None
+
+
+def _show(value: bytes, limit: int = 80) -> str:
+    """A header value for a message or log line: quoted, escaped, cut short."""
+    text = repr(value[:limit].decode("latin-1"))
+    return text + "…" if len(value) > limit else text
 
 
 def json_depth(text: str) -> int:
@@ -333,23 +477,30 @@ class Admin:
         self.internal_errors = 0
         self.evicted = 0  # connections closed to make room for a newcomer
         self.rejected = 0  # newcomers closed because every slot was busy with authorised work
+        self.misdirected = 0  # requests with a Host not ours (421)
+        self.cross_origin = 0  # a browser's cross-origin changes refused (403)
+        self.hosts = frozenset(config.hosts)
         self.bound: Address | None = None
         self._slots: set[Slot] = set()
         self._logged: set[tuple[str, str, int]] = set()  # the places internal errors came from
-
+        self._refusals_logged: set[tuple[str, str, str, str]] = set()
 
     @property
     def accept_overloads(self) -> int:
         """Accepts that failed for lack of descriptors or memory (read by metrics.py)."""
         return self.backoff.overloads
+
     def apply(self, config: AdminConfig) -> None:
-        """Take a reloaded [admin] table: the token now, the bind address at the next restart."""
+        """Take a reloaded [admin] table: token and host names now, the bind address at the next restart."""
         if config.bind != self.config.bind:
             log.warning("reload: admin: the new bind %s takes effect at the next restart; still on %s",
                         config.bind, self.bound or self.config.bind)  # fmt: skip
         if config.token != self.token:
             log.info("reload: admin: token replaced; the old one is refused from now on")
+        if frozenset(config.hosts) != self.hosts:
+            log.info("reload: admin: host names now %s", ", ".join(config.hosts) or "none")
         self.token = config.token
+        self.hosts = frozenset(config.hosts)
         self.config = config
 
     async def serve(self, *, task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED) -> None:
@@ -445,6 +596,10 @@ class Admin:
 
     async def _answer(self, request: Incoming) -> Reply:
         method, target, headers, body = request
+        refusal = screen(method, target, headers, self.hosts)
+        if refusal is not None:
+            self._refused(method, target, refusal)
+            return refusal.reply
         try:
             if self.router is not None:
                 return await self.router(method, target, headers, body, self.token)
@@ -452,6 +607,23 @@ class Admin:
         except Exception as exc:
             self._internal_error(exc)
             return error_reply(500, "internal error", close=True)
+
+    def _refused(self, method: str, target: str, refusal: Refusal) -> None:
+        """Count a refusal; log it the first time its offending value comes for that method and path."""
+        if refusal.kind == "misdirected":
+            self.misdirected += 1
+            why = ("not an IP address, localhost or a name in [admin] hosts: a DNS-rebinding page would "
+                   "send its own name (if the name is yours, add it to [admin] hosts)")  # fmt: skip
+        else:
+            self.cross_origin += 1
+            why = "a page from another origin tried to change the balancer through a browser"
+        key = (refusal.kind, refusal.why, method, target.split("?", 1)[0])
+        if key in self._refusals_logged or len(self._refusals_logged) >= MAX_LOGGED_REFUSALS:
+            return
+        self._refusals_logged.add(key)
+        shown = _show(target.encode(errors="replace"), 60)
+        log.warning("admin: refused %s %s with %s (%d): %s; further ones alike are only counted",
+                    method, shown, refusal.why, refusal.reply.status, why)  # fmt: skip
 
 
 def _is_loopback(host: str) -> bool:

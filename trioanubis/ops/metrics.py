@@ -127,6 +127,10 @@ def _admin_rows(admin: AdminCounters) -> list[tuple[str, str, int]]:
          admin.rejected),
         ("accept_overloads", "Admin accepts that failed for lack of descriptors or memory.",
          admin.accept_overloads),
+        ("misdirected", "Admin requests refused (421) for a Host that is not an IP, localhost or in "
+         "[admin] hosts.", admin.misdirected),
+        ("cross_origin", "Admin changes refused (403) because a browser sent them from another origin.",
+         admin.cross_origin),
     ]  # fmt: skip
 
 

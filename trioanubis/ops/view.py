@@ -32,6 +32,10 @@ class AdminCounters(Protocol):
     def rejected(self) -> int: ...
     @property
     def accept_overloads(self) -> int: ...
+    @property
+    def misdirected(self) -> int: ...
+    @property
+    def cross_origin(self) -> int: ...
 
 
 class View(Protocol):
@@ -55,4 +59,5 @@ class View(Protocol):
     def reloads(self) -> int: ...  # applied
     @property
     def reload_failures(self) -> int: ...  # rejected, or applied except for a listener that could not move
-    def is_ready(self) -> bool: ...
+    def is_ready(self) -> bool: ...  # listening and not draining
+    def has_upstream(self) -> bool: ...  # every pool has a server to send clients to

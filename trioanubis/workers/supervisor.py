@@ -26,8 +26,10 @@ every worker with the next snapshot.
 The admin endpoint lives here. `/stats` and `/metrics` ask every worker at
 request time (nothing is sent while nobody looks, and the answer is as fresh
 as the request) and add their counters up; `/readyz` is ready when the view
-and every worker are. drain / enable / weight change the view, push a
-snapshot and answer 200 only once every running worker acknowledged it.
+and every worker are (`?upstream=1`: and the one health view has a server in
+every pool). drain / enable / weight change the view, push a snapshot and
+answer 200 only once every running worker acknowledged it. The admin shell
+(admin.py) screens Host and Origin before this router sees a request.
 
 Stop (SIGTERM/SIGINT): every worker is told to stop and drains within
 `drain_timeout`; a worker still running `STOP_GRACE` after that is killed;
@@ -64,7 +66,9 @@ from trioanubis.ops.admin import (
     authorised,
     error_reply,
     json_reply,
+    ready_reply,
     route,
+    upstream_asked,
 )
 from trioanubis.ops.metrics import prometheus, stats
 from trioanubis.pool import Pool
@@ -226,8 +230,8 @@ class Supervisor:
         if method in ("GET", "HEAD") and path == "/metrics":
             return Reply(200, PROMETHEUS_TYPE, (await self.metrics()).encode())
         if method in ("GET", "HEAD") and path == "/readyz":
-            ready = await self.ready()
-            return Reply(200 if ready else 503, "text/plain", b"ready\n" if ready else b"not ready\n")
+            upstream = upstream_asked(target)
+            return upstream if isinstance(upstream, Reply) else ready_reply(await self.ready(upstream))
         reply = route(self.view, method, target, headers, body, token)
         if method == "POST" and reply.status == 200:
             return await self._confirm(reply)
@@ -255,8 +259,9 @@ class Supervisor:
                 nursery.start_soon(ask, slot)
         return sorted(answers, key=lambda a: a[0].id)
 
-    async def ready(self) -> bool:
-        if not self.view.is_ready() or self.stopping:
+    async def ready(self, upstream: bool = False) -> bool:
+        """This supervisor and every worker take clients; with `upstream`, the view has a server per pool."""
+        if not self.view.is_ready() or self.stopping or (upstream and not self.view.has_upstream()):
             return False
         return all(answer is True for _, answer in await self.ask_all("ready"))
 
