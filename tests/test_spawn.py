@@ -309,7 +309,7 @@ async def test_the_reference_config_with_the_new_keys_uncommented_checks_and_run
         line[2:] if any(line.startswith(f"# {key} ") or line == f"# {key}" for key in NEW_REFERENCE_KEYS)
         else line
         for line in lines
-    ).replace('":8000"', '"127.0.0.1:0"')  # fmt: skip
+    ).replace('":8000"', '"127.0.0.1:0"').replace('"127.0.0.1:9900"', '"127.0.0.1:0"')  # fmt: skip
     data = tomllib.loads(text)
     config = parse_config(data, str(ROOT / "anubis.toml"))
     spawn = config.pools["web"].spawn
