@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import IO_BACKEND, connect_when_listening, free_port, name_handler, start_backend
 from trioanubis import __version__
@@ -583,3 +585,18 @@ async def test_the_start_up_summary_is_logged_once(nursery: trio.Nursery, tmp_pa
     assert text.count("server one: ") == 1, text
     assert text.count("settings: drain_timeout") == 1, text
     assert "ready: pool web 1/1 servers up" in text, text
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(CONFIG_COMMANDS), st.lists(st.sampled_from(["-c", "--config", "a.toml", "b.toml",
+       "--admin", "--watch", "--", "-", "x"]) | st.text(max_size=6), max_size=5))  # fmt: skip
+def test_fuzz_config_arguments_settle_on_one_file_or_stop_with_a_usage_error(
+    command: str, words: list[str]
+) -> None:
+    try:
+        args = parse_arguments([command, *words])
+    except SystemExit as exc:
+        assert exc.code == 2  # argparse's usage error, on stderr
+    else:
+        assert (args.config is None and command == "top") or isinstance(args.config, str)
+        assert args.config in (None, "anubis.toml", *words)

@@ -18,7 +18,16 @@ from tests.conftest import EVENTUALLY, echo_handler, free_port, running_balancer
 from tests.peers import need
 from tests.test_dashboard import TOKEN, two_servers
 from trioanubis.config import parse_config
-from trioanubis.ops.top import TopError, admin_target, admin_url, parse_keys, rates, render, server_rows
+from trioanubis.ops.top import (
+    TopError,
+    admin_target,
+    admin_url,
+    parse_keys,
+    rates,
+    read_token_file,
+    render,
+    server_rows,
+)
 
 pytest.importorskip("rich")
 
@@ -298,3 +307,19 @@ async def test_the_token_sources_in_order_and_their_errors_are_one_line(
     assert both.returncode == 2 and "not allowed with argument" in both.stderr
     for result in (file_first, env_only, missing, blank):
         assert "Traceback" not in result.stderr
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=5000))
+def test_fuzz_a_token_file_gives_a_token_or_one_clear_error(content: bytes) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "token"
+        path.write_bytes(content)
+        try:
+            token = read_token_file(str(path))
+        except TopError as exc:
+            assert str(exc).startswith(f"--token-file {path}: ") and "\n" not in str(exc)
+        else:
+            assert token == content.decode("ascii").strip() and token.isprintable() and " " not in token
