@@ -584,7 +584,7 @@ async def test_the_start_up_summary_is_logged_once(nursery: trio.Nursery, tmp_pa
     assert text.count(f"listener web: 127.0.0.1:{port} -> pool web") == 1, text
     assert text.count("server one: ") == 1, text
     assert text.count("settings: drain_timeout") == 1, text
-    assert "ready: pool web 1/1 servers up" in text, text
+    assert " INFO    ready\npool web: 1/1 servers up\n" in text, text
 
 
 @settings(max_examples=300, deadline=None)

@@ -477,7 +477,7 @@ async def _serve(balancer: Balancer, demo: bool, status: bool = False) -> None:
         if demo:
             _print_demo_help(bound, balancer.admin_address, config)
         settle_gc()
-        log.info("ready: %s", servers_up(balancer.pools))
+        log.info("ready\n%s", servers_up(balancer.pools))  # "ready" alone on its line, as before
         if status:  # anubis proxy: a live line on a terminal, plain lines elsewhere
             nursery.start_soon(run_status, balancer, install_terminal_status())
         await balancer.stopped.wait()

@@ -123,6 +123,6 @@ def describe(config: Config, pools: Mapping[str, Pool] | None = None) -> str:
 
 def servers_up(pools: Mapping[str, Pool]) -> str:
     """What the "ready" line adds to the summary logged at start: how many servers are up."""
-    parts = [f"pool {name} {sum(s.healthy for s in pool.servers)}/{len(pool.servers)} servers up"
+    parts = [f"pool {name}: {sum(s.healthy for s in pool.servers)}/{len(pool.servers)} servers up"
              for name, pool in pools.items()]  # fmt: skip
-    return ", ".join(parts) or "no pools"
+    return "\n".join(parts) or "no pools"
