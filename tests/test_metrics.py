@@ -99,8 +99,8 @@ async def test_with_workers_each_process_reports_its_own_process_metrics(
         assert sorted(s.labels["worker"] for s in samples) == sorted(processes), (name, samples)
     if "process_start_time_seconds" in families:
         starts = {s.labels["worker"]: s.value for s in families["process_start_time_seconds"].samples}
-        assert len(set(starts.values())) == 3  # three processes, not one figure three times
-        assert starts["supervisor"] <= min(starts["1"], starts["2"])  # it started them
+        assert starts["supervisor"] <= min(starts["1"], starts["2"])  # it started them (in one 10 ms
+        # tick, two workers may show the same start: /proc counts in clock ticks)
     if "process_max_fds" in families:  # a sum would be 3 × the limit
         limits = {s.value for s in families["process_max_fds"].samples}
         assert limits == {process_stats()["process_max_fds"]}
