@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import IO_BACKEND, connect_when_listening, free_port, name_handler, start_backend
 from trioanubis import __version__
-from trioanubis.cli import build_parser
+from trioanubis.cli import build_parser, parse_arguments
 from trioanubis.proxy.io import epoll_available
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -160,22 +162,46 @@ async def test_proxy_answers_a_real_request(nursery: trio.Nursery) -> None:
     assert answers == {b"one", b"two"}
 
 
-async def test_demo_answers_hello_and_health(tmp_path: Path) -> None:
-    ports = [free_port() for _ in range(4)]
+def demo_config(tmp_path: Path) -> tuple[Path, list[int]]:
+    """The reference config on free ports: listener, three backends, admin."""
+    ports = [free_port() for _ in range(5)]
     text = (ROOT / "anubis.toml").read_text().replace('":8000"', f'"127.0.0.1:{ports[0]}"')
-    for i, port in enumerate(ports[1:], start=1):
+    for i, port in enumerate(ports[1:4], start=1):
         text = text.replace(f"127.0.0.1:900{i}", f"127.0.0.1:{port}")
+    assert 'bind = "127.0.0.1:9900"' in text  # the demo has an admin endpoint, on loopback
+    text = text.replace("127.0.0.1:9900", f"127.0.0.1:{ports[4]}")
     config = tmp_path / "demo.toml"
     config.write_text(text)
+    return config, ports
+
+
+async def _read_stdout_until(process: trio.Process, needle: bytes) -> bytes:
+    assert process.stdout is not None
+    seen = b""
+    with trio.fail_after(30):
+        while needle not in seen:
+            data = await process.stdout.receive_some()
+            assert data, f"stdout ended before {needle!r}: {seen!r}"
+            seen += data
+    return seen
+
+
+async def test_demo_answers_hello_and_health_and_points_at_the_dashboard_and_top(tmp_path: Path) -> None:
+    config, ports = demo_config(tmp_path)
     async with anubis("demo", "-c", str(config)) as process:
         answers = {await http_get(ports[0]) for _ in range(3)}
         health = await http_get(ports[0], "/health")
-        assert process.stdout is not None
-        banner = await process.stdout.receive_some()
+        banner = (await _read_stdout_until(process, b"anubis top")).decode()
+        dashboard = await http_get(ports[4], "/")  # no token: the admin is on loopback
+        metrics = await http_get(ports[4], "/metrics")
     bodies = {a.split(b"\r\n\r\n", 1)[1] for a in answers}
     assert bodies == {b"hello from web1\n", b"hello from web2\n", b"hello from web3\n"}
     assert health.startswith(b"HTTP/1.1 200 OK\r\n") and health.endswith(b"up\n")
-    assert b"curl http://127.0.0.1:" in banner
+    assert "curl http://127.0.0.1:" in banner
+    assert f"dashboard: http://127.0.0.1:{ports[4]}/" in banner
+    assert f"anubis top --admin http://127.0.0.1:{ports[4]}" in banner
+    assert dashboard.startswith(b"HTTP/1.1 200 ") and b"<html" in dashboard.lower()
+    assert metrics.startswith(b"HTTP/1.1 200 ")
 
 
 async def test_sigterm_exits_zero_after_draining(nursery: trio.Nursery) -> None:
@@ -277,8 +303,9 @@ def test_check_summary_shows_settings_and_the_admin_endpoint_but_never_the_token
     config = tmp_path / "anubis.toml"
     text = (ROOT / "anubis.toml").read_text()
     text = text.replace('drain_timeout = "30s"', 'drain_timeout = "45s"\nworkers = 2')
-    config.write_text('[admin]\nbind = "127.0.0.1:9911"\ntoken = "s3cret-token"\n' + text.replace(
-        'log_format = "text"', 'log_format = "json"').replace("access_log = true", "access_log = false"))
+    text = text.replace('bind = "127.0.0.1:9900"', 'bind = "127.0.0.1:9911"\ntoken = "s3cret-token"')
+    config.write_text(text.replace('log_format = "text"', 'log_format = "json"')
+                      .replace("access_log = true", "access_log = false"))  # fmt: skip
     result = run_cli("check", "-c", str(config))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -287,8 +314,8 @@ def test_check_summary_shows_settings_and_the_admin_endpoint_but_never_the_token
     assert expected in lines
     assert "admin: 127.0.0.1:9911, token required" in lines
     assert "s3cret-token" not in result.stdout + result.stderr
-    without = run_cli("check", "-c", "anubis.toml")
-    assert "admin: off (no [admin] table)" in without.stdout.splitlines()
+    reference = run_cli("check", "-c", "anubis.toml")
+    assert "admin: 127.0.0.1:9900, no token" in reference.stdout.splitlines()  # the demo's, on loopback
 
 
 # Configs `check` accepted before and `run` or a reload then crashed on: each is refused now,
@@ -432,3 +459,144 @@ def test_check_takes_a_resolver_without_a_port_as_port_53(tmp_path: Path) -> Non
     result = _check_text(tmp_path, text)
     assert result.returncode == 0, result.stderr
     assert "resolver 127.0.0.1:53" in result.stdout.splitlines()[1]
+
+
+# ------------------------------------------------ the config file as an argument, help, completion
+
+CONFIG_COMMANDS = ["run", "check", "reload", "demo", "top"]
+
+
+@pytest.mark.parametrize("command", CONFIG_COMMANDS)
+def test_the_config_file_may_be_given_as_the_argument(command: str) -> None:
+    assert parse_arguments([command, "lb.toml"]).config == "lb.toml"
+    assert parse_arguments([command, "-c", "lb.toml"]).config == "lb.toml"
+    assert parse_arguments([command, "lb.toml", "--config", "lb.toml"]).config == "lb.toml"  # the same: fine
+    assert parse_arguments([command]).config == (None if command == "top" else "anubis.toml")
+    assert parse_arguments([command, "--log-level", "debug", "lb.toml"]).config == "lb.toml"
+
+
+def test_the_config_argument_goes_anywhere_among_the_options() -> None:
+    args = parse_arguments(["run", "--watch", "lb.toml", "--workers", "2"])
+    assert (args.config, args.watch, args.workers) == ("lb.toml", True, 2)
+    assert parse_arguments(["demo", "lb.toml", "--io", "portable"]).config == "lb.toml"
+    assert parse_arguments(["top", "--token-file", "t", "lb.toml"]).config == "lb.toml"
+
+
+def test_a_config_argument_is_read_and_two_different_ones_are_refused(tmp_path: Path) -> None:
+    checked = run_cli("check", "anubis.toml")
+    assert checked.returncode == 0 and checked.stdout.startswith("anubis.toml: ok"), checked.stderr
+    missing = tmp_path / "lb.toml"
+    for command in ("run", "reload", "demo"):
+        result = run_cli(command, str(missing))
+        assert result.returncode == 1 and "unrecognized arguments" not in result.stderr
+        assert f"{missing}: cannot read the config file" in result.stderr, result.stderr
+    both = run_cli("check", "a.toml", "-c", "b.toml")
+    assert both.returncode == 2
+    assert both.stderr.splitlines()[-1] == ("anubis check: error: the config file is given twice: "
+                                            "CONFIG 'a.toml' and -c 'b.toml'; give one")  # fmt: skip
+    top = run_cli("top", "a.toml", "--admin", "http://127.0.0.1:1")
+    assert top.returncode == 2 and "CONFIG 'a.toml' and --admin 'http://127.0.0.1:1'" in top.stderr
+
+
+def test_every_command_help_has_a_description_and_examples() -> None:
+    commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    for name, parser in commands.items():
+        text = parser.format_help()
+        description = text.split("\n\n")[1]  # after the usage
+        assert not description.startswith(("positional", "options")), f"anubis {name} has no description"
+        assert len(description.split()) >= 20, f"anubis {name}: a one-paragraph description\n{text}"
+        assert f"\nExamples:\n  anubis {name}" in text, f"anubis {name} --help shows no example\n{text}"
+    shown = run_cli("run", "--help")
+    assert shown.returncode == 0
+    assert "Run the balancer from a config file" in shown.stdout
+    assert "Examples:\n  anubis run lb.toml\n" in shown.stdout  # the lines kept as written
+    assert "Examples:" in run_cli("--help").stdout
+
+
+# Completes each line given after the script, as bash does on Tab: the line's words in COMP_WORDS,
+# the completion function named by `complete -p anubis` called; prints one line of candidates each.
+BASH_COMPLETE = r"""
+source "$1"
+spec=$(complete -p anubis) || exit 3
+function=${spec##*-F }
+function=${function%% *}
+shift
+for typed in "$@"; do
+  read -ra COMP_WORDS <<< "$typed"
+  [[ $typed == *" " ]] && COMP_WORDS+=("")
+  COMP_CWORD=$((${#COMP_WORDS[@]} - 1))
+  COMP_LINE=$typed
+  COMP_POINT=${#typed}
+  COMPREPLY=()
+  "$function" anubis "${COMP_WORDS[COMP_CWORD]}" "${COMP_WORDS[COMP_CWORD - 1]}"
+  echo "${COMPREPLY[*]}"
+done
+"""
+
+
+def test_the_bash_completion_script_is_valid_and_completes_commands_options_and_files(tmp_path: Path) -> None:
+    pytest.importorskip("shtab")
+    generated = run_cli("completion", "bash")
+    assert generated.returncode == 0, generated.stderr
+    script = tmp_path / "anubis.bash"
+    script.write_text(generated.stdout)
+    syntax = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=60)
+    assert syntax.returncode == 0, syntax.stderr
+    typed = ["anubis ", "anubis ch", "anubis run --wa", "anubis top --token", "anubis completion ",
+             "anubis run anubis.t"]  # fmt: skip
+    result = subprocess.run(["bash", "--norc", "--noprofile", "-c", BASH_COMPLETE, "complete", str(script),
+                             *typed], capture_output=True, text=True, timeout=60, cwd=ROOT)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    completed = dict(zip(typed, result.stdout.splitlines(), strict=True))
+    commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    assert completed["anubis "].split() == list(commands)
+    assert completed["anubis ch"] == "check"
+    assert completed["anubis run --wa"] == "--watch"
+    assert completed["anubis top --token"].split() == ["--token-file", "--token"]
+    assert completed["anubis completion "].split() == ["bash", "zsh", "tcsh"]
+    assert completed["anubis run anubis.t"] == "anubis.toml"  # a config file: the files here
+    for shell in ("zsh", "tcsh"):
+        other = run_cli("completion", shell)
+        assert other.returncode == 0 and "anubis" in other.stdout and "completion" in other.stdout
+
+
+def test_completion_without_shtab_is_one_line() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.modules['shtab'] = None; from trioanubis.cli import main; "
+         "sys.exit(main(['completion', 'bash']))"], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr == "anubis: anubis completion needs the 'shtab' package: " \
+                            "pip install 'trioanubis[completion]'\n"
+
+
+async def test_the_start_up_summary_is_logged_once(nursery: trio.Nursery, tmp_path: Path) -> None:
+    backend = await start_backend(nursery, name_handler("x"))
+    port = free_port()
+    config = tmp_path / "anubis.toml"
+    config.write_text(f'[listeners.web]\nbind = "127.0.0.1:{port}"\npool = "web"\n'
+                      f'[pools.web]\nservers = [{{ address = "{backend.address}", name = "one" }}]\n'
+                      f'health = {{ check = "tcp", interval = "1h", rise = 1 }}\n')  # fmt: skip
+    stderr = bytearray()
+    async with anubis("run", "-c", str(config)) as process:
+        await _read_until(process, b"ready", stderr)
+        assert await http_get(port) == b"x"
+    text = stderr.decode()
+    assert text.count(f"listener web: 127.0.0.1:{port} -> pool web") == 1, text
+    assert text.count("server one: ") == 1, text
+    assert text.count("settings: drain_timeout") == 1, text
+    assert " INFO    ready\npool web: 1/1 servers up\n" in text, text
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(CONFIG_COMMANDS), st.lists(st.sampled_from(["-c", "--config", "a.toml", "b.toml",
+       "--admin", "--watch", "--", "-", "x"]) | st.text(max_size=6), max_size=5))  # fmt: skip
+def test_fuzz_config_arguments_settle_on_one_file_or_stop_with_a_usage_error(
+    command: str, words: list[str]
+) -> None:
+    try:
+        args = parse_arguments([command, *words])
+    except SystemExit as exc:
+        assert exc.code == 2  # argparse's usage error, on stderr
+    else:
+        assert (args.config is None and command == "top") or isinstance(args.config, str)
+        assert args.config in (None, "anubis.toml", *words)

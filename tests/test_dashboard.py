@@ -262,3 +262,43 @@ async def test_dashboard_works_without_a_token(nursery: trio.Nursery, browser: A
         await until(lambda: "weight must be" in text_of(browser, "#message"), "the 400's reason shown")
         assert b.pools["test"].find("beta").weight == 1  # type: ignore[union-attr]
 
+
+
+def other_column(driver: Any, css: str) -> list[str]:
+    """The lines of an "other" cell as the browser shows them."""
+    lines: list[str] = driver.execute_script(
+        "const cell = document.querySelector(arguments[0]);"
+        "return cell ? Array.from(cell.children, (line) => line.innerText) : [];", css)  # fmt: skip
+    return lines
+
+
+async def test_the_other_column_is_readable_text_not_json(
+    nursery: trio.Nursery, browser: Any, tmp_path: Path
+) -> None:
+    alpha = await start_backend(nursery, echo_handler, "alpha")
+    beta = await start_backend(nursery, echo_handler, "beta")
+    data = two_servers(alpha.address, beta.address, "")
+    data["pools"]["test"]["servers"][0]["faults"] = {"latency": "200ms", "jitter": "10ms", "probability": 0.5}
+    data["pools"]["test"]["servers"][1]["priority"] = 3
+    data["listeners"]["test"]["max_connections_per_client"] = 10  # clients tracked: busiest_clients
+    async with running_balancer(data) as (b, address):
+        admin = b.admin_address
+        assert admin is not None
+        stream = await trio.open_tcp_stream(address.host, address.port)  # a tracked client, a busiest one
+        await in_thread(browser.get, f"http://{admin.host}:{admin.port}/")
+        alpha_cell = "tr[data-server='alpha'] td.extras"
+        await until(lambda: any(line.startswith("faults:") for line in other_column(browser, alpha_cell)),
+                    "alpha's faults in the other column")  # fmt: skip
+        await until(lambda: "busiest clients" in text_of(browser, "#listeners td.extras"), "the busy client")
+        alpha_lines = await in_thread(other_column, browser, alpha_cell)
+        beta_lines = await in_thread(other_column, browser, "tr[data-server='beta'] td.extras")
+        listener_lines = await in_thread(other_column, browser, "#listeners td.extras")
+        await in_thread(browser.save_screenshot, str(tmp_path / "other.png"))
+        await stream.aclose()
+    assert "faults: direction both, probability 0.50, latency 200ms, jitter 10ms" in alpha_lines, alpha_lines
+    assert "priority: 0" in alpha_lines and "priority: 3" in beta_lines
+    assert not any(line.startswith(("faults:", "faults applied:")) for line in beta_lines), beta_lines  # none
+    assert "tracked clients: 1" in listener_lines, listener_lines
+    assert any(line.startswith("busiest clients: client 127.0.0.1, active ") for line in listener_lines)
+    for line in alpha_lines + beta_lines + listener_lines:
+        assert not any(mark in line for mark in '{}[]"='), f"raw JSON in the other column: {line!r}"

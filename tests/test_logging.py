@@ -17,6 +17,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from unittest.mock import patch
 
@@ -334,6 +335,34 @@ times = st.builds(lambda s, ms, us: s + ms / 1e3 + us / 1e6, st.integers(0, 4_00
                   st.integers(0, 999), st.integers(100, 899))  # fmt: skip
 
 
+# RFC 3339 (and ISO 8601) in UTC, to the millisecond: what the JSON log's `time` is.
+RFC3339_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
+def assert_rfc3339_of(text: str, created: float) -> None:
+    """`text` is RFC 3339 UTC with milliseconds and names `created`, cut to the millisecond."""
+    assert RFC3339_MS.fullmatch(text), text
+    parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))  # Python 3.10 reads no "Z"
+    assert parsed.utcoffset() == timedelta(0)
+    fraction = timedelta(microseconds=round(created % 1 * 1e6))
+    exact = datetime.fromtimestamp(int(created), timezone.utc) + fraction
+    assert parsed <= exact < parsed + timedelta(milliseconds=1), (text, created)
+
+
+@given(times)
+@settings(max_examples=300, deadline=None)
+def test_the_json_time_is_rfc3339_utc_to_the_millisecond(created: float) -> None:
+    record = logging.LogRecord("trioanubis.test", logging.INFO, __file__, 0, "m", None, None)
+    record.created = created
+    assert_rfc3339_of(json.loads(JsonFormatter().format(record))["time"], created)
+
+
+def test_the_json_time_of_a_known_moment() -> None:
+    record = logging.LogRecord("trioanubis.test", logging.INFO, __file__, 0, "m", None, None)
+    record.created = 1_700_000_000.25
+    assert json.loads(JsonFormatter().format(record))["time"] == "2023-11-14T22:13:20.250Z"
+
+
 @given(records, times, st.one_of(st.none(), st.integers(0, 64)))
 @settings(max_examples=300, deadline=None)
 def test_a_deferred_access_line_is_the_line_logging_wrote_before(
@@ -351,6 +380,7 @@ def test_a_deferred_access_line_is_the_line_logging_wrote_before(
             "listener", "client", "server", "bytes_in", "bytes_out", "duration", "end"]  # fmt: skip
     assert list(json.loads(json_line)) == keys
     assert json.loads(json_line).get("worker") == worker
+    assert_rfc3339_of(json.loads(json_line)["time"], created)
     plain = logging.Formatter("%(name)s %(levelname)s %(message)s")  # another formatter: via a LogRecord
     assert AccessLine(record, created, plain).render() == plain.format(old)
 
@@ -425,7 +455,8 @@ async def test_access_lines_of_a_real_process_keep_their_format(
                    line["level"]) for line in access]  # fmt: skip
         assert fields == [("web", "echo", n, n, "client_eof", "info") for n in (3, 5)]
         assert all(str(line["client"]).startswith("127.0.0.1:") for line in access)
-        assert all(isinstance(line["duration"], float) and isinstance(line["time"], float) for line in access)
+        assert all(isinstance(line["duration"], float) for line in access)
+        assert all(RFC3339_MS.fullmatch(line["time"]) for line in lines)  # access lines and the others
     else:
         pattern = (rb"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3} INFO    web 127\.0\.0\.1:\d+ -> echo "
                    rb"in=(\d+) out=(\d+) \d+\.\dms client_eof$")  # fmt: skip

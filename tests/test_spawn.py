@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -92,6 +93,32 @@ async def test_three_hello_replicas_all_take_traffic_and_a_killed_one_is_restart
         pids = [r.pid for r in spawner.replicas]
     for pid in pids:  # the balancer stopped: every replica with it
         assert not alive(pid)
+
+
+@pytest.mark.parametrize("check", ["tcp", "none"])
+async def test_a_replica_seen_to_exit_gets_no_connection_and_comes_back_once_restarted(check: str) -> None:
+    """Out the moment its process exits, not after `eject_after` refused connects; back once the new
+    process answers. Health checks are slow here (2 s, fall 3), so they cannot be what took it out."""
+    config = spawn_config(HELLO)
+    health = {"check": check, "interval": "2s", "timeout": "1s", "rise": 1, "fall": 3}
+    config["pools"]["app"]["health"] = health
+    async with running_balancer(config) as (balancer, address):
+        spawner = spawner_of(balancer)
+        await wait_until(lambda: all(r.server.healthy for r in spawner.replicas))
+        for replica in spawner.replicas:  # listening: the first start is done
+            await (await connect_when_listening(replica.port)).aclose()
+        victim = spawner.replicas[0]
+        os.kill(victim.pid, signal.SIGKILL)
+        await wait_until(lambda: victim.restarts == 1)  # the spawner saw the exit
+        assert not victim.server.healthy
+        for _ in range(12):  # while it restarts: every one to the other two, none tried on it
+            assert (await get(address)).startswith(b"HTTP/1.1 200 ")
+        assert victim.server.connect_failures == 0
+        await wait_until(lambda: victim.server.healthy, timeout=EVENTUALLY)  # back once restarted
+        before = victim.server.total
+        for _ in range(6):
+            assert (await get(address)).startswith(b"HTTP/1.1 200 ")
+        assert victim.server.total > before and victim.server.connect_failures == 0
 
 
 async def test_three_http_server_replicas_all_take_traffic() -> None:
@@ -292,6 +319,10 @@ async def test_proxy_watch_rolls_the_replicas_when_a_file_changes(tmp_path: Path
     assert not [pid for pid in pids if alive(pid)]
     started = [int(p) for p in re.findall(rb"replica proxy-\d+ started: pid (\d+)", output)]
     assert len(started) == 6 and not [pid for pid in started if alive(pid)]
+    # A roll is routine: its steps are INFO, and nothing in it calls for attention.
+    assert re.search(rb"INFO    pool proxy: rolling restart of 3 replicas \(.*app\.py changed\)", output)
+    assert re.search(rb"INFO    pool proxy: rolling restart done in ", output)
+    assert b" WARNING " not in output and b" ERROR " not in output, output.decode(errors="replace")
 
 
 NEW_REFERENCE_KEYS = ("queue_timeout", "max_queued", "[pools.web.spawn]", "command", "replicas", "cwd", "env",
@@ -309,7 +340,7 @@ async def test_the_reference_config_with_the_new_keys_uncommented_checks_and_run
         line[2:] if any(line.startswith(f"# {key} ") or line == f"# {key}" for key in NEW_REFERENCE_KEYS)
         else line
         for line in lines
-    ).replace('":8000"', '"127.0.0.1:0"')  # fmt: skip
+    ).replace('":8000"', '"127.0.0.1:0"').replace('"127.0.0.1:9900"', '"127.0.0.1:0"')  # fmt: skip
     data = tomllib.loads(text)
     config = parse_config(data, str(ROOT / "anubis.toml"))
     spawn = config.pools["web"].spawn

@@ -18,7 +18,16 @@ from tests.conftest import EVENTUALLY, echo_handler, free_port, running_balancer
 from tests.peers import need
 from tests.test_dashboard import TOKEN, two_servers
 from trioanubis.config import parse_config
-from trioanubis.ops.top import TopError, admin_target, admin_url, parse_keys, rates, render, server_rows
+from trioanubis.ops.top import (
+    TopError,
+    admin_target,
+    admin_url,
+    parse_keys,
+    rates,
+    read_token_file,
+    render,
+    server_rows,
+)
 
 pytest.importorskip("rich")
 
@@ -221,3 +230,96 @@ async def test_top_in_tmux_lists_servers_drains_and_quits(nursery: trio.Nursery,
             assert exit_file.read_text().strip() == "0", f"top ended; screen:\n{await tmux.screen()}"
         finally:
             await tmux.run("kill-server", check=False)  # gone already once top has quit
+
+
+# ------------------------------------------------------------ the token, off the command line
+
+
+@pytest.mark.parametrize("source", ["environment", "file", "config"])
+async def test_top_in_tmux_takes_the_token_from_the_environment_or_a_file_not_the_command_line(
+    nursery: trio.Nursery, tmp_path: Path, source: str
+) -> None:
+    """The token reaches the admin (servers are listed, no 401) while no command line shows it."""
+    tmux = Tmux(need("tmux"), tmp_path / "tmux.sock")
+    alpha = await start_backend(nursery, echo_handler, "alpha")
+    beta = await start_backend(nursery, echo_handler, "beta")
+    async with running_balancer(two_servers(alpha.address, beta.address, TOKEN)) as (b, _):
+        admin = b.admin_address
+        assert admin is not None
+        url = f"http://{admin.host}:{admin.port}"
+        token_file = tmp_path / "token"
+        token_file.write_text(f"  {TOKEN}\n")  # surrounding whitespace is not part of it
+        environment: list[str] = []
+        if source == "environment":
+            arguments = ["--admin", url]
+            environment = ["-e", f"ANUBIS_TOKEN={TOKEN}"]
+        elif source == "file":
+            arguments = ["--admin", url, "--token-file", str(token_file)]
+        else:  # the config's token_file, the config given as the argument
+            config = tmp_path / "anubis.toml"
+            config.write_text(f'[admin]\nbind = "{admin.host}:{admin.port}"\ntoken_file = "{token_file}"\n'
+                              '[listeners.x]\nbind = "127.0.0.1:1"\npool = "p"\n'
+                              '[pools.p]\nservers = ["127.0.0.1:1"]\n')  # fmt: skip
+            arguments = [str(config)]
+        command = "exec " + shlex.join([*ANUBIS, "top", *arguments])  # the pane's process is top itself
+        await tmux.run("new-session", "-d", "-s", "top", "-x", "150", "-y", "40", *environment, command)
+        try:
+            await tmux.wait_for(lambda s: " up " in row(s, "alpha") and " up " in row(s, "beta"),
+                                "alpha and beta listed up (the token was accepted)")  # fmt: skip
+            pid = int((await tmux.run("list-panes", "-t", "top", "-F", "#{pane_pid}")).strip())
+            command_line = Path(f"/proc/{pid}/cmdline").read_bytes()
+            assert b"trioanubis\x00top" in command_line
+            assert TOKEN.encode() not in command_line  # what `ps` shows every user
+            await tmux.run("send-keys", "-t", "top", "q")
+        finally:
+            await tmux.run("kill-server", check=False)
+
+
+async def test_the_token_sources_in_order_and_their_errors_are_one_line(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    alpha = await start_backend(nursery, echo_handler, "alpha")
+    beta = await start_backend(nursery, echo_handler, "beta")
+    async with running_balancer(two_servers(alpha.address, beta.address, TOKEN)) as (b, _):
+        admin = b.admin_address
+        assert admin is not None
+        url = f"http://{admin.host}:{admin.port}"
+        good, empty = tmp_path / "good", tmp_path / "empty"
+        good.write_text(TOKEN)
+        empty.write_text(" \n")
+        environment = {**os.environ, "ANUBIS_TOKEN": "wrong"}
+
+        def top(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+            return run_top("--admin", url, *args, env=env)
+
+        file_first = await trio.to_thread.run_sync(lambda: top("--token-file", str(good), env=environment))
+        env_only = await trio.to_thread.run_sync(lambda: top(env=environment))
+        token_first = await trio.to_thread.run_sync(lambda: top("--token", TOKEN, env=environment))
+        missing = await trio.to_thread.run_sync(lambda: top("--token-file", str(tmp_path / "none")))
+        blank = await trio.to_thread.run_sync(lambda: top("--token-file", str(empty)))
+        both = await trio.to_thread.run_sync(lambda: top("--token-file", str(good), "--token", TOKEN))
+    assert file_first.returncode == 0 and "alpha" in file_first.stdout, file_first.stderr
+    assert token_first.returncode == 0, token_first.stderr
+    assert env_only.returncode == 1 and "refused the token (401); set $ANUBIS_TOKEN" in env_only.stderr
+    assert missing.returncode == 1
+    assert missing.stderr == f"anubis: --token-file {tmp_path / 'none'}: not a readable regular file\n"
+    assert blank.returncode == 1 and blank.stderr.startswith(f"anubis: --token-file {empty}: must hold one")
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
+    for result in (file_first, env_only, missing, blank):
+        assert "Traceback" not in result.stderr
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=5000))
+def test_fuzz_a_token_file_gives_a_token_or_one_clear_error(content: bytes) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "token"
+        path.write_bytes(content)
+        try:
+            token = read_token_file(str(path))
+        except TopError as exc:
+            assert str(exc).startswith(f"--token-file {path}: ") and "\n" not in str(exc)
+        else:
+            assert token == content.decode("ascii").strip() and token.isprintable() and " " not in token

@@ -16,6 +16,7 @@ import signal
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any, Final
 
 import trio
 
@@ -26,10 +27,19 @@ from trioanubis.errors import AnubisError, ConfigError
 from trioanubis.hello import serve_hello
 from trioanubis.ops.accesslog import configure_logging, log_fatal, logs_json
 from trioanubis.ops.status import install_terminal_status, run_status
-from trioanubis.ops.top import DEFAULT_ADMIN, Admin, admin_target, admin_url, run_top
+from trioanubis.ops.top import (
+    DEFAULT_ADMIN,
+    TOKEN_VARIABLE,
+    Admin,
+    admin_target,
+    admin_url,
+    read_token_file,
+    run_top,
+    url_of,
+)
 from trioanubis.proxy.io import IO_CHOICES, resolve_io
 from trioanubis.strategies import STRATEGIES
-from trioanubis.summary import describe
+from trioanubis.summary import describe, servers_up
 from trioanubis.tls.context import fingerprint, self_signed
 
 log = logging.getLogger("trioanubis")
@@ -41,6 +51,91 @@ HELLO_HOST = "127.0.0.1"
 
 # Shown with every mistake in `anubis proxy`'s arguments.
 PROXY_EXAMPLE = "Example: anubis proxy :8000 localhost:3000 localhost:3001"
+
+# Each command's --help: a paragraph on what it does, then (after a blank line) examples.
+HELP: Final = {
+    "anubis": """\
+Run `anubis COMMAND --help` for what a command does, with examples.
+
+Examples:
+  anubis demo                        three hello-world backends behind the balancer, with the dashboard
+  anubis check lb.toml               validate a config file and summarise it
+  anubis run lb.toml                 run the balancer from it
+  anubis proxy :8000 localhost:3000 localhost:3001
+  anubis completion bash > ~/.local/share/bash-completion/completions/anubis""",
+    "run": """\
+Run the balancer from a config file until SIGTERM or SIGINT, then stop accepting, let open
+connections finish for settings.drain_timeout and exit 0. SIGHUP (or `anubis reload`) re-reads
+the file; --watch does the same whenever the file changes. The config file is given with -c
+or as the argument; without either, ./anubis.toml.
+
+Examples:
+  anubis run lb.toml
+  anubis run -c /etc/anubis/anubis.toml --watch
+  anubis run lb.toml --workers auto        one process per core, sharing the listeners""",
+    "reload": """\
+Validate the config file, then send SIGHUP to the running balancer whose process id
+[settings] pid_file holds; the balancer logs whether the reload was applied. An invalid file
+is reported here and nothing is signalled.
+
+Examples:
+  anubis reload lb.toml
+  anubis reload -c /etc/anubis/anubis.toml""",
+    "check": """\
+Validate a config file and print a one-screen summary of it (settings, admin, listeners,
+pools, servers) and the readiness backend this machine would use; exit 1 with one line
+naming the key and the value at the first error. Like `nginx -t` or `haproxy -c`.
+
+Examples:
+  anubis check lb.toml
+  anubis check -c /etc/anubis/anubis.toml && systemctl reload anubis""",
+    "proxy": """\
+Balance LISTEN over the SERVERs without a config file: round robin, TCP health checks, clients
+held up to --queue-timeout while no server is up, and a live status line on a terminal. With
+--spawn it runs the servers itself, restarts them when they exit, and replaces them one at a
+time when a --watch path changes.
+
+Examples:
+  anubis proxy :8000 localhost:3000 localhost:3001
+  anubis proxy :8000 --spawn "uvicorn app:app --port {port}" --replicas 3 --watch src
+  anubis proxy :8443 localhost:3000 --tls      clients speak TLS (a self-signed certificate)""",
+    "demo": """\
+Start a hello-world HTTP backend on each server address the config names, then the balancer
+in front of them, with the admin endpoint on 127.0.0.1:9900: it prints a curl command, the
+dashboard's URL and the `anubis top` command to try. Without a config, ./anubis.toml if it
+exists, else the reference anubis.toml shipped in the package.
+
+Examples:
+  anubis demo
+  anubis demo my-demo.toml""",
+    "top": """\
+Watch the admin endpoint live in a terminal: servers, their state, connections, rates; up/down
+(or k/j) select a server, d drains it, e enables it, q quits. Piped, it prints one snapshot.
+The endpoint comes from the config's [admin] table (./anubis.toml by default) or --admin. The
+token is read, in this order, from --token-file, $ANUBIS_TOKEN, the config's [admin] token or
+token_file; --token works too (and comes first), but puts the token where `ps` shows every user.
+
+Examples:
+  anubis top lb.toml
+  ANUBIS_TOKEN=$(cat /run/secrets/anubis) anubis top --admin http://10.0.0.5:9900
+  anubis top --admin 127.0.0.1:9900 --token-file ~/.config/anubis/token""",
+    "hello": """\
+Run one hello-world HTTP backend: every path answers `hello from NAME`, and /health answers
+`up`. It listens on 127.0.0.1 unless --host says otherwise, and stops on SIGTERM or SIGINT.
+
+Examples:
+  anubis hello --name web1 --port 9001
+  anubis hello --name web2 --port 9002 --host 0.0.0.0""",
+    "completion": """\
+Print a completion script for the shell (commands, options, config files), generated by shtab
+from these very arguments: static, so pressing Tab runs nothing of anubis. Needs the optional
+extra: pip install 'trioanubis[completion]'.
+
+Examples:
+  anubis completion bash > ~/.local/share/bash-completion/completions/anubis
+  anubis completion zsh > "${fpath[1]}/_anubis"
+  eval "$(anubis completion bash)"             this shell only""",
+}
 
 
 def _global_options(log_level: str) -> argparse.ArgumentParser:
@@ -61,17 +156,40 @@ def _add_io(parser: argparse.ArgumentParser) -> None:
                              "default: [settings] io, else auto")  # fmt: skip
 
 
+RAW: Final = argparse.RawDescriptionHelpFormatter  # descriptions and examples keep their lines
+# What shtab completes a config file argument with (its own FILE, spelt out so that parsing
+# never imports shtab: completion is an optional extra).
+FILE_COMPLETION: Final = {"bash": "_shtab_compgen_files", "zsh": "_files", "tcsh": "f"}
+COMPLETION_SHELLS: Final = ("bash", "zsh", "tcsh")
+SHTAB_MISSING: Final = "anubis completion needs the 'shtab' package: pip install 'trioanubis[completion]'"
+
+
+def _add_config(parser: argparse.ArgumentParser, help: str, group: Any = None) -> None:
+    """`-c FILE` and a positional CONFIG: either names the config file (both: the same one).
+    Both default to None; `parse_arguments` settles which file is meant."""
+    option: argparse.Action = (group or parser).add_argument("-c", "--config", metavar="FILE", help=help)
+    positional = parser.add_argument("config_file", nargs="?", metavar="CONFIG",
+                                     help="the config file, as -c (give one or the other)")  # fmt: skip
+    for action in (option, positional):
+        action.complete = FILE_COMPLETION  # type: ignore[attr-defined]  # read by shtab
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anubis", description="A TCP load balancer on Trio.",
+                                     epilog=HELP["anubis"], formatter_class=RAW,
                                      parents=[_global_options("info")])  # fmt: skip
     options = _global_options(argparse.SUPPRESS)  # argparse shares a parent's actions: a copy of its own
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
-        return commands.add_parser(name, help=help, parents=[options])
+        description, _, epilog = HELP.get(name, "").partition("\n\n")
+        sub = commands.add_parser(name, help=help, description=description, epilog=epilog,
+                                  formatter_class=RAW, parents=[options])  # fmt: skip
+        sub.set_defaults(usage_error=sub.error)  # parse_arguments's errors show this command's usage
+        return sub
 
     run = command("run", "run the balancer from a config file")
-    run.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="default: ./anubis.toml")
+    _add_config(run, "the config file (default: ./anubis.toml)")
     run.add_argument("--watch", action="store_true",
                      help="reload when the config file changes (polls its modification time)")
     _add_io(run)
@@ -79,20 +197,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help='worker processes: a number or "auto" (default: [settings] workers)')
 
     reload = command("reload", "make the running balancer re-read its config")
-    reload.add_argument("-c", "--config", default=DEFAULT_CONFIG,
-                        help="the config whose [settings] pid_file names the process")  # fmt: skip
+    _add_config(reload, "the config whose [settings] pid_file names the process (default: ./anubis.toml)")
 
     check = command("check", "validate a config file and summarise it")
-    check.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="default: ./anubis.toml")
+    _add_config(check, "the config file (default: ./anubis.toml)")
 
     proxy = command("proxy", "balance LISTEN over SERVERs, no config file")
     proxy.add_argument("listen", metavar="LISTEN",
                        help='where to listen: ":8000" (every interface) or "127.0.0.1:8000"')  # fmt: skip
     proxy.add_argument("servers", nargs="*", metavar="SERVER", help='a backend, "host:port"')
-    proxy.add_argument("--strategy", default="round_robin",
+    proxy.add_argument("--strategy", default="round_robin", metavar="NAME",
                        help=f"one of {', '.join(STRATEGIES)} (default: round_robin)")  # fmt: skip
     _add_io(proxy)
-    proxy.epilog = PROXY_EXAMPLE
     proxy.add_argument("--queue-timeout", default="10s",
                        help="hold a client this long while no server is up (default: 10s; 0: close it)")
     proxy.add_argument("--spawn", metavar="COMMAND",
@@ -107,27 +223,51 @@ def build_parser() -> argparse.ArgumentParser:
                             "in $XDG_CACHE_HOME/trioanubis); servers get plaintext")  # fmt: skip
 
     demo = command("demo", "run hello-world backends behind the demo config")
-    demo.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="default: ./anubis.toml")
+    _add_config(demo, "the config file (default: ./anubis.toml, else the copy in the package)")
     _add_io(demo)
 
     top = command("top", "watch the admin endpoint live in a terminal (needs rich)")
     target = top.add_mutually_exclusive_group()
-    target.add_argument("-c", "--config", help="take the admin address and token from this config "
-                        f"(default: ./{DEFAULT_CONFIG} if it exists, else --admin {DEFAULT_ADMIN})")
+    _add_config(top, "take the admin address and token from this config (default: "
+                f"./{DEFAULT_CONFIG} if it exists, else --admin {DEFAULT_ADMIN})", target)  # fmt: skip
     target.add_argument("--admin", help=f"the admin endpoint's URL, e.g. {DEFAULT_ADMIN}")
-    top.add_argument("--token", help="the admin token (default: the config's [admin] token)")
-
+    secret = top.add_mutually_exclusive_group()
+    secret.add_argument("--token-file", metavar="FILE",
+                        help="read the admin token from this file (default: $ANUBIS_TOKEN, else the "
+                             "config's [admin] token or token_file)")  # fmt: skip
+    secret.add_argument("--token", help="the admin token on the command line, where other users of "
+                        "this machine can read it (ps); prefer $ANUBIS_TOKEN or --token-file")  # fmt: skip
 
     hello = command("hello", "run one hello-world HTTP backend")
     hello.add_argument("--name", default="hello")
     hello.add_argument("--port", type=int, default=8080)
     hello.add_argument("--host", default=HELLO_HOST,
                        help=f"default: {HELLO_HOST}, this machine only (0.0.0.0: all)")  # fmt: skip
+
+    completion = command("completion", "print a shell completion script (needs shtab)")
+    completion.add_argument("shell", choices=COMPLETION_SHELLS, help="the shell the script is for")
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, with the config file settled: `anubis run lb.toml` is `anubis run -c
+    lb.toml`; both at once must name the same file; `top` takes a config or --admin, not both."""
     args = build_parser().parse_args(argv)
+    if not hasattr(args, "config_file"):
+        return args
+    given, option = args.config_file, args.config
+    if given is not None and option is not None and given != option:
+        args.usage_error(f"the config file is given twice: CONFIG {given!r} and -c {option!r}; give one")
+    if given is not None and getattr(args, "admin", None) is not None:
+        args.usage_error(f"CONFIG {given!r} and --admin {args.admin!r}: give one (each names the admin)")
+    args.config = option or given
+    if args.command != "top":  # top without a config: ./anubis.toml only if it exists
+        args.config = args.config or DEFAULT_CONFIG
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_arguments(argv)
     configure_logging(args.log_level)
     try:
         if args.command == "check":
@@ -141,6 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _signal_reload(args.config)
         if args.command == "top":
             return run_top(_top_admin(args))
+        if args.command == "completion":
+            return _print_completion(args.shell)
         if args.command == "hello":
             trio.run(_run_hello, args.name, Address(args.host, args.port))
             return 0
@@ -212,11 +354,29 @@ def _check_argument(name: str, value: str, *, listen: bool) -> None:
 
 
 def _top_admin(args: argparse.Namespace) -> Admin:
-    """Where `anubis top` looks: --admin, else the config's [admin] table."""
+    """Where `anubis top` looks (--admin, else the config's [admin] table) and with which token:
+    --token, else --token-file, else $ANUBIS_TOKEN, else the config's."""
     url, token = args.admin, ""
     if url is None and (args.config is not None or Path(DEFAULT_CONFIG).exists()):
         url, token = admin_target(load_config(args.config or DEFAULT_CONFIG))
-    return Admin(admin_url(url or DEFAULT_ADMIN), token if args.token is None else args.token)
+    if args.token is not None:
+        token = args.token
+    elif args.token_file is not None:
+        token = read_token_file(args.token_file)
+    elif os.environ.get(TOKEN_VARIABLE):
+        token = os.environ[TOKEN_VARIABLE].strip()
+    return Admin(admin_url(url or DEFAULT_ADMIN), token)
+
+
+def _print_completion(shell: str) -> int:
+    """`anubis completion SHELL`: shtab's static script for this parser."""
+    try:
+        import shtab
+    except ImportError:
+        print(f"anubis: {SHTAB_MISSING}", file=sys.stderr)
+        return 1
+    print(shtab.complete(build_parser(), shell=shell), end="")
+    return 0
 
 
 def _workers_argument(text: str) -> int:
@@ -303,6 +463,8 @@ def _is_anubis(pid: int) -> bool:
 
 
 async def _serve(balancer: Balancer, demo: bool, status: bool = False) -> None:
+    """Run `balancer` until it stops. The config's summary is logged once, at start (before
+    anything can fail); "ready" then says only what start-up learnt: which servers are up."""
     config = balancer.config
     log.info("starting anubis %s with %s (io: %s)\n%s", __version__, config.source,
              balancer.poller.caps.name, describe(config))  # fmt: skip
@@ -313,9 +475,9 @@ async def _serve(balancer: Balancer, demo: bool, status: bool = False) -> None:
             lambda task_status: run_until_signalled(balancer, task_status=task_status)
         )
         if demo:
-            _print_demo_help(bound)
+            _print_demo_help(bound, balancer.admin_address, config)
         settle_gc()
-        log.info("ready\n%s", describe(config, balancer.pools))
+        log.info("ready\n%s", servers_up(balancer.pools))  # "ready" alone on its line, as before
         if status:  # anubis proxy: a live line on a terminal, plain lines elsewhere
             nursery.start_soon(run_status, balancer, install_terminal_status())
         await balancer.stopped.wait()
@@ -329,11 +491,28 @@ async def _start_demo_backends(nursery: trio.Nursery, config: Config) -> None:
             await nursery.start(serve_hello, server.name, server.address)
 
 
-def _print_demo_help(bound: Mapping[str, Address]) -> None:
+def _print_demo_help(bound: Mapping[str, Address], admin: Address | None, config: Config) -> None:
+    """What to try: curl each listener; the dashboard and `anubis top`, when there is an admin."""
     for name, address in bound.items():
         host = "localhost" if address.host in ("0.0.0.0", "::", "") else address.host
         print(f"demo listener {name} is up: try  curl http://{host}:{address.port}/  "
               f"(a few times: the answer rotates), Ctrl-C to stop", flush=True)  # fmt: skip
+    if admin is None:
+        return
+    url = url_of(admin)
+    print(f"dashboard: {url}/  (in a browser)\nin a terminal:  {_top_command(url, config)}", flush=True)
+
+
+def _top_command(url: str, config: Config) -> str:
+    """The `anubis top` command line that finds this balancer's admin endpoint (and its token)."""
+    source, token = Path(config.source), config.admin is not None and config.admin.token
+    if source.resolve() == Path(DEFAULT_CONFIG).resolve():
+        return "anubis top"  # it reads ./anubis.toml: the address and the token
+    if token:
+        return f"anubis top {shlex.quote(str(source))}"
+    if url == DEFAULT_ADMIN and not Path(DEFAULT_CONFIG).exists():
+        return "anubis top"  # it looks there by default
+    return f"anubis top --admin {url}"
 
 
 async def _run_hello(name: str, bind: Address) -> None:

@@ -11,7 +11,14 @@ and a `Server` of the pool at that address, health-checked like any other:
   name (a reader task; a line is cut at `MAX_LINE` bytes), waits for it to
   exit and starts it again on the same port after a backoff that doubles
   from `FIRST_BACKOFF` to `MAX_BACKOFF` (back to the first after a run of
-  `STABLE_RUN`).
+  `STABLE_RUN`). The moment it sees the process exit it marks the server
+  down through the pool, so no client is sent to a port nobody listens on
+  (rather than waiting for `eject_after` refused connects); the server's
+  health check brings it back once the new process answers (with
+  `check = "none"`, the new process accepting a connection does).
+- Logging: what needs attention is a WARNING (a replica that exited, one
+  that ignored SIGTERM) or an ERROR (a roll stopped); a rolling restart's
+  routine steps are INFO.
 - Stopping a replica is cancelling its supervisor: in a shielded `finally`
   it sends SIGTERM to the replica's process group, SIGKILL after
   `stop_grace`, and waits. When the balancer stops, the root nursery is
@@ -171,6 +178,7 @@ class Spawner:
                 while True:
                     started = trio.current_time()
                     code = await self._run_once(replica, config)
+                    self._take_out(replica, code)
                     ran = trio.current_time() - started
                     backoff = FIRST_BACKOFF if ran >= STABLE_RUN else backoff
                     log.warning("replica %s exited (%s) after %.1fs; restarting in %gs",
@@ -181,6 +189,24 @@ class Spawner:
             finally:
                 replica.pid = 0
                 replica.ended.set()
+
+    def _take_out(self, replica: Replica, code: int | None) -> None:
+        """The process is gone: no new connection is sent to its port from now on. Its health
+        check brings it back once the restarted process answers (with check = "none", the
+        restarted process listening does, `_readmit_when_listening`)."""
+        if replica.server in self.pool.servers:
+            self.pool.mark_down(replica.server, f"its process exited ({_describe_exit(code)})")
+
+    async def _readmit_when_listening(self, replica: Replica, pid: int) -> None:
+        """check = "none": put a restarted replica back once its process `pid` accepts connections."""
+        with trio.move_on_after(self.config.start_timeout):
+            while replica.pid == pid:
+                with contextlib.suppress(ConnectFailed):
+                    (await open_server_socket(replica.server, 1.0)).close()
+                    break
+                await trio.sleep(LISTEN_POLL)
+        if replica.pid == pid and replica.server in self.pool.servers:
+            self.pool.mark_up(replica.server, "its restarted process listens")
 
     async def _run_once(self, replica: Replica, config: SpawnConfig) -> int | None:
         """Start the process once and wait for it to exit; its exit status (None: could not start)."""
@@ -194,6 +220,8 @@ class Spawner:
         replica.pid = popen.pid
         log.info("replica %s started: pid %d, port %d", replica.name, popen.pid, replica.port)
         self._nursery.start_soon(forward_output, replica.name, output)
+        if not replica.server.healthy and self.pool.config.health.check == "none":
+            self._nursery.start_soon(self._readmit_when_listening, replica, popen.pid)
         try:
             return await wait_exit(popen)
         finally:
@@ -212,8 +240,8 @@ class Spawner:
 
     async def _roll(self, reason: str) -> bool:
         started = trio.current_time()
-        log.warning("pool %s: rolling restart of %d replicas (%s)", self.pool.name,
-                    len(self.replicas), reason)  # fmt: skip
+        log.info("pool %s: rolling restart of %d replicas (%s)", self.pool.name,
+                 len(self.replicas), reason)  # fmt: skip
         for old in list(self.replicas):
             if not await self._replace(old):
                 self.roll_failures += 1
@@ -226,7 +254,7 @@ class Spawner:
                 return False
         self.rolls += 1
         self.last_roll_seconds = trio.current_time() - started
-        log.warning("pool %s: rolling restart done in %.2fs", self.pool.name, self.last_roll_seconds)
+        log.info("pool %s: rolling restart done in %.2fs", self.pool.name, self.last_roll_seconds)
         return True
 
     async def _replace(self, old: Replica) -> bool:

@@ -1,4 +1,5 @@
-"""The one-screen summary `anubis check` prints and `anubis run` logs at start."""
+"""The one-screen summary `anubis check` prints and `anubis run` logs at start (once: the "ready"
+line after it says only how many servers are up)."""
 
 from __future__ import annotations
 
@@ -118,3 +119,10 @@ def describe(config: Config, pools: Mapping[str, Pool] | None = None) -> str:
             what = f"SRV {d.name}" if d.kind == "srv" else f"DNS {d.name}:{d.port}"
             lines.append(f"  servers from {what}, refreshed every {d.refresh:g}s")
     return "\n".join(lines)
+
+
+def servers_up(pools: Mapping[str, Pool]) -> str:
+    """What the "ready" line adds to the summary logged at start: how many servers are up."""
+    parts = [f"pool {name}: {sum(s.healthy for s in pool.servers)}/{len(pool.servers)} servers up"
+             for name, pool in pools.items()]  # fmt: skip
+    return "\n".join(parts) or "no pools"

@@ -11,8 +11,8 @@ long without a server) and `queue_full` (`max_queued` were held already).
 Every log line goes to stderr through the `LogWriter` (logwriter.py), which
 never makes the event loop wait and drops lines when stderr cannot keep up;
 as text or, with `log_format = "json"`, as one JSON object per line (fatal
-errors included, see `log_fatal`); access-log lines then carry their fields
-as keys.
+errors included, see `log_fatal`) whose `time` is RFC 3339 in UTC to the
+millisecond; access-log lines then carry their fields as keys.
 
 The access log is on the data path (one line per connection), so it skips
 `logging` when it can: while the writer alone receives `trioanubis.access`
@@ -132,6 +132,27 @@ def _msecs(created: float) -> float:
     return int((created - int(created)) * 1000) + 0.0
 
 
+@final
+class Stamps:
+    """Times as "2026-11-22T01:41:21.071" (UTC): the date and the time to the second formatted once
+    per second, the milliseconds as one integer. Log lines come in time order, so the cache of one
+    second almost always hits; the (second, text) tuple is replaced in one store, so the event loop
+    and the writer thread may both use it."""
+
+    __slots__ = ("_last",)
+
+    def __init__(self) -> None:
+        self._last = (-1, "")
+
+    def millis(self, created: float) -> str:
+        second, stamp = self._last
+        if int(created) != second:
+            second = int(created)
+            stamp = time.strftime(DATE_FORMAT, time.gmtime(second))
+            self._last = (second, stamp)
+        return f"{stamp}.{int((created - second) * 1000):03d}"
+
+
 class TextFormatter(logging.Formatter):
     """The text format: `time level [worker N: ]message`, UTC, to the millisecond."""
 
@@ -139,20 +160,14 @@ class TextFormatter(logging.Formatter):
         self.tag = "" if worker is None else f"worker {worker}: "
         super().__init__(f"%(asctime)s.%(msecs)03d %(levelname)-7s {self.tag}%(message)s", DATE_FORMAT)
         self.converter = time.gmtime
-        # The last second an access line showed, and its text (one tuple: one store replaces it).
-        self._stamp = (-1, "")
+        self.stamps = Stamps()
 
     def format_access(self, record: ConnectionRecord, created: float) -> str:
         """`format` of the access line of `record` logged at `created`, without a LogRecord."""
-        second, stamp = self._stamp
-        if int(created) != second:
-            second = int(created)
-            stamp = time.strftime(DATE_FORMAT, time.gmtime(second))
-            self._stamp = (second, stamp)
         # ACCESS_MESSAGE's fields, spelt out in one f-string (%s of a str and %d of an int
         # write what these do); test_logging checks the line against logging's, byte for byte.
         return (
-            f"{stamp}.{int((created - second) * 1000):03d} INFO    {self.tag}{record.listener} "
+            f"{self.stamps.millis(created)} INFO    {self.tag}{record.listener} "
             f"{record.client} -> {record.server} in={int.__repr__(record.bytes_in)} "
             f"out={int.__repr__(record.bytes_out)} {(record.ended - record.started) * 1000:.1f}ms "
             f"{record.end or 'shutdown'}"
@@ -160,13 +175,21 @@ class TextFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per line; `time` is RFC 3339 in UTC to the millisecond
+    ("2026-11-22T01:41:21.071Z"), what log shippers parse without being told a format."""
+
     def __init__(self, worker: int | None = None) -> None:
         super().__init__()
         self.worker = worker  # with `workers = N`: which worker process wrote the line
+        self.stamps = Stamps()
+
+    def timestamp(self, created: float) -> str:
+        """`created` (seconds since the epoch) as RFC 3339 in UTC with milliseconds."""
+        return self.stamps.millis(created) + "Z"
 
     def format(self, record: logging.LogRecord) -> str:
         data: dict[str, object] = {
-            "time": round(record.created, 6),
+            "time": self.timestamp(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
         }
@@ -190,7 +213,7 @@ class JsonFormatter(logging.Formatter):
         """
         worker = "" if self.worker is None else f', "worker": {self.worker!r}'
         return (
-            f'{{"time": {_json_float(round(created, 6))}, "level": "info", '
+            f'{{"time": "{self.stamps.millis(created)}Z", "level": "info", '
             f'"logger": {_ACCESS_LOGGER}{worker}, '
             f'"listener": {_json_string(record.listener)}, "client": {_json_string(record.client)}, '
             f'"server": {_json_string(record.server)}, "bytes_in": {int.__repr__(record.bytes_in)}, '

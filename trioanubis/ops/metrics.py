@@ -1,15 +1,21 @@
 """What the admin endpoint shows: `/stats` as JSON and `/metrics` in Prometheus text format.
 
 Both are pure functions of a balancer's `View` (view.py); they read counters and
-never change them.
+never change them. `/metrics` ends with `anubis_build_info` (version, Python,
+readiness backend as labels) and the standard `process_*` metrics of the
+process that answers (process.py); with workers, each process's are labelled
+with `worker` (see process.py for why they are not added up).
 """
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from trioanubis import __version__
 from trioanubis.ops.accesslog import log_dropped
+from trioanubis.ops.process import process_lines
 from trioanubis.proxy.faults import describe
 
 if TYPE_CHECKING:
@@ -183,8 +189,9 @@ def _admission_metrics(listeners: list[Listener]) -> Iterator[str]:
             yield f"anubis_listener_tls_total{_labels(listener=x.name, result=result)} {count}"
 
 
-def prometheus(view: View) -> str:
-    """The `/metrics` document (text exposition format 0.0.4)."""
+def prometheus(view: View, worker: str | None = None) -> str:
+    """The `/metrics` document (text exposition format 0.0.4); `worker` (a worker's id, or
+    "supervisor") labels this process's `process_*` lines, for the supervisor's merge."""
     lines: list[str] = []
     listeners = list(view.listeners.values())
     for name, kind, help_text, attribute in (
@@ -252,4 +259,8 @@ def prometheus(view: View) -> str:
     lines.append(f"anubis_reloads_total{_labels(result='failed')} {view.reload_failures}")
     lines += _family("log_dropped_total", "counter", "Log lines dropped because stderr could not keep up.")
     lines.append(f"anubis_log_dropped_total {log_dropped()}")
+    lines += _family("build_info", "gauge", "What runs: anubis and Python versions, readiness backend.")
+    build = _labels(version=__version__, python=platform.python_version(), io=view.poller.name)
+    lines.append(f"anubis_build_info{build} 1")
+    lines += process_lines("" if worker is None else _labels(worker=worker))
     return "\n".join(lines) + "\n"

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
-from trioanubis.config import Config
+from trioanubis.config import Address, Config
 from trioanubis.errors import AnubisError
 
 if TYPE_CHECKING:
@@ -44,6 +44,11 @@ HTTP_TIMEOUT: Final = 3.0
 DEFAULT_ADMIN: Final = "http://127.0.0.1:9900"
 # Least width of the plain snapshot (stdout not a terminal): wide enough that no column is cut.
 SNAPSHOT_WIDTH: Final = 160
+# Where `anubis top` finds the token when neither --token nor --token-file is given: an environment
+# variable is not in `ps` output for other users, as a command-line argument is.
+TOKEN_VARIABLE: Final = "ANUBIS_TOKEN"
+# A token file bigger than this is the wrong file (as config.py's token_file).
+MAX_TOKEN_BYTES: Final = 4096
 RICH_MISSING: Final = "anubis top needs the 'rich' package: pip install 'trioanubis[top]'"
 
 KNOWN_SERVER: Final = frozenset({"name", "address", "state", "weight", "effective_weight", "active",
@@ -65,14 +70,19 @@ def admin_target(config: Config) -> tuple[str, str]:
     if config.admin is None:
         raise TopError(f"{config.source}: no [admin] table, so there is no endpoint to watch; "
                        "add one or pass --admin URL")  # fmt: skip
-    host = config.admin.bind.host
+    return url_of(config.admin.bind), config.admin.token
+
+
+def url_of(bind: Address) -> str:
+    """The URL that reaches an admin endpoint bound to `bind` from this machine."""
+    host = bind.host
     if host in ("", "0.0.0.0"):
         host = "127.0.0.1"
     elif host == "::":
         host = "::1"
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{config.admin.bind.port}", config.admin.token
+    return f"http://{host}:{bind.port}"
 
 
 def admin_url(text: str) -> str:
@@ -88,6 +98,22 @@ def admin_url(text: str) -> str:
     if any(ord(c) < 33 or ord(c) == 127 for c in url):
         raise TopError(f"--admin {text!r}: spaces and control characters cannot be in a URL")
     return url.rstrip("/")
+
+
+def read_token_file(path: str) -> str:
+    """`--token-file`: the token the file holds, surrounding whitespace removed."""
+    try:
+        if not os.path.isfile(path):  # checked first: opening a FIFO would wait for a writer
+            raise TopError(f"--token-file {path}: not a readable regular file")
+        with open(path, "rb") as file:
+            raw = file.read(MAX_TOKEN_BYTES + 1)
+    except OSError as exc:
+        raise TopError(f"--token-file {path}: cannot read it: {exc.strerror or exc}") from None
+    token = raw.decode("ascii", errors="replace").strip()
+    if len(raw) > MAX_TOKEN_BYTES or not token or any(not 33 <= ord(c) <= 126 for c in token):
+        raise TopError(f"--token-file {path}: must hold one token of visible ASCII characters "
+                       f"(at most {MAX_TOKEN_BYTES} bytes)")  # fmt: skip
+    return token
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,8 +142,9 @@ class Admin:
 
     def _refusal(self, method: str, path: str, exc: urllib.error.HTTPError) -> str:
         if exc.code == 401:
-            return (f"the admin endpoint at {self.url} refused the token (401); "
-                    "pass --token, or -c with the config that sets [admin] token")  # fmt: skip
+            given = "the token" if self.token else "no token"
+            return (f"the admin endpoint at {self.url} refused {given} (401); set ${TOKEN_VARIABLE}, "
+                    "pass --token-file, or -c with the config that sets [admin] token")  # fmt: skip
         try:
             detail = json.loads(exc.read()).get("error", "")
         except (ValueError, AttributeError, OSError):

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from trioanubis.pool import Pool
+    from trioanubis.proxy.io import Readiness
     from trioanubis.proxy.lifecycle import Limits
     from trioanubis.proxy.listener import Listener
     from trioanubis.spawn import Spawner
@@ -59,5 +60,7 @@ class View(Protocol):
     def reloads(self) -> int: ...  # applied
     @property
     def reload_failures(self) -> int: ...  # rejected, or applied except for a listener that could not move
+    @property
+    def poller(self) -> Readiness: ...  # the readiness backend (its name is in anubis_build_info)
     def is_ready(self) -> bool: ...  # listening and not draining
     def has_upstream(self) -> bool: ...  # every pool has a server to send clients to

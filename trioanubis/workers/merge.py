@@ -27,10 +27,11 @@ ServerKey = tuple[str, str]  # name, "host:port"
 SERVER_SUMS = ("active", "total", "bytes_in", "bytes_out", "connect_failures")
 LISTENER_SUMS = ("accepted", "active", "rejected", "accept_overloads", "internal_errors")
 POOL_SUMS = ("no_server", "all_full")
-# Prometheus series that are the same in every worker (pushed state) or the supervisor's alone
-# (reloads): taken from the supervisor's view, not added up.
+# Prometheus series that are the same in every worker (pushed state, build info) or the
+# supervisor's alone (reloads): taken from the supervisor's view, not added up. (The process_*
+# series need no rule: each process labels its own with `worker`, so no two are the same series.)
 SHARED_GAUGES = ("anubis_server_weight", "anubis_server_effective_weight", "anubis_server_up",
-                 "anubis_reloads_total")  # fmt: skip
+                 "anubis_reloads_total", "anubis_build_info")  # fmt: skip
 
 
 def key_of(server: Server) -> ServerKey:

@@ -286,7 +286,8 @@ class Supervisor:
 
     async def metrics(self) -> str:
         answers = await self.ask_all("metrics")
-        texts = [prometheus(self.view), *(text for _, text in answers if isinstance(text, str))]
+        mine = prometheus(self.view, worker="supervisor")  # its process_* lines labelled as the workers'
+        texts = [mine, *(text for _, text in answers if isinstance(text, str))]
         lines = ["# HELP anubis_worker_up 1 if a worker process answered, else 0.",
                  "# TYPE anubis_worker_up gauge"]  # fmt: skip
         lines += [f'anubis_worker_up{{worker="{s.id}"}} {int(isinstance(t, str))}' for s, t in answers]

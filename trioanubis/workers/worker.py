@@ -208,7 +208,7 @@ class Worker:
         if what == "stats":
             return stats(balancer)
         if what == "metrics":
-            return prometheus(balancer)
+            return prometheus(balancer, worker=str(self.id))  # process_* labelled: not added up
         if what == "ready":
             return balancer.is_ready()
         raise ValueError(f"unknown question {what!r}")

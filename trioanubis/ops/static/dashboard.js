@@ -3,7 +3,8 @@
 // Rows are built once per listener / server and updated in place, so a weight being typed
 // survives the refresh; rates come from the difference between two polls; each row keeps
 // the last five minutes of samples for its sparkline. Fields this script does not know
-// are shown as "key=value" text, so /stats can grow without breaking the page.
+// are shown as readable "key: value" text (objects as "key value, key value"), so /stats
+// can grow without breaking the page.
 (() => {
 "use strict";
 
@@ -54,13 +55,44 @@ function rate(n) {
 function plain(value) {
   if (value === null || value === undefined) return "–";
   if (typeof value === "number") return Number.isInteger(value) ? String(value) : value.toFixed(2);
-  if (typeof value === "object") return JSON.stringify(value);
+  if (typeof value === "object") return readable(value) || "–";
   return String(value);
 }
 
-function extras(record, known) {
+function label(key) { return String(key).replace(/_/g, " "); }
+
+// A value of a field this page does not know, as text a person reads: an object as "key value,
+// key value", a list as its items, yes/no for booleans; "" for nothing (null, {}, []).
+function readable(value) {
+  if (value === null || value === undefined) return "";
+  if (typeof value === "boolean") return value ? "yes" : "no";
+  if (Array.isArray(value)) return value.map(readable).filter((text) => text !== "").join("; ");
+  if (typeof value === "object") {
+    return Object.entries(value).map(([key, inner]) => [label(key), readable(inner)])
+      .filter(([, text]) => text !== "").map(([key, text]) => key + " " + text).join(", ");
+  }
+  return plain(value);
+}
+
+// [name, text] of each field of `record` not in `known` that has something to show.
+function extraEntries(record, known) {
   return Object.entries(record).filter(([key]) => !known.has(key))
-    .map(([key, value]) => key + "=" + plain(value)).join("  ");
+    .map(([key, value]) => [label(key), readable(value)]).filter(([, text]) => text !== "");
+}
+
+function extras(record, known) {
+  return extraEntries(record, known).map(([key, text]) => key + ": " + text).join(" · ");
+}
+
+// The fields in a table cell, one line each ("faults: latency 200ms, jitter 10ms"); rebuilt only
+// when they changed.
+function setExtras(node, record, known) {
+  const entries = extraEntries(record, known);
+  const shown = JSON.stringify(entries);
+  if (node.dataset.shown === shown) return;
+  node.dataset.shown = shown;
+  node.replaceChildren(...entries.map(([key, text]) => el("div", {}, el("span", {class: "key"}, key + ":"),
+    " " + text)));
 }
 
 function token() { return sessionStorage.getItem(TOKEN_KEY) || ""; }
@@ -159,7 +191,7 @@ function drawListeners(time, list) {
     setText(c.name, listener.name); setText(c.bind, plain(listener.bind)); setText(c.pool, plain(listener.pool));
     setText(c.accepted, plain(listener.accepted)); setText(c.active, plain(listener.active));
     setText(c.rejected, plain(listener.rejected)); setText(c.rate, rate(row.accepted.now()));
-    setText(c.extras, extras(listener, KNOWN_LISTENER));
+    setExtras(c.extras, listener, KNOWN_LISTENER);
     row.spark.setData(row.accepted.data());
   }
   for (const [name, row] of listeners) {
@@ -245,7 +277,7 @@ function drawServer(row, time, server, retired) {
   setText(c[8], row.traffic.now() === null ? "–" : bytes(row.traffic.now()));
   setText(c[9], plain(server.connect_failures));
   setText(c[10], server.ewma_ms === null || server.ewma_ms === undefined ? "–" : plain(server.ewma_ms) + " ms");
-  setText(c[12], extras(server, KNOWN_SERVER));
+  setExtras(c[12], server, KNOWN_SERVER);
   row.spark.setData(row.total.data());
   row.drain.hidden = retired || state === "draining";
   row.enable.hidden = retired || state !== "draining";
