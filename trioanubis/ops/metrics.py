@@ -260,7 +260,7 @@ def prometheus(view: View, worker: str | None = None) -> str:
     lines += _family("log_dropped_total", "counter", "Log lines dropped because stderr could not keep up.")
     lines.append(f"anubis_log_dropped_total {log_dropped()}")
     lines += _family("build_info", "gauge", "What runs: anubis and Python versions, readiness backend.")
-    build = _labels(version=__version__, python=platform.python_version(), io=view.poller.name)
+    build = _labels(version=__version__, python=platform.python_version(), io=view.poller.caps.name)
     lines.append(f"anubis_build_info{build} 1")
     lines += process_lines("" if worker is None else _labels(worker=worker))
     return "\n".join(lines) + "\n"
