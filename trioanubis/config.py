@@ -216,6 +216,7 @@ class PoolConfig:
     servers: tuple[ServerConfig, ...]
     discovery: tuple[DiscoveryConfig, ...] = ()
     strategy: str = "round_robin"
+    balance_factor: float = 0.0  # hash strategies: bounded loads (strategies/bounded.py); 0: unbounded
     least_time: LeastTimeMode = "first_byte"
     connect_timeout: float = 3.0
     idle_timeout: float = 600.0
@@ -891,6 +892,7 @@ _POOL_KEYS = (
     "strategy", "servers", "least_time", "connect_timeout", "idle_timeout",
     "half_close_timeout", "retries", "failover_timeout", "eject_after", "eject_for",
     "resolver", "health", "send_proxy", "queue_timeout", "max_queued", "spawn", "tls", "faults",
+    "balance_factor",
 )  # fmt: skip
 _SEND_PROXY = ("none", "v1", "v2")
 
@@ -919,6 +921,7 @@ def _parse_pool(name: str, node: _Node) -> PoolConfig:
         servers=servers,
         discovery=discovery,
         strategy=strategy,
+        balance_factor=_balance_factor(node, strategy),
         least_time=node.choice("least_time", "first_byte", ("first_byte", "connect")),  # type: ignore[arg-type]
         connect_timeout=node.duration("connect_timeout", 3.0, positive=True),
         idle_timeout=node.duration("idle_timeout", 600.0, positive=True),
@@ -936,6 +939,22 @@ def _parse_pool(name: str, node: _Node) -> PoolConfig:
         tls=_parse_tls_client(node.child("tls")) if "tls" in node.data else None,
         faults=_parse_faults(node.child("faults")) if "faults" in node.data else None,
     )
+
+
+def _balance_factor(node: _Node, strategy: str) -> float:
+    """`balance_factor`: 0 (absent) or 1.0 to 100, and only for a strategy that bounds loads."""
+    from trioanubis.strategies import StrategyError, check_balance_factor_for
+    from trioanubis.strategies.bounded import check_balance_factor
+
+    value = node.data.get("balance_factor", 0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise node.error("must be a number like 1.25", value, "balance_factor")
+    try:
+        check_balance_factor(value)
+        check_balance_factor_for(strategy, value, node.base)
+    except (ValueError, StrategyError) as exc:
+        raise node.error(str(exc), value, "balance_factor") from None
+    return float(value)
 
 
 def _parse_servers(node: _Node) -> tuple[tuple[ServerConfig, ...], tuple[DiscoveryConfig, ...]]:

@@ -168,7 +168,7 @@ class Pool:
         for server in self.servers:
             self._resolve_faults(server)
         self.retired: list[Server] = []  # removed, still carrying connections
-        self._strategy: Strategy = make_strategy(config.strategy)
+        self._strategy: Strategy = make_strategy(config.strategy, config.balance_factor)
         self._strategies: dict[int, Strategy] = {}  # per priority group
         self.durations = Histogram(DURATION_BUCKETS)
         self.no_server = 0  # clients closed because no server could take them
@@ -271,7 +271,8 @@ class Pool:
         strategy = self._strategies.get(priority)
         if strategy is None:
             in_use = self._strategy in self._strategies.values()
-            strategy = make_strategy(self.config.strategy) if in_use else self._strategy
+            config = self.config
+            strategy = make_strategy(config.strategy, config.balance_factor) if in_use else self._strategy
             self._strategies[priority] = strategy
         return strategy
 
