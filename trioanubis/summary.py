@@ -18,6 +18,13 @@ def _health(pool: PoolConfig) -> str:
     return f"{what} every {health.interval:g}s, rise {health.rise} fall {health.fall}"
 
 
+def _strategy(pool: PoolConfig) -> str:
+    """The strategy, and the bound on loads when a hash strategy has one (strategies/bounded.py)."""
+    if not pool.balance_factor:
+        return pool.strategy
+    return f"{pool.strategy}, balance_factor {pool.balance_factor:g}"
+
+
 def _priority(priority: int) -> str:
     if not priority:
         return ""
@@ -93,7 +100,7 @@ def describe(config: Config, pools: Mapping[str, Pool] | None = None) -> str:
         proxy = f", send_proxy {pc.send_proxy}" if pc.send_proxy != "none" else ""
         if pc.tls is not None:
             proxy += ", tls" + ("" if pc.tls.verify else " (not verified)")
-        lines.append(f"pool {name}: {pc.strategy}; {_health(pc)}; connect_timeout "
+        lines.append(f"pool {name}: {_strategy(pc)}; {_health(pc)}; connect_timeout "
                      f"{pc.connect_timeout:g}s, idle_timeout {pc.idle_timeout:g}s, "
                      f"retries {pc.retries}{proxy}{_faults(pc.faults)}")  # fmt: skip
         live = pools[name].servers if pools else None
