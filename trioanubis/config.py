@@ -157,6 +157,17 @@ class DiscoveryConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """`[pools.X.health] agent = { port = N }`: an agent check beside the health check (health/agent.py)."""
+
+    port: int
+    host: str = ""  # "": the server's own host
+    interval: float = 2.0
+    timeout: float = 1.0  # for one whole round: connect, send, the line
+    send: bytes = b""  # sent once connected ("": nothing, the agent speaks first)
+
+
+@dataclass(frozen=True, slots=True)
 class HealthConfig:
     check: HealthCheck = "tcp"
     path: str = "/health"
@@ -174,6 +185,7 @@ class HealthConfig:
     expect_regex: str = ""
     expect_bytes: int = EXPECT_BYTES
     user: str = "postgres"  # check = "postgres": the startup's user
+    agent: AgentConfig | None = None  # an agent check beside this one (HAProxy agent-check)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1023,7 +1035,7 @@ def _parse_priority(item: _Node) -> int:
 def _parse_health(node: _Node) -> HealthConfig:
     node.check_keys(
         ("check", "path", "host", "expect_status", "expect_body", "interval", "timeout",
-         "rise", "fall", "slow_start", "send_proxy", *_PROBE_KEYS)
+         "rise", "fall", "slow_start", "send_proxy", "agent", *_PROBE_KEYS)
     )  # fmt: skip
     path = _checked(node, "path", node.string("path", "/health"), check_header_path)
     host = node.string("host", "")  # "": the server's own address
@@ -1042,8 +1054,41 @@ def _parse_health(node: _Node) -> HealthConfig:
         fall=node.integer("fall", 3, minimum=1, maximum=1000),
         slow_start=node.duration("slow_start", 0.0),
         send_proxy=node.boolean("send_proxy", False),
+        agent=_parse_agent(node.child("agent")) if "agent" in node.data else None,
         **_parse_probe(node, check),
     )
+
+
+# An agent's bounds: rounds at least this far apart (a loop, not a flood), at most an hour.
+AGENT_INTERVALS = (0.1, 3600.0)
+# One round: long enough for a distant agent, short of anything that looks hung.
+AGENT_TIMEOUTS = (0.01, 60.0)
+# What an agent is sent: a word or a line, not a payload.
+MAX_AGENT_SEND = 1024
+
+
+def _parse_agent(node: _Node) -> AgentConfig:
+    """`agent = { port = N, host = "", interval = "2s", timeout = "1s", send = "" }`."""
+    node.check_keys(("port", "host", "interval", "timeout", "send"))
+    if "port" not in node.data:
+        raise node.error("is required (the agent's TCP port)", key="port")
+    host = node.string("host", "")
+    if host and ip_address_or_none(host) is None:
+        _checked(node, "host", host, check_host_name)
+    interval = _bounded_duration(node, "interval", 2.0, AGENT_INTERVALS)
+    timeout = _bounded_duration(node, "timeout", min(1.0, interval), AGENT_TIMEOUTS)
+    if timeout > interval:
+        raise node.error(f"must not exceed interval ({interval:g}s)", node.data.get("timeout"), "timeout")
+    port = node.integer("port", 0, minimum=1, maximum=65535)
+    send = _escaped(node, "send", MAX_AGENT_SEND)
+    return AgentConfig(port=port, host=host, interval=interval, timeout=timeout, send=send)
+
+
+def _bounded_duration(node: _Node, key: str, default: float, bounds: tuple[float, float]) -> float:
+    seconds = node.duration(key, default)
+    if not bounds[0] <= seconds <= bounds[1]:
+        raise node.error(f"must be from {bounds[0]:g}s to {bounds[1]:g}s", node.data.get(key), key)
+    return seconds
 
 
 def _checked(node: _Node, key: str, value: str, check: Callable[[str], None]) -> str:

@@ -13,9 +13,18 @@ from trioanubis.proxy.faults import describe as describe_faults
 def _health(pool: PoolConfig) -> str:
     health = pool.health
     if health.check == "none":
-        return "no health check"
+        return "no health check" + _agent(pool)
     what = {"http": f"GET {health.path}", "tcp": "tcp connect"}.get(health.check, f"{health.check} check")
-    return f"{what} every {health.interval:g}s, rise {health.rise} fall {health.fall}"
+    return f"{what} every {health.interval:g}s, rise {health.rise} fall {health.fall}" + _agent(pool)
+
+
+def _agent(pool: PoolConfig) -> str:
+    """The agent check beside the health check (health/agent.py), if any."""
+    agent = pool.health.agent
+    if agent is None:
+        return ""
+    where = f"{agent.host}:{agent.port}" if agent.host else f"port {agent.port}"
+    return f", agent on {where} every {agent.interval:g}s (timeout {agent.timeout:g}s)"
 
 
 def _strategy(pool: PoolConfig) -> str:
