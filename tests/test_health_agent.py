@@ -71,6 +71,8 @@ def test_a_line_ends_at_cr_or_lf_and_is_bounded() -> None:
     long = LineReader()
     with pytest.raises(AgentLineError, match="no line end within 512 bytes"):
         long.feed(b"x" * 10_000)
+    with pytest.raises(AgentLineError, match="no line end within 512 bytes"):
+        LineReader().feed(b"50%" * 200 + b"\n")  # a line end beyond the bound is never read
     assert LineReader().room == MAX_LINE
     assert "incomplete line 'up'" in str(_fed(b"up").eof())
     assert str(LineReader().eof()) == "closed without a reply"
@@ -197,6 +199,23 @@ def test_agent_keys_and_their_defaults() -> None:
 def test_agent_errors_name_the_key(agent: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=rf"t\.toml: .*{message}"):
         parse_config(agent_data(agent), "t.toml")
+
+
+values = st.one_of(st.integers(-5, 70_000), st.floats(allow_nan=True), st.text(max_size=12), st.booleans(),
+                   st.sampled_from(["2s", "50ms", "1h", "\\xff\\n", "::1", "a..b"]),
+                   st.lists(st.integers(), max_size=2))
+agent_keys = st.sampled_from(["port", "host", "interval", "timeout", "send", "x"])
+
+
+@given(st.one_of(values, st.dictionaries(agent_keys, values, max_size=5)))
+@settings(max_examples=300, deadline=None)
+def test_any_agent_table_is_taken_or_refused_in_one_line_naming_it(agent: Any) -> None:
+    try:
+        config = parse_config(agent_data(agent), "t.toml").pools["test"].health.agent
+    except ConfigError as exc:
+        assert "\n" not in str(exc) and "pools.test.health.agent" in str(exc), str(exc)
+    else:
+        assert config is not None and 1 <= config.port <= 65535 and config.timeout <= config.interval
 
 
 # ------------------------------------------------------------ a real agent

@@ -297,6 +297,20 @@ def test_balance_factor_out_of_range_names_the_key(value: object, message: str) 
         parse_config(data, "t.toml")
 
 
+@given(st.one_of(st.floats(allow_nan=True), st.integers(-10, 1000), st.text(max_size=5), st.booleans()),
+       st.sampled_from(sorted(STRATEGIES)))
+@settings(max_examples=200, deadline=None)
+def test_any_balance_factor_is_taken_or_refused_in_one_line_naming_it(value: object, strategy: str) -> None:
+    data = {"listeners": {"w": {"bind": "127.0.0.1:0", "pool": "p"}},
+            "pools": {"p": {"servers": ["127.0.0.1:9"], "strategy": strategy, "balance_factor": value}}}
+    try:
+        factor = parse_config(data, "t.toml").pools["p"].balance_factor
+    except ConfigError as exc:
+        assert "\n" not in str(exc) and "pools.p.balance_factor" in str(exc), str(exc)
+    else:
+        assert factor == 0 or (strategy == "source_hash" and 1 <= factor <= 100)
+
+
 def test_balance_factor_needs_a_hash_strategy() -> None:
     data = {"listeners": {"w": {"bind": "127.0.0.1:0", "pool": "p"}},
             "pools": {"p": {"servers": ["127.0.0.1:9"], "strategy": "round_robin", "balance_factor": 1.25}}}
