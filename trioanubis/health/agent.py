@@ -149,10 +149,12 @@ def withdraw_agent(health: Joined) -> None:
 
 
 def _log(pool: Pool, server: Server, before: AgentStatus, after: AgentStatus) -> None:
-    """A line when the agent says something new, goes silent, or loses its influence."""
+    """A line when the agent's state changes (a weight alone: debug, an agent may follow its CPU),
+    when it goes silent, and when it loses its influence."""
     where = f"pool {pool.name}: server {server.name}: agent"
     if after.result == "ok" and after.said != before.said:
-        log.info("%s says %s", where, after.said)
+        level = logging.INFO if after.state != before.state else logging.DEBUG
+        log.log(level, "%s says %s", where, after.said)
     elif after.result != "ok" and before.result in ("ok", ""):
         log.warning("%s check failed: %s", where, after.said)
     if before.influences and not after.influences and after.result != "ok":
