@@ -21,9 +21,11 @@ not depend on the order of the servers.
 
 Invariants: the bounds add up to at least c × (A + 1) > A, so at every pick at
 least one candidate is below its bound. For an integer `active` and a real x,
-`active < ceil(x)` exactly when `active < x`, so the test needs no rounding, and
-it is done in exact rationals (a float weight or factor is a binary fraction):
-whether a server is at its bound never depends on float rounding.
+`active < ceil(x)` exactly when `active < x`, so the test needs no rounding. It
+is made in floats, and again in exact rationals when the two sides are within
+a billionth of each other (a float weight or factor is a binary fraction, so
+the rationals are exact): whether a server is at its bound never depends on
+float rounding, and a pick costs a sum of `active` and a few multiplications.
 """
 
 from __future__ import annotations
@@ -48,25 +50,53 @@ def check_balance_factor(factor: float) -> None:
                          f"{MAX_BALANCE_FACTOR:g}")  # fmt: skip
 
 
-def total_weight(servers: Sequence[ServerView]) -> Fraction:
-    """W: the candidates' effective weights together (once per candidate tuple)."""
-    return sum((Fraction(s.effective_weight) for s in servers), Fraction(0))
+# Closer than this (relative), float rounding could decide: the exact rationals do.
+NEAR: Final = 1e-9
+
+
+@final
+class Bounds:
+    """What the bounds of one candidate tuple share: the factor, and W (computed once per tuple)."""
+
+    __slots__ = ("exact_factor", "exact_weights", "factor", "weights")
+
+    def __init__(self, factor: float, servers: Sequence[ServerView]) -> None:
+        self.factor = factor
+        self.exact_factor = Fraction(factor)
+        self.exact_weights = sum((Fraction(s.effective_weight) for s in servers), Fraction(0))
+        self.weights = float(self.exact_weights)
+
+    def for_pick(self, servers: Sequence[ServerView]) -> LoadBound:
+        """The bounds now: A is read here, once per pick (O(n))."""
+        return LoadBound(self, sum(s.active for s in servers) + 1)
 
 
 @final
 class LoadBound:
-    """The bound of every candidate for one pick (A is read once, when it is made)."""
+    """The bound of every candidate for one pick."""
 
-    __slots__ = ("_scale",)
+    __slots__ = ("_bounds", "_placed", "_scale")
 
-    def __init__(self, factor: Fraction, servers: Sequence[ServerView], weights: Fraction) -> None:
-        placed = sum(s.active for s in servers) + 1
-        self._scale = factor * placed / weights if weights else Fraction(0)
+    def __init__(self, bounds: Bounds, placed: int) -> None:
+        self._bounds = bounds
+        self._placed = placed  # A + 1
+        self._scale = bounds.factor * placed / bounds.weights if bounds.weights else 0.0
 
     def admits(self, server: ServerView) -> bool:
         """Whether `server` is below its bound: it may take this connection."""
-        return server.active < self._scale * Fraction(server.effective_weight)
+        share = self._scale * server.effective_weight
+        gap = share - server.active
+        if abs(gap) > NEAR * share:
+            return gap > 0
+        return server.active < self.exact_share(server)
+
+    def exact_share(self, server: ServerView) -> Fraction:
+        """c × (A + 1) × w / W, exactly."""
+        bounds = self._bounds
+        if not bounds.exact_weights:
+            return Fraction(0)
+        return bounds.exact_factor * self._placed * Fraction(server.effective_weight) / bounds.exact_weights
 
     def of(self, server: ServerView) -> int:
         """bound(server), as /stats or a test would show it."""
-        return math.ceil(self._scale * Fraction(server.effective_weight))
+        return math.ceil(self.exact_share(server))

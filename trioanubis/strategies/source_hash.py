@@ -28,11 +28,10 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
-from fractions import Fraction
 from typing import Final, Generic
 
 from trioanubis.strategies.base import S
-from trioanubis.strategies.bounded import LoadBound, check_balance_factor, total_weight
+from trioanubis.strategies.bounded import Bounds, check_balance_factor
 
 # Smallest table: keeps per-server slot counts large enough for an even
 # spread with few servers, and rebuilds cheap (a few ms).
@@ -90,11 +89,11 @@ def maglev_table(names: Sequence[str], weights: Sequence[float], size: int) -> l
 class SourceHash(Generic[S]):
     def __init__(self, balance_factor: float = 0.0) -> None:
         check_balance_factor(balance_factor)
-        self._factor = Fraction(balance_factor) if balance_factor else None
+        self._factor = balance_factor
         self._key: tuple[tuple[str, float], ...] = ()
         self._servers: Sequence[S] = ()
         self._table: list[int] = []
-        self._weights = Fraction(0)  # the candidates' effective weights together (bounded loads)
+        self._bounds: Bounds | None = None  # with a balance factor: its share of the tuple's work
 
     def pick(self, servers: Sequence[S], client_key: bytes, usable: Callable[[S], bool]) -> S | None:
         if not servers:
@@ -102,7 +101,7 @@ class SourceHash(Generic[S]):
         if servers is not self._servers:
             self._refresh(servers)
         h = hash64(client_key)
-        bound = LoadBound(self._factor, servers, self._weights) if self._factor is not None else None
+        bound = self._bounds.for_pick(servers) if self._bounds is not None else None
         owner = self._servers[self._table[h % len(self._table)]]
         if usable(owner) and (bound is None or bound.admits(owner)):
             return owner  # the common case: one hash, one lookup
@@ -140,8 +139,8 @@ class SourceHash(Generic[S]):
         if key != self._key:
             self._rebuild(servers, key)
         self._servers = servers
-        if self._factor is not None:
-            self._weights = total_weight(servers)
+        if self._factor:
+            self._bounds = Bounds(self._factor, servers)
 
     def _rebuild(self, servers: Sequence[S], key: tuple[tuple[str, float], ...]) -> None:
         self._key = key
