@@ -292,6 +292,40 @@ async def test_the_agents_words_show_in_stats_and_a_silent_agent_is_withdrawn(nu
         assert 'anubis_agent_checks_total{pool="test",server="a",result="error"} ' in metrics
 
 
+async def test_with_check_none_the_agent_alone_takes_a_server_down_and_back(nursery: trio.Nursery) -> None:
+    """No health check: the agent's down holds (the ejection retry does not undo it); its up ends it."""
+    backend = await start_backend(nursery, name_handler("a"))
+    agent = Agent(b"stopped #deploying\n")
+    agent_backend = await start_backend(nursery, agent.handle, "agent")
+    health = {"check": "none", "agent": {"port": agent_backend.port, "interval": "100ms"}}
+    data = config_for([backend.address], health=health, eject_for="100ms")
+    async with running_balancer(data) as (balancer, address):
+        server = balancer.pools["test"].servers[0]
+        await wait_until(lambda: server.state == "down")
+        connections = agent.connections
+        await wait_until(lambda: agent.connections >= connections + 3)  # several eject_for periods
+        assert server.state == "down"
+        agent.line = b"up\n"
+        await wait_until(lambda: server.state == "up")
+        assert await request(address) == b"a"
+
+
+async def test_a_reload_without_the_agent_ends_what_it_held(nursery: trio.Nursery) -> None:
+    backend = await start_backend(nursery, name_handler("a"))
+    agent = Agent(b"drain 25%\n")
+    agent_backend = await start_backend(nursery, agent.handle, "agent")
+    health = {"check": "tcp", "interval": "100ms", "agent": {"port": agent_backend.port, "interval": "100ms"}}
+    data = config_for([backend.address], health=health)
+    async with running_balancer(data) as (balancer, address):
+        server = balancer.pools["test"].servers[0]
+        await wait_until(lambda: server.draining and server.effective_weight == 0.25)
+        without = config_for([backend.address], health={"check": "tcp"})
+        await balancer.apply_config(parse_config(without, "t.toml"))
+        await wait_until(lambda: not server.draining and server.effective_weight == 1.0)
+        assert server.agent is not None and server.agent.state == "up"
+        assert await request(address) == b"a"
+
+
 async def test_without_an_agent_stats_and_metrics_are_as_before(nursery: trio.Nursery) -> None:
     backend = await start_backend(nursery, name_handler("a"))
     data = config_for([backend.address], health={"check": "tcp", "interval": "100ms"})
