@@ -300,11 +300,20 @@ async def test_with_check_none_the_agent_alone_takes_a_server_down_and_back(nurs
     health = {"check": "none", "agent": {"port": agent_backend.port, "interval": "100ms"}}
     data = config_for([backend.address], health=health, eject_for="100ms")
     async with running_balancer(data) as (balancer, address):
-        server = balancer.pools["test"].servers[0]
+        pool = balancer.pools["test"]
+        server = pool.servers[0]
         await wait_until(lambda: server.state == "down")
+        states: list[str] = []
+
+        async def watch() -> None:
+            while True:
+                await pool.wait_changed()
+                states.append(server.state)
+
+        nursery.start_soon(watch)
         connections = agent.connections
         await wait_until(lambda: agent.connections >= connections + 3)  # several eject_for periods
-        assert server.state == "down"
+        assert server.state == "down" and "up" not in states, states
         agent.line = b"up\n"
         await wait_until(lambda: server.state == "up")
         assert await request(address) == b"a"
