@@ -25,7 +25,7 @@ from tests.conftest import (
     wait_until,
 )
 from trioanubis.config import parse_config
-from trioanubis.health.checker import _ramp_up
+from trioanubis.health.checker import ServerHealth
 from trioanubis.health.state import Hysteresis, slow_start_weight
 from trioanubis.pool import Pool
 
@@ -251,7 +251,7 @@ async def test_slow_start_ramps_effective_weight(autojump_clock: trio.testing.Mo
     seen = []
     async with trio.open_nursery() as nursery:
         start = trio.current_time()
-        _ramp_up(nursery, pool, server)
+        ServerHealth(pool, server, nursery).bring_up("passed")
         for at in (0.0, 4.5, 8.5, 12.5, 16.5):  # between steps, never on one
             await trio.sleep_until(start + at)
             seen.append(server.effective_weight)

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from trioanubis.config import parse_config
+from trioanubis.errors import ConfigError
 from trioanubis.strategies import STRATEGIES, make_strategy
 from trioanubis.strategies.base import load
 from trioanubis.strategies.least_connections import LeastConnections
@@ -196,3 +200,123 @@ def test_every_strategy_handles_empty_and_unusable(name: str) -> None:
     assert strategy.pick(servers_with([1, 2]), b"k", lambda s: False) is None
     only = servers_with([1, 2])
     assert strategy.pick(only, b"k", lambda s: s.name == "b") is only[1]
+
+
+# ------------------------------------------------------------ bounded loads
+
+
+def bound_of(server: FakeServer, servers: Sequence[FakeServer], factor: float) -> int:
+    """The definition (strategies/bounded.py), computed apart: ceil(c × (A + 1) × w / W), exactly."""
+    placed = sum(s.active for s in servers) + 1
+    weights = sum(Fraction(s.effective_weight) for s in servers)
+    return math.ceil(Fraction(factor) * placed * Fraction(server.effective_weight) / weights)
+
+
+arrivals_and_departures = st.lists(
+    st.one_of(st.tuples(st.just("arrive"), st.integers(0, 40)),
+              st.tuples(st.just("depart"), st.integers(0, 1000))),
+    max_size=120,
+)
+
+
+@given(
+    st.lists(st.sampled_from([1.0, 1.0, 2.0, 3.0, 0.0625, 0.5, 7.0]), min_size=1, max_size=6),
+    st.floats(min_value=1.0, max_value=4.0),
+    arrivals_and_departures,
+)
+@settings(max_examples=300, deadline=None)
+def test_bounded_source_hash_keeps_every_server_within_its_bound_and_clients_on_theirs(
+    weights: list[float], factor: float, events: list[tuple[str, int]]
+) -> None:
+    """At every pick: the chosen server, with this connection, is within its bound; and a client
+    whose own server (the unbounded hash's choice) is below its bound gets that server."""
+    servers = servers_with(weights)
+    bounded: SourceHash[FakeServer] = SourceHash(balance_factor=factor)
+    plain: SourceHash[FakeServer] = SourceHash()
+    open_connections: list[FakeServer] = []
+    for kind, value in events:
+        if kind == "depart":
+            if open_connections:
+                open_connections.pop(value % len(open_connections)).active -= 1
+            continue
+        key = value.to_bytes(4, "big")
+        own = plain.pick(servers, key, anything)
+        chosen = bounded.pick(servers, key, anything)
+        assert own is not None and chosen is not None
+        assert chosen.active + 1 <= bound_of(chosen, servers, factor)
+        if own.active < bound_of(own, servers, factor):
+            assert chosen is own
+        chosen.active += 1
+        open_connections.append(chosen)
+
+
+def test_bounded_source_hash_moves_only_the_overflow_and_always_to_the_same_next_server() -> None:
+    """One hot client: it keeps its server up to the bound; the overflow goes where a failover
+    from that server would go (the key's own order), the same way each time; idle, it is back."""
+    def place(count: int) -> tuple[list[str], tuple[FakeServer, ...]]:
+        servers = servers_with([1, 1, 1, 1])
+        strategy: SourceHash[FakeServer] = SourceHash(balance_factor=1.25)
+        placed = []
+        for _ in range(count):
+            server = strategy.pick(servers, hot, anything)
+            assert server is not None
+            server.active += 1
+            placed.append(server.name)
+        return placed, servers
+
+    hot = b"\x0a\x00\x00\x01"
+    reference = servers_with([1, 1, 1, 1])
+    own = SourceHash().pick(reference, hot, anything)
+    failover = SourceHash().pick(reference, hot, lambda s: s is not own)
+    assert own is not None and failover is not None
+    placed, servers = place(8)
+    assert placed[:2] == [own.name, failover.name]
+    assert placed.count(own.name) == 3  # its bound at the 8th pick: ceil(1.25 × 8 / 4) = 3
+    assert place(8)[0] == placed  # the same moves every time
+    for server in servers:  # load falls: the client is back on its own server
+        server.active = 0
+    assert SourceHash(balance_factor=1.25).pick(servers, hot, anything).name == own.name  # type: ignore[union-attr]
+
+
+def test_a_bound_never_refuses_a_usable_server() -> None:
+    """When every usable server is at its bound (the others full), the first usable one is taken."""
+    servers = servers_with([1, 1])
+    servers[0].active = 5
+    strategy: SourceHash[FakeServer] = SourceHash(balance_factor=1.0)
+    assert strategy.pick(servers, b"k", lambda s: s is servers[0]) is servers[0]
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    (0.5, "from 1 to 100"), (101, "from 1 to 100"), (float("nan"), "from 1 to 100"),
+    ("1.25", "must be a number"), (True, "must be a number"),
+])  # fmt: skip
+def test_balance_factor_out_of_range_names_the_key(value: object, message: str) -> None:
+    data = {"listeners": {"w": {"bind": "127.0.0.1:0", "pool": "p"}},
+            "pools": {"p": {"servers": ["127.0.0.1:9"], "strategy": "source_hash", "balance_factor": value}}}
+    with pytest.raises(ConfigError, match=rf"t\.toml: pools\.p\.balance_factor: .*{message}"):
+        parse_config(data, "t.toml")
+
+
+@given(st.one_of(st.floats(allow_nan=True), st.integers(-10, 1000), st.text(max_size=5), st.booleans()),
+       st.sampled_from(sorted(STRATEGIES)))
+@settings(max_examples=200, deadline=None)
+def test_any_balance_factor_is_taken_or_refused_in_one_line_naming_it(value: object, strategy: str) -> None:
+    data = {"listeners": {"w": {"bind": "127.0.0.1:0", "pool": "p"}},
+            "pools": {"p": {"servers": ["127.0.0.1:9"], "strategy": strategy, "balance_factor": value}}}
+    try:
+        factor = parse_config(data, "t.toml").pools["p"].balance_factor
+    except ConfigError as exc:
+        assert "\n" not in str(exc) and "pools.p.balance_factor" in str(exc), str(exc)
+    else:
+        assert factor == 0 or (strategy == "source_hash" and 1 <= factor <= 100)
+
+
+def test_balance_factor_needs_a_hash_strategy() -> None:
+    data = {"listeners": {"w": {"bind": "127.0.0.1:0", "pool": "p"}},
+            "pools": {"p": {"servers": ["127.0.0.1:9"], "strategy": "round_robin", "balance_factor": 1.25}}}
+    with pytest.raises(ConfigError, match=r"pools\.p\.balance_factor: strategy 'round_robin' does not bound"):
+        parse_config(data, "t.toml")
+    data["pools"]["p"]["strategy"] = "source_hash"  # type: ignore[index]
+    assert parse_config(data, "t.toml").pools["p"].balance_factor == 1.25
+    data["pools"]["p"]["balance_factor"] = 0  # type: ignore[index]
+    assert parse_config(data, "t.toml").pools["p"].balance_factor == 0.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import socket
 import sys
 import textwrap
@@ -22,6 +23,9 @@ from tests.conftest import (
     start_backend,
     wait_until,
 )
+from trioanubis.config import Address
+from trioanubis.pool import Pool
+from trioanubis.strategies.source_hash import SourceHash
 from trioanubis.summary import describe
 
 
@@ -178,3 +182,66 @@ async def test_a_failed_connect_gives_its_reserved_slot_back(nursery: trio.Nurse
         assert dead.connect_failures >= 1
         await wait_until(lambda: pool.active == 0)  # no slot kept by a failed connect
         assert pool.all_full == 0
+
+
+def hello_handler(name: str):  # type: ignore[no-untyped-def]
+    """A backend that says its name at once and holds the connection until the client's EOF."""
+
+    async def handler(stream: trio.SocketStream) -> None:
+        async with stream:
+            try:
+                await stream.send_all(name.encode())
+                while await stream.receive_some(65536):
+                    pass
+            except trio.BrokenResourceError:
+                pass
+
+    return handler
+
+
+async def open_from(source: str, address: Address) -> tuple[trio.SocketStream, bytes]:
+    """A connection whose client address is `source` (any 127.0.0.x is this host); the server's name."""
+    stream = await trio.open_tcp_stream(address.host, address.port, local_address=source)
+    return stream, await stream.receive_some(100)
+
+
+def sources_of_one_server(pool: Pool, count: int) -> tuple[str, list[str]]:
+    """`count` loopback client addresses that source_hash sends to one server, and its name."""
+    candidates = pool.candidates()
+    by_owner: dict[str, list[str]] = {}
+    for last in range(2, 255):
+        source = f"127.0.0.{last}"
+        owner = SourceHash().pick(candidates, socket.inet_aton(source), lambda s: True)
+        assert owner is not None
+        by_owner.setdefault(owner.name, []).append(source)
+    name, sources = max(by_owner.items(), key=lambda item: len(item[1]))
+    return name, sources[:count]
+
+
+async def test_bounded_source_hash_spreads_a_burst_and_takes_it_back(nursery: trio.Nursery) -> None:
+    """Three clients that hash to one server: their burst spreads once that server passes its bound
+    (balance_factor 1.25: ceil(1.25 × (A + 1) / 3)); once the load falls, they are back on it."""
+    backends = [await start_backend(nursery, hello_handler(f"s{i}"), f"s{i}") for i in range(3)]
+    servers = [{"address": b.address, "name": f"s{i}"} for i, b in enumerate(backends)]
+    data = config_for(servers, strategy="source_hash", balance_factor=1.25)
+    async with running_balancer(data) as (balancer, address):
+        pool = balancer.pools["test"]
+        own, sources = sources_of_one_server(pool, 3)
+        held = []
+        try:
+            for turn in range(12):
+                stream, name = await open_from(sources[turn % 3], address)
+                held.append(stream)
+                mine = pool.find(own)
+                assert mine is not None and mine.active <= math.ceil(1.25 * (turn + 1) / 3), name
+            answers = Counter(s.name for s in pool.servers for _ in range(s.active))
+            assert answers[own] == 5 and len(answers) == 3, answers  # ceil(1.25 × 12 / 3) = 5
+        finally:
+            for stream in held:
+                await stream.aclose()
+        await wait_until(lambda: pool.active == 0)
+        for source in sources:
+            stream, name = await open_from(source, address)
+            async with stream:
+                assert name == own.encode()
+        assert "balance_factor 1.25" in describe(balancer.config, balancer.pools)

@@ -450,8 +450,8 @@ class Balancer:
         old = pool.config
         pool.config = config
         await self._update_spawner(pool)
-        if config.strategy != old.strategy:
-            pool.strategy = make_strategy(config.strategy)
+        if (config.strategy, config.balance_factor) != (old.strategy, old.balance_factor):
+            pool.strategy = make_strategy(config.strategy, config.balance_factor)
         added = update_servers(pool, config)
         await self._resolve(added, pool)
         if added:

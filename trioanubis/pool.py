@@ -52,13 +52,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Collection, Hashable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Final, TypeVar, final
+from typing import TYPE_CHECKING, Final, TypeVar, final
 
 import trio
 
 from trioanubis.config import Address, FaultConfig, PoolConfig, ServerConfig
 from trioanubis.hold_queue import HoldQueue
 from trioanubis.strategies import Strategy, make_strategy
+
+if TYPE_CHECKING:
+    from trioanubis.health.agent_state import AgentStatus
 
 log = logging.getLogger("trioanubis.pool")
 
@@ -107,11 +110,11 @@ class Server:
     """One backend as the balancer currently sees it (mutated only through its Pool)."""
 
     __slots__ = (
-        "active", "address", "bytes_in", "bytes_out", "checks_failed", "checks_passed", "checks_skipped",
-        "config_faults", "config_weight", "connect_failures", "consecutive_failures", "draining",
-        "effective_weight", "ewma", "fault_override", "faults", "faults_applied", "healthy", "last_check",
-        "max_connections", "name", "priority", "removed", "send_proxy", "sockaddrs", "source", "total",
-        "weight",
+        "active", "address", "agent", "bytes_in", "bytes_out", "checks_failed", "checks_passed",
+        "checks_skipped", "config_faults", "config_weight", "connect_failures", "consecutive_failures",
+        "draining", "effective_weight", "ewma", "fault_override", "faults", "faults_applied", "healthy",
+        "last_check", "max_connections", "name", "priority", "removed", "send_proxy", "sockaddrs", "source",
+        "total", "weight",
     )  # fmt: skip
 
     def __init__(self, config: ServerConfig, *, healthy: bool = True, source: str = "",
@@ -144,6 +147,7 @@ class Server:
         self.fault_override = config.faults  # the same, or what the admin API set since
         self.faults: FaultConfig | None = None  # in effect for new connections; None: none (see Pool)
         self.faults_applied: dict[str, int] = {}  # fault name → times it acted (trioanubis.faults)
+        self.agent: AgentStatus | None = None  # its agent check's last word (health/agent_state.py)
 
     @property
     def state(self) -> str:
@@ -183,7 +187,7 @@ class Pool:
         for server in self.servers:
             self._resolve_faults(server)
         self.retired: list[Server] = []  # removed, still carrying connections
-        self._strategy: Strategy = make_strategy(config.strategy)
+        self._strategy: Strategy = make_strategy(config.strategy, config.balance_factor)
         self._strategies: dict[int, Strategy] = {}  # per priority group
         self.durations = Histogram(DURATION_BUCKETS)
         self.no_server = 0  # clients closed because no server could take them
@@ -286,7 +290,8 @@ class Pool:
         strategy = self._strategies.get(priority)
         if strategy is None:
             in_use = self._strategy in self._strategies.values()
-            strategy = make_strategy(self.config.strategy) if in_use else self._strategy
+            config = self.config
+            strategy = make_strategy(config.strategy, config.balance_factor) if in_use else self._strategy
             self._strategies[priority] = strategy
         return strategy
 
@@ -423,6 +428,16 @@ class Pool:
     def shut(self) -> None:
         """The pool was removed (a reload): clients it holds are told to leave."""
         self.held.shut()
+
+    # ------------------------------------------------------------- agent checks
+
+    def record_agent(self, server: Server, status: AgentStatus) -> None:
+        """Keep what `server`'s agent last said (health/agent.py); /stats and /metrics show it.
+
+        It changes no state: what the agent's words change goes through `set_draining`,
+        `mark_down`/`mark_up` and `set_effective_weight`, each logged there.
+        """
+        server.agent = status
 
     def find(self, key: str) -> Server | None:
         """A server by name or by its address as written ("host:port")."""

@@ -14,9 +14,25 @@ from trioanubis.proxy.faults import describe as describe_faults
 def _health(pool: PoolConfig) -> str:
     health = pool.health
     if health.check == "none":
-        return "no health check"
+        return "no health check" + _agent(pool)
     what = {"http": f"GET {health.path}", "tcp": "tcp connect"}.get(health.check, f"{health.check} check")
-    return f"{what} every {health.interval:g}s, rise {health.rise} fall {health.fall}"
+    return f"{what} every {health.interval:g}s, rise {health.rise} fall {health.fall}" + _agent(pool)
+
+
+def _agent(pool: PoolConfig) -> str:
+    """The agent check beside the health check (health/agent.py), if any."""
+    agent = pool.health.agent
+    if agent is None:
+        return ""
+    where = f"{agent.host}:{agent.port}" if agent.host else f"port {agent.port}"
+    return f", agent on {where} every {agent.interval:g}s (timeout {agent.timeout:g}s)"
+
+
+def _strategy(pool: PoolConfig) -> str:
+    """The strategy, and the bound on loads when a hash strategy has one (strategies/bounded.py)."""
+    if not pool.balance_factor:
+        return pool.strategy
+    return f"{pool.strategy}, balance_factor {pool.balance_factor:g}"
 
 
 def _priority(priority: int) -> str:
@@ -94,7 +110,7 @@ def describe(config: Config, pools: Mapping[str, Pool] | None = None) -> str:
         proxy = f", send_proxy {pc.send_proxy}" if pc.send_proxy != "none" else ""
         if pc.tls is not None:
             proxy += ", tls" + ("" if pc.tls.verify else " (not verified)")
-        lines.append(f"pool {name}: {pc.strategy}; {_health(pc)}; connect_timeout "
+        lines.append(f"pool {name}: {_strategy(pc)}; {_health(pc)}; connect_timeout "
                      f"{pc.connect_timeout:g}s, idle_timeout {pc.idle_timeout:g}s, "
                      f"retries {pc.retries}{proxy}{_faults(pc.faults)}")  # fmt: skip
         live = pools[name].servers if pools else None

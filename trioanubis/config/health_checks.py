@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from trioanubis.config.checks import check_header_host, check_header_path
+from trioanubis.config.checks import check_header_host, check_header_path, check_host_name, ip_address_or_none
 from trioanubis.config.model import (
+    AgentConfig,
     EXPECT_BYTES,
     HEALTH_CHECKS,
     PARSED,
@@ -31,7 +32,7 @@ MAX_SEND = 65536
 def parse_health(node: Node) -> HealthConfig:
     node.check_keys(
         ("check", "path", "host", "expect_status", "expect_body", "interval", "timeout",
-         "rise", "fall", "slow_start", "send_proxy", *_PROBE_KEYS)
+         "rise", "fall", "slow_start", "send_proxy", "agent", *_PROBE_KEYS)
     )  # fmt: skip
     path = node.checked("path", node.string("path", "/health"), check_header_path)
     host = node.string("host", "")  # "": the server's own address
@@ -50,8 +51,29 @@ def parse_health(node: Node) -> HealthConfig:
         fall=node.integer("fall", 3),
         slow_start=node.duration("slow_start", 0.0),
         send_proxy=node.boolean("send_proxy", False),
+        agent=_parse_agent(node.child("agent")) if "agent" in node.data else None,
         **_parse_probe(node, check),
     )
+
+
+# What an agent is sent: a word or a line, not a payload.
+MAX_AGENT_SEND = 1024
+
+
+def _parse_agent(node: Node) -> AgentConfig:
+    """`agent = { port = N, host = "", interval = "2s", timeout = "1s", send = "" }`."""
+    node.check_keys(("port", "host", "interval", "timeout", "send"))
+    if "port" not in node.data:
+        raise node.error("is required (the agent's TCP port)", key="port")
+    host = node.string("host", "")
+    if host and ip_address_or_none(host) is None:
+        node.checked("host", host, check_host_name)
+    interval = node.duration("interval", 2.0)
+    timeout = node.duration("timeout", min(1.0, interval))
+    if timeout > interval:
+        raise node.error(f"must not exceed interval ({interval:g}s)", node.data.get("timeout"), "timeout")
+    return AgentConfig(port=node.integer("port", 0), host=host, interval=interval, timeout=timeout,
+                       send=_escaped(node, "send", MAX_AGENT_SEND))  # fmt: skip
 
 
 _PROBE_KEYS = ("send", "expect", "expect_regex", "expect_bytes", "user")

@@ -119,6 +119,17 @@ class DiscoveryConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """`[pools.X.health] agent = { port = N }`: an agent check beside the health check (health/agent.py)."""
+
+    port: int
+    host: str = ""  # "": the server's own host
+    interval: float = 2.0
+    timeout: float = 1.0  # for one whole round: connect, send, the line
+    send: bytes = b""  # sent once connected ("": nothing, the agent speaks first)
+
+
+@dataclass(frozen=True, slots=True)
 class HealthConfig:
     check: HealthCheck = "tcp"
     path: str = "/health"
@@ -136,6 +147,7 @@ class HealthConfig:
     expect_regex: str = ""
     expect_bytes: int = EXPECT_BYTES
     user: str = "postgres"  # check = "postgres": the startup's user
+    agent: AgentConfig | None = None  # an agent check beside this one (HAProxy agent-check)
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +190,7 @@ class PoolConfig:
     servers: tuple[ServerConfig, ...]
     discovery: tuple[DiscoveryConfig, ...] = ()
     strategy: str = "round_robin"
+    balance_factor: float = 0.0  # hash strategies: bounded loads (strategies/bounded.py); 0: unbounded
     least_time: LeastTimeMode = "first_byte"
     connect_timeout: float = 3.0
     idle_timeout: float = 600.0

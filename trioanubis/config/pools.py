@@ -28,7 +28,7 @@ _POOL_KEYS = (
     "strategy", "servers", "least_time", "connect_timeout", "idle_timeout",
     "half_close_timeout", "retries", "failover_timeout", "eject_after", "eject_for",
     "resolver", "health", "send_proxy", "queue_timeout", "max_queued", "abort_on_close", "spawn", "tls",
-    "faults",
+    "faults", "balance_factor",
 )  # fmt: skip
 _SEND_PROXY = ("none", "v1", "v2")
 
@@ -54,6 +54,7 @@ def parse_pool(name: str, node: Node) -> PoolConfig:
         servers=servers,
         discovery=discovery,
         strategy=strategy,
+        balance_factor=_balance_factor(node, strategy),
         least_time=node.choice("least_time", "first_byte", ("first_byte", "connect")),  # type: ignore[arg-type]
         connect_timeout=node.duration("connect_timeout", 3.0),
         idle_timeout=node.duration("idle_timeout", 600.0),
@@ -72,6 +73,20 @@ def parse_pool(name: str, node: Node) -> PoolConfig:
         tls=_parse_tls_client(node.child("tls")) if "tls" in node.data else None,
         faults=parse_fault_table(node.child("faults", "faults")) if "faults" in node.data else None,
     )
+
+
+def _balance_factor(node: Node, strategy: str) -> float:
+    """`balance_factor`: 0 (absent) or 1.0 to 100, and only for a strategy that bounds loads."""
+    from trioanubis.strategies import StrategyError, check_balance_factor_for
+    from trioanubis.strategies.bounded import check_balance_factor
+
+    factor = node.fraction("balance_factor", 0.0)
+    try:
+        check_balance_factor(factor)
+        check_balance_factor_for(strategy, factor, node.base)
+    except (ValueError, StrategyError) as exc:
+        raise node.error(str(exc), node.data.get("balance_factor"), "balance_factor") from None
+    return factor
 
 
 def _parse_servers(node: Node) -> tuple[tuple[ServerConfig, ...], tuple[DiscoveryConfig, ...]]:

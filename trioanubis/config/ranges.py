@@ -71,6 +71,9 @@ RANGES: Final[Mapping[str, Mapping[str, Range]]] = {
         "eject_for": TIMEOUT,
         "queue_timeout": WAIT,
         "max_queued": Range("integer", 1, 1_000_000),
+        # 0: unbounded; else at least 1.0 (a server may carry factor × the average), and 100 is no bound
+        # in practice (strategies/bounded.py refuses 0 < factor < 1).
+        "balance_factor": Range("fraction", 0, 100),
     },
     "pools.*.servers[]": {
         "weight": WEIGHT,
@@ -86,6 +89,11 @@ RANGES: Final[Mapping[str, Mapping[str, Range]]] = {
         "fall": Range("integer", 1, 1000),
         "slow_start": WAIT,
         "expect_bytes": Range("integer", 1, MAX_EXPECT_BYTES),
+    },
+    "pools.*.health.agent": {
+        "port": Range("integer", 1, 65535),
+        "interval": Range("duration", 0.1, 3600.0),  # rounds a loop apart, not a flood; at most an hour
+        "timeout": Range("duration", 0.01, 60.0),  # one round: a distant agent, short of hung
     },
     "pools.*.spawn": {
         "replicas": Range("integer", 1, MAX_REPLICAS),

@@ -17,17 +17,24 @@ and the first passing check brings a server up, without waiting for `rise`.
 
 A server that comes up with `slow_start` set gets a ramp task that raises its
 effective weight step by step; the ramp is cancelled if it goes down again.
+
+With `agent` set, the server's agent check (agent.py) runs beside its health
+check, in the same per-server nursery. `ServerHealth` joins the two: the
+checks decide `checks_up`, the agent may hold the server down or drained and
+scale its weight, and the server is up only when the checks say so and the
+agent does not hold it down.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from typing import Final
+from typing import Final, final
 
 import trio
 
 from trioanubis.errors import OutOfResources
+from trioanubis.health.agent import run_agent, withdraw_agent
 from trioanubis.health.probe import plan_of, probe
 from trioanubis.health.state import Hysteresis, next_slow_start_step, slow_start_weight
 from trioanubis.pool import Pool, Server
@@ -72,49 +79,126 @@ def _start(
 async def _check_server(pool: Pool, server: Server, scope: trio.CancelScope, first: trio.Event) -> None:
     with scope:
         try:
-            if pool.config.health.check == "none":
-                first.set()
-                await _readmit_ejected(pool, server)
-            else:
-                await _probe_forever(pool, server, first)
+            async with trio.open_nursery() as nursery:  # the slow-start ramp and the agent
+                health = ServerHealth(pool, server, nursery)
+                agent = pool.config.health.agent
+                if agent is not None:
+                    nursery.start_soon(run_agent, health, agent)
+                else:
+                    withdraw_agent(health)  # one a reload took away: its hold ends
+                if pool.config.health.check == "none":
+                    first.set()
+                    await _readmit_ejected(health)
+                else:
+                    await _probe_forever(health, first)
         finally:
             first.set()
 
 
-async def _probe_forever(pool: Pool, server: Server, first: trio.Event) -> None:
+@final
+class ServerHealth:
+    """One server's two opinions, its checks' and its agent's, and the one place that joins them.
+
+    The server is up when its checks say so (`checks_up`; always with check = "none") and its
+    agent holds it not down. While the agent holds it down, the checks go on deciding
+    `checks_up`, so that when the agent takes its word back the server comes up at once if
+    the checks pass. The weight is the server's weight × the slow-start ramp × the agent's
+    percent; every change of one of them recomputes it.
+    """
+
+    def __init__(self, pool: Pool, server: Server, nursery: trio.Nursery) -> None:
+        self.pool = pool
+        self.server = server
+        self.checks_up = True
+        self.ramp = 1.0  # slow start's share of the weight now
+        self._nursery = nursery
+        self._ramp_scope = trio.CancelScope()
+
+    @property
+    def held_down(self) -> bool:
+        """Whether the server's agent holds it down (it said down, fail or stopped)."""
+        return self.server.agent is not None and bool(self.server.agent.down)
+
+    def checks_say(self, state: Hysteresis, ok: bool, reason: str, *, first_check: bool) -> None:
+        """Fold one check result in; only transitions reach the pool."""
+        pool, server = self.pool, self.server
+        was_up = self.checks_up if self.held_down else server.healthy
+        now_up = state.observe(was_up, ok) or (ok and len(pool.held) > 0)  # clients wait: no rise
+        self.checks_up = now_up
+        if now_up and not was_up:
+            self.bring_up(reason)
+        elif not now_up and (was_up or first_check):
+            self.take_down(reason, first_check=first_check)
+        elif ok and len(pool.held):
+            pool.changed()  # it answers while clients wait (a refused connect held them): retry
+
+    def bring_up(self, reason: str, *, ramp: bool = True) -> None:
+        """Up, ramping over slow_start; not while the agent holds it down."""
+        if self.held_down:
+            return
+        if ramp:
+            self._start_ramp()
+        self.pool.mark_up(self.server, reason)
+
+    def take_down(self, reason: str, *, first_check: bool = False) -> None:
+        self._ramp_scope.cancel()
+        self.pool.mark_down(self.server, reason, first_check=first_check)
+
+    def release(self, reason: str) -> None:
+        """The agent took back its down: up again if the checks agree."""
+        if self.checks_up and not self.server.healthy:
+            self.bring_up(reason, ramp=self.pool.config.health.check != "none")
+
+    def apply_weight(self) -> None:
+        agent = self.server.agent
+        percent = 100 if agent is None else agent.percent
+        self.pool.set_effective_weight(self.server, self.server.weight * self.ramp * percent / 100)
+
+    def _start_ramp(self) -> None:
+        self._ramp_scope.cancel()
+        duration = self.pool.config.health.slow_start
+        self.ramp = slow_start_weight(1.0, 0.0, duration) if duration > 0 else 1.0
+        self.apply_weight()
+        if duration > 0:
+            self._ramp_scope = trio.CancelScope()
+            self._nursery.start_soon(self._ramp, duration, trio.current_time(), self._ramp_scope)
+
+    async def _ramp(self, duration: float, start: float, scope: trio.CancelScope) -> None:
+        """Raise the ramp step by step until the server has its whole weight."""
+        with scope:
+            while True:
+                elapsed = trio.current_time() - start
+                self.ramp = slow_start_weight(1.0, elapsed, duration)
+                self.apply_weight()
+                if elapsed >= duration:
+                    return
+                await trio.sleep_until(start + next_slow_start_step(elapsed, duration))
+
+
+async def _probe_forever(health: ServerHealth, first: trio.Event) -> None:
+    pool, server = health.pool, health.server
     config = pool.config.health
     state = Hysteresis(config.rise, config.fall)
     short = False  # in an episode of local shortage: logged once
     plan = plan_of(config)
-    async with trio.open_nursery() as ramps:
-        ramp = trio.CancelScope()
-        while True:
-            if not server.sockaddrs:
-                await _resolve(pool, server)
-            try:
-                ok, reason = await probe(server, config, plan, health_proxy_header(pool, server),
-                                         pool.config.tls)  # fmt: skip
-            except OutOfResources as exc:
-                short = _skipped(pool, server, exc, short)
-                first.set()
-                await trio.sleep(config.interval)
-                continue
-            if short:
-                short = False
-                log.info("pool %s: server %s: health checks run again", pool.name, server.name)
-            pool.record_check(server, ok, reason)
-            was_up = server.healthy
-            now_up = state.observe(was_up, ok) or (ok and len(pool.held) > 0)  # clients wait: no rise
-            if now_up and not was_up:
-                ramp = _ramp_up(ramps, pool, server)
-                pool.mark_up(server, reason)
-            elif not now_up and (was_up or not first.is_set()):
-                ramp.cancel()
-                pool.mark_down(server, reason, first_check=not first.is_set())
-            elif ok and len(pool.held):
-                pool.changed()  # it answers while clients wait (a refused connect held them): retry
+    while True:
+        if not server.sockaddrs:
+            await _resolve(pool, server)
+        try:
+            ok, reason = await probe(server, config, plan, health_proxy_header(pool, server),
+                                     pool.config.tls)  # fmt: skip
+        except OutOfResources as exc:
+            short = _skipped(pool, server, exc, short)
             first.set()
-            await pool.held.pause(config.interval * random.uniform(1 - JITTER, 1 + JITTER))
+            await trio.sleep(config.interval)
+            continue
+        if short:
+            short = False
+            log.info("pool %s: server %s: health checks run again", pool.name, server.name)
+        pool.record_check(server, ok, reason)
+        health.checks_say(state, ok, reason, first_check=not first.is_set())
+        first.set()
+        await pool.held.pause(config.interval * random.uniform(1 - JITTER, 1 + JITTER))
 
 
 def _skipped(pool: Pool, server: Server, exc: OutOfResources, short: bool) -> bool:
@@ -141,35 +225,13 @@ async def _resolve(pool: Pool, server: Server) -> None:
         pool.record_check(server, False, f"cannot resolve {server.address.host!r}: {exc}")
 
 
-def _ramp_up(nursery: trio.Nursery, pool: Pool, server: Server) -> trio.CancelScope:
-    scope = trio.CancelScope()
-    duration = pool.config.health.slow_start
-    if duration > 0:
-        pool.set_effective_weight(server, slow_start_weight(server.weight, 0.0, duration))
-        nursery.start_soon(_ramp, pool, server, duration, trio.current_time(), scope)
-    else:
-        pool.set_effective_weight(server, float(server.weight))
-    return scope
-
-
-async def _ramp(
-    pool: Pool, server: Server, duration: float, start: float, scope: trio.CancelScope
-) -> None:
-    """Raise `server`'s effective weight step by step until it reaches its weight."""
-    with scope:
-        while True:
-            elapsed = trio.current_time() - start
-            pool.set_effective_weight(server, slow_start_weight(server.weight, elapsed, duration))
-            if elapsed >= duration:
-                return
-            await trio.sleep_until(start + next_slow_start_step(elapsed, duration))
-
-
-async def _readmit_ejected(pool: Pool, server: Server) -> None:
-    """Without active checks, put an ejected server back after `eject_for`."""
+async def _readmit_ejected(health: ServerHealth) -> None:
+    """Without active checks, put an ejected server back after `eject_for` (not one its agent holds down)."""
+    pool, server = health.pool, health.server
     while True:
-        while server.healthy:
+        while server.healthy or health.held_down:
             await pool.wait_changed()
         await trio.sleep(pool.config.eject_for)
-        log.info("pool %s: retrying ejected server %s", pool.name, server.name)
-        pool.mark_up(server, f"retry after {pool.config.eject_for:g}s")
+        if not server.healthy and not health.held_down:
+            log.info("pool %s: retrying ejected server %s", pool.name, server.name)
+            health.bring_up(f"retry after {pool.config.eject_for:g}s", ramp=False)

@@ -43,7 +43,38 @@ def server_stats(server: Server) -> dict[str, Any]:
         "ewma_ms": None if server.ewma is None else round(server.ewma * 1000, 3),
         "faults": describe(server.faults),
         "faults_applied": dict(sorted(server.faults_applied.items())),
+        **agent_stats(server),
     }
+
+
+# ------------------------------------------------------------ agent checks (health/agent.py)
+
+
+def agent_stats(server: Server) -> dict[str, Any]:
+    """A server's agent check for /stats; nothing when it has none (the document is as before)."""
+    status = server.agent
+    if status is None:
+        return {}
+    return {"agent": {
+        "said": status.said,  # the last line, or why there was none
+        "result": status.result,
+        "state": status.state,  # what the agent holds the server in: up, drain, maint, down, fail, stopped
+        "percent": status.percent,
+        "weight": server.weight * status.percent / 100,  # the weight it asks for (before slow start)
+        "checks": status.counts(),
+    }}  # fmt: skip
+
+
+def _agent_lines(rows: list[tuple[dict[str, str], Server]]) -> list[str]:
+    """`anubis_agent_checks_total{pool,server,result}`, for the servers that have an agent."""
+    agents = [(labels, s.agent) for labels, s in rows if s.agent is not None]
+    if not agents:
+        return []
+    lines = list(_family("agent_checks_total", "counter", "Agent checks by result (ok, invalid, error)."))
+    for labels, status in agents:
+        for result, count in status.counts().items():
+            lines.append(f"anubis_agent_checks_total{_labels(**labels, result=result)} {count}")
+    return lines
 
 
 def pool_stats(pool: Pool) -> dict[str, Any]:
@@ -214,6 +245,7 @@ def prometheus(view: View, worker: str | None = None) -> str:
         lines.append(f"anubis_health_checks_total{_labels(**labels, result='pass')} {s.checks_passed}")
         lines.append(f"anubis_health_checks_total{_labels(**labels, result='fail')} {s.checks_failed}")
         lines.append(f"anubis_health_checks_total{_labels(**labels, result='skipped')} {s.checks_skipped}")
+    lines += _agent_lines(rows)
     lines += _family("faults_applied_total", "counter", "Injected faults that acted, by server and fault.")
     for labels, s in rows:
         for fault, count in sorted(s.faults_applied.items()):

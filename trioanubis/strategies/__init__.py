@@ -6,6 +6,11 @@ strategy of the user's own) to a class; `make_strategy(name)` instantiates it;
 always makes a working strategy later. The interface every strategy
 implements is described in `base.py`.
 
+A pool's `balance_factor` (bounded loads, `bounded.py`) is passed to the
+constructor as the keyword `balance_factor`, and only when it is set: hash
+strategies take it (`source_hash`, or a class of the user's own that accepts
+the keyword); `check_balance_factor_for` refuses it for the others.
+
 A custom module is looked for in the config file's directory first: that
 directory is put at the front of `sys.path` only while the module is being
 imported, then taken out again. The imported module stays in `sys.modules`,
@@ -30,10 +35,10 @@ from trioanubis.strategies.round_robin import RoundRobin
 from trioanubis.strategies.source_hash import SourceHash
 from trioanubis.strategies.weighted_random import PowerOfTwo, WeightedRandom
 
-__all__ = ["STRATEGIES", "ServerView", "Strategy", "StrategyError", "check_strategy",
-           "make_strategy", "resolve_strategy"]  # fmt: skip
+__all__ = ["STRATEGIES", "ServerView", "Strategy", "StrategyError", "check_balance_factor_for",
+           "check_strategy", "make_strategy", "resolve_strategy"]  # fmt: skip
 
-STRATEGIES: dict[str, Callable[[], Any]] = {
+STRATEGIES: dict[str, Callable[..., Any]] = {
     "round_robin": RoundRobin,
     "least_connections": LeastConnections,
     "least_time": LeastTime,
@@ -47,7 +52,7 @@ class StrategyError(ConfigError):
     """A strategy name that names no strategy."""
 
 
-def resolve_strategy(name: str, search_dir: str | Path | None = None) -> Callable[[], Any]:
+def resolve_strategy(name: str, search_dir: str | Path | None = None) -> Callable[..., Any]:
     """The class for a built-in name or a "module:Class" path; StrategyError otherwise.
 
     `search_dir` (the config file's directory) is searched before `sys.path`.
@@ -100,6 +105,24 @@ def _importing_from(directory: str | Path | None) -> Iterator[None]:
         sys.path.remove(entry)  # the first occurrence: the one inserted above
 
 
-def make_strategy(name: str) -> Strategy:
-    instance: Strategy = resolve_strategy(name)()
+def make_strategy(name: str, balance_factor: float = 0.0) -> Strategy:
+    """An instance of strategy `name`; a non-zero `balance_factor` goes to its constructor."""
+    cls = resolve_strategy(name)
+    instance: Strategy = cls(balance_factor=balance_factor) if balance_factor else cls()
     return instance
+
+
+def check_balance_factor_for(name: str, balance_factor: float, search_dir: str | Path | None = None) -> None:
+    """StrategyError unless strategy `name` can be built with this `balance_factor` (0: always)."""
+    if not balance_factor:
+        return
+    cls = resolve_strategy(name, search_dir)
+    try:
+        cls(balance_factor=balance_factor)
+    except TypeError:
+        raise StrategyError(f"strategy {name!r} does not bound loads: balance_factor needs a hash "
+                            "strategy (source_hash, or a class whose constructor takes balance_factor)"
+                            ) from None  # fmt: skip
+    except Exception as exc:  # the user's constructor may fail in any way
+        raise StrategyError(f"{name}(balance_factor={balance_factor:g}) cannot be instantiated: {exc}"
+                            ) from None  # fmt: skip

@@ -1,6 +1,8 @@
 """The strategy interface: pure code that picks one server from the live view.
 
-A strategy is any class with a no-argument constructor and a `pick` method:
+A strategy is any class with a no-argument constructor and a `pick` method
+(a hash strategy may also take the pool's `balance_factor` as a keyword, see
+`bounded.py`):
 
     def pick(self, servers, client_key, usable) -> server | None
 

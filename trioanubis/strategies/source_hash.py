@@ -11,15 +11,27 @@ The table depends only on the servers' names and configured weights, so slow
 start or another server's drain does not reshuffle clients; it is rebuilt in
 O(M log M) when membership changes, with M the larger of 5003 and 20 × servers
 (a prime).
+
+A key's order: the owner of its slot first, then the owners of the slots its
+probe sequence visits (slot + k × `PROBE_STEP`, for `2n + 2` probes), then any
+server not met yet, from a place the hash picks. When the owner cannot take the
+connection (full, or tried already) the pick goes down this order, so a
+client that fails over always lands on the same second choice.
+
+With `balance_factor` (bounded.py) a server at its bound is passed over the same
+way, so only the overflow of a loaded server moves, and always to the same
+next server. A pick then reads every candidate's `active`: O(n) instead of
+O(1), the price of knowing the average load.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Final, Generic
 
 from trioanubis.strategies.base import S
+from trioanubis.strategies.bounded import Bounds, check_balance_factor
 
 # Smallest table: keeps per-server slot counts large enough for an even
 # spread with few servers, and rebuilds cheap (a few ms).
@@ -27,6 +39,9 @@ MIN_TABLE_SIZE: Final = 5003
 # Slots per server in large pools: each server's share is then within about
 # 1/20 of fair, and a 1,000-server table builds in well under 100 ms.
 SLOTS_PER_SERVER: Final = 20
+# The stride of a key's probe sequence through the table: a prime, so it is
+# coprime with every table size but itself (then 1 is used).
+PROBE_STEP: Final = 7919
 
 
 def hash64(data: bytes, salt: bytes = b"") -> int:
@@ -72,30 +87,60 @@ def maglev_table(names: Sequence[str], weights: Sequence[float], size: int) -> l
 
 
 class SourceHash(Generic[S]):
-    def __init__(self) -> None:
+    def __init__(self, balance_factor: float = 0.0) -> None:
+        check_balance_factor(balance_factor)
+        self._factor = balance_factor
         self._key: tuple[tuple[str, float], ...] = ()
         self._servers: Sequence[S] = ()
         self._table: list[int] = []
+        self._bounds: Bounds | None = None  # with a balance factor: its share of the tuple's work
 
     def pick(self, servers: Sequence[S], client_key: bytes, usable: Callable[[S], bool]) -> S | None:
         if not servers:
             return None
         if servers is not self._servers:
-            key = tuple((s.name, float(getattr(s, "weight", s.effective_weight))) for s in servers)
-            if key != self._key:
-                self._rebuild(servers, key)
-            self._servers = servers
+            self._refresh(servers)
         h = hash64(client_key)
-        size = len(self._table)
-        # Probe further slots only when the owner cannot take this connection.
-        for attempt in range(size):
-            server = self._servers[self._table[(h + attempt * 7919) % size]]
+        bound = self._bounds.for_pick(servers) if self._bounds is not None else None
+        owner = self._servers[self._table[h % len(self._table)]]
+        if usable(owner) and (bound is None or bound.admits(owner)):
+            return owner  # the common case: one hash, one lookup
+        fallback: S | None = None
+        for server in self.order(h):
             if usable(server):
-                return server
-            if attempt > 2 * len(servers):
-                break
-        rest = [s for s in servers if usable(s)]
-        return rest[h % len(rest)] if rest else None
+                if bound is None or bound.admits(server):
+                    return server
+                if fallback is None:
+                    fallback = server
+        return fallback  # every usable server is at its bound: the first of them, not a refusal
+
+    def order(self, h: int) -> Iterator[S]:
+        """The servers in the order key hash `h` prefers them (see the module's docstring)."""
+        servers, table = self._servers, self._table
+        size, count = len(table), len(servers)
+        step = PROBE_STEP % size or 1
+        seen: set[int] = set()
+        for attempt in range(2 * count + 2):
+            index = table[(h + attempt * step) % size]
+            if index not in seen:
+                seen.add(index)
+                yield servers[index]
+                if len(seen) == count:
+                    return
+        start = h % count
+        for offset in range(count):
+            index = (start + offset) % count
+            if index not in seen:
+                yield servers[index]
+
+    def _refresh(self, servers: Sequence[S]) -> None:
+        """A new candidate tuple: rebuild the table only when names or configured weights changed."""
+        key = tuple((s.name, float(getattr(s, "weight", s.effective_weight))) for s in servers)
+        if key != self._key:
+            self._rebuild(servers, key)
+        self._servers = servers
+        if self._factor:
+            self._bounds = Bounds(self._factor, servers)
 
     def _rebuild(self, servers: Sequence[S], key: tuple[tuple[str, float], ...]) -> None:
         self._key = key
