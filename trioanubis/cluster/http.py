@@ -176,7 +176,7 @@ class HttpConnection:
         """The answer's status and its Content-Length (None when chunked or until close)."""
         received = 0
         while True:
-            event = self._next_event(what)
+            event = self._next_event(what, "before an answer")
             if isinstance(event, h11.Response):
                 return event.status_code, _content_length(event)
             if isinstance(event, h11.InformationalResponse):
@@ -200,7 +200,7 @@ class HttpConnection:
     async def receive_data(self, what: str) -> bytes | None:
         """The next piece of the body as it arrives; None at its end."""
         while True:
-            event = self._next_event(what)
+            event = self._next_event(what, "mid-answer")
             if isinstance(event, h11.Data):
                 return bytes(event.data)
             if isinstance(event, h11.EndOfMessage):
@@ -210,12 +210,12 @@ class HttpConnection:
             else:
                 raise Broken(f"{what} on {self.endpoint}: the connection closed")
 
-    def _next_event(self, what: str) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+    def _next_event(self, what: str, closed: str) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
         try:
             return self._h11.next_event()
         except h11.RemoteProtocolError as exc:
             if self._eof:
-                raise Broken(f"{what} on {self.endpoint}: the connection closed mid-answer") from None
+                raise Broken(f"{what} on {self.endpoint}: the connection closed {closed}") from None
             raise EtcdBadResponse(f"{what} on {self.endpoint}: not HTTP/1.1: {show(str(exc))}") from None
         except ValueError as exc:  # h11 converts Content-Length with int(), which has a digit limit
             raise EtcdBadResponse(f"{what} on {self.endpoint}: not HTTP/1.1: {show(str(exc))}") from None
