@@ -93,7 +93,7 @@ async def start(nursery: trio.Nursery, handler: Handler | None = None) -> StandI
     return stand_in
 
 
-def client_for(*endpoints: str, timeout: float = 2) -> EtcdClient:
+def client_for(*endpoints: str, timeout: float = 1) -> EtcdClient:
     return EtcdClient(list(endpoints), timeout=timeout, max_response=LIMIT, max_watch_line=LIMIT)
 
 
@@ -215,6 +215,9 @@ WATCHES = [
     ("refused", reply(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 62\r\n\r\n"
                       b'{"error":"unexpected EOF","message":"unexpected EOF","code":2}'), EtcdError),
     ("ends after created, every time", watch_stream(CREATED, close=True), EtcdUnreachable),
+    ("ends after created twice, every time", watch_stream(CREATED, CREATED, close=True), EtcdUnreachable),
+    ("ends after stale progress, every time", watch_stream(CREATED, CREATED.replace(b',"created":true', b""),
+                                                           close=True), EtcdUnreachable),
 ]  # fmt: skip
 
 
@@ -229,7 +232,7 @@ async def test_a_broken_watch_stream_is_one_etcd_error(case: str, handler: Handl
                     async with client.watch("/p/", 1) as watch:
                         async for _ in watch:
                             pass  # pragma: no cover
-            if case.startswith("ends after created"):
+            if case.startswith("ends after"):
                 assert stand_in.connections == 1 + MAX_RESTARTS  # restarted, then gave up
             nursery.cancel_scope.cancel()
 

@@ -18,8 +18,9 @@ How a watch ends, each time closing its socket before the exception leaves:
 - The stream broke, etcd said it is unavailable (a SIGTERM'd member sends
   that as its last line), or refused the token: the watch opens a new stream
   from `next_revision` by itself (any endpoint, token fetched again). After
-  `MAX_RESTARTS` restarts in a row with nothing received in between, or
-  when no endpoint answers at all, the last error is raised.
+  `MAX_RESTARTS` restarts in a row with no news in between (an event, or a
+  progress notification that moves `next_revision`), or when no endpoint
+  answers at all, the last error is raised.
 - Cancellation, or `aclose()` (also what `async with` does on exit). A
   finished watch iterates no more: start a new one from `next_revision`.
 """
@@ -100,7 +101,6 @@ class Watch:
                 await self._start()
             else:
                 self._take(await self._next_message())
-                self._restarts = 0
         except (Broken, EtcdUnavailable, TokenRefused) as exc:
             await self._drop()
             if isinstance(exc, TokenRefused):
@@ -110,10 +110,13 @@ class Watch:
                 raise
 
     def _take(self, message: WatchMessage) -> None:
+        """Queue the events; only news (events, a progress notification that moves on) resets `_restarts`."""
         if message.events:
             self._events.extend(message.events)
-        elif not message.created:  # a progress notification: every change up to it was sent
-            self.next_revision = max(self.next_revision, message.revision + 1)
+            self._restarts = 0
+        elif not message.created and message.revision + 1 > self.next_revision:
+            self.next_revision = message.revision + 1  # a progress notification: all up to it was sent
+            self._restarts = 0
 
     async def _start(self) -> None:
         call = watch_call(self._key, prefix=self._prefix, start_revision=self.next_revision)
