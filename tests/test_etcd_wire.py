@@ -1,4 +1,4 @@
-"""The sans-IO half of the etcd client (trioanubis/cluster/wire.py): calls built, answers parsed.
+"""The sans-IO half of the etcd client: calls built (calls.py), answers read (reading.py, answers.py).
 
 The answers below are what etcd 3.4.23 sent (captured with curl); the fuzz
 tests throw bytes, deep JSON, huge numbers, wrong types and bad base64 at
@@ -16,6 +16,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from trioanubis.cluster.answers import (
+    EventKind,
+    error_from,
+    parse_delete,
+    parse_grant,
+    parse_keep_alive,
+    parse_range,
+    parse_revision,
+    parse_token,
+    parse_txn,
+    parse_watch_line,
+)
+from trioanubis.cluster.calls import Compare, Delete, Get, Put, prefix_end, range_call, txn_call, watch_call
 from trioanubis.cluster.errors import (
     EtcdAuthError,
     EtcdBadResponse,
@@ -27,30 +40,7 @@ from trioanubis.cluster.errors import (
     TokenRefused,
 )
 from trioanubis.cluster.http import parse_endpoint
-from trioanubis.cluster.wire import (
-    MAX_DEPTH,
-    Compare,
-    Delete,
-    EventKind,
-    Get,
-    Lines,
-    Put,
-    error_from,
-    load_json,
-    parse_delete,
-    parse_grant,
-    parse_keep_alive,
-    parse_range,
-    parse_revision,
-    parse_token,
-    parse_txn,
-    parse_watch_line,
-    prefix_end,
-    range_call,
-    too_deep,
-    txn_call,
-    watch_call,
-)
+from trioanubis.cluster.reading import MAX_DEPTH, Lines, load_json, too_deep
 
 HEADER = ('"header":{"cluster_id":"15118495548433857066","member_id":"13668033151171901709",'
           '"revision":"%d","raft_term":"2"}')

@@ -3,7 +3,7 @@
 Theory of operation: nothing else escapes the cluster package. The socket
 boundary (`http.py`) turns `OSError`, `ssl.SSLError`, Trio's broken-stream
 errors and h11's protocol errors into `EtcdUnreachable` (never connected, or
-the connection broke); the parser (`wire.py`) turns anything malformed,
+the connection broke); the reader (`reading.py`) turns anything malformed,
 oversized or of the wrong type into `EtcdBadResponse`; an error etcd itself
 answered becomes the class that says what to do about it:
 

@@ -1,9 +1,9 @@
 """The etcd v3 client: keys, transactions, leases and watches, under Trio.
 
 Theory of operation: `EtcdClient` is a thin typed shell. Each method builds
-its call (`wire.py`), has the `Session` deliver it (endpoints in order,
+its call (`calls.py`), has the `Session` deliver it (endpoints in order,
 kept-alive connection, auth token, timeout: `session.py`), and parses the
-answer back into a record (`wire.py`). `watch` hands back a `Watch` that owns
+answer back into a record (`answers.py`). `watch` hands back a `Watch` that owns
 a connection of its own (`watch.py`). Whatever goes wrong is one `EtcdError`
 subclass (`errors.py`); arguments out of range are `ValueError` at once.
 
@@ -32,7 +32,7 @@ Usage:
 
 Limits: each attempt (connect, request, whole answer) within `timeout`; a
 unary answer at most `max_response` bytes, a watch line at most
-`max_watch_line`; JSON at most `wire.MAX_DEPTH` deep.
+`max_watch_line`; JSON at most `reading.MAX_DEPTH` deep.
 """
 
 from __future__ import annotations
@@ -41,35 +41,37 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Final, TypeVar, final
 
-from trioanubis.cluster.errors import EtcdLeaseExpired
-from trioanubis.cluster.http import Endpoint, parse_endpoint
-from trioanubis.cluster.session import Limits, Session
-from trioanubis.cluster.watch import Watch
-from trioanubis.cluster.wire import (
-    INT64_MAX,
-    Call,
-    Compare,
+from trioanubis.cluster.answers import (
     Deleted,
     GetResult,
     Lease,
-    Op,
-    Put,
     TxnResult,
-    as_bytes,
-    delete_call,
-    grant_call,
-    keep_alive_call,
     parse_delete,
     parse_grant,
     parse_keep_alive,
     parse_range,
     parse_revision,
     parse_txn,
+)
+from trioanubis.cluster.calls import (
+    Call,
+    Compare,
+    Op,
+    Put,
+    as_bytes,
+    delete_call,
+    grant_call,
+    keep_alive_call,
     put_call,
     range_call,
     revoke_call,
     txn_call,
 )
+from trioanubis.cluster.errors import EtcdLeaseExpired
+from trioanubis.cluster.http import Endpoint, parse_endpoint
+from trioanubis.cluster.reading import INT64_MAX
+from trioanubis.cluster.session import Limits, Session
+from trioanubis.cluster.watch import Watch
 from trioanubis.tls.context import client_context
 
 # A request answered within this on a healthy cluster; a dead member costs this per call tried.

@@ -32,8 +32,8 @@ from urllib.parse import urlsplit
 import h11
 import trio
 
+from trioanubis.cluster.calls import Call
 from trioanubis.cluster.errors import EtcdBadResponse, EtcdUnreachable, show
-from trioanubis.cluster.wire import Call
 
 # The most of an answer's status line and headers (etcd's are ~350 bytes).
 MAX_HEAD: Final = 16384
@@ -131,21 +131,21 @@ class HttpConnection:
             tcp = await trio.open_tcp_stream(endpoint.host, endpoint.port)
         except OSError as exc:
             raise Unsent(f"{endpoint}: {_reason(exc)}") from exc
-        if keep_alive:
-            _keep_alive(tcp)
-        if not endpoint.tls:
-            return cls(endpoint, tcp, tcp)
-        assert context is not None, "an https endpoint always has a context"
-        tls = trio.SSLStream(tcp, context, server_hostname=endpoint.host, https_compatible=True)
         try:
+            if keep_alive:
+                _keep_alive(tcp)
+            if not endpoint.tls:
+                return cls(endpoint, tcp, tcp)
+            assert context is not None, "an https endpoint always has a context"
+            tls = trio.SSLStream(tcp, context, server_hostname=endpoint.host, https_compatible=True)
             await tls.do_handshake()
+            return cls(endpoint, tls, tcp)
         except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
             await trio.aclose_forcefully(tcp)
             raise Unsent(f"{endpoint}: {_reason(exc)}") from exc
         except BaseException:
             await trio.aclose_forcefully(tcp)
             raise
-        return cls(endpoint, tls, tcp)
 
     def fresh(self) -> bool:
         """Whether the connection can carry another request: both sides done, nothing unasked to read."""

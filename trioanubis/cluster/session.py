@@ -39,9 +39,10 @@ from typing import Final, TypeVar, final
 
 import trio
 
+from trioanubis.cluster.answers import error_from, parse_token
+from trioanubis.cluster.calls import Call, authenticate_call
 from trioanubis.cluster.errors import EtcdError, EtcdTimeout, EtcdUnavailable, EtcdUnreachable, TokenRefused
 from trioanubis.cluster.http import Broken, Endpoint, HttpConnection, Unsent
-from trioanubis.cluster.wire import Call, authenticate_call, error_from, parse_token
 
 # Idle kept-alive connections: one serves callers taking turns; a second spares a new connect
 # when two tasks overlap now and then (a keep-alive loop and a read).

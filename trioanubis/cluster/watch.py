@@ -2,7 +2,7 @@
 
 Theory of operation: a `Watch` owns one connection of its own (`Session.open_stream`,
 TCP keepalive on) carrying one `/v3/watch` stream, and reads it line by line
-(`wire.Lines`, each line at most `max_watch_line` bytes). It starts when first
+(`reading.Lines`, each line at most `max_watch_line` bytes). It starts when first
 iterated; etcd's first line says `created`, within the client's timeout.
 
 `next_revision` is where a new watch would resume: the revision after the
@@ -33,10 +33,12 @@ from typing import Final, final
 
 import trio
 
+from trioanubis.cluster.answers import Event, WatchMessage, parse_watch_line
+from trioanubis.cluster.calls import watch_call
 from trioanubis.cluster.errors import EtcdBadResponse, EtcdTimeout, EtcdUnavailable, TokenRefused
 from trioanubis.cluster.http import Broken, HttpConnection
+from trioanubis.cluster.reading import Lines
 from trioanubis.cluster.session import Session
-from trioanubis.cluster.wire import Event, Lines, WatchMessage, parse_watch_line, watch_call
 
 # New streams in a row with nothing received beyond `created` before the watch gives up:
 # enough to ride out a member stopping (the next endpoint takes over), few enough that a
