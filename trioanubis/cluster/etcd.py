@@ -8,8 +8,9 @@ a connection of its own (`watch.py`). Whatever goes wrong is one `EtcdError`
 subclass (`errors.py`); arguments out of range are `ValueError` at once.
 
 Why etcd's JSON gateway over HTTP/1.1, with h11 (a dependency already):
-- The `etcd3` package on PyPI is unmaintained and breaks with protobuf 4+,
-  and gRPC's Python runtime has no Trio support (it brings its own event
+- The `etcd3` package on PyPI is unmaintained: its last release (0.12.0)
+  fails at import with protobuf 4+ (kragniz/python-etcd3 #1957, #2709, open
+  since 2022). gRPC's Python runtime has no Trio support (it brings its own event
   loop or threads), so the gRPC API itself is out of reach without a thread
   per call or a hand-written HTTP/2 + protobuf stack.
 - Every etcd since 3.4 serves the same API as JSON on its client port

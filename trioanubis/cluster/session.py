@@ -65,6 +65,8 @@ def _headers(token: str | None) -> list[tuple[str, str]]:
 
 @final
 class Session:
+    """The shared part of one client: endpoints, kept connections, token. See the module docstring."""
+
     def __init__(self, endpoints: Sequence[Endpoint], context: ssl.SSLContext | None,
                  credentials: tuple[str, str] | None, limits: Limits) -> None:  # fmt: skip
         self.endpoints = tuple(endpoints)
