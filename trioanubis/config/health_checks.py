@@ -14,12 +14,12 @@ from typing import Any
 
 from trioanubis.config.checks import check_header_host, check_header_path, check_host_name, ip_address_or_none
 from trioanubis.config.model import (
-    AgentConfig,
     EXPECT_BYTES,
     HEALTH_CHECKS,
     PARSED,
     PROTOCOL_CHECKS,
     SERVER_FIRST,
+    AgentConfig,
     HealthConfig,
 )
 from trioanubis.config.node import Node
