@@ -117,6 +117,8 @@ COMPANIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("pools.*.health", "expect_bytes"): {"check": "send_expect", "send": "p", "expect": "p"},
     ("faults", "jitter"): {"latency": "60s"},
     ("faults", "slice_delay"): {"slice": 1},
+    ("pools.*", "balance_factor"): {"strategy": "source_hash"},
+    ("pools.*.health.agent", "timeout"): {"interval": "1h"},
 }
 # A replica that listens on its port until it is stopped, in a few MB: the spawn keys run for real.
 REPLICA = [sys.executable, "-S", "-c",
@@ -146,6 +148,9 @@ def place(table: str, key: str, value: object, server: str = "127.0.0.1:9") -> t
     elif table == "pools.*.spawn":
         where, path = {"command": REPLICA}, "pools.p.spawn"
         pool["spawn"] = where
+    elif table == "pools.*.health.agent":
+        where, path = {"port": 9}, "pools.p.health.agent"
+        pool["health"]["agent"] = where
     else:
         assert table == "faults", table
         where, path = pool.setdefault("faults", {}), "pools.p.faults"
@@ -160,6 +165,7 @@ def parsed(config: Config, table: str, key: str) -> Any:
     record: Any = {
         "settings": config.settings, "listeners.*": config.listeners["l"], "pools.*": pool,
         "pools.*.health": pool.health, "pools.*.spawn": pool.spawn, "faults": pool.faults,
+        "pools.*.health.agent": pool.health.agent,
         "pools.*.servers[]": pool.discovery[0] if key == "refresh" else pool.servers[0],
     }[table]  # fmt: skip
     value = getattr(record, key)

@@ -287,7 +287,7 @@ def test_a_bound_never_refuses_a_usable_server() -> None:
 
 
 @pytest.mark.parametrize(("value", "message"), [
-    (0.5, "from 1 to 100"), (101, "from 1 to 100"), (float("nan"), "from 1 to 100"),
+    (0.5, "from 1 to 100"), (101, "from 0 to 100"), (float("nan"), "from 0 to 100"),
     ("1.25", "must be a number"), (True, "must be a number"),
 ])  # fmt: skip
 def test_balance_factor_out_of_range_names_the_key(value: object, message: str) -> None:
