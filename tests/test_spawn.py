@@ -335,12 +335,13 @@ async def test_the_reference_config_with_the_new_keys_uncommented_checks_and_run
     else:  # Python 3.10: tomli, as config.py uses
         import tomli as tomllib
 
-    lines = (ROOT / "anubis.toml").read_text().splitlines()
-    text = "\n".join(
-        line[2:] if any(line.startswith(f"# {key} ") or line == f"# {key}" for key in NEW_REFERENCE_KEYS)
-        else line
-        for line in lines
-    ).replace('":8000"', '"127.0.0.1:0"').replace('"127.0.0.1:9900"', '"127.0.0.1:0"')  # fmt: skip
+    lines, out, table = (ROOT / "anubis.toml").read_text().splitlines(), [], ""
+    for line in lines:  # uncommented only in the tables they belong to: [pools.web] and its spawn
+        if header := re.match(r"#? ?\[([\w.]+)\]", line):
+            table = header.group(1)
+        new = any(line.startswith(f"# {key} ") or line == f"# {key}" for key in NEW_REFERENCE_KEYS)
+        out.append(line[2:] if new and table in ("pools.web", "pools.web.spawn") else line)
+    text = "\n".join(out).replace('":8000"', '"127.0.0.1:0"').replace('"127.0.0.1:9900"', '"127.0.0.1:0"')  # fmt: skip
     data = tomllib.loads(text)
     config = parse_config(data, str(ROOT / "anubis.toml"))
     spawn = config.pools["web"].spawn
