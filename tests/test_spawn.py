@@ -341,7 +341,8 @@ async def test_the_reference_config_with_the_new_keys_uncommented_checks_and_run
             table = header.group(1)
         new = any(line.startswith(f"# {key} ") or line == f"# {key}" for key in NEW_REFERENCE_KEYS)
         out.append(line[2:] if new and table in ("pools.web", "pools.web.spawn") else line)
-    text = "\n".join(out).replace('":8000"', '"127.0.0.1:0"').replace('"127.0.0.1:9900"', '"127.0.0.1:0"')  # fmt: skip
+    text = "\n".join(out).replace('":8000"', '"127.0.0.1:0"')
+    text = text.replace('"127.0.0.1:9900"', '"127.0.0.1:0"')
     data = tomllib.loads(text)
     config = parse_config(data, str(ROOT / "anubis.toml"))
     spawn = config.pools["web"].spawn
