@@ -57,6 +57,7 @@ def test_a_minimal_config_gets_the_documented_defaults(tmp_path: Path) -> None:
     assert [(s.name, s.weight) for s in pool.servers] == [("127.0.0.1:9001", 1), ("web2", 2)]
     assert (pool.strategy, pool.connect_timeout, pool.idle_timeout) == ("round_robin", 3.0, 600.0)
     assert config.settings.drain_timeout == 30.0
+    assert config.settings.shutdown_delay == 0.0
     assert pool.health.check == "tcp" and pool.health.rise == 2 and pool.health.fall == 3
 
 
@@ -246,6 +247,9 @@ HOSTILE = [
      "pools.web.health.timeout: must be a finite duration, got inf"),
     ("[pools.web]", "[settings]\ndrain_timeout = nan\n[pools.web]",
      "settings.drain_timeout: must be a finite duration, got nan"),
+    ("[pools.web]", '[settings]\nshutdown_delay = "11m"\n[pools.web]',
+     'settings.shutdown_delay: must be a duration from 0 to 10m, got "11m"'),
+    ("[pools.web]", "[settings]\nshutdown_delay = -1\n[pools.web]", "settings.shutdown_delay: must not be negative"),
     ("[pools.web]", "[pools.web]\nconnect_timeout = nan", "pools.web.connect_timeout: must be a finite"),
     ("[pools.web]", "[pools.web]\nidle_timeout = -inf", "pools.web.idle_timeout: must be a finite"),
     ("[pools.web]", f'[pools.web]\nfailover_timeout = "{"9" * 400}s"',
@@ -461,6 +465,7 @@ def config_dicts(draw: st.DrawFn) -> dict[str, Any]:
     _maybe(draw, pool, "resolver", mix(["", "127.0.0.1", "[::1]:5353"], ["localhost", "a..b", "1.2.3.4:0"]))
     settings_: dict[str, Any] = {}
     _maybe(draw, settings_, "drain_timeout", DURATIONS)
+    _maybe(draw, settings_, "shutdown_delay", mix(["0s", "250ms", "10m", 0], ["10m1s", -1, math.nan, "x"]))
     _maybe(draw, settings_, "log_format", mix(["text", "json"], ["xml"]))
     _maybe(draw, settings_, "access_log", mix([True, False], ["yes"]))
     _maybe(draw, settings_, "max_connections", mix(POSITIVE_INTS, [-1]))

@@ -269,6 +269,7 @@ class AdminConfig:
 @dataclass(frozen=True, slots=True)
 class Settings:
     drain_timeout: float = 30.0
+    shutdown_delay: float = 0.0  # after SIGTERM, keep accepting (not ready) this long, then drain
     log_format: LogFormat = "text"
     access_log: bool = True
     pid_file: str = ""
@@ -663,10 +664,11 @@ def parse_config(
 def _parse_settings(node: _Node) -> Settings:
     node.check_keys(
         ("drain_timeout", "log_format", "access_log", "pid_file", "resolver", "max_connections", "io",
-         "workers")
+         "workers", "shutdown_delay")
     )
     return Settings(
         drain_timeout=node.duration("drain_timeout", 30.0),
+        shutdown_delay=_shutdown_delay(node),
         log_format=node.choice("log_format", "text", ("text", "json")),  # type: ignore[arg-type]
         access_log=node.boolean("access_log", True),
         pid_file=node.string("pid_file", ""),
@@ -675,6 +677,19 @@ def _parse_settings(node: _Node) -> Settings:
         io=_io(node),
         workers=_workers(node),
     )
+
+
+# A shutdown_delay longer than this is a typo: it only has to outlast the time an orchestrator
+# takes to stop sending new connections (seconds), well inside a grace period.
+MAX_SHUTDOWN_DELAY = 600.0
+
+
+def _shutdown_delay(node: _Node) -> float:
+    """`shutdown_delay`: from 0 to 10m."""
+    seconds = node.duration("shutdown_delay", 0.0)
+    if seconds > MAX_SHUTDOWN_DELAY:
+        raise node.error("must be a duration from 0 to 10m", node.data["shutdown_delay"], "shutdown_delay")
+    return seconds
 
 
 # More worker processes than this is a typo, not a machine.
