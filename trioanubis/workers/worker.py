@@ -187,17 +187,18 @@ class Worker:
         elif kind == "ask":
             self.post({"t": "answer", "id": message["id"], "value": self._answer(str(message["what"]))})
         elif kind == "stop":
-            self.stop(now=bool(message.get("now")))
+            self.stop(now=bool(message.get("now")), delay=bool(message.get("delay", True)))
         else:
             raise ValueError(f"unknown message type {kind!r}")
 
-    def stop(self, *, now: bool = False) -> None:
-        """Drain (again: nothing more), or with `now` cut every connection at once."""
+    def stop(self, *, now: bool = False, delay: bool = True) -> None:
+        """Drain (after shutdown_delay unless `delay` is False; again: nothing more), or with `now`
+        cut every connection at once."""
         balancer = self.balancer
         if balancer is None:
             return
         if not balancer.draining:
-            balancer.shutdown()
+            balancer.shutdown(delay=delay)
         if now:
             balancer.shutdown()  # the second call cancels everything
 
