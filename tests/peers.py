@@ -1,4 +1,4 @@
-"""Real peers (HAProxy, nginx, dnsmasq, openssl, curl, Chromium, tmux, redis, PostgreSQL) for tests.
+"""Real peers (HAProxy, nginx, dnsmasq, openssl, curl, Chromium, tmux, redis, PostgreSQL, systemd) for tests.
 
 A test that talks to a peer asks for it with `need("haproxy")`. Locally a missing peer skips the test
 with a message that says how to install it; under CI (`CI=true`), where `.ci/run` installs every peer,
@@ -28,6 +28,8 @@ PACKAGES = {
     "pg_ctl": "postgresql",
     "h2load": "nghttp2-client",
     "wrk": "wrk",
+    "systemd-socket-activate": "systemd",
+    "systemd-analyze": "systemd",
 }
 
 # Debian keeps PostgreSQL's server programs out of PATH.

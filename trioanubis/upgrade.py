@@ -87,28 +87,34 @@ class SocketBook:
     `open_listener` and `open_admin` are the Balancer's `open_socket` and
     `open_admin` hooks: an adopted socket is given to the listener whose name
     it carries (or, unnamed, by order), once; anything else is bound as usual.
+    The hook learns only the bind it opens, so two listeners written with the
+    same bind (port 0 twice) take theirs in the order they open, which is the
+    config's.
     """
 
     def __init__(self, inherited: Sequence[tuple[str, socket.socket]], config: Config) -> None:
-        self._waiting: dict[Address, socket.socket] = {}  # by the listener's configured bind
+        self._waiting: dict[Address, list[socket.socket]] = {}  # by configured bind, in listener order
         self._admin_waiting: list[socket.socket] = []
         self._listening: dict[tuple[str, int], socket.socket] = {}  # by the address it is bound to
         self._admin: list[trio.socket.SocketType] = []
         taken, unused = assign(list(config.listeners), [name for name, _ in inherited], (ADMIN_FD_NAME,))
-        for name, indices in taken.items():
-            socks = [inherited[i][1] for i in indices]
-            if name in config.listeners:
-                self._waiting[config.listeners[name].bind] = socks[0]
+        for name, listener in config.listeners.items():  # in config order: the order they open
+            socks = [inherited[i][1] for i in taken.get(name, [])]
+            if socks:
+                self._waiting.setdefault(listener.bind, []).append(socks[0])
                 close_unused(socks[1:], f"listener {name} takes one socket")
-            elif config.admin is not None:
-                self._admin_waiting = socks
-            else:
-                close_unused(socks, "the config has no [admin]")
+        admin_indices = [] if ADMIN_FD_NAME in config.listeners else taken.get(ADMIN_FD_NAME, [])
+        admin = [inherited[i][1] for i in admin_indices]  # (a listener of that name took them above)
+        if config.admin is not None:
+            self._admin_waiting = admin
+        else:
+            close_unused(admin, "the config has no [admin]")
         close_unused([inherited[i][1] for i in unused], "no listener of the config has its name")
 
     async def open_listener(self, bind: Address, backlog: int) -> socket.socket:
         """The adopted socket for `bind`'s listener, else a new one."""
-        sock = self._waiting.pop(bind, None)
+        waiting = self._waiting.get(bind)
+        sock = waiting.pop(0) if waiting else None
         if sock is None:
             sock = await open_listen_socket(bind, backlog)
         else:
@@ -140,12 +146,10 @@ class SocketBook:
         return fds
 
 
-def _log_adopted(sock: socket.socket, bind: Address, what: str = "") -> None:
+def _log_adopted(sock: socket.socket, bind: Address, what: str = "listener") -> None:
     host, port = sock.getsockname()[:2]
-    where = Address(host, port)
-    differs = "" if where.port == bind.port or bind.port == 0 else f", not its bind {bind}"
-    log.info("%s: listening on the inherited socket %s%s", what or "listener for " + str(bind), where,
-             differs)  # fmt: skip
+    log.info("%s bind %s: taking the inherited socket on %s (descriptor %d)", what, bind,
+             Address(host, port), sock.fileno())  # fmt: skip
 
 
 def split_admin(inherited: Sequence[tuple[str, socket.socket]],
