@@ -287,3 +287,44 @@ async def worker_pids(supervisor: int, count: int) -> list[int]:
     path = Path(f"/proc/{supervisor}/task/{supervisor}/children")
     await wait_until(lambda: len(path.read_text().split()) == count)
     return [int(pid) for pid in path.read_text().split()]
+
+
+# ---------------------------------------------------------------- unit files
+
+
+def test_the_unit_files_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    analyze = need("systemd-analyze")
+    for unit in ("anubis.service", "anubis.socket"):  # the ExecStart path made to exist here
+        text = (ROOT / "deploy" / "systemd" / unit).read_text()
+        (tmp_path / unit).write_text(text.replace("/usr/local/bin/anubis", ANUBIS))
+    units = [str(tmp_path / "anubis.service"), str(tmp_path / "anubis.socket")]
+    result = subprocess.run([analyze, "verify", *units], capture_output=True, text=True, timeout=60,
+                            cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+
+
+def unit(name: str) -> dict[str, dict[str, list[str]]]:
+    """A unit file's sections → key → values (a key may repeat)."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] = {}
+    for line in (ROOT / "deploy" / "systemd" / name).read_text().splitlines():
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[]"), {})
+        elif "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            current.setdefault(key, []).append(value)
+    return sections
+
+
+def test_the_service_is_type_notify_reloads_with_sighup_and_is_hardened() -> None:
+    service = unit("anubis.service")["Service"]
+    assert service["Type"] == ["notify"] and service["NotifyAccess"] == ["main"]
+    assert service["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert service["ExecStart"][0].split()[1:3] == ["run", "-c"]
+    for key in ("NoNewPrivileges", "ProtectSystem", "PrivateTmp", "DynamicUser", "RestrictAddressFamilies",
+                "SystemCallFilter", "CapabilityBoundingSet"):  # fmt: skip
+        assert key in service, key
+    socket_unit = unit("anubis.socket")
+    assert socket_unit["Socket"]["Service"] == ["anubis.service"]
+    assert socket_unit["Socket"]["FileDescriptorName"] == ["web"]  # a listener of the shipped config
+    assert "[listeners.web]" in (ROOT / "anubis.toml").read_text()
