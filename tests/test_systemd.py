@@ -226,6 +226,7 @@ async def test_socket_activated_anubis_serves_on_the_passed_socket_and_notifies_
                 await echo_round_trip(Address("127.0.0.1", passed), b"after the reload")  # the same socket
                 process.send_signal(signal.SIGTERM)
                 assert (await notifications.next())["STOPPING"] == "1"
+                await process.wait()  # (a second SIGTERM at the end would race its exit)
 
 
 async def test_unnamed_sockets_go_to_the_listeners_in_order_and_a_stray_name_is_closed(
@@ -279,6 +280,7 @@ async def test_workers_share_the_passed_socket_and_the_supervisor_notifies(
                 assert (await notifications.next())["READY"] == "1"
                 process.send_signal(signal.SIGTERM)
                 assert (await notifications.next())["STOPPING"] == "1"
+                await process.wait()  # (a second SIGTERM at the end would race its exit)
     assert len(notifications.seen) == 4  # nothing from the workers
 
 
