@@ -304,3 +304,24 @@ async def test_sigusr2_to_a_command_that_does_not_upgrade_is_ignored(tmp_path: P
         with trio.fail_after(EVENTUALLY):
             await proxy.wait()
     assert proxy.returncode == 0
+
+
+async def test_a_stop_during_an_upgrade_stops_the_new_process_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    child = await trio.lowlevel.open_process([sys.executable, "-c", "import time; time.sleep(60)"])
+    state = {"stopping": False, "stepped_down": False}
+
+    async def started(sockets: object) -> int:
+        state["stopping"] = True  # SIGTERM arrived while the new process was starting
+        return child.pid
+
+    def step_down() -> None:
+        state["stepped_down"] = True
+
+    monkeypatch.setattr(upgrade, "start_successor", started)
+    upgrader = upgrade.Upgrader(lambda: [], step_down, lambda: state["stopping"])
+    await upgrader.upgrade()
+    with trio.fail_after(EVENTUALLY):
+        await child.wait()
+    assert child.returncode == -signal.SIGTERM and not state["stepped_down"]
+    await upgrader.upgrade()  # and a SIGUSR2 while stopping is ignored
+    assert not state["stepped_down"]

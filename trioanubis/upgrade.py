@@ -199,6 +199,11 @@ class Upgrader:
             return
         finally:
             self.busy = False
+        if self.stopping():  # a stop came while the new process started: it stops too
+            log.warning("upgrade: this process was told to stop meanwhile; stopping the new one (pid %d) "
+                        "as well", pid)  # fmt: skip
+            os.kill(pid, signal.SIGTERM)
+            return
         log.info("upgrade: pid %d serves now; this process (pid %d) stops accepting and drains",
                  pid, os.getpid())  # fmt: skip
         systemd.notify(f"MAINPID={pid}", "READY=1", f"STATUS=upgraded: pid {pid} took over")

@@ -173,7 +173,7 @@ class Supervisor:
                     log.info("%d workers serving (listeners: %s)", len(self.slots), ", ".join(
                         f"{name} {held.mode.replace('_', ' ')}" for name, held in self.holds.held.items()))
                     task_status.started({n: _address(b) for n, b in binds.items()})
-                self.view.shutdown()
+                self.view.shutdown(delay=False)  # the workers had the shutdown_delay
                 await self.view.stopped.wait()
                 root.cancel_scope.cancel()
         finally:
