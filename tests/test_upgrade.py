@@ -64,6 +64,13 @@ def gone(pid: int) -> bool:
         return True
 
 
+def ignores(pid: int, signum: int) -> bool:
+    """Whether process `pid` ignores `signum` (/proc's SigIgn mask)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:")), 16)
+    return bool(mask & (1 << (signum - 1)))
+
+
 class Clients:
     """Client loops: echo round trips back to back, one connection each; every failure is kept."""
 
@@ -109,6 +116,8 @@ async def upgrade_under_load(tmp_path: Path, nursery: trio.Nursery, workers: int
         if workers > 1:
             await wait_for_log(log, f"{workers} workers serving")
         old_workers = [w["pid"] for w in (await admin_json(admin, "/stats")).get("workers", [])]
+        for pid in old_workers:  # `systemctl kill -s USR2` reaches them too: only the supervisor acts
+            assert ignores(pid, signal.SIGUSR2)
         held = await connect(address)  # open through the upgrade: the old process drains it
         await held.send_all(b"before")
         assert await held.receive_some(6) == b"before"
