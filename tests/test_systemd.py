@@ -134,6 +134,18 @@ def test_notify_to_a_socket_nobody_binds_is_logged_not_raised(
         systemd._Claimed.warned = False
 
 
+@given(st.one_of(st.text(max_size=300), st.text(max_size=300).map(lambda t: "/" + t),
+                 st.text(max_size=300).map(lambda t: "@" + t)))
+@settings(max_examples=300, deadline=None)
+def test_any_notify_socket_value_is_sent_to_or_logged_never_raised(value: str) -> None:
+    systemd._Claimed.path = value or None
+    try:
+        assert systemd.notify("READY=1", "STATUS=ü\x00") in (True, False)
+    finally:
+        systemd.release_notify()
+        systemd._Claimed.warned = False
+
+
 # --------------------------------------------------- systemd-socket-activate
 
 

@@ -177,10 +177,10 @@ def notify(*fields: str) -> bool:
         return False
     try:
         send_datagram(path, "\n".join(fields).encode("utf-8", errors="replace"))
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # (ValueError: should an address ever be refused as text)
         if not _Claimed.warned:
             _Claimed.warned = True
-            log.warning("systemd: cannot notify %s: %s (logged once)", path, exc.strerror or exc)
+            log.warning("systemd: cannot notify %r: %s (logged once)", path, exc)
         return False
     return True
 
