@@ -216,8 +216,9 @@ async def test_socket_activated_anubis_serves_on_the_passed_socket_and_notifies_
 ) -> None:
     backend = await start_backend(nursery, echo_handler)
     passed, configured = free_port(), free_port()  # the listener's own bind is not what it serves on
+    own = free_port()  # a listener with no socket passed binds its own, as usual
     config = tmp_path / "anubis.toml"
-    write_config(config, {"web": (configured, backend.address)})
+    write_config(config, {"web": (configured, backend.address), "other": (own, backend.address)})
     with trio.fail_after(3 * EVENTUALLY):  # one deadline for the whole conversation
         with notify_receiver(True, tmp_path) as (name, sock):
             notifications = Notifications(sock)
@@ -226,9 +227,11 @@ async def test_socket_activated_anubis_serves_on_the_passed_socket_and_notifies_
                 # the backlog and anubis, adopting the socket, serves it.
                 await echo_round_trip(Address("127.0.0.1", passed), b"first")
                 ready = await notifications.next()
-                assert ready == {"READY": "1", "STATUS": f"serving on web 127.0.0.1:{passed}"}
+                status = f"serving on web 127.0.0.1:{passed}, other 127.0.0.1:{own}"
+                assert ready == {"READY": "1", "STATUS": status}
                 assert listening_inodes(passed) == {socket_inode(process.pid, 3)}  # no second socket bound
                 assert listening_inodes(configured) == set()
+                await echo_round_trip(Address("127.0.0.1", own), b"on its own bind")
                 log = (tmp_path / "anubis.log").read_text()
                 assert f"taking the inherited socket on 127.0.0.1:{passed} (descriptor 3)" in log
                 process.send_signal(signal.SIGHUP)
