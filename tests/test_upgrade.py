@@ -334,3 +334,17 @@ async def test_a_stop_during_an_upgrade_stops_the_new_process_too(monkeypatch: p
     assert child.returncode == -signal.SIGTERM and not state["stepped_down"]
     await upgrader.upgrade()  # and a SIGUSR2 while stopping is ignored
     assert not state["stepped_down"]
+
+
+async def test_an_upgrade_that_runs_out_of_descriptors_is_logged_and_the_process_serves_on(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def no_pipe() -> tuple[int, int]:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(os, "pipe", no_pipe)
+    stepped_down = []
+    upgrader = upgrade.Upgrader(lambda: [], lambda: stepped_down.append(1), lambda: False)
+    await upgrader.upgrade()  # nothing raised into the caller's nursery
+    assert not stepped_down and not upgrader.busy
+    assert "upgrade failed, this process" in caplog.text and "Too many open files" in caplog.text

@@ -194,7 +194,7 @@ class Upgrader:
         try:
             log.info("received SIGUSR2: starting the new executable on %s", " ".join(successor_argv()))
             pid = await start_successor(self.sockets())
-        except UpgradeFailed as exc:
+        except (UpgradeFailed, OSError) as exc:  # OSError: out of descriptors for the pipe, say
             log.error("upgrade failed, this process (pid %d) serves on: %s", os.getpid(), exc)
             return
         finally:
