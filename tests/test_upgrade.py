@@ -8,6 +8,8 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +73,21 @@ def ignores(pid: int, signum: int) -> bool:
     return bool(mask & (1 << (signum - 1)))
 
 
+@asynccontextmanager
+async def upgradable(config: Path, log: Path, pid_file: Path) -> AsyncIterator[trio.Process]:
+    """`anubis run -c CONFIG`; at the end, whatever process the pid file names by then is stopped
+    too (an upgrade's new process is not our child, and a failed assertion must not leave it)."""
+    try:
+        async with process_logging_to([*ANUBIS, "run", "-c", str(config)], log) as old:
+            yield old
+    finally:
+        new = read_pid(pid_file)
+        if new is not None and not gone(new):
+            os.kill(new, signal.SIGTERM)
+            with trio.move_on_after(EVENTUALLY):
+                await wait_until(lambda: gone(new))
+
+
 class Clients:
     """Client loops: echo round trips back to back, one connection each; every failure is kept."""
 
@@ -111,7 +128,7 @@ async def upgrade_under_load(tmp_path: Path, nursery: trio.Nursery, workers: int
     pid_file = write_config(config, port, admin, backend.address, workers=workers)
     log = tmp_path / "anubis.log"
     address = Address("127.0.0.1", port)
-    async with process_logging_to([*ANUBIS, "run", "-c", str(config)], log) as old:
+    async with upgradable(config, log, pid_file) as old:
         await wait_until(lambda: read_pid(pid_file) == old.pid)
         if workers > 1:
             await wait_for_log(log, f"{workers} workers serving")
@@ -178,7 +195,7 @@ async def test_an_upgrade_whose_new_process_cannot_start_leaves_the_old_one_serv
     pid_file = write_config(config, port, admin, backend.address)
     log = tmp_path / "anubis.log"
     address = Address("127.0.0.1", port)
-    async with process_logging_to([*ANUBIS, "run", "-c", str(config)], log) as old:
+    async with upgradable(config, log, pid_file) as old:
         await wait_until(lambda: read_pid(pid_file) == old.pid)
         good = config.read_text()
         config.write_text(good.replace('pool = "web"', 'pool = "nowhere"'))  # invalid meanwhile
