@@ -345,12 +345,17 @@ async def test_a_stop_during_an_upgrade_stops_the_new_process_too(monkeypatch: p
 
     monkeypatch.setattr(upgrade, "start_successor", started)
     upgrader = upgrade.Upgrader(lambda: [], step_down, lambda: state["stopping"])
-    await upgrader.upgrade()
-    with trio.fail_after(EVENTUALLY):
-        await child.wait()
-    assert child.returncode == -signal.SIGTERM and not state["stepped_down"]
-    await upgrader.upgrade()  # and a SIGUSR2 while stopping is ignored
-    assert not state["stepped_down"]
+    try:
+        await upgrader.upgrade()
+        with trio.fail_after(EVENTUALLY):
+            await child.wait()
+        assert child.returncode == -signal.SIGTERM and not state["stepped_down"]
+        await upgrader.upgrade()  # and a SIGUSR2 while stopping is ignored
+        assert not state["stepped_down"]
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
 
 
 async def test_an_upgrade_that_runs_out_of_descriptors_is_logged_and_the_process_serves_on(
