@@ -6,10 +6,13 @@ import errno
 import gc
 import os
 import resource
+import signal
 import socket
 import struct
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -312,3 +315,43 @@ def standalone_relay(
 def relays(balancer: Balancer) -> list[Any]:
     """The relays of the balancer's connections that are relaying now (the Timer watches them)."""
     return [conn.relay for conn in balancer.timer.connections if conn.relay is not None]
+
+
+@asynccontextmanager
+async def process_logging_to(
+    command: list[str], log: Any, env: Mapping[str, str] | None = None
+) -> AsyncIterator[trio.Process]:
+    """Start `command` with stdout and stderr going to the file `log` (not a pipe: a process it
+    starts, an upgrade's successor, may outlive it and write on, and nobody has to read); SIGTERM it
+    at the end if it still runs, and wait for it."""
+    with open(log, "ab") as out:
+        process = await trio.lowlevel.open_process(command, stdin=subprocess.DEVNULL, stdout=out,
+                                                   stderr=out, env=env)  # fmt: skip
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+        with trio.fail_after(EVENTUALLY):
+            await process.wait()
+
+
+async def wait_for_log(log: Any, text: str, timeout: float = EVENTUALLY) -> str:
+    """The file `log`'s content once it contains `text`."""
+    with trio.fail_after(timeout):
+        while text not in (content := Path(log).read_text(errors="replace")):
+            await trio.sleep(0.02)
+    return content
+
+
+async def echo_round_trip(address: Address, payload: bytes) -> None:
+    """Connect, send `payload`, read it back whole, close; raises if refused, reset or short."""
+    async with await connect(address) as stream:
+        await stream.send_all(payload)
+        received = b""
+        while len(received) < len(payload):
+            data = await stream.receive_some(65536)
+            if not data:
+                raise AssertionError(f"echo ended after {len(received)} of {len(payload)} bytes")
+            received += data
+        assert received == payload

@@ -1,4 +1,5 @@
-"""Real peers (HAProxy, nginx, dnsmasq, openssl, curl, Chromium, tmux, redis, PostgreSQL, etcd) for tests.
+"""Real peers (HAProxy, nginx, dnsmasq, openssl, curl, Chromium, tmux, redis, PostgreSQL, etcd,
+systemd) for tests.
 
 A test that talks to a peer asks for it with `need("haproxy")`. Locally a missing peer skips the test
 with a message that says how to install it; under CI (`CI=true`), where `.ci/run` installs every peer,
@@ -30,6 +31,8 @@ PACKAGES = {
     "wrk": "wrk",
     "etcd": "etcd-server",
     "etcdctl": "etcd-client",
+    "systemd-socket-activate": "systemd",
+    "systemd-analyze": "systemd",
 }
 
 # Debian keeps PostgreSQL's server programs out of PATH.

@@ -58,7 +58,13 @@ def test_a_minimal_config_gets_the_documented_defaults(tmp_path: Path) -> None:
     assert [(s.name, s.weight) for s in pool.servers] == [("127.0.0.1:9001", 1), ("web2", 2)]
     assert (pool.strategy, pool.connect_timeout, pool.idle_timeout) == ("round_robin", 3.0, 600.0)
     assert config.settings.drain_timeout == 30.0
+    assert config.settings.shutdown_delay == 0.0
     assert pool.health.check == "tcp" and pool.health.rise == 2 and pool.health.fall == 3
+
+
+def test_shutdown_delay_takes_up_to_ten_minutes(tmp_path: Path) -> None:
+    text = GOOD.replace("[pools.web]", '[settings]\nshutdown_delay = "10m"\n[pools.web]', 1)
+    assert load_text(tmp_path, text).settings.shutdown_delay == 600.0
 
 
 def test_bad_weight_names_file_key_and_value(tmp_path: Path) -> None:
@@ -247,6 +253,10 @@ HOSTILE = [
      "pools.web.health.timeout: must be a finite duration from 1ms to 24h, got inf"),
     ("[pools.web]", "[settings]\ndrain_timeout = nan\n[pools.web]",
      "settings.drain_timeout: must be a finite duration from 0 to 24h, got nan"),
+    ("[pools.web]", '[settings]\nshutdown_delay = "10m1s"\n[pools.web]',
+     'settings.shutdown_delay: must be a duration from 0 to 10m, got "10m1s"'),
+    ("[pools.web]", "[settings]\nshutdown_delay = -1\n[pools.web]",
+     "settings.shutdown_delay: must be a duration from 0 to 10m, got -1"),
     ("[pools.web]", "[pools.web]\nconnect_timeout = nan", "pools.web.connect_timeout: must be a finite"),
     ("[pools.web]", "[pools.web]\nidle_timeout = -inf", "pools.web.idle_timeout: must be a finite"),
     ("[pools.web]", f'[pools.web]\nfailover_timeout = "{"9" * 400}s"',
@@ -462,6 +472,8 @@ def config_dicts(draw: st.DrawFn) -> dict[str, Any]:
     _maybe(draw, pool, "resolver", mix(["", "127.0.0.1", "[::1]:5353"], ["localhost", "a..b", "1.2.3.4:0"]))
     settings_: dict[str, Any] = {}
     _maybe(draw, settings_, "drain_timeout", DURATIONS)
+    # (short ones: the run below stops within its deadline, and the delay comes before the drain)
+    _maybe(draw, settings_, "shutdown_delay", mix(["0s", "50ms", 0, 0.1], ["10m1s", -1, math.nan, "x"]))
     _maybe(draw, settings_, "log_format", mix(["text", "json"], ["xml"]))
     _maybe(draw, settings_, "access_log", mix([True, False], ["yes"]))
     _maybe(draw, settings_, "max_connections", mix(POSITIVE_INTS, [-1]))

@@ -18,6 +18,7 @@ from tests.conftest import (
     connect,
     connect_when_listening,
     echo_handler,
+    echo_round_trip,
     ending,
     free_port,
     name_handler,
@@ -27,7 +28,7 @@ from tests.conftest import (
     start_backend,
     wait_until,
 )
-from tests.test_cli import anubis, run_cli
+from tests.test_cli import anubis, http_get, run_cli
 from trioanubis.app import Balancer
 from trioanubis.config import Address, load_config, parse_config
 from trioanubis.errors import AnubisError
@@ -379,3 +380,55 @@ async def test_access_log_off_logs_no_lines_but_still_counts(
             assert await request(address) == b"quiet"
             await wait_until(lambda: balancer.access.counts == {"client_eof": 1})
     assert not [r for r in caplog.records if r.name == "trioanubis.access"]
+
+
+def write_delayed(path: Path, port: int, admin: int, server: str, delay: str, workers: int = 1) -> None:
+    write_config(path, port, [server], shutdown_delay=delay, drain_timeout="1h", workers=workers)
+    path.write_text(path.read_text() + f'[admin]\nbind = "127.0.0.1:{admin}"\n')
+
+
+async def readyz(admin: int) -> int:
+    return int((await http_get(admin, "/readyz")).split()[1])
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_shutdown_delay_keeps_accepting_while_not_ready_and_a_second_signal_stops_at_once(
+    nursery: trio.Nursery, tmp_path: Path, workers: int
+) -> None:
+    backend = await start_backend(nursery, echo_handler)
+    port, admin = free_port(), free_port()
+    config = tmp_path / "anubis.toml"
+    write_delayed(config, port, admin, backend.address, "10m", workers)
+    async with anubis("run", "-c", str(config)) as process:
+        with trio.fail_after(30):
+            while await readyz(admin) != 200:  # (with workers: once every worker serves)
+                await trio.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            while await readyz(admin) != 503:  # the stop has begun: Kubernetes stops sending traffic
+                await trio.sleep(0.05)
+        for k in range(20):  # a sidecar's application, still finishing its work, is still served
+            await echo_round_trip(Address("127.0.0.1", port), b"late %d" % k)
+        process.send_signal(signal.SIGTERM)  # a second signal does not wait out the delay
+        with trio.fail_after(30):
+            await process.wait()
+        assert process.returncode == 0
+
+
+async def test_after_shutdown_delay_the_listener_closes_and_open_connections_drain(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    backend = await start_backend(nursery, echo_handler)
+    port, admin = free_port(), free_port()
+    config = tmp_path / "anubis.toml"
+    write_delayed(config, port, admin, backend.address, "300ms")
+    async with anubis("run", "-c", str(config)) as process:
+        await wait_port(port)
+        async with await connect(Address("127.0.0.1", port)) as held:
+            process.send_signal(signal.SIGTERM)
+            await wait_port_closed(port)  # the delay ran out: no new connection now
+            await held.send_all(b"draining")
+            assert await held.receive_some(8) == b"draining"
+        with trio.fail_after(30):  # its last connection closed: the drain is over (not the 1 h)
+            await process.wait()
+        assert process.returncode == 0

@@ -19,10 +19,15 @@ Start-up resolves server names, runs every pool's first health round, then
 binds the listeners and reports their addresses through `task_status`, so no
 client is ever sent to a server that has not been checked.
 
-Shutdown is cancellation. `shutdown()` closes the listeners at once (their
-accept tasks are cancelled and close their sockets), lets open connections
-run for up to `drain_timeout`, then cancels the connections nursery and the
-rest of the tree. Calling it a second time cancels everything at once.
+Shutdown is cancellation. `shutdown()` first keeps accepting for
+`shutdown_delay` while `is_ready()` says no (an orchestrator takes a moment
+to stop sending new connections; a sidecar's application is still finishing
+its requests), then closes the listeners (their accept tasks are cancelled
+and close their sockets), lets open connections run for up to
+`drain_timeout`, then cancels the connections nursery and the rest of the
+tree. Calling it a second time cancels everything at once. After an upgrade
+handed the sockets to a new process (upgrade.py), `shutdown(delay=False)`
+skips the delay and `stop_admin()` closes the admin endpoint at once.
 
 Garbage collection (`settle_gc`, once the listeners are bound): what start-up
 built lives as long as the process, so it is frozen out of the cyclic
@@ -56,8 +61,9 @@ from trioanubis.config import Address, Config, ListenerConfig, PoolConfig, load_
 from trioanubis.discovery import run_discovery
 from trioanubis.errors import AnubisError, ConfigError
 from trioanubis.health.checker import run_health_checks
+from trioanubis.ops import systemd
 from trioanubis.ops.accesslog import AccessLog
-from trioanubis.ops.admin import Admin
+from trioanubis.ops.admin import Admin, AdminOpener
 from trioanubis.pool import Pool, Server
 from trioanubis.proxy.io import open_readiness
 from trioanubis.proxy.lifecycle import Limits
@@ -67,14 +73,13 @@ from trioanubis.reload import plan, update_servers
 from trioanubis.resolve import resolve_address
 from trioanubis.spawn import Spawner
 from trioanubis.strategies import make_strategy
+from trioanubis.watch import files_read_by, signatures, watch_files
 
 log = logging.getLogger("trioanubis")
 
 # File descriptors kept back from the process-wide connection limit for
 # listeners, health checks, the admin endpoint and logging.
 RESERVED_FDS: Final = 64
-# How often `--watch` looks at the config file's modification time.
-WATCH_INTERVAL: Final = 1.0
 # Net allocations between generation-0 collections (CPython's default: 700). The
 # data path's objects die by reference counting; a young collection every ~25
 # connections cost about 3 % of the CPU and freed nothing (bench/README.md).
@@ -83,16 +88,6 @@ GC_GEN0_THRESHOLD: Final = 50_000
 # What keeps a pool's servers' state current: started() once the first
 # verdicts are in. The default probes them; a worker follows its supervisor.
 HealthRunner = Callable[..., Awaitable[None]]
-
-
-def file_signature(path: str) -> tuple[int, int, int] | None:
-    """What --watch compares: modification time, size and inode (a rewrite within the file system's
-    timestamp granularity, or an editor's rename over the file, still differs); None if unreadable."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_mtime_ns, st.st_size, st.st_ino
 
 
 def fd_connection_limit() -> int:
@@ -119,6 +114,7 @@ class Balancer:
         watch: bool = False,
         io: str = "",
         open_socket: SocketOpener | None = None,
+        open_admin: AdminOpener | None = None,
         health: HealthRunner = run_health_checks,
     ) -> None:
         self.config = config
@@ -127,9 +123,9 @@ class Balancer:
         self._health = health
         self.config_path = config_path
         self.watch = watch
-        # What the config file looked like when it was loaded (just before this): --watch compares
-        # against it, so a change made before the watcher's first look is not missed.
-        self._config_seen = file_signature(config_path) if watch and config_path else None
+        # What the config file and the files it reads looked like when it was loaded (just before
+        # this): --watch compares against it, so a change made before its first look is not missed.
+        self._files_seen = signatures(self._watched()) if watch else {}
         self.pools: dict[str, Pool] = {name: Pool(pc) for name, pc in config.pools.items()}
         self.access = AccessLog(enabled=config.settings.access_log)
         self.limits = Limits(self._connection_limit(config))
@@ -138,7 +134,8 @@ class Balancer:
         self.listeners: dict[str, Listener] = {
             name: self._new_listener(lc) for name, lc in config.listeners.items()
         }
-        self.admin = Admin(self, config.admin) if config.admin is not None else None
+        self.admin = Admin(self, config.admin, open_admin) if config.admin is not None else None
+        self._admin_scope = trio.CancelScope()
         self.admin_address: Address | None = None
         self.listening = False
         self.draining = False
@@ -146,6 +143,7 @@ class Balancer:
         self.reload_failures = 0
         self.stopped = trio.Event()  # set once run() has returned
         self._shutdown = trio.Event()
+        self._delay_shutdown = True
         self._pool_scopes: dict[str, trio.CancelScope] = {}
         self.spawners: dict[str, Spawner] = {}  # pools that run their replicas
         self._spawn_scopes: dict[str, trio.CancelScope] = {}
@@ -211,7 +209,7 @@ class Balancer:
             root.start_soon(self.timer.run)
             root.start_soon(self.poller.run)
             if self.admin is not None:
-                self.admin_address = await root.start(self.admin.serve)
+                self.admin_address = await root.start(self._serve_admin)
             for pool in self.pools.values():
                 await self._resolve(pool.servers, pool)
                 await self._update_spawner(pool)
@@ -229,8 +227,10 @@ class Balancer:
                     task_status.started(bound)
                     root.start_soon(self._reload_loop)
                     if self.watch and self.config_path:
-                        root.start_soon(self._watch_config, self.config_path)
+                        root.start_soon(watch_files, self._watched, self._files_seen, self.request_reload)
                     await self._shutdown.wait()
+                    await self._keep_accepting()
+                    self.limits.draining = True
                     accepting.cancel_scope.cancel()
                 await self._drain()
                 connections.cancel_scope.cancel()
@@ -261,6 +261,22 @@ class Balancer:
 
         await self._root.start(pool_tasks)
 
+    async def _serve_admin(self, task_status: trio.TaskStatus[Address]) -> None:
+        assert self.admin is not None
+        with self._admin_scope:
+            await self.admin.serve(task_status=task_status)
+
+    def stop_admin(self) -> None:
+        """Close the admin endpoint now (a new process took its sockets over)."""
+        self._admin_scope.cancel()
+
+    async def _keep_accepting(self) -> None:
+        """`shutdown_delay`: accept on, not ready, before the listeners close (a 2nd stop cuts it short)."""
+        delay = self.config.settings.shutdown_delay if self._delay_shutdown else 0.0
+        if delay > 0:
+            log.info("stopping: accepting for another %gs (shutdown_delay) while not ready", delay)
+            await trio.sleep(delay)
+
     async def _drain(self) -> None:
         active = self.limits.active
         if not active:
@@ -272,15 +288,16 @@ class Balancer:
             return
         log.warning("drain timeout: resetting %s", _open_connections(self.limits.active))
 
-    def shutdown(self) -> None:
-        """Stop accepting and drain; a second call cancels everything at once."""
+    def shutdown(self, *, delay: bool = True) -> None:
+        """Stop accepting (after `shutdown_delay` unless `delay` is False) and drain; a second call
+        cancels everything at once."""
         if self.draining:
             log.warning("second stop request: resetting every connection now")
             if self._root is not None:
                 self._root.cancel_scope.cancel()
             return
         self.draining = True
-        self.limits.draining = True
+        self._delay_shutdown = delay
         self._shutdown.set()
 
     # ------------------------------------------------------------ pid file
@@ -315,21 +332,21 @@ class Balancer:
                 log.warning("reload (%s) ignored: not running from a config file", reason)
                 continue
             log.info("reloading %s (%s)", self.config_path, reason)
+            systemd.notify("RELOADING=1", f"MONOTONIC_USEC={systemd.monotonic_usec()}")
             try:
                 config = await trio.to_thread.run_sync(load_config, self.config_path)
             except ConfigError as exc:
                 self.reload_failures += 1
                 log.error("reload rejected, the running config stays: %s", exc)
+                systemd.notify("READY=1", "STATUS=reload rejected, the running config stays")
                 continue
             await self.apply_config(config)
+            systemd.notify("READY=1", f"STATUS=reloaded ({self.reloads} applied, "
+                                      f"{self.reload_failures} failed)")  # fmt: skip
 
-    async def _watch_config(self, path: str) -> None:
-        while True:
-            await trio.sleep(WATCH_INTERVAL)
-            now = file_signature(path)
-            if now != self._config_seen:
-                self._config_seen = now
-                self.request_reload("the file changed")
+    def _watched(self) -> list[str]:
+        """What --watch looks at: the config file and the files the running config read."""
+        return [self.config_path, *files_read_by(self.config)] if self.config_path else []
 
     async def apply_config(self, new: Config) -> None:
         """Bring the running balancer to `new` without touching established connections (reload.py plans)."""
@@ -484,10 +501,13 @@ def settle_gc() -> None:
 async def run_until_signalled(
     balancer: Balancer,
     *,
+    upgrade: Callable[[], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[Mapping[str, Address]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run `balancer`: SIGTERM/SIGINT stop it gracefully (a second one: at once), SIGHUP reloads."""
-    await run_with_signals(balancer.run, balancer.request_reload, balancer.shutdown, task_status=task_status)
+    """Run `balancer`: SIGTERM/SIGINT stop it gracefully (a second one: at once), SIGHUP reloads,
+    SIGUSR2 runs `upgrade`."""
+    await run_with_signals(balancer.run, balancer.request_reload, balancer.shutdown, upgrade=upgrade,
+                           task_status=task_status)  # fmt: skip
 
 
 async def run_with_signals(
@@ -495,24 +515,34 @@ async def run_with_signals(
     reload: Callable[[str], None],
     stop: Callable[[], None],
     *,
+    upgrade: Callable[[], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[Mapping[str, Address]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run `run(task_status=...)` while SIGTERM/SIGINT call `stop` and SIGHUP calls `reload`.
+    """Run `run(task_status=...)` while SIGTERM/SIGINT call `stop`, SIGHUP calls `reload` and SIGUSR2
+    starts `upgrade` (in a task of its own; upgrade.py).
 
     The balancer and the worker supervisor both stop this way; Windows has no
-    SIGHUP (reload there with --watch).
+    SIGHUP (reload there with --watch) and no SIGUSR2.
     """
     reload_signals = [signal.SIGHUP] if hasattr(signal, "SIGHUP") else []
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, *reload_signals) as signals:
+    upgrade_signals = [signal.SIGUSR2] if hasattr(signal, "SIGUSR2") else []
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, *reload_signals,
+                                   *upgrade_signals) as signals:  # fmt: skip
         async with trio.open_nursery() as nursery:
 
             async def watch() -> None:
                 async for signum in signals:
                     if signum in reload_signals:
                         reload("SIGHUP")
-                        continue
-                    log.info("received %s", signal.Signals(signum).name)
-                    stop()
+                    elif signum in upgrade_signals:
+                        if upgrade is None:
+                            log.warning("received SIGUSR2: this command does not upgrade; ignored")
+                        else:
+                            nursery.start_soon(upgrade)
+                    else:
+                        log.info("received %s", signal.Signals(signum).name)
+                        systemd.notify("STOPPING=1", "STATUS=stopping: draining open connections")
+                        stop()
 
             nursery.start_soon(watch)
             await run(task_status=task_status)

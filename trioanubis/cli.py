@@ -13,10 +13,12 @@ import logging
 import os
 import shlex
 import signal
+import socket
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
@@ -25,6 +27,7 @@ from trioanubis.app import Balancer, run_until_signalled, settle_gc
 from trioanubis.config import Address, Config, load_config, parse_address, proxy_config
 from trioanubis.errors import AnubisError, ConfigError
 from trioanubis.hello import serve_hello
+from trioanubis.ops import systemd
 from trioanubis.ops.accesslog import configure_logging, log_fatal, logs_json
 from trioanubis.ops.status import install_terminal_status, run_status
 from trioanubis.ops.top import (
@@ -41,6 +44,10 @@ from trioanubis.proxy.io import IO_CHOICES, resolve_io
 from trioanubis.strategies import STRATEGIES
 from trioanubis.summary import describe, servers_up
 from trioanubis.tls.context import fingerprint, self_signed
+from trioanubis.upgrade import Predecessor, SocketBook, Upgrader, announce_ready, balancer_upgrader
+
+if TYPE_CHECKING:
+    from trioanubis.workers.supervisor import Supervisor
 
 log = logging.getLogger("trioanubis")
 
@@ -199,6 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     reload = command("reload", "make the running balancer re-read its config")
     _add_config(reload, "the config whose [settings] pid_file names the process (default: ./anubis.toml)")
 
+    upgrade = command("upgrade", "replace the running balancer by the anubis now on disk, "
+                      "handing its sockets over (no connection refused)")
+    upgrade.add_argument("-c", "--config", default=DEFAULT_CONFIG,
+                         help="the config whose [settings] pid_file names the process")  # fmt: skip
+
     check = command("check", "validate a config file and summarise it")
     _add_config(check, "the config file (default: ./anubis.toml)")
 
@@ -279,6 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "reload":
             return _signal_reload(args.config)
+        if args.command == "upgrade":
+            return _signal_upgrade(args.config)
         if args.command == "top":
             return run_top(_top_admin(args))
         if args.command == "completion":
@@ -286,6 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "hello":
             trio.run(_run_hello, args.name, Address(args.host, args.port))
             return 0
+        serving = _claim_environment()  # before anything could start a child that inherits it
         if args.command == "proxy":
             config = _proxy_config(args)
         else:
@@ -293,14 +308,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  else args.config)  # fmt: skip
         configure_logging(args.log_level, config.settings.log_format)
         if args.command == "run" and _workers(args, config) > 1:
-            return _run_workers(args, _workers(args, config))
+            return _run_workers(args, _workers(args, config), serving)
+        book = SocketBook(serving.sockets, config)
         balancer = Balancer(
             config,
             config_path=None if args.command == "proxy" else str(config.source),
             watch=args.command == "run" and args.watch,  # (proxy --watch rolls replicas instead)
             io=args.io,
+            open_socket=book.open_listener,
+            open_admin=book.open_admin,
         )
-        trio.run(_serve, balancer, args.command == "demo", args.command == "proxy")
+        upgrader = balancer_upgrader(balancer, book) if args.command == "run" else None
+        trio.run(_serve, balancer, args.command == "demo", args.command == "proxy", upgrader,
+                 serving.predecessor)  # fmt: skip
     except ConfigError as exc:
         log_fatal(str(exc))
         return 1
@@ -395,17 +415,38 @@ def _workers(args: argparse.Namespace, config: Config) -> int:
     return 1 if setting == 1 else worker_count(setting)
 
 
-def _run_workers(args: argparse.Namespace, count: int) -> int:
+def _run_workers(args: argparse.Namespace, count: int, serving: Serving) -> int:
     """`workers` > 1: this process becomes the supervisor of `count` worker processes."""
-    from trioanubis.workers.supervisor import Supervisor, read_config, run_supervised
+    from trioanubis.workers.supervisor import Supervisor, read_config
 
     text, config = read_config(args.config)
-    supervisor = Supervisor(config, text, count=count, log_level=args.log_level, watch=args.watch)
+    supervisor = Supervisor(config, text, count=count, log_level=args.log_level, watch=args.watch,
+                            inherited=serving.sockets)  # fmt: skip
     log.info("starting anubis %s with %s, %d workers\n%s", __version__, config.source, count,
              describe(config))  # fmt: skip
-    trio.run(run_supervised, supervisor)
+    trio.run(_supervise, supervisor, serving.predecessor)
     log.info("stopped")
     return 0
+
+
+async def _supervise(supervisor: Supervisor, predecessor: Predecessor | None) -> None:
+    from trioanubis.workers.supervisor import run_supervised
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run_supervised, supervisor)
+        announce_ready(predecessor, f"serving with {len(supervisor.slots)} workers")
+
+
+@dataclass(frozen=True, slots=True)
+class Serving:
+    """What a serving command took from its environment at start (ops/systemd.py, upgrade.py)."""
+
+    sockets: list[tuple[str, socket.socket]]  # passed by systemd or by the process we replace
+    predecessor: Predecessor | None  # the process we replace, told once we serve
+
+
+def _claim_environment() -> Serving:
+    return Serving(systemd.claim_environment(), Predecessor.claim())
 
 
 def _dev_certificate(wanted: bool) -> tuple[str, str] | None:
@@ -425,6 +466,17 @@ def _demo_config_path(path: str) -> Path:
     return Path(__file__).with_name("anubis.toml")
 
 
+def _signal_upgrade(config_path: str) -> int:
+    """`anubis upgrade`: validate the file (the new process reads it), then SIGUSR2 the pid_file's process."""
+    config = load_config(config_path)
+    if not hasattr(signal, "SIGUSR2"):
+        print("anubis: this platform has no SIGUSR2, so no upgrade in place; restart instead",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    return _signal_pid_file(config_path, config, signal.SIGUSR2,
+                            "it logs whether the new process took over (the pid file then names it)")
+
+
 def _signal_reload(config_path: str) -> int:
     """`anubis reload`: validate the file, then SIGHUP the process its pid_file names."""
     config = load_config(config_path)
@@ -432,21 +484,26 @@ def _signal_reload(config_path: str) -> int:
         print("anubis: this platform has no SIGHUP; run the balancer with --watch to reload",
               file=sys.stderr)  # fmt: skip
         return 1
+    return _signal_pid_file(config_path, config, signal.SIGHUP, "it logs whether the reload was applied")
+
+
+def _signal_pid_file(config_path: str, config: Config, signum: signal.Signals, outcome: str) -> int:
+    """Send `signum` to the anubis process `config`'s pid_file names."""
     pid_file = config.settings.pid_file
     if not pid_file:
         raise ConfigError(f"{config_path}: settings.pid_file is not set, so the running "
-                          "process cannot be found; set it or send SIGHUP yourself")  # fmt: skip
+                          f"process cannot be found; set it or send {signum.name} yourself")  # fmt: skip
     try:
         pid = int(Path(pid_file).read_text().strip())
         if not _is_anubis(pid):
             print(f"anubis: process {pid} in {pid_file} is not anubis (a stale pid file?); "
                   "nothing was signalled", file=sys.stderr)  # fmt: skip
             return 1
-        os.kill(pid, signal.SIGHUP)
+        os.kill(pid, signum)
     except (OSError, ValueError) as exc:
         print(f"anubis: cannot signal the process in {pid_file}: {exc}", file=sys.stderr)
         return 1
-    print(f"sent SIGHUP to process {pid}; it logs whether the reload was applied")
+    print(f"sent {signum.name} to process {pid}; {outcome}")
     return 0
 
 
@@ -462,22 +519,25 @@ def _is_anubis(pid: int) -> bool:
     return b"anubis" in command
 
 
-async def _serve(balancer: Balancer, demo: bool, status: bool = False) -> None:
+async def _serve(balancer: Balancer, demo: bool, status: bool = False, upgrader: Upgrader | None = None,
+                 predecessor: Predecessor | None = None) -> None:  # fmt: skip
     """Run `balancer` until it stops. The config's summary is logged once, at start (before
     anything can fail); "ready" then says only what start-up learnt: which servers are up."""
     config = balancer.config
     log.info("starting anubis %s with %s (io: %s)\n%s", __version__, config.source,
              balancer.poller.caps.name, describe(config))  # fmt: skip
+    upgrade = None if upgrader is None else upgrader.upgrade
     async with trio.open_nursery() as nursery:
         if demo:
             await _start_demo_backends(nursery, config)
         bound: Mapping[str, Address] = await nursery.start(
-            lambda task_status: run_until_signalled(balancer, task_status=task_status)
+            lambda task_status: run_until_signalled(balancer, upgrade=upgrade, task_status=task_status)
         )
         if demo:
             _print_demo_help(bound, balancer.admin_address, config)
         settle_gc()
         log.info("ready\n%s", servers_up(balancer.pools))  # "ready" alone on its line, as before
+        announce_ready(predecessor, "serving on " + ", ".join(f"{n} {a}" for n, a in bound.items()))
         if status:  # anubis proxy: a live line on a terminal, plain lines elsewhere
             nursery.start_soon(run_status, balancer, install_terminal_status())
         await balancer.stopped.wait()

@@ -257,6 +257,7 @@ class AdminConfig:
 @dataclass(frozen=True, slots=True)
 class Settings:
     drain_timeout: float = 30.0
+    shutdown_delay: float = 0.0  # after SIGTERM, keep accepting (not ready) this long, then drain
     log_format: LogFormat = "text"
     access_log: bool = True
     pid_file: str = ""

@@ -50,6 +50,9 @@ FAULT_DELAY: Final = Range("duration", 0.0, MAX_FAULT_DELAY)
 RANGES: Final[Mapping[str, Mapping[str, Range]]] = {
     "settings": {
         "drain_timeout": WAIT,
+        # Only has to outlast the time an orchestrator takes to stop sending new connections
+        # (seconds), well inside a grace period: longer is a typo.
+        "shutdown_delay": Range("duration", 0.0, 600.0),
         "max_connections": CONNECTIONS,
         "workers": Range("integer", 1, MAX_WORKERS),
     },

@@ -25,10 +25,11 @@ def epoll_available() -> bool:
 def parse_settings(node: Node) -> Settings:
     node.check_keys(
         ("drain_timeout", "log_format", "access_log", "pid_file", "resolver", "max_connections", "io",
-         "workers")
+         "workers", "shutdown_delay")
     )
     return Settings(
         drain_timeout=node.duration("drain_timeout", 30.0),
+        shutdown_delay=node.duration("shutdown_delay", 0.0),
         log_format=node.choice("log_format", "text", ("text", "json")),  # type: ignore[arg-type]
         access_log=node.boolean("access_log", True),
         pid_file=node.string("pid_file", ""),

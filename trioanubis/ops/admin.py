@@ -464,12 +464,27 @@ Incoming = tuple[str, str, list[tuple[bytes, bytes]], bytes]  # method, target, 
 Router = Callable[[str, str, list[tuple[bytes, bytes]], bytes, str], Awaitable[Reply]]
 
 
+# How the admin endpoint gets its listening sockets: trio's by default; an upgrade's or socket
+# activation's inherited ones otherwise (upgrade.py).
+AdminOpener = Callable[[Address], Awaitable[list[trio.SocketListener]]]
+
+
+async def open_admin_listeners(bind: Address) -> list[trio.SocketListener]:
+    """Bind the admin endpoint's sockets ("" as host: every IPv4 interface)."""
+    try:
+        return await trio.open_tcp_listeners(bind.port, host=bind.host or "0.0.0.0")
+    except OSError as exc:
+        raise AnubisError(f"admin: binding {bind}: {exc.strerror or exc}") from None
+
+
 @final
 class Admin:
     """The admin endpoint of one balancer (seen as a `View`): its slots, counters and reloadable token."""
 
-    def __init__(self, view: View, config: AdminConfig, *, router: Router | None = None) -> None:
+    def __init__(self, view: View, config: AdminConfig, open_listeners: AdminOpener | None = None, *,
+                 router: Router | None = None) -> None:  # fmt: skip
         self.view = view
+        self.open_listeners: AdminOpener = open_listeners or open_admin_listeners
         self.router = router
         self.config = config
         self.token = config.token
@@ -506,10 +521,7 @@ class Admin:
     async def serve(self, *, task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve the admin API on `config.bind` until cancelled."""
         host = self.config.bind.host or "0.0.0.0"
-        try:
-            listeners = await trio.open_tcp_listeners(self.config.bind.port, host=host)
-        except OSError as exc:
-            raise AnubisError(f"admin: binding {self.config.bind}: {exc.strerror or exc}") from None
+        listeners = await self.open_listeners(self.config.bind)
         if not self.token and not _is_loopback(host):
             log.warning("admin: listening on %s without a token: anyone who can reach it can drain "
                         "servers; set [admin] token", self.config.bind)  # fmt: skip

@@ -2,8 +2,10 @@
 
 Theory of operation: `WorkerSlot.run` keeps one worker process alive until
 the supervisor stops. Each process gets a fresh socketpair as its control
-channel; the slot sends it the config and the current state, then reads what
-it says (ready, applied, answers, ejections) until it exits. An exit while
+channel and inherits its listening sockets (sockets.py; `passed` remembers
+which, since a socket opened later cannot reach a running process); the
+slot sends it the config and the current state, then reads what it says
+(ready, applied, answers, ejections) until it exits. An exit while
 the supervisor is not stopping is logged with its status and followed by a
 restart after a backoff (`RESTART_MIN` doubling to `RESTART_MAX`, back to
 `RESTART_MIN` after a worker ran `RESTART_STABLE` seconds). Questions to the
@@ -38,7 +40,7 @@ log = logging.getLogger("trioanubis.supervisor")
 
 # How long an admin request waits for every worker's answer or acknowledgement.
 ASK_TIMEOUT: Final = 5.0
-# After drain_timeout, how long a stopping worker gets before it is killed.
+# After shutdown_delay + drain_timeout, how long a stopping worker gets before it is killed.
 STOP_GRACE: Final = 5.0
 # Restart backoff of a worker that exited on its own: from MIN doubling to MAX;
 # a worker that ran STABLE seconds starts again from MIN.
@@ -74,6 +76,7 @@ class WorkerSlot:
         self.serving = False  # the current process said "ready"
         self.ready = trio.Event()  # set once, at the first "ready"
         self.restarts = 0
+        self.passed: dict[str, int] = {}  # concrete address → descriptor the current process inherited
         self.applied = 0  # highest state seq it acknowledged
         self._next_id = 0
         self._waiting: dict[int, tuple[trio.Event, list[Any]]] = {}
@@ -111,7 +114,13 @@ class WorkerSlot:
             backoff = min(backoff * 2, RESTART_MAX)
             self.restarts += 1
 
+    def inherited(self) -> dict[str, int]:
+        """The sockets to name in a config message: held now, and inherited by the running process."""
+        now = self.supervisor.holds.inherited(self.id)
+        return {address: fd for address, fd in now.items() if self.passed.get(address) == fd}
+
     async def _run_once(self) -> int:
+        await self.supervisor.holds.renew(self.id)  # after an exit of its own: a fresh socket
         mine, theirs = socket.socketpair()
         try:
             process = self._spawn(theirs.fileno())
@@ -122,7 +131,7 @@ class WorkerSlot:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read)
-                await self._send(self.supervisor.config_message())
+                await self._send({**self.supervisor.config_message(), "inherited": self.inherited()})
                 await self._send(self.supervisor.state_message())
                 nursery.start_soon(self._stop_on_time)
                 status = await wait_exit(process)
@@ -135,21 +144,25 @@ class WorkerSlot:
             if process.poll() is None:  # cancelled: take the worker down with us
                 process.kill()
                 process.wait()
+            if not self.supervisor.stopping:
+                self.supervisor.holds.release(self.id)
             self._fail_waiting()
 
     def _spawn(self, control_fd: int) -> subprocess.Popen[bytes]:
         """Start the worker from this (the main) thread: PR_SET_PDEATHSIG follows the thread that forked."""
         command = [sys.executable, "-m", "trioanubis.workers.worker", "--control-fd", str(control_fd),
                    "--worker-id", str(self.id), "--parent-pid", str(os.getpid())]  # fmt: skip
-        fds = (control_fd, *self.supervisor.holds.inherited().values())
+        self.passed = self.supervisor.holds.inherited(self.id)
+        fds = (control_fd, *self.passed.values())
         process = subprocess.Popen(command, pass_fds=fds, stdin=subprocess.DEVNULL)
         log.info("worker %d started (pid %d)", self.id, process.pid)
         return process
 
     async def _stop_on_time(self) -> None:
-        """Once stopping, kill the worker if it outlives drain_timeout + STOP_GRACE."""
+        """Once stopping, kill the worker if it outlives shutdown_delay + drain_timeout + STOP_GRACE."""
         await self.supervisor.stop_requested.wait()
-        await trio.sleep(self.supervisor.config.settings.drain_timeout + STOP_GRACE)
+        settings = self.supervisor.config.settings
+        await trio.sleep(settings.shutdown_delay + settings.drain_timeout + STOP_GRACE)
         if self.process is not None and self.process.poll() is None:
             log.error("worker %d did not stop in time: killing it", self.id)
             self.process.kill()

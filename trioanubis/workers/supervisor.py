@@ -31,10 +31,16 @@ every pool). drain / enable / weight change the view, push a snapshot and
 answer 200 only once every running worker acknowledged it. The admin shell
 (admin.py) screens Host and Origin before this router sees a request.
 
-Stop (SIGTERM/SIGINT): every worker is told to stop and drains within
+Stop (SIGTERM/SIGINT): every worker is told to stop, accepts on for
+`shutdown_delay` (while `/readyz` says 503) and drains within
 `drain_timeout`; a worker still running `STOP_GRACE` after that is killed;
 the supervisor returns when the last one has exited. A second signal tells
-the workers to cut their connections at once. Reload: the supervisor reads
+the workers to cut their connections at once. Upgrade (SIGUSR2,
+upgrade.py): the supervisor is what upgrades; it hands every held socket
+(sockets.py) and its admin endpoint's to the new supervisor, and once that
+one's workers all serve, tells its own workers to stop without the delay.
+systemd hears from the supervisor only (ops/systemd.py): READY=1 once every
+worker serves, RELOADING=1 … READY=1 around a reload, STOPPING=1. Reload: the supervisor reads
 and validates the file once; an invalid file, or a listener that cannot be
 bound, is rejected here and every worker keeps its config; a valid one is
 sent, as the same text, to every worker. A worker that exits on its own is
@@ -49,7 +55,8 @@ import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import Mapping
+import socket
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, final
 
@@ -58,6 +65,7 @@ import trio
 from trioanubis.app import Balancer, run_with_signals
 from trioanubis.config import Address, Config, parse_config_text
 from trioanubis.errors import AnubisError, ConfigError
+from trioanubis.ops import systemd
 from trioanubis.ops.admin import (
     OPEN_PATHS,
     PROMETHEUS_TYPE,
@@ -72,6 +80,8 @@ from trioanubis.ops.admin import (
 )
 from trioanubis.ops.metrics import prometheus, stats
 from trioanubis.pool import Pool
+from trioanubis.upgrade import SocketBook, Upgrader, split_admin
+from trioanubis.watch import files_read_by, signatures, watch_files
 from trioanubis.workers.channel import Message
 from trioanubis.workers.merge import snapshot, sum_metrics, sum_stats
 from trioanubis.workers.slot import ASK_TIMEOUT, WorkerSlot
@@ -82,8 +92,10 @@ log = logging.getLogger("trioanubis.supervisor")
 # How often the view is pushed even when nothing changed: a worker whose own
 # discovery found a server first gets its state within this.
 PUSH_INTERVAL: Final = 1.0
-# How often --watch looks at the config file's modification time (as app.py).
-WATCH_INTERVAL: Final = 1.0
+
+
+# Sockets passed to this process (systemd, an upgrade): (name, socket).
+Inherited = Sequence[tuple[str, socket.socket]]
 
 
 def usable_cores() -> int:
@@ -117,17 +129,21 @@ class Supervisor:
     """N worker processes behind one set of listeners, one health view and one admin endpoint."""
 
     def __init__(self, config: Config, text: str, *, count: int, log_level: str = "info",
-                 watch: bool = False) -> None:  # fmt: skip
+                 watch: bool = False, inherited: Inherited = ()) -> None:  # fmt: skip
         self.config = config
         self.text = text
         self.log_level = log_level
         self.watch = watch
-        self.holds = Holds(reuse_port_balances())
-        self.view = Balancer(view_config(config))
+        self._files_seen = signatures(self._watched()) if watch else {}
+        admin_sockets, listener_sockets = split_admin(inherited)
+        self.holds = Holds(reuse_port_balances(), count, listener_sockets)
+        self.book = SocketBook(admin_sockets, view_config(config))  # the admin endpoint's sockets
+        self.view = Balancer(view_config(config), open_admin=self.book.open_admin)
         if self.view.admin is not None:
             self.view.admin.router = self.route
         self.slots = [WorkerSlot(self, k) for k in range(1, count + 1)]
         self.stopping = False
+        self.upgrader = Upgrader(self._handover, self.hand_over, lambda: self.stopping)
         self.stop_requested = trio.Event()
         self._seq = 0
         self._root: trio.Nursery | None = None
@@ -151,24 +167,25 @@ class Supervisor:
                 root.start_soon(self._push_loop)
                 root.start_soon(self._reload_loop)
                 if self.watch:
-                    root.start_soon(self._watch_config)
+                    root.start_soon(watch_files, self._watched, self._files_seen, self.request_reload)
                 async with trio.open_nursery() as workers:
                     for slot in self.slots:
                         workers.start_soon(slot.run)
                     for slot in self.slots:
                         await slot.ready.wait()
                     binds = self.holds.concrete_binds(self.config)
-                    log.info("%d workers serving (listeners shared with %s)", len(self.slots),
-                             "SO_REUSEPORT" if self.holds.reuse_port else "inherited sockets")  # fmt: skip
+                    log.info("%d workers serving (listeners: %s)", len(self.slots), ", ".join(
+                        f"{name} {held.mode.replace('_', ' ')}" for name, held in self.holds.held.items()))
                     task_status.started({n: _address(b) for n, b in binds.items()})
-                self.view.shutdown()
+                self.view.shutdown(delay=False)  # the workers had the shutdown_delay
                 await self.view.stopped.wait()
                 root.cancel_scope.cancel()
         finally:
             self.holds.close()
 
-    def stop(self) -> None:
-        """Tell every worker to drain; a second call tells them to cut their connections now."""
+    def stop(self, *, delay: bool = True) -> None:
+        """Tell every worker to drain (after shutdown_delay unless `delay` is False); a second call
+        tells them to cut their connections now."""
         now = self.stopping
         if now:
             log.warning("second stop request: workers reset every connection now")
@@ -176,14 +193,23 @@ class Supervisor:
         self.stop_requested.set()
         for slot in self.slots:
             if slot.channel is not None and self._root is not None:
-                self._root.start_soon(slot.send, {"t": "stop", "now": now})
+                self._root.start_soon(slot.send, {"t": "stop", "now": now, "delay": delay})
+
+    def _handover(self) -> list[tuple[str, int]]:
+        """What an upgrade passes on: every held listener socket, and the admin endpoint's."""
+        return self.holds.handover() + self.book.handover({})
+
+    def hand_over(self) -> None:
+        """A new supervisor serves: close the admin endpoint, and the workers stop accepting now."""
+        self.view.stop_admin()
+        self.stop(delay=False)
 
     # ----------------------------------------------------------- health view
 
     def config_message(self) -> Message:
+        """The config for a worker; the slot adds the sockets its process inherited."""
         return {"t": "config", "text": self.text, "source": self.path,
-                "binds": self.holds.concrete_binds(self.config), "inherited": self.holds.inherited(),
-                "log_level": self.log_level}  # fmt: skip
+                "binds": self.holds.concrete_binds(self.config), "log_level": self.log_level}  # fmt: skip
 
     def state_message(self) -> Message:
         return snapshot(self.view.pools, self._seq)
@@ -304,7 +330,9 @@ class Supervisor:
 
     async def _reload_loop(self) -> None:
         async for reason in self._reload_queue:
-            await self.reload(reason)
+            systemd.notify("RELOADING=1", f"MONOTONIC_USEC={systemd.monotonic_usec()}")
+            applied = await self.reload(reason)
+            systemd.notify("READY=1", f"STATUS=reload {'applied' if applied else 'not applied everywhere'}")
 
     async def reload(self, reason: str) -> bool:
         """Validate the file once; if it is good, apply it to the view and to every worker."""
@@ -326,7 +354,8 @@ class Supervisor:
         results: list[Any] = []
 
         async def send(slot: WorkerSlot) -> None:
-            results.append(await slot.request(message) if slot.serving else {"ok": True})
+            results.append(await slot.request({**message, "inherited": slot.inherited()}) if slot.serving
+                           else {"ok": True})  # fmt: skip
 
         async with trio.open_nursery() as nursery:
             for slot in self.slots:
@@ -336,20 +365,9 @@ class Supervisor:
         log.info("reload applied in %d of %d workers", applied, len(self.slots))
         return applied == len(self.slots)
 
-    async def _watch_config(self) -> None:
-        def mtime() -> float:
-            try:
-                return os.stat(self.path).st_mtime
-            except OSError:
-                return 0.0
-
-        last = mtime()
-        while True:
-            await trio.sleep(WATCH_INTERVAL)
-            now = mtime()
-            if now != last:
-                last = now
-                self.request_reload("the file changed")
+    def _watched(self) -> list[str]:
+        """What --watch looks at: the config file and the files the running config read."""
+        return [self.path, *files_read_by(self.config)]
 
 
 async def _cancel_when_changed(pool: Pool, scope: trio.CancelScope) -> None:
@@ -367,6 +385,7 @@ async def run_supervised(
     *,
     task_status: trio.TaskStatus[Mapping[str, Address]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run `supervisor`: SIGTERM/SIGINT stop the workers (a second: at once), SIGHUP reloads them."""
+    """Run `supervisor`: SIGTERM/SIGINT stop the workers (a second: at once), SIGHUP reloads them,
+    SIGUSR2 upgrades."""
     await run_with_signals(supervisor.run, supervisor.request_reload, supervisor.stop,
-                           task_status=task_status)  # fmt: skip
+                           upgrade=supervisor.upgrader.upgrade, task_status=task_status)  # fmt: skip

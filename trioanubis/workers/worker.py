@@ -19,9 +19,10 @@ held down locally until the supervisor's view shows it down too or
 
 The worker never outlives its supervisor: on Linux the kernel sends it
 SIGTERM when the supervisor dies (PR_SET_PDEATHSIG), and everywhere the end
-of its control channel stops it the same way (drain, then exit). SIGINT and
-SIGHUP are ignored: a terminal's Ctrl-C or hang-up reaches the supervisor,
-which tells each worker what to do.
+of its control channel stops it the same way (drain, then exit). SIGINT,
+SIGHUP and SIGUSR2 are ignored: a terminal's Ctrl-C or hang-up, or a signal
+sent to the whole group, reaches the supervisor, which tells each worker
+what to do (SIGUSR2: the supervisor upgrades, workers included).
 """
 
 from __future__ import annotations
@@ -187,17 +188,18 @@ class Worker:
         elif kind == "ask":
             self.post({"t": "answer", "id": message["id"], "value": self._answer(str(message["what"]))})
         elif kind == "stop":
-            self.stop(now=bool(message.get("now")))
+            self.stop(now=bool(message.get("now")), delay=bool(message.get("delay", True)))
         else:
             raise ValueError(f"unknown message type {kind!r}")
 
-    def stop(self, *, now: bool = False) -> None:
-        """Drain (again: nothing more), or with `now` cut every connection at once."""
+    def stop(self, *, now: bool = False, delay: bool = True) -> None:
+        """Drain (after shutdown_delay unless `delay` is False; again: nothing more), or with `now`
+        cut every connection at once."""
         balancer = self.balancer
         if balancer is None:
             return
         if not balancer.draining:
-            balancer.shutdown()
+            balancer.shutdown(delay=delay)
         if now:
             balancer.shutdown()  # the second call cancels everything
 
@@ -276,6 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # `systemctl kill -s USR2` reaches the whole group
     if not die_with_parent(args.parent_pid):
         return 1
     configure_logging("info", "text", args.worker_id)
