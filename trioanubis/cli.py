@@ -88,6 +88,16 @@ is reported here and nothing is signalled.
 Examples:
   anubis reload lb.toml
   anubis reload -c /etc/anubis/anubis.toml""",
+    "upgrade": """\
+Validate the config file, then send SIGUSR2 to the running balancer whose process id
+[settings] pid_file holds. That process starts the anubis now on disk with its listening
+sockets handed over, waits until the new one serves, then stops accepting, drains and exits:
+no client is refused in between. If the new process fails to start, the old one keeps serving
+and logs why. Returns once the signal is sent, as `anubis reload` does.
+
+Examples:
+  anubis upgrade lb.toml                   after `pip install -U trioanubis`
+  anubis upgrade -c /etc/anubis/anubis.toml""",
     "check": """\
 Validate a config file and print a one-screen summary of it (settings, admin, listeners,
 pools, servers) and the readiness backend this machine would use; exit 1 with one line
@@ -208,8 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     upgrade = command("upgrade", "replace the running balancer by the anubis now on disk, "
                       "handing its sockets over (no connection refused)")
-    upgrade.add_argument("-c", "--config", default=DEFAULT_CONFIG,
-                         help="the config whose [settings] pid_file names the process")  # fmt: skip
+    _add_config(upgrade, "the config whose [settings] pid_file names the process (default: ./anubis.toml)")
 
     check = command("check", "validate a config file and summarise it")
     _add_config(check, "the config file (default: ./anubis.toml)")
