@@ -248,9 +248,9 @@ def render(
     for column in ("listener", "bind", "pool", "accepted", "active", "rejected"):
         numeric = column in ("accepted", "active", "rejected")
         listeners.add_column(column, justify="right" if numeric else "left")
-    for listener in _records(document.get("listeners")):
-        listeners.add_row(*(_plain(listener.get(k)) for k in ("name", "bind", "pool", "accepted", "active",
-                                                                "rejected")))  # fmt: skip
+    for listener in _records(document.get("listeners")):  # text, never markup: names come from outside
+        listeners.add_row(*(Text(_plain(listener.get(k))) for k in ("name", "bind", "pool", "accepted",
+                                                                     "active", "rejected")))  # fmt: skip
     servers = Table(title="servers", title_justify="left", expand=False)
     for column, justify in (("pool", "left"), ("server", "left"), ("state", "left"), ("weight", "right"),
                             ("active", "right"), ("total", "right"), ("conn/s", "right"), ("in", "right"),
@@ -275,10 +275,12 @@ def _cells(row: Row, per_second: float | None) -> list[Any]:
     if isinstance(effective, (int, float)) and effective != values.get("weight"):
         weight += f" ({effective:.0f})"
     state = Text(row.state, style=STATE_STYLES.get(row.state.split(" ")[0], "bold"))
-    return [row.pool, row.name, state, weight, _plain(values.get("active")), _plain(values.get("total")),
-            "–" if per_second is None else f"{per_second:.1f}", _bytes(values.get("bytes_in")),
-            _bytes(values.get("bytes_out")), _plain(values.get("connect_failures")),
-            _plain(values.get("ewma_ms")), _plain(values.get("last_check")), row.extras]  # fmt: skip
+    cells = [row.pool, row.name, state, weight, _plain(values.get("active")), _plain(values.get("total")),
+             "–" if per_second is None else f"{per_second:.1f}", _bytes(values.get("bytes_in")),
+             _bytes(values.get("bytes_out")), _plain(values.get("connect_failures")),
+             _plain(values.get("ewma_ms")), _plain(values.get("last_check")), row.extras]  # fmt: skip
+    # Text, never markup: names, checks and extras come from the admin's answer, "[/b]" included.
+    return [cell if isinstance(cell, Text) else Text(str(cell)) for cell in cells]
 
 
 def parse_keys(data: str) -> list[str]:
