@@ -15,9 +15,9 @@ record) it runs a short pipeline:
    origination and the bytes read while routing are part of each attempt),
    fail over, and hold the client while no server can take it;
 3. the relay, chosen once: the socket relay (relay.py) when both sides are
-   plain and nothing filters the bytes (the fast path: epoll's inline steps,
-   splice), else the stream relay (streams.py: TLS on either side, injected
-   faults), through which every filter composes with every transport.
+   plain and no filter wants the bytes (filters.py: the fast path, epoll's
+   inline steps, splice), else the stream relay (streams.py: TLS on either
+   side, filters), through which every filter composes with every transport.
 
 A stage that ends the connection has decided how (`Connection.end_with`)
 and returns False; the task then only leaves `with conn:`. The relay's task
@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final
 
 from trioanubis.proxy.failover import connect
-from trioanubis.proxy.faults import CLEAN, draw
+from trioanubis.proxy.filters import Filters, filters_for
 from trioanubis.proxy.relay import Relay
 from trioanubis.proxy.streams import Side, StreamRelay, release_to_trio, socket_stream
 
@@ -57,26 +57,21 @@ async def run_connection(conn: Connection) -> None:
 
 def relay(conn: Connection) -> Awaitable[None]:
     """The relay this connection needs, chosen once, as an awaitable for its task."""
-    server = conn.picked
-    assert server is not None and conn.server_sock is not None
-    if server.faults is not None and (plan := draw(server.faults, server)) is not None:
-        conn.more.plan = plan
+    assert conn.server_sock is not None
+    filters = filters_for(conn)
     extras = conn.extras
-    if extras is None or (extras.client_tls is None and extras.server_tls is None and extras.plan is None):
+    if filters is None and (extras is None or (extras.client_tls is None and extras.server_tls is None)):
         socket_relay = Relay(conn, conn.client_sock, conn.server_sock, conn.origin.poller)
         conn.relay = socket_relay
         return socket_relay.run()  # the backend's drive: no frame of ours while the connection is idle
-    return _relay_streams(conn)
+    return _relay_streams(conn, filters or ((), ()))
 
 
-async def _relay_streams(conn: Connection) -> None:
-    extras = conn.extras
-    assert extras is not None and conn.server_sock is not None
+async def _relay_streams(conn: Connection, filters: tuple[Filters, Filters]) -> None:
+    assert conn.server_sock is not None
+    extras = conn.more
     release_to_trio(conn)
     client = Side(extras.client_tls or socket_stream(conn.client_sock), conn.client_sock)
     server = Side(extras.server_tls or socket_stream(conn.server_sock), conn.server_sock)
-    plan = extras.plan
-    up = plan.upstream if plan is not None and plan.upstream != CLEAN else None
-    down = plan.downstream if plan is not None and plan.downstream != CLEAN else None
     stream_relay = conn.relay = StreamRelay(conn)
-    await stream_relay.run(client, server, up, down)
+    await stream_relay.run(client, server, *filters)

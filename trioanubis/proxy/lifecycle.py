@@ -67,7 +67,6 @@ if TYPE_CHECKING:
     from trioanubis.pool import Pool, Server
     from trioanubis.proxy.admission import Admission
     from trioanubis.proxy.connect import Connecting
-    from trioanubis.proxy.faults import FaultPlan
     from trioanubis.proxy.io import Readiness
     from trioanubis.proxy.sni_routes import RouteTable
 
@@ -304,14 +303,13 @@ class Flow(Generic[DirectionT]):
 class Extras:
     """What only some connections carry: kept apart so that a plain connection pays one empty slot."""
 
-    __slots__ = ("client_tls", "local", "plan", "prefix", "server_tls")
+    __slots__ = ("client_tls", "local", "prefix", "server_tls")
 
     def __init__(self) -> None:
         self.local: tuple[str, int] | None = None  # where the client connected to, as a PROXY header said
         self.prefix = b""  # the client's bytes read while routing (its ClientHello): sent to the server first
         self.client_tls: trio.abc.HalfCloseableStream | None = None  # TLS terminated here
         self.server_tls: trio.abc.HalfCloseableStream | None = None  # TLS originated here
-        self.plan: FaultPlan | None = None  # the injected faults this connection drew
 
 
 @final
@@ -333,7 +331,7 @@ class Connection:
         self.origin = origin
         self.client_sock = client_sock
         self.peer = peer  # the client: from accept, or from a PROXY header (IPv4-mapped written as IPv4)
-        self.extras: Extras | None = None  # what only some connections carry (TLS, a prefix, faults)
+        self.extras: Extras | None = None  # what only some connections carry (TLS, a prefix, ...)
         self.pool = pool  # the pool it goes to (a route may choose another)
         self.counted = counted  # the per-client slot it holds (the address counted), if any
         self.holding = 0

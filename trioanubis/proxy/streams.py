@@ -3,12 +3,13 @@
 Theory of operation: the socket relay (relay.py, with the poller's inline
 steps and splice) moves plain bytes between two sockets with no filter. A
 connection that needs more — TLS termination or origination (its bytes
-decrypted and encrypted), or filters on its bytes (injected faults today:
-latency, jitter, bandwidth, slices, a cut after N bytes, a blackhole) — is
-relayed here instead, chosen once per connection by connection.py. Every
-combination composes: faults apply through TLS as on plain TCP, because this
-relay only sees two `Side`s, each a Trio half-closeable stream (a `TlsStream`
-or a `trio.SocketStream` over the plain socket) with its socket beside it.
+decrypted and encrypted), or `Filter`s on its bytes (filters.py: injected
+faults, and whatever else a filter does) — is relayed here instead, chosen
+once per connection by connection.py. Every combination composes: filters
+apply through TLS as on plain TCP, because this relay only sees two `Side`s,
+each a Trio half-closeable stream (a `TlsStream` or a `trio.SocketStream`
+over the plain socket) with its socket beside it, and a filter only sees
+bytes.
 
 The relay is a `Flow` (lifecycle.py), so counting, the first byte each way,
 EOF, blame and the Timer's idle clock are the socket relay's, decided in
@@ -18,9 +19,10 @@ the same place; what differs is only how bytes move. Each direction is a
 - without filters, one pump task: receive one chunk (at most `CHUNK_SIZE`),
   send it whole, receive again (backpressure: at most one chunk held, besides
   one TLS record in each BIO);
-- with filters, two tasks: a reader that moves bytes from its source into a
-  FIFO of (due time, bytes), and a sender that takes them off in order when
-  due and delivers them (in slices, paced by a token bucket, up to a cut). The
+- with filters, two tasks: a reader that moves bytes from its source, through
+  each filter's `on_read`, into a FIFO of (due time, bytes), and a sender that
+  takes them off in order when due (the filters' delays) and delivers them in
+  the pieces the filters allow, waiting as they say, up to a cut. The
   FIFO holds at most `QUEUE_BOUND` bytes, counting what is being sent: a full
   queue stops the reader, so a slow or delayed direction pushes back on its
   sender (TCP backpressure) rather than growing. With latency L a direction
@@ -30,10 +32,10 @@ What a relay promises still holds: bytes leave in the order they came, EOF
 (close_notify, or FIN on a plain side) is passed on after the last byte as
 `send_eof` and the other direction keeps flowing (half-close), a reset or a
 TLS error ends the connection naming the side that failed. The filters' cuts
-end it on purpose: `fault_close` (a clean close) or `fault_reset` (a reset,
-after the kernel has sent the bytes before the cut, so the peer receives
-exactly `reset_after` bytes and then ECONNRESET). A blackholed direction
-reads and drops, and passes no EOF either: a dead link, not a closed one.
+end it on purpose, naming the end (an injected `fault_close` is a clean
+close; `fault_reset` a reset after the kernel has sent the bytes before the
+cut, so the peer receives exactly `reset_after` bytes and then ECONNRESET). A
+filter may swallow EOF (a blackhole: a dead link, not a closed one).
 
 The sockets of a connection relayed here left the readiness backend's epoll
 (`Readiness.unregister`) when it was chosen; Trio waits on them, and the
@@ -50,21 +52,15 @@ from typing import TYPE_CHECKING, Final, final
 
 import trio
 
-from trioanubis.proxy.faults import count
+from trioanubis.proxy.filters import Filters, any_delays
 from trioanubis.proxy.io.base import CHUNK_SIZE
 from trioanubis.proxy.lifecycle import DOWN, UP, Flow, Way
 
 if TYPE_CHECKING:
-    from trioanubis.proxy.faults import DirectionPlan
-    from trioanubis.proxy.lifecycle import Connection
+    from trioanubis.proxy.lifecycle import Connection, EndState
 
 # Bytes one filtered direction may hold (queued or being sent): the socket relay's bound.
 QUEUE_BOUND: Final = CHUNK_SIZE
-# A bandwidth limit is paced in steps of 1/20 s: smooth enough for a client to
-# see a steady rate, few enough wake-ups to cost nothing.
-PACING_STEPS: Final = 20
-# Tiny slices without a delay yield to other tasks this often.
-SLICES_PER_CHECKPOINT: Final = 64
 # Before a reset, how long the kernel gets to send what precedes the cut.
 DRAIN_LIMIT: Final = 2.0
 _DRAIN_POLL: Final = 0.001
@@ -104,9 +100,7 @@ class StreamRelay(Flow["StreamDirection"]):
         if self.scope is not None:
             self.scope.cancel()
 
-    async def run(
-        self, client: Side, server: Side, up: DirectionPlan | None, down: DirectionPlan | None
-    ) -> None:
+    async def run(self, client: Side, server: Side, up: Filters, down: Filters) -> None:
         """Relay until both sides sent EOF or one failed (or the connection stops it)."""
         self.up = StreamDirection(self, UP, client, server, up)
         self.down = StreamDirection(self, DOWN, server, client, down)
@@ -122,30 +116,30 @@ class StreamRelay(Flow["StreamDirection"]):
 class StreamDirection:
     """One direction of a stream relay: its sides, its filters, its FIFO and what it moved."""
 
-    __slots__ = ("_arrived", "_room", "bytes", "delivered", "dst", "held", "next_send", "plan", "queue",
+    __slots__ = ("_arrived", "_room", "bytes", "delayed", "delivered", "dst", "filters", "held", "queue",
                  "relay", "src", "way")  # fmt: skip
 
-    def __init__(
-        self, relay: StreamRelay, way: Way, src: Side, dst: Side, plan: DirectionPlan | None
-    ) -> None:
+    def __init__(self, relay: StreamRelay, way: Way, src: Side, dst: Side, filters: Filters) -> None:
         self.relay = relay
         self.way = way
         self.src, self.dst = src, dst
-        self.plan = plan
+        self.filters = filters
+        self.delayed = any_delays(filters)
         self.bytes = 0  # delivered this way
         self.queue: deque[tuple[float, bytes]] = deque()  # (due, data); b"" is the EOF
         self.held = 0  # bytes queued or being sent: at most QUEUE_BOUND
-        self.delivered = 0  # towards a cut (reset_after / close_after)
-        self.next_send = 0.0  # the token bucket's next free moment (bandwidth)
+        self.delivered = 0  # what the filters count (a cut after N bytes)
         self._room = trio.lowlevel.ParkingLot()  # the reader, waiting for the queue to shrink
         self._arrived = trio.lowlevel.ParkingLot()  # the sender, waiting for the queue to fill
 
     def start(self, nursery: trio.Nursery, name: str | None) -> None:
-        if self.plan is None:
+        if not self.filters:
             nursery.start_soon(self.pump, name=name)
-        else:
-            nursery.start_soon(self.read, name=name)
-            nursery.start_soon(self.send, name=name)
+            return
+        for each in self.filters:
+            each.start(self.relay.conn, nursery)
+        nursery.start_soon(self.read, name=name)
+        nursery.start_soon(self.send, name=name)
 
     # ------------------------------------------------------- without filters
 
@@ -168,7 +162,7 @@ class StreamDirection:
             relay.moved(self, len(data))
 
     async def _pass_eof(self, *, forward: bool) -> None:
-        """The source sent EOF: pass it on (unless a blackhole swallows it), then count it."""
+        """The source sent EOF: pass it on (unless a filter swallows it), then count it."""
         if forward:
             try:
                 await self.dst.stream.send_eof()
@@ -180,38 +174,37 @@ class StreamDirection:
     # ------------------------------------------------------- with filters: reading
 
     async def read(self) -> None:
-        relay, src, plan = self.relay, self.src.stream, self.plan
-        assert plan is not None
+        relay, src, filters = self.relay, self.src.stream, self.filters
         while True:
             room = QUEUE_BOUND - self.held
             if room <= 0:
                 await self._room.park()
                 continue
             try:
-                data = await src.receive_some(room)
+                received = await src.receive_some(room)
             except _STREAM_ERRORS:
                 relay.failed(self.way, reading=True)
                 return
             relay.active = True
-            if data and plan.blackhole:
-                continue  # read and dropped (receive_some checkpoints, so a flood still yields)
-            self._push(bytes(data))
+            data: bytes | None = bytes(received)
+            for each in filters:
+                if data:
+                    data = each.on_read(data)
+            if data is None:
+                continue  # dropped (receive_some checkpoints, so a flood still yields)
+            self._push(data)
             if not data:
                 return
 
     def _push(self, data: bytes) -> None:
-        plan = self.plan
-        assert plan is not None
-        delay = plan.delay() if plan.latency else 0.0
-        self.queue.append((trio.current_time() + delay if delay else 0.0, data))
+        delay = sum(each.delay() for each in self.filters) if self.delayed else 0.0
+        self.queue.append((trio.current_time() + delay if delay > 0 else 0.0, data))
         self.held += len(data)
         self._arrived.unpark_all()
 
     # ------------------------------------------------------- with filters: sending
 
     async def send(self) -> None:
-        plan = self.plan
-        assert plan is not None
         while True:
             if not self.queue:
                 await self._arrived.park()
@@ -221,7 +214,10 @@ class StreamDirection:
                 await trio.sleep_until(due)
             self.queue.popleft()
             if not data:
-                await self._pass_eof(forward=not plan.blackhole)
+                forward = True
+                for each in self.filters:
+                    forward = await each.on_eof() and forward
+                await self._pass_eof(forward=forward)
                 return
             delivered = await self._deliver(memoryview(data))
             self.held -= len(data)
@@ -230,19 +226,14 @@ class StreamDirection:
                 return
 
     async def _deliver(self, view: memoryview) -> bool:
-        """Send one chunk in slices, paced, up to the cut; False when the connection ends here."""
-        plan = self.plan
-        assert plan is not None
-        pieces = 0
+        """Send one chunk piece by piece as the filters say; False when the connection ends here."""
+        filters = self.filters
         while view:
             piece = len(view)
-            if plan.slice:
-                piece = min(piece, plan.slice)
-            if plan.bandwidth:
-                piece = min(piece, max(1, plan.bandwidth // PACING_STEPS))
-                await self._pace(piece, plan.bandwidth)
-            if plan.limit:
-                piece = min(piece, plan.limit - self.delivered)
+            for each in filters:
+                piece = each.piece(piece, self.delivered)
+            for each in filters:
+                await each.before_piece(piece)
             try:
                 await self.dst.stream.send_all(view[:piece])
             except _STREAM_ERRORS:
@@ -251,38 +242,22 @@ class StreamDirection:
             self.relay.moved(self, piece)
             self.delivered += piece
             view = view[piece:]
-            if plan.limit and self.delivered >= plan.limit:
-                await self._cut(plan.cut)
-                return False
-            if plan.slice and view:
-                pieces += 1
-                if plan.slice_delay:
-                    await trio.sleep(plan.slice_delay)
-                elif pieces % SLICES_PER_CHECKPOINT == 0:
-                    await trio.lowlevel.checkpoint()
+            for each in filters:
+                end = await each.after_piece(self.delivered, bool(view))
+                if end is not None:
+                    await self._cut(end)
+                    return False
         return True
 
-    async def _pace(self, size: int, rate: int) -> None:
-        """The token bucket: wait until `size` more bytes keep the rate."""
-        now = trio.current_time()
-        if self.next_send > now:
-            await trio.sleep_until(self.next_send)
-        self.next_send = max(self.next_send, now) + size / rate
-
-    async def _cut(self, end: str) -> None:
-        """`reset_after` / `close_after` reached: end the connection the way the plan says."""
+    async def _cut(self, end: EndState) -> None:
+        """A filter ends the connection here: a reset after the bytes before it left, or a clean close."""
         conn = self.relay.conn
-        server = conn.picked
-        if server is not None:
-            count(server, "reset_after" if end == "fault_reset" else "close_after")
         if end == "fault_reset":
             # A reset drops what the kernel still holds: let it send the bytes before the cut.
             with trio.move_on_after(DRAIN_LIMIT):
                 while _unsent(self.dst.sock):
                     await trio.sleep(_DRAIN_POLL)
-            conn.end_with("fault_reset")
-        else:
-            conn.end_with("fault_close")
+        conn.end_with(end)
 
 
 def _unsent(sock: socket.socket) -> bool:
