@@ -5,6 +5,7 @@ as pure functions."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 from trioanubis.config import Address, listen_ip, parse_config
@@ -242,3 +243,36 @@ def test_a_weight_set_through_the_admin_survives_a_reload_of_an_unchanged_file()
     changed = parse_config(dict(BASE, pools=pools), "b.toml").pools["a"]
     update_servers(pool, changed)
     assert server.weight == 3
+
+
+# Files other projects' docstrings are named after, that our docstrings cite as models.
+CITED_ELSEWHERE = {"_state.py"}  # h11's
+_FILE_NAME = re.compile(r"\b[A-Za-z_][\w/]*\.py\b")
+
+
+def files_named_but_missing(paths: list[Path]) -> list[str]:
+    """Each `name.py` or `dir/name.py` the given sources mention that is not in the package (or,
+    with a directory, at that path from the package or the repository)."""
+    root = PACKAGE.parent
+    ours = {path.name for path in PACKAGE.rglob("*.py")}
+    missing = []
+    for path in paths:
+        for name in _FILE_NAME.findall(path.read_text()):
+            if "*" in name or name in CITED_ELSEWHERE:
+                continue
+            found = (PACKAGE / name).exists() or (root / name).exists() if "/" in name else name in ours
+            if not found:
+                missing.append(f"{path.name} names {name}")
+    return missing
+
+
+def test_every_file_a_docstring_or_comment_names_exists() -> None:
+    """A module that says "see relay.py" must not point at a file that moved or never was."""
+    assert files_named_but_missing(sorted(PACKAGE.rglob("*.py"))) == []
+
+
+def test_the_file_name_check_finds_a_moved_file(tmp_path: Path) -> None:
+    source = tmp_path / "example.py"
+    source.write_text('"""See proxy/relay.py, relay.py, proxy/tls_relay.py and faulted.py."""\n')
+    assert files_named_but_missing([source]) == ["example.py names proxy/tls_relay.py",
+                                                 "example.py names faulted.py"]

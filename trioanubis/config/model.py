@@ -166,7 +166,7 @@ class SpawnConfig:
 
 @dataclass(frozen=True, slots=True)
 class TlsServer:
-    """A listener's `tls`: clients speak TLS to us. `context` is loaded while parsing (tls.py)."""
+    """A listener's `tls`: clients speak TLS to us. `context` is loaded while parsing (tls/context.py)."""
 
     certificates: tuple[tuple[str, str], ...]  # (cert, key) paths; the first is the default
     context: ssl.SSLContext = field(compare=False, repr=False, default=None)  # type: ignore[assignment]
@@ -174,7 +174,7 @@ class TlsServer:
 
 @dataclass(frozen=True, slots=True)
 class TlsClient:
-    """A pool's `tls`: we speak TLS to its servers. `context` is loaded while parsing (tls.py)."""
+    """A pool's `tls`: we speak TLS to its servers. `context` is loaded while parsing (tls/context.py)."""
 
     verify: bool = True
     ca: str = ""  # "": the system's CAs

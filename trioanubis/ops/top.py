@@ -47,7 +47,7 @@ SNAPSHOT_WIDTH: Final = 160
 # Where `anubis top` finds the token when neither --token nor --token-file is given: an environment
 # variable is not in `ps` output for other users, as a command-line argument is.
 TOKEN_VARIABLE: Final = "ANUBIS_TOKEN"
-# A token file bigger than this is the wrong file (as config.py's token_file).
+# A token file bigger than this is the wrong file (as config/settings.py's token_file).
 MAX_TOKEN_BYTES: Final = 4096
 RICH_MISSING: Final = "anubis top needs the 'rich' package: pip install 'trioanubis[top]'"
 
