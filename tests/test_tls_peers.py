@@ -190,3 +190,50 @@ async def test_an_originating_pool_refuses_expired_and_foreign_certificates_and_
                 assert answer.endswith(b"\r\n\r\ngood\n"), answer
             failures = {s.name: s.connect_failures for s in balancer.pools["p"].servers}
     assert failures["expired"] >= 1 and failures["foreign"] >= 1 and failures["good"] == 0
+
+
+async def test_an_originating_pool_sends_its_proxy_header_before_the_tls_handshake(tmp_path: Path) -> None:
+    """`send_proxy` with `tls` (HAProxy's send-proxy on an ssl server): nginx reads the header in clear
+    text, then the handshake, and names the client the header carried."""
+    ca = Authority(tmp_path)
+    pair = ca.issue("backend.test")
+    port = free_port()
+    config = tmp_path / "nginx.conf"
+    user = "user root;" if os.getuid() == 0 else ""
+    config.write_text(f"""
+{user}
+worker_processes 1;
+pid {tmp_path}/nginx.pid;
+error_log {tmp_path}/error.log;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp_path}/body;
+    proxy_temp_path {tmp_path}/proxy;
+    fastcgi_temp_path {tmp_path}/fastcgi;
+    uwsgi_temp_path {tmp_path}/uwsgi;
+    scgi_temp_path {tmp_path}/scgi;
+    server {{
+        listen 127.0.0.1:{port} ssl proxy_protocol;
+        ssl_certificate {pair.cert};
+        ssl_certificate_key {pair.key};
+        location / {{ return 200 "client $proxy_protocol_addr:$proxy_protocol_port over $ssl_protocol\\n"; }}
+    }}
+}}
+""")
+    argv = [need("nginx"), "-p", str(tmp_path), "-e", str(tmp_path / "error.log"), "-c", str(config),
+            "-g", "daemon off;"]  # fmt: skip
+    for version in ("v1", "v2"):
+        data = {
+            "listeners": {"web": {"bind": "127.0.0.1:0", "pool": "web"}},
+            "pools": {"web": {"servers": [f"127.0.0.1:{port}"], "send_proxy": version,
+                              "health": {"check": "none"}, "tls": {"ca": ca.pair.cert, "sni": "backend.test"}}},
+        }  # fmt: skip
+        async with peer_process(argv, port, tmp_path / "nginx.log"), running_balancer(data) as (_, address):
+            stream = await connect(address)
+            client_port = stream.socket.getsockname()[1]
+            await stream.send_all(b"GET / HTTP/1.1\r\nHost: backend.test\r\nConnection: close\r\n\r\n")
+            answer = await receive_all(stream)
+            await stream.aclose()
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+        assert f"client 127.0.0.1:{client_port} over TLSv1.".encode() in answer, answer  # the header, in TLS
