@@ -227,7 +227,8 @@ http {{
         data = {
             "listeners": {"web": {"bind": "127.0.0.1:0", "pool": "web"}},
             "pools": {"web": {"servers": [f"127.0.0.1:{port}"], "send_proxy": version,
-                              "health": {"check": "none"}, "tls": {"ca": ca.pair.cert, "sni": "backend.test"}}},
+                              "health": {"check": "none"},
+                              "tls": {"ca": ca.pair.cert, "sni": "backend.test"}}},
         }  # fmt: skip
         async with peer_process(argv, port, tmp_path / "nginx.log"), running_balancer(data) as (_, address):
             stream = await connect(address)
