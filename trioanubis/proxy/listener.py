@@ -189,7 +189,8 @@ class Listener:
                 self.rejected += 1
                 client.close()
                 continue
-            addr = normalise_peer(addr)
+            if ":" in addr[0]:  # IPv6, or IPv4 on a dual-stack listener: written as IPv4 when it is
+                addr = normalise_peer(addr)
             counted: str | None = ""
             if self.screening:
                 counted = self.admission.at_accept(str(addr[0]), self.poller.now())
