@@ -1,4 +1,4 @@
-"""Instructions per connection and per request, counted by callgrind: a figure the machine's noise leaves alone.
+"""Instructions per connection and per request, counted by callgrind: figures the machine's noise spares.
 
     python bench/instructions.py [--source DIR] [--io auto|epoll|portable] [-n 400] [--requests 2000]
 
@@ -8,7 +8,8 @@ told apart that way. Valgrind's callgrind counts the instructions a process
 executes, the same for the same program and inputs whatever else runs (the
 tool library's machine notes: "the same total twice, once with the other core
 loaded"), given the same scheduling: Trio's random choice of task order is
-seeded here, and so is Python's string hashing. So this runs the balancer (this tree, or `--source DIR`'s) under
+seeded here, and so is Python's string hashing. So this runs the balancer
+(this tree, or `--source DIR`'s) under
 callgrind three times, each behind the same echo backend (in this process)
 and driven the same way: start and stop only (the baseline); `-n` new
 connections, one after another, each sending 100 bytes, reading them back and
@@ -87,7 +88,8 @@ def measure(args: argparse.Namespace, backend: int, drive: str) -> int:
         config = Path(tmp) / "anubis.toml"
         config.write_text(f'[settings]\naccess_log = false\nio = "{args.io}"\n'
                           f'[listeners.bench]\nbind = "127.0.0.1:{port}"\npool = "bench"\n'
-                          f'[pools.bench]\nservers = ["127.0.0.1:{backend}"]\nhealth = {{ check = "none" }}\n')
+                          f'[pools.bench]\nservers = ["127.0.0.1:{backend}"]\n'
+                          'health = { check = "none" }\n')
         out = Path(tmp) / "callgrind.out"
         # Trio reverses a batch of runnable tasks at random: seeded, two runs schedule alike.
         path = f"sys.path.insert(0, {args.source!r}); " if args.source else ""
