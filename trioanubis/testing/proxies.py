@@ -108,12 +108,15 @@ class Proxies:
             raise ApiError("proxy not found", 404)
         return proxy
 
-    async def create(self, name: str, listen: str, upstream: str, *, enabled: bool = True) -> Proxy:
-        """A new proxy, listening unless `enabled` is False; 409 for a name taken, 500 when it cannot bind."""
+    async def create(self, name: str, listen: str, upstream: str, *, enabled: bool = True,
+                     seed: int | None = None) -> Proxy:  # fmt: skip
+        """A new proxy, listening unless `enabled` is False; 409 for a name taken, 500 when it cannot bind.
+        Its draws are seeded with `seed`, else the collection's."""
         async with self.lock:
             if name in self.proxies:
                 raise ApiError("proxy already exists", 409)
-            proxy = Proxy(name, listen or DEFAULT_LISTEN, upstream, False, ToxicSet(self.seed))
+            proxy = Proxy(name, listen or DEFAULT_LISTEN, upstream, False,
+                          ToxicSet(self.seed if seed is None else seed))  # fmt: skip
             if enabled:
                 await self._start(proxy)
             self.proxies[name] = proxy

@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Any, Final, final
 
 import trio
 
+from trioanubis.config import FaultConfig
 from trioanubis.proxy.filters import MAKERS, Filter, Filters, TokenBucket
 
 if TYPE_CHECKING:
@@ -74,6 +75,7 @@ ATTRIBUTES: Final[Mapping[str, tuple[tuple[str, int], ...]]] = {
     "noop": (),
     "blackhole": (),  # ours: drop bytes and EOF
     "reset_data": (("bytes", 1 << 53),),  # ours: reset after exactly `bytes`
+    "cut": (("after", DAY_MS),),  # ours: close `after` ms after it began, bytes flowing until then
 }
 STREAMS: Final = ("upstream", "downstream")
 
@@ -377,9 +379,9 @@ class ToxicDirection(Filter):
     def due(self) -> float:
         """When this direction's next time-based cut is due (inf: none)."""
         due = math.inf
-        for state in self._active("timeout", "reset_peer"):
-            wait = state.toxic.attr("timeout") / 1000
-            if state.toxic.type == "timeout" and wait > 0:
+        for state in self._active("timeout", "reset_peer", "cut"):
+            wait = state.toxic.attr("after" if state.toxic.type == "cut" else "timeout") / 1000
+            if state.toxic.type in ("timeout", "cut") and (wait > 0 or state.toxic.type == "cut"):
                 due = min(due, state.since + wait)
             elif state.toxic.type == "reset_peer" and state.first is not None:
                 due = min(due, state.first + wait)
@@ -387,9 +389,10 @@ class ToxicDirection(Filter):
 
     def fired(self) -> EndState | None:
         now = trio.current_time()
-        for state in self._active("timeout", "reset_peer"):
-            wait = state.toxic.attr("timeout") / 1000
-            if state.toxic.type == "timeout" and wait > 0 and state.since + wait <= now:
+        for state in self._active("timeout", "reset_peer", "cut"):
+            wait = state.toxic.attr("after" if state.toxic.type == "cut" else "timeout") / 1000
+            timed = state.toxic.type == "cut" or (state.toxic.type == "timeout" and wait > 0)
+            if timed and state.since + wait <= now:
                 return "fault_close"
             if state.toxic.type == "reset_peer" and state.first is not None and state.first + wait <= now:
                 return "fault_reset"
@@ -497,3 +500,38 @@ def slice_sizes(size: int, toxic: Toxic, rng: random.Random) -> list[int]:
         mid = min(max(mid, 1), length - 1)
         pending += [length - mid, mid]  # the left half is taken first
     return sizes
+
+
+# ---------------------------------------------------------------- faults as toxics
+
+# Keys the kit takes beside the `[faults]` table's: toxiproxy's time-based toxics and ours.
+TIMED: Final = {
+    "timeout": ("timeout", "timeout"),  # drop bytes, close after (0: never)
+    "reset_peer": ("reset_peer", "timeout"),  # reset this long after the first bytes
+    "slow_close": ("slow_close", "delay"),  # hold the EOF this long
+    "cut_after": ("cut", "after"),  # ours: bytes flow, the connection closes this long after
+}
+
+
+def fault_toxics(faults: FaultConfig, timed: Mapping[str, float]) -> list[Toxic]:
+    """The toxics a `[faults]` table (and the kit's timed keys, in seconds) stands for, named
+    TYPE_STREAM; `refuse` is not one (it acts on connects: the pool's faults)."""
+    kinds: list[tuple[str, tuple[tuple[str, float], ...]]] = []
+    if faults.latency or faults.jitter:
+        kinds.append(("latency", (("latency", faults.latency * 1000), ("jitter", faults.jitter * 1000))))
+    if faults.bandwidth:
+        kinds.append(("bandwidth", (("rate", faults.bandwidth / 1000),)))
+    if faults.slice:
+        kinds.append(("slicer", (("average_size", faults.slice), ("size_variation", 0),
+                                 ("delay", faults.slice_delay * 1_000_000))))  # fmt: skip
+    for kind, size in (("limit_data", faults.close_after), ("reset_data", faults.reset_after)):
+        if size:
+            kinds.append((kind, (("bytes", size),)))
+    if faults.blackhole:
+        kinds.append(("blackhole", ()))
+    for key, seconds in timed.items():
+        kind, attribute = TIMED[key]
+        kinds.append((kind, ((attribute, seconds * 1000),)))
+    streams = STREAMS if faults.direction == "both" else (faults.direction,)
+    return [Toxic(f"{kind}_{stream}", kind, stream, faults.probability, attributes)
+            for kind, attributes in kinds for stream in streams]  # fmt: skip

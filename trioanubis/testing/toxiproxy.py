@@ -236,18 +236,18 @@ def _populated(done: list[Proxy], failure: ApiError | None) -> Reply:
 # ---------------------------------------------------------------- the server
 
 
-def toxiproxy_balancer(host: str, port: int, *, io: str = "auto", seed: int | None = None
+def toxiproxy_balancer(host: str, port: int, *, io: str = "auto", seed: int | None = None, api: bool = True
                        ) -> tuple[Balancer, Proxies]:  # fmt: skip
-    """A balancer with no proxy yet whose admin endpoint on host:port speaks toxiproxy's API."""
+    """A balancer with no proxy yet; with `api`, its admin endpoint on host:port speaks toxiproxy's API."""
     names = () if _is_ip(host) or host == "localhost" else (host,)  # a name we listen on is ours
-    admin = AdminConfig(Address(host, port), hosts=names)
+    admin = AdminConfig(Address(host, port), hosts=names) if api else None
     settings = Settings(drain_timeout=0.0, access_log=False)
     config = Config({}, {}, settings, admin, "anubis toxiproxy")
     binds = BindRecorder()
     balancer = Balancer(config, io=io, open_socket=binds)
     proxies = Proxies(balancer, binds, seed=seed)
-    assert balancer.admin is not None
-    balancer.admin.router = ToxiproxyApi(proxies).route
+    if balancer.admin is not None:
+        balancer.admin.router = ToxiproxyApi(proxies).route
     return balancer, proxies
 
 
