@@ -135,11 +135,18 @@ async def open_balancer(config: ConfigSource, *, io: str | None = None) -> Async
     """
     loaded = load(config)
     balancer = Balancer(loaded, io=io_backend(io, loaded))
+    failed: Exception | None = None
     async with trio.open_nursery() as nursery:
         await nursery.start(balancer.run)
         try:
             yield BalancerHandle(balancer)
+        except Exception as exc:  # raised as it is, after the tree stopped (not in an exception group)
+            failed = exc
+            nursery.cancel_scope.cancel()
         except BaseException:
             nursery.cancel_scope.cancel()
             raise
-        balancer.shutdown(delay=False)
+        else:
+            balancer.shutdown(delay=False)
+    if failed is not None:
+        raise failed
