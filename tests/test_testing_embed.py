@@ -22,8 +22,10 @@ async def test_two_balancers_at_once_relay_and_exit_cleanly() -> None:
     async with trio.open_nursery() as nursery:
         a = await start_backend(nursery, named("a"), "a")
         b = await start_backend(nursery, named("b"), "b")
-        async with open_balancer(config_for([a.address]), io=IO_BACKEND) as one, \
-                open_balancer(config_for([b.address]), io=IO_BACKEND) as two:  # fmt: skip
+        async with (
+            open_balancer(config_for([a.address]), io=IO_BACKEND) as one,
+            open_balancer(config_for([b.address]), io=IO_BACKEND) as two,
+        ):
             assert one.address() != two.address()
             for _ in range(3):
                 assert await request(one.address()) == b"a"
@@ -36,17 +38,23 @@ async def test_two_balancers_at_once_relay_and_exit_cleanly() -> None:
 async def test_the_config_comes_as_toml_text_a_path_or_a_dict(tmp_path: Path) -> None:
     async with trio.open_nursery() as nursery:
         backend = await start_backend(nursery, named("x"), "x")
-        text = f'[listeners.web]\nbind = "127.0.0.1:0"\npool = "p"\n[pools.p]\nservers = ["{backend.address}"]\n' \
-               '[pools.p.health]\ncheck = "none"\n'  # fmt: skip
+        text = (
+            f'[listeners.web]\nbind = "127.0.0.1:0"\npool = "p"\n[pools.p]\nservers = ["{backend.address}"]\n'
+            '[pools.p.health]\ncheck = "none"\n'
+        )
         path = tmp_path / "lb.toml"
         path.write_text(text)
         for source in (text, path, str(path), config_for([backend.address])):
             async with open_balancer(source, io=IO_BACKEND) as handle:
                 assert await request(handle.address()) == b"x"
         nursery.cancel_scope.cancel()
-    with pytest.raises(ConfigError, match="pools.p.servers"):
-        async with open_balancer({"listeners": {"w": {"bind": "127.0.0.1:0", "pool": "p"}},
-                                  "pools": {"p": {"servers": ["nowhere"]}}}):  # fmt: skip
+    with pytest.raises(ConfigError, match=r"pools\.p\.servers"):
+        async with open_balancer(
+            {
+                "listeners": {"w": {"bind": "127.0.0.1:0", "pool": "p"}},
+                "pools": {"p": {"servers": ["nowhere"]}},
+            }
+        ):
             pass
 
 
@@ -103,8 +111,12 @@ async def test_two_balancers_in_two_threads_relay_byte_exact() -> None:
         echo = await start_backend(nursery)
         results: dict[str, Any] = {}
         payloads = {key: os.urandom(1 << 20) for key in ("one", "two")}
-        threads = [threading.Thread(target=run_in_thread, args=(Address("127.0.0.1", echo.port), payloads[key],
-                                                                  results, key)) for key in payloads]  # fmt: skip
+        threads = [
+            threading.Thread(
+                target=run_in_thread, args=(Address("127.0.0.1", echo.port), payloads[key], results, key)
+            )
+            for key in payloads
+        ]
         for thread in threads:
             thread.start()
         await wait_until(lambda: len(results) == 2, timeout=60)

@@ -27,8 +27,22 @@ def redis_server(tmp_path) -> Iterator[str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                               "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -47,8 +61,13 @@ def redis_server(tmp_path) -> Iterator[str]:
 
 def client(proxy, timeout: float) -> redis.Redis:
     """One pooled connection, no retries: what the client sees is what the fault did."""
-    return redis.Redis(proxy.host, proxy.port, socket_timeout=timeout, retry=Retry(NoBackoff(), 0),
-                       single_connection_client=True)
+    return redis.Redis(
+        proxy.host,
+        proxy.port,
+        socket_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+        single_connection_client=True,
+    )
 
 
 def test_latency_makes_a_tight_timeout_expire_on_the_open_connection(anubis_proxy, redis_server):
@@ -86,7 +105,7 @@ def test_a_one_second_blackhole_then_the_connection_closes(anubis_proxy, redis_s
         with pytest.raises(redis.ConnectionError):
             r.ping()
         assert time.monotonic() - started >= 1.0
-    with db.faults(blackhole=True):  # a dead link: the client's own timeout is all it gets
-        with pytest.raises(redis.TimeoutError):
-            client(db, timeout=0.3).ping()
+    # A dead link: the client's own timeout is all it gets.
+    with db.faults(blackhole=True), pytest.raises(redis.TimeoutError):
+        client(db, timeout=0.3).ping()
     assert r.ping()

@@ -24,8 +24,11 @@ from tests.conftest import EVENTUALLY, free_port
 @pytest.fixture
 def server() -> Iterator[toxiproxy.Toxiproxy]:
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "trioanubis", "toxiproxy", "--port", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "trioanubis", "toxiproxy", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     APIConsumer.host, APIConsumer.port = "127.0.0.1", port
     client = toxiproxy.Toxiproxy()
     try:
@@ -100,8 +103,10 @@ def test_the_clients_calls_work_unchanged(server: toxiproxy.Toxiproxy, echo: str
     proxy.add_toxic(type="bandwidth", stream="upstream", attributes={"rate": 1000}, toxicity=0.5)
     toxics = proxy.toxics()
     assert set(toxics) == {"latency_downstream", "bandwidth_upstream"}
-    assert toxics["bandwidth_upstream"].toxicity == 0.5 and toxics["latency_downstream"].attributes == \
-        {"latency": 50, "jitter": 0}  # fmt: skip
+    assert toxics["bandwidth_upstream"].toxicity == 0.5 and toxics["latency_downstream"].attributes == {
+        "latency": 50,
+        "jitter": 0,
+    }
     proxy.destroy_toxic("bandwidth_upstream")
     assert list(proxy.toxics()) == ["latency_downstream"]
     with proxy.down():
@@ -111,8 +116,12 @@ def test_the_clients_calls_work_unchanged(server: toxiproxy.Toxiproxy, echo: str
     with connect(proxy) as sock:
         assert echo_time(sock) >= 0.05
     assert server.reset() and proxy.toxics() == {}
-    populated = server.populate([{"name": "echo", "upstream": echo, "listen": proxy.listen},
-                                 {"name": "other", "upstream": echo, "listen": "127.0.0.1:0"}])  # fmt: skip
+    populated = server.populate(
+        [
+            {"name": "echo", "upstream": echo, "listen": proxy.listen},
+            {"name": "other", "upstream": echo, "listen": "127.0.0.1:0"},
+        ]
+    )
     assert [p.name for p in populated] == ["other"]  # "echo" matched and was kept
     with pytest.raises(toxiproxy.server.ProxyExists):
         server.create(upstream=echo, name="other")

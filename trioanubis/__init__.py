@@ -9,19 +9,15 @@ The public API (typed, checked with mypy --strict by tests/test_testing_api.py):
 - the `anubis_proxy` pytest fixture (entry point `pytest11`);
 - `Config`, `Address`, `ConfigError`, `AnubisError`: what those take and raise.
 
-Names are imported on first use, so `import trioanubis` stays cheap.
+Names are imported on first use, so `import trioanubis` stays cheap; their types are declared in
+`__init__.pyi` (what type checkers read), which keeps this package's import graph free of circles.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 __version__ = "0.1.0"
-
-if TYPE_CHECKING:
-    from trioanubis.config import Address, Config, ConfigError
-    from trioanubis.errors import AnubisError
-    from trioanubis.testing.embed import BalancerHandle, open_balancer
 
 __all__ = ["Address", "AnubisError", "BalancerHandle", "Config", "ConfigError", "__version__",
            "open_balancer"]  # fmt: skip

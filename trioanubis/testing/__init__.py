@@ -11,15 +11,12 @@ proxy's live toxics as stream-relay filters); proxies.py carries toxiproxy's
 proxies out on a balancer through the reload path; toxiproxy.py puts its
 HTTP API on them; thread.py drives the same collection from another thread;
 controls.py is the embedding handle's runtime controls. Importing this
-package imports none of them.
+package imports none of them (their types: `__init__.pyi`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from trioanubis.testing.thread import Kit, ProxyHandle, proxy
+from typing import Any
 
 __all__ = ["Kit", "ProxyHandle", "proxy"]
 

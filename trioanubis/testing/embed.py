@@ -29,6 +29,7 @@ from typing import Any, final
 
 import trio
 
+import trioanubis.testing.controls as controls
 from trioanubis.app import Balancer
 from trioanubis.config import (
     Address,
@@ -39,7 +40,6 @@ from trioanubis.config import (
     parse_config,
     parse_config_text,
 )
-from trioanubis.testing import controls
 
 ConfigSource = str | os.PathLike[str] | Mapping[str, Any] | Config
 

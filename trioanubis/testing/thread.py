@@ -38,10 +38,10 @@ from typing import Any, Final, TypeVar, final
 
 import trio
 
+import trioanubis.testing.controls as controls
 from trioanubis.config import Address, FaultConfig, parse_duration, parse_faults
 from trioanubis.config.faults import FAULT_KEYS
 from trioanubis.config.values import DAY
-from trioanubis.testing import controls
 from trioanubis.testing.embed import io_backend
 from trioanubis.testing.proxies import Proxies, Proxy
 from trioanubis.testing.toxics import TIMED, ApiError, Toxic, fault_toxics, parse_toxic
