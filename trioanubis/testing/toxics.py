@@ -32,11 +32,14 @@ toxiproxy draws it), `bandwidth` paces at `rate` KB/s (1000 bytes),
 `size_variation`, toxiproxy's halving) with `delay` µs after each,
 `limit_data` closes (FIN) once exactly `bytes` went through, `slow_close`
 holds the EOF `delay` ms, `timeout` and `reset_peer` drop what they get.
-Two types are ours: `blackhole` drops bytes and EOF (a dead link: the
-`[faults]` table's), and `reset_data` resets after exactly `bytes`
-(`reset_after`). Deviation: every cut ends the whole connection, as
-toxiproxy's close does, but a plain EOF keeps the other direction flowing
-(toxiproxy closes both sockets on the first EOF).
+Three types are ours: `blackhole` drops bytes and EOF (a dead link: the
+`[faults]` table's), `reset_data` resets after exactly `bytes`
+(`reset_after`), and `cut` closes the connection `after` ms while bytes flow
+until then. `fault_toxics` turns the kit's fault keywords (a `[faults]`
+table, plus `timeout`, `reset_peer`, `slow_close`, `cut_after`) into toxics.
+Deviation: every cut ends the whole connection, as toxiproxy's close does,
+but a plain EOF keeps the other direction flowing (toxiproxy closes both
+sockets on the first EOF).
 
 Draws (jitter, toxicity, slice sizes) come from one `random.Random` per
 connection and direction, seeded from the set's `seed` and the
