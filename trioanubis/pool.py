@@ -199,6 +199,8 @@ class Pool:
         self._spill_rate = 0.0  # share of picks the next group keeps while the best ramps up
         self._spill = 0.0
         self.held = HoldQueue()  # clients waiting for a server (queue_timeout)
+        # The live toxics of a proxy the testing kit runs (trioanubis/testing/toxics.py); None as a rule.
+        self.toxics: object = None
         self.version = 0  # counts changed(): whoever keeps something derived can tell it is stale
         # Told about each passive ejection (a worker passes it to its supervisor).
         self.on_eject: Callable[[Server, str], None] | None = None

@@ -25,6 +25,7 @@ attempt), shown in /metrics as `anubis_faults_applied_total`.
 from __future__ import annotations
 
 import random
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, final
 
@@ -34,8 +35,16 @@ from trioanubis.errors import ConnectFailed
 if TYPE_CHECKING:
     from trioanubis.pool import Server
 
-# The draws need no cryptographic quality, only independence per connection.
-_random: Final = random.Random()
+# The draws need no cryptographic quality, only independence per connection: one generator per
+# thread, so balancers embedded in two threads (trioanubis.testing) share none.
+_local = threading.local()
+
+
+def _rng() -> random.Random:
+    rng: random.Random | None = getattr(_local, "rng", None)
+    if rng is None:
+        rng = _local.rng = random.Random()
+    return rng
 
 
 @final
@@ -52,11 +61,11 @@ class DirectionPlan:
     slice: int = 0
     slice_delay: float = 0.0
 
-    def delay(self, rng: random.Random = _random) -> float:
+    def delay(self, rng: random.Random | None = None) -> float:
         """How long the next chunk is held: latency, give or take up to jitter."""
         if not self.jitter:
             return self.latency
-        return max(0.0, self.latency + rng.uniform(-self.jitter, self.jitter))
+        return max(0.0, self.latency + (rng or _rng()).uniform(-self.jitter, self.jitter))
 
     @property
     def limit(self) -> int:
@@ -89,9 +98,9 @@ class FaultPlan:
 _DRAWN: Final = ("latency", "jitter", "bandwidth", "blackhole", "slice")
 
 
-def draw(faults: FaultConfig, server: Server, rng: random.Random = _random) -> FaultPlan | None:
+def draw(faults: FaultConfig, server: Server, rng: random.Random | None = None) -> FaultPlan | None:
     """This connection's plan, or None when the dice spare it (or only `refuse` is set)."""
-    if faults.probability < 1 and rng.random() >= faults.probability:
+    if faults.probability < 1 and (rng or _rng()).random() >= faults.probability:
         return None
     plan = DirectionPlan(
         latency=faults.latency, jitter=faults.jitter, bandwidth=faults.bandwidth,
@@ -108,12 +117,12 @@ def draw(faults: FaultConfig, server: Server, rng: random.Random = _random) -> F
     return FaultPlan(upstream, downstream)
 
 
-def refused(server: Server, rng: random.Random = _random) -> ConnectFailed | None:
+def refused(server: Server, rng: random.Random | None = None) -> ConnectFailed | None:
     """The error of a connect attempt that `refuse` fails, or None to connect for real."""
     faults = server.faults
     if faults is None or not faults.refuse:
         return None
-    if faults.probability < 1 and rng.random() >= faults.probability:
+    if faults.probability < 1 and (rng or _rng()).random() >= faults.probability:
         return None
     count(server, "refuse")
     return ConnectFailed(f"connecting to {server.address}: refused (injected fault)", "refused")

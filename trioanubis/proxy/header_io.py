@@ -34,8 +34,10 @@ from trioanubis.proxy.proxy_protocol import HeaderReader, ProxyHeader
 if TYPE_CHECKING:
     from trioanubis.proxy.lifecycle import Connection
 
-_sink = bytearray(4096)  # consumed header bytes land here; their content is already parsed
-_SINK: Final = memoryview(_sink)
+
+
+# A sink for callers without a scratch buffer of their own (tests): a header is at most 232 bytes.
+_SINK_SIZE: Final = 4096
 
 
 def _peek(sock: socket.socket, size: int) -> bytes | None:
@@ -49,11 +51,12 @@ def _peek(sock: socket.socket, size: int) -> bytes | None:
         raise ProxyHeaderError(f"reading the PROXY header: {reason}", "proxy_header") from None
 
 
-def _consume(sock: socket.socket, count: int) -> None:
-    """Consume `count` bytes already peeked (they are in the kernel's buffer)."""
+def _consume(sock: socket.socket, count: int, sink: memoryview) -> None:
+    """Consume `count` bytes already peeked (they are in the kernel's buffer) into `sink`, whose content
+    nobody reads (the bytes are parsed already)."""
     while count:
         try:
-            got = sock.recv_into(_SINK, min(count, len(_SINK)))
+            got = sock.recv_into(sink, min(count, len(sink)))
         except OSError:
             got = 0
         if not got:
@@ -61,14 +64,19 @@ def _consume(sock: socket.socket, count: int) -> None:
         count -= got
 
 
-async def read_proxy_header(sock: socket.socket, timeout: float) -> ProxyHeader:
+async def read_proxy_header(
+    sock: socket.socket, timeout: float, sink: memoryview | None = None
+) -> ProxyHeader:
     """Read one PROXY protocol header (v1 or v2) from non-blocking `sock`, within `timeout`.
 
-    Consumes the header's bytes and nothing after them. Raises ProxyHeaderError
+    Consumes the header's bytes and nothing after them, reading them into
+    `sink` (the balancer's scratch buffer: nothing module-wide, so two
+    balancers in two threads share no buffer; a buffer of its own if None). Raises ProxyHeaderError
     (reason "proxy_header" or "proxy_timeout") for a bad, incomplete or late
     header; the caller closes the socket.
     """
     reader = HeaderReader()
+    sink = memoryview(bytearray(_SINK_SIZE)) if sink is None else sink
     with trio.move_on_after(timeout):
         while True:
             data = _peek(sock, reader.room())
@@ -77,7 +85,7 @@ async def read_proxy_header(sock: socket.socket, timeout: float) -> ProxyHeader:
                 continue
             if not data:
                 raise ProxyHeaderError("the peer closed before sending a whole PROXY header", "proxy_header")
-            _consume(sock, reader.feed(data))
+            _consume(sock, reader.feed(data), sink)
             if reader.header is not None:
                 return reader.header
             if reader.failed:
@@ -92,7 +100,7 @@ async def read_header(conn: Connection) -> bool:
     now = origin.poller.now
     conn.waited_by_trio()  # the header is read with Trio's own waits
     try:
-        header = await read_proxy_header(conn.client_sock, admission.proxy_timeout)
+        header = await read_proxy_header(conn.client_sock, admission.proxy_timeout, origin.poller.scratch)
     except ProxyHeaderError as exc:
         admission.refuse(str(conn.peer[0]), exc.reason, now(), str(exc))
         conn.end_with("proxy_timeout" if exc.reason == "proxy_timeout" else "proxy_header")
