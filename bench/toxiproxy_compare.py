@@ -1,9 +1,12 @@
 """`anubis toxiproxy` side by side with Shopify's toxiproxy server: the same calls, the same answers.
 
+    TOXIPROXY_SERVER=/path/to/toxiproxy-server python -m pytest -p no:cacheprovider bench/toxiproxy_compare.py
+
 Runs only where the real server is installed: `toxiproxy-server` on PATH, or its path in
-$TOXIPROXY_SERVER. It is not one of the CI-mandatory peers (tests/peers.py) and skips under CI too:
-no Debian package brings it, and CI cannot fetch its source to build it. Build it with
-/work/shared/peers/build-toxiproxy-server (Debian's Go, offline) to run this file.
+$TOXIPROXY_SERVER. No Debian package brings it and CI cannot fetch its source to build it, so this
+lives in bench/ (outside the test suite, which under CI must never skip) and is run by hand:
+build the server with a copy of github.com/Shopify/toxiproxy's source and Debian's Go (offline:
+the shared build-toxiproxy-server script does it), then run the line above from the repository.
 """
 
 from __future__ import annotations
