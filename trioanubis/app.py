@@ -385,8 +385,11 @@ class Balancer:
             why = exc.strerror or exc if isinstance(exc, OSError) else exc
             log.error("state_file %s: %s; ignored: starting from the config alone", path, why)
             return
-        applied = self.restore(commands, f"state_file {path}")
-        log.info("state_file %s: %d of %d runtime changes applied", path, applied, len(commands))
+        if raw is None:
+            log.info("state_file %s: none yet (written at start and after each runtime change)", path)
+        else:
+            applied = self.restore(commands, f"state_file {path}")
+            log.info("state_file %s: %d of %d runtime changes applied", path, applied, len(commands))
         await self.save_state()
 
     async def save_state(self) -> None:

@@ -79,6 +79,12 @@ def _name(value: object, what: str) -> str:
     return value
 
 
+def new_server_path(pool: str) -> str:
+    """Where errors in a server entry for `pool` say it is: "pools.web.servers[new]" (a long name cut)."""
+    shown = pool if len(pool) <= 64 else f"{pool[:48]}...{pool[-13:]}"
+    return f"pools.{shown}.servers[new]"
+
+
 def fault_table(faults: FaultConfig) -> dict[str, Any]:
     """`faults` as a faults table (the keys that differ from the defaults), parsed back to the same."""
     return {key: value for key in FAULT_KEYS if (value := getattr(faults, key)) != getattr(NO_FAULTS, key)}
@@ -113,11 +119,11 @@ def checked_entry(pool: str, entry: object) -> ServerConfig:
     if not isinstance(entry, ServerConfig):
         raise CommandError(f"a server entry must be a ServerConfig, got {type(entry).__name__}")
     try:
-        if parse_server(server_table(entry), f"pools.{pool}.servers[new]") == entry:
+        if parse_server(server_table(entry), new_server_path(pool)) == entry:
             return entry
     except ConfigError as exc:
         raise CommandError(str(exc)) from None
-    raise CommandError(f"pools.{pool}.servers[new]: not an entry the config accepts")
+    raise CommandError(f"{new_server_path(pool)}: not an entry the config accepts")
 
 
 # ------------------------------------------------------------------ commands
@@ -252,7 +258,7 @@ def decode_command(data: object) -> Command:
     pool = _name(data.get("pool"), "pool")
     if kind is AddServer:
         try:
-            entry = parse_server(data.get("server"), f"pools.{pool}.servers[new]")
+            entry = parse_server(data.get("server"), new_server_path(pool))
         except ConfigError as exc:
             raise CommandError(str(exc)) from None
         return AddServer(pool, entry)

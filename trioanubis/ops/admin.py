@@ -46,12 +46,22 @@ slept on, retried.
     GET  /healthz                                200 while the process runs (no token needed)
     GET  /readyz                                 200 while this balancer takes clients (no token needed)
     GET  /readyz?upstream=1                      ... and every pool has a server to send them to
+    GET  /pools/{pool}/servers/{server}/faults   the injected faults in effect (trioanubis.faults)
+
+Every change is a command (control.py), and `COMMAND_ROUTES` is the one
+table of them: `route` turns a request to one of its paths into a `Pending`
+command (or a 400 / 405), and whoever serves the admin carries it out with
+`carry_out`: a balancer on itself (`Balancer.command`), the workers'
+supervisor on its view and then in every worker. Nothing is forwarded by
+hand, so a route added to the table reaches every worker.
+
     POST /pools/{pool}/servers/{server}/drain    no new connections
     POST /pools/{pool}/servers/{server}/enable   back in rotation
     POST /pools/{pool}/servers/{server}/weight   body {"weight": N}
-    GET  /pools/{pool}/servers/{server}/faults   the injected faults in effect (trioanubis.faults)
     PUT  /pools/{pool}/servers/{server}/faults   body {"latency": "200ms", ...}: replace them
     DELETE /pools/{pool}/servers/{server}/faults no faults on this server (new connections)
+    POST /pools/{pool}/servers                   body: a server entry as in the file (201)
+    DELETE /pools/{pool}/servers/{server}        no new connections; gone once its open ones end
 """
 
 from __future__ import annotations
@@ -84,6 +94,7 @@ from trioanubis.control import (
     SetFaults,
     SetWeight,
     faults_of,
+    new_server_path,
 )
 from trioanubis.errors import AnubisError
 from trioanubis.ops import dashboard
@@ -98,13 +109,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("trioanubis.admin")
 
 MAX_HEAD: Final = 16384
-# The requests with a body are {"weight": N} and a faults table: 4 KiB is plenty.
+# The requests with a body are {"weight": N}, a faults table and a server entry: 4 KiB is plenty.
 MAX_BODY: Final = 4096
 # A lingering close (after an error answered before the request was read): how long, how much.
 LINGER_TIME: Final = 2.0
 LINGER_BYTES: Final = 256 * 1024
-# {"weight": N} and a faults table nest one level; json.loads recurses once per level, so a
-# deeper body is refused before it is parsed.
+# {"weight": N} and a faults table nest one level, a server entry with its faults two;
+# json.loads recurses once per level, so a deeper body is refused before it is parsed.
 MAX_JSON_DEPTH: Final = 4
 # A client gets this long to send one whole request (from its first byte, or
 # from connecting for the first request): slow senders are cut. Sending a
@@ -407,7 +418,7 @@ def _add_server(params: Params, body: bytes) -> Command:
     shape = 'the body must be a server entry as JSON, like {"address": "10.0.0.5:8080", "name": "s3"}'
     pool = params["pool"]
     try:
-        entry = parse_server(json_body(body, shape), f"pools.{pool}.servers[new]")
+        entry = parse_server(json_body(body, shape), new_server_path(pool))
     except ConfigError as exc:
         raise CommandError(str(exc)) from None
     return AddServer(pool, entry)

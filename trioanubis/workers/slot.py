@@ -37,7 +37,7 @@ import trio
 from trioanubis.children import wait_exit
 from trioanubis.config import Config
 from trioanubis.errors import AnubisError, ChannelError
-from trioanubis.workers.channel import Channel, Message
+from trioanubis.workers.channel import Channel, Message, integer
 from trioanubis.workers.sockets import Holds
 
 log = logging.getLogger("trioanubis.supervisor")
@@ -213,15 +213,15 @@ class WorkerSlot:
             self.serving = True
             self.ready.set()
         elif kind == "applied":
-            self.applied = max(self.applied, int(message["seq"]))
+            self.applied = max(self.applied, integer(message, "seq"))
         elif kind == "done":
-            seq = int(message["seq"])
+            seq = integer(message, "seq")
             if "error" in message:
                 self.refusals[seq] = str(message["error"])[:300]
             self.done = max(self.done, seq)
             self._acks.unpark_all()
         elif kind in ("answer", "reloaded"):
-            waiting = self._waiting.pop(int(message["id"]), None)
+            waiting = self._waiting.pop(integer(message, "id"), None)
             if waiting is not None:
                 waiting[1].append(message.get("value", message))
                 waiting[0].set()

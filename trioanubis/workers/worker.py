@@ -54,7 +54,7 @@ from trioanubis.errors import AnubisError, ChannelError
 from trioanubis.ops.accesslog import configure_logging, log_fatal
 from trioanubis.ops.metrics import prometheus, stats
 from trioanubis.pool import Pool, Server
-from trioanubis.workers.channel import Channel, Message
+from trioanubis.workers.channel import Channel, Message, integer
 from trioanubis.workers.merge import ServerKey, apply_snapshot, key_of
 from trioanubis.workers.sockets import open_shared_socket
 
@@ -135,7 +135,7 @@ class Worker:
     def on_state(self, message: Message) -> None:
         """Apply a snapshot and acknowledge it; not one older than the last (two pushes may cross) nor
         one built before the last command (it may show what the command changed as it was)."""
-        seq = int(message["seq"])
+        seq = integer(message, "seq")
         if seq < self.commanded or (self.state is not None and seq < int(self.state["seq"])):
             self.post({"t": "applied", "seq": message["seq"]})
             return
@@ -188,7 +188,7 @@ class Worker:
                 return
             try:
                 self._dispatch(message, nursery)
-            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as exc:
                 log.error("control channel: malformed %r message (%s); ignored", message.get("t"), exc)
 
     def _dispatch(self, message: Message, nursery: trio.Nursery) -> None:
@@ -196,7 +196,7 @@ class Worker:
         if kind == "state":
             self.on_state(message)
         elif kind == "command":
-            self.commanded = max(self.commanded, int(message["seq"]))
+            self.commanded = max(self.commanded, integer(message, "seq"))
             self._changes.send_nowait(message)
         elif kind == "config":
             self._changes.send_nowait(message)
