@@ -97,6 +97,11 @@ RESERVED_FDS: Final = 64
 # connections cost about 3 % of the CPU and freed nothing (bench/README.md).
 GC_GEN0_THRESHOLD: Final = 50_000
 
+# How long a command waits for a new server's name to resolve: the admin's answer waits for it
+# (in every worker too, within the supervisor's 5 s for confirmations); a slower name is left to
+# the health checks, which resolve a server that has no address before each probe.
+RESOLVE_TIMEOUT: Final = 2.0
+
 # What keeps a pool's servers' state current: started() once the first
 # verdicts are in. The default probes them; a worker follows its supervisor.
 HealthRunner = Callable[..., Awaitable[None]]
@@ -343,10 +348,12 @@ class Balancer:
             return None
         address = command.entry.address
         try:
-            return await resolve_address(address)
-        except OSError as exc:
+            with trio.fail_after(RESOLVE_TIMEOUT):
+                return await resolve_address(address)
+        except (OSError, trio.TooSlowError) as exc:
+            why = exc if isinstance(exc, OSError) else f"no answer in {RESOLVE_TIMEOUT:g}s"
             log.warning("pool %s: cannot resolve server %s (%s): %s; will retry", command.pool,
-                        command.entry.name, address.host, exc)  # fmt: skip
+                        command.entry.name, address.host, why)  # fmt: skip
             return None
 
     async def _cut_after_drain(self, pool: Pool, server: Server) -> None:

@@ -384,10 +384,10 @@ def _show_faults(view: View, pool_name: str, key: str) -> Reply:
     """GET a server's injected faults (PUT and DELETE are commands)."""
     pool = view.pools.get(pool_name)
     server = None if pool is None else pool.find(key)
-    if pool is None or server is None:
-        missing = f"no pool {show_value(pool_name)}" if pool is None else \
-            f"pool {show_value(pool_name)} has no server {show_value(key)}"
-        return error_reply(404, missing)
+    if pool is None:
+        return error_reply(404, f"no pool {show_value(pool_name)}")
+    if server is None:
+        return error_reply(404, f"pool {show_value(pool_name)} has no server {show_value(key)}")
     return json_reply(200, faults_answer(pool.name, server))
 
 
