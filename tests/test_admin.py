@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import h11
 import pytest
@@ -480,6 +481,7 @@ class LiveBalancer:
     port: int
     admin: int
     stderr: Path
+    server: str = ""  # the address of its one server, "one"
 
     def admin_request(self, method: str, path: str, body: bytes = b"") -> bytes:
         head = (f"{method} {path} HTTP/1.1\r\nHost: [::1]\r\nAuthorization: Bearer {FUZZ_TOKEN}\r\n"
@@ -506,7 +508,7 @@ def live_balancer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveBala
     try:
         for p in (hello_port, port, admin):
             wait_listening(p)
-        yield LiveBalancer(process, port, admin, stderr)
+        yield LiveBalancer(process, port, admin, stderr, f"127.0.0.1:{hello_port}")
     finally:
         for child in (process, hello):
             child.send_signal(signal.SIGTERM)
@@ -568,12 +570,15 @@ def admin_requests(draw: st.DrawFn) -> bytes:
 
 
 AUTHORISED = [(b"Authorization", f"Bearer {FUZZ_TOKEN}".encode())]
+ADDED = b'{"address": "127.0.0.1:7", "name": "x"}'  # a server added at runtime (nothing listens there)
 CLOSE = b"Host: [::1]\r\nConnection: close\r\n\r\n"
 
 
 @given(data=admin_requests())
 @example(data=http_bytes("POST", "/pools/web/servers/one/weight", AUTHORISED, b"[" * 20000, 20000))
 @example(data=http_bytes("POST", "/pools/web/servers/one/weight", AUTHORISED, b"[" * 4000, 4000))
+@example(data=http_bytes("DELETE", "/pools/web/servers/one", AUTHORISED, b"", 0))
+@example(data=http_bytes("POST", "/pools/web/servers", AUTHORISED, ADDED, len(ADDED)))
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_fuzzed_admin_requests_never_stop_a_running_balancer(
     live_balancer: LiveBalancer, data: bytes
@@ -583,12 +588,25 @@ def test_fuzzed_admin_requests_never_stop_a_running_balancer(
     assert live_balancer.process.poll() is None, live_balancer.stderr.read_text()[-3000:]
     healthz = blocking_exchange(live_balancer.admin, b"GET /healthz HTTP/1.1\r\n" + CLOSE)
     assert healthz.startswith(b"HTTP/1.1 200 OK\r\n")
-    for action in ("enable", "weight"):  # undo what the case may have changed
+    undo_servers(live_balancer)  # undo what the case may have changed: servers added or removed, ...
+    for action in ("enable", "weight"):
         answer = live_balancer.admin_request("POST", f"/pools/web/servers/one/{action}", b'{"weight": 1}')
         assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer
     proxied = blocking_exchange(live_balancer.port, b"GET / HTTP/1.1\r\n" + CLOSE)
     assert b"hello from one" in proxied
     assert b"Traceback" not in live_balancer.stderr.read_bytes()
+
+
+def undo_servers(live: LiveBalancer) -> None:
+    """Back to the one server "one": those the case added are removed, "one" is added if it removed it."""
+    stats = json.loads(live.admin_request("GET", "/stats").partition(b"\r\n\r\n")[2])
+    names = [server["name"] for server in stats["pools"][0]["servers"]]
+    for name in names:
+        if name != "one":
+            assert b" 200 OK" in live.admin_request("DELETE", f"/pools/web/servers/{quote(name, safe='')}")
+    if "one" not in names:
+        entry = json.dumps({"address": live.server, "name": "one"}).encode()
+        assert b" 201 Created" in live.admin_request("POST", "/pools/web/servers", entry)
 
 
 # ------------------------------------------------ token rotation (reload)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import trio
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import (
@@ -391,10 +391,16 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
     max_leaves=12,
 )
+commands = st.fixed_dictionaries(  # a rogue supervisor's commands: nothing that would take the server out
+    {"op": st.sampled_from(["drain", "enable", "weight", "faults", "clear_faults", "add", "remove", "x"])},
+    optional={"pool": st.sampled_from(["web", "nope"]) | json_values, "server": st.just("nope") | json_values,
+              "weight": json_values, "faults": json_values | st.just({"latency": "1h"})},
+) | json_values  # fmt: skip
 control_messages = st.fixed_dictionaries(
-    {"t": st.sampled_from(["state", "config", "ask", "answer", "nonsense", ""])},
+    {"t": st.sampled_from(["state", "config", "ask", "answer", "command", "nonsense", ""])},
     optional={
-        "seq": json_values,
+        "command": commands,
+        "seq": json_values | st.sampled_from([10**30, 1e309, -1]),
         "pools": json_values | st.just({"web": [["x", "y", True, False, 1, 1.0]]}),
         "id": json_values,
         "what": st.sampled_from(["stats", "metrics", "ready", "x"]) | json_values,
@@ -439,6 +445,10 @@ async def _fuzz_one_worker(server: str, inputs: list[bytes]) -> None:
 
 
 @given(st.lists(control_messages.map(encode) | raw_lines, max_size=8))
+@example([encode({"t": "state", "seq": 1e309, "pools": {}})])  # int(inf): OverflowError stopped a worker
+@example([encode({"t": "command", "seq": 2,
+                  "command": {"op": "weight", "pool": "web", "server": "x", "weight": 1e309}}),
+          encode({"t": "command", "seq": "2", "command": {"op": "drain"}})])  # fmt: skip
 @settings(max_examples=40, deadline=None)
 def test_fuzzed_control_messages_never_stop_a_worker(inputs: list[bytes]) -> None:
     async def main() -> None:

@@ -35,6 +35,16 @@ collector's walks, and generation 0 is collected every `GC_GEN0_THRESHOLD`
 net allocations instead of 700: a connection's objects are acyclic and freed
 by reference counting, so frequent young collections found nothing to free.
 
+Runtime changes (`command`): every change an operator makes (drain, enable,
+weight, faults, a server added or removed) is a command (control.py) that
+`self.control` applies to the pools, one change at a time (`_changes`, which
+a reload takes too). A server added is resolved first, without blocking the
+loop; a server removed takes no new connection at once and leaves when its
+last one ends, or `drain_timeout` later, when what is still open is cut. With
+`[settings] state_file` the commands in effect are written (state_file.py)
+after each change and applied at the next start before anything serves,
+the admin endpoint included.
+
 Reload (`apply_config`, from SIGHUP, `anubis reload` or `--watch`): listeners,
 pools and servers are added, removed or changed in place. Connections never
 belong to a listener or a pool's list, only to the connections nursery, so a
@@ -58,6 +68,7 @@ from typing import Final, final
 import trio
 
 from trioanubis.config import Address, Config, ListenerConfig, PoolConfig, load_config
+from trioanubis.control import AddServer, Command, CommandError, Control, RemoveServer
 from trioanubis.discovery import run_discovery
 from trioanubis.errors import AnubisError, ConfigError
 from trioanubis.health.checker import run_health_checks
@@ -72,6 +83,7 @@ from trioanubis.proxy.timeouts import Timer, tick_for
 from trioanubis.reload import plan, update_servers
 from trioanubis.resolve import resolve_address
 from trioanubis.spawn import Spawner
+from trioanubis.state_file import StateError, parse_state, read_state, state_document, write_state
 from trioanubis.strategies import make_strategy
 from trioanubis.watch import files_read_by, signatures, watch_files
 
@@ -84,6 +96,11 @@ RESERVED_FDS: Final = 64
 # data path's objects die by reference counting; a young collection every ~25
 # connections cost about 3 % of the CPU and freed nothing (bench/README.md).
 GC_GEN0_THRESHOLD: Final = 50_000
+
+# How long a command waits for a new server's name to resolve: the admin's answer waits for it
+# (in every worker too, within the supervisor's 5 s for confirmations); a slower name is left to
+# the health checks, which resolve a server that has no address before each probe.
+RESOLVE_TIMEOUT: Final = 2.0
 
 # What keeps a pool's servers' state current: started() once the first
 # verdicts are in. The default probes them; a worker follows its supervisor.
@@ -127,6 +144,9 @@ class Balancer:
         # this): --watch compares against it, so a change made before its first look is not missed.
         self._files_seen = signatures(self._watched()) if watch else {}
         self.pools: dict[str, Pool] = {name: Pool(pc) for name, pc in config.pools.items()}
+        self.control = Control(self.pools)  # the operator's commands (control.py)
+        self._changes = trio.Lock()  # one change at a time: a command, a reload
+        self._state_saved = (0, "")  # (control.version, path) the state file holds
         self.access = AccessLog(enabled=config.settings.access_log)
         self.limits = Limits(self._connection_limit(config))
         self.timer = Timer(self._tick(config))
@@ -208,6 +228,7 @@ class Balancer:
             self._root = root
             root.start_soon(self.timer.run)
             root.start_soon(self.poller.run)
+            await self._load_state()  # before anything serves, the admin endpoint included
             if self.admin is not None:
                 self.admin_address = await root.start(self._serve_admin)
             for pool in self.pools.values():
@@ -300,6 +321,99 @@ class Balancer:
         self._delay_shutdown = delay
         self._shutdown.set()
 
+    # ------------------------------------------------------- runtime changes
+
+    async def command(self, command: Command) -> Server:
+        """Carry out one operator command (control.py) and keep it in the state file; the server it
+        concerns. Raises CommandError: 404 for a pool or server that does not exist, 409 for a
+        conflict (a name taken), and nothing is changed then.
+
+        One change at a time: an added server's address is resolved first (in
+        a worker thread, as getaddrinfo blocks; a name that does not resolve is
+        logged and left to its health checks), then the command applies in one
+        step. A removed server's connections still open `drain_timeout` later
+        are cut.
+        """
+        async with self._changes:
+            self.control.check(command)
+            sockaddrs = await self._addresses_of(command)
+            server = self.control.apply(command, sockaddrs)
+            if isinstance(command, RemoveServer) and server.active and self._root is not None:
+                self._root.start_soon(self._cut_after_drain, self.pools[command.pool], server)
+            await self.save_state()
+        return server
+
+    async def _addresses_of(self, command: Command) -> list[tuple[int, tuple[object, ...]]] | None:
+        if not isinstance(command, AddServer):
+            return None
+        address = command.entry.address
+        try:
+            with trio.fail_after(RESOLVE_TIMEOUT):
+                return await resolve_address(address)
+        except (OSError, trio.TooSlowError) as exc:
+            why = exc if isinstance(exc, OSError) else f"no answer in {RESOLVE_TIMEOUT:g}s"
+            log.warning("pool %s: cannot resolve server %s (%s): %s; will retry", command.pool,
+                        command.entry.name, address.host, why)  # fmt: skip
+            return None
+
+    async def _cut_after_drain(self, pool: Pool, server: Server) -> None:
+        """`drain_timeout` after its removal, cut what `server` still carries."""
+        await trio.sleep(self.config.settings.drain_timeout)
+        if server not in pool.retired:
+            return
+        cut = [conn for conn in self.timer.connections if conn.picked is server]
+        for conn in cut:
+            conn.end_with("shutdown")
+        log.warning("pool %s: server %s removed %gs ago (drain_timeout): %s cut", pool.name, server.name,
+                    self.config.settings.drain_timeout, _open_connections(len(cut)))  # fmt: skip
+
+    def restore(self, commands: list[Command], where: str) -> int:
+        """Apply `commands` before this balancer serves (the state file, a worker's start); what no
+        longer matches the config is skipped, one log line each. How many applied."""
+        applied = 0
+        for command in commands:
+            try:
+                self.control.apply(command)
+            except CommandError as exc:
+                log.warning("%s: %s; skipped", where, exc)
+            else:
+                applied += 1
+        return applied
+
+    async def _load_state(self) -> None:
+        """Apply the state file's commands; a file that is unreadable or not ours is one log line."""
+        path = self.config.settings.state_file
+        if not path:
+            return
+        try:
+            raw = await trio.to_thread.run_sync(read_state, path)
+            commands = [] if raw is None else parse_state(raw, self.config.source)
+        except (OSError, StateError) as exc:
+            why = exc.strerror or exc if isinstance(exc, OSError) else exc
+            log.error("state_file %s: %s; ignored: starting from the config alone", path, why)
+            return
+        if raw is None:
+            log.info("state_file %s: none yet (written at start and after each runtime change)", path)
+        else:
+            applied = self.restore(commands, f"state_file {path}")
+            log.info("state_file %s: %d of %d runtime changes applied", path, applied, len(commands))
+        await self.save_state()
+
+    async def save_state(self) -> None:
+        """Write the commands in effect to the state file, if set and if they changed since."""
+        path = self.config.settings.state_file
+        done = (self.control.version, path)
+        if not path or done == self._state_saved:
+            return
+        data = state_document(self.control.in_effect(), self.config.source)
+        try:
+            await trio.to_thread.run_sync(write_state, path, data)
+        except OSError as exc:
+            log.error("state_file %s: cannot write it (%s): the change is in effect, a restart would "
+                      "forget it", path, exc.strerror or exc)  # fmt: skip
+            return
+        self._state_saved = done
+
     # ------------------------------------------------------------ pid file
 
     def _write_pid_file(self) -> None:
@@ -349,7 +463,13 @@ class Balancer:
         return [self.config_path, *files_read_by(self.config)] if self.config_path else []
 
     async def apply_config(self, new: Config) -> None:
-        """Bring the running balancer to `new` without touching established connections (reload.py plans)."""
+        """Bring the running balancer to `new` without touching established connections (reload.py plans);
+        what the operator changed at runtime meets the new file (control.py `reconcile`)."""
+        async with self._changes:
+            await self._apply_config(new)
+            await self.save_state()
+
+    async def _apply_config(self, new: Config) -> None:
         running = {name: listener.config for name, listener in self.listeners.items()}
         changes = await trio.to_thread.run_sync(  # it may look "localhost" up
             functools.partial(plan, self.config, tuple(self.pools), running, new, io_forced=bool(self.io)))
@@ -357,6 +477,7 @@ class Balancer:
             log.warning("%s", warning)
         if self.admin is not None and new.admin is not None:
             self.admin.apply(new.admin)  # the token now, a new bind at the next restart
+        self.control.reconcile(self.config.pools, new.pools)  # before the servers' diff
         for name in changes.pools_kept:
             await self._update_pool(self.pools[name], new.pools[name])
         for name in changes.pools_added:
@@ -469,7 +590,7 @@ class Balancer:
         await self._update_spawner(pool)
         if (config.strategy, config.balance_factor) != (old.strategy, old.balance_factor):
             pool.strategy = make_strategy(config.strategy, config.balance_factor)
-        added = update_servers(pool, config)
+        added = update_servers(pool, config, self.control.members(pool.name))
         await self._resolve(added, pool)
         if added:
             pool.add(added)

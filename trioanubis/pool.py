@@ -24,10 +24,12 @@ traffic returns gradually instead of all at once; groups that ramp together
 
 
 One writer: a server's state (up, draining, removed, weights, priority,
-limits, faults, resolved addresses) changes only through a method of its
-pool, whoever reports it (health checks, discovery, the spawner, a reload,
-the admin API, a worker following its supervisor), so each change is logged
-once and the candidates are rebuilt. Counters the data path bumps (`active`,
+limits, faults, resolved addresses) and the pool's membership change only
+through a method of its pool, whoever reports it (health checks, discovery,
+the spawner, a reload, an operator's command applied by control.py, a worker
+following its supervisor's health view), so each change is logged once and
+the candidates are rebuilt. A server added at runtime has `source` "admin"
+until a reload's file names it (`take_over`). Counters the data path bumps (`active`,
 `total`, bytes) go through `reserve`, `acquire` and `release` too.
 
 Invariants: `active` counts a connection from the moment it is picked, while
@@ -126,7 +128,7 @@ class Server:
         self.max_connections = config.max_connections
         self.send_proxy = config.send_proxy  # "": the pool's
         self.priority = config.priority
-        self.source = source  # "" for static servers, the discovery name otherwise
+        self.source = source  # "" for the file's servers; discovery's entry, "spawn" or "admin" (runtime)
         self.healthy = healthy
         self.draining = False
         self.removed = False
@@ -416,6 +418,18 @@ class Pool:
             self.set_weight(server, config.weight)
         self.set_priority(server, config.priority)
         self._has_limits = any(s.max_connections for s in self.servers)
+
+    def take_over(self, server: Server, config: ServerConfig) -> None:
+        """A reload's file now names `server`, which was added at runtime: it is the file's from now on,
+        with the file's weight, faults, limits and priority (a drain stays, as it does through reloads)."""
+        server.source = ""
+        server.config_weight, server.config_faults = config.weight, config.faults
+        server.max_connections = config.max_connections
+        server.send_proxy = config.send_proxy
+        server.priority = config.priority
+        self.set_faults(server, config.faults)
+        self.set_weight(server, config.weight)  # rebuilds the candidates
+        log.info("pool %s: server %s, added at runtime, is the config file's now", self.name, server.name)
 
     def follow(self, server: Server, healthy: bool, draining: bool, weight: int, effective: float) -> bool:
         """Take a server's state as another process sees it (a worker, its supervisor); True if it changed.

@@ -19,7 +19,10 @@ on), kept ones take their new priority and limits, and a new weight or
 fault table when the file changed it (what the admin API set survives a
 reload of an unchanged file, as a drain does), and new ones are returned for
 the caller to resolve and add. Servers that discovery
-or the spawner put in the pool are theirs, not the file's.
+or the spawner put in the pool are theirs, not the file's. Servers an
+operator added or removed at runtime stay so until the file says something
+new about their name (control.py `reconcile` decides, before the diff); a
+runtime server the file now names is the file's from then on (`take_over`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from dataclasses import dataclass
 from typing import Final, final
 
 from trioanubis.config import Address, Config, ListenerConfig, PoolConfig, listen_ip
+from trioanubis.control import RUNTIME_SOURCE
 from trioanubis.discovery import source_of
 from trioanubis.pool import Pool, Server, diff_servers
 from trioanubis.spawn import SPAWN_SOURCE
@@ -85,18 +89,26 @@ def _bind_key(bind: Address) -> tuple[str, int]:
     return (bind.host.lower() if ip is None else str(ip)), bind.port
 
 
-def update_servers(pool: Pool, config: PoolConfig) -> list[Server]:
-    """Bring `pool`'s servers from the file to `config.servers`; the new ones, to resolve and add."""
+def update_servers(pool: Pool, config: PoolConfig, runtime: Collection[str] = ()) -> list[Server]:
+    """Bring `pool`'s servers from the file to `config.servers`; the new ones, to resolve and add.
+
+    Names in `runtime` (added or removed by an operator, and not given anew by the file: control.py
+    `reconcile`) are left as the operator left them, on both sides of the diff.
+    """
     others = {source_of(entry) for entry in config.discovery}
     if config.spawn is not None:
         others.add(SPAWN_SOURCE)  # the spawner owns those
-    removed, kept, new = diff_servers({(s.name, s.address): s for s in pool.servers},
-                                      {(sc.name, sc.address): sc for sc in config.servers})  # fmt: skip
+    removed, kept, new = diff_servers({(s.name, s.address): s for s in pool.servers if s.name not in runtime},
+                                      {(sc.name, sc.address): sc for sc in config.servers
+                                       if sc.name not in runtime})  # fmt: skip
     for server in removed:
         if server.source not in others:
             pool.remove(server)
             log.info("reload: pool %s: server %s removed (its open connections go on)",
                      pool.name, server.name)  # fmt: skip
     for server, sc in kept:
-        pool.configure_server(server, sc)
+        if server.source == RUNTIME_SOURCE:
+            pool.take_over(server, sc)
+        else:
+            pool.configure_server(server, sc)
     return [Server(sc, healthy=config.health.check == "none") for sc in new]

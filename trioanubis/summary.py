@@ -76,7 +76,8 @@ def _settings(config: Config) -> str:
     limit = str(s.max_connections) if s.max_connections else "from ulimit -n"
     delay = f"{s.shutdown_delay:g}s" if s.shutdown_delay else ""
     extra = "".join(f", {key} {value}" for key, value in (("shutdown_delay", delay),
-                    ("pid_file", s.pid_file), ("resolver", s.resolver)) if value)  # fmt: skip
+                    ("pid_file", s.pid_file), ("resolver", s.resolver), ("state_file", s.state_file))
+                    if value)  # fmt: skip
     workers = "auto" if s.workers == 0 else str(s.workers)
     return (f"settings: drain_timeout {s.drain_timeout:g}s, log_format {s.log_format}, "
             f"access_log {'on' if s.access_log else 'off'}, max_connections {limit}, "

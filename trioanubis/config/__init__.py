@@ -68,6 +68,7 @@ from trioanubis.config.model import (
     TlsServer,
 )
 from trioanubis.config.node import Node, show_value
+from trioanubis.config.pools import SERVER_KEYS, parse_server
 from trioanubis.config.ranges import (
     MAX_CONNECTIONS,
     MAX_EXPECT_BYTES,
@@ -125,6 +126,7 @@ __all__ = [
     "RANGES",
     "RATE_PERIOD",
     "SERVER_FIRST",
+    "SERVER_KEYS",
     "WEIGHT",
     "Address",
     "AdminConfig",
@@ -170,6 +172,7 @@ __all__ = [
     "parse_network",
     "parse_rate",
     "parse_resolver",
+    "parse_server",
     "parse_size",
     "proxy_config",
     "range_of",

@@ -265,6 +265,7 @@ class Settings:
     max_connections: int = 0  # 0: derived from the file-descriptor limit
     io: IoName = "auto"  # the readiness backend (trioanubis.proxy.io)
     workers: int = 1  # processes serving connections; 0: "auto", one per usable core
+    state_file: str = ""  # where the operator's runtime changes are kept across restarts ("": nowhere)
 
 
 @dataclass(frozen=True, slots=True)

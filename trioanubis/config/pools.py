@@ -106,23 +106,42 @@ def _parse_servers(node: Node) -> tuple[tuple[ServerConfig, ...], tuple[Discover
         if "dns" in item.data or "srv" in item.data:
             discovery.append(_parse_discovery(item))
             continue
-        item.check_keys(("address", "weight", "name", "max_connections", "send_proxy", "backup", "priority",
-                         "faults"))
-        address = item.address("address")
-        server = ServerConfig(
-            address=address,
-            name=item.string("name", "") or str(address),
-            weight=item.integer("weight", 1),
-            max_connections=item.integer("max_connections", 0),
-            send_proxy=item.choice("send_proxy", "", _SEND_PROXY) if "send_proxy" in item.data else "",  # type: ignore[arg-type]
-            priority=_parse_priority(item),
-            faults=parse_fault_table(item.child("faults", "faults")) if "faults" in item.data else None,
-        )
+        server = parse_server_entry(item)
         if server.name in names:
             raise item.error("duplicate server name in this pool", server.name, "name")
         names.add(server.name)
         servers.append(server)
     return tuple(servers), tuple(discovery)
+
+
+SERVER_KEYS = ("address", "weight", "name", "max_connections", "send_proxy", "backup", "priority", "faults")
+
+
+def parse_server_entry(item: Node) -> ServerConfig:
+    """One server table of a pool's `servers` (not a dns or srv entry); errors name the key."""
+    item.check_keys(SERVER_KEYS)
+    address = item.address("address")
+    return ServerConfig(
+        address=address,
+        name=item.string("name", "") or str(address),
+        weight=item.integer("weight", 1),
+        max_connections=item.integer("max_connections", 0),
+        send_proxy=item.choice("send_proxy", "", _SEND_PROXY) if "send_proxy" in item.data else "",  # type: ignore[arg-type]
+        priority=_parse_priority(item),
+        faults=parse_fault_table(item.child("faults", "faults")) if "faults" in item.data else None,
+    )
+
+
+def parse_server(data: object, path: str, source: str = "admin request") -> ServerConfig:
+    """A server entry from elsewhere than a file (the admin's JSON body, the state file), checked as
+    the file's are: "host:port" or a table; `path` is its key path in errors ("pools.web.servers[new]").
+
+    A dns or srv entry is refused: discovery is the file's to configure.
+    """
+    item = Node({"address": data} if isinstance(data, str) else data, path, source, table="pools.*.servers[]")
+    if "dns" in item.data or "srv" in item.data:
+        raise item.error("dns and srv entries come from the config file only; add a server by its address")
+    return parse_server_entry(item)
 
 
 def _parse_discovery(item: Node) -> DiscoveryConfig:

@@ -8,6 +8,7 @@ token. `resolver_of` is shared with pools, which may name their own resolver.
 
 from __future__ import annotations
 
+import os
 import re
 import select
 from pathlib import Path
@@ -25,7 +26,7 @@ def epoll_available() -> bool:
 def parse_settings(node: Node) -> Settings:
     node.check_keys(
         ("drain_timeout", "log_format", "access_log", "pid_file", "resolver", "max_connections", "io",
-         "workers", "shutdown_delay")
+         "workers", "shutdown_delay", "state_file")
     )
     return Settings(
         drain_timeout=node.duration("drain_timeout", 30.0),
@@ -37,6 +38,7 @@ def parse_settings(node: Node) -> Settings:
         max_connections=node.integer("max_connections", 0),
         io=_io(node),
         workers=_workers(node),
+        state_file=_state_file(node),
     )
 
 
@@ -48,6 +50,28 @@ def _workers(node: Node) -> int:
         value = node.data["workers"]
         raise node.error(f'must be "auto" or {node.range("workers").describe()}', value, "workers")
     return node.integer("workers", 1)
+
+
+def _state_file(node: Node) -> str:
+    """`state_file`: a path (relative to the config's directory) in a directory this process may write.
+
+    The file itself may be absent, unreadable or corrupt: that is reported and ignored at start
+    (state_file.py), never fatal; a directory that cannot take it would lose every change, so it
+    is refused here.
+    """
+    value = node.string("state_file", "")
+    if not value:
+        return ""
+    try:
+        path = node.base / value
+        if path.is_dir():
+            raise node.error("is a directory; name a file in it", value, "state_file")
+        if not path.parent.is_dir() or not os.access(path.parent, os.W_OK | os.X_OK):
+            raise node.error(f"its directory {str(path.parent)!r} does not exist or is not writable",
+                             value, "state_file")  # fmt: skip
+    except (OSError, ValueError) as exc:  # a NUL in it, a name too long
+        raise node.error(f"is not a usable path ({exc})", value, "state_file") from None
+    return str(path.absolute())
 
 
 def _io(node: Node) -> IoName:

@@ -46,12 +46,22 @@ slept on, retried.
     GET  /healthz                                200 while the process runs (no token needed)
     GET  /readyz                                 200 while this balancer takes clients (no token needed)
     GET  /readyz?upstream=1                      ... and every pool has a server to send them to
+    GET  /pools/{pool}/servers/{server}/faults   the injected faults in effect (trioanubis.faults)
+
+Every change is a command (control.py), and `COMMAND_ROUTES` is the one
+table of them: `route` turns a request to one of its paths into a `Pending`
+command (or a 400 / 405), and whoever serves the admin carries it out with
+`carry_out`: a balancer on itself (`Balancer.command`), the workers'
+supervisor on its view and then in every worker. Nothing is forwarded by
+hand, so a route added to the table reaches every worker.
+
     POST /pools/{pool}/servers/{server}/drain    no new connections
     POST /pools/{pool}/servers/{server}/enable   back in rotation
     POST /pools/{pool}/servers/{server}/weight   body {"weight": N}
-    GET  /pools/{pool}/servers/{server}/faults   the injected faults in effect (trioanubis.faults)
     PUT  /pools/{pool}/servers/{server}/faults   body {"latency": "200ms", ...}: replace them
     DELETE /pools/{pool}/servers/{server}/faults no faults on this server (new connections)
+    POST /pools/{pool}/servers                   body: a server entry as in the file (201)
+    DELETE /pools/{pool}/servers/{server}        no new connections; gone once its open ones end
 """
 
 from __future__ import annotations
@@ -64,7 +74,7 @@ import json
 import logging
 import re
 import traceback
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal, final
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -72,35 +82,40 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import h11
 import trio
 
-from trioanubis.config import (
-    MAX_WEIGHT,
-    Address,
-    AdminConfig,
-    FaultConfig,
-    parse_faults,
-    parse_integer,
-    show_value,
+from trioanubis.config import Address, AdminConfig, ConfigError, parse_server, show_value
+from trioanubis.control import (
+    AddServer,
+    ClearFaults,
+    Command,
+    CommandError,
+    Drain,
+    Enable,
+    RemoveServer,
+    SetFaults,
+    SetWeight,
+    faults_of,
+    new_server_path,
 )
-from trioanubis.errors import AnubisError, ConfigError
+from trioanubis.errors import AnubisError
 from trioanubis.ops import dashboard
 from trioanubis.ops.metrics import prometheus, server_stats, stats
-from trioanubis.proxy.faults import NO_FAULTS, describe
+from trioanubis.proxy.faults import describe
 from trioanubis.proxy.listener import AcceptBackoff
 
 if TYPE_CHECKING:
     from trioanubis.ops.view import View
-    from trioanubis.pool import Pool, Server
+    from trioanubis.pool import Server
 
 log = logging.getLogger("trioanubis.admin")
 
 MAX_HEAD: Final = 16384
-# The requests with a body are {"weight": N} and a faults table: 4 KiB is plenty.
+# The requests with a body are {"weight": N}, a faults table and a server entry: 4 KiB is plenty.
 MAX_BODY: Final = 4096
 # A lingering close (after an error answered before the request was read): how long, how much.
 LINGER_TIME: Final = 2.0
 LINGER_BYTES: Final = 256 * 1024
-# {"weight": N} and a faults table nest one level; json.loads recurses once per level, so a
-# deeper body is refused before it is parsed.
+# {"weight": N} and a faults table nest one level, a server entry with its faults two;
+# json.loads recurses once per level, so a deeper body is refused before it is parsed.
 MAX_JSON_DEPTH: Final = 4
 # A client gets this long to send one whole request (from its first byte, or
 # from connecting for the first request): slow senders are cut. Sending a
@@ -167,8 +182,9 @@ def authorised(token: str, headers: list[tuple[bytes, bytes]]) -> bool:
 
 def route(
     view: View, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes, token: str
-) -> Reply:
-    """The admin API, without I/O (`screen` has already let the request in)."""
+) -> Reply | Pending:
+    """The admin API, without I/O (`screen` has already let the request in): a reply, or for a
+    change the command to carry out (`COMMAND_ROUTES`)."""
     target, path = path, path.split("?", 1)[0]
     if path not in OPEN_PATHS and not authorised(token, headers):
         if dashboard.is_page(method, path):  # a browser's first visit: a page that asks for the token
@@ -192,13 +208,9 @@ def route(
             return upstream
         return ready_reply(view.is_ready() and (not upstream or view.has_upstream()))
     parts = [unquote(p) for p in path.strip("/").split("/")]
-    if len(parts) == 5 and parts[0] == "pools" and parts[2] == "servers":
-        if parts[4] == "faults":
-            return _faults_action(view, parts[1], parts[3], method, body)
-        if method != "POST":
-            return error_reply(405, f"{path} takes POST")
-        return _server_action(view, parts[1], parts[3], parts[4], body)
-    return error_reply(404, f"no such endpoint: {path}")
+    if method in ("GET", "HEAD") and len(parts) == 5 and parts[::2] == ["pools", "servers", "faults"]:
+        return _show_faults(view, parts[1], parts[3])
+    return command_for(method, path, parts, body) or error_reply(404, f"no such endpoint: {path}")
 
 
 def upstream_asked(target: str) -> bool | Reply:
@@ -360,78 +372,146 @@ def parse_json_body(body: bytes, shape: str) -> Any:
         raise ValueError(shape) from None
 
 
-def parse_weight(body: bytes) -> int:
-    """N from a `{"weight": N}` body; ValueError saying what is wrong otherwise."""
-    shape = 'the body must be JSON like {"weight": 3}'
+def json_body(body: bytes, shape: str) -> Any:
+    """`parse_json_body` for a command's body: CommandError (400) saying `shape` otherwise."""
     try:
-        weight = parse_json_body(body, shape)["weight"]
-    except (TypeError, KeyError, IndexError):
-        raise ValueError(shape) from None
-    try:
-        return parse_integer(weight, 0, MAX_WEIGHT)
+        return parse_json_body(body, shape)
     except ValueError as exc:
-        raise ValueError(f"weight {exc}, got {show_value(weight)}") from None
+        raise CommandError(str(exc)) from None
 
 
-def _find_server(view: View, pool_name: str, key: str) -> tuple[Pool, Server] | Reply:
+def _show_faults(view: View, pool_name: str, key: str) -> Reply:
+    """GET a server's injected faults (PUT and DELETE are commands)."""
     pool = view.pools.get(pool_name)
+    server = None if pool is None else pool.find(key)
     if pool is None:
-        return error_reply(404, f"no pool {pool_name!r}")
-    server = pool.find(key)
+        return error_reply(404, f"no pool {show_value(pool_name)}")
     if server is None:
-        return error_reply(404, f"pool {pool_name!r} has no server {key!r}")
-    return pool, server
+        return error_reply(404, f"pool {show_value(pool_name)} has no server {show_value(key)}")
+    return json_reply(200, faults_answer(pool.name, server))
 
 
-def parse_faults_body(body: bytes) -> FaultConfig:
-    """A faults table from a PUT body, checked by the config's own parser; ValueError otherwise."""
-    data = parse_json_body(body, 'the body must be a JSON object like {"latency": "200ms"}')
+def faults_answer(pool: str, server: Server) -> dict[str, Any]:
+    return {"pool": pool, "server": server.name, "faults": describe(server.faults)}
+
+
+# ------------------------------------------------------------- commands
+
+
+Params = Mapping[str, str]
+
+
+def _weight(params: Params, body: bytes) -> Command:
+    shape = 'the body must be JSON like {"weight": 3}'
+    data = json_body(body, shape)
+    if not isinstance(data, dict) or "weight" not in data:
+        raise CommandError(shape)
+    return SetWeight(params["pool"], params["server"], data["weight"])
+
+
+def _set_faults(params: Params, body: bytes) -> Command:
+    table = json_body(body, 'the body must be a JSON object like {"latency": "200ms"}')
+    return SetFaults(params["pool"], params["server"], faults_of(table))
+
+
+def _add_server(params: Params, body: bytes) -> Command:
+    shape = 'the body must be a server entry as JSON, like {"address": "10.0.0.5:8080", "name": "s3"}'
+    pool = params["pool"]
     try:
-        return parse_faults(data)
+        entry = parse_server(json_body(body, shape), new_server_path(pool))
     except ConfigError as exc:
-        raise ValueError(str(exc)) from None
+        raise CommandError(str(exc)) from None
+    return AddServer(pool, entry)
 
 
-def _faults_action(view: View, pool_name: str, key: str, method: str, body: bytes) -> Reply:
-    """GET, PUT or DELETE a server's injected faults; they apply to new connections only."""
-    found = _find_server(view, pool_name, key)
-    if isinstance(found, Reply):
-        return found
-    pool, server = found
-    if method == "PUT":
+def _stats_answer(command: Command, server: Server) -> Any:
+    return server_stats(server)
+
+
+def _faults_answer(command: Command, server: Server) -> Any:
+    return faults_answer(command.pool, server)
+
+
+@dataclass(frozen=True, slots=True)
+class CommandRoute:
+    """One change the admin takes: a method and a path pattern, the command a request builds
+    (control.py), and how the server it concerns is shown in the answer."""
+
+    method: str
+    pattern: str  # segments; "{name}" binds the (URL-decoded) segment there
+    build: Callable[[Params, bytes], Command]
+    status: int = 200
+    answer: Callable[[Command, Server], Any] = _stats_answer
+
+    def bind(self, parts: list[str]) -> dict[str, str] | None:
+        """The pattern's names bound to `parts`, or None when the path is not this pattern's."""
+        pattern = self.pattern.strip("/").split("/")
+        if len(pattern) != len(parts):
+            return None
+        bound = {}
+        for want, part in zip(pattern, parts, strict=True):
+            if want.startswith("{"):
+                bound[want.strip("{}")] = part
+            elif want != part:
+                return None
+        return bound
+
+
+def _on_server(kind: Callable[[str, str], Command]) -> Callable[[Params, bytes], Command]:
+    """A builder for a command whose path names a pool and a server and whose body is ignored."""
+    return lambda params, body: kind(params["pool"], params["server"])
+
+
+# Every change the admin API makes, and nothing else: admin.route builds these commands, the
+# single process carries them out on itself (`Balancer.command`), the workers' supervisor on its
+# view and then in every worker (workers/supervisor.py). A route added here reaches every worker.
+COMMAND_ROUTES: Final[tuple[CommandRoute, ...]] = (
+    CommandRoute("POST", "/pools/{pool}/servers/{server}/drain", _on_server(Drain)),
+    CommandRoute("POST", "/pools/{pool}/servers/{server}/enable", _on_server(Enable)),
+    CommandRoute("POST", "/pools/{pool}/servers/{server}/weight", _weight),
+    CommandRoute("PUT", "/pools/{pool}/servers/{server}/faults", _set_faults, answer=_faults_answer),
+    CommandRoute("DELETE", "/pools/{pool}/servers/{server}/faults", _on_server(ClearFaults),
+                 answer=_faults_answer),
+    CommandRoute("POST", "/pools/{pool}/servers", _add_server, status=201),
+    CommandRoute("DELETE", "/pools/{pool}/servers/{server}", _on_server(RemoveServer)),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A request the route table turned into a command: whoever serves the admin carries it out
+    (`carry_out`) and answers with the route's status and view of the server."""
+
+    route: CommandRoute
+    command: Command
+
+
+def command_for(method: str, path: str, parts: list[str], body: bytes) -> Pending | Reply | None:
+    """The command a request asks for; a 405 or 400 reply; None when no command route has its path."""
+    allowed = []
+    for candidate in COMMAND_ROUTES:
+        params = candidate.bind(parts)
+        if params is None:
+            continue
+        if candidate.method != method:
+            allowed.append(candidate.method)
+            continue
         try:
-            faults = parse_faults_body(body)
-        except ValueError as exc:
-            return error_reply(400, str(exc))
-        pool.set_faults(server, faults)
-        log.info("pool %s: server %s faults set to %s", pool.name, server.name, describe(server.faults))
-    elif method == "DELETE":
-        pool.set_faults(server, NO_FAULTS)
-        log.info("pool %s: server %s faults cleared", pool.name, server.name)
-    elif method not in ("GET", "HEAD"):
-        return error_reply(405, "faults takes GET, PUT or DELETE")
-    return json_reply(200, {"pool": pool.name, "server": server.name, "faults": describe(server.faults)})
+            return Pending(candidate, candidate.build(params, body))
+        except CommandError as exc:
+            return error_reply(exc.status, str(exc))
+    if allowed:
+        return error_reply(405, f"{path} takes {' or '.join(allowed)}")
+    return None
 
 
-def _server_action(view: View, pool_name: str, key: str, action: str, body: bytes) -> Reply:
-    found = _find_server(view, pool_name, key)
-    if isinstance(found, Reply):
-        return found
-    pool, server = found
-    if action == "drain":
-        pool.set_draining(server, True)
-    elif action == "enable":
-        pool.set_draining(server, False)
-    elif action == "weight":
-        try:
-            weight = parse_weight(body)
-        except ValueError as exc:
-            return error_reply(400, str(exc))
-        pool.set_weight(server, weight)
-        log.info("pool %s: server %s weight set to %d", pool.name, server.name, weight)
-    else:
-        return error_reply(404, f"no such action {action!r} (drain, enable, weight, faults)")
-    return json_reply(200, server_stats(server))
+async def carry_out(pending: Pending, execute: Callable[[Command], Awaitable[Server]]) -> Reply:
+    """Carry a command out with `execute` (a balancer's, or the supervisor's) and answer it."""
+    try:
+        server = await execute(pending.command)
+    except CommandError as exc:
+        return error_reply(exc.status, str(exc))
+    return json_reply(pending.route.status, pending.route.answer(pending.command, server))
 
 
 # ----------------------------------------------------------------- slots
@@ -615,7 +695,8 @@ class Admin:
         try:
             if self.router is not None:
                 return await self.router(method, target, headers, body, self.token)
-            return route(self.view, method, target, headers, body, self.token)
+            answer = route(self.view, method, target, headers, body, self.token)
+            return await carry_out(answer, self.view.command) if isinstance(answer, Pending) else answer
         except Exception as exc:
             self._internal_error(exc)
             return error_reply(500, "internal error", close=True)

@@ -2,10 +2,10 @@
 
 Theory of operation: admin.py, metrics.py and status.py answer questions
 about a balancer (its pools, listeners, replicas, counters) and act on its
-servers (drain, enable, weight, faults). They see it only through `View`, a
-protocol of what they read, so they never import app.py: `app.Balancer` is
-one view, and the worker supervisor's (a Balancer with pools and no
-listeners) another. `AdminCounters` is the admin endpoint's own part of
+servers (drain, enable, weight, faults, add, remove: commands, control.py).
+They see it only through `View`, a protocol of what they read, so they never
+import app.py: `app.Balancer` is one view, and the worker supervisor's (a
+Balancer with pools and no listeners) another. `AdminCounters` is the admin endpoint's own part of
 /stats and /metrics, read the same way.
 """
 
@@ -15,7 +15,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from trioanubis.pool import Pool
+    from trioanubis.control import Command
+    from trioanubis.pool import Pool, Server
     from trioanubis.proxy.io import Readiness
     from trioanubis.proxy.lifecycle import Limits
     from trioanubis.proxy.listener import Listener
@@ -64,3 +65,4 @@ class View(Protocol):
     def poller(self) -> Readiness: ...  # the readiness backend (its name is in anubis_build_info)
     def is_ready(self) -> bool: ...  # listening and not draining
     def has_upstream(self) -> bool: ...  # every pool has a server to send clients to
+    async def command(self, command: Command) -> Server: ...  # an operator's change (control.py)

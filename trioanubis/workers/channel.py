@@ -55,6 +55,14 @@ def decode_line(line: bytes) -> Message:
     return message
 
 
+def integer(message: Mapping[str, Any], key: str) -> int:
+    """`message[key]` when it is an integer (seq, id); ValueError otherwise (a float, even 1e309, too)."""
+    value = message[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{key} must be an integer, got {str(value)[:40]!r}")
+    return value
+
+
 def _depth(text: str) -> int:
     """An upper bound of the nesting depth (brackets inside strings count too: safe side)."""
     depth = deepest = 0

@@ -4,8 +4,12 @@ Theory of operation: `WorkerSlot.run` keeps one worker process alive until
 the supervisor stops. Each process gets a fresh socketpair as its control
 channel and inherits its listening sockets (sockets.py; `passed` remembers
 which, since a socket opened later cannot reach a running process); the
-slot sends it the config and the current state, then reads what it says
-(ready, applied, answers, ejections) until it exits. An exit while
+slot sends it the config with the operator's commands in effect (taking the
+supervisor's `changes` lock, so no command overtakes the config and none is
+missed), then the current state, then reads what it says (ready, applied,
+done, answers, ejections) until it exits. A command it cannot take within
+`ASK_TIMEOUT` gets it killed, so that its restart starts from the current
+state rather than going on without the command. An exit while
 the supervisor is not stopping is logged with its status and followed by a
 restart after a backoff (`RESTART_MIN` doubling to `RESTART_MAX`, back to
 `RESTART_MIN` after a worker ran `RESTART_STABLE` seconds). Questions to the
@@ -33,7 +37,7 @@ import trio
 from trioanubis.children import wait_exit
 from trioanubis.config import Config
 from trioanubis.errors import AnubisError, ChannelError
-from trioanubis.workers.channel import Channel, Message
+from trioanubis.workers.channel import Channel, Message, integer
 from trioanubis.workers.sockets import Holds
 
 log = logging.getLogger("trioanubis.supervisor")
@@ -56,8 +60,11 @@ class Owner(Protocol):
     holds: Holds
     stopping: bool
     stop_requested: trio.Event
+    changes: trio.Lock  # held while commands and reloads are sent, so a start sees them in order
 
     def config_message(self) -> Message: ...
+
+    def runtime_message(self) -> Message: ...
 
     def state_message(self) -> Message: ...
 
@@ -78,6 +85,9 @@ class WorkerSlot:
         self.restarts = 0
         self.passed: dict[str, int] = {}  # concrete address → descriptor the current process inherited
         self.applied = 0  # highest state seq it acknowledged
+        self.configured = False  # the current process has its config and the commands in effect
+        self.done = 0  # highest command seq it carried out (or refused)
+        self.refusals: dict[int, str] = {}  # command seq → why it refused it
         self._next_id = 0
         self._waiting: dict[int, tuple[trio.Event, list[Any]]] = {}
         self._acks = trio.lowlevel.ParkingLot()
@@ -131,14 +141,17 @@ class WorkerSlot:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read)
-                await self._send({**self.supervisor.config_message(), "inherited": self.inherited()})
+                async with self.supervisor.changes:  # no command overtakes the config, none is missed
+                    await self._send({**self.supervisor.config_message(), "inherited": self.inherited(),
+                                      **self.supervisor.runtime_message()})  # fmt: skip
+                    self.configured = True
                 await self._send(self.supervisor.state_message())
                 nursery.start_soon(self._stop_on_time)
                 status = await wait_exit(process)
                 nursery.cancel_scope.cancel()
                 return status
         finally:
-            self.serving = False
+            self.serving = self.configured = False
             with trio.CancelScope(shield=True):
                 await self.channel.aclose()
             if process.poll() is None:  # cancelled: take the worker down with us
@@ -200,10 +213,15 @@ class WorkerSlot:
             self.serving = True
             self.ready.set()
         elif kind == "applied":
-            self.applied = max(self.applied, int(message["seq"]))
+            self.applied = max(self.applied, integer(message, "seq"))
+        elif kind == "done":
+            seq = integer(message, "seq")
+            if "error" in message:
+                self.refusals[seq] = str(message["error"])[:300]
+            self.done = max(self.done, seq)
             self._acks.unpark_all()
         elif kind in ("answer", "reloaded"):
-            waiting = self._waiting.pop(int(message["id"]), None)
+            waiting = self._waiting.pop(integer(message, "id"), None)
             if waiting is not None:
                 waiting[1].append(message.get("value", message))
                 waiting[0].set()
@@ -231,13 +249,25 @@ class WorkerSlot:
         self._waiting.pop(self._next_id, None)
         return box[0] if box else None
 
-    async def wait_applied(self, seq: int) -> bool:
-        """True once this worker acknowledged state `seq` (or it is not serving: it gets it at start)."""
+    async def deliver(self, message: Message) -> None:
+        """Send a command; a worker that cannot take it within ASK_TIMEOUT is killed, so that its
+        restart starts from the current state instead of going on without the command."""
         with trio.move_on_after(ASK_TIMEOUT):
-            while self.serving and self.applied < seq:
+            await self._send(message)
+            return
+        log.error("worker %d took no command for %gs: killing it (it starts again with the current "
+                  "state)", self.id, ASK_TIMEOUT)  # fmt: skip
+        self.kill()
+
+    async def wait_done(self, seq: int) -> str | None:
+        """None once this worker carried out command `seq` (or its process is gone: the next one
+        starts with it); otherwise why not, for the operator."""
+        with trio.move_on_after(ASK_TIMEOUT):
+            while self.configured and self.done < seq:
                 await self._acks.park()
-            return True
-        return False
+            refusal = self.refusals.pop(seq, None)
+            return None if refusal is None else f"refused it: {refusal}"
+        return f"did not confirm it in {ASK_TIMEOUT:g}s"
 
     async def send(self, message: Message) -> None:
         with trio.move_on_after(ASK_TIMEOUT):

@@ -9,7 +9,7 @@ Theory of operation — the tree `Supervisor.run` builds:
     ├── pusher: the view's state to every worker, on change and each second
     ├── reloader: SIGHUP / `anubis reload` / --watch, one at a time
     └── workers nursery: one task per worker slot             slot.py
-        └── spawn → feed config and state → wait for exit → log → back off → respawn
+        └── spawn → feed config, commands, state → wait for exit → log → back off → respawn
 
 Start-up binds every listener (sockets.py) before anything else, so a port
 in use is reported once, by the supervisor; then the view runs its first
@@ -27,9 +27,20 @@ The admin endpoint lives here. `/stats` and `/metrics` ask every worker at
 request time (nothing is sent while nobody looks, and the answer is as fresh
 as the request) and add their counters up; `/readyz` is ready when the view
 and every worker are (`?upstream=1`: and the one health view has a server in
-every pool). drain / enable / weight change the view, push a snapshot and
-answer 200 only once every running worker acknowledged it. The admin shell
-(admin.py) screens Host and Origin before this router sees a request.
+every pool). The admin shell (admin.py) screens Host and Origin before this
+router sees a request.
+
+One authority for runtime state: every change an operator makes is a
+command (control.py) that admin.py's route table builds; `command` applies
+it to the view (which also writes the state file), then sends it, as one
+`command` message whatever the command, to every worker, which applies it
+through the same function and confirms; the admin answers 200 once every
+running worker has, 503 naming the others. Commands, reloads and a worker's
+start take `changes` in turn, so every worker sees them in the view's order,
+and a worker that starts gets the commands in effect with its config, before
+it serves. Snapshots and commands share one sequence: a worker ignores a
+snapshot built before the last command it received, which may still show
+what the command changed (a weight, a drain) as it was.
 
 Stop (SIGTERM/SIGINT): every worker is told to stop, accepts on for
 `shutdown_delay` (while `/readyz` says 503) and drains within
@@ -64,27 +75,29 @@ import trio
 
 from trioanubis.app import Balancer, run_with_signals
 from trioanubis.config import Address, Config, parse_config_text
+from trioanubis.control import Command, CommandError, encode_command, named
 from trioanubis.errors import AnubisError, ConfigError
 from trioanubis.ops import systemd
 from trioanubis.ops.admin import (
     OPEN_PATHS,
     PROMETHEUS_TYPE,
     UNAUTHORISED,
+    Pending,
     Reply,
     authorised,
-    error_reply,
+    carry_out,
     json_reply,
     ready_reply,
     route,
     upstream_asked,
 )
 from trioanubis.ops.metrics import prometheus, stats
-from trioanubis.pool import Pool
+from trioanubis.pool import Pool, Server
 from trioanubis.upgrade import SocketBook, Upgrader, split_admin
 from trioanubis.watch import files_read_by, signatures, watch_files
 from trioanubis.workers.channel import Message
 from trioanubis.workers.merge import snapshot, sum_metrics, sum_stats
-from trioanubis.workers.slot import ASK_TIMEOUT, WorkerSlot
+from trioanubis.workers.slot import WorkerSlot
 from trioanubis.workers.sockets import Holds, reuse_port_balances
 
 log = logging.getLogger("trioanubis.supervisor")
@@ -145,7 +158,9 @@ class Supervisor:
         self.stopping = False
         self.upgrader = Upgrader(self._handover, self.hand_over, lambda: self.stopping)
         self.stop_requested = trio.Event()
-        self._seq = 0
+        # One change at a time, in one order everywhere: a command, a reload, a worker's start.
+        self.changes = trio.Lock()
+        self._seq = 0  # state snapshots and commands share it: a snapshot older than a command is stale
         self._root: trio.Nursery | None = None
         self._reload_requests, self._reload_queue = trio.open_memory_channel[str](1)
 
@@ -214,6 +229,10 @@ class Supervisor:
     def state_message(self) -> Message:
         return snapshot(self.view.pools, self._seq)
 
+    def runtime_message(self) -> Message:
+        """What a starting worker applies before it serves: the commands in effect, as of `seq`."""
+        return {"commands": [encode_command(c) for c in self.view.control.in_effect()], "seq": self._seq}
+
     async def push(self) -> int:
         """Send the view to every worker; returns the snapshot's seq."""
         self._seq += 1
@@ -258,21 +277,42 @@ class Supervisor:
         if method in ("GET", "HEAD") and path == "/readyz":
             upstream = upstream_asked(target)
             return upstream if isinstance(upstream, Reply) else ready_reply(await self.ready(upstream))
-        reply = route(self.view, method, target, headers, body, token)
-        if method == "POST" and reply.status == 200:
-            return await self._confirm(reply)
-        return reply
+        answer = route(self.view, method, target, headers, body, token)
+        return await carry_out(answer, self.command) if isinstance(answer, Pending) else answer
 
-    async def _confirm(self, reply: Reply) -> Reply:
-        seq = await self.push()
-        late = []
-        for slot in self.slots:
-            if not await slot.wait_applied(seq):
-                late.append(str(slot.id))
-        if late:
-            return error_reply(503, f"applied here, not confirmed by worker {', '.join(late)} in "
-                                    f"{ASK_TIMEOUT:g}s")  # fmt: skip
-        return reply
+    async def command(self, command: Command) -> Server:
+        """Carry out an operator's command on the view, then in every worker (one `command` message,
+        whatever the command); the view's server once every running worker confirmed it.
+
+        Raises CommandError: as `Balancer.command` does when the view refuses it
+        (nothing is sent then), and 503 naming the workers that did not confirm
+        within ASK_TIMEOUT or refused it (the view and the others have it).
+        """
+        async with self.changes:
+            server = await self.view.command(command)
+            self._seq += 1  # after the change: a snapshot built before it is older than this
+            seq = self._seq
+            message = {"t": "command", "seq": seq, "command": encode_command(named(command, server.name))}
+            async with trio.open_nursery() as nursery:
+                for slot in self.slots:
+                    if slot.configured:
+                        nursery.start_soon(slot.deliver, message)
+        await self._confirmed(seq)
+        return server
+
+    async def _confirmed(self, seq: int) -> None:
+        """Wait for every worker's word on command `seq`; CommandError (503) naming the others."""
+        results: dict[int, str | None] = {}
+
+        async def wait(slot: WorkerSlot) -> None:
+            results[slot.id] = await slot.wait_done(seq)
+
+        async with trio.open_nursery() as nursery:
+            for slot in self.slots:
+                nursery.start_soon(wait, slot)
+        failed = [f"worker {wid} {why}" for wid, why in sorted(results.items()) if why is not None]
+        if failed:
+            raise CommandError(f"applied here, but {'; '.join(failed)}", 503)
 
     async def ask_all(self, what: str) -> list[tuple[WorkerSlot, Any]]:
         answers: list[tuple[WorkerSlot, Any]] = []
@@ -348,8 +388,17 @@ class Supervisor:
             log.warning("reload: settings.workers takes effect at the next restart; still %d workers",
                         len(self.slots))  # fmt: skip
         self.holds.commit(new, config)
-        self.config, self.text = config, text  # a worker starting from now on gets this one
-        await self.view.apply_config(view_config(config))
+        async with self.changes:  # commands and reloads reach every worker in the view's order
+            self.config, self.text = config, text  # a worker starting from now on gets this one
+            await self.view.apply_config(view_config(config))
+            results = await self._send_config()
+        await self.push()
+        applied = sum(1 for r in results if isinstance(r, dict) and r.get("ok"))
+        log.info("reload applied in %d of %d workers", applied, len(self.slots))
+        return applied == len(self.slots)
+
+    async def _send_config(self) -> list[Any]:
+        """The new config to every serving worker; their answers."""
         message = self.config_message()
         results: list[Any] = []
 
@@ -360,10 +409,7 @@ class Supervisor:
         async with trio.open_nursery() as nursery:
             for slot in self.slots:
                 nursery.start_soon(send, slot)
-        await self.push()
-        applied = sum(1 for r in results if isinstance(r, dict) and r.get("ok"))
-        log.info("reload applied in %d of %d workers", applied, len(self.slots))
-        return applied == len(self.slots)
+        return results
 
     def _watched(self) -> list[str]:
         """What --watch looks at: the config file and the files the running config read."""

@@ -8,11 +8,16 @@ the supervisor (`Worker.follow`: started() once a snapshot covering the pool
 has been applied, so no client is sent to a server nobody checked) and whose
 listeners open the shared sockets (sockets.py). Then it serves.
 
-The control task applies what arrives: `state` snapshots (acknowledged with
-their `seq`, which is how the supervisor confirms an admin action once every
-worker applied it), `config` reloads (applied one at a time, in a task of
-their own, acknowledged with ok or the error), `ask` questions (stats,
-metrics, ready), and `stop` (drains; with `now`, cuts at once). A passive
+The config message carries the operator's commands in effect (control.py),
+applied before the balancer runs, so a worker that starts or restarts serves
+what the others serve. The control task then dispatches what arrives:
+`state` snapshots (applied and acknowledged with their `seq`; one built
+before the last command received is stale and skipped), `command` messages
+and `config` reloads (queued, and carried out one at a time in arrival order
+by `apply_changes`, through the same `Balancer.command` and `apply_config` a
+single process uses; a command is confirmed with `done` and its `seq`, or
+with the error that refused it), `ask` questions (stats, metrics, ready), and
+`stop` (drains; with `now`, cuts at once). A passive
 ejection seen here is applied at once and sent up as `eject`; the server is
 held down locally until the supervisor's view shows it down too or
 `eject_for` passes, so a snapshot already on its way cannot undo it.
@@ -30,6 +35,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import signal
 import socket
@@ -43,11 +49,12 @@ import trio
 from trioanubis.app import Balancer, settle_gc
 from trioanubis.children import set_death_signal
 from trioanubis.config import Config, parse_address, parse_config
+from trioanubis.control import CommandError, decode_command
 from trioanubis.errors import AnubisError, ChannelError
 from trioanubis.ops.accesslog import configure_logging, log_fatal
 from trioanubis.ops.metrics import prometheus, stats
 from trioanubis.pool import Pool, Server
-from trioanubis.workers.channel import Channel, Message
+from trioanubis.workers.channel import Channel, Message, integer
 from trioanubis.workers.merge import ServerKey, apply_snapshot, key_of
 from trioanubis.workers.sockets import open_shared_socket
 
@@ -74,7 +81,7 @@ def worker_config(message: Mapping[str, Any]) -> Config:
     binds: Mapping[str, str] = message["binds"]
     listeners = {name: dataclasses.replace(lc, bind=parse_address(binds[name], allow_any_host=True))
                  for name, lc in config.listeners.items()}  # fmt: skip
-    settings = dataclasses.replace(config.settings, pid_file="", workers=1)
+    settings = dataclasses.replace(config.settings, pid_file="", workers=1, state_file="")  # the supervisor's
     return dataclasses.replace(config, listeners=listeners, settings=settings)
 
 
@@ -91,7 +98,10 @@ class Worker:
         self.state_arrived = trio.Event()  # replaced after each snapshot
         self.held: dict[tuple[str, ServerKey], float] = {}  # ejected here → until when
         self._outbox, self._outgoing = trio.open_memory_channel[Message](OUTBOX_SIZE)
-        self._reload_lock = trio.Lock()
+        # Commands and reloads, applied one at a time in the order they came. Unbounded: the
+        # supervisor sends them one change at a time, and dropping one would leave this worker behind.
+        self._changes, self._changes_due = trio.open_memory_channel[Message](math.inf)
+        self.commanded = 0  # the seq of the last command received: an older snapshot is stale
 
     def make_balancer(self, config: Config) -> Balancer:
         opener = partial(open_shared_socket, inherited=self.inherited)
@@ -123,8 +133,10 @@ class Worker:
             apply_snapshot({name: pool}, message, held)
 
     def on_state(self, message: Message) -> None:
-        """Apply a snapshot (not one older than the last: two pushes may cross) and acknowledge it."""
-        if self.state is not None and int(message["seq"]) < int(self.state["seq"]):
+        """Apply a snapshot and acknowledge it; not one older than the last (two pushes may cross) nor
+        one built before the last command (it may show what the command changed as it was)."""
+        seq = integer(message, "seq")
+        if seq < self.commanded or (self.state is not None and seq < int(self.state["seq"])):
             self.post({"t": "applied", "seq": message["seq"]})
             return
         if self.balancer is not None:
@@ -176,15 +188,18 @@ class Worker:
                 return
             try:
                 self._dispatch(message, nursery)
-            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as exc:
                 log.error("control channel: malformed %r message (%s); ignored", message.get("t"), exc)
 
     def _dispatch(self, message: Message, nursery: trio.Nursery) -> None:
         kind = message["t"]
         if kind == "state":
             self.on_state(message)
+        elif kind == "command":
+            self.commanded = max(self.commanded, integer(message, "seq"))
+            self._changes.send_nowait(message)
         elif kind == "config":
-            nursery.start_soon(self._reload, message)
+            self._changes.send_nowait(message)
         elif kind == "ask":
             self.post({"t": "answer", "id": message["id"], "value": self._answer(str(message["what"]))})
         elif kind == "stop":
@@ -215,19 +230,52 @@ class Worker:
             return balancer.is_ready()
         raise ValueError(f"unknown question {what!r}")
 
+    async def apply_changes(self) -> None:
+        """Carry out commands and reloads one at a time, in the order the supervisor sent them."""
+        async for message in self._changes_due:
+            if message["t"] == "config":
+                await self._reload(message)
+            else:
+                await self._command(message)
+
+    async def _command(self, message: Message) -> None:
+        """Apply one operator command as the supervisor's view did; confirm it (or say why not)."""
+        assert self.balancer is not None
+        seq = message["seq"]
+        try:
+            await self.balancer.command(decode_command(message["command"]))
+        except (CommandError, KeyError) as exc:
+            log.error("control channel: command %s not applied: %s", seq, exc)
+            self.post({"t": "done", "seq": seq, "error": str(exc)})
+            return
+        self.post({"t": "done", "seq": seq})
+
     async def _reload(self, message: Message) -> None:
-        async with self._reload_lock:
-            assert self.balancer is not None
+        assert self.balancer is not None
+        try:
+            config = worker_config(message)
+            self.inherited.update(message.get("inherited", {}))
+            await self.balancer.apply_config(config)
+        except (AnubisError, KeyError, TypeError, ValueError) as exc:
+            log.error("reload not applied: %s", exc)
+            self.post({"t": "reloaded", "id": message.get("id"), "ok": False, "error": str(exc)})
+            return
+        self._watch_ejections()
+        self.post({"t": "reloaded", "id": message.get("id"), "ok": True})
+
+    def restore(self, message: Message) -> None:
+        """Apply the commands in effect that came with the config, before this worker serves."""
+        assert self.balancer is not None
+        items = message.get("commands", [])
+        commands = []
+        for item in items if isinstance(items, list) else ():
             try:
-                config = worker_config(message)
-                self.inherited.update(message.get("inherited", {}))
-                await self.balancer.apply_config(config)
-            except (AnubisError, KeyError, TypeError, ValueError) as exc:
-                log.error("reload not applied: %s", exc)
-                self.post({"t": "reloaded", "id": message.get("id"), "ok": False, "error": str(exc)})
-                return
-            self._watch_ejections()
-            self.post({"t": "reloaded", "id": message.get("id"), "ok": True})
+                commands.append(decode_command(item))
+            except CommandError as exc:
+                log.error("control channel: a command in effect is not valid (%s); skipped", exc)
+        self.balancer.restore(commands, "the supervisor's commands in effect")
+        seq = message.get("seq", 0)
+        self.commanded = seq if isinstance(seq, int) and not isinstance(seq, bool) else 0
 
 
 async def run_worker(channel: Channel, worker_id: int, *, own_logging: bool = True) -> None:
@@ -245,9 +293,11 @@ async def run_worker(channel: Channel, worker_id: int, *, own_logging: bool = Tr
             configure_logging(str(first.get("log_level", "info")), config.settings.log_format, worker_id)
         worker = Worker(channel, worker_id, first.get("inherited", {}))
         balancer = worker.make_balancer(config)
+        worker.restore(first)
         with trio.open_signal_receiver(signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(worker.control, nursery)
+                nursery.start_soon(worker.apply_changes)
                 nursery.start_soon(worker.send_outgoing)
                 nursery.start_soon(_stop_on_signals, signals, worker)
                 await nursery.start(balancer.run)
