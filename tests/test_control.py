@@ -465,8 +465,8 @@ async def test_what_the_config_no_longer_has_is_skipped_and_logged(
             assert b.pools["test"].servers[0].draining
     lines = [r.getMessage() for r in caplog.records if "state_file" in r.getMessage()]
     assert lines[:3] == [
-        f'state_file {state}: no pool "gone"; skipped',
-        f'state_file {state}: pool "test" has no server "left"; skipped',
+        f'state_file {state}: no pool "gone" (pools: test); skipped',
+        f'state_file {state}: pool "test" has no server "left" (servers: 127.0.0.1:9); skipped',
         f'state_file {state}: pool "test" already has a server "127.0.0.1:9"; skipped',
     ] and "1 of 4 runtime changes applied" in lines[3], lines
     assert [c["op"] for c in json.loads(state.read_text())["commands"]] == ["drain"]  # rewritten: what holds

@@ -22,8 +22,8 @@ CONFIG = {"listeners": {"web": {"bind": "127.0.0.1:0", "pool": "app"}},
 async def embedded() -> Address:
     async with open_balancer(CONFIG, io="portable") as lb:
         handle: BalancerHandle = lb
-        handle.drain("app", "127.0.0.1:9001")
-        handle.set_faults("app", "127.0.0.1:9001", {"latency": "100ms"})
+        await handle.drain("app", "127.0.0.1:9001")
+        await handle.set_faults("app", "127.0.0.1:9001", {"latency": "100ms"})
         await handle.add_server("app", "127.0.0.1:9002", weight=2)
         ended: int = sum(handle.endings.values())
         assert ended >= 0

@@ -75,21 +75,21 @@ async def test_the_handle_drains_weighs_faults_adds_and_removes_servers() -> Non
         async with open_balancer(config_for([a.address]), io=IO_BACKEND) as lb:
             await lb.add_server("test", b.address, name="b")
             assert {await request(lb.address()) for _ in range(4)} == {b"a", b"b"}
-            lb.drain("test", a.address)
+            await lb.drain("test", a.address)
             assert {await request(lb.address()) for _ in range(4)} == {b"b"}
-            lb.enable("test", a.address)
-            lb.set_weight("test", "b", 0)
+            await lb.enable("test", a.address)
+            await lb.set_weight("test", "b", 0)
             assert {await request(lb.address()) for _ in range(4)} == {b"a"}
-            lb.set_faults("test", a.address, {"close_after": "1B", "direction": "downstream"})
+            await lb.set_faults("test", a.address, {"close_after": "1B", "direction": "downstream"})
             assert await request(lb.address()) == b"a"[:1]
-            lb.set_faults("test", a.address, None)
-            lb.set_weight("test", "b", 1)
-            lb.remove_server("test", a.address)
+            await lb.set_faults("test", a.address, None)
+            await lb.set_weight("test", "b", 1)
+            await lb.remove_server("test", a.address)
             assert {await request(lb.address()) for _ in range(4)} == {b"b"}
             with pytest.raises(LookupError, match="servers: b"):
-                lb.drain("test", "a")
+                await lb.drain("test", "a")
             with pytest.raises(ValueError, match="weight"):
-                lb.set_weight("test", "b", -1)
+                await lb.set_weight("test", "b", -1)
         nursery.cancel_scope.cancel()
 
 

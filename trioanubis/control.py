@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final, final
 
@@ -77,6 +77,13 @@ def _name(value: object, what: str) -> str:
     if not isinstance(value, str) or not value:
         raise CommandError(f"{what} must be a non-empty string, got {show_value(value)}")
     return value
+
+
+def _listed(names: Iterable[str], most: int = 20) -> str:
+    """What exists, for an error naming what does not: "a, b, c" (the first `most`), or "none"."""
+    names = sorted(names)
+    shown = ", ".join(names[:most]) + (f", … ({len(names)} in all)" if len(names) > most else "")
+    return shown or "none"
 
 
 def new_server_path(pool: str) -> str:
@@ -312,14 +319,14 @@ class Control:
         """What `apply` would refuse, refused now (before an added server's name is resolved)."""
         pool = self.pools.get(command.pool)
         if pool is None:
-            raise CommandError(f"no pool {show_value(command.pool)}", 404)
+            raise CommandError(f"no pool {show_value(command.pool)} (pools: {_listed(self.pools)})", 404)
         if isinstance(command, AddServer):
             self._check_new(pool, command.entry)
             return None
         server = pool.find(command.server)
         if server is None:
-            raise CommandError(f"pool {show_value(pool.name)} has no server {show_value(command.server)}",
-                               404)  # fmt: skip
+            raise CommandError(f"pool {show_value(pool.name)} has no server {show_value(command.server)} "
+                               f"(servers: {_listed(s.name for s in pool.servers)})", 404)  # fmt: skip
         if isinstance(command, RemoveServer) and server.source not in ("", RUNTIME_SOURCE):
             raise CommandError(f"pool {show_value(pool.name)}: server {show_value(server.name)} comes from "
                                f"{server.source}, which adds and removes it; drain it instead",

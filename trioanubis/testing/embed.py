@@ -97,26 +97,28 @@ class BalancerHandle:
         """Connections open now."""
         return self._balancer.limits.active
 
-    def drain(self, pool: str, server: str) -> None:
+    async def drain(self, pool: str, server: str) -> None:
         """No new connections to `server` (a name or "host:port"); open ones go on."""
-        controls.drain(self._balancer.pools, pool, server)
+        await controls.drain(self._balancer, pool, server)
 
-    def enable(self, pool: str, server: str) -> None:
-        controls.enable(self._balancer.pools, pool, server)
+    async def enable(self, pool: str, server: str) -> None:
+        await controls.enable(self._balancer, pool, server)
 
-    def set_weight(self, pool: str, server: str, weight: int) -> None:
-        controls.set_weight(self._balancer.pools, pool, server, weight)
+    async def set_weight(self, pool: str, server: str, weight: int) -> None:
+        await controls.set_weight(self._balancer, pool, server, weight)
 
-    def set_faults(self, pool: str, server: str, faults: Mapping[str, Any] | FaultConfig | None) -> None:
+    async def set_faults(
+        self, pool: str, server: str, faults: Mapping[str, Any] | FaultConfig | None
+    ) -> None:
         """Replace a server's `[faults]` table (e.g. {"latency": "100ms"}) for its new connections;
         None clears it."""
-        controls.set_faults(self._balancer.pools, pool, server, faults)
+        await controls.set_faults(self._balancer, pool, server, faults)
 
     async def add_server(self, pool: str, address: str, *, name: str = "", weight: int = 1) -> None:
-        await controls.add_server(self._balancer.pools, pool, address, name=name, weight=weight)
+        await controls.add_server(self._balancer, pool, address, name=name, weight=weight)
 
-    def remove_server(self, pool: str, server: str) -> None:
-        controls.remove_server(self._balancer.pools, pool, server)
+    async def remove_server(self, pool: str, server: str) -> None:
+        await controls.remove_server(self._balancer, pool, server)
 
     async def reload(self, config: ConfigSource) -> None:
         """Bring the balancer to a new config, as SIGHUP does (open connections are not touched)."""

@@ -188,9 +188,9 @@ class ProxyHandle:
         live.clear()
         for toxic in toxics:
             live.add(toxic)
-        pools = self._kit.proxies.balancer.pools
-        if self.name in pools:
-            controls.set_faults(pools, self.name, self.upstream, refuse)
+        balancer = self._kit.proxies.balancer
+        if self.name in balancer.pools:
+            await controls.set_faults(balancer, self.name, self.upstream, refuse)
 
     # ------------------------------------------------------------ toxiproxy's toxics
 
