@@ -21,7 +21,8 @@ SERVER_STATE = {"healthy", "draining", "removed", "effective_weight", "config_we
 # Names other objects share: only written on something named like a server.
 SERVER_FIELDS = {"weight", "priority", "max_connections", "send_proxy", "faults", "active", "total",
                  "bytes_in", "bytes_out"}  # fmt: skip
-NOT_A_SERVER = {"self", "limits"}  # Limits.draining is the process's, not a server's
+# Limits.draining is the process's; control.py's `said` records the operator's word about a server.
+NOT_A_SERVER = {"self", "limits", "said"}
 
 
 def server_writes(source: str) -> list[tuple[int, str]]:
