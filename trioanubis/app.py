@@ -45,8 +45,9 @@ last one ends, or `drain_timeout` later, when what is still open is cut. With
 after each change and applied at the next start before anything serves,
 the admin endpoint included.
 
-Reload (`apply_config`, from SIGHUP, `anubis reload` or `--watch`): listeners,
-pools and servers are added, removed or changed in place. Connections never
+Reload (`apply_config`, from SIGHUP, `anubis reload` or `--watch`): reload.py
+decides and carries it out; this module offers it the plumbing (start a
+listener, a pool's tasks, its replicas, in this tree). Connections never
 belong to a listener or a pool's list, only to the connections nursery, so a
 reload never cuts one: a removed server keeps its connections until they end.
 The admin endpoint takes a new token at once; a new admin bind waits for a
@@ -56,7 +57,6 @@ restart.
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import logging
 import os
@@ -67,7 +67,7 @@ from typing import Final, final
 
 import trio
 
-from trioanubis.config import Address, Config, ListenerConfig, PoolConfig, load_config
+from trioanubis.config import Address, Config, ListenerConfig, load_config
 from trioanubis.control import AddServer, Command, CommandError, Control, RemoveServer
 from trioanubis.discovery import run_discovery
 from trioanubis.errors import AnubisError, ConfigError
@@ -80,11 +80,10 @@ from trioanubis.proxy.io import open_readiness
 from trioanubis.proxy.lifecycle import Limits
 from trioanubis.proxy.listener import Listener, SocketOpener
 from trioanubis.proxy.timeouts import Timer, tick_for
-from trioanubis.reload import plan, update_servers
+from trioanubis.reload import apply_config
 from trioanubis.resolve import resolve_address
 from trioanubis.spawn import Spawner
 from trioanubis.state_file import StateError, parse_state, read_state, state_document, write_state
-from trioanubis.strategies import make_strategy
 from trioanubis.watch import files_read_by, signatures, watch_files
 
 log = logging.getLogger("trioanubis")
@@ -148,8 +147,8 @@ class Balancer:
         self._changes = trio.Lock()  # one change at a time: a command, a reload
         self._state_saved = (0, "")  # (control.version, path) the state file holds
         self.access = AccessLog(enabled=config.settings.access_log)
-        self.limits = Limits(self._connection_limit(config))
-        self.timer = Timer(self._tick(config))
+        self.limits = Limits(self.connection_limit(config))
+        self.timer = Timer(self.tick_for(config))
         self.poller = open_readiness(io or config.settings.io)
         self.listeners: dict[str, Listener] = {
             name: self._new_listener(lc) for name, lc in config.listeners.items()
@@ -177,14 +176,14 @@ class Balancer:
                         self._open_socket)  # fmt: skip
 
     @staticmethod
-    def _tick(config: Config) -> float:
+    def tick_for(config: Config) -> float:
         return tick_for(
             t
             for pc in config.pools.values()
             for t in (pc.connect_timeout, pc.idle_timeout, pc.half_close_timeout, pc.failover_timeout)
         )
 
-    def _connection_limit(self, config: Config) -> int:
+    def connection_limit(self, config: Config) -> int:
         derived = fd_connection_limit()
         wanted = config.settings.max_connections
         listener_total = sum(lc.max_connections for lc in config.listeners.values())
@@ -232,9 +231,9 @@ class Balancer:
             if self.admin is not None:
                 self.admin_address = await root.start(self._serve_admin)
             for pool in self.pools.values():
-                await self._resolve(pool.servers, pool)
-                await self._update_spawner(pool)
-                await self._start_pool_tasks(pool)
+                await self.resolve(pool.servers, pool)
+                await self.update_spawner(pool)
+                await self.start_pool_tasks(pool)
             async with trio.open_nursery() as connections:
                 self._connections = connections
                 async with trio.open_nursery() as accepting:
@@ -257,7 +256,7 @@ class Balancer:
                 connections.cancel_scope.cancel()
             root.cancel_scope.cancel()
 
-    async def _resolve(self, servers: list[Server], pool: Pool) -> None:
+    async def resolve(self, servers: list[Server], pool: Pool) -> None:
         for server in servers:
             try:
                 pool.set_addresses(server, await resolve_address(server.address))
@@ -265,7 +264,11 @@ class Balancer:
                 log.warning("pool %s: cannot resolve server %s (%s): %s; will retry",
                             pool.name, server.name, server.address.host, exc)  # fmt: skip
 
-    async def _start_pool_tasks(self, pool: Pool) -> None:
+    def stop_pool_tasks(self, name: str) -> None:
+        """Stop a pool's discovery and health checks (a reload removed them or changed them)."""
+        self._pool_scopes.pop(name).cancel()
+
+    async def start_pool_tasks(self, pool: Pool) -> None:
         """Discovery and health checks of `pool`, in one scope; returns after their first rounds."""
         assert self._root is not None
         scope = trio.CancelScope()
@@ -466,103 +469,21 @@ class Balancer:
         """Bring the running balancer to `new` without touching established connections (reload.py plans);
         what the operator changed at runtime meets the new file (control.py `reconcile`)."""
         async with self._changes:
-            await self._apply_config(new)
+            await apply_config(self, new)
             await self.save_state()
 
-    async def _apply_config(self, new: Config) -> None:
-        running = {name: listener.config for name, listener in self.listeners.items()}
-        changes = await trio.to_thread.run_sync(  # it may look "localhost" up
-            functools.partial(plan, self.config, tuple(self.pools), running, new, io_forced=bool(self.io)))
-        for warning in changes.warnings:
-            log.warning("%s", warning)
-        if self.admin is not None and new.admin is not None:
-            self.admin.apply(new.admin)  # the token now, a new bind at the next restart
-        self.control.reconcile(self.config.pools, new.pools)  # before the servers' diff
-        for name in changes.pools_kept:
-            await self._update_pool(self.pools[name], new.pools[name])
-        for name in changes.pools_added:
-            pool = self.pools[name] = Pool(new.pools[name])
-            await self._resolve(pool.servers, pool)
-            await self._update_spawner(pool)
-            await self._start_pool_tasks(pool)
-            log.info("reload: pool %s added", name)
-        for name in changes.listeners_reconfigured:
-            self.listeners[name].reconfigure(new.listeners[name])
-        failed = [name for name in changes.listeners_bound
-                  if not await self._bind_listener(name, new.listeners[name])]  # fmt: skip
-        for name in changes.listeners_removed:
-            self.listeners.pop(name).scope.cancel()
-            log.info("reload: listener %s removed", name)
-        in_use = {pool for listener in self.listeners.values() for pool in _pools_of(listener.config)}
-        for name in changes.pools_removed:
-            if name in in_use:  # a listener whose new bind failed still sends its clients there
-                log.warning("reload: pool %s kept: listener %s still uses it", name,
-                            ", ".join(n for n, li in self.listeners.items() if name in _pools_of(li.config)))
-                continue
-            self._pool_scopes.pop(name).cancel()
-            self._stop_spawner(name)
-            self.pools.pop(name).shut()  # clients it holds leave now, not at their queue_timeout
-            log.info("reload: pool %s removed", name)
-        self.access.enabled = new.settings.access_log
-        self.limits.max_connections = self._connection_limit(new)
-        self.timer.tick = self._tick(new)
-        self.config = new
-        if failed:
-            self.reload_failures += 1
-            log.error("reload applied except for listener %s, which keeps its old address and pool "
-                      "(the next reload tries again)", ", ".join(failed))  # fmt: skip
-            return
-        self.reloads += 1
-        log.info("reload applied")
-
-    async def _bind_listener(self, name: str, config: ListenerConfig) -> bool:
-        """A new listener, or one on a new bind: the new socket listens before the old one closes.
-
-        When the old socket itself holds the port (":8000" → "127.0.0.1:8000":
-        without SO_REUSEPORT the kernel refuses the second bind) the old one is
-        closed first and the new one bound at once, as a restart would; if that
-        fails too, the old one listens again. False when the old one stays.
-        """
-        old = self.listeners.get(name)
-        try:
-            listener = await self._start_listener(config)
-        except AnubisError as exc:
-            if old is None or old.bound is None or old.bound.port != config.bind.port:
-                log.error("reload: listener %s not started: %s", name, exc)
-                return False
-            log.warning("reload: listener %s: %s is held by its own old socket; closing that one first "
-                        "(connections arriving meanwhile are refused)", name, config.bind)  # fmt: skip
-            old.scope.cancel()
-            await old.closed.wait()
-            try:
-                listener = await self._start_listener(config)
-            except AnubisError as again:
-                log.error("reload: listener %s not started: %s; back on %s", name, again, old.config.bind)
-                try:
-                    self.listeners[name] = await self._start_listener(old.config)
-                except AnubisError as lost:  # someone took the port in between: nothing to go back to
-                    del self.listeners[name]
-                    log.error("reload: listener %s is closed: %s", name, lost)
-                return False
-        else:
-            if old is not None:
-                old.scope.cancel()
-        self.listeners[name] = listener
-        log.info("reload: listener %s on %s", name, listener.bound)
-        return True
-
-    async def _start_listener(self, config: ListenerConfig) -> Listener:
+    async def start_listener(self, config: ListenerConfig) -> Listener:
         listener = self._new_listener(config)
         assert self._accepting is not None and self._connections is not None
         await self._accepting.start(listener.serve, self._connections)
         return listener
 
-    async def _update_spawner(self, pool: Pool) -> None:
+    async def update_spawner(self, pool: Pool) -> None:
         """Start, change (a roll) or stop the replicas of `pool` to match its config."""
         spawn, drain = pool.config.spawn, self.config.settings.drain_timeout
         spawner = self.spawners.get(pool.name)
         if spawn is None:
-            self._stop_spawner(pool.name)
+            self.stop_spawner(pool.name)
             return
         if spawner is not None:
             spawner.apply(spawn, drain)
@@ -577,35 +498,12 @@ class Balancer:
 
         await self._root.start(run_spawner)
 
-    def _stop_spawner(self, name: str) -> None:
+    def stop_spawner(self, name: str) -> None:
         """Stop a pool's replicas (their servers leave the pool at its next update)."""
         if name in self.spawners:
             del self.spawners[name]
             self._spawn_scopes.pop(name).cancel()
             log.warning("pool %s: replicas stopped", name)
-
-    async def _update_pool(self, pool: Pool, config: PoolConfig) -> None:
-        old = pool.config
-        pool.config = config
-        await self._update_spawner(pool)
-        if (config.strategy, config.balance_factor) != (old.strategy, old.balance_factor):
-            pool.strategy = make_strategy(config.strategy, config.balance_factor)
-        added = update_servers(pool, config, self.control.members(pool.name))
-        await self._resolve(added, pool)
-        if added:
-            pool.add(added)
-            log.info("reload: pool %s: %s added", pool.name, ", ".join(s.name for s in added))
-        pool.refresh_faults()
-        pool.changed()
-        if (config.health, config.discovery, config.resolver) != (old.health, old.discovery, old.resolver):
-            self._pool_scopes.pop(pool.name).cancel()
-            await self._start_pool_tasks(pool)
-
-
-def _pools_of(config: ListenerConfig) -> set[str]:
-    """The pools a listener sends clients to: its own, and its routes'."""
-    return {config.pool, *(route.pool for route in config.routes)} - {""}
-
 
 def _open_connections(count: int) -> str:
     return f"{count} open connection{'' if count == 1 else 's'}"

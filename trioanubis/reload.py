@@ -1,8 +1,9 @@
-"""Reload: what a new config changes in the running balancer, decided apart from carrying it out.
+"""Reload: what a new config changes in the running balancer, decided, then carried out.
 
-Theory of operation: SIGHUP, `anubis reload`, `--watch` and the worker
-supervisor all end in `app.Balancer.apply_config`, which asks this module
-what changes and carries it out. `plan` compares what runs (the pools and
+Theory of operation: SIGHUP, `anubis reload`, `--watch`, the worker
+supervisor and the embedding API all end in `app.Balancer.apply_config`,
+which takes the runtime lock and calls `apply_config` here. The decision is
+pure: `plan` compares what runs (the pools and
 the listeners' own configs, which may differ from the last file when a
 rebind failed) with the new config: pools added, kept (reconfigured in
 place, their servers diffed) and removed; listeners reconfigured in place
@@ -23,20 +24,42 @@ or the spawner put in the pool are theirs, not the file's. Servers an
 operator added or removed at runtime stay so until the file says something
 new about their name (control.py `reconcile` decides, before the diff); a
 runtime server the file now names is the file's from then on (`take_over`).
+
+`apply_config` carries the plan out on the running balancer, which it knows
+only as `Running` (what a reload needs of it: its pools, listeners and
+settings, and the plumbing that starts and stops a listener, a pool's tasks
+or its replicas in the balancer's nursery tree). The order keeps every
+client served: kept pools are reconfigured and new pools started (their
+first health round included) before any listener is bound or moved, new
+listeners listen before old ones close, and a pool is removed only once no
+listener sends clients to it. Established connections are never touched: a
+removed server keeps its connections until they end.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import Final, final
+from typing import TYPE_CHECKING, Final, Protocol, final
 
-from trioanubis.config import Address, Config, ListenerConfig, PoolConfig, listen_ip
+import trio
+
+from trioanubis.config import Address, AdminConfig, Config, ListenerConfig, PoolConfig, listen_ip
 from trioanubis.control import RUNTIME_SOURCE
 from trioanubis.discovery import source_of
+from trioanubis.errors import AnubisError
 from trioanubis.pool import Pool, Server, diff_servers
 from trioanubis.spawn import SPAWN_SOURCE
+from trioanubis.strategies import make_strategy
+
+if TYPE_CHECKING:
+    from trioanubis.control import Control
+    from trioanubis.ops.accesslog import AccessLog
+    from trioanubis.proxy.lifecycle import Limits
+    from trioanubis.proxy.listener import Listener
+    from trioanubis.proxy.timeouts import Timer
 
 log = logging.getLogger("trioanubis.app")
 
@@ -112,3 +135,146 @@ def update_servers(pool: Pool, config: PoolConfig, runtime: Collection[str] = ()
         else:
             pool.configure_server(server, sc)
     return [Server(sc, healthy=config.health.check == "none") for sc in new]
+
+
+class TakesAdminConfig(Protocol):
+    def apply(self, config: AdminConfig) -> None: ...
+
+
+class Running(Protocol):
+    """What a reload needs of the running balancer (app.py's `Balancer` is it)."""
+
+    config: Config
+    pools: dict[str, Pool]
+    listeners: dict[str, Listener]
+    io: str  # `--io`: wins over [settings] io for the life of the process
+    control: Control
+    access: AccessLog
+    limits: Limits
+    timer: Timer
+    reloads: int
+    reload_failures: int
+
+    @property
+    def admin(self) -> TakesAdminConfig | None: ...
+    def connection_limit(self, config: Config) -> int: ...
+    def tick_for(self, config: Config) -> float: ...
+    async def resolve(self, servers: list[Server], pool: Pool) -> None: ...
+    async def start_pool_tasks(self, pool: Pool) -> None: ...
+    def stop_pool_tasks(self, name: str) -> None: ...
+    async def update_spawner(self, pool: Pool) -> None: ...
+    def stop_spawner(self, name: str) -> None: ...
+    async def start_listener(self, config: ListenerConfig) -> Listener: ...
+
+
+async def apply_config(running: Running, new: Config) -> None:
+    """Bring `running` to `new` without touching established connections (see the module docstring)."""
+    listening = {name: listener.config for name, listener in running.listeners.items()}
+    decide = functools.partial(plan, running.config, tuple(running.pools), listening, new,
+                               io_forced=bool(running.io))  # fmt: skip
+    changes = await trio.to_thread.run_sync(decide)  # it may look "localhost" up
+    for warning in changes.warnings:
+        log.warning("%s", warning)
+    if running.admin is not None and new.admin is not None:
+        running.admin.apply(new.admin)  # the token now, a new bind at the next restart
+    running.control.reconcile(running.config.pools, new.pools)  # before the servers' diff
+    for name in changes.pools_kept:
+        await _update_pool(running, running.pools[name], new.pools[name])
+    for name in changes.pools_added:
+        pool = running.pools[name] = Pool(new.pools[name])
+        await running.resolve(pool.servers, pool)
+        await running.update_spawner(pool)
+        await running.start_pool_tasks(pool)
+        log.info("reload: pool %s added", name)
+    for name in changes.listeners_reconfigured:
+        running.listeners[name].reconfigure(new.listeners[name])
+    failed = [name for name in changes.listeners_bound
+              if not await _bind_listener(running, name, new.listeners[name])]  # fmt: skip
+    for name in changes.listeners_removed:
+        running.listeners.pop(name).scope.cancel()
+        log.info("reload: listener %s removed", name)
+    _remove_pools(running, changes.pools_removed)
+    running.access.enabled = new.settings.access_log
+    running.limits.max_connections = running.connection_limit(new)
+    running.timer.tick = running.tick_for(new)
+    running.config = new
+    if failed:
+        running.reload_failures += 1
+        log.error("reload applied except for listener %s, which keeps its old address and pool "
+                  "(the next reload tries again)", ", ".join(failed))  # fmt: skip
+        return
+    running.reloads += 1
+    log.info("reload applied")
+
+
+def _remove_pools(running: Running, names: Collection[str]) -> None:
+    in_use = {pool for listener in running.listeners.values() for pool in _pools_of(listener.config)}
+    for name in names:
+        if name in in_use:  # a listener whose new bind failed still sends its clients there
+            users = ", ".join(n for n, li in running.listeners.items() if name in _pools_of(li.config))
+            log.warning("reload: pool %s kept: listener %s still uses it", name, users)
+            continue
+        running.stop_pool_tasks(name)
+        running.stop_spawner(name)
+        running.pools.pop(name).shut()  # clients it holds leave now, not at their queue_timeout
+        log.info("reload: pool %s removed", name)
+
+
+async def _bind_listener(running: Running, name: str, config: ListenerConfig) -> bool:
+    """A new listener, or one on a new bind: the new socket listens before the old one closes.
+
+    When the old socket itself holds the port (":8000" → "127.0.0.1:8000":
+    without SO_REUSEPORT the kernel refuses the second bind) the old one is
+    closed first and the new one bound at once, as a restart would; if that
+    fails too, the old one listens again. False when the old one stays.
+    """
+    old = running.listeners.get(name)
+    try:
+        listener = await running.start_listener(config)
+    except AnubisError as exc:
+        if old is None or old.bound is None or old.bound.port != config.bind.port:
+            log.error("reload: listener %s not started: %s", name, exc)
+            return False
+        log.warning("reload: listener %s: %s is held by its own old socket; closing that one first "
+                    "(connections arriving meanwhile are refused)", name, config.bind)  # fmt: skip
+        old.scope.cancel()
+        await old.closed.wait()
+        try:
+            listener = await running.start_listener(config)
+        except AnubisError as again:
+            log.error("reload: listener %s not started: %s; back on %s", name, again, old.config.bind)
+            try:
+                running.listeners[name] = await running.start_listener(old.config)
+            except AnubisError as lost:  # someone took the port in between: nothing to go back to
+                del running.listeners[name]
+                log.error("reload: listener %s is closed: %s", name, lost)
+            return False
+    else:
+        if old is not None:
+            old.scope.cancel()
+    running.listeners[name] = listener
+    log.info("reload: listener %s on %s", name, listener.bound)
+    return True
+
+
+async def _update_pool(running: Running, pool: Pool, config: PoolConfig) -> None:
+    old = pool.config
+    pool.config = config
+    await running.update_spawner(pool)
+    if (config.strategy, config.balance_factor) != (old.strategy, old.balance_factor):
+        pool.strategy = make_strategy(config.strategy, config.balance_factor)
+    added = update_servers(pool, config, running.control.members(pool.name))
+    await running.resolve(added, pool)
+    if added:
+        pool.add(added)
+        log.info("reload: pool %s: %s added", pool.name, ", ".join(s.name for s in added))
+    pool.refresh_faults()
+    pool.changed()
+    if (config.health, config.discovery, config.resolver) != (old.health, old.discovery, old.resolver):
+        running.stop_pool_tasks(pool.name)
+        await running.start_pool_tasks(pool)
+
+
+def _pools_of(config: ListenerConfig) -> set[str]:
+    """The pools a listener sends clients to: its own, and its routes'."""
+    return {config.pool, *(route.pool for route in config.routes)} - {""}
