@@ -34,6 +34,11 @@ from trioanubis.proxy.timeouts import Timer
 settings.register_profile("anubis", deadline=None)
 settings.load_profile("anubis")
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: at least 4 workers, since most tests wait on sockets and subprocesses, not the CPU."""
+    return max(4, os.cpu_count() or 1)
+
+
 # Deadline for "eventually": generous, since these machines are shared and noisy.
 EVENTUALLY = 20.0
 # The readiness backend this test run uses ("auto" unless ANUBIS_IO says otherwise:

@@ -370,6 +370,7 @@ async def test_idle_and_slow_callers_cannot_lock_out_the_admin(nursery: trio.Nur
             await stream.aclose()
 
 
+@pytest.mark.slow
 async def test_keep_alive_connections_end_when_idle_and_at_their_lifetime(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -424,6 +425,7 @@ def blocking_exchange(port: int, data: bytes) -> bytes:
     return answer
 
 
+@pytest.mark.slow
 def test_a_refused_body_is_taken_and_the_connection_ends_cleanly(live_balancer: LiveBalancer) -> None:
     """A 413 is answered before the body is read; the client may still send it: no reset may follow.
 
@@ -574,6 +576,7 @@ ADDED = b'{"address": "127.0.0.1:7", "name": "x"}'  # a server added at runtime 
 CLOSE = b"Host: [::1]\r\nConnection: close\r\n\r\n"
 
 
+@pytest.mark.slow
 @given(data=admin_requests())
 @example(data=http_bytes("POST", "/pools/web/servers/one/weight", AUTHORISED, b"[" * 20000, 20000))
 @example(data=http_bytes("POST", "/pools/web/servers/one/weight", AUTHORISED, b"[" * 4000, 4000))
@@ -624,6 +627,7 @@ async def stats_status(admin: Address, token: str) -> int:
     return (await http(admin, "GET", "/stats", headers=(("Authorization", f"Bearer {token}"),)))[0]
 
 
+@pytest.mark.slow
 async def test_sighup_rotates_the_admin_token(nursery: trio.Nursery, tmp_path: Path) -> None:
     """Finding 12.7: after SIGHUP with a new token the old one still worked and the new one got 401."""
     backend = await start_backend(nursery, name_handler("a"))
@@ -701,6 +705,7 @@ def test_every_token_the_config_accepts_can_be_sent(token: str) -> None:
     assert authorised(config.admin.token, [(b"authorization", f"Bearer {token}".encode())])
 
 
+@pytest.mark.slow
 async def test_out_of_descriptors_the_admin_backs_off_and_logs_once_per_episode(
     nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -56,6 +56,7 @@ GO_CASES = [
 GO_IDS = [case[0] for case in GO_CASES]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "method", "site", "origin", "allowed"), GO_CASES, ids=GO_IDS)
 def test_cross_origin_decides_as_go_does(
     name: str, method: str, site: str, origin: str, allowed: bool
@@ -191,6 +192,7 @@ TARGETS = st.sampled_from(["/", "/stats", "/healthz", "/readyz?upstream=1", "/po
                            "/pools/web/servers/s1/faults", "/metrics?x", "*"])  # fmt: skip
 
 
+@pytest.mark.slow
 @given(method=METHODS, target=TARGETS, headers=header_sets())
 @example(method="POST", target="/pools/web/servers/s1/drain", headers=[(b"host", b"\xff")])
 @settings(max_examples=1000, deadline=None)
@@ -372,6 +374,7 @@ document.getElementById("drain").submit();
 </script>"""
 
 
+@pytest.mark.slow
 async def test_a_page_on_another_origin_cannot_drain_or_reweigh(
     nursery: trio.Nursery, tmp_path: Path, chromium: Callable[..., Any]
 ) -> None:
@@ -441,6 +444,7 @@ def page_text(driver: Any) -> str:
     return text
 
 
+@pytest.mark.slow
 async def test_a_rebound_name_gets_421_unless_listed_in_hosts(
     nursery: trio.Nursery, tmp_path: Path, chromium: Callable[..., Any]
 ) -> None:
@@ -533,6 +537,7 @@ def live_admin(
     assert process.returncode == 0, log.read_text()[-3000:]
 
 
+@pytest.mark.slow
 @given(method=METHODS, target=TARGETS, headers=header_sets())
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_fuzzed_host_and_origin_headers_leave_the_admin_serving(
@@ -553,6 +558,7 @@ def test_fuzzed_host_and_origin_headers_leave_the_admin_serving(
 # ------------------------------------------------------------ workers mode
 
 
+@pytest.mark.slow
 async def test_workers_supervisor_refuses_cross_origin_changes_and_answers_readyz_both_ways(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:

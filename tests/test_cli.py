@@ -81,12 +81,14 @@ async def http_get(port: int, path: str = "/", timeout: float = 30) -> bytes:
             await trio.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_version() -> None:
     result = run_cli("--version")
     assert result.returncode == 0
     assert result.stdout.strip() == f"anubis {__version__}"
 
 
+@pytest.mark.slow
 def test_check_accepts_the_shipped_config_and_summarises_it() -> None:
     result = run_cli("check", "-c", "anubis.toml")
     assert result.returncode == 0, result.stderr
@@ -95,6 +97,7 @@ def test_check_accepts_the_shipped_config_and_summarises_it() -> None:
     assert "server web2: 127.0.0.1:9002 weight 1" in result.stdout
 
 
+@pytest.mark.slow
 def test_check_into_a_closed_pipe_ends_quietly() -> None:
     """`anubis check | head -1`: the reader left; no BrokenPipeError traceback, the shell's 141."""
     process = subprocess.Popen([*ANUBIS, "check", "-c", "anubis.toml"], cwd=ROOT, stdout=subprocess.PIPE,
@@ -107,6 +110,7 @@ def test_check_into_a_closed_pipe_ends_quietly() -> None:
     assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
 
 
+@pytest.mark.slow
 def test_reload_does_not_signal_a_stranger_named_by_a_stale_pid_file(tmp_path: Path) -> None:
     """After a kill -9 the pid file stays; its number may be another program's by now."""
     stranger = subprocess.Popen(["sleep", "300"])
@@ -125,6 +129,7 @@ def test_reload_does_not_signal_a_stranger_named_by_a_stale_pid_file(tmp_path: P
         stranger.wait()
 
 
+@pytest.mark.slow
 def test_check_rejects_bad_config_without_traceback(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     text = (ROOT / "anubis.toml").read_text().replace('strategy = "round_robin"', 'strategy = 7')
@@ -142,6 +147,7 @@ def test_run_with_missing_config_is_a_clear_error(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -153,6 +159,7 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 async def test_proxy_answers_a_real_request(nursery: trio.Nursery) -> None:
     one = await start_backend(nursery, name_handler("one"))
     two = await start_backend(nursery, name_handler("two"))
@@ -186,6 +193,7 @@ async def _read_stdout_until(process: trio.Process, needle: bytes) -> bytes:
     return seen
 
 
+@pytest.mark.slow
 async def test_demo_answers_hello_and_health_and_points_at_the_dashboard_and_top(tmp_path: Path) -> None:
     config, ports = demo_config(tmp_path)
     async with anubis("demo", "-c", str(config)) as process:
@@ -204,6 +212,7 @@ async def test_demo_answers_hello_and_health_and_points_at_the_dashboard_and_top
     assert metrics.startswith(b"HTTP/1.1 200 ")
 
 
+@pytest.mark.slow
 async def test_sigterm_exits_zero_after_draining(nursery: trio.Nursery) -> None:
     backend = await start_backend(nursery, name_handler("x"))
     port = free_port()
@@ -215,6 +224,7 @@ async def test_sigterm_exits_zero_after_draining(nursery: trio.Nursery) -> None:
     assert process.returncode == 0
 
 
+@pytest.mark.slow
 def test_python_dash_m_and_console_script_agree() -> None:
     script = Path(sys.executable).with_name("anubis")
     if not script.exists():
@@ -226,6 +236,7 @@ def test_python_dash_m_and_console_script_agree() -> None:
 
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("io", ["epoll", "portable"])
 async def test_proxy_runs_on_the_backend_io_names_and_logs_it(nursery: trio.Nursery, io: str) -> None:
     if io == "epoll" and not epoll_available():
@@ -240,6 +251,7 @@ async def test_proxy_runs_on_the_backend_io_names_and_logs_it(nursery: trio.Nurs
         assert f"(io: {io})" in await _stderr(process)
 
 
+@pytest.mark.slow
 def test_check_names_the_backend_in_use() -> None:
     result = run_cli("check", "-c", "anubis.toml")
     assert result.returncode == 0, result.stderr
@@ -253,6 +265,7 @@ def test_every_command_is_in_the_readme_table() -> None:
         assert any(line.startswith(f"| `anubis {name}") for line in table), f"{name} is not in the README"
 
 
+@pytest.mark.slow
 def test_global_options_work_on_either_side_of_the_command() -> None:
     with socket.socket() as taken:  # the balancer logs "starting" at info, then fails to bind: quick
         taken.bind(("127.0.0.1", 0))
@@ -271,6 +284,7 @@ def test_global_options_work_on_either_side_of_the_command() -> None:
     assert run_cli("check", "--version").stdout.strip() == f"anubis {__version__}"
 
 
+@pytest.mark.slow
 def test_proxy_argument_errors_name_the_argument_and_show_an_example() -> None:
     example = "Example: anubis proxy :8000 localhost:3000"
     listen = run_cli("proxy", "8000", "localhost:3000")
@@ -290,6 +304,7 @@ def test_proxy_argument_errors_name_the_argument_and_show_an_example() -> None:
     assert "LISTEN [SERVER ...]" in usage.stderr
 
 
+@pytest.mark.slow
 async def test_hello_sends_reason_phrases_and_binds_loopback_only_by_default() -> None:
     port = free_port()
     async with anubis("hello", "--name", "dev", "--port", str(port)):
@@ -299,6 +314,7 @@ async def test_hello_sends_reason_phrases_and_binds_loopback_only_by_default() -
             await (await trio.open_tcp_stream("127.0.0.2", port)).aclose()
 
 
+@pytest.mark.slow
 def test_check_summary_shows_settings_and_the_admin_endpoint_but_never_the_token(tmp_path: Path) -> None:
     config = tmp_path / "anubis.toml"
     text = (ROOT / "anubis.toml").read_text()
@@ -341,6 +357,7 @@ def _check_text(tmp_path: Path, text: str) -> subprocess.CompletedProcess[str]:
     return run_cli("check", "-c", str(config))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("old", "new", "expected"), FORMER_CRASHES)
 def test_check_refuses_what_used_to_crash_run(tmp_path: Path, old: str, new: str, expected: str) -> None:
     reference = (ROOT / "anubis.toml").read_text()
@@ -351,6 +368,7 @@ def test_check_refuses_what_used_to_crash_run(tmp_path: Path, old: str, new: str
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["nested", "fifo", "dev_zero", "huge"])
 def test_check_refuses_hostile_files_with_one_line(tmp_path: Path, kind: str) -> None:
     path = tmp_path / "anubis.toml"
@@ -385,6 +403,7 @@ class FirstUsable:
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 async def test_a_strategy_module_beside_the_config_is_found(
     tmp_path: Path, nursery: trio.Nursery, workers: int
@@ -419,6 +438,7 @@ async def _read_until(process: trio.Process, needle: bytes, seen: bytearray) -> 
             seen += data
 
 
+@pytest.mark.slow
 async def test_reload_refuses_what_used_to_crash_and_keeps_serving(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
@@ -445,6 +465,7 @@ async def test_reload_refuses_what_used_to_crash_and_keeps_serving(
     assert b"Traceback" not in stderr
 
 
+@pytest.mark.slow
 def test_check_refuses_two_listeners_on_one_port_written_differently(tmp_path: Path) -> None:
     text = (ROOT / "anubis.toml").read_text().replace('bind = ":8000"', 'bind = ":31840"')
     result = _check_text(tmp_path, text + '\n[listeners.api]\nbind = "0.0.0.0:31840"\npool = "web"\n')
@@ -454,6 +475,7 @@ def test_check_refuses_two_listeners_on_one_port_written_differently(tmp_path: P
                              'got "0.0.0.0:31840"\n')  # fmt: skip
 
 
+@pytest.mark.slow
 def test_check_takes_a_resolver_without_a_port_as_port_53(tmp_path: Path) -> None:
     text = (ROOT / "anubis.toml").read_text().replace('# resolver = ""', 'resolver = "127.0.0.1"', 1)
     result = _check_text(tmp_path, text)
@@ -482,6 +504,7 @@ def test_the_config_argument_goes_anywhere_among_the_options() -> None:
     assert parse_arguments(["top", "--token-file", "t", "lb.toml"]).config == "lb.toml"
 
 
+@pytest.mark.slow
 def test_a_config_argument_is_read_and_two_different_ones_are_refused(tmp_path: Path) -> None:
     checked = run_cli("check", "anubis.toml")
     assert checked.returncode == 0 and checked.stdout.startswith("anubis.toml: ok"), checked.stderr
@@ -534,6 +557,7 @@ done
 """
 
 
+@pytest.mark.slow
 def test_the_bash_completion_script_is_valid_and_completes_commands_options_and_files(tmp_path: Path) -> None:
     pytest.importorskip("shtab")
     generated = run_cli("completion", "bash")
@@ -587,6 +611,7 @@ async def test_the_start_up_summary_is_logged_once(nursery: trio.Nursery, tmp_pa
     assert " INFO    ready\npool web: 1/1 servers up\n" in text, text
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(st.sampled_from(CONFIG_COMMANDS), st.lists(st.sampled_from(["-c", "--config", "a.toml", "b.toml",
        "--admin", "--watch", "--", "-", "x"]) | st.text(max_size=6), max_size=5))  # fmt: skip

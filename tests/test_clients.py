@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import tracemalloc
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -51,6 +52,7 @@ cidrs = st.one_of(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=300)
 @given(st.lists(cidrs, max_size=8), st.lists(st.ip_addresses(), min_size=1, max_size=8))
 def test_network_sets_agree_with_ipaddress(
@@ -111,6 +113,7 @@ def test_a_refused_connection_does_not_count_as_open() -> None:
     assert table.active == {"c": 1}
 
 
+@pytest.mark.slow
 def test_a_flood_of_100000_distinct_clients_keeps_the_table_bounded() -> None:
     table = ClientTable(max_connections=10, rate=(20, 1.0))
     tracemalloc.start()

@@ -284,6 +284,7 @@ class NeedsArguments:
         return None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("anchor", "replacement", "expected"), HOSTILE)
 def test_values_run_would_fail_on_are_rejected(
     tmp_path: Path, anchor: str, replacement: str, expected: str
@@ -533,6 +534,7 @@ async def _run_then_reload(data: dict[str, Any], reload_data: dict[str, Any]) ->
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.slow
 @example(data={"listeners": {"l": {"bind": "127.0.0.1:0", "pool": "p"}},
                "pools": {"p": {"servers": [BACKEND], "health": {"check": "http", "path": "/health x"}}}},
          reload_data={})

@@ -151,6 +151,7 @@ good_options = st.builds(
 )  # fmt: skip
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.one_of(good_options, option_values), st.one_of(good_options, option_values))
 async def test_every_accepted_client_config_runs_and_reloads(

@@ -351,6 +351,7 @@ def test_an_extreme_is_refused_on_one_line_or_runs_and_reloads(case: Case) -> No
         trio.run(run_and_reload, case.table, case.key, [case.value])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("table", "key"), KEYS)
 def test_every_key_at_both_ends_of_its_range_runs_and_reloads(table: str, key: str) -> None:
     limit = RANGES[table][key]
@@ -376,6 +377,7 @@ servers = ["127.0.0.1:9"]
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("edit", "key"), [
     (("[pools.web]", f"[pools.web]\nidle_timeout = {HUGE}"), "pools.web.idle_timeout"),
     (('drain_timeout = "1s"', f"drain_timeout = {HUGE}"), "settings.drain_timeout"),
@@ -415,6 +417,7 @@ check = "none"
 """
 
 
+@pytest.mark.slow
 async def test_workers_reload_extremes_and_keep_serving(nursery: trio.Nursery, tmp_path: Path) -> None:
     """Main's workers died in a loop on a reload to a 310-digit rate; a refused one now changes nothing,
     and an accepted extreme (every connection limit and timeout at its ceiling) is applied."""
@@ -510,6 +513,7 @@ FAULT_BODIES = st.dictionaries(st.sampled_from(list(RANGES["faults"])), NUMBERS,
 )
 
 
+@pytest.mark.slow
 @example(body='{"latency": 1' + "0" * 3000 + "}")
 @example(body='{"weight": ' + "9" * 4000 + "}")
 @given(body=st.one_of(WEIGHT_BODIES, FAULT_BODIES))

@@ -114,6 +114,7 @@ def steps(three: str) -> dict[tuple[str, str], Step]:
     }
 
 
+@pytest.mark.slow
 async def test_every_command_route_acts_in_every_worker(nursery: trio.Nursery, tmp_path: Path) -> None:
     """Finding 28: with workers = 2, PUT …/faults {"refuse": true} answered 200 and changed nothing in
     the workers (the supervisor forwarded POSTs only). Every route of the table, in workers mode."""
@@ -161,6 +162,7 @@ def _toml(value: Any) -> str:
     return json.dumps(value)
 
 
+@pytest.mark.slow
 async def test_a_worker_that_restarts_serves_the_runtime_state_from_its_first_connection(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
@@ -236,6 +238,7 @@ async def test_a_server_added_at_runtime_is_resolved_checked_and_served(nursery:
         assert {await request(address) for _ in range(6)} == {b"one", b"late"}
 
 
+@pytest.mark.slow
 async def test_a_removed_server_takes_no_new_connection_and_is_cut_after_drain_timeout(
     nursery: trio.Nursery,
 ) -> None:
@@ -263,6 +266,7 @@ async def test_a_removed_server_takes_no_new_connection_and_is_cut_after_drain_t
         assert [s.name for s in b.pools["test"].servers] == ["two"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("method", "path", "body", "status", "message"),
     [
@@ -331,6 +335,7 @@ async def test_a_reload_keeps_runtime_changes_until_the_file_says_something_new(
         assert b.control.in_effect() == [Drain("test", "two")]
 
 
+@pytest.mark.slow
 async def test_a_runtime_server_survives_a_reload_in_every_worker(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
@@ -355,6 +360,7 @@ async def test_a_runtime_server_survives_a_reload_in_every_worker(
 # ------------------------------------------------------------ state_file
 
 
+@pytest.mark.slow
 async def test_runtime_changes_survive_a_restart_with_state_file(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
@@ -397,6 +403,7 @@ async def test_runtime_changes_survive_a_restart_with_state_file(
     assert got == {b"one", b"three"}
 
 
+@pytest.mark.slow
 async def test_the_supervisor_keeps_the_state_file_and_restarted_workers_all_apply_it(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
@@ -430,6 +437,7 @@ STATE_FILES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(STATE_FILES))
 async def test_a_state_file_that_is_not_ours_is_one_log_line_and_ignored(
     tmp_path: Path, case: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
@@ -472,6 +480,7 @@ async def test_what_the_config_no_longer_has_is_skipped_and_logged(
     assert [c["op"] for c in json.loads(state.read_text())["commands"]] == ["drain"]  # rewritten: what holds
 
 
+@pytest.mark.slow
 def test_anubis_check_refuses_a_state_file_it_could_not_write_and_names_a_good_one(tmp_path: Path) -> None:
     config = tmp_path / "anubis.toml"
     for value, ok in (("state.json", True), ("missing/state.json", False), (".", False)):
@@ -512,6 +521,7 @@ commands = st.fixed_dictionaries(
 ) | json_values  # fmt: skip
 
 
+@pytest.mark.slow
 @given(commands)
 @settings(max_examples=800, deadline=None)
 def test_the_command_decoder_raises_only_command_errors(data: object) -> None:
@@ -524,6 +534,7 @@ def test_the_command_decoder_raises_only_command_errors(data: object) -> None:
     assert decode_command(wire) == command
 
 
+@pytest.mark.slow
 @given(st.sampled_from(COMMAND_ROUTES), names, names,
        st.binary(max_size=300) | commands.map(lambda v: json.dumps(v).encode(errors="surrogatepass")))
 @settings(max_examples=800, deadline=None)
@@ -602,6 +613,7 @@ def admin_commands(draw: st.DrawFn) -> tuple[str, str, bytes]:
     return method, path, body
 
 
+@pytest.mark.slow
 @given(admin_commands())
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_fuzzed_commands_never_stop_the_workers_and_every_worker_agrees(

@@ -190,6 +190,7 @@ def two_servers(a: str, b: str, token: str) -> dict[str, Any]:
     return data  # fmt: skip
 
 
+@pytest.mark.slow
 async def test_dashboard_shows_servers_going_down_and_drains_with_the_token(
     nursery: trio.Nursery, browser: Any, tmp_path: Path
 ) -> None:
@@ -229,6 +230,7 @@ async def test_dashboard_shows_servers_going_down_and_drains_with_the_token(
         assert await server_state(admin, "alpha") == "up"
 
 
+@pytest.mark.slow
 async def test_wrong_token_at_the_door_shows_nothing(nursery: trio.Nursery, browser: Any) -> None:
     alpha = await start_backend(nursery, echo_handler, "alpha")
     beta = await start_backend(nursery, echo_handler, "beta")
@@ -242,6 +244,7 @@ async def test_wrong_token_at_the_door_shows_nothing(nursery: trio.Nursery, brow
         assert browser.execute_script("return sessionStorage.getItem('anubis-token')") is None
 
 
+@pytest.mark.slow
 async def test_dashboard_works_without_a_token(nursery: trio.Nursery, browser: Any) -> None:
     alpha = await start_backend(nursery, echo_handler, "alpha")
     beta = await start_backend(nursery, echo_handler, "beta")
@@ -272,6 +275,7 @@ def other_column(driver: Any, css: str) -> list[str]:
     return lines
 
 
+@pytest.mark.slow
 async def test_the_other_column_is_readable_text_not_json(
     nursery: trio.Nursery, browser: Any, tmp_path: Path
 ) -> None:

@@ -236,6 +236,7 @@ async def _answers(port: int, name: str, process: trio.Process) -> bool:
     return False
 
 
+@pytest.mark.slow
 async def test_a_name_with_only_an_a_record_on_a_real_dnsmasq(
     nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -301,6 +302,7 @@ class _Errors(logging.Handler):
             self.lines.append(record.getMessage())
 
 
+@pytest.mark.slow
 @given(answers=st.lists(forged_answers(), min_size=1, max_size=4), srv=st.booleans())
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 async def test_hostile_dns_answers_never_stop_the_balancer(

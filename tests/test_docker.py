@@ -107,6 +107,7 @@ def test_compose_file_agrees_with_its_config() -> None:
         assert target == dockerfile_instruction("CMD")[2]
 
 
+@pytest.mark.slow
 def test_compose_and_k8s_configs_pass_anubis_check(tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text("from-the-secret\n")  # what the Secret volume holds in the pod
@@ -205,6 +206,7 @@ def test_every_container_of_every_manifest_passes_the_restricted_pod_security_st
                 assert (user, effective(pod, container, "runAsGroup")) == (uid, gid), where
 
 
+@pytest.mark.slow
 async def test_the_image_command_runs_as_pid_1_and_drains_on_sigterm(tmp_path: Path) -> None:
     """The exact ENTRYPOINT + CMD, with the compose config pointed at loopback, as PID 1."""
     if not shutil.which("unshare") or subprocess.run(

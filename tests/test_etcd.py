@@ -92,6 +92,7 @@ async def test_put_get_delete_one_key_and_a_prefix(etcd: EtcdServer) -> None:
         assert await ctl_get(etcd, "/anubis/pools/") == {"/anubis/pools/webz": "not under the prefix"}
 
 
+@pytest.mark.slow
 async def test_txn_compare_and_set_on_mod_revision(etcd: EtcdServer) -> None:
     async with EtcdClient([etcd.endpoint]) as client:
         assert await client.compare_and_set("/anubis/leader", "a", 0)  # create only if absent
@@ -115,6 +116,7 @@ async def test_txn_compare_and_set_on_mod_revision(etcd: EtcdServer) -> None:
 # --------------------------------------------------------------------------- leases
 
 
+@pytest.mark.slow
 async def test_lease_expiry_removes_its_keys(etcd: EtcdServer) -> None:
     async with EtcdClient([etcd.endpoint]) as client:
         lease = await client.grant_lease(1)
@@ -135,6 +137,7 @@ async def test_lease_expiry_removes_its_keys(etcd: EtcdServer) -> None:
         await client.revoke_lease(lease.id)  # already gone: not an error
 
 
+@pytest.mark.slow
 async def test_keep_alive_keeps_the_keys_while_an_idle_lease_expires(etcd: EtcdServer) -> None:
     """Two leases without keep-alive expiring in turn prove two TTLs passed; the kept one is still there."""
     async with EtcdClient([etcd.endpoint]) as client:
@@ -186,6 +189,7 @@ async def test_watch_sees_puts_and_deletes_made_by_etcdctl(etcd: EtcdServer) -> 
         assert watch.next_revision == revisions[-1] + 1
 
 
+@pytest.mark.slow
 async def test_watch_from_now_and_events_of_one_txn(etcd: EtcdServer) -> None:
     async with EtcdClient([etcd.endpoint]) as client:
         await client.put("/w/before", "not seen: before the watch began")
@@ -219,6 +223,7 @@ async def test_watch_resumes_from_its_revision_after_etcd_restarts(etcd: EtcdSer
         assert [e.value for e in events] == [b"1", b"2"]  # nothing lost, nothing repeated
 
 
+@pytest.mark.slow
 async def test_watch_restarts_itself_when_its_connection_breaks(etcd: EtcdServer) -> None:
     """A relay between client and etcd cuts the watch's connection; changes made meanwhile still arrive."""
     async with trio.open_nursery() as nursery:
@@ -257,6 +262,7 @@ async def test_compaction_is_reported_to_a_watch_and_a_read(etcd: EtcdServer) ->
             assert (await watch.__anext__()).value == b"4"
 
 
+@pytest.mark.slow
 async def test_cancelling_a_watch_closes_its_socket(etcd: EtcdServer) -> None:
     async with EtcdClient([etcd.endpoint]) as client:
         await client.get("/warm")  # the kept-alive connection exists before the count
@@ -270,6 +276,7 @@ async def test_cancelling_a_watch_closes_its_socket(etcd: EtcdServer) -> None:
 # --------------------------------------------------------------------------- endpoints
 
 
+@pytest.mark.slow
 async def test_a_dead_first_endpoint_fails_over_to_the_next(etcd: EtcdServer) -> None:
     dead, dead2 = (f"http://127.0.0.1:{free_port()}" for _ in range(2))  # nobody listens there
     async with EtcdClient([dead, etcd.endpoint]) as client:
@@ -344,6 +351,7 @@ async def enable_auth(server: EtcdServer) -> None:
     server.user = ("root", "rootpw")
 
 
+@pytest.mark.slow
 async def test_auth_with_a_user_and_password_and_a_renewed_token(etcd: EtcdServer) -> None:
     await enable_auth(etcd)
     async with EtcdClient([etcd.endpoint], username="anubis", password="s3cret") as client:

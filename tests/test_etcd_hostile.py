@@ -139,6 +139,7 @@ UNARY = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("case", "handler", "expected"), UNARY, ids=[c[0] for c in UNARY])
 async def test_a_broken_answer_is_one_etcd_error(case: str, handler: Handler, expected: type[EtcdError]
                                                  ) -> None:  # fmt: skip
@@ -221,6 +222,7 @@ WATCHES = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("case", "handler", "expected"), WATCHES, ids=[c[0] for c in WATCHES])
 async def test_a_broken_watch_stream_is_one_etcd_error(case: str, handler: Handler, expected: type[EtcdError]
                                                        ) -> None:  # fmt: skip
@@ -250,6 +252,7 @@ async def test_an_endless_watch_line_is_refused_at_its_limit(nursery: trio.Nurse
 # --------------------------------------------------------------------------- fuzz
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.lists(st.binary(max_size=200) | st.sampled_from([OK_HEAD, CHUNKED, chunk(CREATED), b"\r\n",
                                                             b"0\r\n\r\n", b"Content-Length: 5\r\n"]),

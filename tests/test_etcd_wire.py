@@ -109,6 +109,7 @@ def test_parses_watch_lines() -> None:
         parse_watch_line(b'{"result":{"canceled":true}}', "watch")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("status", "code", "message", "kind"), [
     (400, 11, "etcdserver: mvcc: required revision has been compacted", EtcdCompacted),
     (400, 11, "etcdserver: mvcc: required revision is a future revision", EtcdRequestFailed),
@@ -197,12 +198,14 @@ json_values = st.recursive(
 )  # fmt: skip
 
 
+@pytest.mark.slow
 @given(json_values, st.integers(min_value=1, max_value=8))
 def test_too_deep_measures_what_json_loads_would_nest(document: Any, limit: int) -> None:
     text = json.dumps(document).encode()
     assert too_deep(text, limit) == (reference_depth(document) > limit)
 
 
+@pytest.mark.slow
 def test_deep_json_is_refused_before_parsing() -> None:
     for opener, closer in ((b"[", b"]"), (b'{"a":', b"}")):
         deep = opener * 100_000 + b"1" + closer * 100_000
@@ -276,12 +279,14 @@ def only_etcd_errors(parse: Any, data: bytes) -> None:
         parse(data, "fuzz")
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(st.sampled_from(PARSERS), st.binary(max_size=300))
 def test_arbitrary_bytes_raise_only_etcd_errors(parse: Any, data: bytes) -> None:
     only_etcd_errors(parse, data)
 
 
+@pytest.mark.slow
 @settings(max_examples=500, deadline=None)
 @given(st.sampled_from(PARSERS), documents)
 def test_arbitrary_json_of_etcds_shape_raises_only_etcd_errors(parse: Any, document: Any) -> None:
@@ -290,6 +295,7 @@ def test_arbitrary_json_of_etcds_shape_raises_only_etcd_errors(parse: Any, docum
     only_etcd_errors(parse, json.dumps({"kvs": [document], "responses": [document]}).encode())
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @given(st.integers(min_value=100, max_value=599), st.binary(max_size=200) | documents.map(
     lambda d: json.dumps(d).encode()))  # fmt: skip
@@ -297,6 +303,7 @@ def test_any_error_answer_becomes_an_etcd_error(status: int, data: bytes) -> Non
     assert isinstance(error_from(status, data, "fuzz"), EtcdError)
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.binary(max_size=40), max_size=20), st.integers(min_value=1, max_value=64))
 def test_lines_never_hold_more_than_their_limit(pieces: list[bytes], limit: int) -> None:

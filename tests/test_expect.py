@@ -224,6 +224,7 @@ def check_bounded(matcher: Matcher, chunks: list[bytes], close: bool) -> None:
     assert final.reason.isprintable()
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(replies, bounds, st.booleans())
 def test_random_replies_never_raise_nor_overread(chunks: list[bytes], limit: int, close: bool) -> None:
@@ -231,6 +232,7 @@ def test_random_replies_never_raise_nor_overread(chunks: list[bytes], limit: int
         check_bounded(matcher, chunks, close)
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(structured_replies(), bounds, st.booleans())
 def test_protocol_shaped_replies_never_raise_nor_overread(
@@ -240,6 +242,7 @@ def test_protocol_shaped_replies_never_raise_nor_overread(
         check_bounded(matcher, chunks, close)
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @given(st.text(max_size=40))
 def test_escapes_only_raise_value_errors(text: str) -> None:
@@ -260,6 +263,7 @@ HEALTH_KEYS = st.fixed_dictionaries(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(HEALTH_KEYS)
 def test_any_health_table_is_accepted_with_a_plan_or_rejected_cleanly(health: dict[str, object]) -> None:
@@ -275,6 +279,7 @@ def test_any_health_table_is_accepted_with_a_plan_or_rejected_cleanly(health: di
     plan_of(config.pools["p"].health)  # whatever check accepts, a probe can be built from
 
 
+@pytest.mark.slow
 def test_anubis_check_rejects_a_bad_regex_with_its_key_path(tmp_path: Path) -> None:
     from tests.test_cli import run_cli
 

@@ -180,6 +180,7 @@ async def test_client_reset_mid_stream_closes_the_server_side() -> None:
 
 
 # 4
+@pytest.mark.slow
 async def test_silent_server_and_silent_client_hit_the_idle_timeout() -> None:
     async with through_balancer(Script(silent=True), idle_timeout="300ms") as (_, balancer, address):
         stream = await connect(address)
@@ -189,6 +190,7 @@ async def test_silent_server_and_silent_client_hit_the_idle_timeout() -> None:
         assert balancer.access.counts == {"idle_timeout": 1}
 
 
+@pytest.mark.slow
 async def test_lingering_half_closed_connection_hits_half_close_timeout() -> None:
     script = Script(echo=False, linger_after_eof=True)  # reads our EOF, never answers or closes
     async with through_balancer(script, idle_timeout="1h", half_close_timeout="300ms") as (
@@ -205,6 +207,7 @@ async def test_lingering_half_closed_connection_hits_half_close_timeout() -> Non
 
 
 # 5 (with splice, and copying only: then the dispatcher's steps meet the partial sends)
+@pytest.mark.slow
 @pytest.mark.parametrize("splice", [True, False], ids=["splice", "copy"])
 async def test_stopped_server_reader_applies_backpressure_and_loses_nothing(
     splice: bool, monkeypatch: pytest.MonkeyPatch
@@ -239,6 +242,7 @@ async def test_stopped_server_reader_applies_backpressure_and_loses_nothing(
         await stream.aclose()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("splice", [True, False], ids=["splice", "copy"])
 async def test_stopped_client_reader_applies_backpressure_and_loses_nothing(
     splice: bool, monkeypatch: pytest.MonkeyPatch
@@ -262,6 +266,7 @@ async def test_stopped_client_reader_applies_backpressure_and_loses_nothing(
 
 
 # 6
+@pytest.mark.slow
 async def test_tiny_segments_full_duplex_one_mib_each_way() -> None:
     rng = random.Random(6)
     upstream = rng.randbytes(MIB)
@@ -329,6 +334,7 @@ async def test_server_closes_after_n_bytes() -> None:
 
 
 # 8
+@pytest.mark.slow
 async def test_client_abort_while_connecting_cancels_the_attempt() -> None:
     with blackholed_port() as port:
         async with leak_audit():
@@ -423,6 +429,7 @@ async def test_configured_limits_above_the_fd_limit_warn_at_start(caplog: pytest
 
 
 # 10
+@pytest.mark.slow
 async def test_churn_leaves_nothing_behind() -> None:
     rng = random.Random(10)
     async with leak_audit(), trio.open_nursery() as nursery:
@@ -488,6 +495,7 @@ async def test_half_close_never_extends_a_shorter_idle_timeout() -> None:
 
 
 # 9, continued: out of file descriptors, in a real process whose limit we lower while it runs
+@pytest.mark.slow
 async def test_accept_survives_running_out_of_file_descriptors(tmp_path: Path) -> None:
     port = free_port()
     async with trio.open_nursery() as nursery:
@@ -579,6 +587,7 @@ async def test_accept_backs_off_between_retries_while_out_of_descriptors(
 
 
 # 11
+@pytest.mark.slow
 async def test_shutdown_mid_transfer_and_mid_connect_exits_cleanly(tmp_path: Path) -> None:
     port, blackhole_listener = free_port(), free_port()
     async with trio.open_nursery() as nursery:

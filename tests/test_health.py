@@ -80,6 +80,7 @@ def blackholed_port() -> Iterator[int]:
             sock.close()
 
 
+@pytest.mark.slow
 async def test_killed_backend_costs_no_request_and_returns_after_restart(nursery: trio.Nursery) -> None:
     backends = [await start_backend(nursery, name_handler(f"s{i}")) for i in range(3)]
     victim = backends[1]

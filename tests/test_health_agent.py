@@ -138,6 +138,7 @@ chunks = st.lists(st.one_of(
 ), max_size=12)  # fmt: skip
 
 
+@pytest.mark.slow
 @given(st.lists(st.tuples(chunks, st.booleans()), max_size=8), st.integers(1, 4))
 @settings(max_examples=400, deadline=None)
 def test_any_bytes_make_an_outcome_and_only_a_down_word_takes_a_server_down(
@@ -176,6 +177,7 @@ def agent_data(agent: dict[str, Any]) -> dict[str, Any]:
     return config_for(["127.0.0.1:9"], health={"check": "tcp", "agent": agent})
 
 
+@pytest.mark.slow
 def test_agent_keys_and_their_defaults() -> None:
     config = parse_config(agent_data({"port": 9999, "send": "ping\\n"}), "t.toml").pools["test"].health
     assert config.agent == AgentConfig(port=9999, interval=2.0, timeout=1.0, send=b"ping\n")
@@ -185,6 +187,7 @@ def test_agent_keys_and_their_defaults() -> None:
     assert "agent on 10.0.0.9:9999 every 2s (timeout 1s)" in summary
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("agent", "message"), [
     ({}, "pools.test.health.agent.port: is required"),
     ({"port": 0}, "agent.port: must be an integer from 1 to 65535"),
@@ -207,6 +210,7 @@ values = st.one_of(st.integers(-5, 70_000), st.floats(allow_nan=True), st.text(m
 agent_keys = st.sampled_from(["port", "host", "interval", "timeout", "send", "x"])
 
 
+@pytest.mark.slow
 @given(st.one_of(values, st.dictionaries(agent_keys, values, max_size=5)))
 @settings(max_examples=300, deadline=None)
 def test_any_agent_table_is_taken_or_refused_in_one_line_naming_it(agent: Any) -> None:
@@ -258,6 +262,7 @@ async def stats_until(admin: Address, wanted: Callable[[dict[str, Any]], bool]) 
             await trio.sleep(0.02)
 
 
+@pytest.mark.slow
 async def test_the_agents_words_show_in_stats_and_a_silent_agent_is_withdrawn(nursery: trio.Nursery) -> None:
     """50% → drain → ready → down #reason → up → the agent goes away: each visible in /stats."""
     backend = await start_backend(nursery, name_handler("a"))
@@ -292,6 +297,7 @@ async def test_the_agents_words_show_in_stats_and_a_silent_agent_is_withdrawn(nu
         assert 'anubis_agent_checks_total{pool="test",server="a",result="error"} ' in metrics
 
 
+@pytest.mark.slow
 async def test_with_check_none_the_agent_alone_takes_a_server_down_and_back(nursery: trio.Nursery) -> None:
     """No health check: the agent's down holds (the ejection retry does not undo it); its up ends it."""
     backend = await start_backend(nursery, name_handler("a"))
@@ -319,6 +325,7 @@ async def test_with_check_none_the_agent_alone_takes_a_server_down_and_back(nurs
         assert await request(address) == b"a"
 
 
+@pytest.mark.slow
 async def test_a_reload_without_the_agent_ends_what_it_held(nursery: trio.Nursery) -> None:
     backend = await start_backend(nursery, name_handler("a"))
     agent = Agent(b"drain 25%\n")
@@ -335,6 +342,7 @@ async def test_a_reload_without_the_agent_ends_what_it_held(nursery: trio.Nurser
         assert await request(address) == b"a"
 
 
+@pytest.mark.slow
 async def test_without_an_agent_stats_and_metrics_are_as_before(nursery: trio.Nursery) -> None:
     backend = await start_backend(nursery, name_handler("a"))
     data = config_for([backend.address], health={"check": "tcp", "interval": "100ms"})
@@ -417,6 +425,7 @@ async def _against_a_hostile_agent(scripts: list[tuple[list[bytes], float, bool]
     return handler.lines
 
 
+@pytest.mark.slow
 @given(hostile_scripts)
 @settings(max_examples=15, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])  # fmt: skip
@@ -447,6 +456,7 @@ async def workers_serving(admin: Address, count: int) -> None:
             await trio.sleep(0.05)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="worker processes need a Unix")
 async def test_with_two_workers_the_supervisors_agent_drains_the_server_in_every_worker(
     nursery: trio.Nursery, tmp_path: Path

@@ -179,6 +179,7 @@ def postgres() -> Iterator[Postgres]:
         shutil.rmtree(server.root, ignore_errors=True)
 
 
+@pytest.mark.slow
 async def test_postgres_check_passes_on_real_postgres_and_fails_when_stopped(postgres: Postgres) -> None:
     data = config_for([f"127.0.0.1:{postgres.port}"], health=fast("postgres"))
     async with running_balancer(data) as (balancer, _):
@@ -300,6 +301,7 @@ def cycling(replies: list[bytes], hold: bool) -> Callable[[trio.SocketStream], A
     return handler
 
 
+@pytest.mark.slow
 @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.lists(st.binary(max_size=300), min_size=1, max_size=6), st.booleans())
 async def test_random_server_replies_never_disturb_the_balancer(replies: list[bytes], hold: bool) -> None:
@@ -320,6 +322,7 @@ async def test_random_server_replies_never_disturb_the_balancer(replies: list[by
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.slow
 async def test_every_protocol_check_runs_and_reloads(nursery: trio.Nursery) -> None:
     """Whatever `anubis check` accepts here starts, and reloads from and to every kind."""
     pong = await start_backend(nursery, replying(b"+PONG\r\n"))

@@ -55,6 +55,7 @@ def held_config(port: int, **pool: Any) -> dict[str, Any]:
     return config_for([f"127.0.0.1:{port}"], health=health, queue_timeout="20s", **pool)
 
 
+@pytest.mark.slow
 async def test_a_client_arriving_while_the_server_restarts_is_served_when_it_is_back() -> None:
     port = free_port()
     # A half-closed client waiting for its answer is kept in line when abort_on_close is off.
@@ -117,6 +118,7 @@ async def test_held_clients_connect_in_arrival_order_with_their_bytes_intact(nur
         assert order == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.slow
 async def test_queue_bound_and_timeout_are_enforced_and_counted() -> None:
     port = free_port()  # nothing listens there: no server ever comes up
     data = held_config(port, max_queued=2)
@@ -192,6 +194,7 @@ async def test_accepted_queue_configs_run_and_serve(nursery: trio.Nursery, timeo
             assert await receive_all(stream) == b"ping"
 
 
+@pytest.mark.slow
 async def test_anubis_proxy_holds_a_client_until_its_one_server_starts() -> None:
     port, backend_port = free_port(), free_port()
     process = await trio.lowlevel.open_process(

@@ -484,6 +484,7 @@ async def test_connect_wait_through_the_backend(backend_name: str) -> None:
             backend.close(sock)
 
 
+@pytest.mark.slow
 @hypothesis.settings(max_examples=200, deadline=None)
 @hypothesis.given(st.one_of(st.text(max_size=20), st.integers(), st.booleans(), st.none()))
 def test_settings_io_accepts_its_choices_and_names_the_key_otherwise(value: object) -> None:

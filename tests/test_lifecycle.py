@@ -130,6 +130,7 @@ async def fail_opening(how: str, address: Address) -> None:
         await stream.aclose()  # before the hello is whole
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", list(OPENINGS))
 async def test_an_opening_that_fails_gives_its_per_client_slot_back(
     nursery: trio.Nursery, ca: Authority, how: str
@@ -236,6 +237,7 @@ async def test_an_ipv4_client_and_its_ipv4_mapped_form_are_one_client(nursery: t
         assert balancer.listeners["test"].admission.refused["client_connections"] == 1
 
 
+@pytest.mark.slow
 async def test_held_clients_that_sent_bytes_and_closed_leave_the_line(nursery: trio.Nursery) -> None:
     """Finding 6: the 'has it gone' peek saw their unread bytes, and they kept their places."""
     data = config_for([f"127.0.0.1:{free_port()}"], queue_timeout="1h")
@@ -299,8 +301,9 @@ async def test_faults_cut_a_tls_terminated_connection_after_exactly_that_many_by
         assert server.faults_applied == {"latency": 1, "reset_after": 1}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
-    "faults", [{"latency": "2ms", "jitter": "1ms"}, {"slice": "3B"}], ids=["latency", "slice"]
+    "faults", [{"latency": "2ms", "jitter": "1ms"}, {"slice": "61B"}], ids=["latency", "slice"]
 )
 async def test_faulted_tls_streams_pass_trios_half_closeable_stream_checks(
     nursery: trio.Nursery, ca: Authority, faults: dict[str, str]
@@ -485,6 +488,7 @@ async def drain_until_closed(stream: trio.abc.ReceiveStream) -> None:
 ONE_CLIENT = st.tuples(st.sampled_from(list(KINDS)), st.sampled_from(ENDINGS), st.integers(0, 5))
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
 @given(

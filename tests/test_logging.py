@@ -76,6 +76,7 @@ def metric(text: bytes, name: str) -> int:
     return int(found.group(1))
 
 
+@pytest.mark.slow
 async def test_a_stderr_pipe_nobody_reads_never_stops_serving_or_stopping(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
@@ -186,6 +187,7 @@ def test_flush_gives_up_on_a_stalled_sink() -> None:
         stop(writer, read_end, write_end)
 
 
+@pytest.mark.slow
 @given(st.lists(st.text(), max_size=20))
 @settings(max_examples=100, deadline=None)
 def test_any_message_is_one_whole_json_line(messages: list[str]) -> None:
@@ -204,6 +206,7 @@ def test_any_message_is_one_whole_json_line(messages: list[str]) -> None:
         stop(writer, read_end, write_end)
 
 
+@pytest.mark.slow
 async def test_json_log_format_makes_every_stderr_line_json(nursery: trio.Nursery, tmp_path: Path) -> None:
     up = await start_backend(nursery, echo_handler)
     port, dead = free_port(), free_port()
@@ -256,6 +259,7 @@ async def test_json_log_format_makes_every_stderr_line_json(nursery: trio.Nurser
     assert level_of("drain timeout: resetting 1 open connection") == "warning"
 
 
+@pytest.mark.slow
 async def test_a_fatal_bind_error_is_json_under_the_json_format(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -272,6 +276,7 @@ async def test_a_fatal_bind_error_is_json_under_the_json_format(tmp_path: Path) 
     assert "Traceback" not in result.stderr.decode()
 
 
+@pytest.mark.slow
 async def test_a_fatal_error_stays_one_plain_line_under_the_text_format(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -349,6 +354,7 @@ def assert_rfc3339_of(text: str, created: float) -> None:
     assert parsed <= exact < parsed + timedelta(milliseconds=1), (text, created)
 
 
+@pytest.mark.slow
 @given(times)
 @settings(max_examples=300, deadline=None)
 def test_the_json_time_is_rfc3339_utc_to_the_millisecond(created: float) -> None:
@@ -363,6 +369,7 @@ def test_the_json_time_of_a_known_moment() -> None:
     assert json.loads(JsonFormatter().format(record))["time"] == "2023-11-14T22:13:20.250Z"
 
 
+@pytest.mark.slow
 @given(records, times, st.one_of(st.none(), st.integers(0, 64)))
 @settings(max_examples=300, deadline=None)
 def test_a_deferred_access_line_is_the_line_logging_wrote_before(
@@ -428,6 +435,7 @@ def test_a_deferred_line_that_fails_to_render_is_counted_and_the_writer_goes_on(
         stop(writer, read_end, write_end)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("log_format", ["text", "json"])
 async def test_access_lines_of_a_real_process_keep_their_format(
     nursery: trio.Nursery, tmp_path: Path, log_format: str

@@ -80,6 +80,7 @@ def test_without_proc_the_process_metrics_leave_out_what_they_cannot_read() -> N
     assert found["process_cpu_seconds_total"] >= 0 and found["process_start_time_seconds"] <= time.time()
 
 
+@pytest.mark.slow
 async def test_with_workers_each_process_reports_its_own_process_metrics(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:

@@ -65,6 +65,7 @@ def streaming(size: int, seed: bytes) -> Callable[[trio.SocketStream], Awaitable
     return handler
 
 
+@pytest.mark.slow
 async def test_sigterm_mid_transfer_completes_byte_exact_and_exits_zero(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
@@ -89,6 +90,7 @@ async def test_sigterm_mid_transfer_completes_byte_exact_and_exits_zero(
     assert hashlib.sha256(received).digest() == hashlib.sha256(block * (size // len(block))).digest()
 
 
+@pytest.mark.slow
 async def test_second_signal_cuts_open_connections_at_once(nursery: trio.Nursery, tmp_path: Path) -> None:
     server_endings: list[str] = []
 
@@ -134,6 +136,7 @@ async def wait_port_closed(port: int) -> None:
             await trio.sleep(0.05)
 
 
+@pytest.mark.slow
 async def test_sighup_adds_a_server_and_keeps_open_connections(nursery: trio.Nursery, tmp_path: Path) -> None:
     old = await start_backend(nursery, echo_handler, "old")
     new = await start_backend(nursery, name_handler("new"))
@@ -158,6 +161,7 @@ async def test_sighup_adds_a_server_and_keeps_open_connections(nursery: trio.Nur
     assert not pid_file.exists()
 
 
+@pytest.mark.slow
 async def test_invalid_reload_keeps_serving(nursery: trio.Nursery, tmp_path: Path) -> None:
     backend = await start_backend(nursery, name_handler("a"))
     port = free_port()
@@ -176,6 +180,7 @@ async def test_invalid_reload_keeps_serving(nursery: trio.Nursery, tmp_path: Pat
         assert await request(Address("127.0.0.1", port)) == b"a"
 
 
+@pytest.mark.slow
 async def test_watch_reloads_when_the_file_changes(nursery: trio.Nursery, tmp_path: Path) -> None:
     one = await start_backend(nursery, name_handler("one"))
     two = await start_backend(nursery, name_handler("two"))
@@ -192,6 +197,7 @@ async def test_watch_reloads_when_the_file_changes(nursery: trio.Nursery, tmp_pa
                 await trio.sleep(0.05)
 
 
+@pytest.mark.slow
 async def test_watch_sees_a_change_made_before_its_first_look(nursery: trio.Nursery, tmp_path: Path) -> None:
     """The race behind a rare failure of the test above: the watcher took its first look at the file
     only when its task first ran, after the listeners were up, so a change made in between was
@@ -212,6 +218,7 @@ async def test_watch_sees_a_change_made_before_its_first_look(nursery: trio.Nurs
     assert balancer.reloads == 1
 
 
+@pytest.mark.slow
 async def test_json_access_log_lines_carry_how_each_connection_ended(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
@@ -391,6 +398,7 @@ async def readyz(admin: int) -> int:
     return int((await http_get(admin, "/readyz")).split()[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 async def test_shutdown_delay_keeps_accepting_while_not_ready_and_a_second_signal_stops_at_once(
     nursery: trio.Nursery, tmp_path: Path, workers: int

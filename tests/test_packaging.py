@@ -49,6 +49,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return built
 
 
+@pytest.mark.slow
 def test_the_wheel_holds_every_module_and_data_file(wheel: Path) -> None:
     wanted = set(tracked_files("trioanubis"))
     with zipfile.ZipFile(wheel) as archive:
@@ -56,6 +57,7 @@ def test_the_wheel_holds_every_module_and_data_file(wheel: Path) -> None:
     assert wanted - shipped == set()
 
 
+@pytest.mark.slow
 def test_the_installed_package_imports_and_checks_the_reference_config(wheel: Path, tmp_path: Path) -> None:
     site = tmp_path / "site"
     with zipfile.ZipFile(wheel) as archive:

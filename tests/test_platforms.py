@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 SCRIPT = r'''
@@ -100,6 +102,7 @@ trio.run(main)
 '''
 
 
+@pytest.mark.slow
 def test_without_linux_only_names_the_package_imports_checks_and_proxies() -> None:
     result = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(ROOT / "anubis.toml")],

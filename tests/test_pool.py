@@ -6,6 +6,7 @@ import ast
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
 
@@ -44,6 +45,7 @@ def server_writes(source: str) -> list[tuple[int, str]]:
     return found
 
 
+@pytest.mark.slow
 def test_only_the_pool_writes_a_servers_state() -> None:
     """pool.py is the single writer: health checks, discovery, the spawner, a reload, the admin and a
     worker's merge change a server through a Pool method, so each change is logged once and the

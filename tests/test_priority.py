@@ -191,6 +191,7 @@ async def who_answers(address: Any) -> str:
     return answer.rsplit(b"hello from ", 1)[-1].strip().decode() if b"hello from" in answer else ""
 
 
+@pytest.mark.slow
 async def test_backup_takes_over_and_hands_back(nursery: trio.Nursery) -> None:
     primary_port, backup_port = free_port(), free_port()
     servers = [{"address": f"127.0.0.1:{primary_port}", "name": "primary"},

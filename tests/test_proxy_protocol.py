@@ -61,6 +61,7 @@ def test_v1_headers_are_read_and_the_payload_is_left(
     assert reader.header == ProxyHeader(1, source, destination)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "line",
     [
@@ -274,6 +275,7 @@ def test_a_valid_header_in_random_pieces_reads_the_same_and_never_overreads(
     assert reader.header == whole.header
 
 
+@pytest.mark.slow
 @settings(max_examples=300)
 @given(valid_headers, st.data())
 def test_a_corrupted_valid_header_never_raises(header: bytes, data: st.DataObject) -> None:
@@ -286,6 +288,7 @@ def test_a_corrupted_valid_header_never_raises(header: bytes, data: st.DataObjec
         assert reader.failed  # a wrong signature is refused
 
 
+@pytest.mark.slow
 @settings(max_examples=300)
 @given(
     st.integers(0, 255), st.integers(0, 255), st.integers(0, 65535),

@@ -41,6 +41,7 @@ MIB = 1 << 20
 BULK = os.urandom(4 * MIB)
 
 
+@pytest.mark.slow
 async def test_concurrent_large_payloads_are_byte_exact_both_ways(nursery: trio.Nursery) -> None:
     backends = [await start_backend(nursery, echo_handler, f"b{i}") for i in range(2)]
     async with running_balancer(config_for([b.address for b in backends])) as (_, address):
@@ -218,6 +219,7 @@ async def test_idle_timeout_resets_both_sides(nursery: trio.Nursery, splice: boo
         assert balancer.access.counts == {"idle_timeout": 1}
 
 
+@pytest.mark.slow
 async def test_activity_in_one_direction_keeps_the_connection_open(nursery: trio.Nursery) -> None:
     async def trickle(stream: trio.SocketStream) -> None:
         # The behaviour under test: bytes spaced well below the idle limit, for twice

@@ -68,6 +68,7 @@ def alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 async def test_three_hello_replicas_all_take_traffic_and_a_killed_one_is_restarted() -> None:
     async with running_balancer(spawn_config(HELLO)) as (balancer, address):
         spawner = spawner_of(balancer)
@@ -95,6 +96,7 @@ async def test_three_hello_replicas_all_take_traffic_and_a_killed_one_is_restart
         assert not alive(pid)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("check", ["tcp", "none"])
 async def test_a_replica_seen_to_exit_gets_no_connection_and_comes_back_once_restarted(check: str) -> None:
     """Out the moment its process exits, not after `eject_after` refused connects; back once the new
@@ -160,6 +162,7 @@ async def _start_proxy(port: int, *extra: str) -> tuple[trio.Process, list[int],
     return process, pids, output
 
 
+@pytest.mark.slow
 async def test_sigterm_to_the_balancer_leaves_no_replica() -> None:
     port = free_port()
     process, pids, _ = await _start_proxy(port)
@@ -173,6 +176,7 @@ async def test_sigterm_to_the_balancer_leaves_no_replica() -> None:
     assert not [pid for pid in pids if alive(pid)]
 
 
+@pytest.mark.slow
 async def test_sigkill_to_the_balancer_leaves_no_replica() -> None:
     if not sys.platform.startswith("linux"):
         return  # PR_SET_PDEATHSIG is Linux's; elsewhere only an orderly stop cleans up
@@ -238,6 +242,7 @@ def test_fuzzed_spawn_keys_are_accepted_or_named_in_the_error(key: str, value: o
 # ----------------------------------------------------------------- rolling restarts
 
 
+@pytest.mark.slow
 async def test_a_roll_under_load_fails_no_request_and_replaces_every_replica(tmp_path: Path) -> None:
     watched = tmp_path / "src"
     watched.mkdir()
@@ -286,6 +291,7 @@ async def test_a_roll_under_load_fails_no_request_and_replaces_every_replica(tmp
         assert balancer.access.counts.get("server_reset", 0) == 0
 
 
+@pytest.mark.slow
 async def test_a_replica_that_does_not_become_healthy_stops_the_roll_and_the_old_ones_serve() -> None:
     async with running_balancer(spawn_config(HELLO, replicas=2)) as (balancer, address):
         spawner = spawner_of(balancer)
@@ -299,6 +305,7 @@ async def test_a_replica_that_does_not_become_healthy_stops_the_roll_and_the_old
         assert (await get(address)).startswith(b"HTTP/1.1 200 ")
 
 
+@pytest.mark.slow
 async def test_proxy_watch_rolls_the_replicas_when_a_file_changes(tmp_path: Path) -> None:
     (tmp_path / "app.py").write_text("v = 1\n")
     port = free_port()

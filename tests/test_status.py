@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import trio
 
 from tests.conftest import EVENTUALLY, free_port, name_handler, start_backend, wait_until
@@ -39,6 +40,7 @@ def test_log_lines_go_above_the_status_line() -> None:
     )
 
 
+@pytest.mark.slow
 async def test_without_a_terminal_the_status_is_plain_log_lines(nursery: trio.Nursery) -> None:
     backend = await start_backend(nursery, name_handler("one"))
     port = free_port()
@@ -62,6 +64,7 @@ async def test_without_a_terminal_the_status_is_plain_log_lines(nursery: trio.Nu
     assert b"\r" not in output and b"\x1b" not in output
 
 
+@pytest.mark.slow
 async def test_on_a_terminal_the_status_is_one_live_line(nursery: trio.Nursery, tmp_path: Path) -> None:
     tmux = need("tmux")
     backend = await start_backend(nursery, name_handler("one"))

@@ -68,6 +68,7 @@ def nginx_smooth_cycle(weights: Sequence[int]) -> list[int]:
     return cycle
 
 
+@pytest.mark.slow
 @given(st.lists(st.integers(min_value=1, max_value=9), min_size=1, max_size=12))
 @settings(max_examples=300, deadline=None)
 def test_class_based_cycle_equals_nginx(weights: list[int]) -> None:
@@ -90,6 +91,7 @@ def test_round_robin_skips_unusable_and_weight_zero_never_appears() -> None:
 weights_lists = st.lists(st.integers(min_value=1, max_value=12), min_size=1, max_size=8)
 
 
+@pytest.mark.slow
 @given(weights_lists)
 @settings(max_examples=200, deadline=None)
 def test_round_robin_gives_exact_shares_and_no_needless_repeats(weights: list[int]) -> None:
@@ -107,6 +109,7 @@ def test_round_robin_gives_exact_shares_and_no_needless_repeats(weights: list[in
             assert not heavier_or_equal, (weights, sequence)
 
 
+@pytest.mark.slow
 @given(
     st.lists(st.tuples(st.integers(0, 50), st.integers(1, 10)), min_size=1, max_size=10),
     st.integers(0, 20),
@@ -138,6 +141,7 @@ def test_least_time_prefers_unmeasured_then_fastest() -> None:
     assert LeastTime().pick(servers, b"", anything) is slow
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls", [WeightedRandom, PowerOfTwo])
 def test_random_shares_converge_to_weights(cls: type) -> None:
     weights = [5, 3, 1, 1]
@@ -160,6 +164,7 @@ def keys(count: int) -> list[bytes]:
     return [rng.getrandbits(32).to_bytes(4, "big") for _ in range(count)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("count", [3, 5, 10])
 def test_source_hash_is_consistent_and_fair(count: int) -> None:
     servers = servers_with([1] * count)
@@ -219,6 +224,7 @@ arrivals_and_departures = st.lists(
 )
 
 
+@pytest.mark.slow
 @given(
     st.lists(st.sampled_from([1.0, 1.0, 2.0, 3.0, 0.0625, 0.5, 7.0]), min_size=1, max_size=6),
     st.floats(min_value=1.0, max_value=4.0),

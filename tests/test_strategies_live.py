@@ -218,6 +218,7 @@ def sources_of_one_server(pool: Pool, count: int) -> tuple[str, list[str]]:
     return name, sources[:count]
 
 
+@pytest.mark.slow
 async def test_bounded_source_hash_spreads_a_burst_and_takes_it_back(nursery: trio.Nursery) -> None:
     """Three clients that hash to one server: their burst spreads once that server passes its bound
     (balance_factor 1.25: ceil(1.25 × (A + 1) / 3)); once the load falls, they are back on it."""

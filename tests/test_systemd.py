@@ -58,6 +58,7 @@ def test_listen_variables_are_read_only_for_their_pid() -> None:
             parse_listen_environment({"LISTEN_PID": "42", "LISTEN_FDS": bad}, 42)
 
 
+@pytest.mark.slow
 @given(st.dictionaries(st.sampled_from(["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "X"]),
                        st.one_of(st.text(max_size=20), st.just("7"), st.integers(0, 9).map(str))))
 @settings(max_examples=500, deadline=None)
@@ -81,6 +82,7 @@ def test_sockets_go_to_listeners_by_name_then_unnamed_in_order() -> None:
     assert assign([], ["", "anubis.admin"], ["anubis.admin"]) == ({"anubis.admin": [1]}, [0])
 
 
+@pytest.mark.slow
 @given(st.lists(st.sampled_from(["a", "b", "c"]), unique=True),
        st.lists(st.sampled_from(["a", "b", "c", "d", "", "unknown", "u.socket", "anubis.admin"]), max_size=8))
 @settings(max_examples=500, deadline=None)
@@ -134,6 +136,7 @@ def test_notify_to_a_socket_nobody_binds_is_logged_not_raised(
         systemd._Claimed.warned = False
 
 
+@pytest.mark.slow
 @given(st.one_of(st.text(max_size=300), st.text(max_size=300).map(lambda t: "/" + t),
                  st.text(max_size=300).map(lambda t: "@" + t)))
 @settings(max_examples=300, deadline=None)
@@ -211,6 +214,7 @@ def socket_inode(pid: int, fd: int) -> int:
     return int(target[len("socket:[") : -1])
 
 
+@pytest.mark.slow
 async def test_socket_activated_anubis_serves_on_the_passed_socket_and_notifies_systemd(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
@@ -244,6 +248,7 @@ async def test_socket_activated_anubis_serves_on_the_passed_socket_and_notifies_
                 await process.wait()  # (a second SIGTERM at the end would race its exit)
 
 
+@pytest.mark.slow
 async def test_unnamed_sockets_go_to_the_listeners_in_order_and_a_stray_name_is_closed(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
@@ -267,6 +272,7 @@ async def test_unnamed_sockets_go_to_the_listeners_in_order_and_a_stray_name_is_
                 assert listening_inodes(stray) == set()
 
 
+@pytest.mark.slow
 async def test_workers_share_the_passed_socket_and_the_supervisor_notifies(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 EXAMPLE = """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ print(trioanubis.__version__, trio.run(embedded), threaded, kit)
 """
 
 
+@pytest.mark.slow
 def test_an_example_of_the_public_api_type_checks_strictly(tmp_path: Path) -> None:
     example = tmp_path / "example.py"
     example.write_text(EXAMPLE)
@@ -58,6 +61,7 @@ def test_an_example_of_the_public_api_type_checks_strictly(tmp_path: Path) -> No
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
+@pytest.mark.slow
 def test_a_misuse_fails_the_type_check(tmp_path: Path) -> None:
     example = tmp_path / "wrong.py"
     example.write_text(EXAMPLE.replace("weight=2", 'weight="2"'))

@@ -70,6 +70,7 @@ def client(proxy, timeout: float) -> redis.Redis:
     )
 
 
+@pytest.mark.slow
 def test_latency_makes_a_tight_timeout_expire_on_the_open_connection(anubis_proxy, redis_server):
     db = anubis_proxy(redis_server)
     r = client(db, timeout=10)
@@ -96,6 +97,7 @@ def test_a_cut_after_64_kib_breaks_a_large_reply(anubis_proxy, redis_server):
     assert r.get("big") == b"x" * 200_000
 
 
+@pytest.mark.slow
 def test_a_one_second_blackhole_then_the_connection_closes(anubis_proxy, redis_server):
     db = anubis_proxy(redis_server)
     r = client(db, timeout=10)

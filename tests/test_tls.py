@@ -141,6 +141,7 @@ async def test_a_hello_split_into_bytes_is_routed_and_relayed_unchanged(nursery:
     assert received == [hello + b"trailing"]
 
 
+@pytest.mark.slow
 async def test_no_route_no_fallback_silence_and_garbage_are_closed(nursery: trio.Nursery) -> None:
     backend = await start_backend(nursery, echo_handler)
     data = sni_config({"p": [backend.address]}, [{"sni": "only.test", "pool": "p"}], peek_timeout="200ms")
@@ -274,6 +275,7 @@ async def stdout_line(process: trio.Process, wanted: str) -> str:
     return next(line for line in data.decode().splitlines() if wanted in line)
 
 
+@pytest.mark.slow
 async def test_proxy_tls_makes_a_certificate_once_and_prints_its_fingerprint(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
@@ -306,6 +308,7 @@ async def test_proxy_tls_makes_a_certificate_once_and_prints_its_fingerprint(
     assert fingerprints[0] == fingerprints[1]  # made once, then reused
 
 
+@pytest.mark.slow
 async def test_sighup_picks_up_renewed_certificate_files(nursery: trio.Nursery, tmp_path: Path) -> None:
     backend = await start_backend(nursery, echo_handler)
     first, second = Authority(tmp_path, "first-ca"), Authority(tmp_path, "second-ca")
@@ -347,6 +350,7 @@ servers = ["{backend.address}"]
     assert process.returncode == 0
 
 
+@pytest.mark.slow
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.binary(max_size=200), st.integers(0, 400), st.binary(max_size=60))
 async def test_any_first_bytes_leave_an_sni_listener_serving(garbage: bytes, cut: int, tail: bytes) -> None:
@@ -369,6 +373,7 @@ async def test_any_first_bytes_leave_an_sni_listener_serving(garbage: bytes, cut
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.slow
 async def test_routes_behind_accept_proxy_and_a_reload_that_changes_them(nursery: trio.Nursery) -> None:
     received: dict[str, list[bytes]] = {"a": [], "b": []}
 
@@ -395,6 +400,7 @@ async def test_routes_behind_accept_proxy_and_a_reload_that_changes_them(nursery
         await wait_until(lambda: received["b"] == [hello])
 
 
+@pytest.mark.slow
 def test_check_rejects_a_key_that_is_not_the_certificates(tmp_path: Path, ca: Authority) -> None:
     pair, other = ca.issue("a.test"), ca.issue("b.test")
     config = tmp_path / "anubis.toml"
@@ -416,6 +422,7 @@ ROUTE = st.fixed_dictionaries({"sni": st.text(max_size=30), "pool": st.sampled_f
                               optional={"alpn": st.text(max_size=5), "x": st.integers()})  # fmt: skip
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @given(st.lists(ROUTE, max_size=4), st.one_of(st.none(), st.text(max_size=10), st.integers(-5, 5)))
 def test_any_routes_are_accepted_or_rejected_with_a_config_error(routes: list[dict[str, Any]],
@@ -432,6 +439,7 @@ def test_any_routes_are_accepted_or_rejected_with_a_config_error(routes: list[di
     assert all(route.pool == "p" for route in config.listeners["l"].routes)
 
 
+@pytest.mark.slow
 async def test_stats_and_metrics_count_the_openings(nursery: trio.Nursery) -> None:
     backend = await start_backend(nursery, echo_handler)
     data = sni_config({"p": [backend.address]}, [{"sni": "a.test", "pool": "p"}], pool="p")

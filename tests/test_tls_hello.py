@@ -6,6 +6,7 @@ import contextlib
 import ssl
 import struct
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -71,6 +72,7 @@ def test_a_real_client_hello_gives_its_name_and_alpn() -> None:
     assert result == Hello("hello", "api.example.com", ("h2", "http/1.1"))
 
 
+@pytest.mark.slow
 def test_no_server_name() -> None:
     assert read(real_hello(None)) == Hello("hello")
 
@@ -86,12 +88,14 @@ def test_not_tls_and_empty() -> None:
     assert HelloReader().feed(b"").status == "need_more"
 
 
+@pytest.mark.slow
 def test_truncation_at_every_offset_needs_more() -> None:
     data = real_hello("web.example.com", ["h2"])
     for cut in range(1, len(data)):
         assert read(data[:cut]).status == "need_more", cut
 
 
+@pytest.mark.slow
 def test_several_names_and_grease_the_first_host_name_wins() -> None:
     names = sni_extension((7, b"x"), (0, b"one.test"), (0, b"two.test"))
     body = hello_body([extension(GREASE[0], b""), names, extension(GREASE[1], b"\x00"),
@@ -117,6 +121,7 @@ def test_a_hello_bigger_than_the_buffer_is_an_error() -> None:
     assert reader.feed(bytes([22]) + bytes(MAX_BUFFERED)).status == "error"
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.permutations([b"sni", b"alpn", b"grease1", b"grease2", b"other"]),
@@ -133,6 +138,7 @@ def test_extensions_in_any_order_any_split(order: list[bytes], record_size: int,
     assert read(data, pieces) == Hello("hello", "x.example.org", ("h2", "http/1.1"))
 
 
+@pytest.mark.slow
 @settings(max_examples=500, deadline=None)
 @given(st.binary(max_size=600), st.integers(min_value=1, max_value=50))
 def test_garbage_never_raises(data: bytes, pieces: int) -> None:
@@ -140,6 +146,7 @@ def test_garbage_never_raises(data: bytes, pieces: int) -> None:
     assert result.status in ("need_more", "hello", "not_tls", "error")
 
 
+@pytest.mark.slow
 @settings(max_examples=500, deadline=None)
 @given(st.data())
 def test_mutated_hellos_never_raise(data: st.DataObject) -> None:

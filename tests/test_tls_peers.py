@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
 import trio
 
 from tests.conftest import connect, free_port, receive_all, running_balancer, wait_until
@@ -84,6 +85,7 @@ def sni_data(api: Address, web: Address) -> dict[str, object]:
     }
 
 
+@pytest.mark.slow
 async def test_curl_and_openssl_reach_each_backend_by_name_and_see_its_certificate(tmp_path: Path) -> None:
     curl, openssl = need("curl"), need("openssl")
     ca = Authority(tmp_path)
@@ -125,6 +127,7 @@ async def test_curl_and_openssl_reach_each_backend_by_name_and_see_its_certifica
             assert "Verify return code: 0 (ok)" in output
 
 
+@pytest.mark.slow
 async def test_h2load_speaks_http2_end_to_end_through_sni_routing(tmp_path: Path) -> None:
     h2load = need("h2load")
     ca = Authority(tmp_path)
@@ -141,6 +144,7 @@ async def test_h2load_speaks_http2_end_to_end_through_sni_routing(tmp_path: Path
     assert "200 succeeded, 0 failed, 0 errored" in output, output
 
 
+@pytest.mark.slow
 async def test_curl_to_a_terminating_listener_downloads_64_mib_byte_exact(tmp_path: Path) -> None:
     curl = need("curl")
     ca = Authority(tmp_path)
@@ -192,6 +196,7 @@ async def test_an_originating_pool_refuses_expired_and_foreign_certificates_and_
     assert failures["expired"] >= 1 and failures["foreign"] >= 1 and failures["good"] == 0
 
 
+@pytest.mark.slow
 async def test_an_originating_pool_sends_its_proxy_header_before_the_tls_handshake(tmp_path: Path) -> None:
     """`send_proxy` with `tls` (HAProxy's send-proxy on an ssl server): nginx reads the header in clear
     text, then the handshake, and names the client the header carried."""

@@ -14,6 +14,7 @@ from trioanubis.tls.context import client_context, server_context
 from trioanubis.tls.stream import TlsError, TlsStream
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
 async def test_tls_stream_is_a_conforming_half_closeable_stream(
     tmp_path: Path, version: ssl.TLSVersion

@@ -53,6 +53,7 @@ def screen(renderable: Any) -> str:
         return console.export_text()
 
 
+@pytest.mark.slow
 def test_rows_show_unknown_fields_and_retired_servers() -> None:
     rows = server_rows(stats_document(priority=2, zone="b"))
     assert [(r.name, r.state) for r in rows] == [("alpha", "up"), ("old", "draining (retired)")]
@@ -77,6 +78,7 @@ json_values = st.recursive(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @given(
     st.fixed_dictionaries(
@@ -94,6 +96,7 @@ def test_fuzz_any_stats_document_renders(document: dict[str, Any]) -> None:
     screen(render(document, rows, selected=0))
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(st.one_of(st.text(max_size=40), st.text(max_size=30).map(lambda s: "http://127.0.0.1:" + s)))
 def test_fuzz_admin_url_is_a_clear_error_or_an_http_url(text: str) -> None:
@@ -117,6 +120,7 @@ def run_top(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*ANUBIS, "top", *args], capture_output=True, text=True, timeout=60, **kwargs)
 
 
+@pytest.mark.slow
 async def test_an_admin_that_does_not_speak_http_is_one_line(nursery: trio.Nursery) -> None:
     echo = await start_backend(nursery, echo_handler)  # answers the request with itself
     done = await trio.to_thread.run_sync(lambda: run_top("--admin", f"http://{echo.address}"))
@@ -124,6 +128,7 @@ async def test_an_admin_that_does_not_speak_http_is_one_line(nursery: trio.Nurse
     assert done.stderr.startswith("anubis: ") and "did not answer like an admin" in done.stderr, done.stderr
 
 
+@pytest.mark.slow
 async def test_snapshot_when_stdout_is_not_a_terminal(nursery: trio.Nursery) -> None:
     alpha = await start_backend(nursery, echo_handler, "alpha")
     beta = await start_backend(nursery, echo_handler, "beta")
@@ -143,6 +148,7 @@ async def test_snapshot_when_stdout_is_not_a_terminal(nursery: trio.Nursery) -> 
     assert "Traceback" not in refused.stderr
 
 
+@pytest.mark.slow
 def test_unreachable_admin_and_missing_rich_are_one_line(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{free_port()}"
     unreachable = run_top("--admin", url)
@@ -194,6 +200,7 @@ def row(text: str, name: str) -> str:
     return next((line for line in text.splitlines() if f" {name} " in line), "")
 
 
+@pytest.mark.slow
 async def test_top_in_tmux_lists_servers_drains_and_quits(nursery: trio.Nursery, tmp_path: Path) -> None:
     tmux = Tmux(need("tmux"), tmp_path / "tmux.sock")
     alpha = await start_backend(nursery, echo_handler, "alpha")
@@ -235,6 +242,7 @@ async def test_top_in_tmux_lists_servers_drains_and_quits(nursery: trio.Nursery,
 # ------------------------------------------------------------ the token, off the command line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["environment", "file", "config"])
 async def test_top_in_tmux_takes_the_token_from_the_environment_or_a_file_not_the_command_line(
     nursery: trio.Nursery, tmp_path: Path, source: str
@@ -275,6 +283,7 @@ async def test_top_in_tmux_takes_the_token_from_the_environment_or_a_file_not_th
             await tmux.run("kill-server", check=False)
 
 
+@pytest.mark.slow
 async def test_the_token_sources_in_order_and_their_errors_are_one_line(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
@@ -309,6 +318,7 @@ async def test_the_token_sources_in_order_and_their_errors_are_one_line(
         assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=5000))
 def test_fuzz_a_token_file_gives_a_token_or_one_clear_error(content: bytes) -> None:

@@ -202,6 +202,7 @@ async def test_populate_checks_all_first_keeps_what_matches_and_reports_the_firs
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.slow
 async def test_disabling_closes_the_listener_and_the_open_connections_and_reset_enables() -> None:
     async with toxiproxy() as api, trio.open_nursery() as nursery:
         echo = await start_backend(nursery)
@@ -246,6 +247,7 @@ async def test_toxics_act_on_connections_already_open() -> None:
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.slow
 async def test_reset_peer_resets_after_the_first_bytes() -> None:
     async with toxiproxy() as api, trio.open_nursery() as nursery:
         echo = await start_backend(nursery)
@@ -292,6 +294,7 @@ def test_toxic_bodies_are_checked_in_toxiproxys_order() -> None:
     assert parse_toxic({"type": "latency", "stream": "UPSTREAM"}).name == "latency_UPSTREAM"
 
 
+@pytest.mark.slow
 @given(st.integers(1, 200_000), st.integers(0, 5000), st.integers(0, 5000), st.integers(0, 1 << 30))
 def test_slices_cover_the_chunk_with_no_empty_piece(
     size: int, average: int, variation: int, seed: int
@@ -327,6 +330,7 @@ PATHS = st.sampled_from(
 METHODS = st.sampled_from(["GET", "POST", "PATCH", "DELETE", "PUT"])
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(METHODS, PATHS, BODIES), min_size=1, max_size=8))
 def test_any_request_gets_an_answer_and_the_server_keeps_serving(

@@ -72,8 +72,10 @@ def echo() -> Iterator[str]:
         yield f"127.0.0.1:{listener.getsockname()[1]}"
     finally:
         stop.set()
+        listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept(); close() alone does not
         listener.close()
         thread.join(EVENTUALLY)
+        assert not thread.is_alive()
 
 
 def connect(proxy: toxiproxy.Proxy) -> socket.socket:
@@ -94,6 +96,7 @@ def echo_time(sock: socket.socket, payload: bytes = b"ping") -> float:
     return time.monotonic() - started
 
 
+@pytest.mark.slow
 def test_the_clients_calls_work_unchanged(server: toxiproxy.Toxiproxy, echo: str) -> None:
     proxy = server.create(upstream=echo, name="echo")
     assert proxy.enabled and proxy.listen.startswith("127.0.0.1:")
@@ -129,6 +132,7 @@ def test_the_clients_calls_work_unchanged(server: toxiproxy.Toxiproxy, echo: str
     assert server.proxies() == {}
 
 
+@pytest.mark.slow
 def test_measured_effects_match_the_spec(server: toxiproxy.Toxiproxy, echo: str) -> None:
     """Latency and bandwidth never faster than asked (a fault can only add time; how close they come,
     within toxiproxy's 10 %, is measured by bench/toxics.py: no upper bound on shared cores here),

@@ -173,12 +173,14 @@ async def upgrade_under_load(tmp_path: Path, nursery: trio.Nursery, workers: int
         await wait_until(lambda: gone(new))
 
 
+@pytest.mark.slow
 async def test_an_upgrade_refuses_no_connection_and_the_old_process_drains_and_exits(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
     await upgrade_under_load(tmp_path, nursery, workers=1)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="worker processes need a Unix")
 async def test_the_supervisor_upgrades_with_its_workers_and_refuses_no_connection(
     nursery: trio.Nursery, tmp_path: Path
@@ -186,6 +188,7 @@ async def test_the_supervisor_upgrades_with_its_workers_and_refuses_no_connectio
     await upgrade_under_load(tmp_path, nursery, workers=2)
 
 
+@pytest.mark.slow
 async def test_an_upgrade_whose_new_process_cannot_start_leaves_the_old_one_serving(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
@@ -265,6 +268,7 @@ async def run_successor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: s
     return outcome, doc
 
 
+@pytest.mark.slow
 async def test_the_successor_gets_the_sockets_on_3_and_on_with_its_own_pid_and_their_names(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -275,6 +279,7 @@ async def test_the_successor_gets_the_sockets_on_3_and_on_with_its_own_pid_and_t
     await wait_until(lambda: os.waitpid(pid, os.WNOHANG)[0] == pid)  # it exits after its report: reap it
 
 
+@pytest.mark.slow
 async def test_a_successor_that_exits_or_never_reports_is_a_failed_upgrade(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -293,6 +298,7 @@ def test_the_successor_environment_names_the_sockets_and_drops_ours() -> None:
                    "NOTIFY_SOCKET": "@systemd"}  # fmt: skip
 
 
+@pytest.mark.slow
 @given(st.binary(max_size=200))
 @settings(max_examples=500, deadline=None)
 def test_only_a_ready_line_is_a_report_of_ready(report: bytes) -> None:
@@ -318,6 +324,7 @@ async def test_the_new_process_reports_ready_on_the_descriptor_its_predecessor_n
         assert upgrade.Predecessor.claim() is None
 
 
+@pytest.mark.slow
 async def test_sigusr2_to_a_command_that_does_not_upgrade_is_ignored(tmp_path: Path) -> None:
     log = tmp_path / "anubis.log"
     command = [*ANUBIS, "proxy", f"127.0.0.1:{free_port()}", "127.0.0.1:9"]

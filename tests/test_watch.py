@@ -87,6 +87,7 @@ async def wait_for_status(port: int, token: str, status: int) -> Any:
             await trio.sleep(0.05)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 async def test_a_secret_rotated_and_a_config_map_updated_the_kubelet_way_are_reloaded(
     nursery: trio.Nursery, tmp_path: Path, workers: int

@@ -99,6 +99,7 @@ async def supervisor(config: Path, *extra: str) -> AsyncIterator[trio.Process]:
         yield process
 
 
+@pytest.mark.slow
 async def test_connections_spread_over_workers_and_admin_sums_are_the_sums(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
@@ -123,6 +124,7 @@ async def test_connections_spread_over_workers_and_admin_sums_are_the_sums(
         assert (await admin(admin_port, "/readyz"))[0] == 200
 
 
+@pytest.mark.slow
 async def test_kill_9_one_worker_ends_only_its_connections_and_it_comes_back(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
@@ -167,6 +169,7 @@ async def test_kill_9_one_worker_ends_only_its_connections_and_it_comes_back(
         assert back["workers"][1]["pid"] == survivor["pid"]
 
 
+@pytest.mark.slow
 async def test_sigterm_drains_every_worker_and_exits_zero(nursery: trio.Nursery, tmp_path: Path) -> None:
     backend = await start_backend(nursery, echo_handler)
     port, admin_port = free_port(), free_port()
@@ -196,6 +199,7 @@ async def test_sigterm_drains_every_worker_and_exits_zero(nursery: trio.Nursery,
         assert all(gone(pid) for pid in pids)
 
 
+@pytest.mark.slow
 async def test_sighup_adds_a_server_in_every_worker(nursery: trio.Nursery, tmp_path: Path) -> None:
     old = await start_backend(nursery, name_handler("old"))
     new = await start_backend(nursery, name_handler("new"))
@@ -222,6 +226,7 @@ async def test_sighup_adds_a_server_in_every_worker(nursery: trio.Nursery, tmp_p
         assert all(w["accepted"] > 0 for w in (await stats(admin_port))["workers"])
 
 
+@pytest.mark.slow
 async def test_invalid_reload_is_rejected_once_and_every_worker_keeps_serving(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
@@ -244,6 +249,7 @@ async def test_invalid_reload_is_rejected_once_and_every_worker_keeps_serving(
             assert await request(Address("127.0.0.1", port)) == b"a"
 
 
+@pytest.mark.slow
 async def test_drain_through_the_admin_applies_in_every_worker(nursery: trio.Nursery, tmp_path: Path) -> None:
     one = await start_backend(nursery, name_handler("one"))
     two = await start_backend(nursery, name_handler("two"))
@@ -263,6 +269,7 @@ async def test_drain_through_the_admin_applies_in_every_worker(nursery: trio.Nur
         assert status == 400
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2, 4])
 async def test_a_backend_sees_one_probe_stream(nursery: trio.Nursery, tmp_path: Path, workers: int) -> None:
     backend = await start_backend(nursery, echo_handler)
@@ -285,6 +292,7 @@ async def test_a_backend_sees_one_probe_stream(nursery: trio.Nursery, tmp_path: 
         assert before - 1 <= seen <= after + 1, (before, seen, after)
 
 
+@pytest.mark.slow
 async def test_sigkill_to_the_supervisor_leaves_no_worker(nursery: trio.Nursery, tmp_path: Path) -> None:
     backend = await start_backend(nursery, echo_handler)
     port, admin_port = free_port(), free_port()
@@ -310,6 +318,7 @@ async def test_sigkill_to_the_supervisor_leaves_no_worker(nursery: trio.Nursery,
             await process.wait()
 
 
+@pytest.mark.slow
 def test_workers_setting_is_checked(tmp_path: Path) -> None:
     config = tmp_path / "anubis.toml"
     for value, ok in (('"auto"', True), ("4", True), ("0", False), ('"many"', False), ("true", False)):
@@ -334,6 +343,7 @@ messages = st.dictionaries(
 ).map(lambda d: {**d, "t": "x"})
 
 
+@pytest.mark.slow
 @given(st.lists(messages, max_size=5), st.data())
 @settings(max_examples=200, deadline=None)
 def test_channel_lines_round_trip_in_any_chunking(sent: list[dict[str, Any]], data: st.DataObject) -> None:
@@ -345,6 +355,7 @@ def test_channel_lines_round_trip_in_any_chunking(sent: list[dict[str, Any]], da
     assert got == sent
 
 
+@pytest.mark.slow
 @given(st.lists(st.binary(max_size=64), max_size=8))
 @settings(max_examples=300, deadline=None)
 def test_channel_decoder_raises_only_channel_errors_and_recovers(chunks: list[bytes]) -> None:
@@ -444,6 +455,7 @@ async def _fuzz_one_worker(server: str, inputs: list[bytes]) -> None:
         await supervisor_end.aclose()  # the supervisor "dies": the worker drains and returns
 
 
+@pytest.mark.slow
 @given(st.lists(control_messages.map(encode) | raw_lines, max_size=8))
 @example([encode({"t": "state", "seq": 1e309, "pools": {}})])  # int(inf): OverflowError stopped a worker
 @example([encode({"t": "command", "seq": 2,
@@ -460,6 +472,7 @@ def test_fuzzed_control_messages_never_stop_a_worker(inputs: list[bytes]) -> Non
     trio.run(main)
 
 
+@pytest.mark.slow
 async def test_an_ejection_seen_by_one_worker_reaches_every_worker(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
@@ -521,6 +534,7 @@ def test_a_snapshot_brings_state_and_slow_start_weight_and_respects_a_local_ejec
         apply_snapshot({"p": worker}, {"pools": {"p": [["127.0.0.1:1", "127.0.0.1:1", 1, 0, 1, 9.0]]}}, [])
 
 
+@pytest.mark.slow
 def test_a_port_in_use_is_reported_once_by_the_supervisor_before_any_worker(tmp_path: Path) -> None:
     import socket
 
@@ -536,6 +550,7 @@ def test_a_port_in_use_is_reported_once_by_the_supervisor_before_any_worker(tmp_
     assert "worker 1 started" not in result.stderr
 
 
+@pytest.mark.slow
 async def test_without_so_reuseport_the_workers_share_the_supervisors_listening_socket(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
@@ -562,6 +577,7 @@ async def test_without_so_reuseport_the_workers_share_the_supervisors_listening_
     assert all(w["pid"] is None or gone(w["pid"]) for w in doc["workers"])
 
 
+@pytest.mark.slow
 async def test_watch_reloads_every_worker_when_the_file_changes(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
