@@ -70,3 +70,21 @@ def test_the_installed_package_imports_and_checks_the_reference_config(wheel: Pa
     checked = subprocess.run([sys.executable, "-m", "trioanubis", "check", "-c", str(reference)],
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert checked.returncode == 0, checked.stderr
+
+
+def readme_packages() -> set[str]:
+    """The Debian packages the README's "Running the tests" tells a contributor to install."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("### Running the tests", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
+    words = block.replace("\\\n", " ").split()
+    return set(words[words.index("install") + 1 :])
+
+
+def test_the_readme_lists_the_peers_ci_installs_and_every_peer_tests_ask_for() -> None:
+    from tests.peers import PACKAGES
+
+    script = (ROOT / ".ci" / "run").read_text()
+    ci = set(script.split('PEERS="', 1)[1].split('"', 1)[0].split())
+    asked = {package for packages in PACKAGES.values() for package in packages.split()}
+    assert readme_packages() == ci
+    assert asked <= ci, asked - ci
