@@ -1,11 +1,18 @@
 """Reload (reload.py): what a new config changes, decided from the running config (pure), and the
-servers of a kept pool brought to the file's list; carried out on a running balancer in
+servers of a kept pool brought to the file's list; carried out on a running balancer here and in
 tests/test_operations.py and tests/test_control.py."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from tests.conftest import config_for, name_handler, request, running_balancer, start_backend
 from trioanubis.config import Address, listen_ip, parse_config
-from trioanubis.pool import Pool, diff_servers
+from trioanubis.pool import Pool, Server, diff_servers
 from trioanubis.reload import ADMIN_WARNING, IO_WARNING, plan, update_servers
 
 BASE = {
@@ -110,3 +117,23 @@ def test_a_weight_set_through_the_admin_survives_a_reload_of_an_unchanged_file()
     assert server.weight == 3
 
 
+async def test_a_reload_that_replaces_the_only_server_never_leaves_the_pool_empty(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new server is resolved (a wait: DNS) before the pool changes; a connection arriving
+    meanwhile found no server and was refused (seen under load with two workers)."""
+    one = await start_backend(nursery, name_handler("one"))
+    two = await start_backend(nursery, name_handler("two"))
+    async with running_balancer(config_for([one.address])) as (balancer, address):
+        during: list[list[str]] = []
+        resolve = balancer.resolve
+
+        async def slow_resolve(servers: list[Server], pool: Any) -> None:
+            during.append([server.name for server in pool.servers])
+            await trio.testing.wait_all_tasks_blocked()  # any connection task runs here
+            await resolve(servers, pool)
+
+        monkeypatch.setattr(balancer, "resolve", slow_resolve)
+        await balancer.apply_config(parse_config(config_for([two.address]), "b.toml"))
+        assert during == [[one.address]]
+        assert await request(address) == b"two"

@@ -46,7 +46,15 @@ from typing import TYPE_CHECKING, Final, Protocol, final
 
 import trio
 
-from trioanubis.config import Address, AdminConfig, Config, ListenerConfig, PoolConfig, listen_ip
+from trioanubis.config import (
+    Address,
+    AdminConfig,
+    Config,
+    ListenerConfig,
+    PoolConfig,
+    ServerConfig,
+    listen_ip,
+)
 from trioanubis.control import RUNTIME_SOURCE
 from trioanubis.discovery import source_of
 from trioanubis.errors import AnubisError
@@ -118,23 +126,46 @@ def update_servers(pool: Pool, config: PoolConfig, runtime: Collection[str] = ()
     Names in `runtime` (added or removed by an operator, and not given anew by the file: control.py
     `reconcile`) are left as the operator left them, on both sides of the diff.
     """
+    changes = server_changes(pool, config, runtime)
+    _apply_server_changes(pool, changes, add=False)
+    return changes.new
+
+
+@dataclass(frozen=True, slots=True)
+class ServerChanges:
+    """What brings a pool's servers to the file's list: decided first, applied with no checkpoint."""
+
+    removed: list[Server]
+    kept: list[tuple[Server, ServerConfig]]
+    new: list[Server]
+
+
+def server_changes(pool: Pool, config: PoolConfig, runtime: Collection[str] = ()) -> ServerChanges:
+    """The diff between `pool`'s servers and `config`'s, without changing the pool."""
     others = {source_of(entry) for entry in config.discovery}
     if config.spawn is not None:
         others.add(SPAWN_SOURCE)  # the spawner owns those
     removed, kept, new = diff_servers({(s.name, s.address): s for s in pool.servers if s.name not in runtime},
                                       {(sc.name, sc.address): sc for sc in config.servers
                                        if sc.name not in runtime})  # fmt: skip
-    for server in removed:
-        if server.source not in others:
-            pool.remove(server)
-            log.info("reload: pool %s: server %s removed (its open connections go on)",
-                     pool.name, server.name)  # fmt: skip
-    for server, sc in kept:
+    return ServerChanges([server for server in removed if server.source not in others], kept,
+                         [Server(sc, healthy=config.health.check == "none") for sc in new])  # fmt: skip
+
+
+def _apply_server_changes(pool: Pool, changes: ServerChanges, *, add: bool) -> None:
+    """Remove, reconfigure and add in one step: no task runs between, so no connection finds the
+    pool half changed (a reload that replaces a pool's only server never leaves it empty)."""
+    for server in changes.removed:
+        pool.remove(server)
+        log.info("reload: pool %s: server %s removed (its open connections go on)", pool.name, server.name)
+    for server, sc in changes.kept:
         if server.source == RUNTIME_SOURCE:
             pool.take_over(server, sc)
         else:
             pool.configure_server(server, sc)
-    return [Server(sc, healthy=config.health.check == "none") for sc in new]
+    if add and changes.new:
+        pool.add(changes.new)
+        log.info("reload: pool %s: %s added", pool.name, ", ".join(s.name for s in changes.new))
 
 
 class TakesAdminConfig(Protocol):
@@ -263,11 +294,9 @@ async def _update_pool(running: Running, pool: Pool, config: PoolConfig) -> None
     await running.update_spawner(pool)
     if (config.strategy, config.balance_factor) != (old.strategy, old.balance_factor):
         pool.strategy = make_strategy(config.strategy, config.balance_factor)
-    added = update_servers(pool, config, running.control.members(pool.name))
-    await running.resolve(added, pool)
-    if added:
-        pool.add(added)
-        log.info("reload: pool %s: %s added", pool.name, ", ".join(s.name for s in added))
+    changes = server_changes(pool, config, running.control.members(pool.name))
+    await running.resolve(changes.new, pool)  # before the pool changes: it may wait on DNS
+    _apply_server_changes(pool, changes, add=True)
     pool.refresh_faults()
     pool.changed()
     if (config.health, config.discovery, config.resolver) != (old.health, old.discovery, old.resolver):
