@@ -13,7 +13,7 @@ import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
@@ -28,6 +28,9 @@ from trioanubis.proxy.lifecycle import Connection, Limits
 from trioanubis.proxy.relay import Relay
 from trioanubis.proxy.sni_routes import RouteTable
 from trioanubis.proxy.timeouts import Timer
+
+if TYPE_CHECKING:
+    from tests.helpers import LiveBalancer
 
 # Hypothesis' per-example deadline (200 ms) is a timing assertion: on two shared cores an example
 # that takes longer is not a bug. Profiles a test sets with @settings still inherit this.
@@ -366,3 +369,20 @@ async def echo_round_trip(address: Address, payload: bytes) -> None:
                 raise AssertionError(f"echo ended after {len(received)} of {len(payload)} bytes")
             received += data
         assert received == payload
+
+
+@pytest.fixture(scope="module")
+def live_balancer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveBalancer]:
+    """`anubis run` with an admin endpoint and a token in front of `anubis hello`, for a module."""
+    from tests.helpers import live_balancer_process
+
+    with live_balancer_process(tmp_path_factory.mktemp("live")) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The package's wheel, built once per module from the tracked files."""
+    from tests.helpers import build_wheel
+
+    return build_wheel(tmp_path_factory.mktemp("wheel"), tmp_path_factory.mktemp("source"))

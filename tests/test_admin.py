@@ -8,16 +8,11 @@ import re
 import signal
 import socket
 import string
-import subprocess
-import time
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import h11
 import pytest
 import trio
 from hypothesis import HealthCheck, example, given, settings
@@ -26,7 +21,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import (
     EVENTUALLY,
-    config_for,
     connect,
     descriptors_exhausted,
     echo_handler,
@@ -38,42 +32,18 @@ from tests.conftest import (
     start_backend,
     wait_until,
 )
-from tests.test_cli import ANUBIS, anubis
-from tests.test_operations import wait_port
+from tests.helpers import (
+    FUZZ_TOKEN,
+    LiveBalancer,
+    admin_config,
+    anubis,
+    blocking_exchange,
+    http,
+    wait_port,
+)
 from trioanubis.config import Address, parse_config
 from trioanubis.errors import ConfigError
 from trioanubis.ops.admin import MAX_ADMIN_CONNECTIONS, authorised, route
-
-
-async def http(
-    address: Address, method: str, path: str, body: bytes = b"", headers: tuple[tuple[str, str], ...] = ()
-) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP/1.1 request with h11; (status, headers, body)."""
-    conn = h11.Connection(h11.CLIENT)
-    stream = await connect(address)
-    async with stream:
-        all_headers = [("Host", "127.0.0.1"), ("Content-Length", str(len(body))), *headers]
-        data = conn.send(h11.Request(method=method, target=path, headers=all_headers))
-        data += conn.send(h11.Data(data=body)) if body else b""
-        await stream.send_all(data + conn.send(h11.EndOfMessage()))
-        status, response_headers, payload = 0, {}, b""
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(65536))
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-                response_headers = {k.decode().lower(): v.decode() for k, v in event.headers}
-            elif isinstance(event, h11.Data):
-                payload += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                return status, response_headers, payload
-
-
-def admin_config(servers: list[Any], token: str = "", **pool: Any) -> dict[str, Any]:
-    data = config_for(servers, **pool)
-    data["admin"] = {"bind": "127.0.0.1:0", "token": token}
-    return data
 
 
 async def test_stats_json_shape(nursery: trio.Nursery) -> None:
@@ -407,22 +377,7 @@ async def test_keep_alive_connections_end_when_idle_and_at_their_lifetime(
 # ------------------------------------- fuzzing a running balancer's admin
 
 
-FUZZ_TOKEN = "fuzz-token"
 TOKEN_CHARS = string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~"
-
-
-def blocking_exchange(port: int, data: bytes) -> bytes:
-    """Send `data` then EOF, read to EOF; whatever the peer does, never raise."""
-    answer = b""
-    with socket.create_connection(("127.0.0.1", port), timeout=EVENTUALLY) as sock:
-        try:
-            sock.sendall(data)
-            sock.shutdown(socket.SHUT_WR)
-            while chunk := sock.recv(65536):
-                answer += chunk
-        except OSError:  # reset, or closed while we were still sending
-            pass
-    return answer
 
 
 @pytest.mark.slow
@@ -464,58 +419,6 @@ def test_two_authorization_headers_are_not_authorised(live_balancer: LiveBalance
     one = (f"GET /stats HTTP/1.1\r\nHost: [::1]\r\nAuthorization: Bearer {FUZZ_TOKEN}\r\n"
            "Connection: close\r\n\r\n")  # fmt: skip
     assert blocking_exchange(live_balancer.admin, one.encode()).startswith(b"HTTP/1.1 200 ")
-
-
-def wait_listening(port: int) -> None:
-    deadline = time.monotonic() + EVENTUALLY
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            assert time.monotonic() < deadline, f"nothing listens on {port}"
-            time.sleep(0.05)
-
-
-@dataclass
-class LiveBalancer:
-    process: subprocess.Popen[bytes]
-    port: int
-    admin: int
-    stderr: Path
-    server: str = ""  # the address of its one server, "one"
-
-    def admin_request(self, method: str, path: str, body: bytes = b"") -> bytes:
-        head = (f"{method} {path} HTTP/1.1\r\nHost: [::1]\r\nAuthorization: Bearer {FUZZ_TOKEN}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")  # fmt: skip
-        return blocking_exchange(self.admin, head.encode() + body)
-
-
-@pytest.fixture(scope="module")
-def live_balancer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveBalancer]:
-    """`anubis run` with an admin endpoint in front of `anubis hello`: real processes."""
-    tmp = tmp_path_factory.mktemp("live")
-    hello_port, port, admin = free_port(), free_port(), free_port()
-    config = tmp / "anubis.toml"
-    config.write_text(
-        f'[listeners.web]\nbind = "127.0.0.1:{port}"\npool = "web"\n'
-        f'[pools.web]\nservers = [{{ address = "127.0.0.1:{hello_port}", name = "one" }}]\n'
-        f'health = {{ check = "none" }}\n[admin]\nbind = "127.0.0.1:{admin}"\ntoken = "{FUZZ_TOKEN}"\n'
-    )
-    stderr = tmp / "stderr"
-    with open(stderr, "wb") as log:
-        hello_command = [*ANUBIS, "hello", "--name", "one", "--host", "127.0.0.1", "--port", str(hello_port)]
-        hello = subprocess.Popen(hello_command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        process = subprocess.Popen([*ANUBIS, "run", "-c", str(config)], stdout=subprocess.DEVNULL, stderr=log)
-    try:
-        for p in (hello_port, port, admin):
-            wait_listening(p)
-        yield LiveBalancer(process, port, admin, stderr, f"127.0.0.1:{hello_port}")
-    finally:
-        for child in (process, hello):
-            child.send_signal(signal.SIGTERM)
-            child.wait(timeout=30)
-    assert process.returncode == 0, stderr.read_text()
 
 
 def http_bytes(

@@ -24,9 +24,9 @@ from tests.conftest import (
     start_backend,
     wait_until,
 )
-from tests.test_admin import admin_config, http
+from tests.helpers import admin_config, connect_from, exchange, http
 from trioanubis.app import Balancer
-from trioanubis.config import Address, parse_config
+from trioanubis.config import parse_config
 from trioanubis.proxy.proxy_protocol import HeaderReader, build_header, build_local
 
 
@@ -43,33 +43,6 @@ needs_ipv6 = pytest.mark.skipif(not has_ipv6_loopback(), reason="this machine ha
 
 V1 = build_header("v1", ("192.0.2.7", 51234), ("198.51.100.1", 443))
 V2 = build_header("v2", ("2001:db8::7", 4242), ("2001:db8::1", 443))
-
-
-async def connect_from(source: str, address: Address) -> trio.SocketStream:
-    """A connection to `address` from the local address `source` (127.0.0.2 is loopback too)."""
-    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-    sock = trio.socket.socket(family, socket.SOCK_STREAM)
-    try:
-        await sock.bind((source, 0))
-        await sock.connect((address.host, address.port))
-    except BaseException:
-        sock.close()
-        raise
-    return trio.SocketStream(sock)
-
-
-async def exchange(stream: trio.SocketStream, payload: bytes = b"ping") -> bytes | None:
-    """Send, half-close, read to EOF: the echo, or None when the balancer closed or reset instead."""
-    async with stream:
-        try:
-            await stream.send_all(payload)
-            await stream.send_eof()
-            answer = b""
-            while data := await stream.receive_some(65536):
-                answer += data
-        except trio.BrokenResourceError:
-            return None
-        return answer or None
 
 
 async def closed_by_peer(stream: trio.SocketStream) -> bool:

@@ -7,8 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -16,69 +14,11 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import IO_BACKEND, connect_when_listening, free_port, name_handler, start_backend
+from tests.conftest import IO_BACKEND, free_port, name_handler, start_backend
+from tests.helpers import ANUBIS, ROOT, anubis, http_get, process_stderr, run_cli
 from trioanubis import __version__
 from trioanubis.cli import build_parser, parse_arguments
 from trioanubis.proxy.io import epoll_available
-
-ROOT = Path(__file__).resolve().parent.parent
-ANUBIS = [sys.executable, "-m", "trioanubis"]
-
-
-def run_cli(*args: str, memory: int | None = None) -> subprocess.CompletedProcess[str]:
-    """Run `anubis ARGS`; `memory` caps its address space, for inputs that once made it eat memory."""
-    return subprocess.run([*ANUBIS, *args], capture_output=True, text=True, timeout=60, cwd=ROOT,
-                          preexec_fn=None if memory is None else lambda: _cap_memory(memory))  # fmt: skip
-
-
-def _cap_memory(limit: int) -> None:
-    import resource
-
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-
-@asynccontextmanager
-async def anubis(*args: str, cwd: Path = ROOT) -> AsyncIterator[trio.Process]:
-    """Start `anubis ARGS`, yield the process, SIGTERM it at the end and expect exit 0."""
-    process = await trio.lowlevel.open_process(
-        [*ANUBIS, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    try:
-        yield process
-    finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-        with trio.fail_after(30):
-            await process.wait()
-    assert process.returncode == 0, await _stderr(process)
-
-
-async def _stderr(process: trio.Process) -> str:
-    assert process.stderr is not None
-    chunks = []
-    with trio.move_on_after(5):
-        while data := await process.stderr.receive_some():
-            chunks.append(data)
-    return b"".join(chunks).decode(errors="replace")
-
-
-async def http_get(port: int, path: str = "/", timeout: float = 30) -> bytes:
-    """GET over plain TCP, retrying until the port answers (the process may still start)."""
-    with trio.fail_after(timeout):
-        while True:
-            stream = await connect_when_listening(port, timeout)
-            answer = b""
-            async with stream:
-                try:  # a balancer whose servers are not up yet closes us: ask again
-                    await stream.send_all(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
-                    await stream.send_eof()
-                    while data := await stream.receive_some(65536):
-                        answer += data
-                except trio.BrokenResourceError:
-                    pass
-            if answer:
-                return answer
-            await trio.sleep(0.05)
 
 
 @pytest.mark.slow
@@ -234,8 +174,6 @@ def test_python_dash_m_and_console_script_agree() -> None:
     assert result.stdout.strip() == f"anubis {__version__}"
 
 
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("io", ["epoll", "portable"])
 async def test_proxy_runs_on_the_backend_io_names_and_logs_it(nursery: trio.Nursery, io: str) -> None:
@@ -248,7 +186,7 @@ async def test_proxy_runs_on_the_backend_io_names_and_logs_it(nursery: trio.Nurs
         process.send_signal(signal.SIGTERM)
         with trio.fail_after(30):
             await process.wait()
-        assert f"(io: {io})" in await _stderr(process)
+        assert f"(io: {io})" in await process_stderr(process)
 
 
 @pytest.mark.slow

@@ -11,8 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import config_for, connect, echo_handler, request, running_balancer, start_backend
-from tests.test_admission import exchange
-from tests.test_cli import run_cli
+from tests.helpers import exchange, run_cli
 from trioanubis.config import ConfigError, Rate, parse_config, parse_network, parse_rate
 from trioanubis.summary import describe
 

@@ -35,7 +35,7 @@ from tests.conftest import (
     running_balancer,
     start_backend,
 )
-from tests.test_cli import ANUBIS, anubis, run_cli
+from tests.helpers import ANUBIS, anubis, run_cli
 from trioanubis.app import Balancer
 from trioanubis.config import RANGES, Address, Config, ConfigError, Range, parse_config, parse_config_text
 

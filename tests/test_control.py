@@ -37,9 +37,17 @@ from tests.conftest import (
     wait_for_log,
     wait_until,
 )
-from tests.test_admin import blocking_exchange, http, wait_listening
-from tests.test_cli import ANUBIS, run_cli
-from tests.test_workers import admin, all_serving, stats, write_config
+from tests.helpers import (
+    ANUBIS,
+    admin,
+    all_serving,
+    blocking_exchange,
+    http,
+    run_cli,
+    stats,
+    wait_listening,
+    write_config,
+)
 from trioanubis.app import Balancer
 from trioanubis.config import Address, Config, ServerConfig, parse_address, parse_config
 from trioanubis.control import (

@@ -12,16 +12,15 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import EVENTUALLY, config_for, echo_handler, running_balancer, start_backend
+from tests.conftest import EVENTUALLY, echo_handler, running_balancer, start_backend
+from tests.helpers import TOKEN, admin_config, http, two_servers
 from tests.peers import need
-from tests.test_admin import admin_config, http
 from trioanubis.app import Balancer
 from trioanubis.config import Address, parse_config
 from trioanubis.ops import dashboard
 from trioanubis.ops.admin import route
 
 T = TypeVar("T")
-TOKEN = "sesame"
 
 
 # ------------------------------------------------------------------ sans-IO: what `route` answers
@@ -183,13 +182,6 @@ async def server_state(admin: Address, name: str) -> str:
     return state
 
 
-def two_servers(a: str, b: str, token: str) -> dict[str, Any]:
-    data = config_for([{"address": a, "name": "alpha"}, {"address": b, "name": "beta"}],
-                      health={"check": "tcp", "interval": "100ms", "timeout": "1s", "rise": 1, "fall": 1})
-    data["admin"] = {"bind": "127.0.0.1:0", "token": token}
-    return data  # fmt: skip
-
-
 @pytest.mark.slow
 async def test_dashboard_shows_servers_going_down_and_drains_with_the_token(
     nursery: trio.Nursery, browser: Any, tmp_path: Path
@@ -264,7 +256,6 @@ async def test_dashboard_works_without_a_token(nursery: trio.Nursery, browser: A
         await in_thread(click, browser, "beta", "weight")
         await until(lambda: "weight must be" in text_of(browser, "#message"), "the 400's reason shown")
         assert b.pools["test"].find("beta").weight == 1  # type: ignore[union-attr]
-
 
 
 def other_column(driver: Any, css: str) -> list[str]:

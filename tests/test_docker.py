@@ -15,8 +15,7 @@ import trio
 import yaml
 
 from tests.conftest import free_port
-from tests.test_cli import http_get
-from tests.test_operations import wait_port
+from tests.helpers import http_get, wait_port
 from trioanubis.config import load_config, parse_config_text
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -281,7 +281,7 @@ def test_any_health_table_is_accepted_with_a_plan_or_rejected_cleanly(health: di
 
 @pytest.mark.slow
 def test_anubis_check_rejects_a_bad_regex_with_its_key_path(tmp_path: Path) -> None:
-    from tests.test_cli import run_cli
+    from tests.helpers import run_cli
 
     path = tmp_path / "anubis.toml"
     path.write_text('[listeners.l]\nbind = "127.0.0.1:0"\npool = "p"\n[pools.p]\nservers = ["127.0.0.1:1"]\n'

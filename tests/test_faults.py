@@ -38,9 +38,7 @@ from tests.conftest import (
     wait_until,
 )
 from tests.faulty import FaultyBackend, Script, start_faulty
-from tests.test_cli import anubis
-from tests.test_health import blackholed_port
-from tests.test_operations import wait_port
+from tests.helpers import anubis, blackholed_port, wait_port
 from trioanubis.app import Balancer
 from trioanubis.config import Address
 from trioanubis.proxy import relay as relay_module

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import socket
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
@@ -24,6 +22,7 @@ from tests.conftest import (
     start_backend,
     wait_until,
 )
+from tests.helpers import blackholed_port
 from trioanubis.config import parse_config
 from trioanubis.health.checker import ServerHealth
 from trioanubis.health.state import Hysteresis, slow_start_weight
@@ -58,26 +57,6 @@ async def chunked_up(stream: trio.SocketStream) -> None:
 
 async def silent(stream: trio.SocketStream) -> None:
     await trio.sleep_forever()
-
-
-@contextmanager
-def blackholed_port() -> Iterator[int]:
-    """A listening socket that never accepts and whose backlog is full: connects hang."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    port = listener.getsockname()[1]
-    fillers = []
-    for _ in range(8):
-        filler = socket.socket()
-        filler.setblocking(False)
-        filler.connect_ex(("127.0.0.1", port))
-        fillers.append(filler)
-    try:
-        yield port
-    finally:
-        for sock in [*fillers, listener]:
-            sock.close()
 
 
 @pytest.mark.slow
@@ -257,8 +236,6 @@ async def test_slow_start_ramps_effective_weight(autojump_clock: trio.testing.Mo
             await trio.sleep_until(start + at)
             seen.append(server.effective_weight)
     assert seen == [1.0, 4.0, 8.0, 12.0, 16.0]
-
-
 
 
 async def test_a_probe_that_runs_out_of_descriptors_does_not_count_against_the_server(

@@ -27,7 +27,7 @@ from tests.conftest import (
     start_backend,
     wait_until,
 )
-from tests.test_cli import anubis
+from tests.helpers import anubis
 from trioanubis.config import Address, AgentConfig, parse_config
 from trioanubis.errors import ConfigError
 from trioanubis.health.agent_state import (

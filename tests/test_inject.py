@@ -35,17 +35,14 @@ from tests.conftest import (
     start_backend,
     wait_until,
 )
+from tests.helpers import LiveBalancer, blocking_exchange, http, run_cli
 from tests.peers import need
-from tests.test_admin import LiveBalancer, blocking_exchange, http, live_balancer
-from tests.test_cli import run_cli
 from trioanubis.config import FaultConfig, parse_bandwidth, parse_config, parse_faults, parse_size
 from trioanubis.errors import ConfigError
 from trioanubis.pool import Server
 from trioanubis.proxy.faults import describe, draw
 from trioanubis.proxy.io import epoll_available
 from trioanubis.proxy.streams import QUEUE_BOUND
-
-__all__ = ["live_balancer"]  # the fixture, shared with test_admin
 
 BACKENDS = ["portable", *(["epoll"] if epoll_available() else [])]
 

@@ -13,8 +13,8 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import hypothesis
 import hypothesis.strategies as st
@@ -23,65 +23,18 @@ import trio
 import trio.testing
 
 from tests.conftest import awaited_frames, standalone_relay
+from tests.helpers import BACKENDS, fill, running, socket_pair
 from trioanubis.config import parse_config
 from trioanubis.errors import AttemptCancelled, ConfigError
-from trioanubis.proxy.io import IO_CHOICES, Readiness, epoll_available, open_readiness
+from trioanubis.proxy.io import IO_CHOICES, Readiness, epoll_available
 from trioanubis.proxy.relay import CHUNK_SIZE, Relay
 
-BACKENDS = [
-    pytest.param("epoll", marks=pytest.mark.skipif(not epoll_available(), reason="no epoll here")),
-    "portable",
-]
 KINDS = ["socketpair", "tcp"]
 
 
 @pytest.fixture(params=BACKENDS)
 def backend_name(request: pytest.FixtureRequest) -> str:
     return str(request.param)
-
-
-@asynccontextmanager
-async def running(name: str) -> AsyncIterator[Readiness]:
-    """A backend with its task running, stopped at the end."""
-    backend = open_readiness(name)
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(backend.run)
-            await trio.testing.wait_all_tasks_blocked()
-            yield backend
-            nursery.cancel_scope.cancel()
-    finally:
-        backend.shut_down()
-
-
-@contextmanager
-def socket_pair(kind: str) -> Iterator[tuple[socket.socket, socket.socket]]:
-    """Two connected non-blocking sockets: a socketpair, or a loopback TCP connection."""
-    if kind == "socketpair":
-        a, b = socket.socketpair()
-    else:
-        with socket.socket() as listener:
-            listener.bind(("127.0.0.1", 0))
-            listener.listen(1)
-            b = socket.create_connection(listener.getsockname())
-            a, _ = listener.accept()
-    a.setblocking(False)
-    b.setblocking(False)
-    try:
-        yield a, b
-    finally:
-        a.close()
-        b.close()
-
-
-def fill(sock: socket.socket) -> None:
-    """Send until the kernel's buffers are full (EAGAIN)."""
-    chunk = b"x" * 65536
-    while True:
-        try:
-            sock.send(chunk)
-        except BlockingIOError:
-            return
 
 
 def drain(sock: socket.socket) -> bytes:

@@ -34,9 +34,7 @@ from tests.conftest import (
     start_backend,
     wait_until,
 )
-from tests.test_admission import connect_from
-from tests.test_health import blackholed_port
-from tests.test_tls_hello import real_hello
+from tests.helpers import blackholed_port, connect_from, real_hello
 from tests.tlscerts import Authority
 from trioanubis.app import Balancer
 from trioanubis.config import Address, parse_config

@@ -35,8 +35,7 @@ from tests.conftest import (
     request,
     start_backend,
 )
-from tests.test_cli import ANUBIS, ROOT, http_get
-from tests.test_operations import wait_port
+from tests.helpers import ANUBIS, ROOT, http_get, wait_port
 from trioanubis.config import Address
 from trioanubis.ops.accesslog import AccessLine, JsonFormatter, TextFormatter
 from trioanubis.ops.logwriter import LogWriter

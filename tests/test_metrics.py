@@ -13,8 +13,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import IO_BACKEND, config_for, echo_handler, free_port, running_balancer, start_backend
-from tests.test_admin import http
-from tests.test_workers import admin, all_serving, supervisor, write_config
+from tests.helpers import admin, all_serving, http, supervisor, write_config
 from trioanubis import __version__
 from trioanubis.ops.process import process_stats
 

@@ -16,7 +16,6 @@ import trio
 from tests.conftest import (
     config_for,
     connect,
-    connect_when_listening,
     echo_handler,
     echo_round_trip,
     ending,
@@ -28,7 +27,12 @@ from tests.conftest import (
     start_backend,
     wait_until,
 )
-from tests.test_cli import anubis, http_get, run_cli
+from tests.helpers import (
+    anubis,
+    http_get,
+    run_cli,
+    wait_port,
+)
 from trioanubis.app import Balancer
 from trioanubis.config import Address, load_config, parse_config
 from trioanubis.errors import AnubisError
@@ -44,10 +48,6 @@ def write_config(path: Path, port: int, servers: list[str], **settings: object) 
     lines += ["[listeners.web]", f'bind = "127.0.0.1:{port}"', 'pool = "web"', "[pools.web]",
               f"servers = {json.dumps(servers)}", "[pools.web.health]", 'check = "none"']  # fmt: skip
     path.write_text("\n".join(lines) + "\n")
-
-
-async def wait_port(port: int) -> None:
-    await (await connect_when_listening(port)).aclose()
 
 
 def streaming(size: int, seed: bytes) -> Callable[[trio.SocketStream], Awaitable[None]]:
@@ -276,7 +276,6 @@ async def test_reload_in_process_changes_strategy_weights_and_listeners(nursery:
         assert "extra" not in balancer.listeners
         assert type(balancer.pools["test"].strategy).__name__ == "LeastConnections"
         assert balancer.reloads == 2
-
 
 
 async def test_reload_narrowing_a_wildcard_bind_to_loopback_moves_the_listener(nursery: trio.Nursery) -> None:

@@ -4,13 +4,14 @@ an editable install): every module and data file of the source tree, importable 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import tracked_files
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "trioanubis"
@@ -25,28 +26,6 @@ from trioanubis.ops import dashboard
 assert b"uPlot" in dashboard.page()
 print("ok")
 """
-
-
-def tracked_files(under: str) -> list[str]:
-    """Files git tracks (or would: untracked, not ignored) below `under`, as they are now."""
-    command = ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z", under or "."]
-    listed = subprocess.run(command, cwd=ROOT, capture_output=True, check=True).stdout
-    return [name for name in listed.decode().split("\0") if name and (ROOT / name).is_file()]
-
-
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
-    source = tmp_path_factory.mktemp("source")  # the tracked files only: a stale build/ must not help
-    for name in tracked_files(""):
-        target = source / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, target)
-    command = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(source)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
-    [built] = out.glob("trioanubis-*.whl")
-    return built
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ from tests.conftest import (
     start_backend,
     wait_until,
 )
-from tests.test_admin import admin_config, http
+from tests.helpers import admin_config, http
 from trioanubis.config import Address, parse_config, parse_config_text
 from trioanubis.discovery import Found, apply
 from trioanubis.pool import Pool, Server

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,39 +13,15 @@ import pytest
 import trio
 
 from tests.conftest import EVENTUALLY, config_for, echo_handler, free_port, running_balancer, start_backend
+from tests.helpers import (
+    admin_config,
+    connect_from,
+    exchange,
+    http,
+    peer_process,
+)
 from tests.peers import need
-from tests.test_admin import admin_config, http
-from tests.test_admission import connect_from, exchange
 from trioanubis.config import Address
-
-
-@asynccontextmanager
-async def peer_process(argv: list[str], port: int, log_path: Path) -> AsyncIterator[None]:
-    """Run a peer until the block ends; wait until it accepts on 127.0.0.1:`port`."""
-    with log_path.open("wb") as log_file:
-        process = await trio.lowlevel.open_process(argv, stdout=log_file, stderr=subprocess.STDOUT)
-        try:
-            with trio.fail_after(EVENTUALLY):
-                while not await _listening(port):
-                    if process.poll() is not None:
-                        pytest.fail(f"{argv[0]} exited: {log_path.read_text()}")
-                    await trio.sleep(0.02)
-            yield
-        finally:
-            process.terminate()
-            with trio.move_on_after(5):
-                await process.wait()
-            process.kill()
-
-
-async def _listening(port: int) -> bool:
-    """Whether something listens on the port, read from /proc (connecting would make a connection)."""
-    wanted = f":{port:04X} "
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        text = await trio.Path(table).read_text()
-        if any(wanted in line and line.split()[3] == "0A" for line in text.splitlines()[1:]):
-            return True
-    return False
 
 
 def haproxy_config(tmp: Path, listen: int, target: Address, option: str) -> Path:

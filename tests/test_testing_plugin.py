@@ -12,13 +12,12 @@ from pathlib import Path
 import pytest
 
 from tests.peers import need
-from tests.test_packaging import wheel  # noqa: F401  # the fixture: the package built from the tracked files
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
-def test_a_user_test_file_gets_the_fixture_from_a_fresh_install(wheel: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_a_user_test_file_gets_the_fixture_from_a_fresh_install(wheel: Path, tmp_path: Path) -> None:
     need("redis-server")
     fresh = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(fresh)], check=True, timeout=120)

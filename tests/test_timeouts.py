@@ -17,7 +17,7 @@ import trio
 import trio.testing
 
 from tests.conftest import standalone_connection
-from tests.test_io import BACKENDS, fill, running, socket_pair
+from tests.helpers import BACKENDS, fill, running, socket_pair
 from trioanubis.errors import AttemptCancelled
 from trioanubis.proxy.connect import Connecting
 from trioanubis.proxy.io import Readiness, open_readiness

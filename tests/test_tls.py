@@ -33,9 +33,7 @@ from tests.conftest import (
     start_backend,
     wait_until,
 )
-from tests.test_admin import http
-from tests.test_cli import ANUBIS
-from tests.test_tls_hello import real_hello
+from tests.helpers import ANUBIS, http, real_hello
 from tests.tlscerts import Authority, Pair
 from trioanubis.config import Address, parse_config
 from trioanubis.errors import ConfigError

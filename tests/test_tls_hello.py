@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
-import ssl
 import struct
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.helpers import real_hello
 from trioanubis.config import Route, check_pattern
 from trioanubis.proxy.sni_routes import RouteTable
 from trioanubis.tls.hello import MAX_BUFFERED, MAX_RECORD, Hello, HelloReader
 
 GREASE = [0x0A0A, 0x1A1A, 0x2A2A, 0xFAFA]
-
-
-def real_hello(server_name: str | None, alpn: list[str] | None = None) -> bytes:
-    """The ClientHello Python's own ssl module sends."""
-    context = ssl.create_default_context()
-    if alpn:
-        context.set_alpn_protocols(alpn)
-    tls = context.wrap_bio(ssl.MemoryBIO(), outgoing := ssl.MemoryBIO(), server_hostname=server_name)
-    with contextlib.suppress(ssl.SSLWantReadError):
-        tls.do_handshake()
-    return outgoing.read()
 
 
 def extension(kind: int, body: bytes) -> bytes:

@@ -13,8 +13,8 @@ import pytest
 import trio
 
 from tests.conftest import connect, free_port, receive_all, running_balancer, wait_until
+from tests.helpers import peer_process
 from tests.peers import need
-from tests.test_proxy_interop import peer_process
 from tests.tlscerts import Authority, Pair
 from trioanubis.config import Address
 

@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import EVENTUALLY, echo_handler, free_port, running_balancer, start_backend
+from tests.helpers import TOKEN, two_servers
 from tests.peers import need
-from tests.test_dashboard import TOKEN, two_servers
 from trioanubis.config import parse_config
 from trioanubis.ops.top import (
     TopError,

@@ -29,7 +29,7 @@ from tests.conftest import (
     wait_for_log,
     wait_until,
 )
-from tests.test_cli import ANUBIS, run_cli
+from tests.helpers import ANUBIS, run_cli
 from trioanubis import upgrade
 from trioanubis.config import Address
 from trioanubis.upgrade import UpgradeFailed, is_ready, start_successor, successor_environment

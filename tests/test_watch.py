@@ -22,7 +22,7 @@ from tests.conftest import (
     start_backend,
     wait_for_log,
 )
-from tests.test_cli import ANUBIS
+from tests.helpers import ANUBIS
 from trioanubis.config import Address, load_config
 from trioanubis.watch import changed, files_read_by, signature, signatures
 

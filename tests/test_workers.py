@@ -6,8 +6,6 @@ import contextlib
 import json
 import os
 import signal
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,6 @@ from hypothesis import strategies as st
 from tests.conftest import (
     EVENTUALLY,
     connect,
-    connect_when_listening,
     echo_handler,
     ending,
     free_port,
@@ -28,54 +25,13 @@ from tests.conftest import (
     start_backend,
     wait_until,
 )
-from tests.test_cli import ANUBIS, anubis, run_cli
+from tests.helpers import ANUBIS, admin, all_serving, run_cli, stats, supervisor, write_config
 from trioanubis.config import Address
 from trioanubis.errors import ChannelError
 from trioanubis.workers.channel import LineDecoder, encode
 from trioanubis.workers.merge import sum_metrics
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="worker processes need a Unix")
-
-
-def write_config(path: Path, port: int, admin: int, servers: list[str], *, workers: int = 2,
-                 health: str = 'check = "none"', pool: str = "", **settings: object) -> None:  # fmt: skip
-    lines = ["[settings]", f"workers = {workers}", 'drain_timeout = "20s"']
-    lines += [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
-    lines += ["[admin]", f'bind = "127.0.0.1:{admin}"',
-              "[listeners.web]", f'bind = "127.0.0.1:{port}"', 'pool = "web"',
-              "[pools.web]", f"servers = {json.dumps(servers)}", pool,
-              "[pools.web.health]", health]  # fmt: skip
-    path.write_text("\n".join(lines) + "\n")
-
-
-async def admin(port: int, path: str, method: str = "GET", body: bytes = b"") -> tuple[int, bytes]:
-    """One admin request over HTTP/1.0: (status, body)."""
-    stream = await connect_when_listening(port)
-    async with stream:
-        head = f"{method} {path} HTTP/1.0\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-        await stream.send_all(head + body)
-        answer = b""
-        while data := await stream.receive_some(65536):
-            answer += data
-    head_text, _, payload = answer.partition(b"\r\n\r\n")
-    return int(head_text.split()[1]), payload
-
-
-async def stats(port: int) -> dict[str, Any]:
-    status, body = await admin(port, "/stats")
-    assert status == 200, body
-    return dict(json.loads(body))
-
-
-async def all_serving(port: int, count: int) -> dict[str, Any]:
-    """/stats once every worker answers (after a start or a restart)."""
-    with trio.fail_after(EVENTUALLY):
-        while True:
-            doc = await stats(port)
-            workers = doc["workers"]
-            if len(workers) == count and all(w["serving"] and w["answered"] for w in workers):
-                return doc
-            await trio.sleep(0.05)
 
 
 def gone(pid: int) -> bool:
@@ -91,12 +47,6 @@ def gone(pid: int) -> bool:
             return True
         return False
     return "\nState:\tZ" in status
-
-
-@asynccontextmanager
-async def supervisor(config: Path, *extra: str) -> AsyncIterator[trio.Process]:
-    async with anubis("run", "-c", str(config), *extra) as process:
-        yield process
 
 
 @pytest.mark.slow
