@@ -35,6 +35,7 @@ from typing import Final, final
 from trioanubis.config import Address, Config, ListenerConfig, PoolConfig, listen_ip
 from trioanubis.control import RUNTIME_SOURCE
 from trioanubis.discovery import source_of
+from trioanubis.fleet.servers import ETCD_SOURCE
 from trioanubis.pool import Pool, Server, diff_servers
 from trioanubis.spawn import SPAWN_SOURCE
 
@@ -98,6 +99,8 @@ def update_servers(pool: Pool, config: PoolConfig, runtime: Collection[str] = ()
     others = {source_of(entry) for entry in config.discovery}
     if config.spawn is not None:
         others.add(SPAWN_SOURCE)  # the spawner owns those
+    if config.servers_from == "etcd":
+        others.add(ETCD_SOURCE)  # the fleet's etcd keys own those
     removed, kept, new = diff_servers({(s.name, s.address): s for s in pool.servers if s.name not in runtime},
                                       {(sc.name, sc.address): sc for sc in config.servers
                                        if sc.name not in runtime})  # fmt: skip
