@@ -41,8 +41,8 @@ class Instance:
     process: trio.Process | None = None
 
 
-def instance_config(name: str, etcd: EtcdServer, port: int, admin: int, health: str) -> str:
-    return (f'[settings]\ndrain_timeout = "1s"\n'
+def instance_config(name: str, etcd: EtcdServer, port: int, admin: int, health: str, workers: int = 1) -> str:
+    return (f'[settings]\ndrain_timeout = "1s"\nworkers = {workers}\n'
             f'[listeners.web]\nbind = "127.0.0.1:{port}"\npool = "web"\n'
             f'[pools.web]\nservers_from = "etcd"\nretries = 0\nhealth = {health}\n'
             f'[admin]\nbind = "127.0.0.1:{admin}"\n'
@@ -50,12 +50,12 @@ def instance_config(name: str, etcd: EtcdServer, port: int, admin: int, health: 
 
 
 @asynccontextmanager
-async def fleet_instance(tmp_path: Path, etcd: EtcdServer, name: str,
-                         health: str = '{ check = "none" }') -> AsyncIterator[Instance]:  # fmt: skip
+async def fleet_instance(tmp_path: Path, etcd: EtcdServer, name: str, health: str = '{ check = "none" }',
+                         workers: int = 1) -> AsyncIterator[Instance]:  # fmt: skip
     """`anubis run` for one instance; yields once its admin answers /readyz."""
     instance = Instance(name, free_port(), free_port(), tmp_path / f"{name}.log")
     path = tmp_path / f"{name}.toml"
-    path.write_text(instance_config(name, etcd, instance.port, instance.admin, health))
+    path.write_text(instance_config(name, etcd, instance.port, instance.admin, health, workers))
     async with process_logging_to([*ANUBIS, "run", "-c", str(path)], instance.log) as process:
         instance.process = process
         await wait_until(lambda: admin_ready(instance))
@@ -66,7 +66,9 @@ def admin_ready(instance: Instance) -> bool:
     assert instance.process is not None
     if instance.process.returncode is not None:
         raise AssertionError(f"{instance.name} exited: {instance.log.read_text()}")
-    return "admin: listening on" in instance.log.read_text(errors="replace")
+    text = instance.log.read_text(errors="replace")
+    return "admin: listening on" in text and ("workers serving" in text or "workers = 1" in text
+                                              or "listener web: listening" in text)  # fmt: skip
 
 
 async def admin_call(instance: Instance, method: str, path: str, body: bytes = b"") -> tuple[int, Any]:
@@ -289,3 +291,31 @@ def _instance_of(tmp_path: Path, name: str) -> Instance:
     admin = int(text.split("[admin]\nbind = \"127.0.0.1:")[1].split('"')[0])
     return Instance(name, 0, admin, tmp_path / f"{name}.log")
 
+
+
+async def test_with_workers_the_supervisor_follows_etcd_and_every_worker_gets_it(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """workers = 2: the supervisor applies etcd's commands through its command path (every worker
+    confirms), and each worker follows the pool's etcd servers itself."""
+    s1 = await start_backend(nursery, name_handler("s1"), "s1")
+    s2 = await start_backend(nursery, name_handler("s2"), "s2")
+    async with running_etcd(tmp_path) as etcd:
+        await put_server(etcd, "s1", s1)
+        async with fleet_instance(tmp_path, etcd, "w", workers=2) as w:
+            await wait_until(lambda: w.log.read_text().count("server s1 (") >= 3)  # the view and 2 workers
+            assert {await through(w) for _ in range(6)} == {b"s1"}
+            await put_server(etcd, "s2", s2)
+            drain = '{"op":"drain","pool":"web","server":"s1"}'
+            await etcd.etcdctl("put", "/anubis/state/web/s1/drain", drain)
+            await eventually(lambda: _applied(w))  # counted once every worker confirmed it
+            await eventually(lambda: _all_say((w,), "s2", "up"))
+            assert await server_state(w, "s1") == "draining"
+            before = s1.connections
+            assert {await through(w) for _ in range(20)} == {b"s2"}  # both workers: none to s1
+            assert s1.connections == before
+
+
+async def _applied(instance: Instance) -> bool:
+    _, stats = await admin_call(instance, "GET", "/stats")
+    return bool(stats["cluster"]["applied"] == 1 and len(stats["workers"]) == 2)
