@@ -2,7 +2,7 @@
 
 Each instance is a subprocess with its own listener and admin endpoint and the same [cluster];
 servers come from etcd keys written with etcd's own `etcdctl`. Everything waits for a condition
-with a deadline; the propagation times are printed (bench/fleet.py measures them), never asserted.
+with a deadline; the propagation times are printed (`pytest -s`), never asserted.
 """
 
 from __future__ import annotations
