@@ -173,3 +173,20 @@ async def test_hostile_values_leave_the_balancer_serving(
                 assert balancer.fleet is not None
                 assert balancer.fleet_document() is not None and balancer.cluster_stats() is not None
         nursery.cancel_scope.cancel()
+
+
+async def test_a_bug_applying_a_change_is_logged_once_and_counted(etcd: EtcdServer,
+                                                                  nursery: trio.Nursery) -> None:
+    backend = (await start_backend(nursery, echo_handler)).address
+    async with fleet_balancer(etcd, backend) as (balancer, address, prefix), etcd_client(etcd) as client:
+        assert balancer.fleet is not None
+
+        async def broken(command: object) -> None:
+            raise RuntimeError("a bug")
+
+        balancer.apply_shared = broken
+        for _ in range(2):
+            await client.put(f"{prefix}state/web/file/drain", b'{"op":"drain","pool":"web","server":"file"}')
+        await settled(client, balancer, prefix, backend)
+        assert balancer.fleet.internal_errors == 2
+        assert await request(address, b"still") == b"still"

@@ -161,6 +161,7 @@ class Fleet:
         self.bad_values = 0
         self.not_applied = 0  # commands from etcd that this instance refused (a server it lacks)
         self.applied = 0  # commands from etcd applied here
+        self.internal_errors = 0  # bugs met applying a change (logged once per kind, with a traceback)
         self.next_revision = 0  # where the watch resumes; 0: read everything first
         self.members: dict[str, Member] = {}
         self.entries: dict[ServerKey, ServerConfig] = {}  # every server key's entry, for any pool
@@ -186,6 +187,7 @@ class Fleet:
         return {"name": self.name, "endpoints": list(self.config.endpoints), "prefix": self.prefix,
                 "connected": self.connected, "reconnects": self.reconnects, "bad_values": self.bad_values,
                 "applied": self.applied, "not_applied": self.not_applied, "queued": len(self._queue),
+                "internal_errors": self.internal_errors,
                 "revision": max(0, self.next_revision - 1), "instances": len(self.members)}  # fmt: skip
 
     def document(self) -> dict[str, Any]:
@@ -259,6 +261,16 @@ class Fleet:
     # ---------------------------------------------------------------- applying
 
     async def _on_event(self, event: Event) -> None:
+        """Apply one change; whatever it raises beyond what values are expected to (a bug) is logged
+        with its traceback once per place and counted: no value stops the fleet task or the process."""
+        try:
+            await self._apply_event(event)
+        except Exception as exc:  # the boundary; trio.Cancelled is a BaseException and passes
+            self.internal_errors += 1
+            self._once(f"internal {type(exc).__name__}", "cluster: internal error applying %s: %r",
+                       event.key.decode(errors="replace"), exc, exc_info=exc)  # fmt: skip
+
+    async def _apply_event(self, event: Event) -> None:
         key = parse_key(self.prefix, event.key)
         if key is None:
             return
@@ -408,9 +420,9 @@ class Fleet:
         self.bad_values += 1
         self._once(message.split(":", 1)[0], "cluster: %s; ignored", message)
 
-    def _once(self, what: str, template: str, *args: object) -> None:
+    def _once(self, what: str, template: str, *args: object, exc_info: BaseException | None = None) -> None:
         if what in self._logged:
             return
         if len(self._logged) < MAX_LOGGED:
             self._logged.add(what)
-            log.warning(template + " (logged once)", *args)
+            log.warning(template + " (logged once)", *args, exc_info=exc_info)
