@@ -7,6 +7,7 @@ uses a prefix of its own."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -190,3 +191,41 @@ async def test_a_bug_applying_a_change_is_logged_once_and_counted(etcd: EtcdServ
         await settled(client, balancer, prefix, backend)
         assert balancer.fleet.internal_errors == 2
         assert await request(address, b"still") == b"still"
+
+
+async def slow_relay(etcd: EtcdServer, delay: float, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """A TCP relay to etcd that holds each chunk of etcd's answers for `delay` seconds: a slow etcd."""
+
+    async def pump(source: trio.SocketStream, sink: trio.SocketStream, wait: float) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while data := await source.receive_some(65536):
+                await trio.sleep(wait)
+                await sink.send_all(data)
+            await sink.send_eof()
+
+    async def handle(client: trio.SocketStream) -> None:
+        upstream = await trio.open_tcp_stream("127.0.0.1", etcd.client_port)
+        async with client, upstream, trio.open_nursery() as nursery:
+            nursery.start_soon(pump, client, upstream, 0)
+            nursery.start_soon(pump, upstream, client, delay)
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(handle, listeners)
+
+
+async def test_the_state_is_in_effect_when_the_listeners_open(etcd: EtcdServer,
+                                                              nursery: trio.Nursery) -> None:
+    """Even when etcd is slow to answer the first read, a balancer starts serving with its drains."""
+    backend = (await start_backend(nursery, echo_handler)).address
+    port = await nursery.start(slow_relay, etcd, 0.5)
+    prefix = f"/t{next(PREFIXES)}/"
+    async with etcd_client(etcd) as client:
+        await client.put(f"{prefix}state/web/file/drain", b'{"op":"drain","pool":"web","server":"file"}')
+        await client.put(f"{prefix}pools/web/servers/e1", json.dumps({"address": backend}))
+    config = fleet_config(etcd, prefix, backend)
+    config["cluster"]["etcd"] = [f"http://127.0.0.1:{port}"]
+    async with running_balancer(config) as (balancer, address):
+        pool = balancer.pools["web"]
+        assert pool.find("file").draining and pool.find("e1") is not None  # type: ignore[union-attr]
+        assert await request(address, b"x") == b"x"  # through e1
