@@ -22,6 +22,7 @@ import h11
 import pytest
 import trio
 import trio.testing
+from hypothesis import strategies as st
 
 from tests.conftest import (
     EVENTUALLY,
@@ -410,3 +411,20 @@ def build_wheel(out: Path, source: Path) -> Path:
     assert result.returncode == 0, result.stderr
     [built] = out.glob("trioanubis-*.whl")
     return built
+
+
+# What a hostile tool may write under the fleet's etcd prefix (tests/test_fleet*.py).
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner,
+                                                                                max_size=4),
+                    max_leaves=20)  # fmt: skip
+ADDRESSES = st.sampled_from(["127.0.0.1:1", "x", 5, ""]) | JSON
+SERVER_LIKE = st.fixed_dictionaries({}, optional={"address": ADDRESSES, "weight": JSON, "name": JSON,
+                                                  "faults": JSON, "priority": JSON,
+                                                  "backup": JSON})  # fmt: skip
+COMMAND_LIKE = st.fixed_dictionaries({"op": st.sampled_from(["drain", "enable", "weight", "faults", "add",
+                                                             "remove", "clear_faults"]) | JSON},
+                                     optional={"pool": st.just("web") | JSON, "server": st.just("s1") | JSON,
+                                               "weight": JSON, "faults": JSON})  # fmt: skip
+VALUES = st.binary(max_size=200) | JSON.map(lambda v: json.dumps(v).encode()) | SERVER_LIKE.map(
+    lambda v: json.dumps(v).encode()) | COMMAND_LIKE.map(lambda v: json.dumps(v).encode())

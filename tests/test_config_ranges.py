@@ -151,6 +151,9 @@ def place(table: str, key: str, value: object, server: str = "127.0.0.1:9") -> t
     elif table == "pools.*.health.agent":
         where, path = {"port": 9}, "pools.p.health.agent"
         pool["health"]["agent"] = where
+    elif table == "cluster":  # an etcd nobody answers on: the balancer serves all the same
+        where, path = {"etcd": ["http://127.0.0.1:9"]}, "cluster"
+        data["cluster"] = where
     else:
         assert table == "faults", table
         where, path = pool.setdefault("faults", {}), "pools.p.faults"
@@ -165,7 +168,7 @@ def parsed(config: Config, table: str, key: str) -> Any:
     record: Any = {
         "settings": config.settings, "listeners.*": config.listeners["l"], "pools.*": pool,
         "pools.*.health": pool.health, "pools.*.spawn": pool.spawn, "faults": pool.faults,
-        "pools.*.health.agent": pool.health.agent,
+        "pools.*.health.agent": pool.health.agent, "cluster": config.cluster,
         "pools.*.servers[]": pool.discovery[0] if key == "refresh" else pool.servers[0],
     }[table]  # fmt: skip
     value = getattr(record, key)

@@ -171,3 +171,12 @@ def test_the_file_name_check_finds_a_moved_file(tmp_path: Path) -> None:
     source.write_text('"""See proxy/relay.py, relay.py, proxy/tls_relay.py and faulted.py."""\n')
     assert files_named_but_missing([source]) == ["example.py names proxy/tls_relay.py",
                                                  "example.py names faulted.py"]
+
+
+def test_no_test_file_imports_another() -> None:
+    """Shared helpers live in tests/helpers.py and fixtures in conftest.py (STYLE: tests mirror modules)."""
+    tests = Path(__file__).resolve().parent
+    imports = [f"{path.name}: {line.strip()}" for path in sorted(tests.glob("*.py"))
+               for line in path.read_text().splitlines()
+               if re.match(r"\s*(from|import) tests\.test_", line)]  # fmt: skip
+    assert imports == []

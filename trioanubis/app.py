@@ -57,20 +57,22 @@ restart.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Final, final
+from typing import Any, Final, final
 
 import trio
 
 from trioanubis.config import Address, Config, ListenerConfig, load_config
-from trioanubis.control import AddServer, Command, CommandError, Control, RemoveServer
+from trioanubis.control import AddServer, Command, CommandError, Control, RemoveServer, named
 from trioanubis.discovery import run_discovery
 from trioanubis.errors import AnubisError, ConfigError
+from trioanubis.fleet.fleet import Fleet
 from trioanubis.health.checker import run_health_checks
 from trioanubis.ops import systemd
 from trioanubis.ops.accesslog import AccessLog
@@ -132,6 +134,7 @@ class Balancer:
         open_socket: SocketOpener | None = None,
         open_admin: AdminOpener | None = None,
         health: HealthRunner = run_health_checks,
+        shared_state: bool = True,
     ) -> None:
         self.config = config
         self.io = io  # `--io`: wins over [settings] io for the life of the process
@@ -170,6 +173,28 @@ class Balancer:
         self._root: trio.Nursery | None = None
         self._connections: trio.Nursery | None = None
         self._accepting: trio.Nursery | None = None
+        # How a command from the fleet's etcd is applied: here, or by the workers' supervisor (which
+        # replaces it), never written back.
+        self.apply_shared: Callable[[Command], Awaitable[object]] = functools.partial(self.command,
+                                                                                      publish=False)
+        self.fleet = self._new_fleet(config, shared_state)
+
+    def _new_fleet(self, config: Config, shared: bool) -> Fleet | None:
+        """The fleet task's state (fleet/): with [cluster], for shared state (`shared`: this process has
+        the admin) or for a pool's servers from etcd (a worker)."""
+        cluster = config.cluster
+        if cluster is None or not (shared or any(p.servers_from for p in config.pools.values())):
+            return None
+        return Fleet(cluster, self.pools, lambda command: self.apply_shared(command), shared=shared,
+                     admin=lambda: str(self.admin_address or ""))  # fmt: skip
+
+    def cluster_stats(self) -> dict[str, Any] | None:
+        """The fleet's part of /stats and /metrics: None unless this process speaks for the fleet."""
+        return self.fleet.status() if self.fleet is not None and self.fleet.shared else None
+
+    def fleet_document(self) -> dict[str, Any] | None:
+        """GET /fleet: the instances and where they disagree; None without [cluster]."""
+        return self.fleet.document() if self.fleet is not None and self.fleet.shared else None
 
     def _new_listener(self, config: ListenerConfig) -> Listener:
         return Listener(config, self.pools, self.limits, self.access.log, self.timer, self.poller,
@@ -228,6 +253,8 @@ class Balancer:
             root.start_soon(self.timer.run)
             root.start_soon(self.poller.run)
             await self._load_state()  # before anything serves, the admin endpoint included
+            if self.fleet is not None:  # the fleet's servers and drains, before anything serves too
+                await root.start(self.fleet.run)
             if self.admin is not None:
                 self.admin_address = await root.start(self._serve_admin)
             for pool in self.pools.values():
@@ -326,10 +353,11 @@ class Balancer:
 
     # ------------------------------------------------------- runtime changes
 
-    async def command(self, command: Command) -> Server:
+    async def command(self, command: Command, *, publish: bool = True) -> Server:
         """Carry out one operator command (control.py) and keep it in the state file; the server it
         concerns. Raises CommandError: 404 for a pool or server that does not exist, 409 for a
-        conflict (a name taken), and nothing is changed then.
+        conflict (a name taken), and nothing is changed then. In a fleet, unless `publish` is False
+        (a command that came from etcd), it is then queued for etcd (fleet/fleet.py).
 
         One change at a time: an added server's address is resolved first (in
         a worker thread, as getaddrinfo blocks; a name that does not resolve is
@@ -344,6 +372,8 @@ class Balancer:
             if isinstance(command, RemoveServer) and server.active and self._root is not None:
                 self._root.start_soon(self._cut_after_drain, self.pools[command.pool], server)
             await self.save_state()
+        if publish and self.fleet is not None and self.fleet.shared:
+            self.fleet.publish(named(command, server.name))
         return server
 
     async def _addresses_of(self, command: Command) -> list[tuple[int, tuple[object, ...]]] | None:

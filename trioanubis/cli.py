@@ -107,6 +107,16 @@ naming the key and the value at the first error. Like `nginx -t` or `haproxy -c`
 Examples:
   anubis check lb.toml
   anubis check -c /etc/anubis/anubis.toml && systemctl reload anubis""",
+    "fleet": """\
+List the instances registered in the fleet's etcd ([cluster] in the config: endpoints, prefix,
+credentials) with their version, process and admin address, then every server that some
+instances see up and others down: the first thing to look at in an incident. It reads etcd
+directly, so it works while the local instance is down; exit 1 with one line if etcd does not
+answer. --json prints what GET /fleet answers on any instance's admin.
+
+Examples:
+  anubis fleet lb.toml
+  anubis fleet -c /etc/anubis/anubis.toml --json | jq .disagreements""",
     "proxy": """\
 Balance LISTEN over the SERVERs without a config file: round robin, TCP health checks, clients
 held up to --queue-timeout while no server is up, and a live status line on a terminal. With
@@ -236,6 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     check = command("check", "validate a config file and summarise it")
     _add_config(check, "the config file (default: ./anubis.toml)")
 
+    fleet = command("fleet", "list the fleet's instances (read from etcd) and where their views of the "
+                    "servers disagree")  # fmt: skip
+    _add_config(fleet, "the config whose [cluster] names the etcd (default: ./anubis.toml)")
+    fleet.add_argument("--json", action="store_true", help="print what GET /fleet answers")
+
     proxy = command("proxy", "balance LISTEN over SERVERs, no config file")
     proxy.add_argument("listen", metavar="LISTEN",
                        help='where to listen: ":8000" (every interface) or "127.0.0.1:8000"')  # fmt: skip
@@ -319,6 +334,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"io: {resolve_io(config.settings.io)}")
             sys.stdout.flush()  # a closed pipe (`anubis check | head -1`) is seen here, not at exit
             return 0
+        if args.command == "fleet":
+            from trioanubis.fleet.report import run_fleet
+
+            return run_fleet(load_config(args.config), args.json)
         if args.command == "reload":
             return _signal_reload(args.config)
         if args.command == "upgrade":

@@ -58,12 +58,14 @@ from trioanubis.config import (
 from trioanubis.control import RUNTIME_SOURCE
 from trioanubis.discovery import source_of
 from trioanubis.errors import AnubisError
+from trioanubis.fleet.servers import ETCD_SOURCE
 from trioanubis.pool import Pool, Server, diff_servers
 from trioanubis.spawn import SPAWN_SOURCE
 from trioanubis.strategies import make_strategy
 
 if TYPE_CHECKING:
     from trioanubis.control import Control
+    from trioanubis.fleet.fleet import Fleet
     from trioanubis.ops.accesslog import AccessLog
     from trioanubis.proxy.lifecycle import Limits
     from trioanubis.proxy.listener import Listener
@@ -145,6 +147,8 @@ def server_changes(pool: Pool, config: PoolConfig, runtime: Collection[str] = ()
     others = {source_of(entry) for entry in config.discovery}
     if config.spawn is not None:
         others.add(SPAWN_SOURCE)  # the spawner owns those
+    if config.servers_from == "etcd":
+        others.add(ETCD_SOURCE)  # the fleet's etcd keys own those
     removed, kept, new = diff_servers({(s.name, s.address): s for s in pool.servers if s.name not in runtime},
                                       {(sc.name, sc.address): sc for sc in config.servers
                                        if sc.name not in runtime})  # fmt: skip
@@ -180,6 +184,7 @@ class Running(Protocol):
     listeners: dict[str, Listener]
     io: str  # `--io`: wins over [settings] io for the life of the process
     control: Control
+    fleet: Fleet | None
     access: AccessLog
     limits: Limits
     timer: Timer
@@ -208,6 +213,8 @@ async def apply_config(running: Running, new: Config) -> None:
         log.warning("%s", warning)
     if running.admin is not None and new.admin is not None:
         running.admin.apply(new.admin)  # the token now, a new bind at the next restart
+    if new.cluster != running.config.cluster:
+        log.warning("reload: a changed [cluster] table takes effect at the next restart")
     running.control.reconcile(running.config.pools, new.pools)  # before the servers' diff
     for name in changes.pools_kept:
         await _update_pool(running, running.pools[name], new.pools[name])
@@ -215,6 +222,8 @@ async def apply_config(running: Running, new: Config) -> None:
         pool = running.pools[name] = Pool(new.pools[name])
         await running.resolve(pool.servers, pool)
         await running.update_spawner(pool)
+        if running.fleet is not None:
+            running.fleet.sync_pool(pool)
         await running.start_pool_tasks(pool)
         log.info("reload: pool %s added", name)
     for name in changes.listeners_reconfigured:
@@ -297,6 +306,8 @@ async def _update_pool(running: Running, pool: Pool, config: PoolConfig) -> None
     changes = server_changes(pool, config, running.control.members(pool.name))
     await running.resolve(changes.new, pool)  # before the pool changes: it may wait on DNS
     _apply_server_changes(pool, changes, add=True)
+    if running.fleet is not None and config.servers_from != old.servers_from:
+        running.fleet.sync_pool(pool)
     pool.refresh_faults()
     pool.changed()
     if (config.health, config.discovery, config.resolver) != (old.health, old.discovery, old.resolver):

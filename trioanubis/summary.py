@@ -92,6 +92,18 @@ def _admin(config: Config) -> str:
     return f"admin: {config.admin.bind}, {token}"
 
 
+def _cluster(config: Config) -> list[str]:
+    """The etcd the fleet shares, if any (never the password)."""
+    cluster = config.cluster
+    if cluster is None:
+        return []
+    name = cluster.name or "host:pid"
+    auth = f", as {cluster.username}" if cluster.username else ""
+    tls = ", client certificate" if cluster.cert else ""
+    return [f"cluster: etcd {', '.join(cluster.endpoints)}, prefix {cluster.prefix}, instance {name}, "
+            f"lease {cluster.ttl}s{auth}{tls}"]
+
+
 def _faults(faults: FaultConfig | None) -> str:
     """Injected faults in a line's tail ("" when none): they must not go unnoticed."""
     shown = describe_faults(faults if faults is not None and faults.active else None)
@@ -102,7 +114,7 @@ def _faults(faults: FaultConfig | None) -> str:
 
 def describe(config: Config, pools: Mapping[str, Pool] | None = None) -> str:
     """Settings, admin, listeners → pools → servers, with live state when `pools` is given."""
-    lines = [_settings(config), _admin(config)]
+    lines = [_settings(config), _admin(config), *_cluster(config)]
     for name, listener in config.listeners.items():
         limit = f", max {listener.max_connections}" if listener.max_connections else ""
         target = f"pool {listener.pool}" if not listener.routes else "routes by sni"
@@ -133,6 +145,9 @@ def describe(config: Config, pools: Mapping[str, Pool] | None = None) -> str:
         if pc.queue_timeout:
             lines.append(f"  clients held up to {pc.queue_timeout:g}s while no server can take them "
                          f"(at most {pc.max_queued})")  # fmt: skip
+        if pc.servers_from:
+            lines.append(f"  servers from etcd keys {config.cluster.prefix if config.cluster else ''}"
+                         f"pools/{name}/servers/")  # fmt: skip
         for d in pc.discovery:
             what = f"SRV {d.name}" if d.kind == "srv" else f"DNS {d.name}:{d.port}"
             lines.append(f"  servers from {what}, refreshed every {d.refresh:g}s")

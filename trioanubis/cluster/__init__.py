@@ -1,7 +1,8 @@
 """Shared state for a fleet of balancers: an etcd v3 client that runs under Trio.
 
-Theory of operation: the package is a self-contained library; nothing else in
-trioanubis imports it yet (`EtcdClient` in `etcd.py` is where to start reading).
+Theory of operation: the package is a self-contained library, imported by the
+fleet (`trioanubis/fleet/`), which decides what the keys mean (`EtcdClient` in
+`etcd.py` is where to start reading).
 Its layers, lowest first:
 
 - `errors.py`: the `EtcdError` classes, one per thing a caller can act on.

@@ -11,7 +11,7 @@ the ones above it in this list (and `trioanubis.errors`):
 - `ranges.py`: every numeric key's kind and range, the table `node.py` reads;
 - `node.py`: a table under validation, which turns a reason into a
   `ConfigError` naming file, key path and value;
-- the section parsers: `settings.py` (settings, admin), `faults.py`,
+- the section parsers: `settings.py` (settings, admin), `cluster.py`, `faults.py`,
   `spawn.py`, `health_checks.py`, `pools.py`, `listeners.py`;
 - `load.py`: reading the file, the whole document, the checks across tables.
 
@@ -46,6 +46,7 @@ from trioanubis.config.model import (
     Address,
     AdminConfig,
     AgentConfig,
+    ClusterConfig,
     Config,
     DiscoveryConfig,
     FaultConfig,
@@ -131,6 +132,7 @@ __all__ = [
     "Address",
     "AdminConfig",
     "AgentConfig",
+    "ClusterConfig",
     "Config",
     "ConfigError",
     "DiscoveryConfig",

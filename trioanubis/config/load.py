@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from trioanubis.config.checks import find_bind_overlap
+from trioanubis.config.cluster import parse_cluster
 from trioanubis.config.listeners import parse_listener
 from trioanubis.config.model import AdminConfig, Config, ListenerConfig
 from trioanubis.config.node import Node, show_value
@@ -108,7 +109,7 @@ def parse_config(
     the current directory (`anubis proxy`).
     """
     top = Node(data, "", source, _config_dir(source, base_dir))
-    top.check_keys(("settings", "listeners", "pools", "admin"))
+    top.check_keys(("settings", "listeners", "pools", "admin", "cluster"))
     settings = parse_settings(top.child("settings"))
     pools_node = top.child("pools")
     pools = {
@@ -131,7 +132,12 @@ def parse_config(
         listeners[name] = listener
     admin = parse_admin(top.child("admin")) if "admin" in data else None
     _check_binds(top, listeners, admin)
-    return Config(listeners, pools, settings, admin, source)
+    cluster = parse_cluster(top.child("cluster")) if "cluster" in data else None
+    for name, pool in pools.items():
+        if pool.servers_from == "etcd" and cluster is None:
+            raise pools_node.error('servers_from = "etcd" needs a [cluster] table naming the etcd endpoints',
+                                   "etcd", f"{name}.servers_from")  # fmt: skip
+    return Config(listeners, pools, settings, admin, source, cluster)
 
 
 def _check_binds(

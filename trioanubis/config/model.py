@@ -208,6 +208,7 @@ class PoolConfig:
     spawn: SpawnConfig | None = None
     tls: TlsClient | None = None
     faults: FaultConfig | None = None  # injected on every server's connections (trioanubis.faults)
+    servers_from: str = ""  # "etcd": servers also come from [cluster]'s keys (trioanubis/fleet/)
 
 
 @final
@@ -269,9 +270,26 @@ class Settings:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """`[cluster]`: the etcd a fleet shares (trioanubis/fleet/); `name` "" means "host:pid"."""
+
+    endpoints: tuple[str, ...]
+    prefix: str = "/anubis/"
+    name: str = ""
+    ttl: int = 10  # seconds: the membership lease; an instance gone is dropped this long after
+    timeout: float = 5.0  # one etcd request (connect, send, answer)
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
+    username: str = ""
+    password: str = field(default="", repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listeners: Mapping[str, ListenerConfig]
     pools: Mapping[str, PoolConfig]
     settings: Settings = field(default_factory=Settings)
     admin: AdminConfig | None = None
     source: str = "<config>"
+    cluster: ClusterConfig | None = None

@@ -28,7 +28,7 @@ _POOL_KEYS = (
     "strategy", "servers", "least_time", "connect_timeout", "idle_timeout",
     "half_close_timeout", "retries", "failover_timeout", "eject_after", "eject_for",
     "resolver", "health", "send_proxy", "queue_timeout", "max_queued", "abort_on_close", "spawn", "tls",
-    "faults", "balance_factor",
+    "faults", "balance_factor", "servers_from",
 )  # fmt: skip
 _SEND_PROXY = ("none", "v1", "v2")
 
@@ -42,7 +42,8 @@ def parse_pool(name: str, node: Node) -> PoolConfig:
         check_strategy(strategy, node.base)
     except StrategyError as exc:
         raise node.error(str(exc), strategy, "strategy") from None
-    servers, discovery = _parse_servers(node)
+    servers_from = node.choice("servers_from", "", ("", "etcd"))
+    servers, discovery = _parse_servers(node, servers_from)
     health = parse_health(node.child("health"))
     send_proxy = node.choice("send_proxy", "none", _SEND_PROXY)
     sending = send_proxy != "none" or any(s.send_proxy not in ("", "none") for s in servers)
@@ -72,6 +73,7 @@ def parse_pool(name: str, node: Node) -> PoolConfig:
         spawn=parse_spawn(node.child("spawn")) if "spawn" in node.data else None,
         tls=_parse_tls_client(node.child("tls")) if "tls" in node.data else None,
         faults=parse_fault_table(node.child("faults", "faults")) if "faults" in node.data else None,
+        servers_from=servers_from,
     )
 
 
@@ -89,10 +91,11 @@ def _balance_factor(node: Node, strategy: str) -> float:
     return factor
 
 
-def _parse_servers(node: Node) -> tuple[tuple[ServerConfig, ...], tuple[DiscoveryConfig, ...]]:
+def _parse_servers(node: Node, servers_from: str
+                   ) -> tuple[tuple[ServerConfig, ...], tuple[DiscoveryConfig, ...]]:  # fmt: skip
     entries = node.data.get("servers")
-    if "spawn" in node.data and entries in (None, []):
-        return (), ()  # the replicas are the servers
+    if ("spawn" in node.data or servers_from) and entries in (None, []):
+        return (), ()  # the replicas, or etcd's keys, are the servers
     if not isinstance(entries, list) or not entries:
         raise node.error("must be a non-empty array of servers", entries, "servers")
     servers: list[ServerConfig] = []

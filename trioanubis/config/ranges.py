@@ -103,6 +103,14 @@ RANGES: Final[Mapping[str, Mapping[str, Range]]] = {
         "start_timeout": TIMEOUT,
         "stop_grace": WAIT,
     },
+    "cluster": {
+        # The membership lease: at least 2 s (one renewal at a third of it must fit a slow etcd),
+        # at most an hour (a dead instance listed longer than that misleads).
+        "ttl": Range("integer", 2, 3600),
+        # One etcd request: a millisecond to a minute (etcd answers in milliseconds; each endpoint
+        # tried costs up to this, and a command waits behind it).
+        "timeout": Range("duration", 0.001, 60.0),
+    },
     "faults": {  # a pool's, a server's, or the admin's PUT body
         "probability": Range("fraction", 0, 1),
         "latency": FAULT_DELAY,

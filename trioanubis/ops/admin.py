@@ -47,6 +47,8 @@ slept on, retried.
     GET  /readyz                                 200 while this balancer takes clients (no token needed)
     GET  /readyz?upstream=1                      ... and every pool has a server to send them to
     GET  /pools/{pool}/servers/{server}/faults   the injected faults in effect (trioanubis.faults)
+    GET  /fleet                                  JSON: the fleet's instances and where their views
+                                                 of the servers disagree ([cluster]; fleet/)
 
 Every change is a command (control.py), and `COMMAND_ROUTES` is the one
 table of them: `route` turns a request to one of its paths into a `Pending`
@@ -207,10 +209,21 @@ def route(
         if isinstance(upstream, Reply):
             return upstream
         return ready_reply(view.is_ready() and (not upstream or view.has_upstream()))
+    if path == "/fleet":
+        return _fleet(view, method)
     parts = [unquote(p) for p in path.strip("/").split("/")]
     if method in ("GET", "HEAD") and len(parts) == 5 and parts[::2] == ["pools", "servers", "faults"]:
         return _show_faults(view, parts[1], parts[3])
     return command_for(method, path, parts, body) or error_reply(404, f"no such endpoint: {path}")
+
+
+def _fleet(view: View, method: str) -> Reply:
+    if method not in ("GET", "HEAD"):
+        return error_reply(405, "/fleet takes GET")
+    document = view.fleet_document()
+    if document is None:
+        return error_reply(404, "/fleet: this balancer is in no fleet (no [cluster] table)")
+    return json_reply(200, document)
 
 
 def upstream_asked(target: str) -> bool | Reply:

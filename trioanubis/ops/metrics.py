@@ -122,6 +122,7 @@ def stats(view: View) -> dict[str, Any]:
         "pools": [pool_stats(pool) for pool in view.pools.values()],
         "replicas": {name: spawner_stats(s) for name, s in view.spawners.items()},
         "admin": None if view.admin is None else admin_stats(view.admin),
+        "cluster": view.cluster_stats(),
     }
 
 
@@ -220,6 +221,30 @@ def _admission_metrics(listeners: list[Listener]) -> Iterator[str]:
             yield f"anubis_listener_tls_total{_labels(listener=x.name, result=result)} {count}"
 
 
+# The fleet's series (fleet/fleet.py `Fleet.status`): name, kind, help, the /stats field.
+CLUSTER_METRICS = (
+    ("cluster_connected", "gauge", "1 while this instance reaches etcd, else 0.", "connected"),
+    ("cluster_reconnects_total", "counter", "Times etcd was reached again after it was lost.", "reconnects"),
+    ("cluster_bad_values_total", "counter", "etcd values ignored as malformed (each key logged once).",
+     "bad_values"),
+    ("cluster_commands_applied_total", "counter", "Commands from etcd applied here.", "applied"),
+    ("cluster_commands_not_applied_total", "counter", "Commands from etcd this instance refused.",
+     "not_applied"),
+    ("cluster_commands_queued", "gauge", "Commands made here that wait for etcd.", "queued"),
+    ("cluster_instances", "gauge", "Instances registered in the fleet, as last seen.", "instances"),
+)  # fmt: skip
+
+
+def _cluster_lines(status: dict[str, Any] | None) -> list[str]:
+    if status is None:
+        return []
+    lines: list[str] = []
+    for name, kind, help_text, field in CLUSTER_METRICS:
+        lines += _family(name, kind, help_text)
+        lines.append(f"anubis_{name} {int(status[field])}")
+    return lines
+
+
 def prometheus(view: View, worker: str | None = None) -> str:
     """The `/metrics` document (text exposition format 0.0.4); `worker` (a worker's id, or
     "supervisor") labels this process's `process_*` lines, for the supervisor's merge."""
@@ -285,6 +310,7 @@ def prometheus(view: View, worker: str | None = None) -> str:
         for name, help_text, value in _admin_rows(view.admin):
             lines += _family(f"admin_{name}_total", "counter", help_text)
             lines.append(f"anubis_admin_{name}_total {value}")
+    lines += _cluster_lines(view.cluster_stats())
     lines += _family("reloads_total", "counter",
                      "Config reloads: applied, or failed (rejected, or a listener that could not move).")
     lines.append(f"anubis_reloads_total{_labels(result='applied')} {view.reloads}")

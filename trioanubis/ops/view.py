@@ -12,7 +12,7 @@ Balancer with pools and no listeners) another. `AdminCounters` is the admin endp
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from trioanubis.control import Command
@@ -66,3 +66,5 @@ class View(Protocol):
     def is_ready(self) -> bool: ...  # listening and not draining
     def has_upstream(self) -> bool: ...  # every pool has a server to send clients to
     async def command(self, command: Command) -> Server: ...  # an operator's change (control.py)
+    def cluster_stats(self) -> dict[str, Any] | None: ...  # the fleet's link to etcd; None: no [cluster]
+    def fleet_document(self) -> dict[str, Any] | None: ...  # GET /fleet (fleet/members.py)

@@ -30,6 +30,11 @@ and every worker are (`?upstream=1`: and the one health view has a server in
 every pool). The admin shell (admin.py) screens Host and Origin before this
 router sees a request.
 
+In a fleet ([cluster], fleet/) the view runs the fleet task: shared state
+from etcd is applied through `command` (so every worker gets it as it gets
+the admin's), and membership speaks for the whole instance; each worker
+follows its pools' etcd servers itself, as it runs its own DNS discovery.
+
 One authority for runtime state: every change an operator makes is a
 command (control.py) that admin.py's route table builds; `command` applies
 it to the view (which also writes the state file), then sends it, as one
@@ -64,6 +69,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import socket
@@ -154,6 +160,7 @@ class Supervisor:
         self.view = Balancer(view_config(config), open_admin=self.book.open_admin)
         if self.view.admin is not None:
             self.view.admin.router = self.route
+        self.view.apply_shared = functools.partial(self.command, publish=False)  # etcd's, to every worker
         self.slots = [WorkerSlot(self, k) for k in range(1, count + 1)]
         self.stopping = False
         self.upgrader = Upgrader(self._handover, self.hand_over, lambda: self.stopping)
@@ -280,16 +287,17 @@ class Supervisor:
         answer = route(self.view, method, target, headers, body, token)
         return await carry_out(answer, self.command) if isinstance(answer, Pending) else answer
 
-    async def command(self, command: Command) -> Server:
+    async def command(self, command: Command, *, publish: bool = True) -> Server:
         """Carry out an operator's command on the view, then in every worker (one `command` message,
-        whatever the command); the view's server once every running worker confirmed it.
+        whatever the command); the view's server once every running worker confirmed it. In a fleet
+        the view queues it for etcd unless `publish` is False (it came from etcd: fleet/fleet.py).
 
         Raises CommandError: as `Balancer.command` does when the view refuses it
         (nothing is sent then), and 503 naming the workers that did not confirm
         within ASK_TIMEOUT or refused it (the view and the others have it).
         """
         async with self.changes:
-            server = await self.view.command(command)
+            server = await self.view.command(command, publish=publish)
             self._seq += 1  # after the change: a snapshot built before it is older than this
             seq = self._seq
             message = {"t": "command", "seq": seq, "command": encode_command(named(command, server.name))}

@@ -105,7 +105,7 @@ class Worker:
 
     def make_balancer(self, config: Config) -> Balancer:
         opener = partial(open_shared_socket, inherited=self.inherited)
-        self.balancer = Balancer(config, open_socket=opener, health=self.follow)
+        self.balancer = Balancer(config, open_socket=opener, health=self.follow, shared_state=False)
         self._watch_ejections()
         return self.balancer
 

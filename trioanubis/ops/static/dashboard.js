@@ -327,7 +327,15 @@ function drawSummary(doc) {
   setText(ready, doc.draining ? "draining" : doc.ready ? "ready" : "not ready");
   ready.className = "badge " + (doc.draining ? "draining" : doc.ready ? "ready" : "not-ready");
   const limit = doc.max_connections ? " of " + doc.max_connections : "";
-  setText(document.getElementById("summary"), plain(doc.active) + limit + " connections open");
+  setText(document.getElementById("summary"), plain(doc.active) + limit + " connections open" + fleetText(doc.cluster));
+}
+
+// The fleet ([cluster]): whether this instance reaches etcd, and how many instances it sees.
+function fleetText(cluster) {
+  if (!cluster) return "";
+  const link = cluster.connected ? "etcd connected" : "etcd UNREACHABLE (serving the last state)";
+  const queued = cluster.queued ? ", " + plain(cluster.queued) + " changes waiting for etcd" : "";
+  return " · fleet " + cluster.name + ": " + link + ", " + plain(cluster.instances) + " instances" + queued;
 }
 
 function draw(doc) {

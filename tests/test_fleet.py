@@ -1,0 +1,231 @@
+"""The fleet task in one process (fleet/fleet.py) against a real etcd: what a hostile tool writes under
+the prefix is logged once, counted and ignored, and the balancer serves on; commands from etcd that
+are already in effect are skipped; a reload keeps the etcd servers.
+
+One etcd serves the whole module (a start costs about a second); each test and each fuzz example
+uses a prefix of its own."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import echo_handler, request, running_balancer, start_backend, wait_until
+from tests.etcdserver import START_TIMEOUT, EtcdServer
+from tests.helpers import VALUES
+from trioanubis.app import Balancer
+from trioanubis.cluster import EtcdClient
+from trioanubis.config import parse_config
+from trioanubis.control import Drain
+
+PREFIXES = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def etcd() -> Iterator[EtcdServer]:
+    with tempfile.TemporaryDirectory() as directory:
+        server = EtcdServer(Path(directory))
+        with server.log.open("ab") as log:
+            process = subprocess.Popen(server.command(), stdout=log, stderr=log)
+        try:
+            for _ in range(int(START_TIMEOUT / 0.1)):
+                health = subprocess.run(server.ctl_command("endpoint", "health", "--dial-timeout", "1s"),
+                                        capture_output=True, check=False)  # fmt: skip
+                if health.returncode == 0:
+                    break
+                assert process.poll() is None, server.log.read_text()
+                subprocess.run(["sleep", "0.1"], check=True)
+            yield server
+        finally:
+            process.kill()
+            process.wait()
+
+
+def etcd_client(etcd: EtcdServer) -> EtcdClient:
+    return EtcdClient([etcd.endpoint])
+
+
+def fleet_config(etcd: EtcdServer, prefix: str, backend: str, **pool: Any) -> dict[str, Any]:
+    return {"listeners": {"l": {"bind": "127.0.0.1:0", "pool": "web"}},
+            "pools": {"web": {"servers_from": "etcd", "servers": [{"address": backend, "name": "file"}],
+                              "health": {"check": "none"}, **pool}},
+            "cluster": {"etcd": [etcd.endpoint], "prefix": prefix, "name": "t"}}  # fmt: skip
+
+
+@asynccontextmanager
+async def fleet_balancer(etcd: EtcdServer, backend: str) -> AsyncIterator[tuple[Balancer, Any, str]]:
+    prefix = f"/t{next(PREFIXES)}/"
+    async with running_balancer(fleet_config(etcd, prefix, backend)) as (balancer, address):
+        yield balancer, address, prefix
+
+
+async def settled(client: EtcdClient, balancer: Balancer, prefix: str, backend: str) -> None:
+    """Put a good server key last: once the balancer has it, it has seen everything put before."""
+    marker = f"m{trio.current_time()}"
+    await client.put(f"{prefix}pools/web/servers/{marker}", json.dumps({"address": backend}))
+    await wait_until(lambda: balancer.pools["web"].find(marker) is not None)
+
+
+async def test_a_bad_value_is_logged_once_and_counted(etcd: EtcdServer, nursery: trio.Nursery,
+                                                      caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    backend = (await start_backend(nursery, echo_handler)).address
+    caplog.set_level(logging.WARNING, "trioanubis.fleet")
+    async with fleet_balancer(etcd, backend) as (balancer, address, prefix), etcd_client(etcd) as client:
+        assert balancer.fleet is not None
+        for weight in ("-1", "2000000", "-1"):
+            value = f'{{"address": "{backend}", "weight": {weight}}}'
+            await client.put(f"{prefix}pools/web/servers/bad", value)
+        await client.put(f"{prefix}state/web/file/drain", b"{]")
+        nowhere = b'{"op": "drain", "pool": "web", "server": "nowhere"}'
+        await client.put(f"{prefix}state/web/nowhere/drain", nowhere)
+        await settled(client, balancer, prefix, backend)
+        assert balancer.fleet.bad_values == 4
+        assert balancer.fleet.not_applied == 1
+        lines = [r.getMessage() for r in caplog.records]
+        assert len([m for m in lines if f"{prefix}pools/web/servers/bad" in m]) == 1, lines
+        assert len([m for m in lines if "nowhere" in m]) == 1, lines
+        assert balancer.pools["web"].find("bad") is None
+        assert not balancer.pools["web"].find("file").draining
+        assert await request(address, b"still") == b"still"
+        stats = balancer.cluster_stats()
+        assert stats is not None and stats["bad_values"] == 4
+
+
+async def test_a_command_from_etcd_goes_through_the_command_path(etcd: EtcdServer,
+                                                                 nursery: trio.Nursery) -> None:
+    backend = (await start_backend(nursery, echo_handler)).address
+    async with fleet_balancer(etcd, backend) as (balancer, _, prefix), etcd_client(etcd) as client:
+        assert balancer.fleet is not None
+        drain = json.dumps({"op": "drain", "pool": "web", "server": "file"})
+        await client.put(f"{prefix}state/web/file/drain", drain)
+        await wait_until(lambda: balancer.pools["web"].find("file").draining)  # type: ignore[union-attr]
+        assert [type(c) for c in balancer.control.in_effect()] == [Drain]  # recorded as the admin's are
+        await client.put(f"{prefix}state/web/file/drain", drain)  # in effect already: skipped
+        await settled(client, balancer, prefix, backend)
+        assert balancer.fleet.applied == 1
+        # A command made here is applied here and written for the others; its echo is skipped.
+        await balancer.command(Drain("web", backend))  # named by its address: written by its name
+        await wait_until(lambda: balancer.fleet is not None and balancer.fleet.status()["queued"] == 0)
+        written = (await client.get(f"{prefix}state/web/file/drain")).kvs[0].value
+        assert json.loads(written)["server"] == "file"
+
+
+async def test_a_reload_keeps_the_etcd_servers(etcd: EtcdServer, nursery: trio.Nursery) -> None:
+    backend = (await start_backend(nursery, echo_handler)).address
+    async with fleet_balancer(etcd, backend) as (balancer, _, prefix), etcd_client(etcd) as client:
+        await client.put(f"{prefix}pools/web/servers/e1", json.dumps({"address": backend}))
+        await wait_until(lambda: balancer.pools["web"].find("e1") is not None)
+        config = parse_config(fleet_config(etcd, prefix, backend, retries=1), "test.toml")
+        await balancer.apply_config(config)
+        assert balancer.pools["web"].find("e1") is not None
+        without = fleet_config(etcd, prefix, backend)
+        del without["pools"]["web"]["servers_from"]
+        await balancer.apply_config(parse_config(without, "test.toml"))
+        assert balancer.pools["web"].find("e1") is None
+
+
+KINDS = st.sampled_from(["pools/web/servers/s", "pools/web/servers/file", "pools/other/servers/s",
+                         "state/web/file/drain", "state/web/file/weight", "state/web/file/faults",
+                         "state/web/file/member", "state/web/s/drain", "members/x", "members/t", "junk"])
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.tuples(KINDS, VALUES, st.booleans()), min_size=1, max_size=8))
+async def test_hostile_values_leave_the_balancer_serving(
+    etcd: EtcdServer, writes: list[tuple[str, bytes, bool]]
+) -> None:
+    """Whatever a tool writes under the prefix, before the start (the first read) or after (the watch):
+    the balancer starts, serves, and its admin-side views still answer."""
+    async with trio.open_nursery() as nursery:
+        backend = (await start_backend(nursery, echo_handler)).address
+        prefix = f"/f{next(PREFIXES)}/"
+        async with etcd_client(etcd) as client:
+            for kind, value, before in writes:
+                if before:
+                    await client.put(f"{prefix}{kind}", value)
+            async with running_balancer(fleet_config(etcd, prefix, backend)) as (balancer, address):
+                for kind, value, before in writes:
+                    if not before:
+                        await client.put(f"{prefix}{kind}", value)
+                await settled(client, balancer, prefix, backend)
+                pool = balancer.pools["web"]
+                if pool.find("file") is not None:
+                    await client.put(f"{prefix}state/web/file/drain",
+                                     b'{"op":"enable","pool":"web","server":"file"}')  # fmt: skip
+                    await client.put(f"{prefix}state/web/file/weight",
+                                     b'{"op":"weight","pool":"web","server":"file","weight":1}')  # fmt: skip
+                    await client.put(f"{prefix}state/web/file/faults",
+                                     b'{"op":"clear_faults","pool":"web","server":"file"}')  # fmt: skip
+                    await settled(client, balancer, prefix, backend)
+                    assert await request(address, b"still") == b"still"
+                assert balancer.fleet is not None
+                assert balancer.fleet_document() is not None and balancer.cluster_stats() is not None
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_bug_applying_a_change_is_logged_once_and_counted(etcd: EtcdServer,
+                                                                  nursery: trio.Nursery) -> None:
+    backend = (await start_backend(nursery, echo_handler)).address
+    async with fleet_balancer(etcd, backend) as (balancer, address, prefix), etcd_client(etcd) as client:
+        assert balancer.fleet is not None
+
+        async def broken(command: object) -> None:
+            raise RuntimeError("a bug")
+
+        balancer.apply_shared = broken
+        for _ in range(2):
+            await client.put(f"{prefix}state/web/file/drain", b'{"op":"drain","pool":"web","server":"file"}')
+        await settled(client, balancer, prefix, backend)
+        assert balancer.fleet.internal_errors == 2
+        assert await request(address, b"still") == b"still"
+
+
+async def slow_relay(etcd: EtcdServer, delay: float, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """A TCP relay to etcd that holds each chunk of etcd's answers for `delay` seconds: a slow etcd."""
+
+    async def pump(source: trio.SocketStream, sink: trio.SocketStream, wait: float) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while data := await source.receive_some(65536):
+                await trio.sleep(wait)
+                await sink.send_all(data)
+            await sink.send_eof()
+
+    async def handle(client: trio.SocketStream) -> None:
+        upstream = await trio.open_tcp_stream("127.0.0.1", etcd.client_port)
+        async with client, upstream, trio.open_nursery() as nursery:
+            nursery.start_soon(pump, client, upstream, 0)
+            nursery.start_soon(pump, upstream, client, delay)
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(handle, listeners)
+
+
+async def test_the_state_is_in_effect_when_the_listeners_open(etcd: EtcdServer,
+                                                              nursery: trio.Nursery) -> None:
+    """Even when etcd is slow to answer the first read, a balancer starts serving with its drains."""
+    backend = (await start_backend(nursery, echo_handler)).address
+    port = await nursery.start(slow_relay, etcd, 0.5)
+    prefix = f"/t{next(PREFIXES)}/"
+    async with etcd_client(etcd) as client:
+        await client.put(f"{prefix}state/web/file/drain", b'{"op":"drain","pool":"web","server":"file"}')
+        await client.put(f"{prefix}pools/web/servers/e1", json.dumps({"address": backend}))
+    config = fleet_config(etcd, prefix, backend)
+    config["cluster"]["etcd"] = [f"http://127.0.0.1:{port}"]
+    async with running_balancer(config) as (balancer, address):
+        pool = balancer.pools["web"]
+        assert pool.find("file").draining and pool.find("e1") is not None  # type: ignore[union-attr]
+        assert await request(address, b"x") == b"x"  # through e1
