@@ -119,6 +119,7 @@ COMPANIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("faults", "slice_delay"): {"slice": 1},
     ("pools.*", "balance_factor"): {"strategy": "source_hash"},
     ("pools.*.health.agent", "timeout"): {"interval": "1h"},
+    ("pools.*", "mirror_percent"): {"mirror": "127.0.0.1:9"},
 }
 # A replica that listens on its port until it is stopped, in a few MB: the spawn keys run for real.
 REPLICA = [sys.executable, "-S", "-c",
