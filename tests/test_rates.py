@@ -366,3 +366,26 @@ async def serve_and_reload(data: dict[str, Any], rate: int) -> None:
                 await balancer.apply_config(again)
             assert await request(address, payload) == payload
         nursery.cancel_scope.cancel()
+
+
+def test_with_workers_stats_add_up_the_mirror_and_bandwidth_counters() -> None:
+    """The supervisor's /stats (workers/merge.py) adds each worker's counters; settings stay as written."""
+    from trioanubis.workers.merge import sum_stats
+
+    def pool(connections: int, dropped: dict[str, int], waited: float) -> dict[str, Any]:
+        return {"name": "p", "servers": [], "retired": [],
+                "mirror": {"to": "shadow", "percent": 10, "connections": connections, "bytes": 5,
+                           "dropped": dropped},
+                "bandwidth": {"download_rate": "1MB/s", "limited_connections": connections,
+                              "bytes": {"upload": 1, "download": 2}, "waited_seconds": {"upload": waited,
+                                                                                       "download": 0}}}  # fmt: skip
+
+    view = {"pools": [pool(0, {}, 0.0)]}
+    workers = [(1, {"pools": [pool(3, {"lagging": 1}, 0.5)]}), (2, {"pools": [pool(4, {"lagging": 2, "cut": 1},
+                                                                                       0.25)]})]  # fmt: skip
+    (merged,) = sum_stats(view, workers)["pools"]
+    assert merged["mirror"] == {"to": "shadow", "percent": 10, "connections": 7, "bytes": 10,
+                                "dropped": {"lagging": 3, "cut": 1}}  # fmt: skip
+    assert merged["bandwidth"]["limited_connections"] == 7 and merged["bandwidth"]["download_rate"] == "1MB/s"
+    assert merged["bandwidth"]["bytes"] == {"upload": 2, "download": 4}
+    assert merged["bandwidth"]["waited_seconds"] == {"upload": 0.75, "download": 0}
