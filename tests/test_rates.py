@@ -373,16 +373,14 @@ def test_with_workers_stats_add_up_the_mirror_and_bandwidth_counters() -> None:
     from trioanubis.workers.merge import sum_stats
 
     def pool(connections: int, dropped: dict[str, int], waited: float) -> dict[str, Any]:
-        return {"name": "p", "servers": [], "retired": [],
-                "mirror": {"to": "shadow", "percent": 10, "connections": connections, "bytes": 5,
-                           "dropped": dropped},
-                "bandwidth": {"download_rate": "1MB/s", "limited_connections": connections,
-                              "bytes": {"upload": 1, "download": 2}, "waited_seconds": {"upload": waited,
-                                                                                       "download": 0}}}  # fmt: skip
+        mirrored = {"to": "shadow", "percent": 10, "connections": connections, "bytes": 5, "dropped": dropped}
+        limits = {"download_rate": "1MB/s", "limited_connections": connections,
+                  "bytes": {"upload": 1, "download": 2}, "waited_seconds": {"upload": waited, "download": 0}}
+        return {"name": "p", "servers": [], "retired": [], "mirror": mirrored, "bandwidth": limits}
 
     view = {"pools": [pool(0, {}, 0.0)]}
-    workers = [(1, {"pools": [pool(3, {"lagging": 1}, 0.5)]}), (2, {"pools": [pool(4, {"lagging": 2, "cut": 1},
-                                                                                       0.25)]})]  # fmt: skip
+    first, second = pool(3, {"lagging": 1}, 0.5), pool(4, {"lagging": 2, "cut": 1}, 0.25)
+    workers = [(1, {"pools": [first]}), (2, {"pools": [second]})]
     (merged,) = sum_stats(view, workers)["pools"]
     assert merged["mirror"] == {"to": "shadow", "percent": 10, "connections": 7, "bytes": 10,
                                 "dropped": {"lagging": 3, "cut": 1}}  # fmt: skip
