@@ -223,6 +223,39 @@ async def dies_after_a_little(stream: trio.SocketStream) -> None:
     await stream.aclose()
 
 
+async def test_a_mirror_known_down_leaves_the_sampled_connections_on_the_fast_path(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A health-checked mirror pool whose server is down, and an address that just refused: no copy is
+    attempted (counted as no_server) and the connection keeps the socket relay."""
+    monkeypatch.setattr(mirror, "MIRROR_RETRY", 3600.0)  # the refusal is remembered for the whole test
+    primary = await start_backend(nursery, echo_handler)
+    data = mirrored(primary.address, f"127.0.0.1:{free_port()}")
+    data["pools"]["shadow"]["health"] = {"check": "tcp"}  # down after the first round, before we listen
+    data["pools"]["bare"] = {"servers": [primary.address], "health": {"check": "none"},
+                             "mirror": f"127.0.0.1:{free_port()}"}  # fmt: skip
+    data["listeners"]["bare"] = {"bind": "127.0.0.1:0", "pool": "bare"}
+    async with running_balancer(data) as (balancer, address):
+        bare = balancer.listeners["bare"].bound
+        assert bare is not None
+        assert await request(bare, b"first") == b"first"  # tried: refused
+        states = {name: mirror.state_of(balancer.pools[name]) for name in ("test", "bare")}
+        await wait_until(lambda: states["bare"].dropped["connect_failed"] == 1)
+        for where in (address, bare):
+            async with await trio.open_tcp_stream(where.host, where.port) as stream:
+                await stream.send_all(b"x")
+                assert await stream.receive_some(1) == b"x"
+                assert isinstance(await relay_of(balancer), Relay)
+            await wait_until(lambda: not balancer.timer.connections)
+    assert states["test"].dropped["no_server"] == 1 and states["test"].connections == 1
+    assert states["bare"].dropped["no_server"] == 1 and states["bare"].connections == 2
+
+
+async def relay_of(balancer: Balancer) -> Any:
+    await wait_until(lambda: any(c.relay is not None for c in balancer.timer.connections))
+    return next(c.relay for c in balancer.timer.connections if c.relay is not None)
+
+
 async def test_a_mirror_pool_without_a_server_counts_no_server(nursery: trio.Nursery) -> None:
     primary = await start_backend(nursery, echo_handler)
     data = mirrored(primary.address, "127.0.0.1:9")

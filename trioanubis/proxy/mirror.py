@@ -6,7 +6,11 @@ another pool (picked by that pool's strategy among its healthy servers, one
 of its slots taken like any connection's), or a fixed "host:port" (resolved
 once if it is an IP address, else at most every `RESOLVE_EVERY` seconds).
 `mirror_filters` is a maker (makers.py): a connection not sampled, or whose
-pool has no mirror, gets nothing and keeps the socket relay and splice.
+pool has no mirror, gets nothing and keeps the socket relay and splice; so
+does a sampled one whose mirror is known to be down (its pool has no server
+up, or its address refused less than `MIRROR_RETRY` ago), its copy counted as
+dropped at once: a mirrored connection is relayed by the stream relay, which
+costs more than the socket relay, and a copy nobody can take is not worth it.
 
 A sampled connection's client → server direction gets a `MirrorFilter`.
 Its `on_read` keeps each chunk the client sent, in order, in a FIFO bounded
@@ -83,9 +87,13 @@ log = logging.getLogger("trioanubis.mirror")
 MIRROR_BUFFER: Final = 4 * CHUNK_SIZE
 # A mirror given by host name is looked up again at most this often (IP addresses never).
 RESOLVE_EVERY: Final = 30.0
+# A mirror address that failed a connect is not tried for this long: the copies sampled meanwhile
+# are not attempted (counted as no_server), so a stopped mirror costs new connections nothing. A
+# mirror pool needs no such rule: its health checks take a stopped server out.
+MIRROR_RETRY: Final = 1.0
 # Why a copy was dropped: the label values of anubis_mirror_dropped_total.
 DROP_REASONS: Final = (
-    "no_server",  # the mirror pool had no server to take it (or the name did not resolve)
+    "no_server",  # the mirror pool had no server up, its address failed < MIRROR_RETRY ago, or no address
     "connect_failed",  # the mirror refused, timed out (the pool's connect_timeout) or was unreachable
     "lagging",  # the mirror fell MIRROR_BUFFER behind the client
     "broken",  # the mirror reset or failed before it had every byte
@@ -116,10 +124,11 @@ def sampled(percent: float, rng: random.Random = _random) -> bool:
 class AddressTarget:
     """A mirror given as "host:port": a server of no pool, resolved as its host needs."""
 
-    __slots__ = ("address", "resolved_at", "resolving", "server")
+    __slots__ = ("address", "down_until", "resolved_at", "resolving", "server")
 
     def __init__(self, address: Address) -> None:
         self.address = address
+        self.down_until = 0.0  # a failed connect: not tried again before then
         self.server = Server(ServerConfig(address, str(address)))  # its addresses are ours to set
         self.resolved_at = -float("inf")
         self.resolving: trio.Event | None = None
@@ -185,7 +194,18 @@ def mirror_filters(conn: Connection) -> tuple[Filters, Filters] | None:
         return None
     state = state_of(pool)
     state.connections += 1
+    if not _reachable(conn, config, state):  # no copy to make: the connection keeps the fast path
+        state.dropped["no_server"] += 1
+        return None
     return (MirrorFilter(conn, config, state),), ()
+
+
+def _reachable(conn: Connection, config: PoolConfig, state: PoolMirror) -> bool:
+    """Whether the mirror may take a copy: its pool has a server up, or its address did not just fail."""
+    if config.mirror_address is None:
+        pool = conn.origin.pools.get(config.mirror)
+        return pool is not None and bool(pool.candidates())
+    return trio.current_time() >= state.target_for(config.mirror_address).down_until
 
 
 @final
@@ -336,6 +356,8 @@ class MirrorFilter(Filter):
             return True
         if slot is not None and reason:
             slot[0].record_connect_failure(server, reason)
+        elif slot is None and reason and self.state.target is not None:
+            self.state.target.down_until = trio.current_time() + MIRROR_RETRY
         self.drop("connect_failed")
         return False
 
