@@ -29,6 +29,7 @@ from tests.conftest import (
     connect_when_listening,
     echo_handler,
     free_port,
+    no_fd_leak,
     receive_all,
     request,
     running_balancer,
@@ -100,6 +101,66 @@ async def test_the_mirror_receives_exactly_the_client_s_bytes_in_order_and_its_h
     assert state.connections == len(payloads) and state.bytes == sum(map(len, payloads))
     assert not any(state.dropped.values()), state.dropped
     assert balancer.pools["shadow"].servers[0].total == len(payloads)  # the mirror pool's slots, given back
+
+
+async def test_the_client_s_half_close_reaches_the_mirror_while_the_primary_is_open(
+    nursery: trio.Nursery,
+) -> None:
+    """The primary answers only once the mirror has seen the client's EOF: the half-close is passed
+    on as it happens, not by the close at the end."""
+    recorder = Recorder()
+    mirror_saw_eof = trio.Event()
+
+    async def recorded(stream: trio.SocketStream) -> None:
+        await recorder.handler(stream)
+        mirror_saw_eof.set()
+
+    async def primary_handler(stream: trio.SocketStream) -> None:
+        async with stream:
+            received = await receive_all(stream)
+            await mirror_saw_eof.wait()
+            await stream.send_all(b"after the mirror's EOF: " + received)
+
+    primary = await start_backend(nursery, primary_handler)
+    shadow = await start_backend(nursery, recorded)
+    async with running_balancer(mirrored(primary.address, shadow.address)) as (_, address):
+        with trio.fail_after(EVENTUALLY):
+            assert await request(address, b"question") == b"after the mirror's EOF: question"
+    assert recorder.received == [b"question"]
+
+
+async def test_a_copy_outlives_a_short_primary_without_holding_it_up(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mirror's name resolves slowly: the primary has answered and closed before its mirror
+    connects, and is not held open meanwhile; the copy is still delivered whole, with its FIN."""
+    real_resolve = mirror.resolve_address
+    resolved = trio.Event()
+
+    async def slow_resolve(address: Any) -> Any:
+        await resolved.wait()
+        return await real_resolve(address)
+
+    monkeypatch.setattr(mirror, "resolve_address", slow_resolve)
+    primary = await start_backend(nursery, echo_handler)
+    recorder = Recorder()
+    open_at_accept: list[int] = []
+    balancers: list[Balancer] = []
+
+    async def recorded(stream: trio.SocketStream) -> None:
+        open_at_accept.append(len(balancers[0].timer.connections))
+        await recorder.handler(stream)
+
+    shadow = await start_backend(nursery, recorded)
+    data = config_for([primary.address], mirror=f"localhost:{shadow.port}")
+    async with running_balancer(data) as (balancer, address):
+        balancers.append(balancer)
+        assert await request(address, b"short") == b"short"
+        await wait_until(lambda: not balancer.timer.connections)  # the primary is over and recorded
+        resolved.set()
+        await wait_until(lambda: recorder.received == [b"short"])
+    assert open_at_accept == [0]
+    assert not any(mirror.state_of(balancer.pools["test"]).dropped.values())
 
 
 async def test_a_pipelined_client_and_a_slow_primary_lose_no_byte_of_the_copy(nursery: trio.Nursery) -> None:
@@ -221,6 +282,31 @@ async def dies_after_a_little(stream: trio.SocketStream) -> None:
     await stream.receive_some(1000)
     stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     await stream.aclose()
+
+
+@pytest.mark.parametrize("where", ["_write", "_say_goodbye"])
+async def test_a_bug_in_the_mirror_ends_only_the_copy(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, where: str
+) -> None:
+    """Even in its `finally` (the copy's task runs in the connections nursery, beside every
+    connection): logged, counted, the socket closed and the slot given back; the primary unharmed."""
+
+    def bug(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug in the mirror")
+
+    monkeypatch.setattr(mirror.MirrorFilter, where, bug)
+    primary = await start_backend(nursery, echo_handler)
+    recorder = Recorder()
+    shadow = await start_backend(nursery, recorder.handler)
+    with no_fd_leak():
+        async with running_balancer(mirrored(primary.address, shadow.address)) as (balancer, address):
+            for payload in (b"one", b"two"):
+                assert await request(address, payload) == payload
+            state = mirror.state_of(balancer.pools["test"])
+            await wait_until(lambda: state.dropped["internal_error"] == 2)
+            await wait_until(lambda: not balancer.pools["shadow"].servers[0].active)
+            await wait_until(lambda: not shadow.active)
+    assert "a bug in the mirror" in caplog.text and "internal_error" not in balancer.access.counts
 
 
 async def test_a_mirror_known_down_leaves_the_sampled_connections_on_the_fast_path(

@@ -297,11 +297,16 @@ class MirrorFilter(Filter):
             with self.scope:
                 await self._mirror()
         except Exception:
-            log.exception("pool %s: mirroring the connection from %s failed", self.config.name,
-                          self.conn.client)  # fmt: skip
-            self.drop("internal_error")
+            self._bug()
         finally:
-            self._finish()
+            try:
+                self._finish()
+            except Exception:  # this task runs in the connections nursery: a bug here ends nothing else
+                self._bug()
+
+    def _bug(self) -> None:
+        log.exception("pool %s: mirroring the connection from %s failed", self.config.name, self.conn.client)
+        self.drop("internal_error")
 
     async def _mirror(self) -> None:
         server = await self._pick()
@@ -427,19 +432,25 @@ class MirrorFilter(Filter):
     # ------------------------------------------------------- the end
 
     def _finish(self) -> None:
-        """However the task ended: flush what the socket takes at once, close as the primary ended."""
+        """However the task ended: flush what the socket takes at once, close as the primary ended,
+        give the mirror pool's slot back (the last two whatever happens before them)."""
         sock, self.sock = self.sock, None
-        if not self.dropped:
-            if sock is not None:
-                self._flush(sock)
-            if self.held:  # the primary ended first: the mirror will not get every byte
-                self.dropped = "cut"
-                self.state.dropped["cut"] += 1
-        if sock is not None:
-            self._close(sock, clean=not self.dropped and not self.reset)
         slot, self.slot = self.slot, None
-        if slot is not None:
-            slot[0].release(slot[1], self.sent, self.received)
+        try:
+            if not self.dropped:
+                if sock is not None:
+                    self._flush(sock)
+                if self.held:  # the primary ended first: the mirror will not get every byte
+                    self.dropped = "cut"
+                    self.state.dropped["cut"] += 1
+            if sock is not None:
+                self._say_goodbye(sock, clean=not self.dropped and not self.reset)
+        finally:
+            if sock is not None:
+                trio.lowlevel.notify_closing(sock)
+                sock.close()
+            if slot is not None:
+                slot[0].release(slot[1], self.sent, self.received)
 
     def _flush(self, sock: socket.socket) -> None:
         """Send what is still queued, as far as the socket takes it without waiting."""
@@ -449,21 +460,21 @@ class MirrorFilter(Filter):
             if self._send_now(sock) <= 0:
                 return
 
-    def _close(self, sock: socket.socket, clean: bool) -> None:
+    def _say_goodbye(self, sock: socket.socket, clean: bool) -> None:
+        """Before the close: FIN after the last byte (answers drained, or they would turn it into a
+        reset), or a reset."""
         with contextlib.suppress(OSError):
-            if clean and self.eof and not self.eof_sent:
+            if not clean:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+                return
+            if self.eof and not self.eof_sent:
                 sock.shutdown(socket.SHUT_WR)
             drained = 0
-            while drained < _DRAIN_AT_CLOSE:  # unread answers would turn the FIN into a reset
+            while drained < _DRAIN_AT_CLOSE:
                 received = sock.recv_into(_DISCARD)
                 if not received:
                     break
                 drained += received
-        if not clean:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-        trio.lowlevel.notify_closing(sock)
-        sock.close()
 
 
 def _is_ip(host: str) -> bool:
