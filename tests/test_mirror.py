@@ -462,7 +462,9 @@ def test_ten_percent_of_two_thousand_draws_are_within_three_points() -> None:
 async def test_a_sampled_share_is_mirrored_and_the_rest_keep_the_socket_relay(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(mirror, "_random", random.Random(7))
+    monkeypatch.setattr(mirror._draws, "rng", random.Random(7), raising=False)  # this thread's draws
+    seeded = random.Random(7)
+    expected = sum(mirror.sampled(10, seeded) for _ in range(300))  # what those draws give
     primary = await start_backend(nursery, echo_handler)
     recorder = Recorder()
     shadow = await start_backend(nursery, recorder.handler)
@@ -476,7 +478,7 @@ async def test_a_sampled_share_is_mirrored_and_the_rest_keep_the_socket_relay(
                 relays |= {c.seq: type(c.relay) for c in balancer.timer.connections if c.relay is not None}
         state = mirror.state_of(balancer.pools["test"])
         await wait_until(lambda: recorder.connections == state.connections)
-    assert 12 <= state.connections <= 48, state.connections  # 30 ± 18: beyond three standard deviations
+    assert state.connections == expected and 12 <= expected <= 48, expected  # 30 ± 18 for this seed
     assert len(relays) == 300
     assert list(relays.values()).count(Relay) == 300 - state.connections  # the rest kept the fast path
 

@@ -59,6 +59,7 @@ import logging
 import random
 import socket
 import struct
+import threading
 from collections import deque
 from typing import TYPE_CHECKING, Any, Final, final
 from weakref import WeakKeyDictionary
@@ -109,15 +110,26 @@ _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 MIRROR_LINGER: Final = 2.0
 _TASK_NAME: Final = "trioanubis.mirror"
 _WATCH_TASK_NAME: Final = "trioanubis.mirror.watch"
-# What the mirrors' answers are read into, and thrown away (one task runs at a time; nobody reads it).
+# What the mirrors' answers are read into, and thrown away (nobody reads it, so tasks, and balancers
+# embedded in two threads, may write into it at once).
 _DISCARD: Final = bytearray(CHUNK_SIZE)
-# The draws need no cryptographic quality, only independence per connection; tests seed it.
-_random: Final = random.Random()
+# The draws need no cryptographic quality, only independence per connection: one generator per
+# thread, as faults.py's, so balancers embedded in two threads share none; a test seeds its thread's.
+_draws = threading.local()
 
 
-def sampled(percent: float, rng: random.Random = _random) -> bool:
-    """Whether this connection is one of the `percent` mirrored."""
-    return percent >= 100 or (percent > 0 and rng.random() * 100 < percent)
+def _rng() -> random.Random:
+    rng: random.Random | None = getattr(_draws, "rng", None)
+    if rng is None:
+        rng = _draws.rng = random.Random()
+    return rng
+
+
+def sampled(percent: float, rng: random.Random | None = None) -> bool:
+    """Whether this connection is one of the `percent` mirrored (drawn from this thread's generator)."""
+    if percent >= 100:
+        return True
+    return percent > 0 and (rng or _rng()).random() * 100 < percent
 
 
 @final
