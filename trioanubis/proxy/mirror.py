@@ -15,7 +15,9 @@ costs more than the socket relay, and a copy nobody can take is not worth it.
 A sampled connection's client → server direction gets a `MirrorFilter`.
 Its `on_read` keeps each chunk the client sent, in order, in a FIFO bounded
 by `MIRROR_BUFFER`, and returns the chunk unchanged: the primary never waits
-for the mirror. The copy's task connects to the mirror, sends what the
+for the mirror (when the copy's writer is idle, the chunk is offered to the
+mirror's socket at once, without waiting, and the writer woken only for
+what it did not take). The copy's task connects to the mirror, sends what the
 mirror pool expects first (its PROXY header, and the bytes read while
 routing), then the FIFO as it fills, the client's EOF as a half-close after
 the last byte (`on_eof`), and reads the mirror's answers into a scratch
@@ -285,9 +287,21 @@ class MirrorFilter(Filter):
         if self.held + len(data) > MIRROR_BUFFER:
             self.drop("lagging")
             return
+        if self.lot and self.sock is not None:  # the writer waits for bytes: send them now
+            self._send_at_once(self.sock, data)
+            return
         self.queue.append(data)
         self.held += len(data)
-        if self.lot:
+
+    def _send_at_once(self, sock: socket.socket, data: bytes) -> None:
+        """What the socket takes now is sent from the relay's task; the writer is woken only for the
+        rest (a full socket) or a broken mirror: a task switch saved per chunk, as Trio's own sends
+        try before they wait."""
+        self.pending = memoryview(data)  # the writer parks only with nothing pending or queued
+        self.held += len(data)
+        if self._send_now(sock) < 0:
+            self.drop("broken")
+        elif self.pending:
             self.lot.unpark_all()
 
     def drop(self, reason: str) -> None:
