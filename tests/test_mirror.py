@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import random
+import re
+import signal
 import ssl
 import subprocess
 from collections.abc import AsyncIterator
@@ -39,7 +41,7 @@ from tests.conftest import (
 from tests.peers import need
 from tests.tlscerts import Authority
 from trioanubis.app import Balancer
-from trioanubis.config import ConfigError, parse_config
+from trioanubis.config import Address, ConfigError, parse_config
 from trioanubis.proxy import mirror
 from trioanubis.proxy.relay import Relay
 from trioanubis.summary import describe
@@ -372,15 +374,21 @@ async def test_a_connection_that_ends_before_the_mirror_connects_leaves_nothing(
 
 
 @asynccontextmanager
-async def redis_server() -> AsyncIterator[int]:
+async def redis_server(paused: bool = False) -> AsyncIterator[int]:
+    """A redis-server on a free port; `paused`: stopped (SIGSTOP) once it listens, so its kernel
+    accepts connections and nothing ever reads them."""
     port = free_port()
     command = [need("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                "--appendonly", "no", "--daemonize", "no", "--maxclients", "1000"]  # fmt: skip
     process = await trio.lowlevel.open_process(command, stdout=subprocess.DEVNULL)
     try:
         (await connect_when_listening(port)).socket.close()
+        if paused:
+            process.send_signal(signal.SIGSTOP)
         yield port
     finally:
+        if paused:
+            process.send_signal(signal.SIGCONT)
         process.terminate()
         with trio.fail_after(EVENTUALLY):
             await process.wait()
@@ -397,27 +405,37 @@ async def redis_call(port: int, *words: bytes) -> bytes:
         return await receive_all(stream)
 
 
+async def two_hundred_clients(address: Address) -> list[bytes]:
+    """200 clients at once, each: SET its key, APPEND to a shared log, QUIT; their answers."""
+    answers: list[bytes] = []
+
+    async def client(i: int) -> None:
+        key, value = b"key:%d" % i, os.urandom(random.randint(1, 3000)).hex().encode()
+        async with await trio.open_tcp_stream(address.host, address.port) as stream:
+            await stream.send_all(resp(b"SET", key, value) + resp(b"APPEND", b"log", b"%d," % i)
+                                  + resp(b"QUIT"))  # fmt: skip
+            answers.append(await receive_all(stream))
+
+    async with trio.open_nursery() as clients:
+        for i in range(200):
+            clients.start_soon(client, i)
+    return answers
+
+
+# Exactly the primary's answers: a copy of the mirror's would double them.
+ANSWER = re.compile(rb"\+OK\r\n:\d+\r\n\+OK\r\n")
+
+
 async def test_two_hundred_clients_leave_the_primary_and_its_mirror_with_the_same_keys(
     nursery: trio.Nursery,
 ) -> None:
     async with redis_server() as primary, redis_server() as shadow:
         data = mirrored(f"127.0.0.1:{primary}", f"127.0.0.1:{shadow}")
         async with running_balancer(data) as (balancer, address):
-            answers: list[bytes] = []
-
-            async def client(i: int) -> None:
-                key, value = b"key:%d" % i, os.urandom(random.randint(1, 3000)).hex().encode()
-                async with await trio.open_tcp_stream(address.host, address.port) as stream:
-                    await stream.send_all(resp(b"SET", key, value) + resp(b"APPEND", b"log", b"%d," % i)
-                                          + resp(b"QUIT"))  # fmt: skip
-                    answers.append(await receive_all(stream))
-
-            async with trio.open_nursery() as clients:
-                for i in range(200):
-                    clients.start_soon(client, i)
+            answers = await two_hundred_clients(address)
             state = mirror.state_of(balancer.pools["test"])
             await wait_until(lambda: not balancer.timer.connections)
-        assert all(a.startswith(b"+OK\r\n:") and a.endswith(b"\r\n+OK\r\n") for a in answers), answers[:3]
+        assert all(ANSWER.fullmatch(a) for a in answers), [a for a in answers if not ANSWER.fullmatch(a)][:3]
         assert state.connections == 200 and not any(state.dropped.values()), state.dropped
         for port in (primary, shadow):
             await wait_until_answers(port, b"DBSIZE", b":201\r\n")
@@ -428,6 +446,28 @@ async def test_two_hundred_clients_leave_the_primary_and_its_mirror_with_the_sam
     assert logs[0] == logs[1] == sorted([b""] + [b"%d" % i for i in range(200)])
     assert dumps[0] == dumps[1]
     assert len(dumps[0]) == 200
+
+
+@pytest.mark.parametrize("how", ["stopped", "paused"])
+async def test_a_stopped_or_paused_redis_mirror_leaves_the_clients_and_the_primary_whole(
+    nursery: trio.Nursery, how: str
+) -> None:
+    """The mirror stopped (nothing listens: refused) or paused (its kernel accepts, nothing reads):
+    every client gets exactly the primary's answers and the primary holds every key."""
+    async with redis_server() as primary, redis_server(paused=how == "paused") as paused:
+        shadow = paused if how == "paused" else free_port()
+        async with running_balancer(mirrored(f"127.0.0.1:{primary}", f"127.0.0.1:{shadow}")) as (
+            balancer, address,
+        ):  # fmt: skip
+            answers = await two_hundred_clients(address)
+            state = mirror.state_of(balancer.pools["test"])
+            await wait_until(lambda: not balancer.timer.connections)
+        assert len(answers) == 200 and all(ANSWER.fullmatch(a) for a in answers), answers[:3]
+        await wait_until_answers(primary, b"DBSIZE", b":201\r\n")
+    assert state.connections == 200 and not state.dropped["internal_error"], state.dropped
+    if how == "stopped":
+        assert state.dropped["connect_failed"] >= 1, state.dropped
+    assert "internal_error" not in balancer.access.counts
 
 
 async def wait_until_answers(port: int, command: bytes, answer: bytes) -> None:
