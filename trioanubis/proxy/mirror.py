@@ -143,7 +143,7 @@ class AddressTarget:
     def __init__(self, address: Address) -> None:
         self.address = address
         self.down_until = 0.0  # a failed connect: not tried again before then
-        self.server = Server(ServerConfig(address, str(address)))  # its addresses are ours to set
+        self.server = self._server_at([])  # made afresh by each lookup that finds addresses
         self.resolved_at = -float("inf")
         self.resolving: trio.Event | None = None
 
@@ -157,10 +157,15 @@ class AddressTarget:
                 await self._resolve()
         return self.server if self.server.sockaddrs else None
 
+    def _server_at(self, sockaddrs: list[tuple[int, tuple[object, ...]]]) -> Server:
+        """A server of no pool, so no Pool method writes it: a new one per lookup (pool.py stays the
+        one writer of servers' state; a copy connecting to the old one keeps it)."""
+        return Server(ServerConfig(self.address, str(self.address)), sockaddrs=sockaddrs)
+
     async def _resolve(self) -> None:
         self.resolving = resolving = trio.Event()
         try:
-            self.server.sockaddrs = await resolve_address(self.address)
+            self.server = self._server_at(await resolve_address(self.address))
         except OSError as exc:
             log.warning("mirror %s: cannot resolve %s: %s", self.address, self.address.host, exc)
         finally:
