@@ -113,6 +113,7 @@ class Backends:
     proxied: list[int]  # the same nginx servers, on ports that expect a PROXY protocol header
     bulk: int
     idle: int
+    mirror: int  # a discard server (peers/hold_server.py) that trioanubis+mirror copies to
 
 
 @dataclass
@@ -135,8 +136,13 @@ class Contender:
 
 
 def trioanubis(
-    access_log: bool, send_proxy: str = "none", io: str = "auto", workers: int = 1, source: str = ""
+    access_log: bool, send_proxy: str = "none", io: str = "auto", workers: int = 1, source: str = "",
+    shaping: str = "",
 ) -> Callable[[Path, int, list[int]], list[str]]:
+    """`shaping`: "mirror" copies every connection to a discard server (`Backends.mirror`); "rate"
+    sets a bandwidth limit that never binds (1024 GiB/s each way), so what it measures is what a
+    limited connection costs."""
+
     def command(tmp: Path, listen: int, backends: list[int]) -> list[str]:
         servers = ", ".join(f'"127.0.0.1:{p}"' for p in backends)
         config = tmp / "anubis.toml"
@@ -151,11 +157,19 @@ pool = "bench"
 [pools.bench]
 servers = [{servers}]
 send_proxy = "{send_proxy}"
+{SHAPING[shaping]()}
 """)
         level = "info" if access_log else "warning"
         return [*python_running(source), "--log-level", level, "run", "-c", str(config)]
 
     return command
+
+
+SHAPING: dict[str, Callable[[], str]] = {
+    "": lambda: "",
+    "mirror": lambda: f'mirror = "127.0.0.1:{_MIRROR_PORT}"',
+    "rate": lambda: 'upload_rate = "1024GiB/s"\ndownload_rate = "1024GiB/s"',
+}
 
 
 def python_running(source: str) -> list[str]:
@@ -247,6 +261,11 @@ def our_contenders(source: str) -> list[Contender]:
         # Every core: 2 worker processes against 2 HAProxy threads (keep-alive, connection rate).
         Contender("trioanubis-w2", trioanubis(False, workers=2, source=source), [],
                   ("keepalive", "connrate")),
+        # Traffic shaping (issue 31): every connection mirrored to a discard server; a bandwidth
+        # limit that never binds. Their cost against plain trioanubis is the third ratio table.
+        Contender("trioanubis+mirror", trioanubis(False, source=source, shaping="mirror"), []),
+        Contender("trioanubis+rate", trioanubis(False, source=source, shaping="rate"), [],
+                  ("keepalive", "connrate", "bulk")),
     ]
 
 
@@ -327,13 +346,14 @@ http {{
         iperf = [*PIN_BACKENDS, "iperf3", "-s", "-p", str(bulk)]
         processes.append(subprocess.Popen(iperf, stdout=subprocess.DEVNULL,
                                           stderr=subprocess.DEVNULL))  # fmt: skip
-        idle = free_port()
-        hold = [*PIN_BACKENDS, sys.executable, str(PEERS / "hold_server.py"), str(idle)]
-        processes.append(subprocess.Popen(hold))
+        idle, mirror = free_port(), free_port()
+        for port in (idle, mirror):
+            hold = [*PIN_BACKENDS, sys.executable, str(PEERS / "hold_server.py"), str(port)]
+            processes.append(subprocess.Popen(hold))
         try:
-            for port in [*http, *proxied, bulk, idle]:
+            for port in [*http, *proxied, bulk, idle, mirror]:
                 wait_port(port)
-            yield Backends(http, proxied, bulk, idle)
+            yield Backends(http, proxied, bulk, idle, mirror)
         finally:
             for process in processes:
                 process.terminate()
@@ -425,6 +445,7 @@ def run_memory(port: int, process: subprocess.Popen[bytes]) -> float:
 
 
 _IDLE_PORT = 0
+_MIRROR_PORT = 0  # where trioanubis+mirror copies to (set once the backends run)
 
 
 def established_to_idle_backend() -> int:
@@ -445,7 +466,7 @@ class Results:
 
 
 def run_all(args: argparse.Namespace) -> tuple[Results, list[str]]:
-    global _IDLE_PORT
+    global _IDLE_PORT, _MIRROR_PORT
     results = Results()
     chosen = [c for c in contenders(args) if not args.only or c.name in args.only.split(",")]
     skipped = []
@@ -461,6 +482,7 @@ def run_all(args: argparse.Namespace) -> tuple[Results, list[str]]:
     workloads = [w for w in WORKLOADS if not args.workloads or w in args.workloads.split(",")]
     with start_backends() as backends:
         _IDLE_PORT = backends.idle
+        _MIRROR_PORT = backends.mirror
         for round_number in range(1, args.rounds + 1):
             if "latency" in workloads:
                 results.add("latency", "direct", run_latency(backends.http[0], args.duration))
@@ -596,6 +618,23 @@ def worker_ratios(results: Results) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+SHAPED = ("trioanubis+mirror", "trioanubis+rate")
+
+
+def shaping_ratios(results: Results) -> str:
+    """What mirroring every connection, and a limit that never binds, cost against plain trioanubis."""
+    lines = ["| workload | " + " | ".join(f"{name} ÷ trioanubis" for name in SHAPED) + " |",
+             "|---|" + "---|" * len(SHAPED)]  # fmt: skip
+    for workload in WORKLOADS:
+        m = medians(results, workload)
+        if not m.get("trioanubis") or not any(name in m for name in SHAPED):
+            continue
+        lower = " (lower is better)" if workload in ("memory", "latency") else ""
+        cells = [f"{m[name] / m['trioanubis']:.2f}×" if name in m else "–" for name in SHAPED]
+        lines.append(f"| {workload}{lower} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def cpu_values(results: Results, workload: str, name: str) -> list[tuple[float, float]]:
     """`--profile`'s (user µs, system µs) per unit of work of each run of `name`."""
     return [v for v in results.values.get((f"{workload} cpu", name), []) if isinstance(v, tuple)]
@@ -704,7 +743,8 @@ def main() -> None:
     results, skipped = run_all(args)
     report = [f"Machine: {machine()}", "",
               f"{args.rounds} interleaved rounds of {args.duration:g} s runs; median (min–max).", "",
-              table(results), "", ratios(results), "", worker_ratios(results)]  # fmt: skip
+              table(results), "", ratios(results), "", worker_ratios(results), "",
+              shaping_ratios(results)]  # fmt: skip
     if args.profile:
         report += ["", cpu_table(results)]
     if args.pin:

@@ -298,6 +298,7 @@ class StubOrigin:
         self.limits = Limits(0)
         self.admission = Admission("test", listener)
         self.opening: tuple[Any, ...] = ()
+        self.connections: trio.Nursery | None = None
         self.records: list[Any] = []
         self.on_record = self.records.append
         self.active = 0

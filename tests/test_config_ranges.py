@@ -37,7 +37,17 @@ from tests.conftest import (
 )
 from tests.helpers import ANUBIS, anubis, run_cli
 from trioanubis.app import Balancer
-from trioanubis.config import RANGES, Address, Config, ConfigError, Range, parse_config, parse_config_text
+from trioanubis.config import (
+    RANGES,
+    Address,
+    Config,
+    ConfigError,
+    Range,
+    parse_bandwidth,
+    parse_config,
+    parse_config_text,
+    parse_size,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = [(table, key) for table, keys in RANGES.items() for key in keys]
@@ -119,6 +129,7 @@ COMPANIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("faults", "slice_delay"): {"slice": 1},
     ("pools.*", "balance_factor"): {"strategy": "source_hash"},
     ("pools.*.health.agent", "timeout"): {"interval": "1h"},
+    ("pools.*", "mirror_percent"): {"mirror": "127.0.0.1:9"},
 }
 # A replica that listens on its port until it is stopped, in a few MB: the spawn keys run for real.
 REPLICA = [sys.executable, "-S", "-c",
@@ -352,6 +363,18 @@ def test_an_extreme_is_refused_on_one_line_or_runs_and_reloads(case: Case) -> No
     event("accepted" if accepted else "refused")
     if accepted:
         trio.run(run_and_reload, case.table, case.key, [case.value])
+
+
+SIZED = [(table, key) for table, key in KEYS if RANGES[table][key].kind in ("size", "bandwidth")]
+
+
+@pytest.mark.parametrize(("table", "key"), SIZED)
+def test_the_top_of_a_size_or_bandwidth_range_reads_back_as_its_error_writes_it(table: str, key: str) -> None:
+    """"must be a bandwidth from 0 to 1TiB/s": the operator who writes "1TiB/s" gets it."""
+    limit = RANGES[table][key]
+    top = limit.bounds().split(" to ")[1]
+    parse = parse_bandwidth if limit.kind == "bandwidth" else parse_size
+    assert parse(top) == limit.high, top
 
 
 @pytest.mark.slow

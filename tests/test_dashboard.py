@@ -12,7 +12,15 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import EVENTUALLY, echo_handler, running_balancer, start_backend
+from tests.conftest import (
+    EVENTUALLY,
+    config_for,
+    echo_handler,
+    free_port,
+    request,
+    running_balancer,
+    start_backend,
+)
 from tests.helpers import TOKEN, admin_config, http, two_servers
 from tests.peers import need
 from trioanubis.app import Balancer
@@ -297,3 +305,21 @@ async def test_the_other_column_is_readable_text_not_json(
     assert any(line.startswith("busiest clients: client 127.0.0.1, active ") for line in listener_lines)
     for line in alpha_lines + beta_lines + listener_lines:
         assert not any(mark in line for mark in '{}[]"='), f"raw JSON in the other column: {line!r}"
+
+
+async def test_the_pool_header_shows_its_mirror_and_bandwidth_limits(
+    nursery: trio.Nursery, browser: Any
+) -> None:
+    alpha = await start_backend(nursery, echo_handler, "alpha")
+    data = config_for([alpha.address], mirror=f"127.0.0.1:{free_port()}", download_rate_per_client="1MB/s")
+    data["admin"] = {"bind": "127.0.0.1:0"}
+    async with running_balancer(data) as (b, address):
+        admin = b.admin_address
+        assert admin is not None
+        assert await request(address, b"ping") == b"ping"  # copied to a mirror that refuses
+        await in_thread(browser.get, f"http://{admin.host}:{admin.port}/")
+        header = "div.pool[data-pool='test'] h2 .meta"
+        await until(lambda: "dropped connect failed 1" in text_of(browser, header), "the mirror's drop")
+        shown = await in_thread(text_of, browser, header)
+    assert "mirror → 127.0.0.1:" in shown and " (100%): 1 copied, 0 B, dropped connect failed 1" in shown
+    assert "bandwidth download rate per client 1MB/s: 1 limited, waited 0 s up, 0 s down" in shown, shown

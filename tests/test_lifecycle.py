@@ -38,6 +38,7 @@ from tests.helpers import blackholed_port, connect_from, real_hello
 from tests.tlscerts import Authority
 from trioanubis.app import Balancer
 from trioanubis.config import Address, parse_config
+from trioanubis.proxy import mirror, rates
 from trioanubis.tls.stream import TlsError, TlsStream
 
 HTTP_REQUEST = b"GET / HTTP/1.0\r\nHost: x\r\n\r\n"
@@ -87,6 +88,9 @@ def counters_at_rest(balancer: Balancer) -> list[str]:
         for server in (*pool.servers, *pool.retired):
             if server.active:
                 held.append(f"{name}.{server.name}.active={server.active}")
+        budgets = rates.state_of(pool).budgets
+        if budgets is not None and budgets.active:
+            held.append(f"{name}.per-client-budgets={budgets.active}")
         if len(pool.held):
             held.append(f"{name}.held={len(pool.held)}")
     if balancer.timer.connections:
@@ -355,6 +359,9 @@ KINDS: dict[str, tuple[dict[str, Any], str]] = {
     "slow": ({}, "hole"),  # connects never finish: connect_timeout
     "refusing": ({}, "refused"),  # connect_failed
     "flaky": ({}, "flaky"),  # the server answers a little, then resets
+    "mirrored": ({"max_connections_per_client": 3}, "mirrored"),  # copied to a mirror that may die
+    "tls_mirrored": ({"peek_timeout": SHORT}, "mirrored"),  # the copy of a TLS-terminated connection
+    "limited": ({"download_rate": "6KB/s"}, "limited"),  # per connection and per client: they wait
 }
 ENDINGS = ("complete", "close_early", "reset_early", "reset_mid", "bad_opening", "stall")
 SOURCES = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
@@ -373,6 +380,11 @@ def property_config(ca: Authority, echo: str, flaky: str, hole: int) -> dict[str
         "hole": {"servers": [f"127.0.0.1:{hole}"], "connect_timeout": SHORT, "retries": 0},
         "refused": {"servers": [f"127.0.0.1:{free_port()}"], "retries": 0, "eject_after": 0},
         "flaky": {"servers": [flaky]},
+        # The mirror pool: a healthy mirror and one that reads a little and resets, in turn.
+        "mirrored": {"servers": [echo], "mirror": "shadow"},
+        "shadow": {"servers": [echo, flaky]},
+        "limited": {"servers": [echo], "upload_rate": "8KB/s", "upload_rate_per_client": "5KB/s",
+                    "download_rate_per_client": "4KB/s"},
     }
     listeners = {}
     for kind, (options, pool) in KINDS.items():
@@ -527,5 +539,6 @@ async def test_every_way_a_connection_ends_gives_back_everything_it_took(
                 await balancer.stopped.wait()
             assert counters_at_rest(balancer) == []
             assert "internal_error" not in balancer.access.counts, balancer.access.counts
+            assert not mirror.state_of(balancer.pools["mirrored"]).dropped["internal_error"]
         outer.cancel_scope.cancel()
     await wait_until(lambda: open_fds() <= before)

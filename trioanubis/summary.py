@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from trioanubis.config import BACKUP_PRIORITY, Config, FaultConfig, ListenerConfig, PoolConfig
 from trioanubis.pool import Pool
 from trioanubis.proxy.faults import describe as describe_faults
+from trioanubis.proxy.rates import show_rate
 
 
 def _health(pool: PoolConfig) -> str:
@@ -68,6 +69,29 @@ def _clients(listener: ListenerConfig) -> list[str]:
     if listener.tls is not None:
         certs = ", ".join(cert for cert, _ in listener.tls.certificates)
         lines.append(f"  tls termination with {certs}")
+    rates = _rates(("upload", listener.upload_rate), ("download", listener.download_rate))
+    if rates:
+        lines.append(f"  bandwidth per connection: {rates}")
+    return lines
+
+
+def _rates(*limits: tuple[str, int]) -> str:
+    return ", ".join(f"{way} {show_rate(rate)}" for way, rate in limits if rate)
+
+
+def _traffic(pool: PoolConfig) -> list[str]:
+    """A pool's bandwidth limits and its mirror (proxy/rates.py, proxy/mirror.py), one line each."""
+    lines = []
+    per_connection = _rates(("upload", pool.upload_rate), ("download", pool.download_rate))
+    per_client = _rates(("upload", pool.upload_rate_per_client), ("download", pool.download_rate_per_client))
+    parts = [f"{rates} per {what}" for what, rates in (("connection", per_connection), ("client", per_client))
+             if rates]  # fmt: skip
+    if parts:
+        lines.append(f"  bandwidth: {'; '.join(parts)}")
+    if pool.mirror:
+        target = f"pool {pool.mirror}" if pool.mirror_address is None else str(pool.mirror_address)
+        lines.append(f"  mirror: {pool.mirror_percent:g}% of connections copied to {target} "
+                     "(its answers discarded)")  # fmt: skip
     return lines
 
 
@@ -127,6 +151,7 @@ def describe(config: Config, pools: Mapping[str, Pool] | None = None) -> str:
         lines.append(f"pool {name}: {_strategy(pc)}; {_health(pc)}; connect_timeout "
                      f"{pc.connect_timeout:g}s, idle_timeout {pc.idle_timeout:g}s, "
                      f"retries {pc.retries}{proxy}{_faults(pc.faults)}")  # fmt: skip
+        lines += _traffic(pc)
         live = pools[name].servers if pools else None
         if live is not None:
             for server in live:

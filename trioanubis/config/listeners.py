@@ -27,7 +27,7 @@ _LISTENER_CLIENT_KEYS = (
 
 def parse_listener(name: str, node: Node) -> ListenerConfig:
     node.check_keys(("bind", "pool", "max_connections", "backlog", "routes", "peek_timeout", "tls",
-                     *_LISTENER_CLIENT_KEYS))  # fmt: skip
+                     "upload_rate", "download_rate", *_LISTENER_CLIENT_KEYS))  # fmt: skip
     routes = _parse_routes(node)
     if "pool" not in node.data and not routes:
         raise node.error("is required (the name of a [pools.NAME] table)", key="pool")
@@ -44,6 +44,8 @@ def parse_listener(name: str, node: Node) -> ListenerConfig:
         routes=routes,
         peek_timeout=node.duration("peek_timeout", 5.0),
         tls=_parse_tls_server(node) if "tls" in node.data else None,
+        upload_rate=node.size("upload_rate"),
+        download_rate=node.size("download_rate"),
         **_parse_client_options(node),
     )
 

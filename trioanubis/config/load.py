@@ -23,16 +23,18 @@ import os
 import stat
 import sys
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Final
 
 from trioanubis.config.checks import find_bind_overlap
 from trioanubis.config.cluster import parse_cluster
 from trioanubis.config.listeners import parse_listener
-from trioanubis.config.model import AdminConfig, Config, ListenerConfig
+from trioanubis.config.model import AdminConfig, Config, ListenerConfig, PoolConfig
 from trioanubis.config.node import Node, show_value
 from trioanubis.config.pools import parse_pool
 from trioanubis.config.settings import parse_admin, parse_settings
+from trioanubis.config.values import parse_address
 from trioanubis.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -115,6 +117,8 @@ def parse_config(
     pools = {
         name: parse_pool(name, pools_node.child(name, "pools.*")) for name in pools_node.data
     }
+    pools = {name: _resolve_mirror(pools_node.child(name, "pools.*"), pool, pools)
+             for name, pool in pools.items()}  # fmt: skip
     listeners_node = top.child("listeners")
     if not listeners_node.data:
         raise top.error("at least one [listeners.NAME] table is required")
@@ -138,6 +142,32 @@ def parse_config(
             raise pools_node.error('servers_from = "etcd" needs a [cluster] table naming the etcd endpoints',
                                    "etcd", f"{name}.servers_from")  # fmt: skip
     return Config(listeners, pools, settings, admin, source, cluster)
+
+
+def _resolve_mirror(node: Node, pool: PoolConfig, pools: Mapping[str, PoolConfig]) -> PoolConfig:
+    """A pool's `mirror`: the name of another pool (it wins), else a "host:port" (`mirror_address`).
+
+    A mirror pool's servers are reached in plain TCP (with its PROXY header if it sends one), so a
+    pool that speaks TLS to its servers cannot be one; a pool mirroring to itself doubles its load.
+    """
+    target = pool.mirror
+    if not target:
+        return pool
+    if target in pools:
+        if target == pool.name:
+            raise node.error("names this pool itself: mirror to another pool or a \"host:port\"",
+                             target, "mirror")  # fmt: skip
+        if pools[target].tls is not None:
+            raise node.error(f"names pool {target!r}, which speaks TLS to its servers: a mirror "
+                             "is reached in plain TCP", target, "mirror")  # fmt: skip
+        return pool
+    try:
+        address = parse_address(target)
+    except ValueError as exc:
+        known = ", ".join(sorted(set(pools) - {pool.name})) or "no other is defined"
+        raise node.error(f"names no pool ({known}) and is not an address: {exc}", target,
+                         "mirror") from None  # fmt: skip
+    return replace(pool, mirror_address=address)
 
 
 def _check_binds(

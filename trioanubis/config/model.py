@@ -209,6 +209,17 @@ class PoolConfig:
     tls: TlsClient | None = None
     faults: FaultConfig | None = None  # injected on every server's connections (trioanubis.faults)
     servers_from: str = ""  # "etcd": servers also come from [cluster]'s keys (trioanubis/fleet/)
+    # Mirroring (proxy/mirror.py): a copy of the client's bytes of `mirror_percent` of the connections
+    # goes to `mirror`, its answers thrown away. `mirror` is a pool's name or "host:port" ("": none);
+    # load.py decides which, and sets `mirror_address` when it is an address.
+    mirror: str = ""
+    mirror_address: Address | None = None
+    mirror_percent: float = 100.0
+    # Bandwidth limits in bytes per second (proxy/rates.py); 0: none. Upload is client → server.
+    upload_rate: int = 0  # per connection
+    download_rate: int = 0
+    upload_rate_per_client: int = 0  # one budget shared by all of a client's connections to this pool
+    download_rate_per_client: int = 0
 
 
 @final
@@ -238,6 +249,8 @@ class ListenerConfig:
     routes: tuple[Route, ...] = ()  # by the ClientHello's server name (sni_routes.py)
     peek_timeout: float = 5.0  # for the ClientHello (routes) and the TLS handshake (tls)
     tls: TlsServer | None = None
+    upload_rate: int = 0  # bytes per second per connection (proxy/rates.py); a pool's, if tighter, wins
+    download_rate: int = 0
 
     @property
     def screens_clients(self) -> bool:

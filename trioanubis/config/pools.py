@@ -16,6 +16,8 @@ back; they are imported when a pool needs them, not with this module.
 
 from __future__ import annotations
 
+from typing import Any
+
 from trioanubis.config.checks import check_host_name, check_pattern
 from trioanubis.config.faults import parse_fault_table
 from trioanubis.config.health_checks import parse_health
@@ -24,11 +26,13 @@ from trioanubis.config.node import Node
 from trioanubis.config.settings import resolver_of
 from trioanubis.config.spawn import parse_spawn
 
+# Bandwidth limits (proxy/rates.py), in bytes per second.
+_RATE_KEYS = ("upload_rate", "download_rate", "upload_rate_per_client", "download_rate_per_client")
 _POOL_KEYS = (
     "strategy", "servers", "least_time", "connect_timeout", "idle_timeout",
     "half_close_timeout", "retries", "failover_timeout", "eject_after", "eject_for",
     "resolver", "health", "send_proxy", "queue_timeout", "max_queued", "abort_on_close", "spawn", "tls",
-    "faults", "balance_factor", "servers_from",
+    "faults", "balance_factor", "servers_from", "mirror", "mirror_percent", *_RATE_KEYS,
 )  # fmt: skip
 _SEND_PROXY = ("none", "v1", "v2")
 
@@ -74,7 +78,22 @@ def parse_pool(name: str, node: Node) -> PoolConfig:
         tls=_parse_tls_client(node.child("tls")) if "tls" in node.data else None,
         faults=parse_fault_table(node.child("faults", "faults")) if "faults" in node.data else None,
         servers_from=servers_from,
+        **_parse_mirror(node),
+        upload_rate=node.size("upload_rate"),
+        download_rate=node.size("download_rate"),
+        upload_rate_per_client=node.size("upload_rate_per_client"),
+        download_rate_per_client=node.size("download_rate_per_client"),
     )
+
+
+def _parse_mirror(node: Node) -> dict[str, Any]:
+    """`mirror` as written (load.py tells a pool's name from "host:port") and `mirror_percent`."""
+    mirror = node.string("mirror", "")
+    if "mirror" in node.data and not mirror.strip():
+        raise node.error("must be the name of a [pools.NAME] table or \"host:port\"", mirror, "mirror")
+    if "mirror_percent" in node.data and not mirror:
+        raise node.error("has no effect without mirror", node.data["mirror_percent"], "mirror_percent")
+    return {"mirror": mirror, "mirror_percent": node.fraction("mirror_percent", 100.0)}
 
 
 def _balance_factor(node: Node, strategy: str) -> float:

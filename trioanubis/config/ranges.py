@@ -46,6 +46,9 @@ MAX_EXPECT_BYTES: Final = 1 << 20
 # Injected delays: longer than any test would wait, so a typo like "200s" for "200ms" is caught.
 MAX_FAULT_DELAY: Final = 60.0
 FAULT_DELAY: Final = Range("duration", 0.0, MAX_FAULT_DELAY)
+# A bandwidth limit (proxy/rates.py): 0 is none; 1 TiB/s is none in practice, small enough that
+# the token arithmetic stays exact.
+BANDWIDTH: Final = Range("bandwidth", 0, MAX_SIZE)
 
 RANGES: Final[Mapping[str, Mapping[str, Range]]] = {
     "settings": {
@@ -63,6 +66,8 @@ RANGES: Final[Mapping[str, Mapping[str, Range]]] = {
         "peek_timeout": TIMEOUT,
         "max_connections_per_client": CONNECTIONS,
         "rate_per_client": Range("rate", 1, 1_000_000),  # a burst of a million
+        "upload_rate": BANDWIDTH,
+        "download_rate": BANDWIDTH,
     },
     "pools.*": {
         "connect_timeout": TIMEOUT,
@@ -77,6 +82,11 @@ RANGES: Final[Mapping[str, Mapping[str, Range]]] = {
         # 0: unbounded; else at least 1.0 (a server may carry factor × the average), and 100 is no bound
         # in practice (strategies/bounded.py refuses 0 < factor < 1).
         "balance_factor": Range("fraction", 0, 100),
+        "mirror_percent": Range("fraction", 0, 100),  # of connections mirrored
+        "upload_rate": BANDWIDTH,
+        "download_rate": BANDWIDTH,
+        "upload_rate_per_client": BANDWIDTH,
+        "download_rate_per_client": BANDWIDTH,
     },
     "pools.*.servers[]": {
         "weight": WEIGHT,

@@ -23,8 +23,10 @@ Kind = Literal["duration", "integer", "size", "bandwidth", "fraction", "rate"]
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _RATE = re.compile(r"\s*(\d+)\s*/\s*(\S+)\s*")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)\s*")
-_SIZE_UNITS = {"B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*")
+# Up to T: the largest bound, 1TiB, is written so in ranges' texts and must read back.
+_SIZE_UNITS = {"B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
+               "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "TiB": 1024**4}  # fmt: skip
 # The largest size or bandwidth a fault accepts: 1 TiB, far beyond any test, small enough
 # that arithmetic on it stays exact.
 MAX_SIZE = 1 << 40
@@ -178,7 +180,7 @@ def parse_rate(value: object, high: int = 1_000_000) -> Rate:
 def parse_size(value: object, high: int = MAX_SIZE) -> int:
     """Bytes from "64KB", "1MiB", "512B" or a plain integer, from 0 to `high`; ValueError otherwise.
 
-    KB, MB, GB count in thousands, KiB, MiB, GiB in 1024s (as `curl` and
+    KB, MB, GB, TB count in thousands, KiB, MiB, GiB, TiB in 1024s (as `curl` and
     toxiproxy users expect).
     """
     shape = "must be a size like \"512B\", \"64KB\", \"1MiB\" or a number of bytes"

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from trioanubis import __version__
 from trioanubis.ops.accesslog import log_dropped
 from trioanubis.ops.process import process_lines
+from trioanubis.proxy import mirror, rates
 from trioanubis.proxy.faults import describe
 
 if TYPE_CHECKING:
@@ -77,6 +78,48 @@ def _agent_lines(rows: list[tuple[dict[str, str], Server]]) -> list[str]:
     return lines
 
 
+# ------------------------------------------------------------ mirroring and bandwidth limits
+
+
+def _mirror_lines(pools: list[Pool]) -> list[str]:
+    """The mirrors' counters, for the pools that mirror (or did, before a reload)."""
+    shown = [(p.name, m) for p in pools if (m := mirror.shown(p)) is not None]
+    lines = list(_family("mirror_connections_total", "counter", "Connections sampled for a mirror copy."))
+    lines += [f"anubis_mirror_connections_total{_labels(pool=name)} {m.connections}" for name, m in shown]
+    lines += _family("mirror_bytes_total", "counter", "Client bytes delivered to a mirror.")
+    lines += [f"anubis_mirror_bytes_total{_labels(pool=name)} {m.bytes}" for name, m in shown]
+    lines += _family("mirror_dropped_total", "counter",
+                     "Mirror copies given up (the primary went on), by reason.")  # fmt: skip
+    lines += [f"anubis_mirror_dropped_total{_labels(pool=name, reason=reason)} {count}"
+              for name, m in shown for reason, count in m.dropped.items()]  # fmt: skip
+    return lines
+
+
+def _rate_lines(pools: list[Pool]) -> list[str]:
+    """The bandwidth limits' counters, for the pools that limit (or did, or whose listeners do)."""
+    shown = [(p.name, r) for p in pools if (r := rates.shown(p)) is not None]
+    lines = list(_family("rate_limited_connections_total", "counter", "Connections with a bandwidth limit."))
+    lines += [f"anubis_rate_limited_connections_total{_labels(pool=name)} {r.connections}"
+              for name, r in shown]  # fmt: skip
+    for family, help_text, field in (
+        ("rate_limited_bytes_total", "Bytes that went through a bandwidth limit, by direction.", "bytes"),
+        ("rate_limit_wait_seconds_total", "Seconds connections waited for a bandwidth limit, by direction.",
+         "waited"),
+    ):  # fmt: skip
+        lines += _family(family, "counter", help_text)
+        lines += [f"anubis_{family}{_labels(pool=name, direction=way)} {_decimal(value)}" for name, r in shown
+                  for way, value in zip(rates.DIRECTIONS, getattr(r, field), strict=True)]  # fmt: skip
+    lines += _family("rate_limit_tracked_clients", "gauge", "Clients with a per-client bandwidth budget.")
+    lines += [f"anubis_rate_limit_tracked_clients{_labels(pool=name)} {len(r.budgets)}"
+              for name, r in shown if r.budgets is not None]  # fmt: skip
+    return lines
+
+
+def _decimal(value: float) -> str:
+    """A counter as a plain decimal: 3, 0.25 (never 1e-05)."""
+    return f"{value:.6f}".rstrip("0").rstrip(".") if isinstance(value, float) else str(value)
+
+
 def pool_stats(pool: Pool) -> dict[str, Any]:
     return {
         "name": pool.name,
@@ -90,6 +133,8 @@ def pool_stats(pool: Pool) -> dict[str, Any]:
         "queue_full": pool.held.full,
         "servers": [server_stats(s) for s in pool.servers],
         "retired": [server_stats(s) for s in pool.retired],
+        **mirror.stats(pool),
+        **rates.stats(pool),
     }
 
 
@@ -292,6 +337,7 @@ def prometheus(view: View, worker: str | None = None) -> str:
     ):  # fmt: skip
         lines += _family(name, kind, help_text)
         lines += [f"anubis_{name}{_labels(pool=p.name)} {held(p)}" for p in pools]
+    lines += _mirror_lines(pools) + _rate_lines(pools)
     lines += _spawn_lines(view)
     lines += _family("connection_duration_seconds", "histogram", "How long connections lasted.")
     for pool in pools:

@@ -15,7 +15,7 @@ record) it runs a short pipeline:
    origination and the bytes read while routing are part of each attempt),
    fail over, and hold the client while no server can take it;
 3. the relay, chosen once: the socket relay (relay.py) when both sides are
-   plain and no filter wants the bytes (filters.py: the fast path, epoll's
+   plain and no filter wants the bytes (makers.py, filters.py: the fast path, epoll's
    inline steps, splice), else the stream relay (streams.py: TLS on either
    side, filters), through which every filter composes with every transport.
 
@@ -31,7 +31,8 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final
 
 from trioanubis.proxy.failover import connect
-from trioanubis.proxy.filters import Filters, filters_for
+from trioanubis.proxy.filters import Filters
+from trioanubis.proxy.makers import filters_for
 from trioanubis.proxy.relay import Relay
 from trioanubis.proxy.streams import Side, StreamRelay, release_to_trio, socket_stream
 

@@ -25,14 +25,15 @@ direction's life, and nothing else about a filter is known to the relay:
 Every hook has a default that does nothing, so a filter overrides only what
 it changes. A direction with no filter is a plain pump (streams.py).
 
-`filters_for` decides, once per connection right after it connected, which
+The makers (makers.py: faults here, bandwidth limits in rates.py, mirroring
+in mirror.py) decide, once per connection right after it connected, which
 filters each direction gets; the plain path pays one check per maker (most
 often a None attribute) and keeps the socket relay.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
 import trio
@@ -159,7 +160,7 @@ class FaultFilter(Filter):
         return not self.plan.blackhole
 
 
-def _faults(conn: Connection) -> tuple[Filters, Filters] | None:
+def fault_filters(conn: Connection) -> tuple[Filters, Filters] | None:
     """The faults this connection drew from its server's table, as filters (None: unfaulted)."""
     server = conn.picked
     if server is None or server.faults is None:
@@ -170,24 +171,6 @@ def _faults(conn: Connection) -> tuple[Filters, Filters] | None:
     up = (FaultFilter(plan.upstream, conn),) if plan.upstream != CLEAN else ()
     down = (FaultFilter(plan.downstream, conn),) if plan.downstream != CLEAN else ()
     return up, down
-
-
-# Who may give a connection filters, asked in order once it connected; each returns None when it
-# has nothing for this connection (the common case, and cheap: one attribute read).
-Maker = Callable[["Connection"], "tuple[Filters, Filters] | None"]
-MAKERS: Final[list[Maker]] = [_faults]
-
-
-def filters_for(conn: Connection) -> tuple[Filters, Filters] | None:
-    """Every maker's filters for this connection's directions (client → server, server → client)."""
-    up: list[Filter] = []
-    down: list[Filter] = []
-    for maker in MAKERS:
-        made = maker(conn)
-        if made is not None:
-            up.extend(made[0])
-            down.extend(made[1])
-    return (tuple(up), tuple(down)) if up or down else None
 
 
 def any_delays(filters: Sequence[Filter]) -> bool:

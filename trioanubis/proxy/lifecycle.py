@@ -236,6 +236,10 @@ class Origin(Protocol):
     def admission(self) -> Admission: ...
     @property
     def on_record(self) -> RecordSink: ...
+    @property
+    def connections(self) -> trio.Nursery | None:
+        """Where connection tasks run: what may outlive a connection's relay (a mirror) runs there."""
+        ...
 
     active: int
     internal_errors: int

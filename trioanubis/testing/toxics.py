@@ -8,10 +8,10 @@ client), in the order they were added, as toxiproxy keeps them. Unlike a
 on the connections already open (a client's pooled connection is the one a
 test wants to slow down), so:
 
-- `live_toxics` (a maker in filters.py's `MAKERS`, appended when this module
-  is imported) gives every connection of such a pool a `ToxicDirection`
-  filter per direction, whatever the set holds: its connections all go
-  through the stream relay;
+- `live_toxics` (a maker in makers.py's `MAKERS`, put beside the faults'
+  when this module is imported) gives every connection of such a pool a
+  `ToxicDirection` filter per direction, whatever the set holds: its
+  connections all go through the stream relay;
 - each filter compares the set's `version` with the one it last saw at
   every hook and, when it changed, rebuilds its states (`ToxicState`): a
   toxic it already had keeps its state (the bytes a `limit_data` counted);
@@ -60,7 +60,8 @@ from typing import TYPE_CHECKING, Any, Final, final
 import trio
 
 from trioanubis.config import FaultConfig
-from trioanubis.proxy.filters import MAKERS, Filter, Filters, TokenBucket
+from trioanubis.proxy.filters import Filter, Filters, TokenBucket
+from trioanubis.proxy.makers import MAKERS
 
 if TYPE_CHECKING:
     from trioanubis.proxy.lifecycle import Connection, EndState
@@ -259,7 +260,7 @@ def toxics_of(conn: Connection) -> ToxicSet | None:
 
 
 def live_toxics(conn: Connection) -> tuple[Filters, Filters] | None:
-    """The maker (filters.py's MAKERS): a connection of a pool with a ToxicSet gets its filters."""
+    """The maker (makers.py's MAKERS): a connection of a pool with a ToxicSet gets its filters."""
     live = toxics_of(conn)
     if live is None:
         return None
@@ -267,8 +268,8 @@ def live_toxics(conn: Connection) -> tuple[Filters, Filters] | None:
     return (link.up,), (link.down,)
 
 
-if live_toxics not in MAKERS:
-    MAKERS.append(live_toxics)
+if live_toxics not in MAKERS:  # beside the faults: a limit paces, and a mirror copies, what they let through
+    MAKERS.insert(1, live_toxics)
 
 
 # ---------------------------------------------------------------- one connection

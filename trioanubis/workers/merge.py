@@ -27,6 +27,12 @@ ServerKey = tuple[str, str]  # name, "host:port"
 SERVER_SUMS = ("active", "total", "bytes_in", "bytes_out", "connect_failures")
 LISTENER_SUMS = ("accepted", "active", "rejected", "accept_overloads", "internal_errors")
 POOL_SUMS = ("no_server", "all_full")
+# A pool's nested /stats tables whose counters add up too (proxy/mirror.py, proxy/rates.py); a counter
+# may be a number or a table of numbers (drops by reason, bytes by direction).
+POOL_NESTED_SUMS = {
+    "mirror": ("connections", "bytes", "dropped"),
+    "bandwidth": ("limited_connections", "bytes", "waited_seconds", "tracked_clients"),
+}
 # Prometheus series that are the same in every worker (pushed state, build info) or the
 # supervisor's alone (reloads): taken from the supervisor's view, not added up. (The process_*
 # series need no rule: each process labels its own with `worker`, so no two are the same series.)
@@ -127,6 +133,12 @@ def _sum_pool(pool: dict[str, Any], docs: Sequence[dict[str, Any]]) -> dict[str,
     out = dict(pool)
     for field in POOL_SUMS:
         out[field] = sum(int(p.get(field, 0)) for p in theirs)
+    for table, fields in POOL_NESTED_SUMS.items():
+        parts = [p[table] for p in theirs if isinstance(p.get(table), dict)]
+        if parts:
+            base = pool[table] if isinstance(pool.get(table), dict) else parts[0]
+            sums = {field: _sum_counter(part.get(field, 0) for part in parts) for field in fields}
+            out[table] = {**base, **sums}
     for part in ("servers", "retired"):
         out[part] = [_sum_server(s, [w for p in theirs for w in p.get(part, [])])
                      for s in pool.get(part, [])]  # fmt: skip
@@ -134,6 +146,18 @@ def _sum_pool(pool: dict[str, Any], docs: Sequence[dict[str, Any]]) -> dict[str,
     out["retired"] += [s for s in _sum_rows([p.get("retired", []) for p in theirs], SERVER_SUMS)
                        if s.get("name") not in retired]  # fmt: skip
     return out
+
+
+def _sum_counter(values: Iterable[Any]) -> Any:
+    """Numbers added; tables of numbers added key by key (anything else counts as nothing)."""
+    items = list(values)
+    if any(isinstance(v, dict) for v in items):
+        total: dict[str, Any] = {}
+        for value in items:
+            for key, inner in (value.items() if isinstance(value, dict) else ()):
+                total[key] = _sum_counter([total.get(key, 0), inner])
+        return total
+    return sum(v for v in items if isinstance(v, int | float) and not isinstance(v, bool))
 
 
 def _sum_server(server: dict[str, Any], theirs: Sequence[dict[str, Any]]) -> dict[str, Any]:

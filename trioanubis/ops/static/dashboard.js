@@ -13,7 +13,7 @@ const POLL_MS = 1000;
 const HISTORY = 300; // samples kept per series: five minutes at one a second
 
 const KNOWN_LISTENER = new Set(["name", "bind", "pool", "accepted", "active", "rejected"]);
-const KNOWN_POOL = new Set(["name", "strategy", "servers", "retired"]);
+const KNOWN_POOL = new Set(["name", "strategy", "servers", "retired", "mirror", "bandwidth"]);
 const KNOWN_SERVER = new Set(["name", "address", "state", "weight", "effective_weight", "active",
   "total", "bytes_in", "bytes_out", "connect_failures", "last_check", "ewma_ms", "max_connections"]);
 
@@ -287,11 +287,33 @@ function drawServer(row, time, server, retired) {
   row.weightInput.parentNode.hidden = retired;
 }
 
+// A pool's mirror and bandwidth limits (proxy/mirror.py, proxy/rates.py), a phrase each.
+function shaping(pool) {
+  const phrases = [];
+  const mirror = pool.mirror;
+  if (mirror && typeof mirror === "object") {
+    const dropped = readable(mirror.dropped);
+    phrases.push("mirror → " + plain(mirror.to) + " (" + plain(mirror.percent) + "%): " +
+      plain(mirror.connections) + " copied, " + bytes(mirror.bytes) + (dropped ? ", dropped " + dropped : ""));
+  }
+  const limits = pool.bandwidth;
+  if (limits && typeof limits === "object") {
+    const rates = ["upload_rate", "download_rate", "upload_rate_per_client", "download_rate_per_client"]
+      .filter((key) => limits[key]).map((key) => label(key) + " " + plain(limits[key]));
+    const waited = limits.waited_seconds || {};
+    phrases.push("bandwidth" + (rates.length ? " " + rates.join(", ") : "") + ": " +
+      plain(limits.limited_connections) + " limited, waited " + plain(waited.upload) + " s up, " +
+      plain(waited.download) + " s down" +
+      (limits.tracked_clients !== undefined ? ", " + plain(limits.tracked_clients) + " clients tracked" : ""));
+  }
+  return phrases;
+}
+
 function drawPool(time, pool) {
   const entry = pools.get(pool.name) || poolSection(pool);
   pools.set(pool.name, entry);
   setText(entry.title.children[0], "Pool " + pool.name);
-  const meta = ["strategy " + plain(pool.strategy)];
+  const meta = ["strategy " + plain(pool.strategy), ...shaping(pool)];
   const more = extras(pool, KNOWN_POOL);
   setText(entry.title.children[1], meta.concat(more ? [more] : []).join(" · "));
   const servers = (pool.servers || []).map((s) => [s, false]).concat((pool.retired || []).map((s) => [s, true]));
