@@ -121,6 +121,7 @@ async def test_a_local_or_unknown_header_keeps_the_peers_own_address(
     assert all(client.startswith("127.0.0.1:") for client in access_clients(caplog))
 
 
+@pytest.mark.slow
 async def test_a_header_that_never_comes_is_closed_after_proxy_timeout(nursery: trio.Nursery) -> None:
     backend = await start_backend(nursery, echo_handler)
     async with running_balancer(proxied([backend.address], proxy_timeout="200ms")) as (balancer, address):
@@ -136,6 +137,7 @@ async def test_a_header_that_never_comes_is_closed_after_proxy_timeout(nursery: 
     assert backend.connections == 1  # no server was contacted for the refused ones
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "garbage",
     [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"PROXY TCP4 1.2.3.4\r\n", V2[:12] + b"\x99" + V2[13:],
@@ -173,6 +175,7 @@ async def test_allow_and_deny_apply_to_the_client_the_header_names(nursery: trio
         await wait_until(lambda: refused(balancer, "denied") == 1)
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.one_of(
     st.binary(max_size=300),
@@ -262,6 +265,7 @@ async def test_max_connections_per_client(nursery: trio.Nursery) -> None:
         assert balancer.listeners["test"].admission.refused["client_connections"] == 1
 
 
+@pytest.mark.slow
 async def test_the_rate_limit_holds_under_a_burst_of_1000_connections(nursery: trio.Nursery) -> None:
     backend = await start_backend(nursery, echo_handler)
     data = config_for([backend.address], listener={"rate_per_client": "50/m"})
@@ -359,6 +363,7 @@ async def test_a_plain_listener_never_calls_into_admission(
         assert balancer.listeners["test"].internal_errors == 0
 
 
+@pytest.mark.slow
 async def test_source_hash_hashes_the_client_the_header_names(nursery: trio.Nursery) -> None:
     names = [f"s{i}" for i in range(3)]
     backends = [await start_backend(nursery, name_handler(n), n) for n in names]
@@ -378,6 +383,7 @@ async def test_source_hash_hashes_the_client_the_header_names(nursery: trio.Nurs
     assert len(set(first.values())) == 3  # and 30 header clients spread over all three
 
 
+@pytest.mark.slow
 async def test_refused_connections_of_every_kind_leave_no_descriptor_behind(nursery: trio.Nursery) -> None:
     backend = await start_backend(nursery, echo_handler)
     data = proxied([backend.address], proxy_timeout="100ms", deny=["192.0.2.0/24"],

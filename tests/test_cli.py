@@ -80,6 +80,7 @@ def test_check_rejects_bad_config_without_traceback(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_run_with_missing_config_is_a_clear_error(tmp_path: Path) -> None:
     result = run_cli("run", "-c", str(tmp_path / "missing.toml"))
     assert result.returncode == 1
@@ -459,6 +460,7 @@ def test_a_config_argument_is_read_and_two_different_ones_are_refused(tmp_path: 
     assert top.returncode == 2 and "CONFIG 'a.toml' and --admin 'http://127.0.0.1:1'" in top.stderr
 
 
+@pytest.mark.slow
 def test_every_command_help_has_a_description_and_examples() -> None:
     commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
     for name, parser in commands.items():
@@ -522,6 +524,7 @@ def test_the_bash_completion_script_is_valid_and_completes_commands_options_and_
         assert other.returncode == 0 and "anubis" in other.stdout and "completion" in other.stdout
 
 
+@pytest.mark.slow
 def test_completion_without_shtab_is_one_line() -> None:
     result = subprocess.run(
         [sys.executable, "-c", "import sys; sys.modules['shtab'] = None; from trioanubis.cli import main; "
@@ -531,6 +534,7 @@ def test_completion_without_shtab_is_one_line() -> None:
                             "pip install 'trioanubis[completion]'\n"
 
 
+@pytest.mark.slow
 async def test_the_start_up_summary_is_logged_once(nursery: trio.Nursery, tmp_path: Path) -> None:
     backend = await start_backend(nursery, name_handler("x"))
     port = free_port()

@@ -154,6 +154,7 @@ def test_reconfiguring_keeps_open_counts_and_drops_buckets_when_the_rate_goes() 
     assert table.busiest(5) == [("c", 2)]
 
 
+@pytest.mark.slow
 @settings(max_examples=200)
 @given(st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), st.booleans(), st.floats(0, 5)), max_size=200))
 def test_the_table_never_admits_beyond_its_bounds(events: list[tuple[str, bool, float]]) -> None:

@@ -107,6 +107,7 @@ def test_networks() -> None:
         parse_network("2001:db8::1/32")
 
 
+@pytest.mark.slow
 def test_anubis_check_rejects_a_bad_cidr_naming_file_key_and_value(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text('[listeners.web]\nbind = ":8000"\npool = "web"\naccept_proxy = true\n'

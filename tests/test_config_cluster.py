@@ -99,6 +99,7 @@ def test_servers_from_etcd_needs_a_cluster() -> None:
         parse_config(config_with({"etcd": ["a:1"]}, servers=[]), "c.toml")
 
 
+@pytest.mark.slow
 def test_anubis_check_names_the_cluster(tmp_path: Path) -> None:
     path = tmp_path / "fleet.toml"
     path.write_text('[listeners.l]\nbind = "127.0.0.1:0"\npool = "p"\n'

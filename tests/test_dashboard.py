@@ -67,6 +67,7 @@ def test_page_follows_the_token_rule() -> None:
     assert route(balancer, "GET", "/stats", [], b"", TOKEN).content_type == "application/json"
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     method=st.sampled_from(["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "get"]),
@@ -307,6 +308,7 @@ async def test_the_other_column_is_readable_text_not_json(
         assert not any(mark in line for mark in '{}[]"='), f"raw JSON in the other column: {line!r}"
 
 
+@pytest.mark.slow
 async def test_the_pool_header_shows_its_mirror_and_bandwidth_limits(
     nursery: trio.Nursery, browser: Any
 ) -> None:

@@ -105,6 +105,7 @@ async def test_srv_weights_become_server_weights(nursery: trio.Nursery) -> None:
         assert counts == {HOSTS[0].encode(): 6, HOSTS[1].encode(): 2}
 
 
+@pytest.mark.slow
 async def test_a_resolver_that_stops_answering_leaves_the_last_good_set(
     nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -152,6 +153,7 @@ def test_discovery_config_errors() -> None:
 
 
 
+@pytest.mark.slow
 async def test_a_refused_aaaa_keeps_the_a_answer_and_says_which_family_failed(
     nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
 ) -> None:

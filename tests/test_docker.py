@@ -123,6 +123,7 @@ def test_compose_and_k8s_configs_pass_anubis_check(tmp_path: Path) -> None:
         assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow
 def test_k8s_manifest_probes_and_ports_agree_with_the_config() -> None:
     documents = manifests()["k8s-sidecar.yaml"]
     assert {d["kind"] for d in documents} == {"ConfigMap", "Service", "Pod"}

@@ -62,6 +62,7 @@ async def collect(watch: Watch, count: int, into: list[Event]) -> None:
 # --------------------------------------------------------------------------- keys
 
 
+@pytest.mark.slow
 async def test_put_get_delete_one_key_and_a_prefix(etcd: EtcdServer) -> None:
     async with EtcdClient([etcd.endpoint]) as client:
         first = await client.put("/anubis/pools/web/servers/a", b"10.0.0.1:80")
@@ -242,6 +243,7 @@ async def test_watch_restarts_itself_when_its_connection_breaks(etcd: EtcdServer
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.slow
 async def test_compaction_is_reported_to_a_watch_and_a_read(etcd: EtcdServer) -> None:
     async with EtcdClient([etcd.endpoint]) as client:
         first = await client.put("/c/a", "1")
@@ -289,6 +291,7 @@ async def test_a_dead_first_endpoint_fails_over_to_the_next(etcd: EtcdServer) ->
             await nobody.get("/f/a")
 
 
+@pytest.mark.slow
 async def test_unary_calls_share_one_kept_alive_connection(etcd: EtcdServer) -> None:
     async with trio.open_nursery() as nursery:
         relay = await Relay.start(nursery, etcd.client_port)
@@ -317,6 +320,7 @@ def tls_files(directory: Path) -> TlsFiles:
     return TlsFiles(authority.pair.cert, server.cert, server.key, client.cert, client.key)
 
 
+@pytest.mark.slow
 async def test_tls_with_a_ca_and_a_client_certificate(tmp_path: Path) -> None:
     files = tls_files(tmp_path)
     async with running_etcd(tmp_path, files) as server:

@@ -162,6 +162,7 @@ ENDLESS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("case", "first", "each"), ENDLESS, ids=[c[0] for c in ENDLESS])
 async def test_an_endless_answer_is_refused_within_the_bounds(case: str, first: bytes, each: bytes) -> None:
     with no_fd_leak():

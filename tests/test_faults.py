@@ -481,6 +481,7 @@ async def test_churn_leaves_nothing_behind() -> None:
 
 
 
+@pytest.mark.slow
 async def test_half_close_never_extends_a_shorter_idle_timeout() -> None:
     script = Script(echo=False, linger_after_eof=True)
     async with through_balancer(script, idle_timeout="300ms", half_close_timeout="1h") as (_, b, address):

@@ -79,6 +79,7 @@ async def settled(client: EtcdClient, balancer: Balancer, prefix: str, backend: 
     await wait_until(lambda: balancer.pools["web"].find(marker) is not None)
 
 
+@pytest.mark.slow
 async def test_a_bad_value_is_logged_once_and_counted(etcd: EtcdServer, nursery: trio.Nursery,
                                                       caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
     backend = (await start_backend(nursery, echo_handler)).address
@@ -142,6 +143,7 @@ KINDS = st.sampled_from(["pools/web/servers/s", "pools/web/servers/file", "pools
                          "state/web/file/member", "state/web/s/drain", "members/x", "members/t", "junk"])
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.lists(st.tuples(KINDS, VALUES, st.booleans()), min_size=1, max_size=8))
 async def test_hostile_values_leave_the_balancer_serving(
@@ -214,6 +216,7 @@ async def slow_relay(etcd: EtcdServer, delay: float, task_status: Any = trio.TAS
     await trio.serve_listeners(handle, listeners)
 
 
+@pytest.mark.slow
 async def test_the_state_is_in_effect_when_the_listeners_open(etcd: EtcdServer,
                                                               nursery: trio.Nursery) -> None:
     """Even when etcd is slow to answer the first read, a balancer starts serving with its drains."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from tests.conftest import (
@@ -119,6 +120,7 @@ async def three_instances(tmp_path: Path, etcd: EtcdServer, *names: str) -> Asyn
         yield [await stack.enter_async_context(fleet_instance(tmp_path, etcd, name)) for name in names]
 
 
+@pytest.mark.slow
 async def test_a_drain_and_a_server_reach_every_instance(tmp_path: Path, nursery: trio.Nursery) -> None:
     s1 = await start_backend(nursery, name_handler("s1"), "s1")
     s2 = await start_backend(nursery, name_handler("s2"), "s2")
@@ -160,6 +162,7 @@ async def _answers(instance: Instance, name: bytes) -> bool:
     return await through(instance) == name
 
 
+@pytest.mark.slow
 async def test_an_etcd_outage_changes_nothing_and_a_queued_drain_lands_after_it(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
@@ -228,6 +231,7 @@ async def _clients(instance: Instance, errors: list[BaseException], rounds: list
         rounds[0] += 1
 
 
+@pytest.mark.slow
 async def test_a_late_joiner_applies_the_drains_before_it_accepts(tmp_path: Path,
                                                                   nursery: trio.Nursery) -> None:
     s1 = await start_backend(nursery, name_handler("s1"), "s1")
@@ -253,6 +257,7 @@ async def _has_drain(etcd: EtcdServer) -> bool:
     return b'"op":"drain"' in (await etcd.etcdctl("get", "/anubis/state/web/s1/drain")).stdout
 
 
+@pytest.mark.slow
 async def test_anubis_fleet_flags_a_server_one_instance_sees_down(tmp_path: Path,
                                                                   nursery: trio.Nursery) -> None:
     echo = await start_backend(nursery, echo_handler, "echo")
@@ -293,6 +298,7 @@ def _instance_of(tmp_path: Path, name: str) -> Instance:
 
 
 
+@pytest.mark.slow
 async def test_with_workers_the_supervisor_follows_etcd_and_every_worker_gets_it(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:

@@ -58,6 +58,7 @@ def test_a_server_value() -> None:
     assert (entry.name, str(entry.address), entry.weight, entry.priority) == ("s1", "127.0.0.1:9001", 2, 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("value", "message"), [
     (b"", "/anubis/pools/web/servers/s1: the value is not JSON"),
     (b"[1]", "/anubis/pools/web/servers/s1: the value is not a JSON object"),
@@ -76,6 +77,7 @@ def test_a_bad_server_value_is_one_line_naming_the_key(value: bytes, message: st
     assert "\n" not in str(info.value) and len(str(info.value)) < 500
 
 
+@pytest.mark.slow
 def test_a_state_value_must_match_its_key() -> None:
     key = StateKey("web", "s1", "weight")
     with pytest.raises(BadValue, match=r'^/anubis/state/web/s1/weight: holds drain of pool "web" server'):
@@ -86,6 +88,7 @@ def test_a_state_value_must_match_its_key() -> None:
         decode_state(P, key, b'{"op": "boom"}')
 
 
+@pytest.mark.slow
 def test_disagreements_name_both_sides() -> None:
     members = [Member("c", servers={"web": {"s1": "down", "s2": "up"}}),
                Member("a", servers={"web": {"s1": "up", "s2": "up"}}),
@@ -94,6 +97,7 @@ def test_disagreements_name_both_sides() -> None:
     assert disagreements(members[1:]) == []
 
 
+@pytest.mark.slow
 def test_a_member_round_trips_and_a_bad_one_is_refused() -> None:
     member = Member("a", "0.1.0", 12, 1.5, "127.0.0.1:9900", {"web": {"s1": "up"}})
     assert decode_member("k", "a", encode_member(member)) == member
@@ -103,6 +107,7 @@ def test_a_member_round_trips_and_a_bad_one_is_refused() -> None:
             decode_member("k", "a", bad)
 
 
+@pytest.mark.slow
 @given(VALUES, st.sampled_from(["drain", "weight", "faults", "member"]))
 def test_any_value_decodes_or_is_a_bad_value(value: bytes, aspect: str) -> None:
     """Whatever a tool writes, decoding gives a record or BadValue: never another exception."""

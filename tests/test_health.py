@@ -116,6 +116,7 @@ async def test_chunked_health_body_is_understood(nursery: trio.Nursery) -> None:
         assert balancer.pools["test"].servers[0].healthy
 
 
+@pytest.mark.slow
 async def test_state_changes_are_logged_once(nursery: trio.Nursery, caplog: pytest.LogCaptureFixture) -> None:
     logging.getLogger("trioanubis").propagate = True
     good = await start_backend(nursery, name_handler("good"))
@@ -132,6 +133,7 @@ async def test_state_changes_are_logged_once(nursery: trio.Nursery, caplog: pyte
     assert "(refused)" in downs[0].getMessage()
 
 
+@pytest.mark.slow
 async def test_blackholed_server_is_skipped_and_ejected(nursery: trio.Nursery) -> None:
     good = await start_backend(nursery, name_handler("good"))
     with blackholed_port() as port:

@@ -79,6 +79,7 @@ def down_reasons(caplog: pytest.LogCaptureFixture, server: Server) -> list[str]:
     return [r.getMessage() for r in caplog.records if f"server {server.name} is down" in r.getMessage()]
 
 
+@pytest.mark.slow
 async def test_redis_check_passes_on_real_redis_and_fails_on_loading(
     nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -237,6 +238,7 @@ async def test_banner_and_mysql_checks_read_what_the_server_says_first(nursery: 
                       (False, "failed: mysql refused: 1040 Too many connections")]  # fmt: skip
 
 
+@pytest.mark.slow
 async def test_a_silent_server_fails_at_the_timeout_and_a_flood_at_the_bound(nursery: trio.Nursery) -> None:
     async def silent(stream: trio.SocketStream) -> None:
         async with stream:

@@ -111,6 +111,7 @@ fault_tables = st.fixed_dictionaries({}, optional={
 })  # fmt: skip
 
 
+@pytest.mark.slow
 @given(table=fault_tables)
 def test_what_stats_shows_parses_back_to_the_same_faults(table: dict[str, Any]) -> None:
     faults = parse_faults(table)
@@ -119,6 +120,7 @@ def test_what_stats_shows_parses_back_to_the_same_faults(table: dict[str, Any]) 
         assert parse_faults(shown) == faults
 
 
+@pytest.mark.slow
 @given(value=st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
                           lambda inner: st.lists(inner, max_size=3)
                           | st.dictionaries(st.sampled_from(["latency", "slice", "refuse", "x"]), inner,
@@ -242,6 +244,7 @@ async def test_latency_queue_is_bounded_so_the_server_is_pushed_back(nursery: tr
             assert await receive_all(stream, len(payload)) == payload  # and nothing was lost
 
 
+@pytest.mark.slow
 async def test_blackhole_reads_and_drops(nursery: trio.Nursery) -> None:
     got: list[bytes] = []
 

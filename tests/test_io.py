@@ -286,6 +286,7 @@ async def closed(sock: socket.socket) -> None:
                 return
 
 
+@pytest.mark.slow
 async def test_a_relay_is_one_task_for_both_directions_on_epoll(backend_name: str) -> None:
     async with running(backend_name) as backend, driven(backend) as (relay, client, server):
         async with trio.open_nursery() as nursery:

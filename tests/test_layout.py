@@ -124,10 +124,12 @@ def config_escapes(graph: dict[str, set[str]]) -> dict[str, set[str]]:
     return found
 
 
+@pytest.mark.slow
 def test_the_config_package_imports_nothing_above_it() -> None:
     assert config_escapes(import_graph()) == {}
 
 
+@pytest.mark.slow
 def test_the_config_rule_finds_an_upward_import() -> None:
     graph = import_graph()
     graph["trioanubis.config.values"] = graph["trioanubis.config.values"] | {"trioanubis.pool"}
@@ -161,6 +163,7 @@ def files_named_but_missing(paths: list[Path]) -> list[str]:
     return missing
 
 
+@pytest.mark.slow
 def test_every_file_a_docstring_or_comment_names_exists() -> None:
     """A module that says "see relay.py" must not point at a file that moved or never was."""
     assert files_named_but_missing(sorted(PACKAGE.rglob("*.py"))) == []

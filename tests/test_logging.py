@@ -149,6 +149,7 @@ def read_everything_written(read_end: int, writer: LogWriter) -> bytes:
         assert time.monotonic() < deadline, "the writer stopped writing"
 
 
+@pytest.mark.slow
 def test_dropped_lines_are_counted_and_reported_once_the_sink_recovers() -> None:
     read_end, write_end = os.pipe()
     writer = LogWriter(write_end, limit=4096)
@@ -174,6 +175,7 @@ def test_dropped_lines_are_counted_and_reported_once_the_sink_recovers() -> None
         stop(writer, read_end, write_end)
 
 
+@pytest.mark.slow
 def test_flush_gives_up_on_a_stalled_sink() -> None:
     read_end, write_end = os.pipe()
     writer = LogWriter(write_end, limit=4096)
@@ -362,6 +364,7 @@ def test_the_json_time_is_rfc3339_utc_to_the_millisecond(created: float) -> None
     assert_rfc3339_of(json.loads(JsonFormatter().format(record))["time"], created)
 
 
+@pytest.mark.slow
 def test_the_json_time_of_a_known_moment() -> None:
     record = logging.LogRecord("trioanubis.test", logging.INFO, __file__, 0, "m", None, None)
     record.created = 1_700_000_000.25
@@ -418,6 +421,7 @@ class Broken:
         raise ValueError("a formatter bug")
 
 
+@pytest.mark.slow
 def test_a_deferred_line_that_fails_to_render_is_counted_and_the_writer_goes_on() -> None:
     read_end, write_end = os.pipe()
     writer = LogWriter(write_end)

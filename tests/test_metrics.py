@@ -42,6 +42,7 @@ async def test_build_info_names_the_version_python_and_io_backend(nursery: trio.
     assert build.value == 1 and families["anubis_build_info"].type == "gauge"
 
 
+@pytest.mark.slow
 async def test_the_standard_process_metrics_are_what_prometheus_client_reads(nursery: trio.Nursery) -> None:
     """Names, types and values as the official client's ProcessCollector gives them for this process."""
     from prometheus_client import CollectorRegistry, ProcessCollector

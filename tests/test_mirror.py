@@ -84,6 +84,7 @@ def mirrored(primary: str, target: str, **pool: Any) -> dict[str, Any]:
 # ------------------------------------------------------------------ the copy is exact
 
 
+@pytest.mark.slow
 async def test_the_mirror_receives_exactly_the_client_s_bytes_in_order_and_its_half_close(
     nursery: trio.Nursery,
 ) -> None:
@@ -105,6 +106,7 @@ async def test_the_mirror_receives_exactly_the_client_s_bytes_in_order_and_its_h
     assert balancer.pools["shadow"].servers[0].total == len(payloads)  # the mirror pool's slots, given back
 
 
+@pytest.mark.slow
 async def test_the_client_s_half_close_reaches_the_mirror_while_the_primary_is_open(
     nursery: trio.Nursery,
 ) -> None:
@@ -165,6 +167,7 @@ async def test_a_copy_outlives_a_short_primary_without_holding_it_up(
     assert not any(mirror.state_of(balancer.pools["test"]).dropped.values())
 
 
+@pytest.mark.slow
 async def test_a_pipelined_client_and_a_slow_primary_lose_no_byte_of_the_copy(nursery: trio.Nursery) -> None:
     """The client sends in many small writes while it reads; the copy is the concatenation."""
     primary = await start_backend(nursery, echo_handler)
@@ -214,6 +217,7 @@ async def test_a_mirror_pool_that_wants_a_proxy_header_gets_one_naming_the_clien
     assert recorder.received[0] == header + b"hello"
 
 
+@pytest.mark.slow
 async def test_a_tls_terminated_connection_is_mirrored_in_clear(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
@@ -237,6 +241,7 @@ async def test_a_tls_terminated_connection_is_mirrored_in_clear(
     assert recorder.received[0] == payload
 
 
+@pytest.mark.slow
 async def test_a_mirror_given_as_host_and_port_by_name_is_resolved(nursery: trio.Nursery) -> None:
     primary = await start_backend(nursery, echo_handler)
     recorder = Recorder()
@@ -354,6 +359,7 @@ async def test_a_mirror_pool_without_a_server_counts_no_server(nursery: trio.Nur
         await wait_until(lambda: state.dropped["no_server"] == 1)
 
 
+@pytest.mark.slow
 async def test_a_connection_that_ends_before_the_mirror_connects_leaves_nothing(
     nursery: trio.Nursery,
 ) -> None:
@@ -426,6 +432,7 @@ async def two_hundred_clients(address: Address) -> list[bytes]:
 ANSWER = re.compile(rb"\+OK\r\n:\d+\r\n\+OK\r\n")
 
 
+@pytest.mark.slow
 async def test_two_hundred_clients_leave_the_primary_and_its_mirror_with_the_same_keys(
     nursery: trio.Nursery,
 ) -> None:
@@ -448,6 +455,7 @@ async def test_two_hundred_clients_leave_the_primary_and_its_mirror_with_the_sam
     assert len(dumps[0]) == 200
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["stopped", "paused"])
 async def test_a_stopped_or_paused_redis_mirror_leaves_the_clients_and_the_primary_whole(
     nursery: trio.Nursery, how: str

@@ -422,6 +422,7 @@ async def test_shutdown_delay_keeps_accepting_while_not_ready_and_a_second_signa
         assert process.returncode == 0
 
 
+@pytest.mark.slow
 async def test_after_shutdown_delay_the_listener_closes_and_open_connections_drain(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:

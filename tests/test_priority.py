@@ -66,6 +66,7 @@ SERVERS = [
 # ------------------------------------------------------------------ the pool, without I/O
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 def test_every_strategy_picks_only_from_the_serving_group(strategy: str) -> None:
     pool = make_pool(SERVERS, strategy)
@@ -231,6 +232,7 @@ async def check_admin_views(balancer: Any, serving: int) -> None:
     assert priorities == {"primary": 0, "backup": 1}
 
 
+@pytest.mark.slow
 async def test_two_priority_levels_and_a_backup_with_least_connections(nursery: trio.Nursery) -> None:
     ports = {name: free_port() for name in ("a1", "a2", "backup", "last")}
     backends = {name: await start_backend(nursery, name_handler(name), port=port)

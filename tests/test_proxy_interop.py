@@ -86,6 +86,7 @@ async def nginx(tmp: Path) -> AsyncIterator[Address]:
 GET = b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option", ["send-proxy", "send-proxy-v2"])
 async def test_haproxy_in_front_names_the_client_in_the_access_log_and_stats(
     nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture, option: str
@@ -110,6 +111,7 @@ async def test_haproxy_in_front_names_the_client_in_the_access_log_and_stats(
     assert clients == [client]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", ["v1", "v2"])
 async def test_send_proxy_to_nginx_names_the_real_client(tmp_path: Path, version: str) -> None:
     async with nginx(tmp_path) as backend:
@@ -122,6 +124,7 @@ async def test_send_proxy_to_nginx_names_the_real_client(tmp_path: Path, version
     assert answer.endswith(f"client 127.0.0.2:{port}\n".encode())
 
 
+@pytest.mark.slow
 async def test_health_checks_reach_a_proxy_protocol_nginx_only_with_health_send_proxy(tmp_path: Path) -> None:
     health: dict[str, Any] = {"check": "http", "path": "/", "expect_body": "client", "interval": "100ms"}
     async with nginx(tmp_path) as backend:
@@ -137,6 +140,7 @@ async def test_health_checks_reach_a_proxy_protocol_nginx_only_with_health_send_
     assert answer is not None and b"client 127.0.0.2:" in answer
 
 
+@pytest.mark.slow
 async def test_haproxy_to_us_to_nginx_carries_the_client_through(tmp_path: Path) -> None:
     (tmp_path / "haproxy").mkdir()
     (tmp_path / "nginx").mkdir()

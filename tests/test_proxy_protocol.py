@@ -42,6 +42,7 @@ TCP4_BODY = bytes([192, 0, 2, 7, 10, 0, 0, 1]) + struct.pack("!HH", 51234, 443)
 # ------------------------------------------------------------------ vectors
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("line", "source", "destination"),
     [
@@ -98,6 +99,7 @@ def test_garbage_fails_at_the_first_byte() -> None:
         assert taken <= len(V2_SIGNATURE)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("header", "expected"),
     [
@@ -227,6 +229,7 @@ def check_invariants(reader: HeaderReader, data: bytes, taken: int) -> None:
     assert reader.failed == bool(reader.error)
 
 
+@pytest.mark.slow
 @settings(max_examples=500)
 @given(st.lists(st.binary(max_size=300), max_size=8))
 def test_random_bytes_in_random_pieces_never_raise_or_overbuffer(pieces: list[bytes]) -> None:
@@ -235,6 +238,7 @@ def test_random_bytes_in_random_pieces_never_raise_or_overbuffer(pieces: list[by
         check_invariants(reader, piece, reader.feed(piece))
 
 
+@pytest.mark.slow
 @settings(max_examples=300)
 @given(
     st.sampled_from([V1_MAX, MAX_BUFFERED]).flatmap(lambda n: st.binary(max_size=n)),
@@ -247,6 +251,7 @@ def test_plausible_prefixes_followed_by_random_bytes_never_raise(tail: bytes, pr
     check_invariants(reader, data, reader.feed(data))
 
 
+@pytest.mark.slow
 @settings(max_examples=200)
 @given(valid_headers, st.binary(max_size=64))
 def test_a_valid_header_truncated_at_every_offset_waits_for_more(header: bytes, payload: bytes) -> None:
@@ -260,6 +265,7 @@ def test_a_valid_header_truncated_at_every_offset_waits_for_more(header: bytes, 
         assert reader.done
 
 
+@pytest.mark.slow
 @settings(max_examples=200)
 @given(valid_headers, st.data())
 def test_a_valid_header_in_random_pieces_reads_the_same_and_never_overreads(

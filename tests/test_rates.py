@@ -74,6 +74,7 @@ def test_two_connections_sharing_a_budget_take_twice_as_long_as_one() -> None:
     assert shared == pytest.approx((2 * size - rate * BURST_SECONDS) / rate)
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @given(rate=st.integers(1, 1 << 40), takes=st.lists(st.tuples(st.floats(0, 10), st.integers(0, 1 << 20)),
                                                     min_size=1, max_size=50))  # fmt: skip
@@ -130,6 +131,7 @@ def test_the_table_is_bounded_whatever_addresses_arrive() -> None:
     assert table.evicted == 1 and len(table) == 3
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 30), st.booleans(), st.floats(0, 2)), max_size=200))
 def test_any_sequence_of_connections_leaves_the_table_bounded_and_empty_of_users(
@@ -332,6 +334,7 @@ RATE_KEYS = [("pool", key) for key in ("upload_rate", "download_rate", "upload_r
     ("listener", key) for key in ("upload_rate", "download_rate")]  # fmt: skip
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(where=st.sampled_from(RATE_KEYS), value=RATE_VALUES)
 def test_a_hostile_rate_is_refused_on_one_line_or_runs_and_reloads(
@@ -371,6 +374,7 @@ async def serve_and_reload(data: dict[str, Any], rate: int) -> None:
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.slow
 def test_with_workers_stats_add_up_the_mirror_and_bandwidth_counters() -> None:
     """The supervisor's /stats (workers/merge.py) adds each worker's counters; settings stay as written."""
     from trioanubis.workers.merge import sum_stats

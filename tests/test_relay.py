@@ -116,6 +116,7 @@ def the_relay(balancer: Balancer) -> Relay:
     return relay
 
 
+@pytest.mark.slow
 async def test_server_reset_reaches_the_client_as_a_reset(nursery: trio.Nursery, splice: bool) -> None:
     client_got_data = trio.Event()
 
@@ -163,6 +164,7 @@ async def test_client_reset_reaches_the_server_as_a_reset(nursery: trio.Nursery,
         await wait_until(lambda: balancer.pools["test"].active == 0)
 
 
+@pytest.mark.slow
 async def test_connect_refused_closes_client_and_keeps_running(nursery: trio.Nursery) -> None:
     backend = await start_backend(nursery, name_handler("alive"))
     dead = f"127.0.0.1:{free_port()}"
@@ -177,6 +179,7 @@ async def test_connect_refused_closes_client_and_keeps_running(nursery: trio.Nur
         assert await request(address) == b"alive"
 
 
+@pytest.mark.slow
 async def test_a_loopback_connect_done_inside_connect_waits_for_nothing(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -199,6 +202,7 @@ async def test_a_loopback_connect_done_inside_connect_waits_for_nothing(
         assert waits == []
 
 
+@pytest.mark.slow
 async def test_idle_timeout_resets_both_sides(nursery: trio.Nursery, splice: bool) -> None:
     endings: list[str] = []
 
@@ -238,6 +242,7 @@ async def test_activity_in_one_direction_keeps_the_connection_open(nursery: trio
         await wait_until(lambda: b.access.counts.get("server_eof") == 1)
 
 
+@pytest.mark.slow
 async def test_cancelling_the_root_scope_closes_every_socket(nursery: trio.Nursery) -> None:
     backend = await start_backend(nursery, echo_handler)
     await trio.testing.wait_all_tasks_blocked()
@@ -273,6 +278,7 @@ def connection_tasks() -> list[trio.lowlevel.Task]:
     return [t for t in walk(trio.lowlevel.current_root_task()) if t.name == CONNECTION_TASK_NAME]
 
 
+@pytest.mark.slow
 async def test_an_idle_connection_is_parked_in_two_frames_of_ours(nursery: trio.Nursery) -> None:
     """Each frame an idle connection keeps is memory per connection (bench/README.md): the task is
     suspended in `run_connection` and the backend's `drive`, and in nothing else of ours."""
@@ -290,6 +296,7 @@ async def test_an_idle_connection_is_parked_in_two_frames_of_ours(nursery: trio.
             assert frames[2:] == ([] if IO_BACKEND == "epoll" else ["_direction"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["round_robin", "least_connections"])
 async def test_many_short_connections(nursery: trio.Nursery, strategy: str) -> None:
     backends = [await start_backend(nursery, name_handler(f"s{i}")) for i in range(3)]
@@ -347,6 +354,7 @@ async def test_ipv6_listener_relays_to_an_ipv4_server(nursery: trio.Nursery) -> 
         assert await request(address) == b"v4 behind v6"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not USE_SPLICE or IO_BACKEND != "epoll", reason="splice: Linux's epoll backend only")
 @pytest.mark.parametrize("pipes", ["available", "exhausted"])
 async def test_bulk_switches_to_splice_and_falls_back_to_copying_without_pipes(

@@ -52,6 +52,7 @@ def test_plan_compares_with_the_bind_that_runs_not_the_last_file() -> None:
     assert plan(after_failed_rebind, running.pools, still, new, io_forced=False).listeners_bound == ("web",)
 
 
+@pytest.mark.slow
 def test_plan_keeps_a_listener_whose_bind_is_only_written_differently() -> None:
     """":8000" and "0.0.0.0:8000" are one socket: rebinding it would fail with "address in use"."""
     running = parse_config(dict(BASE, listeners={"web": {"bind": ":8000", "pool": "a"}}), "a.toml")
@@ -69,6 +70,7 @@ def test_plan_keeps_a_listener_whose_bind_is_only_written_differently() -> None:
     assert plan(running, running.pools, running.listeners, moved, io_forced=False).listeners_bound == ("web",)
 
 
+@pytest.mark.slow
 def test_plan_warns_about_io_only_when_not_forced() -> None:
     running = parse_config(BASE, "a.toml")
     new = parse_config(dict(BASE, settings={"io": "portable"}), "b.toml")
@@ -103,6 +105,7 @@ def test_update_servers_keeps_removes_and_returns_the_new_ones() -> None:
     assert kept not in pool.servers
 
 
+@pytest.mark.slow
 def test_a_weight_set_through_the_admin_survives_a_reload_of_an_unchanged_file() -> None:
     """As a drain and the admin's faults do; a weight the file changes wins (HAProxy's server-state idea)."""
     config = parse_config(BASE, "a.toml").pools["a"]
@@ -117,6 +120,7 @@ def test_a_weight_set_through_the_admin_survives_a_reload_of_an_unchanged_file()
     assert server.weight == 3
 
 
+@pytest.mark.slow
 async def test_a_reload_that_replaces_the_only_server_never_leaves_the_pool_empty(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:

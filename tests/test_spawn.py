@@ -123,6 +123,7 @@ async def test_a_replica_seen_to_exit_gets_no_connection_and_comes_back_once_res
         assert victim.server.total > before and victim.server.connect_failures == 0
 
 
+@pytest.mark.slow
 async def test_three_http_server_replicas_all_take_traffic() -> None:
     async with running_balancer(spawn_config(HTTP_SERVER)) as (balancer, address):
         spawner = spawner_of(balancer)
@@ -132,6 +133,7 @@ async def test_three_http_server_replicas_all_take_traffic() -> None:
         assert all(r.server.total == 2 for r in spawner.replicas)
 
 
+@pytest.mark.slow
 async def test_a_replica_that_cannot_start_is_retried_and_the_rest_serve() -> None:
     command = [sys.executable, "-c", "import sys; print('boom', file=sys.stderr); sys.exit(3)"]
     async with running_balancer(spawn_config(command, replicas=1, start_timeout="1s")) as (balancer, _):
@@ -336,6 +338,7 @@ NEW_REFERENCE_KEYS = ("queue_timeout", "max_queued", "[pools.web.spawn]", "comma
                       "watch", "host", "start_timeout", "stop_grace")  # fmt: skip
 
 
+@pytest.mark.slow
 async def test_the_reference_config_with_the_new_keys_uncommented_checks_and_runs() -> None:
     if sys.version_info >= (3, 11):
         import tomllib

@@ -20,6 +20,7 @@ from trioanubis.ops.status import CLEAR_LINE, Sample, StatusHandler, format_stat
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_the_line_says_servers_held_clients_and_rate() -> None:
     assert format_status(Sample(2, 3, 1, 12.345)) == "servers 2/3 up · 1 held · 12.3 conn/s"
     assert format_status(Sample(0, 0, 0, 0.0, rolling=True)) == (

@@ -126,6 +126,7 @@ def test_least_connections_never_picks_a_more_loaded_server(
     assert all(load(picked) <= load(other) for other in servers)
 
 
+@pytest.mark.slow
 def test_least_connections_breaks_ties_round_robin() -> None:
     servers = servers_with([1, 1, 1])
     assert sorted(picks(LeastConnections(), servers, 3)) == ["a", "b", "c"]
@@ -256,6 +257,7 @@ def test_bounded_source_hash_keeps_every_server_within_its_bound_and_clients_on_
         open_connections.append(chosen)
 
 
+@pytest.mark.slow
 def test_bounded_source_hash_moves_only_the_overflow_and_always_to_the_same_next_server() -> None:
     """One hot client: it keeps its server up to the bound; the overflow goes where a failover
     from that server would go (the key's own order), the same way each time; idle, it is back."""
@@ -284,6 +286,7 @@ def test_bounded_source_hash_moves_only_the_overflow_and_always_to_the_same_next
     assert SourceHash(balance_factor=1.25).pick(servers, hot, anything).name == own.name  # type: ignore[union-attr]
 
 
+@pytest.mark.slow
 def test_a_bound_never_refuses_a_usable_server() -> None:
     """When every usable server is at its bound (the others full), the first usable one is taken."""
     servers = servers_with([1, 1])
@@ -292,6 +295,7 @@ def test_a_bound_never_refuses_a_usable_server() -> None:
     assert strategy.pick(servers, b"k", lambda s: s is servers[0]) is servers[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("value", "message"), [
     (0.5, "from 1 to 100"), (101, "from 0 to 100"), (float("nan"), "from 0 to 100"),
     ("1.25", "must be a number"), (True, "must be a number"),
@@ -303,6 +307,7 @@ def test_balance_factor_out_of_range_names_the_key(value: object, message: str) 
         parse_config(data, "t.toml")
 
 
+@pytest.mark.slow
 @given(st.one_of(st.floats(allow_nan=True), st.integers(-10, 1000), st.text(max_size=5), st.booleans()),
        st.sampled_from(sorted(STRATEGIES)))
 @settings(max_examples=200, deadline=None)

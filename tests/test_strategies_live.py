@@ -43,6 +43,7 @@ def late_handler(name: str, delay: float):  # type: ignore[no-untyped-def]
     return handler
 
 
+@pytest.mark.slow
 async def test_least_time_prefers_the_fast_server(nursery: trio.Nursery) -> None:
     fast = await start_backend(nursery, late_handler("fast", 0.0))
     slow = await start_backend(nursery, late_handler("slow", 0.1))
@@ -59,6 +60,7 @@ async def test_least_time_prefers_the_fast_server(nursery: trio.Nursery) -> None
         assert "ewma" in describe(balancer.config, balancer.pools)
 
 
+@pytest.mark.slow
 async def test_least_time_connect_mode_records_connect_times(nursery: trio.Nursery) -> None:
     backend = await start_backend(nursery, name_handler("x"))
     data = config_for([backend.address], strategy="least_time", least_time="connect")
@@ -107,6 +109,7 @@ async def test_custom_strategy_by_dotted_path(nursery: trio.Nursery, tmp_path: P
         sys.modules.pop("my_strategies", None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["round_robin", "least_connections", "random", "power_of_two",
                                       "source_hash", "least_time"])  # fmt: skip
 async def test_full_servers_are_skipped_and_all_full_closes_at_once(
@@ -131,6 +134,7 @@ async def test_full_servers_are_skipped_and_all_full_closes_at_once(
             await stream.aclose()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["round_robin", "least_connections"])
 async def test_max_connections_is_a_hard_cap_under_a_burst(nursery: trio.Nursery, strategy: str) -> None:
     """30 clients queued in the backlog at once: their connects are all in flight together.

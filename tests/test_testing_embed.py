@@ -35,6 +35,7 @@ async def test_two_balancers_at_once_relay_and_exit_cleanly() -> None:
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.slow
 async def test_the_config_comes_as_toml_text_a_path_or_a_dict(tmp_path: Path) -> None:
     async with trio.open_nursery() as nursery:
         backend = await start_backend(nursery, named("x"), "x")
@@ -58,6 +59,7 @@ async def test_the_config_comes_as_toml_text_a_path_or_a_dict(tmp_path: Path) ->
             pass
 
 
+@pytest.mark.slow
 async def test_the_environment_does_not_choose_the_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     """ANUBIS_IO is `anubis run`'s: an embedding program's balancer ignores it (here: a bad value)."""
     monkeypatch.setenv("ANUBIS_IO", "no-such-backend")
@@ -106,6 +108,7 @@ def run_in_thread(backend: Address, payload: bytes, results: dict[str, Any], key
         results[key] = exc
 
 
+@pytest.mark.slow
 async def test_two_balancers_in_two_threads_relay_byte_exact() -> None:
     async with trio.open_nursery() as nursery:
         echo = await start_backend(nursery)
@@ -129,6 +132,7 @@ async def test_two_balancers_in_two_threads_relay_byte_exact() -> None:
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.slow
 def test_the_public_names_are_declared() -> None:
     for name in trioanubis.__all__:
         assert getattr(trioanubis, name) is not None

@@ -85,6 +85,7 @@ def test_latency_makes_a_tight_timeout_expire_on_the_open_connection(anubis_prox
     assert client(db, timeout=10).set("after", "latency")
 
 
+@pytest.mark.slow
 def test_a_cut_after_64_kib_breaks_a_large_reply(anubis_proxy, redis_server):
     db = anubis_proxy(redis_server)
     r = client(db, timeout=10)

@@ -93,6 +93,7 @@ async def test_idle_timeout_fires_within_its_bound(
         assert 30.0 <= fired - start <= 30.0 * (1 + LATE)
 
 
+@pytest.mark.slow
 async def test_activity_postpones_the_idle_timeout(
     backend_name: str, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -113,6 +114,7 @@ async def test_activity_postpones_the_idle_timeout(
         assert 10.0 <= fired - last <= 10.0 * (1 + LATE) + 1e-9
 
 
+@pytest.mark.slow
 async def test_half_close_timeout_fires_within_its_bound_after_the_first_eof(
     backend_name: str, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -134,6 +136,7 @@ async def attempt(connecting: Connecting, sock: socket.socket) -> float:
     return trio.current_time()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["connect", "failover"])
 async def test_connect_and_failover_deadlines_fire_within_their_bound(
     backend_name: str, which: str, autojump_clock: trio.testing.MockClock
@@ -158,6 +161,7 @@ async def test_connect_and_failover_deadlines_fire_within_their_bound(
             timer.unwatch(conn)
 
 
+@pytest.mark.slow
 async def test_client_leaving_cancels_the_connect_attempt_within_a_tick(
     backend_name: str, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -161,6 +161,7 @@ async def test_no_route_no_fallback_silence_and_garbage_are_closed(nursery: trio
         assert backend.connections >= 1
 
 
+@pytest.mark.slow
 async def test_termination_relays_plaintext_with_half_close(nursery: trio.Nursery, ca: Authority) -> None:
     backend = await start_backend(nursery, echo_handler)
     pair = ca.issue("localhost", "127.0.0.1")
@@ -247,6 +248,7 @@ def test_config_errors_name_the_key(tmp_path: Path, ca: Authority) -> None:
     assert ok.listeners["l"].routes[0].sni == "*.a.test" and ok.listeners["l"].pool == ""
 
 
+@pytest.mark.slow
 async def test_several_certificates_are_chosen_by_name(nursery: trio.Nursery, ca: Authority) -> None:
     backend = await start_backend(nursery, echo_handler)
     a, b = ca.issue("a.test"), ca.issue("b.test")

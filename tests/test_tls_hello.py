@@ -91,6 +91,7 @@ def test_several_names_and_grease_the_first_host_name_wins() -> None:
     assert read(records(body)) == Hello("hello", "one.test", ("\n\n", "h2"))
 
 
+@pytest.mark.slow
 def test_errors() -> None:
     assert read(b"\x16\x03\x01\x40\x01").error.startswith("record of 16385 bytes")
     assert read(b"\x16\x02\x00\x00\x05").status == "error"
@@ -101,6 +102,7 @@ def test_errors() -> None:
     assert read(b"\x16\x03\x01\x00\x05" + b"\x01\xff\xff\xff\x00").status == "error"  # too long
 
 
+@pytest.mark.slow
 def test_a_hello_bigger_than_the_buffer_is_an_error() -> None:
     body = hello_body([extension(0xFFF0, bytes(20000)), sni_extension((0, b"late.test"))])
     result = read(records(body), pieces=10)
@@ -149,6 +151,7 @@ def test_mutated_hellos_never_raise(data: st.DataObject) -> None:
 FUZZ_HELLO = real_hello("fuzz.example.com", ["h2"])
 
 
+@pytest.mark.slow
 def test_route_matching() -> None:
     table = RouteTable([Route("api.example.com", "api"), Route("*.example.com", "web"),
                         Route("*.b.example.com", "deep"), Route("h2.example.com", "h2", alpn="h2"),

@@ -171,6 +171,7 @@ async def test_curl_to_a_terminating_listener_downloads_64_mib_byte_exact(tmp_pa
             await wait_until(lambda: server.bytes_in >= 64 << 20 and server.bytes_out >= 64 << 20)
 
 
+@pytest.mark.slow
 async def test_an_originating_pool_refuses_expired_and_foreign_certificates_and_fails_over(
     tmp_path: Path,
 ) -> None:

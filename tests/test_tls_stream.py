@@ -38,6 +38,7 @@ async def test_tls_stream_is_a_conforming_half_closeable_stream(
         await trio.testing.check_half_closeable_stream(make, None)
 
 
+@pytest.mark.slow
 async def test_a_failed_handshake_names_the_reason(tmp_path: Path) -> None:
     ca, other = Authority(tmp_path), Authority(tmp_path, "other")
     pair = other.issue("a.test")

@@ -222,6 +222,7 @@ async def test_disabling_closes_the_listener_and_the_open_connections_and_reset_
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.slow
 async def test_toxics_act_on_connections_already_open() -> None:
     async with toxiproxy() as api, trio.open_nursery() as nursery:
         echo = await start_backend(nursery)

@@ -290,6 +290,7 @@ async def test_a_successor_that_exits_or_never_reports_is_a_failed_upgrade(
     assert gone(seen["pid"])  # stopped and reaped
 
 
+@pytest.mark.slow
 def test_the_successor_environment_names_the_sockets_and_drops_ours() -> None:
     env = {"PATH": "/bin", "LISTEN_PID": "1", "LISTEN_FDS": "9", "NOTIFY_SOCKET": "@old",
            "ANUBIS_UPGRADE_FD": "7"}  # fmt: skip
@@ -339,6 +340,7 @@ async def test_sigusr2_to_a_command_that_does_not_upgrade_is_ignored(tmp_path: P
     assert proxy.returncode == 0
 
 
+@pytest.mark.slow
 async def test_a_stop_during_an_upgrade_stops_the_new_process_too(monkeypatch: pytest.MonkeyPatch) -> None:
     child = await trio.lowlevel.open_process([sys.executable, "-c", "import time; time.sleep(60)"])
     state = {"stopping": False, "stepped_down": False}

@@ -318,6 +318,7 @@ def test_channel_decoder_raises_only_channel_errors_and_recovers(chunks: list[by
     assert decoder.feed(encode({"t": "ok"})) == [{"t": "ok"}]
 
 
+@pytest.mark.slow
 def test_channel_decoder_refuses_deep_nesting_and_long_lines() -> None:
     decoder = LineDecoder(max_line=1000)
     with pytest.raises(ChannelError, match="nests"):
@@ -327,6 +328,7 @@ def test_channel_decoder_refuses_deep_nesting_and_long_lines() -> None:
     assert decoder.feed(b"still the long line\n" + encode({"t": "next"})) == [{"t": "next"}]
 
 
+@pytest.mark.slow
 def test_metrics_sum_counters_and_keep_shared_gauges_from_the_view() -> None:
     view = '# TYPE anubis_server_up gauge\nanubis_server_up{s="a"} 1\n# TYPE anubis_c counter\nanubis_c 0\n'
     worker = '# TYPE anubis_server_up gauge\nanubis_server_up{s="a"} 0\n# TYPE anubis_c counter\nanubis_c 3\n'
