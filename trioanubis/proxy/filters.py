@@ -180,14 +180,12 @@ MAKERS: Final[list[Maker]] = [_faults]
 
 def filters_for(conn: Connection) -> tuple[Filters, Filters] | None:
     """Every maker's filters for this connection's directions (client → server, server → client)."""
-    up: list[Filter] = []
-    down: list[Filter] = []
+    found: tuple[Filters, Filters] | None = None
     for maker in MAKERS:
         made = maker(conn)
-        if made is not None:
-            up.extend(made[0])
-            down.extend(made[1])
-    return (tuple(up), tuple(down)) if up or down else None
+        if made is not None:  # rare: lists only then (a plain connection allocates nothing here)
+            found = made if found is None else (found[0] + made[0], found[1] + made[1])
+    return found if found is not None and (found[0] or found[1]) else None
 
 
 def any_delays(filters: Sequence[Filter]) -> bool:
