@@ -322,6 +322,7 @@ async def test_server_bytes_that_came_before_the_relay_started_are_relayed(backe
             assert await received(client, 10) == b"220 banner"
             assert await received(server, 5) == b"hello"
             client.shutdown(socket.SHUT_WR)
+            await closed(server)  # the client's EOF went through first
             server.shutdown(socket.SHUT_WR)
         assert relay.conn.end == "client_eof"
 
