@@ -1,6 +1,7 @@
 """Instructions per connection and per request, counted by callgrind: figures the machine's noise spares.
 
     python bench/instructions.py [--source DIR] [--io auto|epoll|portable] [-n 400] [--requests 2000]
+                                 [--concurrency 1]
 
 Theory of operation: on shared cores, rates move by ±15 % from run to run and
 CPU time per unit by several per cent; two trees that differ by 3 % cannot be
@@ -13,7 +14,11 @@ seeded here, and so is Python's string hashing. So this runs the balancer
 callgrind three times, each behind the same echo backend (in this process)
 and driven the same way: start and stop only (the baseline); `-n` new
 connections, one after another, each sending 100 bytes, reading them back and
-closing (the connection-rate workload's unit); one connection carrying
+closing (the connection-rate workload's unit), `--concurrency` of them at a
+time (1: the balancer wakes up for every connection, nothing is batched; 50,
+as wrk's: under valgrind the balancer is then always behind, as it is when
+saturated, and each wake-up finds many events; the thread scheduling varies,
+so this count moves by a per cent or two between runs); one connection carrying
 `--requests` exchanges of 100 bytes (keep-alive's unit). It prints the
 instructions per connection and per request, each run's minus the baseline.
 The balancer's own instructions only: the backend and the clients run here.
@@ -100,9 +105,7 @@ def measure(args: argparse.Namespace, backend: int, drive: str) -> int:
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         wait_port(port)
         if drive == "connrate":
-            for _ in range(args.n):
-                with socket.create_connection(("127.0.0.1", port)) as sock:
-                    exchange(sock)
+            connect_many(port, args.n, args.concurrency)
         elif drive == "keepalive":
             with socket.create_connection(("127.0.0.1", port)) as sock:
                 for _ in range(args.requests):
@@ -112,7 +115,26 @@ def measure(args: argparse.Namespace, backend: int, drive: str) -> int:
         match = re.search(rb"Collected : (\d+)", err) or re.search(rb"summary: (\d+)", out.read_bytes())
         if match is None:
             raise RuntimeError(f"no instruction count in callgrind's output: {err[-500:]!r}")
+        if args.keep:  # for callgrind_annotate: where the instructions go, by C function
+            Path(args.keep).mkdir(parents=True, exist_ok=True)
+            out.replace(Path(args.keep) / f"callgrind.{drive}")
         return int(match.group(1))
+
+
+def connect_many(port: int, count: int, concurrency: int) -> None:
+    """`count` connections, each an exchange, from `concurrency` threads at once."""
+
+    def client(share: int) -> None:
+        for _ in range(share):
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                exchange(sock)
+
+    shares = [count // concurrency + (i < count % concurrency) for i in range(concurrency)]
+    threads = [threading.Thread(target=client, args=(share,)) for share in shares]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
 
 
 def wait_port(port: int, timeout: float = 300.0) -> None:
@@ -131,18 +153,22 @@ def main() -> int:
     parser.add_argument("--io", default="auto", choices=("auto", "epoll", "portable"))
     parser.add_argument("-n", type=int, default=400, help="connections in the connection-rate run")
     parser.add_argument("--requests", type=int, default=2000, help="exchanges in the keep-alive run")
+    parser.add_argument("--concurrency", type=int, default=1, help="connections at a time (connection rate)")
+    parser.add_argument("--keep", default="", metavar="DIR", help="keep callgrind's output files in DIR")
+    parser.add_argument("--no-keepalive", action="store_true", help="skip the keep-alive run")
     args = parser.parse_args()
     backend, stop = echo_server()
     try:
         base = measure(args, backend, "none")
         connrate = measure(args, backend, "connrate")
-        keepalive = measure(args, backend, "keepalive")
+        keepalive = 0 if args.no_keepalive else measure(args, backend, "keepalive")
     finally:
         stop.set()
     tree = args.source or str(Path(__file__).resolve().parent.parent)
     print(f"{tree} (io {args.io}): baseline {base:,} instructions")
-    print(f"  per connection: {(connrate - base) / args.n:,.0f}")
-    print(f"  per keep-alive request: {(keepalive - base) / args.requests:,.0f}")
+    print(f"  per connection ({args.concurrency} at a time): {(connrate - base) / args.n:,.0f}")
+    if keepalive:
+        print(f"  per keep-alive request: {(keepalive - base) / args.requests:,.0f}")
     return 0
 
 

@@ -26,7 +26,7 @@ from tests.conftest import awaited_frames, standalone_relay
 from tests.helpers import BACKENDS, fill, running, socket_pair
 from trioanubis.config import parse_config
 from trioanubis.errors import AttemptCancelled, ConfigError
-from trioanubis.proxy.io import IO_CHOICES, Readiness, epoll_available
+from trioanubis.proxy.io import IO_CHOICES, WRITE, Readiness, epoll_available
 from trioanubis.proxy.relay import CHUNK_SIZE, Relay
 
 KINDS = ["socketpair", "tcp"]
@@ -309,6 +309,43 @@ async def test_a_relay_is_one_task_for_both_directions_on_epoll(backend_name: st
             assert await received(client, 4) == b"late"
             server.shutdown(socket.SHUT_WR)
         assert relay.conn.end == "client_eof"
+
+
+async def test_server_bytes_that_came_before_the_relay_started_are_relayed(backend_name: str) -> None:
+    """A server that speaks first (a banner) before the relay runs: the dispatcher saw its event
+    with nobody waiting, so the relay must read before it waits (epoll: `_unclaimed`)."""
+    async with running(backend_name) as backend, driven(backend) as (relay, client, server):
+        server.send(b"220 banner")
+        await trio.testing.wait_all_tasks_blocked()  # the dispatcher has taken the event by now
+        client.send(b"hello")  # the client's first bytes are there too when the relay starts
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relay.run)
+            assert await received(client, 10) == b"220 banner"
+            assert await received(server, 5) == b"hello"
+            client.shutdown(socket.SHUT_WR)
+            await closed(server)  # the client's EOF went through first
+            server.shutdown(socket.SHUT_WR)
+        assert relay.conn.end == "client_eof"
+
+
+async def test_a_direction_blocked_on_a_full_peer_resumes_when_it_reads(backend_name: str) -> None:
+    """Sockets join for reading only on epoll: a full destination must still wake its direction."""
+    async with running(backend_name) as backend, driven(backend) as (relay, client, server):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relay.run)
+            await trio.testing.wait_all_tasks_blocked()
+            sent = 0
+            chunk = b"y" * 65536
+            with trio.fail_after(10):
+                while relay.down is None or relay.down.wants != WRITE:  # until the client is full
+                    try:
+                        sent += server.send(chunk)
+                    except BlockingIOError:
+                        await trio.testing.wait_all_tasks_blocked(0.01)
+            server.shutdown(socket.SHUT_WR)
+            assert len(await received(client, sent)) == sent  # reading frees room: the rest follows
+            client.shutdown(socket.SHUT_WR)
+        assert relay.conn.end == "server_eof"
 
 
 async def test_an_idle_relay_awaits_the_backend_with_no_frame_of_the_relay_between(backend_name: str) -> None:

@@ -384,3 +384,18 @@ async def test_bulk_switches_to_splice_and_falls_back_to_copying_without_pipes(
         await stream.aclose()
     assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
     assert seen[0].spliced == (2 if pipes == "available" else 0)
+
+
+async def test_both_relayed_sockets_have_nodelay(nursery: trio.Nursery) -> None:
+    """Small writes are not held back (Nagle) on either side; on Linux the client socket gets
+    TCP_NODELAY from the listening socket it was accepted from, elsewhere from a call of its own."""
+    backend = await start_backend(nursery, echo_handler)
+    async with running_balancer(config_for([backend.address])) as (balancer, address):
+        stream = await connect(address)
+        async with stream:
+            await stream.send_all(b"ping")
+            assert await stream.receive_some(4) == b"ping"
+            await wait_until(lambda: bool(relays(balancer)))
+            relay = relays(balancer)[0]
+            for sock in (relay.client, relay.server):
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)

@@ -52,6 +52,7 @@ wake for changes only.
 from __future__ import annotations
 
 import logging
+from bisect import bisect_left
 from collections.abc import Callable, Collection, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, TypeVar, final
@@ -94,10 +95,9 @@ class Histogram:
     def observe(self, value: float) -> None:
         self.count += 1
         self.total += value
-        for i, bound in enumerate(self.bounds):
-            if value <= bound:
-                self.counts[i] += 1
-                break
+        i = bisect_left(self.bounds, value)  # the first bound ≥ value (one C call, every connection)
+        if i < len(self.counts):
+            self.counts[i] += 1
 
     def cumulative(self) -> list[tuple[float, int]]:
         running, out = 0, []

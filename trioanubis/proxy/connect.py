@@ -18,6 +18,7 @@ reason word (`reason_for`); nothing above it inspects errno values.
 from __future__ import annotations
 
 import errno
+import math
 import socket
 import sys
 from typing import TYPE_CHECKING, Final, Literal, final
@@ -96,7 +97,7 @@ class Connecting:
     def __init__(self, poller: Readiness) -> None:
         self.poller = poller
         self.started = 0.0  # when this round of attempts began
-        self.deadline = float("inf")  # the attempt's: connect_timeout, capped by failover_timeout
+        self.deadline = math.inf  # the attempt's: connect_timeout, capped by failover_timeout
         self.fd = -1  # the socket an attempt waits on, while it waits
         self.end: AttemptEnd = ""  # "timeout" or "client_abort" once the Timer cancelled an attempt
 
@@ -127,10 +128,10 @@ async def connect_any(server: Server, connecting: Connecting | None = None) -> s
         sock = new_socket(family, server.address)
         try:
             code = sock.connect_ex(sockaddr)
-            if poller is not None and code in (0, errno.EINPROGRESS):
-                poller.register(sock.fileno())
             if code == errno.EINPROGRESS and connecting is not None and _connected_at_once(sock, sockaddr):
                 code = 0
+            if poller is not None and code in (0, errno.EINPROGRESS):  # writable: to wait for the connect
+                poller.register(sock.fileno(), writable=code != 0)
             if code == errno.EINPROGRESS:
                 if connecting is not None:
                     fd = connecting.fd = sock.fileno()

@@ -33,6 +33,7 @@ Otherwise the connection ends `connect_failed` (servers were tried) or
 from __future__ import annotations
 
 import logging
+import math
 import socket
 from typing import TYPE_CHECKING
 
@@ -87,7 +88,7 @@ async def try_servers(conn: Connection) -> EndState | str:
     key = client_key(conn.peer)
     tried: list[Server] = []
     now = connecting.started = poller.now()
-    deadline = now + config.failover_timeout if config.failover_timeout else float("inf")
+    deadline = now + config.failover_timeout if config.failover_timeout else math.inf
     try:
         for _ in range(config.retries + 1):
             server = pool.pick(key, tried)
@@ -115,7 +116,7 @@ async def try_servers(conn: Connection) -> EndState | str:
             pool.record_connect_success(server, poller.now() - started)
             return ""
     finally:
-        connecting.deadline = float("inf")  # between rounds (held): nothing for the Timer to time out
+        connecting.deadline = math.inf  # between rounds (held): nothing for the Timer to time out
     return "connect_failed" if tried else "no_server"
 
 

@@ -9,7 +9,12 @@ new connections without touching the open ones. The listen socket is closed
 in `finally` the moment its accept loop is cancelled.
 
 Accepting drains the backlog (several connections per wake-up) and waits for
-readiness only on EAGAIN. Errors that mean "out of resources" (EMFILE,
+readiness only on EAGAIN. What each accept costs is kept small: the socket
+object is made from the accepted descriptor with the listener's family and
+type as plain numbers (the stdlib's `accept` converts both to enums per
+call), and where the kernel copies the listening socket's TCP_NODELAY into
+the sockets it accepts (Linux), it is set once on the listening socket and
+not per connection. Errors that mean "out of resources" (EMFILE,
 ENFILE, ENOBUFS, ENOMEM) go to an `AcceptBackoff`: logged once per episode,
 without a traceback, and retried after a short sleep, like Trio's
 `serve_listeners`; any other error propagates. The admin endpoint's accept
@@ -36,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Final, final
 
@@ -64,6 +70,9 @@ ACCEPT_OVERLOAD_ERRNOS: Final = LOCAL_SHORTAGE_ERRNOS
 ACCEPT_BACKOFF: Final = 0.1
 # Accepts in a row before yielding to the connections already running.
 ACCEPTS_PER_CHECKPOINT: Final = 64
+# Linux copies the listening socket's TCP_NODELAY into each socket accept() returns
+# (the accepted socket is cloned from it); elsewhere each accepted socket is set itself.
+NODELAY_INHERITED: Final = sys.platform.startswith("linux")
 
 # How a listener gets its listening socket: bind address and backlog in, a
 # non-blocking listening socket out (workers share one bound by the supervisor).
@@ -172,9 +181,13 @@ class Listener:
     async def _accept_loop(self, sock: socket.socket, connections: trio.Nursery) -> None:
         backoff = self.backoff
         in_a_row = 0
+        nodelay = not (NODELAY_INHERITED and set_nodelay(sock))  # per connection, unless inherited
+        # The stdlib's accept() without its enum conversions: the descriptor, then the socket object.
+        accept = sock._accept  # type: ignore[attr-defined]
+        family, kind, proto = int(sock.family), int(sock.type), sock.proto
         while True:
             try:
-                client, addr = sock.accept()
+                fd, addr = accept()
             except BlockingIOError:
                 in_a_row = 0
                 await trio.lowlevel.wait_readable(sock)
@@ -182,6 +195,7 @@ class Listener:
             except OSError as exc:
                 await backoff.back_off(exc)
                 continue
+            client = socket.socket(family, kind, proto, fd)
             if backoff.overloaded:
                 backoff.recovered()
             self.accepted += 1
@@ -198,7 +212,8 @@ class Listener:
                     client.close()
                     continue
             client.setblocking(False)
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if nodelay:
+                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = Connection(self, client, addr, self.pool, counted or None)  # holds its counts from now
             try:
                 connections.start_soon(run_connection, conn, name=CONNECTION_TASK_NAME)
@@ -224,6 +239,15 @@ class Listener:
         self.admission.configure(config)
         self.screening = config.screens_clients
         self.opening = _opening_for(config)
+
+
+def set_nodelay(sock: socket.socket) -> bool:
+    """Set TCP_NODELAY on `sock`; False when it is not a TCP socket (or refuses)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        return False
+    return True
 
 
 def _opening_for(config: ListenerConfig) -> tuple[Stage, ...]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
-from trioanubis.proxy.filters import Filter, Filters, fault_filters
+from trioanubis.proxy.filters import Filters, fault_filters
 from trioanubis.proxy.mirror import mirror_filters
 from trioanubis.proxy.rates import rate_filters
 
@@ -37,11 +37,9 @@ MAKERS: Final[list[Maker]] = [
 
 def filters_for(conn: Connection) -> tuple[Filters, Filters] | None:
     """Every maker's filters for this connection's directions (client → server, server → client)."""
-    up: list[Filter] = []
-    down: list[Filter] = []
+    found: tuple[Filters, Filters] | None = None
     for maker in MAKERS:
         made = maker(conn)
-        if made is not None:
-            up.extend(made[0])
-            down.extend(made[1])
-    return (tuple(up), tuple(down)) if up or down else None
+        if made is not None:  # rare: tuples only then (a plain connection allocates nothing here)
+            found = made if found is None else (found[0] + made[0], found[1] + made[1])
+    return found if found is not None and (found[0] or found[1]) else None

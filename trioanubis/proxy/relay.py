@@ -195,8 +195,7 @@ class Relay(Flow[Direction]):
         # The descriptors' int objects are shared, not one per direction (above 256 each is an object).
         self.up = Direction(UP, client, server, client_fd, server_fd, splice)
         self.down = Direction(DOWN, server, client, server_fd, client_fd, splice)
-        poller.register(client_fd)  # the server socket joined it to connect
-        return poller.drive(self)
+        return poller.drive(self)  # the server socket joined the poller to connect; drive adds the client
 
     def stop(self) -> None:
         """The connection decided its end: move nothing more, and let `drive` return."""
@@ -220,6 +219,8 @@ class Relay(Flow[Direction]):
             wants = self._copy(direction)
         if wants == OVER and direction.pipe_in >= 0:
             self._close_pipe(direction)
+        elif wants == WRITE:
+            self.poller.want_writable(direction.dst_fd)
         direction.wants = wants
         return wants
 

@@ -89,8 +89,14 @@ class Readiness(Protocol):
     # The relays' read buffer: one per backend (so per balancer), safe because one task runs at a time.
     scratch: memoryview
 
-    def register(self, fd: int) -> None:
-        """Make `fd` (a relay or connecting socket) waitable; once per socket."""
+    def register(self, fd: int, *, writable: bool = False) -> None:
+        """Make `fd` (a relay or connecting socket) waitable; once per socket.
+
+        `writable`: something will wait to write to it at once (a connect in progress).
+        """
+
+    def want_writable(self, fd: int) -> None:
+        """A driven relay's direction waits to write to `fd` (its peer stopped taking bytes)."""
 
     def wait_readable(self, fd: int) -> Awaitable[object]:
         """Park until `fd` may have bytes, EOF or an error."""
@@ -116,7 +122,8 @@ class Readiness(Protocol):
     async def drive(self, relay: Driven) -> None:
         """Run `relay` in the calling task until it is over; raise what a step raised.
 
-        Both its sockets are registered. Cancellation stops it; the caller closes the sockets.
+        Its server socket is registered (it connected through this backend); `drive`
+        registers the client socket. Cancellation stops it; the caller closes the sockets.
         However it returns, it calls `relay.stopped()` last.
         """
 

@@ -25,6 +25,8 @@ which is what this poller is for avoiding. Here:
   checkpoint in between; Trio runs one task at a time, so the dispatcher
   cannot take that edge off the ready list before the task is parked. An
   event that finds no task parked is dropped: whoever comes next calls first.
+  A read event nobody took is remembered (`_unclaimed`) until the socket is
+  driven, so that a relay starting on it reads before it waits (`_start`).
 - A FIN or reset queued behind data arrives in the same edge as the data,
   and a short read returns only the data. The dispatcher therefore remembers
   every socket whose peer closed or failed (`hung_up`), and the relay reads
@@ -34,9 +36,12 @@ which is what this poller is for avoiding. Here:
 - Sockets are never duplicated, so closing one removes it from the epoll;
   `forget` wakes its waiters and `register` clears a stale `hung_up` entry,
   so a reused descriptor number starts clean.
-A connecting socket joins right after connect() returned EINPROGRESS and
-waits for writability at once: registering reports the state at that moment,
-so a handshake that completed in between is not missed.
+A socket joins for reading (`register`); its writability is reported from
+the first wait to write to it on (`want_writable`, one `epoll_ctl` then),
+so a new socket's "writable" is no event. A connecting socket joins
+writable right after connect() returned EINPROGRESS and waits at once:
+registering reports the state at that moment, so a handshake that
+completed in between is not missed.
 
 A relay is driven here (`drive`): its two sockets belong to it in this
 poller for as long as it runs, and the dispatcher calls `relay.ready` for
@@ -74,7 +79,7 @@ from typing import Final, final
 import outcome
 import trio
 
-from trioanubis.proxy.io.base import Capabilities, Driven, new_scratch
+from trioanubis.proxy.io.base import AGAIN, READ, Capabilities, Driven, new_scratch
 
 # Ready descriptors taken from the kernel per dispatcher wake-up.
 MAX_EVENTS: Final = 1024
@@ -95,7 +100,11 @@ _EPOLLET: Final[int] = getattr(select, "EPOLLET", 1 << 31)
 _HANG_UP_EVENTS: Final = _EPOLLRDHUP | _EPOLLHUP | _EPOLLERR
 _READ_EVENTS: Final = _EPOLLIN | _HANG_UP_EVENTS
 _WRITE_EVENTS: Final = _EPOLLOUT | _EPOLLHUP | _EPOLLERR
-_REGISTER: Final = _EPOLLIN | _EPOLLOUT | _EPOLLRDHUP | _EPOLLET
+# A socket joins for reading only; EPOLLOUT is added once something waits to write to it
+# (a connect, a peer that stopped taking bytes): registering with it would report every
+# new socket writable at once, an event that wakes the dispatcher for nothing.
+_REGISTER: Final = _EPOLLIN | _EPOLLRDHUP | _EPOLLET
+_REGISTER_WRITABLE: Final = _REGISTER | _EPOLLOUT
 
 _reschedule = trio.lowlevel.reschedule
 _current_task = trio.lowlevel.current_task
@@ -133,12 +142,30 @@ class Poller:
         self._errors: dict[Driven, Exception] = {}  # what a step raised, until its relay's task raises it
         self._woke = False  # a relay's task was woken during this batch of events
         self.hung_up: set[int] = set()  # sockets whose peer sent FIN or failed
+        self._unclaimed: set[int] = set()  # registered sockets whose read event found no one waiting
+        self._writable: set[int] = set()  # registered sockets whose writability is reported too
         # Trio's clock, read without trio.current_time()'s layers (the relay stamps every chunk).
         self.now: Callable[[], float] = trio.current_time
 
-    def register(self, fd: int) -> None:
+    def register(self, fd: int, *, writable: bool = False) -> None:
         self.hung_up.discard(fd)
-        self._epoll.register(fd, _REGISTER)
+        self._unclaimed.discard(fd)
+        if writable:
+            self._writable.add(fd)
+            self._epoll.register(fd, _REGISTER_WRITABLE)
+        else:
+            self._writable.discard(fd)
+            self._epoll.register(fd, _REGISTER)
+
+    def want_writable(self, fd: int) -> None:
+        """Something waits to write to `fd`: report its writability from now on (one `epoll_ctl`, once).
+
+        The modification reports the state at that moment, as registering does,
+        so space freed since the send that found none is not missed.
+        """
+        if fd not in self._writable:
+            self._writable.add(fd)
+            self._epoll.modify(fd, _REGISTER_WRITABLE)
 
     def unregister(self, fd: int) -> None:
         """Leave this poller: the socket is handed to Trio's own waits (the stream relay, streams.py)."""
@@ -163,6 +190,7 @@ class Poller:
         writers = self._writers
         if fd in writers:
             raise trio.BusyResourceError("another task is already writing this socket")
+        self.want_writable(fd)
         writers[fd] = _current_task()
         return _wait_task_rescheduled(partial(_abort, writers, fd))
 
@@ -180,6 +208,7 @@ class Poller:
         self._owners[relay.client_fd] = self._owners[relay.server_fd] = relay
         errors = self._errors
         try:
+            self._start(relay)
             while True:
                 if relay.resume() and not (errors and relay in errors):  # stopped for fairness: a turn
                     await trio.lowlevel.checkpoint()
@@ -196,6 +225,24 @@ class Poller:
             errors.pop(relay, None)
             del self._owners[relay.client_fd], self._owners[relay.server_fd]
             relay.stopped()
+
+    def _start(self, relay: Driven) -> None:
+        """The relay's first moves in its task: read the client, then let its socket join the epoll.
+
+        The client's first bytes (a request) are usually there already: they
+        are read and sent before the socket joins, so the event its
+        registration reports is about what comes after. The server socket
+        joined to connect, and each of its events since either is still
+        queued in the kernel (the dispatcher gives it to the relay, which
+        owns the socket now) or was taken while nobody waited to read it
+        (`_unclaimed`): only then is it read before the first wait. Otherwise
+        such a read finds EAGAIN, an exception raised and caught per connection.
+        """
+        unclaimed = self._unclaimed
+        relay.down.wants = AGAIN if relay.server_fd in unclaimed else READ
+        unclaimed.discard(relay.server_fd)
+        relay.advance(relay.up)
+        self.register(relay.client_fd)
 
     def wake(self, relay: Driven) -> None:
         """Wake the task parked in `drive` for `relay`, if it is parked there."""
@@ -217,7 +264,10 @@ class Poller:
     def forget(self, fd: int) -> None:
         """Wake whatever waits on `fd` with ClosedResourceError; call before closing it."""
         self.hung_up.discard(fd)
-        self.interrupt(fd, _socket_closed)
+        self._unclaimed.discard(fd)
+        self._writable.discard(fd)
+        if fd in self._readers or fd in self._writers:  # a relay's sockets have none: they are driven
+            self.interrupt(fd, _socket_closed)
 
     def interrupt(self, fd: int, error: Callable[[], BaseException]) -> bool:
         """Wake whatever waits on `fd`, raising `error()` in it; False when nothing waited."""
@@ -232,6 +282,7 @@ class Poller:
     async def run(self) -> None:
         """The dispatcher: wake parked relay tasks as their sockets become ready."""
         readers, writers, owners, hung_up = self._readers, self._writers, self._owners, self.hung_up
+        unclaimed = self._unclaimed
         poll = self._epoll.poll
         self.now = trio.lowlevel.current_clock().current_time
         handled = 0  # events handled without waking a task, since the last checkpoint
@@ -255,9 +306,12 @@ class Poller:
                     if wake:
                         self.wake(owner)
                     continue
-                if events & _READ_EVENTS and fd in readers:
-                    _reschedule(readers.pop(fd))
-                    woke = True
+                if events & _READ_EVENTS:
+                    if fd in readers:
+                        _reschedule(readers.pop(fd))
+                        woke = True
+                    else:  # bytes or an EOF nobody waited for: a relay that takes this socket reads first
+                        unclaimed.add(fd)
                 if events & _WRITE_EVENTS and fd in writers:
                     _reschedule(writers.pop(fd))
                     woke = True

@@ -62,8 +62,11 @@ class PortableReadiness:
         self._readers: dict[int, _Wait] = {}
         self._writers: dict[int, _Wait] = {}
 
-    def register(self, fd: int) -> None:
+    def register(self, fd: int, *, writable: bool = False) -> None:
         """Nothing to do: Trio registers a descriptor for the length of each wait."""
+
+    def want_writable(self, fd: int) -> None:
+        """Nothing to do: a direction waits for writability with Trio's own wait."""
 
     def wait_readable(self, fd: int) -> Awaitable[object]:
         return self._wait(self._readers, fd, trio.lowlevel.wait_readable)
@@ -73,6 +76,7 @@ class PortableReadiness:
 
     async def drive(self, relay: Driven) -> None:
         """Run `relay` with one task per direction in a nursery, which ending the relay cancels."""
+        self.register(relay.client_fd)  # nothing to do here, but the contract is the same
         try:
             async with trio.open_nursery() as nursery:
                 relay.driver = nursery.cancel_scope
