@@ -195,7 +195,7 @@ TARGETS = st.sampled_from(["/", "/stats", "/healthz", "/readyz?upstream=1", "/po
 @pytest.mark.slow
 @given(method=METHODS, target=TARGETS, headers=header_sets())
 @example(method="POST", target="/pools/web/servers/s1/drain", headers=[(b"host", b"\xff")])
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=400, deadline=None)  # a pure function; the live fuzz below drives the process
 def test_fuzz_screen_never_raises_and_keeps_its_promises(
     method: str, target: str, headers: list[tuple[bytes, bytes]]
 ) -> None:
