@@ -192,8 +192,8 @@ async def test_a_worker_that_restarts_serves_the_runtime_state_from_its_first_co
         with trio.fail_after(EVENTUALLY):  # connect all along: some queue on the restarting worker's socket
             while True:
                 got += await answers(port, 10)
-                workers = (await stats(admin_port))["workers"]
-                if workers[0]["pid"] != victim and workers[0]["serving"] and workers[0].get("accepted", 0) >= 5:
+                first = (await stats(admin_port))["workers"][0]
+                if first["pid"] != victim and first["serving"] and first.get("accepted", 0) >= 5:
                     break
         got += await answers(port)
     # Without the runtime state it would send clients to one, the file's server. (Connections queued
