@@ -330,7 +330,8 @@ async def test_every_protocol_check_runs_and_reloads(nursery: trio.Nursery) -> N
     pong = await start_backend(nursery, replying(b"+PONG\r\n"))
     async with running_balancer(config_for([pong.address], health=fast("tcp"))) as (balancer, _):
         for kind, keys in [*KINDS.items(), ("tcp", {})]:
-            data = config_for([pong.address], health=fast(kind, **keys))
+            # Most kinds fail against a +PONG server by waiting out their timeout: a short one.
+            data = config_for([pong.address], health=fast(kind, **{"timeout": "300ms", **keys}))
             await balancer.apply_config(parse_config(data, "reloaded.toml"))
             server = balancer.pools["test"].servers[0]
             checks = server.checks_passed + server.checks_failed
