@@ -11,8 +11,10 @@ A relay is driven (`drive`) with one task per direction in a nursery of
 the connection's: each advances its direction and waits, with Trio's waits,
 for what the direction waits for (a read, room to write, a turn). Ending
 the relay (`wake`) cancels the nursery, whose scope is the relay's `driver`
-meanwhile; a bug in a step is raised in that direction's task and ends the
-connection. A bulk direction keeps
+meanwhile (its `_Drive`); a bug in a step is raised in that direction's task and ends the
+connection. At the usual end, the second EOF, the direction that read it is
+the only task left and returns by itself: `wake` cancels only when another
+direction task may be parked in a wait (cancelling is Trio's dearest step). A bulk direction keeps
 copying through the relay's 64 KiB chunk (`splice` is False), so
 backpressure holds at most one chunk per direction, as on the epoll backend
 with splice off.
@@ -50,6 +52,17 @@ class _Wait:
 
 
 @final
+class _Drive:
+    """A driven relay's nursery scope, and the direction tasks still running in it."""
+
+    __slots__ = ("scope", "tasks")
+
+    def __init__(self, scope: trio.CancelScope) -> None:
+        self.scope = scope
+        self.tasks: set[trio.lowlevel.Task] = {trio.lowlevel.current_task()}
+
+
+@final
 class PortableReadiness:
     """The `portable` readiness backend (see trioanubis.proxy.io)."""
 
@@ -79,20 +92,27 @@ class PortableReadiness:
         self.register(relay.client_fd)  # nothing to do here, but the contract is the same
         try:
             async with trio.open_nursery() as nursery:
-                relay.driver = nursery.cancel_scope
+                relay.driver = drive = _Drive(nursery.cancel_scope)
                 if relay.over:
                     return
-                nursery.start_soon(_direction, relay, relay.down, name=_DIRECTION_TASK_NAME)
-                await _direction(relay, relay.up)
+                nursery.start_soon(_other_direction, relay, drive, name=_DIRECTION_TASK_NAME)
+                try:
+                    await _direction(relay, relay.up)
+                finally:
+                    drive.tasks.discard(trio.lowlevel.current_task())
         finally:
             relay.driver = None
             relay.stopped()
 
     def wake(self, relay: Driven) -> None:
-        """Cancel the relay's nursery (its `driver` while it runs)."""
-        scope = relay.driver
-        if scope is not None:
-            scope.cancel()
+        """Cancel the relay's nursery (its `driver` while it runs), unless the caller is the one
+        direction task left: that one sees the relay over at its next step and returns."""
+        drive = relay.driver
+        if drive is None:
+            return
+        tasks = drive.tasks
+        if len(tasks) != 1 or trio.lowlevel.current_task() not in tasks:
+            drive.scope.cancel()
 
     async def _wait(
         self, waiters: dict[int, _Wait], fd: int, wait: Callable[[int], Awaitable[None]]
@@ -141,6 +161,16 @@ class PortableReadiness:
 
 # A constant task name: Trio would otherwise format one string per task.
 _DIRECTION_TASK_NAME: Final = "trioanubis.relay.server_to_client"
+
+
+async def _other_direction(relay: Driven, drive: _Drive) -> None:
+    """The server → client direction, in a task of its own that `drive` knows while it runs."""
+    task = trio.lowlevel.current_task()
+    drive.tasks.add(task)
+    try:
+        await _direction(relay, relay.down)
+    finally:
+        drive.tasks.discard(task)
 
 
 async def _direction(relay: Driven, direction: Any) -> None:
