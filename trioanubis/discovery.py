@@ -37,7 +37,6 @@ service here" (RFC 2782) and is skipped.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import socket
@@ -52,7 +51,7 @@ import dns.rdtypes.IN.SRV
 import dns.resolver
 import trio
 
-from trioanubis.config import Address, DiscoveryConfig, ServerConfig, parse_address
+from trioanubis.config import Address, DiscoveryConfig, ServerConfig, ip_address_or_none, parse_address
 from trioanubis.pool import Pool, Server, diff_servers
 from trioanubis.resolve import resolve_address
 
@@ -111,7 +110,7 @@ def hosts_table(text: str) -> dict[str, list[str]]:
     table: dict[str, list[str]] = {}
     for line in text.splitlines():
         fields = line.split("#", 1)[0].split()
-        if len(fields) < 2 or not _is_ip(fields[0]):
+        if len(fields) < 2 or ip_address_or_none(fields[0]) is None:
             continue
         for name in fields[1:]:
             addresses = table.setdefault(name.lower().rstrip("."), [])
@@ -119,13 +118,6 @@ def hosts_table(text: str) -> dict[str, list[str]]:
                 addresses.append(fields[0])
     return table
 
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _read_hosts(path: str) -> str:

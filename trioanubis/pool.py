@@ -55,7 +55,8 @@ import logging
 from bisect import bisect_left
 from collections.abc import Callable, Collection, Hashable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, TypeVar, final
+from typing import TYPE_CHECKING, Final, Generic, TypeVar, final
+from weakref import WeakKeyDictionary
 
 import trio
 
@@ -532,3 +533,28 @@ def diff_servers(
     kept = [(current[key], want) for key, want in wanted.items() if key in current]
     added = [want for key, want in wanted.items() if key not in current]
     return removed, kept, added
+
+
+_State = TypeVar("_State")
+
+
+@final
+class PerPool(Generic[_State]):
+    """What a feature keeps per pool (mirror.py, rates.py), made at first use and kept for as long as
+    the pool exists: a reload keeps a pool's object, so its state too."""
+
+    __slots__ = ("_make", "_states")
+
+    def __init__(self, make: Callable[[], _State]) -> None:
+        self._make = make
+        self._states: WeakKeyDictionary[Pool, _State] = WeakKeyDictionary()
+
+    def __call__(self, pool: Pool) -> _State:
+        state = self._states.get(pool)
+        if state is None:
+            state = self._states[pool] = self._make()
+        return state
+
+    def get(self, pool: Pool) -> _State | None:
+        """The pool's state if it has one yet, without making it."""
+        return self._states.get(pool)

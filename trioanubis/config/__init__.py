@@ -24,7 +24,7 @@ re-exported here: `from trioanubis.config import X`.
 
 from __future__ import annotations
 
-from trioanubis.config.checks import check_pattern, find_bind_overlap, listen_ip
+from trioanubis.config.checks import check_pattern, find_bind_overlap, ip_address_or_none, listen_ip
 from trioanubis.config.faults import FAULT_KEYS, parse_faults
 from trioanubis.config.health_checks import MAX_SEND
 from trioanubis.config.load import (
@@ -161,6 +161,7 @@ __all__ = [
     "decode_escapes",
     "epoll_available",
     "find_bind_overlap",
+    "ip_address_or_none",
     "listen_ip",
     "load_config",
     "parse_address",

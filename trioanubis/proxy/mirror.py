@@ -56,7 +56,6 @@ bytes delivered to the mirror, drops by reason.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import random
 import socket
@@ -64,13 +63,12 @@ import struct
 import threading
 from collections import deque
 from typing import TYPE_CHECKING, Any, Final, final
-from weakref import WeakKeyDictionary
 
 import trio
 
-from trioanubis.config import Address, PoolConfig, ServerConfig
+from trioanubis.config import Address, PoolConfig, ServerConfig, ip_address_or_none
 from trioanubis.errors import ConnectFailed, OutOfResources
-from trioanubis.pool import Server
+from trioanubis.pool import PerPool, Server
 from trioanubis.proxy.connect import connect_any
 from trioanubis.proxy.failover import client_key
 from trioanubis.proxy.filters import Filter, Filters
@@ -169,7 +167,7 @@ class AddressTarget:
         except OSError as exc:
             log.warning("mirror %s: cannot resolve %s: %s", self.address, self.address.host, exc)
         finally:
-            literal = self.server.sockaddrs and _is_ip(self.address.host)
+            literal = self.server.sockaddrs and ip_address_or_none(self.address.host) is not None
             self.resolved_at = float("inf") if literal else trio.current_time()
             self.resolving = None
             resolving.set()
@@ -193,15 +191,7 @@ class PoolMirror:
         return self.target
 
 
-# Per pool, for as long as the pool exists (a reload keeps a pool's object, so its counts too).
-_STATE: WeakKeyDictionary[Pool, PoolMirror] = WeakKeyDictionary()
-
-
-def state_of(pool: Pool) -> PoolMirror:
-    state = _STATE.get(pool)
-    if state is None:
-        state = _STATE[pool] = PoolMirror()
-    return state
+state_of: Final = PerPool(PoolMirror)  # per pool, counts kept across reloads
 
 
 def mirror_filters(conn: Connection) -> tuple[Filters, Filters] | None:
@@ -508,13 +498,6 @@ class MirrorFilter(Filter):
                 drained += received
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
 
 def _host_port(addr: tuple[object, ...]) -> tuple[str, int]:
     return str(addr[0]), int(addr[1])  # type: ignore[call-overload]
@@ -536,7 +519,7 @@ def _local(conn: Connection) -> tuple[str, int] | None:
 
 def shown(pool: Pool) -> PoolMirror | None:
     """What /stats and /metrics show of a pool's mirroring (made for them, never kept), or None."""
-    state = _STATE.get(pool)
+    state = state_of.get(pool)
     return PoolMirror() if state is None and pool.config.mirror else state
 
 

@@ -33,15 +33,14 @@ through a limit and seconds waited, each way.
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Final, final
-from weakref import WeakKeyDictionary
 
 import trio
 
+from trioanubis.pool import PerPool, Pool
 from trioanubis.proxy.budgets import Bucket, Budget, ClientBudgets
 from trioanubis.proxy.filters import PACING_STEPS, Filter, Filters
 
 if TYPE_CHECKING:
-    from trioanubis.pool import Pool
     from trioanubis.proxy.lifecycle import Connection
 
 UP: Final = 0  # index of the upload (client → server) counters
@@ -72,15 +71,7 @@ class PoolRates:
         return self.budgets
 
 
-# Per pool, for as long as the pool exists (a reload keeps a pool's object, so its counts too).
-_STATE: WeakKeyDictionary[Pool, PoolRates] = WeakKeyDictionary()
-
-
-def state_of(pool: Pool) -> PoolRates:
-    state = _STATE.get(pool)
-    if state is None:
-        state = _STATE[pool] = PoolRates()
-    return state
+state_of: Final = PerPool(PoolRates)  # per pool, counts kept across reloads
 
 
 def tighter(a: int, b: int) -> int:
@@ -187,7 +178,7 @@ def show_rate(rate: int) -> str:
 
 def shown(pool: Pool) -> PoolRates | None:
     """What /stats and /metrics show of a pool's limits (made for them, never kept), or None."""
-    state = _STATE.get(pool)
+    state = state_of.get(pool)
     if state is None and any(getattr(pool.config, key) for key in KEYS):
         return PoolRates()
     return state

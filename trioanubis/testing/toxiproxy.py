@@ -39,7 +39,6 @@ negative numbers); `/metrics` is not served.
 from __future__ import annotations
 
 import functools
-import ipaddress
 import json
 import secrets
 from collections.abc import Awaitable, Callable
@@ -50,7 +49,7 @@ import trio
 
 from trioanubis import __version__
 from trioanubis.app import Balancer, run_until_signalled
-from trioanubis.config import Address, AdminConfig, Config, Settings
+from trioanubis.config import Address, AdminConfig, Config, Settings, ip_address_or_none
 from trioanubis.ops.admin import Reply, json_depth
 from trioanubis.testing.proxies import BindRecorder, Proxies, Proxy
 from trioanubis.testing.toxics import ApiError, parse_toxic
@@ -239,7 +238,8 @@ def _populated(done: list[Proxy], failure: ApiError | None) -> Reply:
 def toxiproxy_balancer(host: str, port: int, *, io: str = "auto", seed: int | None = None, api: bool = True
                        ) -> tuple[Balancer, Proxies]:  # fmt: skip
     """A balancer with no proxy yet; with `api`, its admin endpoint on host:port speaks toxiproxy's API."""
-    names = () if _is_ip(host) or host == "localhost" else (host,)  # a name we listen on is ours
+    named = ip_address_or_none(host) is None and host != "localhost"
+    names = (host,) if named else ()  # a name we listen on is ours
     admin = AdminConfig(Address(host, port), hosts=names) if api else None
     settings = Settings(drain_timeout=0.0, access_log=False)
     config = Config({}, {}, settings, admin, "anubis toxiproxy")
@@ -262,10 +262,3 @@ async def serve_toxiproxy(
         assert balancer.admin_address is not None
         task_status.started(balancer.admin_address)
 
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
