@@ -191,13 +191,16 @@ async def test_a_worker_that_restarts_serves_the_runtime_state_from_its_first_co
         got: list[bytes] = []
         with trio.fail_after(EVENTUALLY):  # connect all along: some queue on the restarting worker's socket
             while True:
-                got += await answers(port, 10)
+                try:
+                    got += await answers(port, 10)
+                except OSError:  # refused: a SYN the killed worker's socket had taken, as a reset is
+                    got.append(b"")
                 first = (await stats(admin_port))["workers"][0]
                 if first["pid"] != victim and first["serving"] and first.get("accepted", 0) >= 5:
                     break
         got += await answers(port)
     # Without the runtime state it would send clients to one, the file's server. (Connections queued
-    # on the killed worker's socket when it died are reset: b"".)
+    # on the killed worker's socket when it died are reset or refused: b"".)
     assert set(got) <= {b"three", b""} and got[-ROUNDS:] == [b"three"] * ROUNDS, sorted(set(got))
     assert one.connections == 0
 
