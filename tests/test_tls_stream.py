@@ -59,3 +59,48 @@ async def test_a_failed_handshake_names_the_reason(tmp_path: Path) -> None:
             nursery.start_soon(handshake, ours)
             nursery.start_soon(handshake, theirs)
     assert "certificate verify failed: unable to get local issuer certificate" in reasons
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["1.2", "1.3"])
+async def test_receiving_never_waits_for_the_other_tasks_send(
+    tmp_path: Path, version: ssl.TLSVersion
+) -> None:
+    """Full duplex where every send waits for the peer to read (a lockstep transport).
+
+    A receive used to send whatever was in OpenSSL's outgoing buffer, the
+    sending task's records included: with the sender blocked on a peer that
+    was itself blocked the same way, neither side read again (a relay's two
+    TLS ends deadlocked under load, 1 run in 8).
+    """
+    ca = Authority(tmp_path)
+    pair = ca.issue("a.test")
+    server = server_context([(pair.cert, pair.key)])
+    server.maximum_version = version
+    client = client_context(verify=True, ca=ca.pair.cert, cert="", key="")
+    left, right = trio.testing.lockstep_stream_pair()
+    ours = TlsStream(left, server, server_side=True)
+    theirs = TlsStream(right, client, server_side=False, server_hostname="a.test")
+    size, chunk = 1 << 18, 5000
+    payload = bytes(range(256)) * (size // 256)
+
+    async def send(stream: TlsStream) -> None:
+        for start in range(0, size, chunk):
+            await stream.send_all(payload[start : start + chunk])
+        await stream.send_eof()
+
+    async def receive(stream: TlsStream, into: bytearray) -> None:
+        while data := await stream.receive_some(7000):
+            into.extend(data)
+
+    async def talk(stream: TlsStream, into: bytearray) -> None:
+        await stream.do_handshake()  # (a TLS 1.3 server's tickets wait here until the client reads)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send, stream)
+            nursery.start_soon(receive, stream, into)
+
+    got_ours, got_theirs = bytearray(), bytearray()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(talk, ours, got_ours)
+            nursery.start_soon(talk, theirs, got_theirs)
+    assert got_ours == payload and got_theirs == payload

@@ -15,7 +15,10 @@ the transport, only when OpenSSL needs more to return a record; a send
 encrypts one chunk and waits until the transport took all of it. So one
 direction holds at most one chunk in each BIO. One task may receive while
 another sends (the relay's two pumps): whatever either makes OpenSSL write
-goes out under one lock, in the order OpenSSL produced it.
+goes out under one FIFO lock, in the order OpenSSL produced it, and each
+task takes only what its own call produced: a receive never waits behind
+the transport for the sender's records (two relays' TLS ends doing that
+to each other deadlocked).
 
 Errors: `TlsError` (with a short reason) for a failed handshake; after the
 handshake, any TLS or transport failure is `trio.BrokenResourceError`.
@@ -80,9 +83,17 @@ class TlsStream(trio.abc.HalfCloseableStream):
         self._sending = False  # one send_all / send_eof at a time
 
     async def _flush(self) -> None:
-        async with self._send_lock:
-            data = self._outgoing.read()
-            if data:
+        """Send what the last SSL call wrote, after whatever an earlier call wrote.
+
+        The bytes are taken out of OpenSSL's buffer at once, before any wait,
+        so each task sends only what its own call made: a receive never
+        carries (and never waits behind the transport for) the sender's
+        records. The lock is FIFO, so the transport gets them in the order
+        OpenSSL made them.
+        """
+        data = self._outgoing.read()
+        if data:
+            async with self._send_lock:
                 await self.transport.send_all(data)
 
     async def _feed(self) -> None:
@@ -150,12 +161,12 @@ class TlsStream(trio.abc.HalfCloseableStream):
             except ssl.SSLError as exc:
                 raise trio.BrokenResourceError(f"TLS: {describe_ssl_error(exc)}") from exc
             else:
-                if self._outgoing.pending:  # e.g. an answer to a key update
+                if self._outgoing.pending and not self._eof_sent:  # e.g. an answer to a key update
                     await self._flush()
                 else:
                     await trio.lowlevel.cancel_shielded_checkpoint()
                 return data
-            if self._outgoing.pending:
+            if self._outgoing.pending and not self._eof_sent:
                 await self._flush()
             await self._feed()
 
@@ -201,9 +212,12 @@ class TlsStream(trio.abc.HalfCloseableStream):
                 pass  # the peer's close_notify has not come yet: fine, we only close our side
             except ssl.SSLError as exc:
                 raise trio.BrokenResourceError(f"TLS: {describe_ssl_error(exc)}") from exc
-            await self._flush()
-            if isinstance(self.transport, trio.abc.HalfCloseableStream):
-                await self.transport.send_eof()
+            data = self._outgoing.read()
+            async with self._send_lock:  # after every earlier record, and no send beside it
+                if data:
+                    await self.transport.send_all(data)
+                if isinstance(self.transport, trio.abc.HalfCloseableStream):
+                    await self.transport.send_eof()
         finally:
             self._sending = False
 
