@@ -3,15 +3,16 @@
     python bench/compare.py [--quick] [--rounds N] [--duration S] [--only NAME,...] [--profile] [--save]
 
 Every contender relays to the same loopback backends; runs are interleaved
-(A B C A B C …) and each run starts the contender afresh. Prints a Markdown
-table of medians with min–max, and ratios against HAProxy and against the
-best Python peer. `--save` also writes bench/results/<date>.md with the
-machine's description. `--profile` also reads each contender's CPU time
-(user and system, its worker processes included) before and after every
-keepalive and connrate run, and prints the CPU per request and per
-connection: on shared cores, work per unit is steadier than work per
-second. It never installs anything: see bench/README.md; a
-missing contender or tool is skipped with a message.
+(A B C A B C …) and each run starts the contender afresh and measures once
+it is idle (its workers started). Prints a Markdown table of medians with
+min–max, and ratios against HAProxy and against the best Python peer.
+`--save` also writes bench/results/<date>.md with the machine's
+description. `--profile` also reads each contender's CPU time (user and
+system, its worker processes included) before and after every keepalive
+and connrate run, and prints the CPU per request and per connection: on
+shared cores, work per unit is steadier than work per second. It never
+installs anything: see bench/README.md; a missing contender or tool is
+skipped with a message.
 """
 
 from __future__ import annotations
@@ -95,6 +96,25 @@ def cpu_times(pid: int) -> tuple[float, float]:
         child_user, child_system = cpu_times(child)
         user, system = user + child_user, system + child_system
     return user, system
+
+
+def settle(pid: int, window: float = 0.2, quiet: float = 0.01, limit: float = 10.0) -> None:
+    """Wait until `pid` and its children are idle: the port may accept before every worker started.
+
+    A supervisor that binds the listening socket itself accepts (into the
+    backlog) while its workers still import; without this, a run would
+    count their start-up as work per request and lose its first fraction
+    of a second. Nothing is measured until `window` passes with at most
+    `quiet` CPU seconds used (at most `limit` seconds of waiting).
+    """
+    deadline = time.monotonic() + limit
+    before = sum(cpu_times(pid))
+    while time.monotonic() < deadline:
+        time.sleep(window)
+        now = sum(cpu_times(pid))
+        if now - before <= quiet:
+            return
+        before = now
 
 
 @contextmanager
@@ -295,6 +315,7 @@ def running(contender: Contender, backends: list[int]) -> Iterator[tuple[int, su
             except RuntimeError:
                 log.seek(0)
                 raise RuntimeError(f"{contender.name} did not start: {log.read()[-2000:]!r}") from None
+            settle(process.pid)
             yield port, process
         finally:
             process.terminate()
