@@ -64,7 +64,7 @@ import os
 import signal
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any, Final, final
+from typing import TYPE_CHECKING, Any, Final, final
 
 import trio
 
@@ -72,7 +72,6 @@ from trioanubis.config import Address, Config, ListenerConfig, load_config
 from trioanubis.control import AddServer, Command, CommandError, Control, RemoveServer, named
 from trioanubis.discovery import run_discovery
 from trioanubis.errors import AnubisError, ConfigError
-from trioanubis.fleet.fleet import Fleet
 from trioanubis.health.checker import run_health_checks
 from trioanubis.ops import systemd
 from trioanubis.ops.accesslog import AccessLog
@@ -87,6 +86,9 @@ from trioanubis.resolve import resolve_address
 from trioanubis.spawn import Spawner
 from trioanubis.state_file import StateError, parse_state, read_state, state_document, write_state
 from trioanubis.watch import files_read_by, signatures, watch_files
+
+if TYPE_CHECKING:
+    from trioanubis.fleet.fleet import Fleet
 
 log = logging.getLogger("trioanubis")
 
@@ -185,6 +187,8 @@ class Balancer:
         cluster = config.cluster
         if cluster is None or not (shared or any(p.servers_from for p in config.pools.values())):
             return None
+        from trioanubis.fleet.fleet import Fleet  # the etcd client: imported only by who needs it
+
         return Fleet(cluster, self.pools, lambda command: self.apply_shared(command), shared=shared,
                      admin=lambda: str(self.admin_address or ""))  # fmt: skip
 

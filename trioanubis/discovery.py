@@ -41,19 +41,17 @@ import logging
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Final, final
+from typing import TYPE_CHECKING, Final, final
 
-import dns.asyncresolver
-import dns.exception
-import dns.rdata
-import dns.rdatatype
-import dns.rdtypes.IN.SRV
-import dns.resolver
 import trio
 
 from trioanubis.config import Address, DiscoveryConfig, ServerConfig, ip_address_or_none, parse_address
 from trioanubis.pool import Pool, Server, diff_servers
 from trioanubis.resolve import resolve_address
+
+if TYPE_CHECKING:  # dnspython is imported at first use: 35 ms of every start that names no DNS entry
+    import dns.asyncresolver
+    import dns.rdata
 
 log = logging.getLogger("trioanubis.discovery")
 
@@ -96,6 +94,8 @@ class Answer:
 
 def make_resolver(nameserver: str) -> dns.asyncresolver.Resolver:
     """A resolver for "host:port", or the system's resolvers for ""."""
+    import dns.asyncresolver
+
     if not nameserver:
         return dns.asyncresolver.Resolver()
     address = parse_address(nameserver)
@@ -145,6 +145,8 @@ class Lookups:
         """dnspython's resolver, made at first use (with no resolver set it reads resolv.conf,
         which may be missing: that is a failed lookup, not a crash)."""
         if self._dns is None:
+            import dns.exception
+
             try:
                 self._dns = make_resolver(self.nameserver)
             except (dns.exception.DNSException, OSError, ValueError) as exc:
@@ -162,6 +164,9 @@ class Lookups:
 async def _query(resolver: dns.asyncresolver.Resolver, name: str, kind: str, lifetime: float
                  ) -> tuple[list[dns.rdata.Rdata], float]:  # fmt: skip
     """Records and the TTL; no records of this type → ([], inf)."""
+    import dns.exception
+    import dns.resolver
+
     try:
         answer = await resolver.resolve(name, kind, lifetime=lifetime, search=False)
     except dns.resolver.NoAnswer:
@@ -242,6 +247,8 @@ async def _lookup(lookups: Lookups, entry: DiscoveryConfig, hosts: dict[str, lis
         addresses, ttl = await _addresses(lookups, entry.name, lifetime, hosts)
         found = {Found(Address(a, entry.port), entry.weight) for a in addresses}
         return Answer(_capped(found, lookups, entry), ttl, lookups.failed)
+    import dns.rdtypes.IN.SRV
+
     records, ttl = await _query(lookups.dns, entry.name, "SRV", lifetime)
     found = set()
     for record in records:

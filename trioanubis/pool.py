@@ -73,6 +73,8 @@ log = logging.getLogger("trioanubis.pool")
 # server that turned slow within a handful of requests without letting one
 # outlier swing the choice.
 EWMA_ALPHA: Final = 0.3
+# Server.source of a server that an etcd key gives (fleet/servers.py adds, changes and removes those).
+ETCD_SOURCE: Final = "etcd"
 
 
 # Connection duration buckets (seconds): from a quick request/response to the

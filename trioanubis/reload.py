@@ -58,8 +58,7 @@ from trioanubis.config import (
 from trioanubis.control import RUNTIME_SOURCE
 from trioanubis.discovery import source_of
 from trioanubis.errors import AnubisError
-from trioanubis.fleet.servers import ETCD_SOURCE
-from trioanubis.pool import Pool, Server, diff_servers
+from trioanubis.pool import ETCD_SOURCE, Pool, Server, diff_servers
 from trioanubis.spawn import SPAWN_SOURCE
 from trioanubis.strategies import make_strategy
 

@@ -18,17 +18,14 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Mapping
-from typing import Final
 
 from trioanubis.config import ServerConfig
 from trioanubis.fleet.keys import BadValue
-from trioanubis.pool import Pool, Server
+from trioanubis.pool import ETCD_SOURCE, Pool, Server
 from trioanubis.resolve import SockAddr
 
 log = logging.getLogger("trioanubis.fleet")
 
-# Server.source of a server that an etcd key gives.
-ETCD_SOURCE: Final = "etcd"
 
 
 def literal_sockaddrs(entry: ServerConfig) -> list[SockAddr] | None:
