@@ -38,8 +38,28 @@ settings.register_profile("anubis", deadline=None)
 settings.load_profile("anubis")
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """`-n auto`: at least 4 workers, since most tests wait on sockets and subprocesses, not the CPU."""
-    return max(4, os.cpu_count() or 1)
+    """`-n auto`: at least 4 workers, since most tests wait on sockets and subprocesses, not the CPU.
+
+    Counted from the CPUs this process may use (affinity, and a container's
+    CPU quota), not the host's: 64 workers on a 2-CPU container would starve
+    every test's deadlines.
+    """
+    return max(4, usable_cpus())
+
+
+def usable_cpus() -> int:
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    v1 = "/sys/fs/cgroup/cpu/cpu.cfs_"
+    for path, period_path in (("/sys/fs/cgroup/cpu.max", ""), (v1 + "quota_us", v1 + "period_us")):
+        try:
+            fields = Path(path).read_text().split()
+            quota = int(fields[0])
+            period = int(fields[1]) if len(fields) > 1 else int(Path(period_path).read_text())
+        except (OSError, ValueError, IndexError):
+            continue  # no such cgroup file, or "max": no quota
+        if quota > 0 and period > 0:
+            count = min(count, max(1, -(-quota // period)))
+    return count
 
 
 # Deadline for "eventually": generous, since these machines are shared and noisy.
