@@ -16,9 +16,10 @@ responses), a body over the caller's limit is refused while it arrives
 (or at once from its Content-Length), and the caller bounds time.
 
 A connection is reused for the next request only when h11 says both sides
-are done and the idle socket has nothing to read: a readable idle socket
-means the server closed it (or sent something unasked), so it is dropped
-rather than risking a request into a closed connection.
+are done, nothing came after the answer, and the idle socket has nothing
+to read: a readable idle socket means the server closed it (or sent
+something unasked), so it is dropped rather than risking a request into a
+closed connection, or reading the next answer after stray bytes.
 """
 
 from __future__ import annotations
@@ -154,6 +155,9 @@ class HttpConnection:
     def finish_cycle(self) -> bool:
         """After a whole answer: ready the connection for the next request; False if it cannot be reused."""
         if self._h11.our_state is not h11.DONE or self._h11.their_state is not h11.DONE:
+            return False
+        unasked, closed = self._h11.trailing_data
+        if unasked or closed:  # bytes after the answer, read with it: the next answer would start with them
             return False
         self._h11.start_next_cycle()
         return True
