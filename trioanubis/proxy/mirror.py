@@ -281,9 +281,10 @@ class MirrorFilter(Filter):
         """Start the copy's task in `nursery` (the connections nursery: it may outlive the relay)."""
         nursery.start_soon(self.run, name=_TASK_NAME)
 
-    def tap(self, data: bytes) -> bool:
-        if not self.dropped:
-            self._keep(data)
+    def tap(self, data: bytes | memoryview) -> bool:
+        if self.dropped:
+            return False
+        self._keep(data)
         return not self.dropped
 
     def tap_eof(self) -> None:
@@ -303,25 +304,34 @@ class MirrorFilter(Filter):
             self.reset = True
             self.scope.cancel()
 
-    def _keep(self, data: bytes) -> None:
-        if self.held + len(data) > MIRROR_BUFFER:
-            self.drop("lagging")
-            return
+    def _keep(self, data: bytes | memoryview) -> None:
+        """Send `data` now if the writer is idle, else queue a copy of it (a drop if it overflows)."""
         if self.lot and self.sock is not None:  # the writer waits for bytes: send them now
             self._send_at_once(self.sock, data)
             return
-        self.queue.append(data)
+        if self.held + len(data) > MIRROR_BUFFER:
+            self.drop("lagging")
+            return
+        self.queue.append(bytes(data))  # a bytes object is kept as it is; the relay's buffer is copied
         self.held += len(data)
 
-    def _send_at_once(self, sock: socket.socket, data: bytes) -> None:
-        """What the socket takes now is sent from the relay's task; the writer is woken only for the
-        rest (a full socket) or a broken mirror: a task switch saved per chunk, as Trio's own sends
-        try before they wait."""
-        self.pending = memoryview(data)  # the writer parks only with nothing pending or queued
-        self.held += len(data)
-        if self._send_now(sock) < 0:
+    def _send_at_once(self, sock: socket.socket, data: bytes | memoryview) -> None:
+        """What the socket takes now is sent from the relay's step (nothing queued or pending: the
+        writer is idle); only the rest is copied, and the writer woken for it (a full socket) or a
+        broken mirror: a task switch and a copy saved per chunk, as Trio's own sends try before
+        they wait."""
+        try:
+            sent = sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
             self.drop("broken")
-        elif self.pending:
+            return
+        self.sent += sent
+        self.state.bytes += sent
+        if sent < len(data):
+            self.pending = memoryview(bytes(data[sent:]))  # the writer parks only with nothing pending
+            self.held += len(self.pending)
             self.lot.unpark_all()
 
     def drop(self, reason: str) -> None:

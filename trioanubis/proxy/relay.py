@@ -155,8 +155,9 @@ class Tap(Protocol):
     def begin(self, nursery: trio.Nursery) -> None:
         """Start what makes the copy (a task in `nursery`, which may outlive the relay)."""
 
-    def tap(self, data: bytes) -> bool:
-        """A copy of the next chunk (the tap's to keep); False once it wants no more (its copy dropped)."""
+    def tap(self, data: memoryview) -> bool:
+        """The next chunk (the relay's buffer, valid during the call only: what the tap keeps, it
+        copies); False once it wants no more (its copy dropped)."""
         ...
 
     def tap_eof(self) -> None:
@@ -332,10 +333,12 @@ class Relay(Flow[Direction]):
             self._on_eof(direction)
             return DONE
         self.moved(direction, received)
-        if self.tap is not None and direction is self.up:
-            self._tap(direction, bytes(scratch[:received]))
+        chunk = scratch[:received]
+        tap = self.tap
+        if tap is not None and direction is self.up and not tap.tap(chunk):
+            self._let_go(direction)
         try:
-            sent = direction.dst.send(scratch[:received])
+            sent = direction.dst.send(chunk)
         except BlockingIOError:
             sent = 0
         except OSError:
@@ -347,13 +350,10 @@ class Relay(Flow[Direction]):
             return BLOCKED
         return DRAINED if received < CHUNK_SIZE else FULL
 
-    def _tap(self, direction: Direction, data: bytes) -> None:
-        """Give the tap its copy; once it wants no more, the direction is as any (it may splice)."""
-        tap = self.tap
-        assert tap is not None
-        if not tap.tap(data):
-            self.tap = None
-            direction.splice = USE_SPLICE and self.poller.caps.splice and direction.pipe_in < 0
+    def _let_go(self, direction: Direction) -> None:
+        """The tap wants no more: forget it; the direction is as any from now on (it may splice)."""
+        self.tap = None
+        direction.splice = USE_SPLICE and self.poller.caps.splice and direction.pipe_in < 0
 
     def _send_rest(self, direction: Direction) -> bool:
         """Send what the peer did not take yet; False while some is left (or the relay ended)."""
