@@ -43,6 +43,7 @@ from tests.tlscerts import Authority
 from trioanubis.app import Balancer
 from trioanubis.config import Address, ConfigError, parse_config
 from trioanubis.proxy import mirror
+from trioanubis.proxy.io import epoll_available
 from trioanubis.proxy.relay import Relay
 from trioanubis.summary import describe
 
@@ -281,6 +282,46 @@ async def test_a_broken_mirror_drops_its_copy_and_the_client_sees_nothing(
     assert "internal_error" not in balancer.access.counts
 
 
+@pytest.mark.parametrize("io", ["portable", *(["epoll"] if epoll_available() else [])])
+async def test_a_never_reading_mirror_s_dropped_copy_leaves_the_connection_whole_on_the_socket_relay(
+    nursery: trio.Nursery, io: str
+) -> None:
+    """The copy is taken from the socket relay's reads (a mirror is a tap, not a reason for the
+    stream relay); once the mirror lags and its copy is dropped the relay lets the tap go and the
+    client → server direction may splice again (epoll). Every byte arrives in order, and the
+    client's half-close reaches the server while the answer still flows back."""
+    primary = await start_backend(nursery, echo_handler)
+    stuck = await start_backend(nursery, never_reads)
+    data = mirrored(primary.address, stuck.address)
+    data["settings"] = {"io": io}
+    block, sent = os.urandom(1 << 20), bytearray()
+    async with running_balancer(data) as (balancer, address):
+        state = mirror.state_of(balancer.pools["test"])
+        async with await trio.open_tcp_stream(address.host, address.port) as stream, \
+                trio.open_nursery() as both:  # fmt: skip
+            relay = await relay_of(balancer)
+            assert isinstance(relay, Relay) and relay.tap is not None  # mirrored on the socket relay
+
+            async def send_past_the_drop() -> None:
+                with trio.fail_after(EVENTUALLY * 3):
+                    while not state.dropped["lagging"]:
+                        await stream.send_all(block)
+                        sent.extend(block)
+                for _ in range(4):  # more after the drop: relayed without a tap
+                    await stream.send_all(block)
+                    sent.extend(block)
+                assert relay.tap is None and relay.up is not None
+                assert relay.up.splice or relay.up.pipe_in >= 0 or not balancer.poller.caps.splice
+                await stream.send_eof()
+
+            both.start_soon(send_past_the_drop)
+            echoed = await receive_all(stream)
+        assert echoed == sent  # the echo ends after the client's EOF reached the server: half-close
+        await wait_until(lambda: not balancer.timer.connections)
+    assert state.connections == 1 and state.dropped == {**dict.fromkeys(mirror.DROP_REASONS, 0), "lagging": 1}
+    assert "internal_error" not in balancer.access.counts
+
+
 async def dies_after_a_little(stream: trio.SocketStream) -> None:
     """A mirror that reads a little, then resets."""
     import socket
@@ -516,19 +557,21 @@ async def test_a_sampled_share_is_mirrored_and_the_rest_keep_the_socket_relay(
     primary = await start_backend(nursery, echo_handler)
     recorder = Recorder()
     shadow = await start_backend(nursery, recorder.handler)
-    relays: dict[int, type] = {}  # accept order → the relay it got
+    relays: dict[int, tuple[type, bool]] = {}  # accept order → the relay it got, and whether it copied
     data = mirrored(primary.address, shadow.address, mirror_percent=10)
     async with running_balancer(data) as (balancer, address):
         for _ in range(300):
             async with await trio.open_tcp_stream(address.host, address.port) as stream:
                 await stream.send_all(b"x")
                 assert await stream.receive_some(1) == b"x"
-                relays |= {c.seq: type(c.relay) for c in balancer.timer.connections if c.relay is not None}
+                relays |= {c.seq: (type(c.relay), getattr(c.relay, "tap", None) is not None)
+                           for c in balancer.timer.connections if c.relay is not None}  # fmt: skip
         state = mirror.state_of(balancer.pools["test"])
         await wait_until(lambda: recorder.connections == state.connections)
     assert state.connections == expected and 12 <= expected <= 48, expected  # 30 ± 18 for this seed
     assert len(relays) == 300
-    assert list(relays.values()).count(Relay) == 300 - state.connections  # the rest kept the fast path
+    assert list(relays.values()).count((Relay, False)) == 300 - state.connections  # the rest: no copy
+    assert list(relays.values()).count((Relay, True)) == state.connections  # the copies: a tap each
 
 
 # ------------------------------------------------------------------ reload, summary, operator views

@@ -16,7 +16,8 @@ record) it runs a short pipeline:
    fail over, and hold the client while no server can take it;
 3. the relay, chosen once: the socket relay (relay.py) when both sides are
    plain and no filter wants the bytes (makers.py, filters.py: the fast path, epoll's
-   inline steps, splice), else the stream relay (streams.py: TLS on either
+   inline steps, splice), or the only filter is a mirror (its `Tap`, copied from
+   the socket relay's reads), else the stream relay (streams.py: TLS on either
    side, filters), through which every filter composes with every transport.
 
 A stage that ends the connection has decided how (`Connection.end_with`)
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING, Final
 from trioanubis.proxy.failover import connect
 from trioanubis.proxy.filters import Filters
 from trioanubis.proxy.makers import filters_for
-from trioanubis.proxy.relay import Relay
+from trioanubis.proxy.relay import Relay, Tap
 from trioanubis.proxy.streams import Side, StreamRelay, release_to_trio, socket_stream
 
 if TYPE_CHECKING:
@@ -61,11 +62,26 @@ def relay(conn: Connection) -> Awaitable[None]:
     assert conn.server_sock is not None
     filters = filters_for(conn)
     extras = conn.extras
-    if filters is None and (extras is None or (extras.client_tls is None and extras.server_tls is None)):
-        socket_relay = Relay(conn, conn.client_sock, conn.server_sock, conn.origin.poller)
-        conn.relay = socket_relay
-        return socket_relay.run()  # the backend's drive: no frame of ours while the connection is idle
+    if extras is None or (extras.client_tls is None and extras.server_tls is None):
+        tap = None if filters is None else _tap(conn, filters)
+        if filters is None or tap is not None:
+            socket_relay = Relay(conn, conn.client_sock, conn.server_sock, conn.origin.poller, tap)
+            conn.relay = socket_relay
+            return socket_relay.run()  # the backend's drive: no frame of ours while the connection is idle
     return _relay_streams(conn, filters or ((), ()))
+
+
+def _tap(conn: Connection, filters: tuple[Filters, Filters]) -> Tap | None:
+    """The filters as one tap for the socket relay (a mirror alone: it only copies the client's
+    bytes), its copy's task started where connections run; None when they need the stream relay."""
+    up, down = filters
+    nursery = conn.origin.connections
+    if down or len(up) != 1 or nursery is None:
+        return None
+    tap = up[0].as_tap()
+    if tap is not None:
+        tap.begin(nursery)
+    return tap
 
 
 async def _relay_streams(conn: Connection, filters: tuple[Filters, Filters]) -> None:

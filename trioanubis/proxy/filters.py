@@ -20,7 +20,10 @@ direction's life, and nothing else about a filter is known to the relay:
 - `on_eof()`: whether the source's EOF is passed on (a blackhole swallows it;
   a filter may also wait here, to close late);
 - `start(conn, nursery)`: a task of the filter's own in the relay's
-  nursery (a mirror's writer, a timer), cancelled with the relay.
+  nursery (a mirror's writer, a timer), cancelled with the relay;
+- `as_tap()`: a filter that only copies the bytes (a mirror) says so, and
+  when it is a connection's only filter on plain TCP, the socket relay runs
+  it instead (relay.py's `Tap`, connection.py).
 
 Every hook has a default that does nothing, so a filter overrides only what
 it changes. A direction with no filter is a plain pump (streams.py).
@@ -42,6 +45,7 @@ from trioanubis.proxy.faults import CLEAN, DirectionPlan, count, draw
 
 if TYPE_CHECKING:
     from trioanubis.proxy.lifecycle import Connection, EndState
+    from trioanubis.proxy.relay import Tap
 
 # A bandwidth limit is paced in steps of 1/20 s: smooth enough for a client to
 # see a steady rate, few enough wake-ups to cost nothing.
@@ -79,6 +83,11 @@ class Filter:
     async def on_eof(self) -> bool:
         """The source sent EOF (after every byte before it left): whether to pass it on."""
         return True
+
+    def as_tap(self) -> Tap | None:
+        """This filter as a `Tap` (relay.py) when it only copies what passes (a mirror): the socket
+        relay can then run it in place of the stream relay. None, as a rule."""
+        return None
 
     @property
     def delays(self) -> bool:
@@ -119,6 +128,11 @@ class FaultFilter(Filter):
 
     def on_read(self, data: bytes) -> bytes | None:
         return None if self.plan.blackhole else data
+
+    def as_tap(self) -> Tap | None:
+        """This filter as a `Tap` (relay.py) when it only copies what passes (a mirror): the socket
+        relay can then run it in place of the stream relay. None, as a rule."""
+        return None
 
     @property
     def delays(self) -> bool:

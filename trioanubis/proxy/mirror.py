@@ -9,10 +9,16 @@ once if it is an IP address, else at most every `RESOLVE_EVERY` seconds).
 pool has no mirror, gets nothing and keeps the socket relay and splice; so
 does a sampled one whose mirror is known to be down (its pool has no server
 up, or its address refused less than `MIRROR_RETRY` ago), its copy counted as
-dropped at once: a mirrored connection is relayed by the stream relay, which
-costs more than the socket relay, and a copy nobody can take is not worth it.
+dropped at once: a copy nobody can take is not worth its task and socket.
 
 A sampled connection's client → server direction gets a `MirrorFilter`.
+When it is the connection's only filter and both sides are plain TCP, the
+connection keeps the socket relay (relay.py), which calls the filter as its
+`Tap` from its read path (`tap`, `tap_eof`, `relay_ended`; that direction
+copies instead of splicing while the copy lasts, and splices again once it
+was dropped); otherwise (TLS, faults, a bandwidth limit) the stream relay
+runs it as a filter (`on_read`, `on_eof`, `start`). Either way the same
+hooks below do the work, so what follows holds for both.
 Its `on_read` keeps each chunk the client sent, in order, in a FIFO bounded
 by `MIRROR_BUFFER`, and returns the chunk unchanged: the primary never waits
 for the mirror (when the copy's writer is idle, the chunk is offered to the
@@ -247,28 +253,48 @@ class MirrorFilter(Filter):
     # ------------------------------------------------------- the relay's hooks
 
     def on_read(self, data: bytes) -> bytes | None:
-        if not self.dropped:
-            self._keep(data)
+        self.tap(data)
         return data
 
     async def on_eof(self) -> bool:
-        if not self.dropped:
-            self.eof = True
-            if self.lot:
-                self.lot.unpark_all()
+        self.tap_eof()
         return True
 
     def start(self, conn: Connection, nursery: trio.Nursery) -> None:
         """The copy's task runs where connections run, so it may outlive the relay (for at most
         MIRROR_LINGER); a task in the relay's nursery tells it when the primary ended."""
-        (conn.origin.connections or nursery).start_soon(self.run, name=_TASK_NAME)
+        self.begin(conn.origin.connections or nursery)
         nursery.start_soon(self._watch, name=_WATCH_TASK_NAME)
+
+    def as_tap(self) -> MirrorFilter:
+        return self
 
     async def _watch(self) -> None:
         try:
             await trio.sleep_forever()
         finally:
             self._primary_ended()
+
+    # ------------------------------------------------------- the socket relay's hooks (relay.py's Tap)
+
+    def begin(self, nursery: trio.Nursery) -> None:
+        """Start the copy's task in `nursery` (the connections nursery: it may outlive the relay)."""
+        nursery.start_soon(self.run, name=_TASK_NAME)
+
+    def tap(self, data: bytes | memoryview) -> bool:
+        if self.dropped:
+            return False
+        self._keep(data)
+        return not self.dropped
+
+    def tap_eof(self) -> None:
+        if not self.dropped:
+            self.eof = True
+            if self.lot:
+                self.lot.unpark_all()
+
+    def relay_ended(self) -> None:
+        self._primary_ended()
 
     def _primary_ended(self) -> None:
         """A clean end leaves the mirror MIRROR_LINGER to finish; a reset or a stop resets it now."""
@@ -278,25 +304,34 @@ class MirrorFilter(Filter):
             self.reset = True
             self.scope.cancel()
 
-    def _keep(self, data: bytes) -> None:
-        if self.held + len(data) > MIRROR_BUFFER:
-            self.drop("lagging")
-            return
+    def _keep(self, data: bytes | memoryview) -> None:
+        """Send `data` now if the writer is idle, else queue a copy of it (a drop if it overflows)."""
         if self.lot and self.sock is not None:  # the writer waits for bytes: send them now
             self._send_at_once(self.sock, data)
             return
-        self.queue.append(data)
+        if self.held + len(data) > MIRROR_BUFFER:
+            self.drop("lagging")
+            return
+        self.queue.append(bytes(data))  # a bytes object is kept as it is; the relay's buffer is copied
         self.held += len(data)
 
-    def _send_at_once(self, sock: socket.socket, data: bytes) -> None:
-        """What the socket takes now is sent from the relay's task; the writer is woken only for the
-        rest (a full socket) or a broken mirror: a task switch saved per chunk, as Trio's own sends
-        try before they wait."""
-        self.pending = memoryview(data)  # the writer parks only with nothing pending or queued
-        self.held += len(data)
-        if self._send_now(sock) < 0:
+    def _send_at_once(self, sock: socket.socket, data: bytes | memoryview) -> None:
+        """What the socket takes now is sent from the relay's step (nothing queued or pending: the
+        writer is idle); only the rest is copied, and the writer woken for it (a full socket) or a
+        broken mirror: a task switch and a copy saved per chunk, as Trio's own sends try before
+        they wait."""
+        try:
+            sent = sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
             self.drop("broken")
-        elif self.pending:
+            return
+        self.sent += sent
+        self.state.bytes += sent
+        if sent < len(data):
+            self.pending = memoryview(bytes(data[sent:]))  # the writer parks only with nothing pending
+            self.held += len(self.pending)
             self.lot.unpark_all()
 
     def drop(self, reason: str) -> None:

@@ -1,6 +1,7 @@
 """The socket relay: both directions of one plain connection, moved by one task.
 
-Theory of operation: a connection with no TLS and no filter (the plain path)
+Theory of operation: a connection with no TLS and no filter (the plain path),
+or whose one filter only copies the client's bytes (a mirror: its `Tap`),
 is relayed here, between its two non-blocking sockets. The `Relay` is a
 `Flow` (lifecycle.py: the accounting every relay shape shares, and the
 Timer's view of activity); each direction is a `Direction` (client → server
@@ -53,6 +54,13 @@ exception from a step is raised in that task and ends only its connection.
   cut for a complete transfer.
 - The connection stops a running relay (`stop`) when it decided its end
   (the Timer's idle timeout, a stop): every direction is then `OVER`.
+- A `Tap` (a mirror, mirror.py) gets a copy of each chunk read from the
+  client, before it is sent on, the client's EOF, and the relay's end. It
+  never waits (it keeps or sends its copy at once, or drops it), so the
+  relay stays what it is; only the client → server direction copies
+  instead of splicing while the tap takes copies. A tap that wants no
+  more (its copy dropped: the mirror lags, refused or broke) is let go at
+  its next chunk, and the direction may splice again from then on.
 
 Sockets are stdlib sockets in non-blocking mode; this module never closes
 them (the connection that opened them does, once `run` returned, so nothing
@@ -65,12 +73,14 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any, Final, final
+from typing import TYPE_CHECKING, Any, Final, Protocol, final
 
 from trioanubis.proxy.io.base import AGAIN, CHUNK_SIZE, OVER, READ, WRITE
 from trioanubis.proxy.lifecycle import DOWN, UP, Flow, Way
 
 if TYPE_CHECKING:
+    import trio
+
     from trioanubis.proxy.io import Readiness as Poller
     from trioanubis.proxy.lifecycle import Connection
 
@@ -135,6 +145,28 @@ def open_pipe() -> tuple[int, int, int] | None:
     return pipe_out, pipe_in, size
 
 
+class Tap(Protocol):
+    """What takes a copy of a relay's client → server bytes as they pass (mirror.py's `MirrorFilter`).
+
+    Called from the relay's steps, so nothing here waits: a tap keeps or sends
+    its copy at once, or drops it (the primary never waits for it).
+    """
+
+    def begin(self, nursery: trio.Nursery) -> None:
+        """Start what makes the copy (a task in `nursery`, which may outlive the relay)."""
+
+    def tap(self, data: memoryview) -> bool:
+        """The next chunk (the relay's buffer, valid during the call only: what the tap keeps, it
+        copies); False once it wants no more (its copy dropped)."""
+        ...
+
+    def tap_eof(self) -> None:
+        """The client sent EOF, after every chunk tapped."""
+
+    def relay_ended(self) -> None:
+        """The relay is over (the connection's end decided, or about to be: a stop)."""
+
+
 @final
 class Direction:
     """One direction of a relay: its sockets, what it waits for, what it holds, what it moved."""
@@ -166,10 +198,11 @@ class Direction:
 class Relay(Flow[Direction]):
     """One plain connection's relay: both sockets and both directions (the counters are the Flow's)."""
 
-    __slots__ = ("client", "client_fd", "driver", "poller", "server", "server_fd", "spliced")
+    __slots__ = ("client", "client_fd", "driver", "poller", "server", "server_fd", "spliced", "tap")
 
     def __init__(
-        self, conn: Connection, client: socket.socket, server: socket.socket, poller: Poller
+        self, conn: Connection, client: socket.socket, server: socket.socket, poller: Poller,
+        tap: Tap | None = None,
     ) -> None:
         super().__init__(conn)
         self.client = client
@@ -179,6 +212,7 @@ class Relay(Flow[Direction]):
         self.poller = poller
         self.spliced = 0  # directions that switched to splice (bulk)
         self.driver: Any = None  # the readiness backend's own state while it drives this relay
+        self.tap = tap  # what copies the client's bytes (a mirror), until its copy is dropped
 
     def run(self) -> Awaitable[None]:
         """Relay until both sides sent EOF or one failed (or the connection stops it); `await relay.run()`.
@@ -193,7 +227,8 @@ class Relay(Flow[Direction]):
         splice = USE_SPLICE and poller.caps.splice
         client, server, client_fd, server_fd = self.client, self.server, self.client_fd, self.server_fd
         # The descriptors' int objects are shared, not one per direction (above 256 each is an object).
-        self.up = Direction(UP, client, server, client_fd, server_fd, splice)
+        # A tapped direction copies (spliced bytes never enter the process) until its tap lets go.
+        self.up = Direction(UP, client, server, client_fd, server_fd, splice and self.tap is None)
         self.down = Direction(DOWN, server, client, server_fd, client_fd, splice)
         return poller.drive(self)  # the server socket joined the poller to connect; drive adds the client
 
@@ -203,9 +238,13 @@ class Relay(Flow[Direction]):
         self.poller.wake(self)
 
     def stopped(self) -> None:
-        """The backend stopped driving this relay (ended, raised or cancelled): close its splice pipes."""
+        """The backend stopped driving this relay (ended, raised or cancelled): close its splice pipes,
+        tell the tap."""
         self._close_pipe(self.up)
         self._close_pipe(self.down)
+        tap, self.tap = self.tap, None
+        if tap is not None:
+            tap.relay_ended()
 
     # ------------------------------------------------------- the backend's calls
 
@@ -294,8 +333,12 @@ class Relay(Flow[Direction]):
             self._on_eof(direction)
             return DONE
         self.moved(direction, received)
+        chunk = scratch[:received]
+        tap = self.tap
+        if tap is not None and direction is self.up and not tap.tap(chunk):
+            self._let_go(direction)
         try:
-            sent = direction.dst.send(scratch[:received])
+            sent = direction.dst.send(chunk)
         except BlockingIOError:
             sent = 0
         except OSError:
@@ -306,6 +349,11 @@ class Relay(Flow[Direction]):
             direction.unsent = memoryview(bytes(scratch[sent:received]))
             return BLOCKED
         return DRAINED if received < CHUNK_SIZE else FULL
+
+    def _let_go(self, direction: Direction) -> None:
+        """The tap wants no more: forget it; the direction is as any from now on (it may splice)."""
+        self.tap = None
+        direction.splice = USE_SPLICE and self.poller.caps.splice and direction.pipe_in < 0
 
     def _send_rest(self, direction: Direction) -> bool:
         """Send what the peer did not take yet; False while some is left (or the relay ended)."""
@@ -386,6 +434,8 @@ class Relay(Flow[Direction]):
         destination its FIN (as HAProxy does): no shutdown first. The
         destination sent EOF already, so nothing unread makes that close a reset.
         """
+        if self.tap is not None and direction is self.up:
+            self.tap.tap_eof()
         if self.eof(direction.way):
             return
         try:
