@@ -129,11 +129,6 @@ class FaultFilter(Filter):
     def on_read(self, data: bytes) -> bytes | None:
         return None if self.plan.blackhole else data
 
-    def as_tap(self) -> Tap | None:
-        """This filter as a `Tap` (relay.py) when it only copies what passes (a mirror): the socket
-        relay can then run it in place of the stream relay. None, as a rule."""
-        return None
-
     @property
     def delays(self) -> bool:
         return bool(self.plan.latency or self.plan.jitter)
