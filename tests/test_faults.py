@@ -215,16 +215,13 @@ async def test_stopped_server_reader_applies_backpressure_and_loses_nothing(
     payload = os.urandom(16 * MIB)
     async with through_balancer(Script(stop_reading=resume, echo=False)) as (backend, balancer, address):
         stream = await connect(address)
-        sent = 0
 
         async def send() -> None:
-            nonlocal sent
             for offset in range(0, len(payload), CHUNK_SIZE):
                 await stream.send_all(payload[offset : offset + CHUNK_SIZE])
-                sent += CHUNK_SIZE
             await stream.send_eof()
 
-        async with trio.open_nursery() as nursery:
+        async with stream, trio.open_nursery() as nursery:
             nursery.start_soon(send)
             # Wait until the client is blocked: no progress for a while means the pipe is full.
             await wait_until(lambda: bool(relays(balancer)) and relays(balancer)[0].up.held > 0)
@@ -232,12 +229,16 @@ async def test_stopped_server_reader_applies_backpressure_and_loses_nothing(
             for _ in range(20):
                 await trio.testing.wait_all_tasks_blocked(0.01)
                 assert relay.up.held <= HELD_AT_MOST
-            assert sent < len(payload)  # backpressure reached the client
+            # The balancer stopped reading once the server did: what it forwarded fits the kernel's
+            # buffers towards a server that reads nothing (its receive buffer does not grow). Whether
+            # the client blocks as well depends on how far Linux grew the receive buffer in front of
+            # the balancer while it still read (tcp_rmem's maximum, 32 MiB on some machines): the
+            # whole payload fitted there once in CI, so that is not asserted.
+            assert relay.up.bytes < len(payload)
             resume.set()
-        with trio.fail_after(30):
-            await backend.connections[0].saw_eof.wait()
+            with trio.fail_after(30):
+                await backend.connections[0].saw_eof.wait()
         assert hashlib.sha256(backend.connections[0].received).digest() == hashlib.sha256(payload).digest()
-        await stream.aclose()
 
 
 @pytest.mark.slow
