@@ -320,15 +320,10 @@ class MirrorFilter(Filter):
         writer is idle); only the rest is copied, and the writer woken for it (a full socket) or a
         broken mirror: a task switch and a copy saved per chunk, as Trio's own sends try before
         they wait."""
-        try:
-            sent = sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
+        sent = self._send_some(sock, data)
+        if sent < 0:
             self.drop("broken")
             return
-        self.sent += sent
-        self.state.bytes += sent
         if sent < len(data):
             self.pending = memoryview(bytes(data[sent:]))  # the writer parks only with nothing pending
             self.held += len(self.pending)
@@ -455,14 +450,20 @@ class MirrorFilter(Filter):
 
     def _send_now(self, sock: socket.socket) -> int:
         """Send what the socket takes of `pending` without waiting: the count, 0 when full, -1 when broken."""
+        sent = self._send_some(sock, self.pending)
+        if sent > 0:
+            self.pending = self.pending[sent:]
+            self.held -= sent
+        return sent
+
+    def _send_some(self, sock: socket.socket, data: bytes | memoryview) -> int:
+        """Send what the socket takes of `data` without waiting, counted: 0 when full, -1 when broken."""
         try:
-            sent = sock.send(self.pending)
+            sent = sock.send(data)
         except BlockingIOError:
             return 0
         except OSError:
             return -1
-        self.pending = self.pending[sent:]
-        self.held -= sent
         self.sent += sent
         self.state.bytes += sent
         return sent

@@ -82,19 +82,23 @@ class TlsStream(trio.abc.HalfCloseableStream):
         self._receiving = False  # one receive_some at a time (Trio's stream contract)
         self._sending = False  # one send_all / send_eof at a time
 
-    async def _flush(self) -> None:
+    async def _flush(self, *, then_eof: bool = False) -> None:
         """Send what the last SSL call wrote, after whatever an earlier call wrote.
 
         The bytes are taken out of OpenSSL's buffer at once, before any wait,
         so each task sends only what its own call made: a receive never
         carries (and never waits behind the transport for) the sender's
         records. The lock is FIFO, so the transport gets them in the order
-        OpenSSL made them.
+        OpenSSL made them; `then_eof` shuts the transport's writing after them
+        under the same lock (no send beside it).
         """
         data = self._outgoing.read()
-        if data:
+        if data or then_eof:
             async with self._send_lock:
-                await self.transport.send_all(data)
+                if data:
+                    await self.transport.send_all(data)
+                if then_eof and isinstance(self.transport, trio.abc.HalfCloseableStream):
+                    await self.transport.send_eof()
 
     async def _feed(self) -> None:
         data = await self.transport.receive_some(RECEIVE_SIZE)
@@ -212,12 +216,7 @@ class TlsStream(trio.abc.HalfCloseableStream):
                 pass  # the peer's close_notify has not come yet: fine, we only close our side
             except ssl.SSLError as exc:
                 raise trio.BrokenResourceError(f"TLS: {describe_ssl_error(exc)}") from exc
-            data = self._outgoing.read()
-            async with self._send_lock:  # after every earlier record, and no send beside it
-                if data:
-                    await self.transport.send_all(data)
-                if isinstance(self.transport, trio.abc.HalfCloseableStream):
-                    await self.transport.send_eof()
+            await self._flush(then_eof=True)
         finally:
             self._sending = False
 
