@@ -268,10 +268,45 @@ def awaited_frames(task: trio.lowlevel.Task) -> list[tuple[str, str]]:
     return frames
 
 
+def _ports_of_this_worker() -> Iterator[int]:
+    """Ports for this xdist worker alone, below the kernel's ephemeral range, in a cycle.
+
+    A port the kernel picks (bind to port 0, connect) comes from the ephemeral range, so a free
+    port taken from there can be handed to someone else between the test's probe and its bind:
+    a replica's port, another worker's free port, a client's source port. Ports below that range,
+    split between the workers, are given to nobody else.
+    """
+    try:
+        lowest_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        lowest_ephemeral = 32768  # Linux's default; BSD and macOS start theirs at 49152
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    span = (lowest_ephemeral - FIRST_TEST_PORT) // max(workers, 1)
+    if span < 100:  # no room below the ephemeral range: let the kernel choose
+        while True:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                yield int(s.getsockname()[1])
+    block = range(FIRST_TEST_PORT + index * span, FIRST_TEST_PORT + (index + 1) * span)
+    offset = os.getpid() % span  # a later run starts elsewhere in the block
+    while True:
+        for port in (*block[offset:], *block[:offset]):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))  # free now, and no TIME_WAIT left on it
+                except OSError:
+                    continue
+            yield port
+
+
+FIRST_TEST_PORT = 10000
+_PORTS = _ports_of_this_worker()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port nothing listens on, which nobody else will be given before the test binds it."""
+    return next(_PORTS)
 
 
 @contextmanager

@@ -513,7 +513,9 @@ async def test_accept_survives_running_out_of_file_descriptors(tmp_path: Path) -
             seen = b""
             with trio.fail_after(30):
                 while b" ready\n" not in seen:
-                    seen += await process.stderr.receive_some()
+                    data = await process.stderr.receive_some()
+                    assert data, seen.decode(errors="replace")  # it exited: say why
+                    seen += data
             in_use = len(os.listdir(f"/proc/{process.pid}/fd"))
             resource.prlimit(process.pid, resource.RLIMIT_NOFILE, (in_use + 6, in_use + 6))
             address = Address("127.0.0.1", port)

@@ -355,6 +355,28 @@ async def test_a_listener_whose_port_is_lost_during_the_hand_over_closes_and_the
     await balancer.stopped.wait()
 
 
+async def test_a_start_that_fails_after_binding_closes_the_sockets_it_bound() -> None:
+    """Every listener is bound before the pools and replicas start; when start-up fails after that
+    (here the second listener's bind), the sockets already bound are closed, not left to the GC."""
+    opened: list[socket.socket] = []
+
+    async def open_socket(bind: Address, backlog: int) -> socket.socket:
+        if bind.port == 1:
+            raise AnubisError(f"binding {bind}: Permission denied")
+        opened.append(sock := await open_listen_socket(bind, backlog))
+        return sock
+
+    listeners = {"a": {"bind": "127.0.0.1:0", "pool": "p"}, "b": {"bind": "127.0.0.1:1", "pool": "p"}}
+    data = {"listeners": listeners, "pools": {"p": {"servers": ["127.0.0.1:9"], "health": {"check": "none"}}}}
+    balancer = Balancer(parse_config(data, "t.toml"), open_socket=open_socket)
+    with pytest.raises(BaseException) as failed:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(balancer.run)
+    assert "binding 127.0.0.1:1: Permission denied" in repr(failed.value)
+    assert len(opened) == 1 and opened[0].fileno() == -1  # closed
+    assert balancer.stopped.is_set()
+
+
 async def test_reload_that_changes_io_keeps_the_backend_and_says_so(
     nursery: trio.Nursery, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ from tests.conftest import (
     running_balancer,
     wait_until,
 )
+from trioanubis import spawn
 from trioanubis.app import Balancer
 from trioanubis.config import Address, parse_config
 from trioanubis.errors import ConfigError
@@ -124,6 +126,38 @@ async def test_a_replica_seen_to_exit_gets_no_connection_and_comes_back_once_res
 
 
 @pytest.mark.slow
+async def test_listeners_are_bound_before_any_replica_is_given_a_port(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A replica's port is one the kernel calls free (bind to port 0). Were the listeners bound after
+    the replicas start, it could be a listener's own port, and the balancer then fails to start
+    (a CI run saw `anubis proxy 127.0.0.1:52437` exit with `binding 127.0.0.1:52437: Address
+    already in use` after its replica proxy-1 took 52437)."""
+    port = free_port()
+    listener_bound: list[bool] = []
+    kernels_choice = spawn.free_port
+
+    def checked(host: str) -> int:
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                listener_bound.append(True)
+            else:
+                listener_bound.append(False)
+        return kernels_choice(host)
+
+    monkeypatch.setattr(spawn, "free_port", checked)
+    data = spawn_config(HELLO, replicas=2)
+    data["listeners"]["test"]["bind"] = f"127.0.0.1:{port}"
+    async with running_balancer(data) as (balancer, address):
+        assert address.port == port
+        await wait_until(lambda: all(r.server.healthy for r in spawner_of(balancer).replicas))
+        assert (await get(address)).startswith(b"HTTP/1.")
+    assert listener_bound == [True, True]
+
+
+@pytest.mark.slow
 async def test_three_http_server_replicas_all_take_traffic() -> None:
     async with running_balancer(spawn_config(HTTP_SERVER)) as (balancer, address):
         spawner = spawner_of(balancer)
@@ -154,13 +188,19 @@ async def _start_proxy(port: int, *extra: str) -> tuple[trio.Process, list[int],
     )  # fmt: skip
     output = bytearray()
     assert process.stderr is not None
-    with trio.fail_after(EVENTUALLY * 2):
-        while b" ready" not in output:
-            data = await process.stderr.receive_some()
-            assert data, output.decode(errors="replace")
-            output += data
-    pids = [int(p) for p in re.findall(rb"replica proxy-\d+ started: pid (\d+)", output)]
-    assert len(pids) == 3, output.decode(errors="replace")
+    try:
+        with trio.fail_after(EVENTUALLY * 2):
+            while b" ready" not in output:
+                data = await process.stderr.receive_some()
+                assert data, output.decode(errors="replace")
+                output += data
+        pids = [int(p) for p in re.findall(rb"replica proxy-\d+ started: pid (\d+)", output)]
+        assert len(pids) == 3, output.decode(errors="replace")
+    except BaseException:  # not started: leave no process behind for the next test to trip on
+        process.kill()
+        with trio.CancelScope(shield=True):
+            await process.wait()
+        raise
     return process, pids, output
 
 

@@ -256,36 +256,46 @@ class Balancer:
             self._root = root
             root.start_soon(self.timer.run)
             root.start_soon(self.poller.run)
-            await self._load_state()  # before anything serves, the admin endpoint included
-            if self.fleet is not None:  # the fleet's servers and drains, before anything serves too
-                await root.start(self.fleet.run)
-            if self.admin is not None:
-                self.admin_address = await root.start(self._serve_admin)
-            for pool in self.pools.values():
-                await self.resolve(pool.servers, pool)
-                await self.update_spawner(pool)
-                await self.start_pool_tasks(pool)
-            async with trio.open_nursery() as connections:
-                self._connections = connections
-                async with trio.open_nursery() as accepting:
-                    self._accepting = accepting
-                    bound = {
-                        name: await accepting.start(listener.serve, connections)
-                        for name, listener in self.listeners.items()
-                    }
-                    self.listening = True
-                    self._write_pid_file()
-                    task_status.started(bound)
-                    root.start_soon(self._reload_loop)
-                    if self.watch and self.config_path:
-                        root.start_soon(watch_files, self._watched, self._files_seen, self.request_reload)
-                    await self._shutdown.wait()
-                    await self._keep_accepting()
-                    self.limits.draining = True
-                    accepting.cancel_scope.cancel()
-                await self._drain()
-                connections.cancel_scope.cancel()
+            try:
+                await self._serve(root, task_status)
+            finally:
+                for listener in self.listeners.values():
+                    listener.close_unserved()
             root.cancel_scope.cancel()
+
+    async def _serve(self, root: trio.Nursery, task_status: trio.TaskStatus[Mapping[str, Address]]) -> None:
+        """Bind, start the pools, accept; on shutdown stop accepting, drain, and return."""
+        for listener in self.listeners.values():  # first: no replica port can take a listener's
+            await listener.bind()
+        await self._load_state()  # before anything serves, the admin endpoint included
+        if self.fleet is not None:  # the fleet's servers and drains, before anything serves too
+            await root.start(self.fleet.run)
+        if self.admin is not None:
+            self.admin_address = await root.start(self._serve_admin)
+        for pool in self.pools.values():
+            await self.resolve(pool.servers, pool)
+            await self.update_spawner(pool)
+            await self.start_pool_tasks(pool)
+        async with trio.open_nursery() as connections:
+            self._connections = connections
+            async with trio.open_nursery() as accepting:
+                self._accepting = accepting
+                bound = {
+                    name: await accepting.start(listener.serve, connections)
+                    for name, listener in self.listeners.items()
+                }
+                self.listening = True
+                self._write_pid_file()
+                task_status.started(bound)
+                root.start_soon(self._reload_loop)
+                if self.watch and self.config_path:
+                    root.start_soon(watch_files, self._watched, self._files_seen, self.request_reload)
+                await self._shutdown.wait()
+                await self._keep_accepting()
+                self.limits.draining = True
+                accepting.cancel_scope.cancel()
+            await self._drain()
+            connections.cancel_scope.cancel()
 
     async def resolve(self, servers: list[Server], pool: Pool) -> None:
         for server in servers:

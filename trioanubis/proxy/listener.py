@@ -1,7 +1,9 @@
 """Listeners: bind a socket, accept connections, start one task per connection.
 
-Theory of operation: `Listener.serve` binds its socket, reports the bound
-address through `task_status.started`, then accepts until cancelled. Each
+Theory of operation: `Listener.bind` opens the listening socket (the balancer
+binds every listener before its pools and replicas start, so no replica is
+given a listener's port); `Listener.serve` binds it if `bind` did not, reports
+the bound address through `task_status.started`, then accepts until cancelled. Each
 accepted client becomes a `Connection` (lifecycle.py), the one owner of its
 life, and its task (`run_connection`, connection.py) starts in a *separate*
 nursery that the caller owns, so closing a listener (drain, reload) stops
@@ -149,6 +151,7 @@ class Listener:
         self.backoff = AcceptBackoff(f"listener {self.name}", log)
         self.internal_errors = 0
         self.bound: Address | None = None
+        self._bound_early: socket.socket | None = None  # opened by `bind`, taken by `serve`
         self.connections: trio.Nursery | None = None  # where connection tasks run (outlives us)
         self.scope = trio.CancelScope()
         self.closed = trio.Event()  # set once its listening socket is closed
@@ -159,10 +162,13 @@ class Listener:
         *,
         task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Bind, report the bound address, and accept into `connections` until cancelled."""
+        """Bind (unless `bind` did), report the bound address, and accept into `connections`
+        until cancelled."""
         self.connections = connections
         with self.scope:
-            sock = await self.open_socket(self.config.bind, self.config.backlog or somaxconn())
+            sock, self._bound_early = self._bound_early, None
+            if sock is None:
+                sock = await self.open_socket(self.config.bind, self.config.backlog or somaxconn())
             try:
                 host, port = sock.getsockname()[:2]
                 self.bound = Address(host, port)
@@ -173,6 +179,19 @@ class Listener:
             finally:
                 close_socket(sock)
                 self.closed.set()
+
+    async def bind(self) -> None:
+        """Open the listening socket before `serve` accepts on it: the balancer binds every
+        listener before its pools start, so a replica's port (`spawn.free_port`) can never be
+        one a listener is about to bind. Connections arriving meanwhile wait in the backlog."""
+        if self._bound_early is None:
+            self._bound_early = await self.open_socket(self.config.bind, self.config.backlog or somaxconn())
+
+    def close_unserved(self) -> None:
+        """Close a socket `bind` opened that `serve` never took (start-up failed in between)."""
+        if self._bound_early is not None:
+            close_socket(self._bound_early)
+            self._bound_early = None
 
     @property
     def overloads(self) -> int:
