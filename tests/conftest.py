@@ -333,9 +333,17 @@ def descriptors_exhausted() -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def _collect_garbage_after_each_test() -> Iterator[None]:
     """Collect after every test, so a socket a test leaves unclosed is reported against that test
-    (as a ResourceWarning, an error here) rather than against whichever test the collector next runs in."""
+    (as a ResourceWarning, an error here) rather than against whichever test the collector next runs in.
+
+    What is still alive after that collection is frozen (moved where the collector no longer
+    walks), so the next collection costs what the next test made rather than the whole heap:
+    walking every object (~150,000 of them) after each test took 92 ms, 118 s of CPU per run.
+    An object frozen here that later ends in a garbage cycle is never freed nor warned about;
+    what a test makes and drops is.
+    """
     yield
     gc.collect()
+    gc.freeze()
 
 
 class StubOrigin:
