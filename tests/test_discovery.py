@@ -21,7 +21,15 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import EVENTUALLY, name_handler, request, running_balancer, start_backend, wait_until
+from tests.conftest import (
+    EVENTUALLY,
+    free_port,
+    name_handler,
+    request,
+    running_balancer,
+    start_backend,
+    wait_until,
+)
 from tests.dnsserver import Zone
 from tests.peers import need
 from trioanubis import discovery
@@ -186,11 +194,10 @@ async def test_a_refused_aaaa_keeps_the_a_answer_and_says_which_family_failed(
 def _free_udp_and_tcp_port() -> int:
     """A port free on 127.0.0.1 for both UDP and TCP (dnsmasq listens on both)."""
     while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, socket.socket() as tcp:
-            udp.bind(("127.0.0.1", 0))
-            port = int(udp.getsockname()[1])
+        port = free_port()  # TCP-free, and this worker's own (conftest)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
             try:
-                tcp.bind(("127.0.0.1", port))
+                udp.bind(("127.0.0.1", port))
             except OSError:
                 continue
             return port
