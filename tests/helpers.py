@@ -4,6 +4,7 @@ from chosen addresses, peers, workers. Fixtures live in conftest.py."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import shutil
 import signal
@@ -428,3 +429,54 @@ COMMAND_LIKE = st.fixed_dictionaries({"op": st.sampled_from(["drain", "enable", 
                                                "weight": JSON, "faults": JSON})  # fmt: skip
 VALUES = st.binary(max_size=200) | JSON.map(lambda v: json.dumps(v).encode()) | SERVER_LIKE.map(
     lambda v: json.dumps(v).encode()) | COMMAND_LIKE.map(lambda v: json.dumps(v).encode())
+
+
+class CuttableRelay:
+    """A TCP relay to a local port that counts connections, can cut them all, and can refuse new
+    ones (each closed at once) until told to relay again: a network between a client and its
+    server (etcd) that a test breaks and mends."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.port = 0
+        self.connections = 0
+        self.active = 0
+        self.refusing = False
+        self._scopes: set[trio.CancelScope] = set()
+
+    @classmethod
+    async def start(cls, nursery: trio.Nursery, target: int) -> CuttableRelay:
+        relay = cls(target)
+        listeners = await nursery.start(functools.partial(trio.serve_tcp, relay._handle, 0, host="127.0.0.1"))
+        relay.port = listeners[0].socket.getsockname()[1]
+        return relay
+
+    def cut(self) -> None:
+        for scope in self._scopes:
+            scope.cancel()
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        if self.refusing:
+            await client.aclose()
+            return
+        self.connections += 1
+        self.active += 1
+        try:
+            with trio.CancelScope() as scope:
+                self._scopes.add(scope)
+                server = await trio.open_tcp_stream("127.0.0.1", self.target)
+                async with server, client, trio.open_nursery() as nursery:
+                    nursery.start_soon(_pump, client, server, nursery.cancel_scope)
+                    nursery.start_soon(_pump, server, client, nursery.cancel_scope)
+            self._scopes.discard(scope)
+        finally:
+            self.active -= 1
+
+
+async def _pump(source: trio.SocketStream, sink: trio.SocketStream, scope: trio.CancelScope) -> None:
+    try:
+        while data := await source.receive_some(65536):
+            await sink.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    scope.cancel()

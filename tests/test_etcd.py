@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from base64 import b64decode
 from collections.abc import AsyncIterator
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ import trio
 
 from tests.conftest import free_port, no_fd_leak, wait_until
 from tests.etcdserver import EtcdServer, TlsFiles, running_etcd
+from tests.helpers import CuttableRelay
 from tests.tlscerts import Authority
 from trioanubis.cluster import (
     Compare,
@@ -228,7 +228,7 @@ async def test_watch_resumes_from_its_revision_after_etcd_restarts(etcd: EtcdSer
 async def test_watch_restarts_itself_when_its_connection_breaks(etcd: EtcdServer) -> None:
     """A relay between client and etcd cuts the watch's connection; changes made meanwhile still arrive."""
     async with trio.open_nursery() as nursery:
-        relay = await Relay.start(nursery, etcd.client_port)
+        relay = await CuttableRelay.start(nursery, etcd.client_port)
         async with EtcdClient([f"http://127.0.0.1:{relay.port}"]) as client:
             events: list[Event] = []
             async with client.watch("/k/", 1) as watch:
@@ -294,7 +294,7 @@ async def test_a_dead_first_endpoint_fails_over_to_the_next(etcd: EtcdServer) ->
 @pytest.mark.slow
 async def test_unary_calls_share_one_kept_alive_connection(etcd: EtcdServer) -> None:
     async with trio.open_nursery() as nursery:
-        relay = await Relay.start(nursery, etcd.client_port)
+        relay = await CuttableRelay.start(nursery, etcd.client_port)
         async with EtcdClient([f"http://127.0.0.1:{relay.port}"]) as client:
             for number in range(10):
                 await client.put("/r/a", str(number))
@@ -382,51 +382,3 @@ async def test_auth_with_a_user_and_password_and_a_renewed_token(etcd: EtcdServe
     async with EtcdClient([etcd.endpoint]) as anonymous:
         with pytest.raises(EtcdAuthError, match="user name is empty"):
             await anonymous.get("/anubis/a")
-
-
-# --------------------------------------------------------------------------- a relay to cut
-
-
-class Relay:
-    """A TCP relay to a local port that counts connections and can cut them all."""
-
-    def __init__(self, target: int) -> None:
-        self.target = target
-        self.port = 0
-        self.connections = 0
-        self.active = 0
-        self._scopes: set[trio.CancelScope] = set()
-
-    @classmethod
-    async def start(cls, nursery: trio.Nursery, target: int) -> Relay:
-        relay = cls(target)
-        listeners = await nursery.start(partial(trio.serve_tcp, relay._handle, 0, host="127.0.0.1"))
-        relay.port = listeners[0].socket.getsockname()[1]
-        return relay
-
-    def cut(self) -> None:
-        for scope in self._scopes:
-            scope.cancel()
-
-    async def _handle(self, client: trio.SocketStream) -> None:
-        self.connections += 1
-        self.active += 1
-        try:
-            with trio.CancelScope() as scope:
-                self._scopes.add(scope)
-                server = await trio.open_tcp_stream("127.0.0.1", self.target)
-                async with server, client, trio.open_nursery() as nursery:
-                    nursery.start_soon(pump, client, server, nursery.cancel_scope)
-                    nursery.start_soon(pump, server, client, nursery.cancel_scope)
-            self._scopes.discard(scope)
-        finally:
-            self.active -= 1
-
-
-async def pump(source: trio.SocketStream, sink: trio.SocketStream, scope: trio.CancelScope) -> None:
-    try:
-        while data := await source.receive_some(65536):
-            await sink.send_all(data)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
-    scope.cancel()

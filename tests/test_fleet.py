@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import echo_handler, request, running_balancer, start_backend, wait_until
 from tests.etcdserver import START_TIMEOUT, EtcdServer
-from tests.helpers import VALUES
+from tests.helpers import VALUES, CuttableRelay
 from trioanubis.app import Balancer
 from trioanubis.cluster import EtcdClient
 from trioanubis.config import parse_config
@@ -136,6 +136,42 @@ async def test_a_reload_keeps_the_etcd_servers(etcd: EtcdServer, nursery: trio.N
         del without["pools"]["web"]["servers_from"]
         await balancer.apply_config(parse_config(without, "test.toml"))
         assert balancer.pools["web"].find("e1") is None
+
+
+@pytest.mark.slow
+async def test_changes_lost_to_a_compaction_are_read_again(
+    etcd: EtcdServer, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While the balancer cannot reach etcd, a server key is added, one deleted and a drain written,
+    then etcd compacts past them: the watch it resumes is refused (those events are gone), so it reads
+    every key again, and what it holds then matches etcd, the deletion included."""
+    backend = (await start_backend(nursery, echo_handler)).address
+    relay = await CuttableRelay.start(nursery, etcd.client_port)
+    prefix = f"/t{next(PREFIXES)}/"
+    data = fleet_config(etcd, prefix, backend)
+    data["cluster"]["etcd"] = [f"http://127.0.0.1:{relay.port}"]
+    caplog.set_level(logging.WARNING, "trioanubis.fleet")
+    async with running_balancer(data) as (balancer, address), etcd_client(etcd) as client:
+        fleet, pool = balancer.fleet, balancer.pools["web"]
+        assert fleet is not None
+        await client.put(f"{prefix}pools/web/servers/gone", json.dumps({"address": backend}))
+        await settled(client, balancer, prefix, backend)
+        assert pool.find("gone") is not None
+        relay.refusing = True
+        relay.cut()
+        await wait_until(lambda: not fleet.connected)
+        await client.put(f"{prefix}pools/web/servers/late", json.dumps({"address": backend}))
+        await client.delete(f"{prefix}pools/web/servers/gone")
+        drain = json.dumps({"op": "drain", "pool": "web", "server": "file"})
+        latest = await client.put(f"{prefix}state/web/file/drain", drain)
+        await etcd.etcdctl("compact", str(latest))
+        relay.refusing = False
+        await wait_until(lambda: pool.find("late") is not None)
+        assert pool.find("gone") is None
+        await wait_until(lambda: pool.find("file").draining)  # type: ignore[union-attr]
+        assert fleet.connected
+        assert await request(address, b"still") == b"still"
+    assert any("was compacted; reading every key again" in r.getMessage() for r in caplog.records)
 
 
 KINDS = st.sampled_from(["pools/web/servers/s", "pools/web/servers/file", "pools/other/servers/s",
