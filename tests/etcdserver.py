@@ -21,6 +21,7 @@ import trio
 
 from tests.conftest import free_port
 from tests.peers import need
+from tests.tlscerts import Authority
 
 # Starting (and electing itself) takes about a second; a loaded CI machine may take much longer.
 START_TIMEOUT = 60.0
@@ -33,6 +34,8 @@ class TlsFiles:
     key: str
     client_cert: str = ""
     client_key: str = ""
+    no_cn_cert: str = ""  # a client certificate whose subject has no CommonName
+    no_cn_key: str = ""
 
 
 class EtcdServer:
@@ -87,6 +90,16 @@ class EtcdServer:
             command += ["--user", f"{self.user[0]}:{self.user[1]}"]
         return [*command, *args]
 
+    async def enable_auth(self) -> None:
+        """Users root (needed to turn auth on) and `anubis` (password s3cret, allowed only under
+        /anubis/), then auth on; etcdctl logs in as root from then on."""
+        for args in (("user", "add", "root:rootpw"), ("user", "add", "anubis:s3cret"),
+                     ("role", "add", "fleet"),
+                     ("role", "grant-permission", "fleet", "--prefix=true", "readwrite", "/anubis/"),
+                     ("user", "grant-role", "anubis", "fleet"), ("auth", "enable")):  # fmt: skip
+            await self.etcdctl(*args)
+        self.user = ("root", "rootpw")
+
     async def etcdctl(self, *args: str, check: bool = True, stdin: bytes = b""
                       ) -> subprocess.CompletedProcess[bytes]:  # fmt: skip
         """Run etcdctl against this member; its output (check: fail on a non-zero exit)."""
@@ -95,6 +108,18 @@ class EtcdServer:
         if check and result.returncode != 0:
             raise AssertionError(f"etcdctl {' '.join(args)} failed: {result.stderr.decode()}")
         return result
+
+
+def tls_files(directory: Path) -> TlsFiles:
+    """A CA, a server certificate for 127.0.0.1 and two client certificates in `directory`: one with
+    the CommonName anubis, one whose subject has none (with auth on, etcd's HTTP gateway refuses a
+    client certificate that has one)."""
+    authority = Authority(directory)
+    server = authority.issue("127.0.0.1", "localhost", file="server")
+    client = authority.issue("anubis", file="client")
+    no_cn = authority.issue("anubis", file="client-no-cn", common_name=False)
+    return TlsFiles(authority.pair.cert, server.cert, server.key, client.cert, client.key,
+                    no_cn.cert, no_cn.key)
 
 
 @asynccontextmanager

@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from tests.conftest import free_port, no_fd_leak, wait_until
-from tests.etcdserver import EtcdServer, TlsFiles, running_etcd
+from tests.etcdserver import EtcdServer, running_etcd, tls_files
 from tests.helpers import CuttableRelay
 from tests.tlscerts import Authority
 from trioanubis.cluster import (
@@ -313,13 +313,6 @@ async def test_unary_calls_share_one_kept_alive_connection(etcd: EtcdServer) -> 
 # --------------------------------------------------------------------------- TLS and auth
 
 
-def tls_files(directory: Path) -> TlsFiles:
-    authority = Authority(directory)
-    server = authority.issue("127.0.0.1", "localhost", file="server")
-    client = authority.issue("anubis", file="client")
-    return TlsFiles(authority.pair.cert, server.cert, server.key, client.cert, client.key)
-
-
 @pytest.mark.slow
 async def test_tls_with_a_ca_and_a_client_certificate(tmp_path: Path) -> None:
     files = tls_files(tmp_path)
@@ -346,18 +339,28 @@ async def test_tls_with_a_ca_and_a_client_certificate(tmp_path: Path) -> None:
         EtcdClient(["https://127.0.0.1:2379"], ca=str(tmp_path / "missing.crt"))
 
 
-async def enable_auth(server: EtcdServer) -> None:
-    """root (needed to turn auth on) and `anubis`, allowed only under /anubis/."""
-    for args in (("user", "add", "root:rootpw"), ("user", "add", "anubis:s3cret"), ("role", "add", "fleet"),
-                 ("role", "grant-permission", "fleet", "--prefix=true", "readwrite", "/anubis/"),
-                 ("user", "grant-role", "anubis", "fleet"), ("auth", "enable")):  # fmt: skip
-        await server.etcdctl(*args)
-    server.user = ("root", "rootpw")
+@pytest.mark.slow
+async def test_auth_over_tls_with_a_client_certificate_wants_one_without_a_common_name(
+    tmp_path: Path,
+) -> None:
+    """With --client-cert-auth and auth both on, etcd's HTTP gateway answers 400 to a client
+    certificate that has a CommonName; the error says what to do, and one without works."""
+    files = tls_files(tmp_path)
+    async with running_etcd(tmp_path, files) as server:
+        await server.enable_auth()
+        async with EtcdClient([server.endpoint], ca=files.ca, cert=files.client_cert, key=files.client_key,
+                              username="anubis", password="s3cret") as named:  # fmt: skip
+            with pytest.raises(EtcdAuthError, match="a certificate whose subject has no CommonName"):
+                await named.get("/anubis/a")
+        async with EtcdClient([server.endpoint], ca=files.ca, cert=files.no_cn_cert, key=files.no_cn_key,
+                              username="anubis", password="s3cret") as client:  # fmt: skip
+            await client.put("/anubis/a", "over tls, as anubis")
+            assert (await client.get("/anubis/a")).kvs[0].value == b"over tls, as anubis"
 
 
 @pytest.mark.slow
 async def test_auth_with_a_user_and_password_and_a_renewed_token(etcd: EtcdServer) -> None:
-    await enable_auth(etcd)
+    await etcd.enable_auth()
     async with EtcdClient([etcd.endpoint], username="anubis", password="s3cret") as client:
         await client.put("/anubis/a", "1")
         assert (await client.get("/anubis/a")).kvs[0].value == b"1"

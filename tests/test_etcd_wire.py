@@ -132,7 +132,7 @@ def test_errors_etcd_answers_become_the_class_that_says_what_to_do(
 
 def test_an_error_body_that_is_not_etcds_is_a_bad_response() -> None:
     error = error_from(404, b"Not Found\n", "txn")
-    assert isinstance(error, EtcdBadResponse) and str(error) == "txn: http 404: Not Found\\n"
+    assert isinstance(error, EtcdBadResponse) and str(error) == "txn: http 404: Not Found"  # no line end
     assert isinstance(error_from(500, b"", "get"), EtcdBadResponse)
     assert isinstance(error_from(400, b'{"code":true,"message":"x"}', "get"), EtcdBadResponse)
 

@@ -29,7 +29,7 @@ from tests.conftest import (
     start_backend,
     wait_until,
 )
-from tests.etcdserver import EtcdServer, running_etcd
+from tests.etcdserver import EtcdServer, running_etcd, tls_files
 from tests.helpers import ANUBIS
 
 
@@ -42,21 +42,23 @@ class Instance:
     process: trio.Process | None = None
 
 
-def instance_config(name: str, etcd: EtcdServer, port: int, admin: int, health: str, workers: int = 1) -> str:
+def instance_config(name: str, etcd: EtcdServer, port: int, admin: int, health: str, workers: int = 1,
+                    cluster: str = "") -> str:  # fmt: skip
     return (f'[settings]\ndrain_timeout = "1s"\nworkers = {workers}\n'
             f'[listeners.web]\nbind = "127.0.0.1:{port}"\npool = "web"\n'
             f'[pools.web]\nservers_from = "etcd"\nretries = 0\nhealth = {health}\n'
             f'[admin]\nbind = "127.0.0.1:{admin}"\n'
-            f'[cluster]\netcd = ["{etcd.endpoint}"]\nname = "{name}"\nttl = 5\ntimeout = "1s"\n')  # fmt: skip
+            f'[cluster]\netcd = ["{etcd.endpoint}"]\nname = "{name}"\nttl = 5\ntimeout = "1s"\n'
+            f'{cluster}')  # fmt: skip
 
 
 @asynccontextmanager
 async def fleet_instance(tmp_path: Path, etcd: EtcdServer, name: str, health: str = '{ check = "none" }',
-                         workers: int = 1) -> AsyncIterator[Instance]:  # fmt: skip
+                         workers: int = 1, cluster: str = "") -> AsyncIterator[Instance]:  # fmt: skip
     """`anubis run` for one instance; yields once its admin answers /readyz."""
     instance = Instance(name, free_port(), free_port(), tmp_path / f"{name}.log")
     path = tmp_path / f"{name}.toml"
-    path.write_text(instance_config(name, etcd, instance.port, instance.admin, health, workers))
+    path.write_text(instance_config(name, etcd, instance.port, instance.admin, health, workers, cluster))
     async with process_logging_to([*ANUBIS, "run", "-c", str(path)], instance.log) as process:
         instance.process = process
         await wait_until(lambda: admin_ready(instance))
@@ -152,6 +154,37 @@ async def test_a_drain_and_a_server_reach_every_instance(tmp_path: Path, nursery
             # What they share is in etcd, as control.py's commands.
             got = await etcd.etcdctl("get", "/anubis/state/web/s1/drain", "--print-value-only")
             assert json.loads(got.stdout) == {"op": "drain", "pool": "web", "server": "s1"}
+
+
+@pytest.mark.slow
+async def test_an_instance_follows_an_etcd_that_wants_a_client_certificate_and_a_password(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """[cluster] with ca, cert, key, username and password, against an etcd that demands a client
+    certificate and has auth on (user anubis may read and write under /anubis/ only): servers
+    arrive, and a drain made through the admin is written back. The certificate has no CommonName:
+    etcd's HTTP gateway refuses one that has (test_etcd.py checks that the error says so)."""
+    s1 = await start_backend(nursery, name_handler("s1"), "s1")
+    files = tls_files(tmp_path)
+    async with running_etcd(tmp_path, files) as etcd:
+        await etcd.enable_auth()
+        await put_server(etcd, "s1", s1)
+        secure = (f'ca = "{files.ca}"\ncert = "{files.no_cn_cert}"\nkey = "{files.no_cn_key}"\n'
+                  'username = "anubis"\npassword = "s3cret"\n')  # fmt: skip
+        async with fleet_instance(tmp_path, etcd, "a", cluster=secure) as a:
+            await eventually(lambda: _all_say((a,), "s1", "up"))
+            assert await through(a) == b"s1"
+            status, _ = await admin_call(a, "POST", "/pools/web/servers/s1/drain")
+            assert status == 200
+
+            async def written() -> bool:
+                got = await etcd.etcdctl("get", "/anubis/state/web/s1/drain", "--print-value-only")
+                return bool(got.stdout.strip())
+
+            await eventually(written)
+            _, stats = await admin_call(a, "GET", "/stats")
+            assert stats["cluster"]["connected"] is True, stats["cluster"]
+            assert "Traceback" not in a.log.read_text()
 
 
 async def _all_say(instances: tuple[Instance, ...], server: str, state: str | None) -> bool:

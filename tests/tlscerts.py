@@ -45,15 +45,18 @@ class Authority:
         )  # fmt: skip
         self.pair = _write(path, name, self.cert, self.key)
 
-    def issue(self, *names: str, expired: bool = False, file: str = "") -> Pair:
+    def issue(self, *names: str, expired: bool = False, file: str = "", common_name: bool = True) -> Pair:
+        """A certificate for `names` (its CommonName is the first unless `common_name` is False:
+        then the subject is empty and the names are only in subjectAltName)."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.timezone.utc)
         start = now - datetime.timedelta(days=10 if expired else 1)
         end = now - datetime.timedelta(days=1) if expired else now + datetime.timedelta(days=30)
         alt = [x509.IPAddress(ipaddress.ip_address(n)) if n[0].isdigit() else x509.DNSName(n) for n in names]
+        subject = [x509.NameAttribute(NameOID.COMMON_NAME, names[0])] if common_name else []
         cert = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+            .subject_name(x509.Name(subject))
             .issuer_name(self.name).public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(start).not_valid_after(end)
             .add_extension(x509.SubjectAlternativeName(alt), critical=False)

@@ -294,6 +294,11 @@ def stream_error(error: object, what: str) -> EtcdError:
     return grpc_error(status[0], status[1], what)
 
 
+# etcd's gateway (server/embed/serve.go) answers this, as plain text, to any /v3/ request made with a
+# client certificate that has a CommonName while both --client-cert-auth and auth are on.
+GATEWAY_REFUSES_CN: Final = b"CommonName of client sending a request against gateway will be ignored"
+
+
 def error_from(status: int, body: bytes, what: str) -> EtcdError:
     """The error an HTTP answer other than 200 carries."""
     try:
@@ -301,6 +306,10 @@ def error_from(status: int, body: bytes, what: str) -> EtcdError:
     except EtcdBadResponse:
         document = None
     grpc = _grpc_status(document)
+    if grpc is None and status == 400 and body.startswith(GATEWAY_REFUSES_CN):
+        return EtcdAuthError(f"{what}: etcd refuses a client certificate with a CommonName once its auth "
+                             "is on (its HTTP gateway, which this client speaks, would ignore the name): "
+                             "use a certificate whose subject has no CommonName, or none")  # fmt: skip
     if grpc is None:
-        return EtcdBadResponse(f"{what}: http {status}: {show(body) or 'no body'}")
+        return EtcdBadResponse(f"{what}: http {status}: {show(body.strip()) or 'no body'}")
     return grpc_error(grpc[0], grpc[1], what)
