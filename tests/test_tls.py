@@ -208,6 +208,27 @@ async def test_origination_refuses_a_bad_certificate_and_fails_over(nursery: tri
         assert failures["expired"] >= 1 and failures["stranger"] >= 1 and failures["good"] == 0
 
 
+async def test_origination_accepts_what_haproxy_accepts_on_every_python(nursery: trio.Nursery, ca: Authority,
+                                                                      tmp_path: Path) -> None:  # fmt: skip
+    """A private CA's server certificate without an Authority Key Identifier verifies (as in
+    HAProxy, nginx and curl), and a CA file holding only an intermediate is not a trust anchor:
+    Python 3.13's default contexts do the opposite of both (VERIFY_X509_STRICT, _PARTIAL_CHAIN),
+    and the balancer clears them so a config verifies the same on every Python."""
+    certificate = ca.issue("127.0.0.1", file="bare", authority_key_id=False)
+    bare = await start_backend(nursery, tls_backend(certificate, "no AKI"))
+    data = {"listeners": {"t": {"bind": "127.0.0.1:0", "pool": "p"}},
+            "pools": {"p": {"servers": [bare.address], "health": {"check": "none"}, "retries": 0,
+                            "tls": {"ca": ca.pair.cert}}}}  # fmt: skip
+    async with running_balancer(data) as (balancer, address):
+        stream = await connect(address)
+        assert await first_line(stream) == b"no AKI\n"
+        await stream.aclose()
+        tls = balancer.pools["p"].config.tls
+        assert tls is not None
+        context = tls.context
+    assert not context.verify_flags & (ssl.VERIFY_X509_STRICT | ssl.VERIFY_X509_PARTIAL_CHAIN)
+
+
 async def test_health_checks_speak_tls_and_fail_a_bad_certificate(nursery: trio.Nursery,
                                                                   ca: Authority) -> None:  # fmt: skip
     old = ca.issue("127.0.0.1", expired=True, file="old")

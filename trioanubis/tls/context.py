@@ -7,7 +7,9 @@ certificate that is missing, unreadable, not matching its key, or a CA file
 that does not load is a `TlsConfigError` that `anubis check` reports and a
 reload rejects; and since every reload parses again, renewed files are
 picked up by SIGHUP. The contexts are the stdlib's defaults (its cipher
-choice) with TLS 1.2 as the minimum and renegotiation off.
+choice) with TLS 1.2 as the minimum and renegotiation off, and OpenSSL's own
+certificate checks on every Python (3.13 made the stdlib's stricter than
+HAProxy's, nginx's and curl's: `PYTHON_313_VERIFY_FLAGS`).
 
 Several certificates on one listener: the first is the default, and an
 `sni_callback` switches to the one whose names (subjectAltName DNS entries,
@@ -39,9 +41,18 @@ class TlsConfigError(AnubisError):
     """A certificate, key or CA file cannot be used; the message says which and why."""
 
 
+# What Python 3.13's default contexts add to OpenSSL's verification flags. HAProxy, nginx and curl
+# verify with OpenSSL's defaults, which have neither: without this, a private CA's certificate with
+# no Authority Key Identifier, which they accept, fails here on 3.13 alone ("Missing Authority Key
+# Identifier"), and a CA file holding an intermediate would be a trust anchor on 3.13 alone.
+PYTHON_313_VERIFY_FLAGS: Final = ssl.VERIFY_X509_STRICT | getattr(ssl, "VERIFY_X509_PARTIAL_CHAIN", 0)
+
+
 def _harden(context: ssl.SSLContext) -> ssl.SSLContext:
+    """TLS 1.2 at least, no renegotiation, and the same certificate checks on every Python."""
     context.minimum_version = MINIMUM_VERSION
     context.options |= ssl.OP_NO_RENEGOTIATION
+    context.verify_flags &= ~PYTHON_313_VERIFY_FLAGS
     return context
 
 
