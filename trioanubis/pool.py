@@ -332,10 +332,12 @@ class Pool:
         if self.held:  # a freed slot may let the first held client connect (nothing to do as a rule)
             self.held.poke()
 
-    def record_connect_success(self, server: Server, connect_time: float) -> None:
+    def record_connect_success(self, server: Server, started: float, now: Callable[[], float]) -> None:
+        """A connect begun at `started` (on the clock `now` reads) succeeded; the clock is read only
+        when the connect time is least_time's sample."""
         server.consecutive_failures = 0
         if self.config.least_time == "connect":
-            self.record_time(server, connect_time)
+            self.record_time(server, now() - started)
 
     def record_connect_failure(self, server: Server, reason: str) -> None:
         """Count a failed connect; `eject_after` in a row take the server out at once."""

@@ -87,6 +87,7 @@ async def try_servers(conn: Connection) -> EndState | str:
     poller = connecting.poller
     key = client_key(conn.peer)
     tried: list[Server] = []
+    timeout = config.connect_timeout
     now = connecting.started = poller.now()
     deadline = now + config.failover_timeout if config.failover_timeout else math.inf
     try:
@@ -95,10 +96,11 @@ async def try_servers(conn: Connection) -> EndState | str:
             if server is None:
                 break
             conn.reserve(server)  # in the same step as the pick: counts against max_connections now
+            if tried:  # a failover: the attempt's own start (the first starts with the round)
+                now = poller.now()
             tried.append(server)
-            started = poller.now()
             try:
-                await _attempt(conn, server, config.connect_timeout, deadline)
+                await _attempt(conn, server, timeout, min(now + timeout, deadline))
             except ConnectFailed as exc:
                 conn.unreserve()
                 if connecting.end == "client_abort":
@@ -113,7 +115,7 @@ async def try_servers(conn: Connection) -> EndState | str:
                 connecting.end = ""
                 continue
             pool.acquire(server)
-            pool.record_connect_success(server, poller.now() - started)
+            pool.record_connect_success(server, now, poller.now)
             return ""
     finally:
         connecting.deadline = math.inf  # between rounds (held): nothing for the Timer to time out
@@ -121,10 +123,11 @@ async def try_servers(conn: Connection) -> EndState | str:
 
 
 async def _attempt(conn: Connection, server: Server, timeout: float, deadline: float) -> None:
-    """Connect to `server` and send it what comes first; `conn.server_sock` is set on success only."""
+    """Connect to `server` and send it what comes first, by `deadline` (`timeout` after the attempt
+    began, or the failover's, if sooner); `conn.server_sock` is set on success only."""
     connecting = conn.connecting
     assert connecting is not None
-    connecting.deadline = min(connecting.poller.now() + timeout, deadline)
+    connecting.deadline = deadline
     if server.faults is not None and (refusal := refused(server)) is not None:
         raise refusal  # an injected `refuse`: failover and ejection see a refused connect
     try:

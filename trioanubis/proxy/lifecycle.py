@@ -274,17 +274,12 @@ class Flow(Generic[DirectionT]):
     def moved(self, direction: Counted, count: int) -> None:
         """`count` more bytes went `direction`'s way (stamps the first byte each way)."""
         self.active = True
-        if not direction.bytes:
-            self._first(direction.way)
+        if not direction.bytes:  # the first byte this way: the clock is read for least_time's sample only
+            if direction.way.upstream:
+                self.first_sent = self.conn.origin.poller.now()
+            elif self.first_sent:
+                self.conn.first_byte(self.conn.origin.poller.now() - self.first_sent)
         direction.bytes += count
-
-    def _first(self, way: Way) -> None:
-        now = self.conn.origin.poller.now()
-        if way.upstream:
-            if not self.first_sent:
-                self.first_sent = now
-        elif self.first_sent:
-            self.conn.first_byte(now - self.first_sent)
 
     def eof(self, way: Way) -> bool:
         """`way`'s source sent EOF: False to pass it on (the other way flows on), True when both did.

@@ -408,7 +408,7 @@ class MirrorFilter(Filter):
         if self.sock is not None:
             if slot is not None:
                 slot[0].acquire(server)
-                slot[0].record_connect_success(server, trio.current_time() - started)
+                slot[0].record_connect_success(server, started, trio.current_time)
             return True
         if slot is not None and reason:
             slot[0].record_connect_failure(server, reason)

@@ -240,8 +240,9 @@ class Relay(Flow[Direction]):
     def stopped(self) -> None:
         """The backend stopped driving this relay (ended, raised or cancelled): close its splice pipes,
         tell the tap."""
-        self._close_pipe(self.up)
-        self._close_pipe(self.down)
+        if self.spliced:
+            self._close_pipe(self.up)
+            self._close_pipe(self.down)
         tap, self.tap = self.tap, None
         if tap is not None:
             tap.relay_ended()

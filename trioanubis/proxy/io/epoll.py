@@ -69,6 +69,7 @@ woke a task or after `EVENTS_PER_CHECKPOINT` events.
 
 from __future__ import annotations
 
+import _socket
 import os
 import select
 import socket
@@ -112,6 +113,11 @@ _wait_task_rescheduled = trio.lowlevel.wait_task_rescheduled
 _SUCCEEDED = trio.lowlevel.Abort.SUCCEEDED
 
 
+# The socket's own close, without the stdlib wrapper's two Python calls (`close`, `_real_close`);
+# the relay's sockets never had a `makefile` whose references the wrapper would count.
+_close: Final[Callable[[socket.socket], None]] = _socket.socket.close
+
+
 def _socket_closed() -> trio.ClosedResourceError:
     return trio.ClosedResourceError("socket closed")
 
@@ -148,13 +154,18 @@ class Poller:
         self.now: Callable[[], float] = trio.current_time
 
     def register(self, fd: int, *, writable: bool = False) -> None:
-        self.hung_up.discard(fd)
-        self._unclaimed.discard(fd)
+        """Let `fd` join the epoll, starting clean: what the sets knew of an earlier socket with its
+        number goes here (and only here: closing one leaves its entries, and a test here is no call)."""
+        if fd in self.hung_up:
+            self.hung_up.remove(fd)
+        if fd in self._unclaimed:
+            self._unclaimed.remove(fd)
         if writable:
             self._writable.add(fd)
             self._epoll.register(fd, _REGISTER_WRITABLE)
         else:
-            self._writable.discard(fd)
+            if fd in self._writable:
+                self._writable.remove(fd)
             self._epoll.register(fd, _REGISTER)
 
     def want_writable(self, fd: int) -> None:
@@ -258,14 +269,18 @@ class Poller:
         Trio's `notify_closing` is not needed (Trio's epoll never saw the
         socket), and closing removes it from this epoll by itself.
         """
-        self.forget(sock.fileno())
-        sock.close()
+        fd = sock.fileno()
+        if fd in self._readers or fd in self._writers:  # a relay's sockets have none: they are driven
+            self.interrupt(fd, _socket_closed)
+        _close(sock)
 
     def forget(self, fd: int) -> None:
-        """Wake whatever waits on `fd` with ClosedResourceError; call before closing it."""
-        self.hung_up.discard(fd)
-        self._unclaimed.discard(fd)
-        self._writable.discard(fd)
+        """Wake whatever waits on `fd` with ClosedResourceError; call before closing it.
+
+        What `hung_up`, `_unclaimed` and `_writable` hold for `fd` stays until a
+        socket with its number registers (`register` clears it): one test there
+        instead of three calls per closed socket here.
+        """
         if fd in self._readers or fd in self._writers:  # a relay's sockets have none: they are driven
             self.interrupt(fd, _socket_closed)
 
