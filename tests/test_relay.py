@@ -202,6 +202,34 @@ async def test_a_loopback_connect_done_inside_connect_waits_for_nothing(
         assert waits == []
 
 
+@pytest.mark.skipif(IO_BACKEND != "epoll", reason="the epoll backend's start; portable reads first")
+async def test_a_relay_reads_its_client_first_on_an_event(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relay starts before the client's first bytes as a rule: it reads the client only once its
+    socket reported something, never to find it empty (an EAGAIN: a system call and an exception)."""
+    backend = await start_backend(nursery, echo_handler)
+    empty_reads: list[int] = []
+    recv_into = socket.socket.recv_into
+
+    def counted(sock: socket.socket, *args: object) -> int:
+        try:
+            return recv_into(sock, *args)  # type: ignore[arg-type]
+        except BlockingIOError:
+            empty_reads.append(sock.fileno())
+            raise
+
+    monkeypatch.setattr(socket.socket, "recv_into", counted)
+    async with running_balancer(config_for([backend.address])) as (balancer, address):
+        stream = await connect(address)
+        async with stream:
+            await wait_until(lambda: bool(relays(balancer)))  # started: the client has sent nothing yet
+            client_fd = the_relay(balancer).client_fd
+            await stream.send_all(b"first bytes")
+            assert await stream.receive_some(100) == b"first bytes"
+    assert client_fd not in empty_reads
+
+
 @pytest.mark.slow
 async def test_idle_timeout_resets_both_sides(nursery: trio.Nursery, splice: bool) -> None:
     endings: list[str] = []
