@@ -311,6 +311,34 @@ async def test_a_relay_is_one_task_for_both_directions_on_epoll(backend_name: st
         assert relay.conn.end == "client_eof"
 
 
+@pytest.mark.skipif(not epoll_available(), reason="no epoll here")
+async def test_eofs_from_both_sides_in_one_batch_close_with_no_shutdown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """epoll passes the first EOF on after its next batch of events: when the other side's EOF
+    comes before that (a client that closes once it has its answer), the close sends both FINs
+    and no shutdown is made. (A half-closing client still gets its FIN: test_a_relay_is_one_task...)"""
+    shut: list[int] = []
+    shutdown = socket.socket.shutdown
+
+    def counted(sock: socket.socket, how: int) -> None:
+        shut.append(sock.fileno())
+        shutdown(sock, how)
+
+    monkeypatch.setattr(socket.socket, "shutdown", counted)
+    async with running("epoll") as backend, driven(backend) as (relay, client, server):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relay.run)
+            await trio.testing.wait_all_tasks_blocked()
+            server.send(b"answer")
+            assert await received(client, 6) == b"answer"
+            server.shutdown(socket.SHUT_WR)  # both FINs queued before the dispatcher looks again
+            client.shutdown(socket.SHUT_WR)
+        ours = {relay.client_fd, relay.server_fd}
+        assert relay.conn.end in ("server_eof", "client_eof")
+        assert not ours & set(shut)  # connection.py's close sends each side its FIN
+
+
 async def test_server_bytes_that_came_before_the_relay_started_are_relayed(backend_name: str) -> None:
     """A server that speaks first (a banner) before the relay runs: the dispatcher saw its event
     with nobody waiting, so the relay must read before it waits (epoll: `_unclaimed`)."""

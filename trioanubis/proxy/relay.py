@@ -48,7 +48,11 @@ exception from a step is raised in that task and ends only its connection.
   from one side shuts down writing towards the other side and ends that
   direction; the other keeps flowing (half-close). When both directions have
   seen EOF the connection ends normally; the second EOF is passed on by the
-  close that follows at once (its FIN), not by a shutdown of its own. A
+  close that follows at once (its FIN), not by a shutdown of its own. The
+  backend says when the first is passed on (`pass_eof`): epoll after its
+  next batch of events, so that a peer that closes right after the
+  answer (a client with `Connection: close`) makes its EOF the second one,
+  and one close sends both FINs, as HAProxy's later pass does. A
   reset or error on either socket ends the connection at once, naming that
   side; it then closes both sockets with a reset, so a peer never takes a
   cut for a complete transfer.
@@ -437,7 +441,14 @@ class Relay(Flow[Direction]):
         """
         if self.tap is not None and direction is self.up:
             self.tap.tap_eof()
-        if self.eof(direction.way):
+        if not self.eof(direction.way):
+            self.poller.pass_eof(self, direction)
+
+    def forward_eof(self, direction: Direction) -> None:
+        """Pass the first EOF on (the backend calls this, now or after its next batch of events):
+        shut down writing towards the direction's destination, unless the connection ended
+        meanwhile (the close that follows sends the FIN, or resets)."""
+        if self.conn.end:
             return
         try:
             direction.dst.shutdown(socket.SHUT_WR)

@@ -75,6 +75,9 @@ class Driven(Protocol):
     def stopped(self) -> None:
         """`drive` is over (the end, an exception or a cancellation): release what the steps opened."""
 
+    def forward_eof(self, direction: Any) -> None:
+        """Pass on the first EOF `direction` read (a shutdown towards its destination), unless ended."""
+
 
 class Readiness(Protocol):
     """What the relay and the connect path need from a readiness backend."""
@@ -129,6 +132,10 @@ class Readiness(Protocol):
 
     def wake(self, relay: Driven) -> None:
         """The relay ended from outside its task (the connection stopped it): let `drive` return."""
+
+    def pass_eof(self, relay: Driven, direction: Any) -> None:
+        """A direction of `relay` read the first EOF: call `relay.forward_eof(direction)`, at once or
+        soon (epoll: after its next batch of events, unless it sleeps; never later than that)."""
 
     async def run(self) -> None:
         """The backend's task for the process's lifetime (the dispatcher, or nothing)."""

@@ -148,6 +148,8 @@ class Poller:
         self._owners: dict[int, Driven] = {}  # both sockets of every relay being driven
         self._errors: dict[Driven, Exception] = {}  # what a step raised, until its relay's task raises it
         self._woke = False  # a relay's task was woken during this batch of events
+        self._eofs: list[tuple[Driven, object]] = []  # first EOFs to pass on after the next batch
+        self._sleeping = False  # the dispatcher waits in Trio's epoll: an EOF is passed on at once
         self.hung_up: set[int] = set()  # sockets whose peer sent FIN or failed
         self._unclaimed: set[int] = set()  # registered sockets whose read event found no one waiting
         self._writable: set[int] = set()  # registered sockets whose writability is reported too
@@ -269,6 +271,28 @@ class Poller:
             _reschedule(task)
             self._woke = True
 
+    def pass_eof(self, relay: Driven, direction: object) -> None:
+        """Pass a first EOF on after the dispatcher's next batch of events (at once while it sleeps).
+
+        The peer it goes to may close meanwhile: a client that had its whole
+        answer closes without waiting for our FIN (wrk, any `Connection:
+        close` client). Its EOF is then the second, and the close that ends the
+        connection sends both FINs: the shutdown is saved. A half-closing
+        client still gets the FIN it waits for, one batch later.
+        """
+        if self._sleeping:
+            relay.forward_eof(direction)
+        else:
+            self._eofs.append((relay, direction))
+
+    def _pass_eofs(self, eofs: list[tuple[Driven, object]]) -> None:
+        for relay, direction in eofs:
+            try:
+                relay.forward_eof(direction)
+            except Exception as exc:  # a bug: raised in the relay's task, ends its connection
+                self._errors[relay] = exc
+                self.wake(relay)
+
     def close(self, sock: socket.socket) -> None:
         """Close a socket that only this poller ever waited on, waking its waiters first.
 
@@ -307,11 +331,20 @@ class Poller:
         poll = self._epoll.poll
         self.now = trio.lowlevel.current_clock().current_time
         handled = 0  # events handled without waking a task, since the last checkpoint
+        due: list[tuple[Driven, object]] = []  # first EOFs read before this batch: passed on after it
         while True:
             events_seen = poll(0, MAX_EVENTS)
             if not events_seen:
+                if due or self._eofs:  # nothing more to wait for: pass them on, then look again
+                    eofs, due, self._eofs = due + self._eofs, [], []
+                    self._pass_eofs(eofs)
+                    continue
                 # Idle: sleep in Trio's epoll until ours has something.
-                await trio.lowlevel.wait_readable(self._epoll.fileno())
+                self._sleeping = True
+                try:
+                    await trio.lowlevel.wait_readable(self._epoll.fileno())
+                finally:
+                    self._sleeping = False
                 continue
             woke = False
             for fd, events in events_seen:
@@ -336,6 +369,9 @@ class Poller:
                 if events & _WRITE_EVENTS and fd in writers:
                     _reschedule(writers.pop(fd))
                     woke = True
+            if due:
+                self._pass_eofs(due)
+            due, self._eofs = self._eofs, []
             woke = woke or self._woke
             self._woke = False
             handled += len(events_seen)

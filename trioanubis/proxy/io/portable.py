@@ -114,6 +114,10 @@ class PortableReadiness:
         if len(tasks) != 1 or trio.lowlevel.current_task() not in tasks:
             drive.scope.cancel()
 
+    def pass_eof(self, relay: Driven, direction: Any) -> None:
+        """At once: a direction task runs its steps in Trio's turn, with no batch to wait for."""
+        relay.forward_eof(direction)
+
     async def _wait(
         self, waiters: dict[int, _Wait], fd: int, wait: Callable[[int], Awaitable[None]]
     ) -> None:
