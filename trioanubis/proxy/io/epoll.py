@@ -335,11 +335,10 @@ class Poller:
         while True:
             events_seen = poll(0, MAX_EVENTS)
             if not events_seen:
-                if due or self._eofs:  # nothing more to wait for: pass them on, then look again
+                if due or self._eofs:  # no batch to wait for: pass them on before sleeping
                     eofs, due, self._eofs = due + self._eofs, [], []
                     self._pass_eofs(eofs)
-                    continue
-                # Idle: sleep in Trio's epoll until ours has something.
+                # Idle: sleep in Trio's epoll until ours has something (a task woken above runs first).
                 self._sleeping = True
                 try:
                     await trio.lowlevel.wait_readable(self._epoll.fileno())
