@@ -272,13 +272,14 @@ class Poller:
             self._woke = True
 
     def pass_eof(self, relay: Driven, direction: object) -> None:
-        """Pass a first EOF on after the dispatcher's next batch of events (at once while it sleeps).
+        """Pass a server's first EOF on after the dispatcher's next batch of events (at once while it
+        sleeps).
 
-        The peer it goes to may close meanwhile: a client that had its whole
-        answer closes without waiting for our FIN (wrk, any `Connection:
-        close` client). Its EOF is then the second, and the close that ends the
-        connection sends both FINs: the shutdown is saved. A half-closing
-        client still gets the FIN it waits for, one batch later.
+        The client may close meanwhile: one that had its whole answer closes
+        without waiting for our FIN (wrk, any `Connection: close` client). Its
+        EOF is then the second, and the close that ends the connection sends
+        both FINs: the shutdown is saved. A client that waits for the FIN gets
+        it one batch later.
         """
         if self._sleeping:
             relay.forward_eof(direction)
