@@ -1,7 +1,7 @@
 """Instructions per connection and per request, counted by callgrind: figures the machine's noise spares.
 
     python bench/instructions.py [--source DIR] [--io auto|epoll|portable] [-n 400] [--requests 2000]
-                                 [--concurrency 1]
+                                 [--concurrency 1] [--server-closes]
 
 Theory of operation: on shared cores, rates move by ±15 % from run to run and
 CPU time per unit by several per cent; two trees that differ by 3 % cannot be
@@ -44,8 +44,14 @@ from pathlib import Path
 PAYLOAD = b"x" * 100
 
 
-def echo_server() -> tuple[int, threading.Event]:
-    """A thread echoing every connection (blocking sockets: this process is not measured)."""
+def echo_server(answer_once: bool = False) -> tuple[int, threading.Event]:
+    """A thread echoing every connection (blocking sockets: this process is not measured).
+
+    `answer_once`: echo the first read and close at once, as an HTTP server does
+    with `Connection: close` (the server's FIN comes first, the client's after it
+    read the answer: the connection-rate workload's order); otherwise echo until
+    the client's EOF (the client's FIN comes first).
+    """
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(128)
@@ -55,6 +61,8 @@ def echo_server() -> tuple[int, threading.Event]:
         with conn:
             while data := conn.recv(65536):
                 conn.sendall(data)
+                if answer_once:
+                    return
 
     def accept() -> None:
         listener.settimeout(0.2)
@@ -156,8 +164,12 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=1, help="connections at a time (connection rate)")
     parser.add_argument("--keep", default="", metavar="DIR", help="keep callgrind's output files in DIR")
     parser.add_argument("--no-keepalive", action="store_true", help="skip the keep-alive run")
+    parser.add_argument("--server-closes", action="store_true",
+                        help="the backend answers once and closes first, as nginx does for wrk's "
+                             "Connection: close (implies --no-keepalive)")  # fmt: skip
     args = parser.parse_args()
-    backend, stop = echo_server()
+    args.no_keepalive = args.no_keepalive or args.server_closes
+    backend, stop = echo_server(args.server_closes)
     try:
         base = measure(args, backend, "none")
         connrate = measure(args, backend, "connrate")
@@ -166,7 +178,8 @@ def main() -> int:
         stop.set()
     tree = args.source or str(Path(__file__).resolve().parent.parent)
     print(f"{tree} (io {args.io}): baseline {base:,} instructions")
-    print(f"  per connection ({args.concurrency} at a time): {(connrate - base) / args.n:,.0f}")
+    closes = "; the server closes first" if args.server_closes else ""
+    print(f"  per connection ({args.concurrency} at a time{closes}): {(connrate - base) / args.n:,.0f}")
     if keepalive:
         print(f"  per keep-alive request: {(keepalive - base) / args.requests:,.0f}")
     return 0
