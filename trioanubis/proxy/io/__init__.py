@@ -21,7 +21,9 @@ task until it ends, calling only the relay's `advance` (move a direction as
 far as it goes without waiting, and say what it waits for) and waiting for
 what it says, so the relay never learns which backend moved it; `interrupt`
 raises a chosen error in a waiter; `forget`/`close` wake waiters with
-`ClosedResourceError` before the socket goes. Every relay behaviour above
+`ClosedResourceError` before the socket goes; `pass_eof` says when a
+server's first EOF is passed on to the client (epoll: after its next batch
+of events, so that a client closing meanwhile saves the shutdown). Every relay behaviour above
 this line (half-close, resets, backpressure, timeouts, failover, drain) is
 therefore the relay's own code on either backend.
 
