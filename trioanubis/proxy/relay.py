@@ -48,11 +48,12 @@ exception from a step is raised in that task and ends only its connection.
   from one side shuts down writing towards the other side and ends that
   direction; the other keeps flowing (half-close). When both directions have
   seen EOF the connection ends normally; the second EOF is passed on by the
-  close that follows at once (its FIN), not by a shutdown of its own. The
-  backend says when the first is passed on (`pass_eof`): epoll after its
-  next batch of events, so that a peer that closes right after the
-  answer (a client with `Connection: close`) makes its EOF the second one,
-  and one close sends both FINs, as HAProxy's later pass does. A
+  close that follows at once (its FIN), not by a shutdown of its own. A
+  client's first EOF is passed on at once (a server waits for it, to answer
+  or to close); the backend says when a server's is (`pass_eof`): epoll
+  after its next batch of events, so that a client that closes right after
+  the answer (`Connection: close`) makes its EOF the second one, and one
+  close sends both FINs, as HAProxy's later pass does. A
   reset or error on either socket ends the connection at once, naming that
   side; it then closes both sockets with a reset, so a peer never takes a
   cut for a complete transfer.
@@ -441,7 +442,11 @@ class Relay(Flow[Direction]):
         """
         if self.tap is not None and direction is self.up:
             self.tap.tap_eof()
-        if not self.eof(direction.way):
+        if self.eof(direction.way):
+            return
+        if direction is self.up:  # a server waits for the client's EOF as a rule: pass it on now
+            self.forward_eof(direction)
+        else:  # the client may close once it has the answer: then one close sends both FINs
             self.poller.pass_eof(self, direction)
 
     def forward_eof(self, direction: Direction) -> None:
