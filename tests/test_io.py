@@ -339,6 +339,27 @@ async def test_eofs_from_both_sides_in_one_batch_close_with_no_shutdown(
         assert not ours & set(shut)  # connection.py's close sends each side its FIN
 
 
+@pytest.mark.skipif(not epoll_available(), reason="no epoll here")
+async def test_a_clients_first_eof_is_passed_on_at_once() -> None:
+    """Only a server's first EOF waits for epoll's next batch: a server waits for the client's EOF
+    as a rule (to answer, or to close), so the relay shuts down writing towards it at once."""
+    held: list[object] = []
+    async with running("epoll") as backend, driven(backend) as (relay, client, server):
+        pass_eof = backend.pass_eof
+        backend.pass_eof = lambda r, direction: (held.append(direction), pass_eof(r, direction))  # type: ignore[method-assign]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relay.run)
+            await trio.testing.wait_all_tasks_blocked()
+            client.shutdown(socket.SHUT_WR)
+            await trio.lowlevel.wait_readable(server)
+            assert server.recv(1) == b""  # the client's FIN reached the server
+            server.send(b"bye")
+            server.shutdown(socket.SHUT_WR)
+            assert await received(client, 3) == b"bye"
+        assert relay.conn.end == "client_eof"
+        assert relay.up not in held
+
+
 async def test_server_bytes_that_came_before_the_relay_started_are_relayed(backend_name: str) -> None:
     """A server that speaks first (a banner) before the relay runs: the dispatcher saw its event
     with nobody waiting, so the relay must read before it waits (epoll: `_unclaimed`)."""
