@@ -306,10 +306,10 @@ def error_from(status: int, body: bytes, what: str) -> EtcdError:
     except EtcdBadResponse:
         document = None
     grpc = _grpc_status(document)
-    if grpc is None and status == 400 and body.startswith(GATEWAY_REFUSES_CN):
+    if grpc is not None:
+        return grpc_error(grpc[0], grpc[1], what)
+    if status == 400 and body.startswith(GATEWAY_REFUSES_CN):
         return EtcdAuthError(f"{what}: etcd refuses a client certificate with a CommonName once its auth "
                              "is on (its HTTP gateway, which this client speaks, would ignore the name): "
                              "use a certificate whose subject has no CommonName, or none")  # fmt: skip
-    if grpc is None:
-        return EtcdBadResponse(f"{what}: http {status}: {show(body.strip()) or 'no body'}")
-    return grpc_error(grpc[0], grpc[1], what)
+    return EtcdBadResponse(f"{what}: http {status}: {show(body.strip()) or 'no body'}")

@@ -166,9 +166,9 @@ class Listener:
         until cancelled."""
         self.connections = connections
         with self.scope:
+            await self.bind()
             sock, self._bound_early = self._bound_early, None
-            if sock is None:
-                sock = await self.open_socket(self.config.bind, self.config.backlog or somaxconn())
+            assert sock is not None
             try:
                 host, port = sock.getsockname()[:2]
                 self.bound = Address(host, port)
