@@ -264,7 +264,7 @@ def asyncio_relay(python: str, uvloop: bool) -> Callable[[Path, int, list[int]],
 
 
 def contenders(args: argparse.Namespace) -> list[Contender]:
-    ours = our_contenders("")
+    ours = our_contenders(args.source)
     if args.baseline:  # the same contenders from another tree, interleaved with these
         ours += [replace(c, name=f"{c.name}@base") for c in our_contenders(args.baseline)]
     return [*ours, *others(args)]
@@ -732,6 +732,9 @@ def main() -> None:
     parser.add_argument("--uvloop-python", default=sys.executable,
                         help="a python with uvloop installed (default: this one)")
     parser.add_argument("--save", action="store_true", help="write bench/results/<date>.md")
+    parser.add_argument("--source", default="", metavar="DIR",
+                        help="run the trioanubis contenders from the source tree DIR instead of this one "
+                             "(the compiled build: .ci/compiled-tree DIR)")
     parser.add_argument("--baseline", default="", metavar="DIR",
                         help="also run every trioanubis contender from the source tree DIR (a checkout "
                              "of main, say), as NAME@base, interleaved with this tree's")

@@ -19,6 +19,7 @@ import pytest
 import trio
 from hypothesis import settings
 
+import trioanubis
 from trioanubis.app import Balancer
 from trioanubis.config import Address, ListenerConfig, parse_config
 from trioanubis.pool import Pool
@@ -36,6 +37,27 @@ if TYPE_CHECKING:
 # that takes longer is not a bug. Profiles a test sets with @settings still inherit this.
 settings.register_profile("anubis", deadline=None)
 settings.load_profile("anubis")
+
+
+def pytest_report_header() -> str:
+    return f"trioanubis: {'compiled with mypyc' if trioanubis.compiled() else 'pure Python'} (setup.py)"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """`ANUBIS_EXPECT_COMPILED=1` (CI's compiled run): refuse to run the pure modules by mistake."""
+    if os.environ.get("ANUBIS_EXPECT_COMPILED") == "1" and not trioanubis.compiled():
+        raise pytest.UsageError("ANUBIS_EXPECT_COMPILED=1, but trioanubis imports its pure-Python modules")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`@pytest.mark.pure_python` tests look inside the pure modules (frames, a method patched in a
+    class): on the compiled build they would test nothing, so they skip there (the pure runs have them)."""
+    if trioanubis.compiled():
+        skip = pytest.mark.skip(reason="looks inside the pure-Python modules; the compiled build has none")
+        for item in items:
+            if item.get_closest_marker("pure_python"):
+                item.add_marker(skip)
+
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """`-n auto`: at least 4 workers, since most tests wait on sockets and subprocesses, not the CPU.

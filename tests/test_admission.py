@@ -347,6 +347,7 @@ async def test_send_proxy_names_the_real_client_and_where_it_connected(nursery: 
     assert headers == [build_header("v1", ("2001:db8::7", 4242), ("2001:db8::1", 443))]
 
 
+@pytest.mark.pure_python
 async def test_a_plain_listener_never_calls_into_admission(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -16,8 +16,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import IO_BACKEND, free_port, name_handler, start_backend
 from tests.helpers import ANUBIS, ROOT, anubis, http_get, process_stderr, run_cli
-from trioanubis import __version__
-from trioanubis.cli import build_parser, parse_arguments
+from trioanubis.cli import build_parser, parse_arguments, version_line
 from trioanubis.proxy.io import epoll_available
 
 
@@ -25,7 +24,7 @@ from trioanubis.proxy.io import epoll_available
 def test_version() -> None:
     result = run_cli("--version")
     assert result.returncode == 0
-    assert result.stdout.strip() == f"anubis {__version__}"
+    assert result.stdout.strip() == version_line()
 
 
 @pytest.mark.slow
@@ -172,7 +171,7 @@ def test_python_dash_m_and_console_script_agree() -> None:
         pytest.skip("the console script is only installed by pip install")
     result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=60,
                             env={**os.environ})  # fmt: skip
-    assert result.stdout.strip() == f"anubis {__version__}"
+    assert result.stdout.strip() == version_line()
 
 
 @pytest.mark.slow
@@ -220,7 +219,7 @@ def test_global_options_work_on_either_side_of_the_command() -> None:
     assert "starting anubis" in after_wins.stderr and "starting anubis" in default.stderr
     debug = run_cli("run", "--log-level", "debug", "-c", "missing.toml")
     assert "unrecognized arguments" not in debug.stderr and "cannot read the config file" in debug.stderr
-    assert run_cli("check", "--version").stdout.strip() == f"anubis {__version__}"
+    assert run_cli("check", "--version").stdout.strip() == version_line()
 
 
 @pytest.mark.slow

@@ -346,6 +346,7 @@ async def test_client_abort_while_connecting_cancels_the_attempt() -> None:
                 assert not balancer.timer.connections
 
 
+@pytest.mark.pure_python
 async def test_a_bug_in_one_connection_ends_only_that_connection(monkeypatch: pytest.MonkeyPatch) -> None:
     real_run = Relay.run
     calls = 0
@@ -368,6 +369,7 @@ async def test_a_bug_in_one_connection_ends_only_that_connection(monkeypatch: py
         assert listener.active == 0
 
 
+@pytest.mark.pure_python
 async def test_a_bug_in_a_step_taken_by_the_dispatcher_ends_only_that_connection(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -339,6 +339,7 @@ async def test_eofs_from_both_sides_in_one_batch_close_with_no_shutdown(
         assert not ours & set(shut)  # connection.py's close sends each side its FIN
 
 
+@pytest.mark.pure_python
 @pytest.mark.skipif(not epoll_available(), reason="no epoll here")
 async def test_a_clients_first_eof_is_passed_on_at_once() -> None:
     """Only a server's first EOF waits for epoll's next batch: a server waits for the client's EOF
@@ -397,6 +398,7 @@ async def test_a_direction_blocked_on_a_full_peer_resumes_when_it_reads(backend_
         assert relay.conn.end == "server_eof"
 
 
+@pytest.mark.pure_python
 async def test_an_idle_relay_awaits_the_backend_with_no_frame_of_the_relay_between(backend_name: str) -> None:
     """Every frame an idle connection's task keeps is memory per connection: `run` adds none."""
     async with running(backend_name) as backend, driven(backend) as (relay, _, _):
@@ -449,6 +451,7 @@ async def test_finishing_a_parked_relay_from_outside_ends_its_run(backend_name: 
         assert relay.conn.end == "idle_timeout" and relay.over
 
 
+@pytest.mark.pure_python
 async def test_a_step_that_raises_ends_only_its_own_relay(
     backend_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -157,7 +157,8 @@ def files_named_but_missing(paths: list[Path]) -> list[str]:
         for name in _FILE_NAME.findall(path.read_text()):
             if "*" in name or name in CITED_ELSEWHERE:
                 continue
-            found = (PACKAGE / name).exists() or (root / name).exists() if "/" in name else name in ours
+            found = (PACKAGE / name).exists() or (root / name).exists() if "/" in name else (
+                name in ours or (root / name).exists())  # setup.py
             if not found:
                 missing.append(f"{path.name} names {name}")
     return missing

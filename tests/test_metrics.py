@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import IO_BACKEND, config_for, echo_handler, free_port, running_balancer, start_backend
 from tests.helpers import admin, all_serving, http, supervisor, write_config
-from trioanubis import __version__
+from trioanubis import __version__, compiled
 from trioanubis.ops.process import process_stats
 
 PROCESS_FAMILIES = {"process_cpu_seconds", "process_resident_memory_bytes", "process_virtual_memory_bytes",
@@ -38,7 +38,8 @@ async def metrics_of_a_balancer(nursery: trio.Nursery) -> dict[str, Any]:
 async def test_build_info_names_the_version_python_and_io_backend(nursery: trio.Nursery) -> None:
     families = await metrics_of_a_balancer(nursery)
     [build] = families["anubis_build_info"].samples
-    assert build.labels == {"version": __version__, "python": platform.python_version(), "io": IO_BACKEND}
+    assert build.labels == {"version": __version__, "python": platform.python_version(), "io": IO_BACKEND,
+                            "build": "compiled" if compiled() else "pure"}
     assert build.value == 1 and families["anubis_build_info"].type == "gauge"
 
 

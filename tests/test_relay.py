@@ -179,6 +179,7 @@ async def test_connect_refused_closes_client_and_keeps_running(nursery: trio.Nur
         assert await request(address) == b"alive"
 
 
+@pytest.mark.pure_python
 @pytest.mark.slow
 async def test_a_loopback_connect_done_inside_connect_waits_for_nothing(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
@@ -306,6 +307,7 @@ def connection_tasks() -> list[trio.lowlevel.Task]:
     return [t for t in walk(trio.lowlevel.current_root_task()) if t.name == CONNECTION_TASK_NAME]
 
 
+@pytest.mark.pure_python
 @pytest.mark.slow
 async def test_an_idle_connection_is_parked_in_two_frames_of_ours(nursery: trio.Nursery) -> None:
     """Each frame an idle connection keeps is memory per connection (bench/README.md): the task is

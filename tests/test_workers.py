@@ -468,10 +468,10 @@ def test_a_snapshot_brings_state_and_slow_start_weight_and_respects_a_local_ejec
     config = parse_config({"listeners": {"l": {"bind": ":0", "pool": "p"}},
                            "pools": {"p": {"servers": ["127.0.0.1:1", "127.0.0.1:2"]}}})  # fmt: skip
     view, worker = Pool(config.pools["p"]), Pool(config.pools["p"])
-    view.mark_up(view.servers[0], 0.0)
+    view.mark_up(view.servers[0])
     view.set_weight(view.servers[0], 4)
     view.set_effective_weight(view.servers[0], 1.0)  # slow start, a quarter of the way
-    view.mark_up(view.servers[1], 0.0)
+    view.mark_up(view.servers[1])
     version = worker.version
     apply_snapshot({"p": worker}, snapshot({"p": view}, 1), held=[("127.0.0.1:2", "127.0.0.1:2")])
     first, second = worker.servers

@@ -19,7 +19,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["Address", "AnubisError", "BalancerHandle", "Config", "ConfigError", "__version__",
+__all__ = ["Address", "AnubisError", "BalancerHandle", "Config", "ConfigError", "__version__", "compiled",
            "open_balancer"]  # fmt: skip
 
 _WHERE = {
@@ -27,6 +27,13 @@ _WHERE = {
     "AnubisError": "trioanubis.errors", "BalancerHandle": "trioanubis.testing.embed",
     "open_balancer": "trioanubis.testing.embed",
 }  # fmt: skip
+
+
+def compiled() -> bool:
+    """True when the data path runs as mypyc's extensions (setup.py), False when it is pure Python."""
+    from trioanubis.proxy import relay
+
+    return not (relay.__file__ or "").endswith(".py")
 
 
 def __getattr__(name: str) -> Any:

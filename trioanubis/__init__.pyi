@@ -7,6 +7,9 @@ from trioanubis.testing.embed import BalancerHandle as BalancerHandle
 from trioanubis.testing.embed import open_balancer as open_balancer
 
 __version__: str
+
+def compiled() -> bool: ...
+
 __all__ = [
     "Address",
     "AnubisError",
@@ -14,5 +17,6 @@ __all__ = [
     "Config",
     "ConfigError",
     "__version__",
+    "compiled",
     "open_balancer",
 ]

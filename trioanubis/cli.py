@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
-from trioanubis import __version__
+from trioanubis import __version__, compiled
 from trioanubis.app import Balancer, run_until_signalled, settle_gc
 from trioanubis.config import Address, Config, load_config, parse_address, proxy_config
 from trioanubis.errors import AnubisError, ConfigError
@@ -178,12 +178,17 @@ Examples:
 }
 
 
+def version_line() -> str:
+    """`anubis --version`: the version, and whether the data path runs compiled (setup.py)."""
+    return f"anubis {__version__} ({'compiled' if compiled() else 'pure Python'})"
+
+
 def _global_options(log_level: str) -> argparse.ArgumentParser:
     """Options that work on either side of the command (`anubis --log-level debug run` and
     `anubis run --log-level debug`). The copy given to the commands has SUPPRESS as its default, so
     a command line that sets them only before the command keeps that value."""
     options = argparse.ArgumentParser(add_help=False)
-    options.add_argument("--version", action="version", version=f"anubis {__version__}")
+    options.add_argument("--version", action="version", version=version_line())
     options.add_argument("--log-level", default=log_level,
                          choices=["debug", "info", "warning", "error"],
                          help="how much to log on stderr (default: info)")  # fmt: skip

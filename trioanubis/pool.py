@@ -55,8 +55,7 @@ import logging
 from bisect import bisect_left
 from collections.abc import Callable, Collection, Hashable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, Generic, TypeVar, final
-from weakref import WeakKeyDictionary
+from typing import TYPE_CHECKING, Final, Generic, TypeVar, cast, final
 
 import trio
 
@@ -78,8 +77,9 @@ ETCD_SOURCE: Final = "etcd"
 
 
 # Connection duration buckets (seconds): from a quick request/response to the
-# default idle timeout, roughly ×2.5 apart like Prometheus' defaults.
-DURATION_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+# default idle timeout, roughly ×2.5 apart like Prometheus' defaults. (Not `Final`: mypyc turns a
+# final tuple of floats into a C struct whose "not set" check misfires, setup.py.)
+DURATION_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                            60.0, 300.0, 600.0)  # fmt: skip
 
 
@@ -209,6 +209,7 @@ class Pool:
         self.version = 0  # counts changed(): whoever keeps something derived can tell it is stale
         # Told about each passive ejection (a worker passes it to its supervisor).
         self.on_eject: Callable[[Server, str], None] | None = None
+        self.kept: dict[object, object] = {}  # what features keep for this pool (PerPool)
         self._group()
 
     @property
@@ -547,18 +548,18 @@ class PerPool(Generic[_State]):
     """What a feature keeps per pool (mirror.py, rates.py), made at first use and kept for as long as
     the pool exists: a reload keeps a pool's object, so its state too."""
 
-    __slots__ = ("_make", "_states")
+    __slots__ = ("_make",)
 
     def __init__(self, make: Callable[[], _State]) -> None:
         self._make = make
-        self._states: WeakKeyDictionary[Pool, _State] = WeakKeyDictionary()
 
     def __call__(self, pool: Pool) -> _State:
-        state = self._states.get(pool)
+        state = self.get(pool)
         if state is None:
-            state = self._states[pool] = self._make()
+            state = self._make()
+            pool.kept[self] = state  # the pool keeps it: gone with the pool
         return state
 
     def get(self, pool: Pool) -> _State | None:
         """The pool's state if it has one yet, without making it."""
-        return self._states.get(pool)
+        return cast("_State | None", pool.kept.get(self))

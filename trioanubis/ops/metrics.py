@@ -13,7 +13,7 @@ import platform
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from trioanubis import __version__
+from trioanubis import __version__, compiled
 from trioanubis.ops.accesslog import log_dropped
 from trioanubis.ops.process import process_lines
 from trioanubis.proxy import mirror, rates
@@ -363,8 +363,10 @@ def prometheus(view: View, worker: str | None = None) -> str:
     lines.append(f"anubis_reloads_total{_labels(result='failed')} {view.reload_failures}")
     lines += _family("log_dropped_total", "counter", "Log lines dropped because stderr could not keep up.")
     lines.append(f"anubis_log_dropped_total {log_dropped()}")
-    lines += _family("build_info", "gauge", "What runs: anubis and Python versions, readiness backend.")
-    build = _labels(version=__version__, python=platform.python_version(), io=view.poller.caps.name)
+    lines += _family("build_info", "gauge",
+                     "What runs: anubis and Python versions, readiness backend, compiled or pure build.")
+    build = _labels(version=__version__, python=platform.python_version(), io=view.poller.caps.name,
+                    build="compiled" if compiled() else "pure")
     lines.append(f"anubis_build_info{build} 1")
     lines += process_lines("" if worker is None else _labels(worker=worker))
     return "\n".join(lines) + "\n"

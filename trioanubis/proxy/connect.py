@@ -206,7 +206,8 @@ async def open_server_socket(server: Server, timeout: float) -> socket.socket:
 # The client socket is non-blocking already; MSG_DONTWAIT (not on Windows) only makes sure.
 _PEEK: Final = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
 # Linux's TCP_INFO starts with the connection's state; CLOSE_WAIT means the peer sent FIN.
-_TCP_INFO: Final[int | None] = getattr(socket, "TCP_INFO", None) if sys.platform.startswith("linux") else None
+# (Not `Final`: mypyc compiles a final `int | None` into C that does not build, setup.py.)
+_TCP_INFO: int | None = getattr(socket, "TCP_INFO", None) if sys.platform.startswith("linux") else None
 _TCP_CLOSE_WAIT: Final = 8
 
 

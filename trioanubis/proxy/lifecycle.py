@@ -58,6 +58,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Generic, Literal, Protocol, TypeVar, final, get_args
 
 import trio
+from mypy_extensions import mypyc_attr
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Mapping
@@ -248,6 +249,7 @@ class Origin(Protocol):
 DirectionT = TypeVar("DirectionT", bound=Counted)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # streams.py's relay is not compiled (setup.py)
 class Flow(Generic[DirectionT]):
     """The accounting core of a relay, whatever moves its bytes (relay.py, streams.py).
 

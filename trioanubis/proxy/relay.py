@@ -98,8 +98,8 @@ FULL_READS_PER_CHECKPOINT: Final = 16
 # whole chunk; the pipe then holds what the receiver has not taken, so it is
 # the backpressure bound instead of the chunk.
 # Only where the readiness backend offers it (epoll: Linux); tests turn it off
-# to exercise copying.
-USE_SPLICE: Final = hasattr(os, "splice")
+# to exercise copying (not `Final`, which the compiled build would fold into its code).
+USE_SPLICE = hasattr(os, "splice")
 _SPLICE_FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 # Pipe capacity asked for when a direction switches to splice: 256 KiB moves a
 # bulk stream in a quarter of the splice calls of the default 64 KiB; it is

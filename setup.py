@@ -1,0 +1,101 @@
+"""The build: the data path's modules compiled with mypyc where this machine can, pure Python otherwise.
+
+Theory of operation: everything about the package is in pyproject.toml; this
+file only adds `ext_modules`. `pip install .` (a wheel) compiles the modules a
+connection runs through (`COMPILED`, accept → pick → connect → relay) with
+mypyc: the code is already `mypy --strict`, and a compiled module is a C
+extension that imports and behaves as its source does, coroutines included
+(Trio runs them as it runs any). The `.py` files ship beside the extensions,
+and Python imports an extension first.
+
+Nothing here is required. The package is pure Python wherever a step is
+missing, and the same tests pass on both:
+- an editable install (`pip install -e .`, the README's test command) never
+  compiles: an extension beside its source would shadow every edit;
+- `ANUBIS_COMPILE=0` asks for pure Python;
+- no mypyc (another Python than CPython), a type check that fails, or a C
+  compiler or Python headers that are missing or fail: a warning, then the
+  pure modules (`BuildOrPure` removes what a half-done build left, so a
+  module's extension never exists without the runtime library it imports).
+
+`python -c "import trioanubis; print(trioanubis.COMPILED)"` says which is
+installed; `anubis --version` and the metrics' build_info say it too.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+# The modules every connection runs through, compiled together (one runtime library). The rest
+# (configuration, the operator's surface, TLS, filters) is pure Python everywhere.
+COMPILED = [
+    "trioanubis/proxy/io/base.py",
+    "trioanubis/proxy/io/epoll.py",
+    "trioanubis/proxy/listener.py",
+    "trioanubis/proxy/admission.py",
+    "trioanubis/proxy/lifecycle.py",
+    "trioanubis/proxy/connection.py",
+    "trioanubis/proxy/failover.py",
+    "trioanubis/proxy/connect.py",
+    "trioanubis/proxy/relay.py",
+    "trioanubis/proxy/timeouts.py",
+    "trioanubis/pool.py",
+    "trioanubis/hold_queue.py",
+    "trioanubis/strategies/base.py",
+    "trioanubis/strategies/round_robin.py",
+]
+
+
+def warn(message: str) -> None:
+    print(f"trioanubis setup.py: {message}; installing the pure-Python modules", file=sys.stderr)
+
+
+class BuildOrPure(build_ext):
+    """Build the compiled modules, or none of them: a failed compile leaves the pure package."""
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except Exception as exc:  # the compiler's or the linker's failure, whatever class it has
+            warn(f"compiling failed ({exc})")
+            for ext in self.extensions:
+                built = Path(self.get_ext_fullpath(ext.name))
+                if built.exists():
+                    built.unlink()
+            self.extensions = []
+
+
+def compiled_extensions() -> list[Any]:
+    if os.environ.get("ANUBIS_COMPILE", "1") == "0":
+        return []
+    if any(command in sys.argv for command in ("editable_wheel", "develop")):
+        return []
+    if not any(command in sys.argv for command in ("bdist_wheel", "build", "build_ext", "install")):
+        return []  # pip's metadata steps (egg_info, dist_info) run this file too: no type check for them
+    if sys.implementation.name != "cpython":
+        return []
+    try:
+        from mypyc.build import mypycify
+    except ImportError:
+        warn("mypyc is not installed")
+        return []
+    root = Path(__file__).resolve().parent
+    here = Path.cwd()
+    os.chdir(root)  # mypyc names modules by their path from the working directory
+    try:
+        version = f"--python-version={sys.version_info.major}.{sys.version_info.minor}"
+        return list(mypycify([version, *COMPILED], opt_level="3"))
+    except BaseException as exc:  # mypy's type check exits (SystemExit) when it finds an error
+        warn(f"mypyc refused the modules ({exc!r})")
+        return []
+    finally:
+        os.chdir(here)
+
+
+setup(ext_modules=compiled_extensions(), cmdclass={"build_ext": BuildOrPure})
