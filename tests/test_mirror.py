@@ -332,6 +332,7 @@ async def dies_after_a_little(stream: trio.SocketStream) -> None:
     await stream.aclose()
 
 
+@pytest.mark.pure_python
 @pytest.mark.parametrize("where", ["_write", "_say_goodbye"])
 async def test_a_bug_in_the_mirror_ends_only_the_copy(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, where: str

@@ -3,6 +3,7 @@ this repository around it: tests/test_testing_redis.py, copied alone into an emp
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -42,9 +43,11 @@ def test_a_user_test_file_gets_the_fixture_from_a_fresh_install(wheel: Path, tmp
     project = tmp_path / "user"
     project.mkdir()
     shutil.copy(ROOT / "tests" / "test_testing_redis.py", project / "test_redis.py")
+    fresh = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}  # no checkout
     run = subprocess.run(
         [str(python), "-m", "pytest", "-p", "no:cacheprovider", "-q", "test_redis.py", "--trace-config"],
         cwd=project,
+        env=fresh,
         capture_output=True,
         text=True,
         timeout=600,

@@ -40,6 +40,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
 import trio
+from mypy_extensions import mypyc_attr
 
 from trioanubis.proxy.faults import CLEAN, DirectionPlan, count, draw
 
@@ -56,6 +57,7 @@ SLICES_PER_CHECKPOINT: Final = 64
 Filters = tuple["Filter", ...]
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # the testing kit's toxics are not compiled (setup.py)
 class Filter:
     """One effect on one direction of a stream-relayed connection (see the module docstring)."""
 

@@ -81,7 +81,7 @@ from typing import Final, final
 import outcome
 import trio
 
-from trioanubis.proxy.io.base import AGAIN, READ, Capabilities, Driven, new_scratch
+from trioanubis.proxy.io.base import AGAIN, READ, Capabilities, Driven, clock_reader, new_scratch
 
 # Ready descriptors taken from the kernel per dispatcher wake-up.
 MAX_EVENTS: Final = 1024
@@ -330,7 +330,7 @@ class Poller:
         readers, writers, owners, hung_up = self._readers, self._writers, self._owners, self.hung_up
         unclaimed = self._unclaimed
         poll = self._epoll.poll
-        self.now = trio.lowlevel.current_clock().current_time
+        self.now = clock_reader(trio.lowlevel.current_clock())
         handled = 0  # events handled without waking a task, since the last checkpoint
         due: list[tuple[Driven, object]] = []  # first EOFs read before this batch: passed on after it
         while True:

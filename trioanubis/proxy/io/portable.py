@@ -37,7 +37,7 @@ from typing import Any, Final, final
 
 import trio
 
-from trioanubis.proxy.io.base import AGAIN, READ, WRITE, Capabilities, Driven, new_scratch
+from trioanubis.proxy.io.base import AGAIN, READ, WRITE, Capabilities, Driven, clock_reader, new_scratch
 
 
 @final
@@ -159,7 +159,7 @@ class PortableReadiness:
 
     async def run(self) -> None:
         """Nothing to dispatch; only take Trio's clock for `now`, then wait for the end."""
-        self.now = trio.lowlevel.current_clock().current_time
+        self.now = clock_reader(trio.lowlevel.current_clock())
         await trio.sleep_forever()
 
 
