@@ -263,6 +263,14 @@ def asyncio_relay(python: str, uvloop: bool) -> Callable[[Path, int, list[int]],
     return command
 
 
+def tree_named(source: str) -> str:
+    """Which tree a contender runs, and which build: compiled (setup.py's extensions beside the
+    sources, .ci/compiled-tree) or pure Python."""
+    tree = Path(source) if source else HERE.parent
+    compiled = any((tree / "trioanubis" / "proxy").glob("relay.*.so"))
+    return f"{source or 'this tree'} ({'compiled' if compiled else 'pure Python'})"
+
+
 def contenders(args: argparse.Namespace) -> list[Contender]:
     ours = our_contenders(args.source)
     if args.baseline:  # the same contenders from another tree, interleaved with these
@@ -776,6 +784,8 @@ def main() -> None:
                          f"the backends and wrk under taskset -c {args.pin_load}.")  # fmt: skip
     elif args.pin_load:
         report.insert(2, f"Load generator pinned: taskset -c {args.pin_load}.")
+    report.insert(2, f"trioanubis: {tree_named(args.source)}"
+                     + (f"; NAME@base: {tree_named(args.baseline)}" if args.baseline else "") + ".")
     if skipped:
         report += ["", "Skipped: " + "; ".join(skipped)]
     text = "\n".join(report)
