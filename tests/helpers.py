@@ -402,11 +402,12 @@ def tracked_files(under: str) -> list[str]:
     return [name for name in listed.decode().split("\0") if name and (ROOT / name).is_file()]
 
 
-def build_wheel(out: Path, source: Path) -> Path:
+def build_wheel(out: Path, source: Path, env: dict[str, str] | None = None) -> Path:
     """A wheel built from the tracked files only (copied to `source`): a stale build/ must not help.
 
     Pure Python (`ANUBIS_COMPILE=0`: a compiled build takes a minute of CPU), except in CI's run on
-    the compiled build (`ANUBIS_EXPECT_COMPILED=1`), where the wheel is the compiled one.
+    the compiled build (`ANUBIS_EXPECT_COMPILED=1`), where the wheel is the compiled one; `env`
+    adds to (or overrides) the build's environment.
     """
     for name in tracked_files(""):
         target = source / name
@@ -414,7 +415,7 @@ def build_wheel(out: Path, source: Path) -> Path:
         shutil.copy2(ROOT / name, target)
     command = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(source)]
     compile_it = os.environ.get("ANUBIS_EXPECT_COMPILED") == "1"
-    env = dict(os.environ, ANUBIS_COMPILE="1" if compile_it else "0")
+    env = {**os.environ, "ANUBIS_COMPILE": "1" if compile_it else "0", **(env or {})}
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr
     [built] = out.glob("trioanubis-*.whl")

@@ -260,8 +260,10 @@ async def test_dashboard_works_without_a_token(nursery: trio.Nursery, browser: A
         assert b.pools["test"].find("beta").draining  # type: ignore[union-attr]
         assert not text_of(browser, "#token-form"), "no token was asked for"
         # A refused change that is not about the token: the page shows the admin's reason.
+        # Typed as a user would, with the field focused: the page's refresh leaves a focused field's
+        # value alone (an unfocused one it resets to the weight, which raced the click under load).
         weight_field = "document.querySelector(\"tr[data-server='beta'] input.weight\")"
-        await in_thread(browser.execute_script, weight_field + ".value = '-5'")
+        await in_thread(browser.execute_script, f"{weight_field}.focus(); {weight_field}.value = '-5'")
         await in_thread(click, browser, "beta", "weight")
         await until(lambda: "weight must be" in text_of(browser, "#message"), "the 400's reason shown")
         assert b.pools["test"].find("beta").weight == 1  # type: ignore[union-attr]

@@ -3,6 +3,7 @@ an editable install): every module and data file of the source tree, importable 
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -24,8 +25,11 @@ for module in pkgutil.walk_packages(trioanubis.__path__, "trioanubis."):
         importlib.import_module(module.name)
 from trioanubis.ops import dashboard
 assert b"uPlot" in dashboard.page()
-print("ok")
+print("ok", "compiled" if trioanubis.compiled() else "pure")
 """
+# CI's run on the compiled build (.ci/run): the `wheel` fixture's build is the compiled one there.
+COMPILED_RUN = os.environ.get("ANUBIS_EXPECT_COMPILED") == "1"
+BUILD = "compiled" if COMPILED_RUN else "pure"
 
 
 @pytest.mark.slow
@@ -44,11 +48,47 @@ def test_the_installed_package_imports_and_checks_the_reference_config(wheel: Pa
     env = dict(os.environ, PYTHONPATH=str(site))
     imported = subprocess.run([sys.executable, "-c", IMPORT_ALL % str(site)], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert imported.stdout.strip() == "ok", imported.stderr
+    assert imported.stdout.strip() == f"ok {BUILD}", imported.stderr
     reference = site / "trioanubis" / "anubis.toml"
     checked = subprocess.run([sys.executable, "-m", "trioanubis", "check", "-c", str(reference)],
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert checked.returncode == 0, checked.stderr
+
+
+@pytest.mark.slow
+def test_the_wheel_holds_extensions_only_when_compiled(wheel: Path) -> None:
+    """`ANUBIS_COMPILE=0` (the fixture's, outside the compiled run) builds no extension at all; the
+    compiled build has one per module setup.py names, and the runtime library they share."""
+    with zipfile.ZipFile(wheel) as archive:
+        extensions = sorted(name for name in archive.namelist() if name.endswith(".so"))
+    if not COMPILED_RUN:
+        assert extensions == []
+        return
+    setup = ast.parse((ROOT / "setup.py").read_text())
+    [compiled] = [ast.literal_eval(node.value) for node in setup.body if isinstance(node, ast.Assign)
+                  and getattr(node.targets[0], "id", "") == "COMPILED"]  # fmt: skip
+    modules = sorted(name.removesuffix(".py") for name in compiled)
+    assert sorted(name.split(".")[0] for name in extensions if name.startswith("trioanubis/")) == modules
+    assert len(extensions) == len(modules) + 1  # and mypyc's runtime library, at the top level
+
+
+@pytest.mark.slow
+def test_a_build_whose_compiler_fails_installs_the_whole_pure_package(tmp_path: Path) -> None:
+    """No working C compiler: a warning, and a wheel of pure modules that all import, never some
+    extensions without the library they need. Run in CI's compiled run only (a minute of CPU)."""
+    if not COMPILED_RUN:
+        pytest.skip("the compiled run (ANUBIS_EXPECT_COMPILED=1) builds this one")
+    from tests.helpers import build_wheel
+
+    env = {"CC": "/bin/false", "ANUBIS_COMPILE": "1"}
+    wheel = build_wheel(tmp_path / "wheel", tmp_path / "source", env=env)
+    with zipfile.ZipFile(wheel) as archive:
+        assert [name for name in archive.namelist() if name.endswith(".so")] == []
+        archive.extractall(tmp_path / "site")
+    imported = subprocess.run([sys.executable, "-c", IMPORT_ALL % str(tmp_path / "site")], cwd=tmp_path,
+                              env=dict(os.environ, PYTHONPATH=str(tmp_path / "site")), capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
+    assert imported.stdout.strip() == "ok pure", imported.stderr
 
 
 def readme_packages() -> set[str]:
