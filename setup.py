@@ -14,12 +14,15 @@ missing, and the same tests pass on both:
   compiles: an extension beside its source would shadow every edit;
 - `ANUBIS_COMPILE=0` asks for pure Python;
 - no mypyc (another Python than CPython), a type check that fails, or a C
-  compiler or Python headers that are missing or fail: a warning, then the
-  pure modules (`BuildOrPure` removes what a half-done build left, so a
-  module's extension never exists without the runtime library it imports).
+  compiler or Python headers that are missing or fail: a warning (pip shows
+  it with `-v`), then the pure modules (`BuildOrPure` removes what a half-done
+  build left, so a module's extension never exists without the runtime
+  library it imports);
+- `ANUBIS_COMPILE=required` makes each of those a failed build instead (the
+  container image and CI's compiled run ask for it).
 
-`python -c "import trioanubis; print(trioanubis.COMPILED)"` says which is
-installed; `anubis --version` and the metrics' build_info say it too.
+`anubis --version` says which is installed, as do `trioanubis.compiled()` and
+the metrics' `anubis_build_info`.
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ from typing import Any
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
-# The modules every connection runs through, compiled together (one runtime library). The rest
-# (configuration, the operator's surface, TLS, filters) is pure Python everywhere.
+# The modules every connection runs through on the epoll backend, compiled together (and mypyc's one
+# runtime library beside them). The rest (configuration, the operator's surface, TLS, the stream
+# relay, the portable backend) is pure Python everywhere.
 COMPILED = [
     "trioanubis/proxy/io/base.py",
     "trioanubis/proxy/io/epoll.py",
@@ -58,6 +62,9 @@ COMPILED = [
 
 
 def warn(message: str) -> None:
+    """Fall back to pure Python, saying why; or fail, when the build was told to compile."""
+    if os.environ.get("ANUBIS_COMPILE") == "required":
+        raise SystemExit(f"trioanubis setup.py: {message}, and ANUBIS_COMPILE=required")
     print(f"trioanubis setup.py: {message}; installing the pure-Python modules", file=sys.stderr)
 
 
@@ -68,12 +75,12 @@ class BuildOrPure(build_ext):
         try:
             super().run()
         except Exception as exc:  # the compiler's or the linker's failure, whatever class it has
-            warn(f"compiling failed ({exc})")
             for ext in self.extensions:
                 built = Path(self.get_ext_fullpath(ext.name))
                 if built.exists():
                     built.unlink()
             self.extensions = []
+            warn(f"compiling failed ({exc})")
 
 
 def compiled_extensions() -> list[Any]:
@@ -84,6 +91,7 @@ def compiled_extensions() -> list[Any]:
     if not any(command in sys.argv for command in ("bdist_wheel", "build", "build_ext", "install")):
         return []  # pip's metadata steps (egg_info, dist_info) run this file too: no type check for them
     if sys.implementation.name != "cpython":
+        warn(f"{sys.implementation.name} is not CPython")
         return []
     try:
         from mypyc.build import mypycify
@@ -97,7 +105,7 @@ def compiled_extensions() -> list[Any]:
         version = f"--python-version={sys.version_info.major}.{sys.version_info.minor}"
         return list(mypycify([version, *COMPILED], opt_level="3"))
     except BaseException as exc:  # mypy's type check exits (SystemExit) when it finds an error
-        warn(f"mypyc refused the modules ({exc!r})")
+        warn(f"mypyc refused the modules ({exc!r}; pip install -v shows mypy's errors)")
         return []
     finally:
         os.chdir(here)

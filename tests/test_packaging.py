@@ -75,13 +75,20 @@ def test_the_wheel_holds_extensions_only_when_compiled(wheel: Path) -> None:
 @pytest.mark.slow
 def test_a_build_whose_compiler_fails_installs_the_whole_pure_package(tmp_path: Path) -> None:
     """No working C compiler: a warning, and a wheel of pure modules that all import, never some
-    extensions without the library they need. Run in CI's compiled run only (a minute of CPU)."""
+    extensions without the library they need; with ANUBIS_COMPILE=required, no wheel at all. Run in
+    CI's compiled run only (two minutes of CPU)."""
     if not COMPILED_RUN:
         pytest.skip("the compiled run (ANUBIS_EXPECT_COMPILED=1) builds this one")
     from tests.helpers import build_wheel
 
     env = {"CC": "/bin/false", "ANUBIS_COMPILE": "1"}
     wheel = build_wheel(tmp_path / "wheel", tmp_path / "source", env=env)
+    required = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w",
+                               str(tmp_path / "refused"), str(tmp_path / "source")],
+                              env={**os.environ, "CC": "/bin/false", "ANUBIS_COMPILE": "required"},
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert required.returncode != 0 and "ANUBIS_COMPILE=required" in required.stderr, required.stderr
+    assert not (tmp_path / "refused").exists() or not list((tmp_path / "refused").iterdir())
     with zipfile.ZipFile(wheel) as archive:
         assert [name for name in archive.namelist() if name.endswith(".so")] == []
         archive.extractall(tmp_path / "site")

@@ -109,6 +109,27 @@ async def test_custom_strategy_by_dotted_path(nursery: trio.Nursery, tmp_path: P
         sys.modules.pop("my_strategies", None)
 
 
+async def test_a_custom_strategy_may_extend_round_robin(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """Round robin is compiled in the compiled build (setup.py): a strategy of the user's may still
+    extend it."""
+    (tmp_path / "my_round_robin.py").write_text(textwrap.dedent("""
+        from trioanubis.strategies.round_robin import RoundRobin
+
+        class SkipFirst(RoundRobin):
+            def pick(self, servers, client_key, usable):
+                return super().pick(servers[1:], client_key, usable)
+    """))
+    sys.path.insert(0, str(tmp_path))
+    try:
+        backends = [await start_backend(nursery, name_handler(f"s{i}")) for i in range(3)]
+        data = config_for([b.address for b in backends], strategy="my_round_robin:SkipFirst")
+        async with running_balancer(data) as (_, address):
+            assert {await request(address) for _ in range(6)} == {b"s1", b"s2"}
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("my_round_robin", None)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["round_robin", "least_connections", "random", "power_of_two",
                                       "source_hash", "least_time"])  # fmt: skip

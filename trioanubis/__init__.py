@@ -31,9 +31,11 @@ _WHERE = {
 
 def compiled() -> bool:
     """True when the data path runs as mypyc's extensions (setup.py), False when it is pure Python."""
+    from importlib.machinery import EXTENSION_SUFFIXES
+
     from trioanubis.proxy import relay
 
-    return not (relay.__file__ or "").endswith(".py")
+    return (relay.__file__ or "").endswith(tuple(EXTENSION_SUFFIXES))
 
 
 def __getattr__(name: str) -> Any:

@@ -18,6 +18,8 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Final, Generic
 
+from mypy_extensions import mypyc_attr
+
 from trioanubis.strategies.base import S
 
 # Resolution for fractional effective weights (slow start): 1/16 of a weight.
@@ -67,6 +69,7 @@ def smooth_cycle(weights: Sequence[int]) -> list[int]:
     return cycle
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # a custom strategy ("module:Class") may extend it
 class RoundRobin(Generic[S]):
     def __init__(self) -> None:
         self._servers: Sequence[S] | None = None
