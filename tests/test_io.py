@@ -27,6 +27,7 @@ from tests.helpers import BACKENDS, fill, running, socket_pair
 from trioanubis.config import parse_config
 from trioanubis.errors import AttemptCancelled, ConfigError
 from trioanubis.proxy.io import IO_CHOICES, WRITE, Readiness, epoll_available
+from trioanubis.proxy.io.base import SystemNow, clock_reader
 from trioanubis.proxy.relay import CHUNK_SIZE, Relay
 
 KINDS = ["socketpair", "tcp"]
@@ -544,3 +545,30 @@ def test_settings_io_accepts_its_choices_and_names_the_key_otherwise(value: obje
         assert value not in IO_CHOICES or (value == "epoll" and not epoll_available())
     else:
         assert config.settings.io == (value if value is not None else "auto")
+
+
+async def test_the_backends_read_trios_clock_as_trio_reads_it(backend_name: str) -> None:
+    """`now` reads Trio's own clock without its Python method (SystemNow), and reads the same."""
+    async with running(backend_name) as backend:
+        await trio.testing.wait_all_tasks_blocked()  # the backend's task has taken the run's clock
+        before, read, after = trio.current_time(), backend.now(), trio.current_time()
+        assert isinstance(backend.now, SystemNow)
+        assert before <= read <= after
+
+
+def test_any_other_clock_is_read_through_its_own_method() -> None:
+    mock = trio.testing.MockClock()
+    assert clock_reader(mock) == mock.current_time
+
+    class SystemClock(trio.abc.Clock):  # named as Trio's, with an offset, but reading otherwise
+        offset = 5.0
+
+        def start_clock(self) -> None: ...
+        def current_time(self) -> float:
+            return 0.0
+
+        def deadline_to_sleep_time(self, deadline: float) -> float:
+            return 0.0
+
+    other = SystemClock()
+    assert clock_reader(other) == other.current_time
