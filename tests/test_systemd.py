@@ -236,8 +236,9 @@ async def test_socket_activated_anubis_serves_on_the_passed_socket_and_notifies_
                 assert listening_inodes(passed) == {socket_inode(process.pid, 3)}  # no second socket bound
                 assert listening_inodes(configured) == set()
                 await echo_round_trip(Address("127.0.0.1", own), b"on its own bind")
-                log = (tmp_path / "anubis.log").read_text()
-                assert f"taking the inherited socket on 127.0.0.1:{passed} (descriptor 3)" in log
+                # The log's writer keeps its own pace: a line may reach the file after READY does.
+                taken = f"taking the inherited socket on 127.0.0.1:{passed} (descriptor 3)"
+                await wait_for_log(tmp_path / "anubis.log", taken)
                 process.send_signal(signal.SIGHUP)
                 reloading = await notifications.next()
                 assert reloading["RELOADING"] == "1" and int(reloading["MONOTONIC_USEC"]) > 0
@@ -266,9 +267,9 @@ async def test_unnamed_sockets_go_to_the_listeners_in_order_and_a_stray_name_is_
                 assert await request(Address("127.0.0.1", first)) == b"one"
                 assert (await notifications.next())["READY"] == "1"
                 assert await request(Address("127.0.0.1", second)) == b"two"
-                log = (tmp_path / "anubis.log").read_text()
                 why = "no listener of the config has its name"
-                assert f"inherited socket ('127.0.0.1', {stray}) closed: {why}" in log
+                closed = f"inherited socket ('127.0.0.1', {stray}) closed: {why}"
+                await wait_for_log(tmp_path / "anubis.log", closed)  # written at the log writer's pace
                 assert listening_inodes(stray) == set()
 
 
