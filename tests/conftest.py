@@ -20,6 +20,7 @@ import trio
 from hypothesis import settings
 
 import trioanubis
+from trioanubis import spawn
 from trioanubis.app import Balancer
 from trioanubis.config import Address, ListenerConfig, parse_config
 from trioanubis.pool import Pool
@@ -350,6 +351,20 @@ def descriptors_exhausted() -> Iterator[None]:
         for fd in held:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.fixture(autouse=True)
+def _replicas_take_this_workers_ports(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replica the balancer spawns in this process gets a port of this xdist worker's own range
+    (`free_port`). The product's choice, a bind to port 0 then closed, is one the kernel may give
+    another worker's test in between; the balancer then sends clients to that test's listener (a CI
+    run saw a replica exit with status 1 and a GET through the balancer reset)."""
+    kernels_choice = spawn.free_port
+
+    def ours(host: str) -> int:
+        return free_port() if host == "127.0.0.1" else kernels_choice(host)
+
+    monkeypatch.setattr(spawn, "free_port", ours)
 
 
 @pytest.fixture(autouse=True)
