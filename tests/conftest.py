@@ -40,13 +40,18 @@ settings.register_profile("anubis", deadline=None)
 settings.load_profile("anubis")
 
 
+# CI's run on the compiled build (.ci/run): the modules must be the compiled ones, and a wheel the
+# tests build is the compiled one too (helpers.build_wheel).
+COMPILED_RUN = os.environ.get("ANUBIS_EXPECT_COMPILED") == "1"
+
+
 def pytest_report_header() -> str:
     return f"trioanubis: {'compiled with mypyc' if trioanubis.compiled() else 'pure Python'} (setup.py)"
 
 
 def pytest_configure(config: pytest.Config) -> None:
     """`ANUBIS_EXPECT_COMPILED=1` (CI's compiled run): refuse to run the pure modules by mistake."""
-    if os.environ.get("ANUBIS_EXPECT_COMPILED") == "1" and not trioanubis.compiled():
+    if COMPILED_RUN and not trioanubis.compiled():
         raise pytest.UsageError("ANUBIS_EXPECT_COMPILED=1, but trioanubis imports its pure-Python modules")
 
 

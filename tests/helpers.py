@@ -27,6 +27,7 @@ import trio.testing
 from hypothesis import strategies as st
 
 from tests.conftest import (
+    COMPILED_RUN,
     EVENTUALLY,
     config_for,
     connect,
@@ -414,8 +415,7 @@ def build_wheel(out: Path, source: Path, env: dict[str, str] | None = None) -> P
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, target)
     command = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(source)]
-    compile_it = os.environ.get("ANUBIS_EXPECT_COMPILED") == "1"
-    env = {**os.environ, "ANUBIS_COMPILE": "required" if compile_it else "0", **(env or {})}
+    env = {**os.environ, "ANUBIS_COMPILE": "required" if COMPILED_RUN else "0", **(env or {})}
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr
     [built] = out.glob("trioanubis-*.whl")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import COMPILED_RUN
 from tests.helpers import tracked_files
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,8 +28,6 @@ from trioanubis.ops import dashboard
 assert b"uPlot" in dashboard.page()
 print("ok", "compiled" if trioanubis.compiled() else "pure")
 """
-# CI's run on the compiled build (.ci/run): the `wheel` fixture's build is the compiled one there.
-COMPILED_RUN = os.environ.get("ANUBIS_EXPECT_COMPILED") == "1"
 BUILD = "compiled" if COMPILED_RUN else "pure"
 
 
