@@ -52,8 +52,17 @@ _SOCK_NONBLOCK: Final[int] = getattr(socket, "SOCK_NONBLOCK", 0)
 _NONBLOCKING_STREAM: Final = socket.SOCK_STREAM | _SOCK_NONBLOCK
 
 
-def new_socket(family: int, address: object) -> socket.socket:
-    """A non-blocking TCP socket; running out of descriptors is a ConnectFailed, not a crash."""
+# Linux's TCP_QUICKACK (0 where there is none: no TCP option has that number).
+_TCP_QUICKACK: Final[int] = getattr(socket, "TCP_QUICKACK", 0)
+
+
+def new_socket(family: int, address: object, *, delay_ack: bool = False) -> socket.socket:
+    """A non-blocking TCP socket; running out of descriptors is a ConnectFailed, not a crash.
+
+    `delay_ack`: bytes go to the server as soon as it is connected, so the
+    handshake's last ACK may wait for them (HAProxy's `tcp-smart-connect`;
+    see connection.py's `read_early`).
+    """
     try:
         # Created non-blocking: one system call instead of socket() + ioctl(FIONBIO).
         sock = socket.socket(family, _NONBLOCKING_STREAM)
@@ -66,6 +75,8 @@ def new_socket(family: int, address: object) -> socket.socket:
     if not _SOCK_NONBLOCK:
         sock.setblocking(False)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if delay_ack and _TCP_QUICKACK:
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 0)
     return sock
 
 
@@ -111,7 +122,8 @@ class Connecting:
             self.end = why
 
 
-async def connect_any(server: Server, connecting: Connecting | None = None) -> socket.socket:
+async def connect_any(server: Server, connecting: Connecting | None = None, *, delay_ack: bool = False
+                      ) -> socket.socket:
     """Connect to the first of `server`'s addresses that accepts; ConnectFailed otherwise.
 
     A client's connection passes its `connecting` state: the socket joins that
@@ -119,13 +131,14 @@ async def connect_any(server: Server, connecting: Connecting | None = None) -> s
     sees it, and `connecting.fd` names it while the Timer may cancel the
     wait; a loopback connect that finished inside connect() is not waited
     for (`_connected_at_once`). Health checks pass none and wait through Trio.
+    `delay_ack` when the caller sends as soon as it is connected (`new_socket`).
 
     Not bounded in time: the caller is (a deadline, or the Timer).
     """
     poller = connecting.poller if connecting is not None else None
     last: ConnectFailed | None = None
     for family, sockaddr in server.sockaddrs:
-        sock = new_socket(family, server.address)
+        sock = new_socket(family, server.address, delay_ack=delay_ack)
         try:
             code = sock.connect_ex(sockaddr)
             if code == errno.EINPROGRESS and connecting is not None and _connected_at_once(sock, sockaddr):
@@ -211,7 +224,7 @@ _TCP_INFO: int | None = getattr(socket, "TCP_INFO", None) if sys.platform.starts
 _TCP_CLOSE_WAIT: Final = 8
 
 
-def client_gone(client: socket.socket, *, fin_after_data: bool = False) -> bool:
+def client_gone(client: socket.socket, *, fin_after_data: bool = False, read_early: bool = False) -> bool:
     """True when the client has closed or reset (peeking consumes none of its bytes).
 
     A client that sent its request and then closed looks, from here, exactly
@@ -221,10 +234,12 @@ def client_gone(client: socket.socket, *, fin_after_data: bool = False) -> bool:
     default, so that a client that gave up loses its place and its request is
     never sent on); the FIN behind unread bytes is seen where the kernel says
     so (Linux's TCP_INFO), elsewhere only a FIN with nothing before it is.
+    `read_early`: the connection holds bytes of the client's already
+    (connection.py's `read_early`), so a FIN found first is a FIN after data.
     """
     try:
         if client.recv(1, _PEEK) == b"":
-            return True
+            return fin_after_data or not read_early
     except BlockingIOError:
         return False
     except OSError:

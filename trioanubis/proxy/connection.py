@@ -11,10 +11,13 @@ record) it runs a short pipeline:
    then with `routes` or `tls` the ClientHello, the route and the handshake
    (tls_opening.py). A listener with none has an empty opening: its clients
    were judged at accept, before the task existed;
-2. connecting (failover.py): pick a server, connect (the PROXY header, TLS
+2. the client's first bytes, when it sent them already and its socket is
+   still the plain one accept gave (`read_early`): they let the
+   connect delay its last ACK until they go, and the relay sends them first;
+3. connecting (failover.py): pick a server, connect (the PROXY header, TLS
    origination and the bytes read while routing are part of each attempt),
    fail over, and hold the client while no server can take it;
-3. the relay, chosen once: the socket relay (relay.py) when both sides are
+4. the relay, chosen once: the socket relay (relay.py) when both sides are
    plain and no filter wants the bytes (makers.py, filters.py: the fast path, epoll's
    inline steps, splice), or the only filter is a mirror (its `Tap`, copied from
    the socket relay's reads), else the stream relay (streams.py: TLS on either
@@ -35,7 +38,7 @@ from trioanubis.proxy.failover import connect
 from trioanubis.proxy.filters import Filters
 from trioanubis.proxy.makers import filters_for
 from trioanubis.proxy.relay import Relay, Tap
-from trioanubis.proxy.streams import Side, StreamRelay, release_to_trio, socket_stream
+from trioanubis.proxy.streams import Replayed, Side, StreamRelay, release_to_trio, socket_stream
 
 if TYPE_CHECKING:
     from trioanubis.proxy.lifecycle import Connection
@@ -53,8 +56,54 @@ async def run_connection(conn: Connection) -> None:
         for stage in conn.origin.opening:
             if not await stage(conn):
                 return
+        if _plain_client(conn) and not read_early(conn):
+            return
         if await connect(conn):
             await relay(conn)
+
+
+# The most a connection reads of its client before connecting: held while it connects (and while
+# it is held in a pool's line), so bounded as HAProxy's buffer is (tune.bufsize, 16 KiB).
+EARLY_READ: Final = 16384
+
+
+def read_early(conn: Connection) -> bool:
+    """Take what the client has sent already, before connecting; False when it reset meanwhile.
+
+    What HAProxy does in TCP mode: a client that speaks first (HTTP, TLS, most
+    protocols) has usually sent its first bytes by the time its connection's
+    task runs (95 % of the connection-rate workload's connections). With them
+    in hand the server's socket connects with its last ACK delayed
+    (connect.py's `delay_ack`) and the relay sends them first (relay.py,
+    streams.py; epoll in its next batch, with the other new connections'),
+    so the ACK travels with them: one packet less per connection, and a
+    server that accepts is woken once, with its request there, instead of
+    twice (the handshake, then the request). A client that has sent nothing
+    yet costs one EAGAIN and connects as before, so a server that speaks
+    first (SMTP, MySQL) is never kept waiting for an ACK.
+
+    The bytes are the relay's first chunk (`Connection.early`): counted,
+    mirrored and filtered as any. An EOF is left for the relay to read (it
+    reads it again); a reset ends the connection now (`client_reset`), since
+    a read after it would find a plain EOF.
+    """
+    scratch = conn.origin.poller.scratch  # the backend's read buffer (one task runs at a time)
+    try:
+        received = conn.client_sock.recv_into(scratch, EARLY_READ)
+    except BlockingIOError:
+        return True
+    except OSError:
+        conn.end_with("client_reset")
+        return False
+    if received:
+        conn.early = bytes(scratch[:received])
+    return True
+
+
+def _plain_client(conn: Connection) -> bool:
+    """The client is still the socket accept gave, and nothing of its was read for routing."""
+    extras = conn.extras
+    return extras is None or (extras.client_tls is None and not extras.prefix)
 
 
 def relay(conn: Connection) -> Awaitable[None]:
@@ -88,7 +137,10 @@ async def _relay_streams(conn: Connection, filters: tuple[Filters, Filters]) -> 
     assert conn.server_sock is not None
     extras = conn.more
     release_to_trio(conn)
-    client = Side(extras.client_tls or socket_stream(conn.client_sock), conn.client_sock)
+    client_stream = extras.client_tls or socket_stream(conn.client_sock)
+    if conn.early:  # read before connecting: the stream gives them first
+        client_stream, conn.early = Replayed(client_stream, conn.early), b""
+    client = Side(client_stream, conn.client_sock)
     server = Side(extras.server_tls or socket_stream(conn.server_sock), conn.server_sock)
     stream_relay = conn.relay = StreamRelay(conn)
     await stream_relay.run(client, server, *filters)

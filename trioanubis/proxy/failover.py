@@ -131,7 +131,7 @@ async def _attempt(conn: Connection, server: Server, timeout: float, deadline: f
     if server.faults is not None and (refusal := refused(server)) is not None:
         raise refusal  # an injected `refuse`: failover and ejection see a refused connect
     try:
-        conn.server_sock = await connect_any(server, connecting)
+        conn.server_sock = await connect_any(server, connecting, delay_ack=_sends_at_once(conn, server))
         await _greet(conn, server, connecting)
     except AttemptCancelled:
         _drop_server_socket(conn)
@@ -141,6 +141,18 @@ async def _attempt(conn: Connection, server: Server, timeout: float, deadline: f
     except BaseException:
         _drop_server_socket(conn)
         raise
+
+
+def _sends_at_once(conn: Connection, server: Server) -> bool:
+    """True when bytes go to `server` as soon as it is connected: its handshake's last ACK may wait
+    for them (connect.py's `delay_ack`). The client's own, read early, or ours before them."""
+    if conn.early:
+        return True
+    pool = conn.pool
+    assert pool is not None
+    config = pool.config
+    return (server.send_proxy or config.send_proxy) != "none" or config.tls is not None or (
+        conn.extras is not None and bool(conn.extras.prefix))
 
 
 async def _greet(conn: Connection, server: Server, connecting: Connecting) -> None:

@@ -84,7 +84,8 @@ async def hold(conn: Connection, attempt: Attempt) -> EndState | str:
             log.warning("pool %s: no server for client %s within queue_timeout %gs; closing it",
                         pool.name, conn.client, pool.config.queue_timeout)  # fmt: skip
             return "queue_timeout"
-        if client_gone(conn.client_sock, fin_after_data=pool.config.abort_on_close):
+        if client_gone(conn.client_sock, fin_after_data=pool.config.abort_on_close,
+                       read_early=bool(conn.early)):
             return "client_abort"
         if not ticket.turn.is_set():
             continue

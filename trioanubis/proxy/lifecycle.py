@@ -318,8 +318,8 @@ class Connection:
     """One accepted client connection, from accept to close (see the module docstring)."""
 
     __slots__ = (
-        "bytes_in", "bytes_out", "client_sock", "connecting", "counted", "end", "ended", "extras", "holding",
-        "origin", "peer", "picked", "pool", "relay", "seq", "server_sock", "started",
+        "bytes_in", "bytes_out", "client_sock", "connecting", "counted", "early", "end", "ended", "extras",
+        "holding", "origin", "peer", "picked", "pool", "relay", "seq", "server_sock", "started",
     )  # fmt: skip
 
     def __init__(self, origin: Origin, client_sock: socket.socket, peer: tuple[object, ...],
@@ -333,6 +333,7 @@ class Connection:
         self.client_sock = client_sock
         self.peer = peer  # the client: from accept, or from a PROXY header (IPv4-mapped written as IPv4)
         self.extras: Extras | None = None  # what only some connections carry (TLS, a prefix, ...)
+        self.early = b""  # the client's bytes read before connecting (connection.py), until relayed
         self.pool = pool  # the pool it goes to (a route may choose another)
         self.counted = counted  # the per-client slot it holds (the address counted), if any
         self.holding = 0

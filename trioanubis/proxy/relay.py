@@ -59,6 +59,10 @@ exception from a step is raised in that task and ends only its connection.
   cut for a complete transfer.
 - The connection stops a running relay (`stop`) when it decided its end
   (the Timer's idle timeout, a stop): every direction is then `OVER`.
+- The client's bytes read before connecting (connection.py's `read_early`) are
+  the up direction's first chunk: counted and tapped by `run`, and held
+  (`unsent`) until the backend sends them (`send_held`): epoll in its next
+  batch, with the other connections' (see proxy/io/epoll.py).
 - A `Tap` (a mirror, mirror.py) gets a copy of each chunk read from the
   client, before it is sent on, the client's EOF, and the relay's end. It
   never waits (it keeps or sends its copy at once, or drops it), so the
@@ -235,7 +239,34 @@ class Relay(Flow[Direction]):
         # A tapped direction copies (spliced bytes never enter the process) until its tap lets go.
         self.up = Direction(UP, client, server, client_fd, server_fd, splice and self.tap is None)
         self.down = Direction(DOWN, server, client, server_fd, client_fd, splice)
+        early = self.conn.early
+        if early:
+            self.conn.early = b""
+            self._take_early(self.up, early)
         return poller.drive(self)  # the server socket joined the poller to connect; drive adds the client
+
+    def _take_early(self, direction: Direction, data: bytes) -> None:
+        """The client's bytes read before connecting (connection.py's `read_early`): the first chunk,
+        counted and tapped as any, held as the direction's `unsent` until the backend sends it
+        (`send_held`; the portable backend's first `advance`)."""
+        self.moved(direction, len(data))
+        view = memoryview(data)
+        tap = self.tap
+        if tap is not None and not tap.tap(view):
+            self._let_go(direction)
+        direction.unsent = view
+
+    def send_held(self, direction: Direction) -> bool:
+        """Send what `direction` holds (the client's early bytes), then wait for its source without
+        reading it: the source's socket joined the poller after those bytes were read, and joining
+        reports what it holds. True when the task is needed (the relay ended)."""
+        if not self.over:
+            if self._send_rest(direction):
+                direction.wants = READ
+            elif not self.over:
+                direction.wants = WRITE
+                self.poller.want_writable(direction.dst_fd)
+        return self.over
 
     def stop(self) -> None:
         """The connection decided its end: move nothing more, and let `drive` return."""

@@ -75,6 +75,39 @@ def socket_stream(sock: socket.socket) -> trio.SocketStream:
 
 
 @final
+class Replayed(trio.abc.HalfCloseableStream):
+    """A client's stream whose first bytes were read before connecting (`Connection.early`): its
+    first reads give them, then it is the stream itself."""
+
+    __slots__ = ("first", "stream")
+
+    def __init__(self, stream: trio.abc.HalfCloseableStream, first: bytes) -> None:
+        self.stream = stream
+        self.first = first
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        first = self.first
+        if not first:
+            return await self.stream.receive_some(max_bytes)
+        await trio.lowlevel.checkpoint()
+        size = len(first) if max_bytes is None else max_bytes
+        self.first = first[size:]
+        return first[:size]
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+@final
 class Side:
     """One end of a stream-relayed connection: the stream bytes move through, and its socket."""
 

@@ -106,7 +106,8 @@ class Timer:
             if connecting is not None:
                 if now >= connecting.deadline:
                     connecting.cancel("timeout")
-                elif now - connecting.started >= tick and client_gone(conn.client_sock):
+                elif now - connecting.started >= tick and client_gone(conn.client_sock,
+                                                                      read_early=bool(conn.early)):
                     connecting.cancel("client_abort")
                 step = 1
             elif relay is None:

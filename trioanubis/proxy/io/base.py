@@ -102,6 +102,11 @@ class Driven(Protocol):
         """Advance the directions that wait for a turn (both, at first); True if one must wait again."""
         ...
 
+    def send_held(self, direction: Any) -> bool:
+        """Send what `direction` holds (the client's bytes read before connecting), then wait to
+        read; True when the relay's task is needed (it ended)."""
+        ...
+
     def stopped(self) -> None:
         """`drive` is over (the end, an exception or a cancellation): release what the steps opened."""
 
