@@ -20,6 +20,7 @@ from tests.conftest import (
     config_for,
     connect,
     echo_handler,
+    free_port,
     receive_all,
     running_balancer,
     start_backend,
@@ -155,6 +156,46 @@ async def test_a_client_that_resets_before_connecting_ends_reset_and_no_server_i
         # A read after the reset would find a plain EOF: the early read saw the reset and ended it.
         assert balancer.access.counts == {"client_reset": 1}
     assert backend.connections == 0
+
+
+@pytest.mark.parametrize("pool", [{}, {"queue_timeout": "200ms"}], ids=["connect_failed", "queue_timeout"])
+async def test_a_client_whose_bytes_were_read_early_and_never_relayed_is_reset(pool: dict[str, Any]) -> None:
+    """Closing a socket with unread bytes resets it; read early, they are no longer unread, so the
+    connection resets itself: a client that reads to EOF never takes the close for an answer."""
+    data = config_for([f"127.0.0.1:{free_port()}"], listener=PROXY_LISTENER, **pool)
+    async with running_balancer(data) as (balancer, address):
+        stream = await connect(address)
+        async with stream:
+            await stream.send_all(HEADER + b"GET / HTTP/1.0\r\n\r\n")
+            with trio.fail_after(EVENTUALLY), pytest.raises(trio.BrokenResourceError):
+                await stream.receive_some(100)
+        assert sum(balancer.access.counts.values()) == 1
+
+
+def half_open_to(port: int) -> int:
+    """Connections to 127.0.0.1:`port` whose handshake waits for its last ACK (SYN_RECV, Linux)."""
+    with open("/proc/net/tcp") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    return sum(1 for row in rows if row[1] == f"0100007F:{port:04X}" and row[3] == "03")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads Linux's /proc/net/tcp")
+@pytest.mark.parametrize("fault", [{"latency": "60s"}, {"blackhole": True}], ids=["latency", "blackhole"])
+async def test_a_fault_that_holds_the_early_bytes_back_does_not_hold_back_the_connect_s_ack(
+    nursery: trio.Nursery, fault: dict[str, Any]
+) -> None:
+    """Without the early bytes going at once, the ACK the connect delayed for them goes by itself:
+    the server accepts now, not at the delayed-ACK limit (a fault delays data, not the connect)."""
+    backend = await start_backend(nursery, echo_handler)
+    data = config_for([backend.address], listener=PROXY_LISTENER, faults={**fault, "direction": "upstream"})
+    async with running_balancer(data) as (balancer, address):
+        stream = await connect(address)
+        async with stream:
+            await stream.send_all(HEADER + b"held back")
+            await wait_until(lambda: any(conn.relay is not None for conn in balancer.timer.connections))
+            # The relay started: the ACK went with it (else at the delayed-ACK limit, 200 ms on).
+            assert half_open_to(backend.port) == 0
+            await wait_until(lambda: backend.connections == 1)
 
 
 @pytest.mark.parametrize("fin_after_data", [False, True])

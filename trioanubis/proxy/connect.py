@@ -17,6 +17,7 @@ reason word (`reason_for`); nothing above it inspects errno values.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import socket
@@ -78,6 +79,17 @@ def new_socket(family: int, address: object, *, delay_ack: bool = False) -> sock
     if delay_ack and _TCP_QUICKACK:
         sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 0)
     return sock
+
+
+def send_delayed_ack(sock: socket.socket) -> None:
+    """Send the handshake's last ACK now, if `delay_ack` kept it for bytes that may be slow to come.
+
+    Linux sends a pending ACK when TCP_QUICKACK is turned on; else the
+    server would accept only at the delayed-ACK limit (200 ms).
+    """
+    if _TCP_QUICKACK:
+        with contextlib.suppress(OSError):  # a socket the server reset meanwhile: the relay will see
+            sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
 
 
 def reason_for(code: int) -> str:

@@ -34,6 +34,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final
 
+from trioanubis.proxy.connect import send_delayed_ack
 from trioanubis.proxy.failover import connect
 from trioanubis.proxy.filters import Filters
 from trioanubis.proxy.makers import filters_for
@@ -140,6 +141,9 @@ async def _relay_streams(conn: Connection, filters: tuple[Filters, Filters]) -> 
     client_stream = extras.client_tls or socket_stream(conn.client_sock)
     if conn.early:  # read before connecting: the stream gives them first
         client_stream, conn.early = Replayed(client_stream, conn.early), b""
+        if filters[0] and extras.server_tls is None:
+            # A fault or a rate limit may hold them back: the connect's ACK must not wait for them.
+            send_delayed_ack(conn.server_sock)
     client = Side(client_stream, conn.client_sock)
     server = Side(extras.server_tls or socket_stream(conn.server_sock), conn.server_sock)
     stream_relay = conn.relay = StreamRelay(conn)

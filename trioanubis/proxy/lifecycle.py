@@ -387,7 +387,9 @@ class Connection:
             if relay.up is not None and relay.down is not None:  # what was sent before the relay counts too
                 self.bytes_in, self.bytes_out = self.bytes_in + relay.up.bytes, relay.down.bytes
         connected = self._give_back()
-        self._close_sockets(end not in CLOSED_CLEANLY)
+        # Bytes read early and never relayed: the client must not take the close for an answer
+        # (closing with them unread made the kernel reset; they are read now, so reset ourselves).
+        self._close_sockets(end not in CLOSED_CLEANLY or bool(self.early))
         origin.active -= 1
         origin.limits.release()
         if end == "internal_error":

@@ -275,7 +275,8 @@ class Relay(Flow[Direction]):
 
     def stopped(self) -> None:
         """The backend stopped driving this relay (ended, raised or cancelled): close its splice pipes,
-        tell the tap."""
+        tell the tap. Nothing moves from now on (the dispatcher may still hold its early bytes)."""
+        self.over = True
         if self.spliced:
             self._close_pipe(self.up)
             self._close_pipe(self.down)
