@@ -230,24 +230,6 @@ async def test_held_client_with_early_bytes_served_when_server_comes_up(abort_on
         assert RECORDS == [("client_eof", 3000, 3000)], RECORDS
 
 
-async def test_tls_origination_with_early_bytes(nursery: trio.Nursery, tmp_path: Any) -> None:
-    from tests.test_tls import tls_backend
-    from tests.tlscerts import Authority
-
-    ca = Authority(tmp_path)
-    backend = await start_backend(nursery, tls_backend(ca.issue("127.0.0.1", file="s"), "srv"))
-    data = {"listeners": {"t": {"bind": "127.0.0.1:0", "pool": "p"}},
-            "pools": {"p": {"servers": [backend.address], "health": {"check": "none"},
-                            "tls": {"ca": ca.pair.cert}}}}
-    payload = os.urandom(40000)
-    async with running_balancer(data) as (balancer, address):
-        sock = early_client(address, payload, fin=True)
-        got = await read_to_eof(sock)
-        assert got == b"srv\n" + payload
-        await settle(balancer, 1)
-        assert RECORDS[0][1] == len(payload), RECORDS
-
-
 @pytest.mark.parametrize("rate", [False, True])
 async def test_mirror_gets_early_bytes_without_header(nursery: trio.Nursery, rate: bool) -> None:
     copies: list[bytes] = []

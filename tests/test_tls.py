@@ -8,6 +8,7 @@ import json
 import os
 import random
 import signal
+import socket
 import ssl
 import subprocess
 from collections.abc import Awaitable, Callable
@@ -478,3 +479,27 @@ async def test_stats_and_metrics_count_the_openings(nursery: trio.Nursery) -> No
     families = {f.name: f for f in text_string_to_metric_families(metrics.decode())}
     counts = {s.labels["result"]: s.value for s in families["anubis_listener_tls"].samples}
     assert (counts["routed"], counts["not_tls"], counts["peek_timeout"]) == (1, 1, 0)
+
+
+async def test_a_client_s_early_bytes_go_through_the_originated_tls(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Bytes the client sent before its connection's task ran are read before connecting
+    (`read_early`) and reach a TLS server after the handshake, in order and counted."""
+    ca = Authority(tmp_path)
+    backend = await start_backend(nursery, tls_backend(ca.issue("127.0.0.1", file="s"), "srv"))
+    data = {"listeners": {"t": {"bind": "127.0.0.1:0", "pool": "p"}},
+            "pools": {"p": {"servers": [backend.address], "health": {"check": "none"},
+                            "tls": {"ca": ca.pair.cert}}}}  # fmt: skip
+    payload = os.urandom(40000)
+    async with running_balancer(data) as (balancer, address):
+        sock = socket.create_connection((address.host, address.port))
+        sock.sendall(payload)  # before the balancer's loop runs again: there at accept
+        sock.shutdown(socket.SHUT_WR)
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        async with stream:
+            with trio.fail_after(EVENTUALLY):
+                assert await receive_all(stream) == b"srv\n" + payload
+        server = balancer.pools["p"].servers[0]
+        await wait_until(lambda: server.total == 1 and not server.active)
+        assert server.bytes_in == len(payload)
