@@ -25,6 +25,7 @@ from trioanubis.app import Balancer
 from trioanubis.config import Address, ListenerConfig, parse_config
 from trioanubis.pool import Pool
 from trioanubis.proxy.admission import Admission
+from trioanubis.proxy.connection import Crew
 from trioanubis.proxy.io import Readiness, resolve_io
 from trioanubis.proxy.lifecycle import Connection, Limits
 from trioanubis.proxy.relay import Relay
@@ -275,10 +276,12 @@ async def ending(stream: trio.SocketStream) -> str:
 
 
 def count_tasks() -> int:
-    """Every task in this Trio run, from the root down."""
+    """Every task in this Trio run, from the root down, but the idle connection tasks a listener
+    keeps for its next clients (connection.py's `Crew`: no connection's, and bounded)."""
 
     def walk(task: trio.lowlevel.Task) -> int:
-        return 1 + sum(walk(t) for n in task.child_nurseries for t in n.child_tasks)
+        mine = 0 if isinstance(task.custom_sleep_data, Crew) else 1
+        return mine + sum(walk(t) for n in task.child_nurseries for t in n.child_tasks)
 
     return walk(trio.lowlevel.current_root_task())
 

@@ -312,7 +312,7 @@ def connection_tasks() -> list[trio.lowlevel.Task]:
 @pytest.mark.slow
 async def test_an_idle_connection_is_parked_in_two_frames_of_ours(nursery: trio.Nursery) -> None:
     """Each frame an idle connection keeps is memory per connection (bench/README.md): the task is
-    suspended in `run_connection` and the backend's `drive`, and in nothing else of ours."""
+    suspended in `run_connections` and the backend's `drive`, and in nothing else of ours."""
     backend = await start_backend(nursery, echo_handler)
     async with running_balancer(config_for([backend.address])) as (balancer, address):
         stream = await connect(address)
@@ -323,7 +323,7 @@ async def test_an_idle_connection_is_parked_in_two_frames_of_ours(nursery: trio.
             (task,) = connection_tasks()
             drive = f"{type(balancer.poller).__qualname__}.drive"
             frames = our_frames(task)
-            assert frames[:2] == ["run_connection", drive]
+            assert frames[:2] == ["run_connections", drive]
             assert frames[2:] == ([] if IO_BACKEND == "epoll" else ["_direction"])
 
 

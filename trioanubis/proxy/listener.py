@@ -5,9 +5,10 @@ binds every listener before its pools and replicas start, so no replica is
 given a listener's port); `Listener.serve` binds it if `bind` did not, reports
 the bound address through `task_status.started`, then accepts until cancelled. Each
 accepted client becomes a `Connection` (lifecycle.py), the one owner of its
-life, and its task (`run_connection`, connection.py) starts in a *separate*
-nursery that the caller owns, so closing a listener (drain, reload) stops
-new connections without touching the open ones. The listen socket is closed
+life, and runs in one of the listener's connection tasks (its `Crew`,
+connection.py: an idle one, or a new one) in a *separate* nursery that the
+caller owns, so closing a listener (drain, reload) stops new connections
+without touching the open ones. The listen socket is closed
 in `finally` the moment its accept loop is cancelled.
 
 Accepting drains the backlog (several connections per wake-up) and waits for
@@ -54,7 +55,7 @@ from trioanubis.errors import AnubisError
 from trioanubis.pool import Pool
 from trioanubis.proxy.admission import Admission
 from trioanubis.proxy.connect import LOCAL_SHORTAGE_ERRNOS, close_socket
-from trioanubis.proxy.connection import CONNECTION_TASK_NAME, Stage, run_connection
+from trioanubis.proxy.connection import Crew, Stage
 from trioanubis.proxy.header_io import read_header
 from trioanubis.proxy.io import Readiness
 from trioanubis.proxy.lifecycle import Connection, Limits, normalise_peer
@@ -153,6 +154,7 @@ class Listener:
         self.bound: Address | None = None
         self._bound_early: socket.socket | None = None  # opened by `bind`, taken by `serve`
         self.connections: trio.Nursery | None = None  # where connection tasks run (outlives us)
+        self.crew = Crew()  # our connection tasks, busy or idle (connection.py)
         self.scope = trio.CancelScope()
         self.closed = trio.Event()  # set once its listening socket is closed
 
@@ -164,7 +166,7 @@ class Listener:
     ) -> None:
         """Bind (unless `bind` did), report the bound address, and accept into `connections`
         until cancelled."""
-        self.connections = connections
+        self.connections = self.crew.nursery = connections
         with self.scope:
             await self.bind()
             sock, self._bound_early = self._bound_early, None
@@ -175,9 +177,10 @@ class Listener:
                 log.info("listener %s: listening on %s (pool %s)", self.name, self.bound,
                          self.config.pool or "-")  # fmt: skip
                 task_status.started(self.bound)
-                await self._accept_loop(sock, connections)
+                await self._accept_loop(sock)
             finally:
                 close_socket(sock)
+                self.crew.close()
                 self.closed.set()
 
     async def bind(self) -> None:
@@ -197,8 +200,8 @@ class Listener:
     def overloads(self) -> int:
         return self.backoff.overloads
 
-    async def _accept_loop(self, sock: socket.socket, connections: trio.Nursery) -> None:
-        backoff = self.backoff
+    async def _accept_loop(self, sock: socket.socket) -> None:
+        backoff, crew = self.backoff, self.crew
         in_a_row = 0
         nodelay = not (NODELAY_INHERITED and set_nodelay(sock))  # per connection, unless inherited
         # The stdlib's accept() without its enum conversions: the descriptor, then the socket object.
@@ -235,7 +238,7 @@ class Listener:
                 client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = Connection(self, client, addr, self.pool, counted or None)  # holds its counts from now
             try:
-                connections.start_soon(run_connection, conn, name=CONNECTION_TASK_NAME)
+                crew.run(conn)
             except BaseException:  # no task to own it (the nursery is closing): give back at once
                 conn.close()
                 raise
