@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -13,12 +14,14 @@ from tests.conftest import (
     connect,
     echo_handler,
     ending,
+    receive_all,
     request,
     running_balancer,
     start_backend,
     wait_until,
 )
 from trioanubis.app import Balancer
+from trioanubis.config import parse_config
 from trioanubis.proxy import connection as connection_module
 from trioanubis.proxy.connection import CONNECTION_TASK_NAME
 
@@ -34,6 +37,21 @@ def connection_tasks() -> list[trio.lowlevel.Task]:
         return found
 
     return walk(trio.lowlevel.current_root_task())
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def burst(address: Any, count: int) -> None:
+    """`count` clients open at once, then all closed: `count` connection tasks go idle together."""
+    streams = [await connect(address) for _ in range(count)]
+    for stream in streams:
+        await stream.send_all(b"x")
+    for stream in streams:
+        assert await stream.receive_some(1) == b"x"
+    for stream in streams:
+        await stream.aclose()
 
 
 def ended(balancer: Balancer, count: int) -> bool:
@@ -126,3 +144,98 @@ async def test_a_connection_that_ends_with_a_bug_leaves_its_task_serving_the_nex
         await wait_until(lambda: ended(balancer, 2))
         assert balancer.access.counts == {"internal_error": 1, "client_eof": 1}
         assert crew.spawned == 1
+
+
+def test_an_idle_task_the_crew_no_longer_lists_leaves_quietly() -> None:
+    """`run` took it and a KeyboardInterrupt came before it was handed on: cancelling it later must
+    not raise inside Trio's cancel delivery."""
+    task: Any = object()
+    assert connection_module._leave([], task, None) == trio.lowlevel.Abort.SUCCEEDED
+
+
+# From the hostile review of recycled tasks: listeners that close, reloads, stops.
+
+
+async def test_a_busy_task_of_a_removed_listener_ends_after_its_connection(nursery: trio.Nursery) -> None:
+    backend = await start_backend(nursery, echo_handler)
+    data = config_for([backend.address])
+    async with running_balancer(data) as (balancer, address):
+        listener = balancer.listeners["test"]
+        await burst(address, 5)
+        await wait_until(lambda: len(listener.crew.idle) == 5)
+        busy = await connect(address)
+        await busy.send_all(b"a")
+        assert await busy.receive_some(1) == b"a"
+        data2 = {**data, "listeners": {"other": {"bind": "127.0.0.1:0", "pool": "test"}}}
+        await balancer.apply_config(parse_config(data2, "b.toml"))
+        await listener.closed.wait()
+        await wait_until(lambda: len(connection_tasks()) == 1)  # the idle 5 ended, the busy one goes on
+        await busy.send_all(b"b")
+        assert await busy.receive_some(1) == b"b"
+        await busy.send_eof()
+        assert await receive_all(busy) == b""
+        await busy.aclose()
+        await wait_until(lambda: not connection_tasks() and balancer.limits.active == 0)
+
+
+async def test_reloads_that_add_and_remove_listeners_leave_no_tasks_behind(nursery: trio.Nursery) -> None:
+    backend = await start_backend(nursery, echo_handler)
+    data = config_for([backend.address])
+    async with running_balancer(data) as (balancer, _):
+        for round_ in range(6):
+            listeners = {f"l{round_}_{i}": {"bind": "127.0.0.1:0", "pool": "test"} for i in range(3)}
+            await balancer.apply_config(parse_config({**data, "listeners": listeners}, "r.toml"))
+            for name in listeners:
+                bound = balancer.listeners[name].bound
+                assert bound is not None
+                await burst(bound, 20)
+            await wait_until(lambda: balancer.limits.active == 0)
+            await wait_until(lambda: len(connection_tasks()) == 60)  # this round's 3 crews only
+        assert sum(len(li.crew.idle) for li in balancer.listeners.values()) == 60
+
+
+async def test_shutdown_with_idle_and_busy_tasks_waits_for_the_busy_one_only(nursery: trio.Nursery) -> None:
+    backend = await start_backend(nursery, echo_handler)
+    config = parse_config(config_for([backend.address], settings={"drain_timeout": "30s"}), "t.toml")
+    balancer = Balancer(config)
+    fds = open_fds()
+    async with trio.open_nursery() as inner:
+        bound = await inner.start(balancer.run)
+        address = next(iter(bound.values()))
+        await burst(address, 10)
+        await wait_until(lambda: len(balancer.listeners["test"].crew.idle) == 10)
+        busy = await connect(address)
+        await busy.send_all(b"a")
+        assert await busy.receive_some(1) == b"a"
+        balancer.shutdown(delay=False)
+        await wait_until(lambda: balancer.listeners["test"].closed.is_set())
+        await wait_until(lambda: len(connection_tasks()) == 1)  # the idle ended at once
+        assert balancer.limits.active == 1
+        await busy.send_eof()
+        assert await receive_all(busy) == b""
+        await busy.aclose()
+    # balancer.run returned by itself (nothing cancelled it) once the busy connection ended
+    assert balancer.limits.active == 0
+    assert not connection_tasks()
+    assert open_fds() <= fds
+
+
+async def test_a_second_stop_while_clients_arrive_loses_no_connection(nursery: trio.Nursery) -> None:
+    backend = await start_backend(nursery, echo_handler)
+    config = parse_config(config_for([backend.address]), "t.toml")
+    balancer = Balancer(config)
+    fds = open_fds()
+    async with trio.open_nursery() as inner:
+        bound = await inner.start(balancer.run)
+        address = next(iter(bound.values()))
+        await burst(address, 30)
+        await wait_until(lambda: len(balancer.listeners["test"].crew.idle) == 30)
+        clients = [await connect(address) for _ in range(40)]  # accepted in a batch, handed to idle tasks
+        balancer.shutdown(delay=False)
+        balancer.shutdown()  # the second stop: everything cancelled at once
+    for client in clients:
+        await client.aclose()
+    assert balancer.limits.active == 0
+    assert sum(balancer.access.counts.values()) == balancer.limits.accepted
+    assert not connection_tasks()
+    assert open_fds() <= fds

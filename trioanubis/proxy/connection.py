@@ -116,8 +116,10 @@ class Crew:
 
 
 def _leave(idle: list[trio.lowlevel.Task], task: trio.lowlevel.Task, _: object) -> trio.lowlevel.Abort:
-    """An idle task cancelled (the connections nursery): it is no longer the crew's."""
-    idle.remove(task)
+    """An idle task cancelled (the connections nursery): it is no longer the crew's. It may be gone
+    from the list already: `run` took it, and a KeyboardInterrupt came before it was handed on."""
+    if task in idle:
+        idle.remove(task)
     return _SUCCEEDED
 
 
