@@ -250,8 +250,8 @@ class Poller:
         (`read_early`) go in the dispatcher's next batch, before it polls
         (`_send_held`), with the other new connections': a server then finds
         several requests at once instead of waking for each (sent one by one
-        from each task's step, the backends slept and woke 7 times as often,
-        and the connection cost 15 % more). With the dispatcher asleep there
+        from each task's step, the backends slept and woke 5 to 7 times as
+        often, and the connection cost 15-18 % more). With the dispatcher asleep there
         is no batch to wait for, and they go now. The server socket joined to
         connect, and each of its events since either is still queued in the
         kernel (the dispatcher gives it to the relay, which owns the socket
