@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -52,6 +54,16 @@ async def burst(address: Any, count: int) -> None:
         assert await stream.receive_some(1) == b"x"
     for stream in streams:
         await stream.aclose()
+
+
+@asynccontextmanager
+async def stopped_from_inside(data: dict[str, Any]) -> AsyncIterator[tuple[Balancer, Any]]:
+    """Run a Balancer for `data` until it returns by itself (its own stop; nothing cancels it):
+    yield it and its first bound address."""
+    balancer = Balancer(parse_config(data, "t.toml"))
+    async with trio.open_nursery() as inner:
+        bound = await inner.start(balancer.run)
+        yield balancer, next(iter(bound.values()))
 
 
 def ended(balancer: Balancer, count: int) -> bool:
@@ -196,12 +208,10 @@ async def test_reloads_that_add_and_remove_listeners_leave_no_tasks_behind(nurse
 
 async def test_shutdown_with_idle_and_busy_tasks_waits_for_the_busy_one_only(nursery: trio.Nursery) -> None:
     backend = await start_backend(nursery, echo_handler)
-    config = parse_config(config_for([backend.address], settings={"drain_timeout": "30s"}), "t.toml")
-    balancer = Balancer(config)
     fds = open_fds()
-    async with trio.open_nursery() as inner:
-        bound = await inner.start(balancer.run)
-        address = next(iter(bound.values()))
+    async with stopped_from_inside(config_for([backend.address], settings={"drain_timeout": "30s"})) as (
+        balancer, address
+    ):
         await burst(address, 10)
         await wait_until(lambda: len(balancer.listeners["test"].crew.idle) == 10)
         busy = await connect(address)
@@ -222,12 +232,8 @@ async def test_shutdown_with_idle_and_busy_tasks_waits_for_the_busy_one_only(nur
 
 async def test_a_second_stop_while_clients_arrive_loses_no_connection(nursery: trio.Nursery) -> None:
     backend = await start_backend(nursery, echo_handler)
-    config = parse_config(config_for([backend.address]), "t.toml")
-    balancer = Balancer(config)
     fds = open_fds()
-    async with trio.open_nursery() as inner:
-        bound = await inner.start(balancer.run)
-        address = next(iter(bound.values()))
+    async with stopped_from_inside(config_for([backend.address])) as (balancer, address):
         await burst(address, 30)
         await wait_until(lambda: len(balancer.listeners["test"].crew.idle) == 30)
         clients = [await connect(address) for _ in range(40)]  # accepted in a batch, handed to idle tasks
