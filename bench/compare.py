@@ -279,7 +279,12 @@ def contenders(args: argparse.Namespace) -> list[Contender]:
 
 
 def our_contenders(source: str) -> list[Contender]:
-    return [
+    # The tree on every process's path, workers' too: a worker process of a tree older than
+    # `workers/slot.py`'s `worker_command` imports whatever its path finds first (this tree's
+    # pure modules when started from here), not the compiled modules of `source`.
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [source or str(HERE.parent),
+                                                        os.environ.get("PYTHONPATH", "")]))}
+    contenders = [
         Contender("trioanubis", trioanubis(False, source=source), []),
         Contender("trioanubis+log", trioanubis(True, source=source), [], ("keepalive", "connrate")),
         Contender("trioanubis+send_proxy", trioanubis(False, "v2", source=source), [],
@@ -295,6 +300,7 @@ def our_contenders(source: str) -> list[Contender]:
         Contender("trioanubis+rate", trioanubis(False, source=source, shaping="rate"), [],
                   ("keepalive", "connrate", "bulk")),
     ]
+    return [replace(contender, env={**contender.env, **env}) for contender in contenders]
 
 
 def others(args: argparse.Namespace) -> list[Contender]:
@@ -315,7 +321,7 @@ def running(contender: Contender, backends: list[int]) -> Iterator[tuple[int, su
     with tempfile.TemporaryDirectory(prefix=f"bench-{contender.name}-") as tmp:
         argv = [*PIN_CONTENDER, *contender.command(Path(tmp), port, backends)]
         log = open(Path(tmp) / "stderr.log", "w+b")  # noqa: SIM115 - closed below
-        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log,
+        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log, cwd=tmp,
                                    env={**os.environ, **contender.env})  # fmt: skip
         try:
             try:

@@ -6,6 +6,8 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from tests.conftest import (
     start_backend,
     wait_until,
 )
-from tests.helpers import ANUBIS, admin, all_serving, run_cli, stats, supervisor, write_config
+from tests.helpers import ANUBIS, ROOT, admin, all_serving, run_cli, stats, supervisor, write_config
 from trioanubis.config import Address
 from trioanubis.errors import ChannelError
 from trioanubis.workers.channel import LineDecoder, encode
@@ -500,6 +502,40 @@ def test_a_port_in_use_is_reported_once_by_the_supervisor_before_any_worker(tmp_
     assert result.returncode == 1
     assert result.stderr.count(f"binding 127.0.0.1:{port}") == 1, result.stderr
     assert "worker 1 started" not in result.stderr
+
+
+@pytest.mark.slow
+async def test_workers_run_the_supervisors_package_whatever_the_working_directory(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """A `trioanubis` in the working directory (a checkout, another version) is not what the workers
+    import: they run the package the supervisor imported, here from a tree it put on its path at run
+    time (`python -m` in the workers' command once put the working directory first)."""
+    decoy = tmp_path / "trioanubis"
+    decoy.mkdir()
+    (decoy / "__init__.py").write_text("raise SystemExit('the decoy trioanubis was imported')\n")
+    backend = await start_backend(nursery, name_handler("real"))
+    port, admin_port = free_port(), free_port()
+    config = tmp_path / "anubis.toml"
+    write_config(config, port, admin_port, [backend.address], access_log=False)
+    start = (f"import sys, runpy; sys.path.insert(0, {str(ROOT)!r}); "
+             "runpy.run_module('trioanubis', run_name='__main__')")  # fmt: skip
+    log = tmp_path / "stderr.log"
+    with log.open("wb") as err:
+        argv = [sys.executable, "-c", start, "run", "-c", str(config)]
+        process = await trio.lowlevel.open_process(argv, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            try:
+                await all_serving(admin_port, 2)
+            except trio.TooSlowError:
+                pytest.fail(f"the workers never served: {log.read_text()[-2000:]}")
+            assert await request(Address("127.0.0.1", port)) == b"real"
+        finally:
+            process.send_signal(signal.SIGTERM)
+            with trio.fail_after(30):
+                await process.wait()
+    assert process.returncode == 0, log.read_text()[-2000:]
+    assert "was imported" not in log.read_text()
 
 
 @pytest.mark.slow

@@ -20,6 +20,8 @@ The process is started from the main thread with `subprocess.Popen`, not
 from a helper thread: PR_SET_PDEATHSIG fires when the *thread* that forked
 the child ends, and Trio's worker threads end when idle. Its exit is awaited
 through a pidfd where the platform has one, else in a Trio worker thread.
+It runs the package the supervisor runs, from where the supervisor imported
+it (`worker_command`), never a `trioanubis` in the working directory.
 """
 
 from __future__ import annotations
@@ -69,6 +71,28 @@ class Owner(Protocol):
     def state_message(self) -> Message: ...
 
     def ejected(self, worker_id: int, message: Message) -> None: ...
+
+
+
+# Where this process imported the package from: the directory that holds `trioanubis/`.
+PACKAGE_ROOT: Final = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# A worker's start: the package the supervisor runs, from where the supervisor imported it. With
+# `python -m` the working directory would come first on the worker's path, and a checkout there
+# would shadow the installed build (a compiled one, or another version); a tree the supervisor
+# had put on its path at run time would not be found at all. So the working directory is dropped
+# (as `python -P` does), and the supervisor's root goes first when the path lacks it.
+_WORKER_START: Final = (
+    "import runpy, sys; root = sys.argv.pop(1); "
+    "sys.path[:1] = [] if sys.path[:1] == [''] else sys.path[:1]; "
+    "sys.path[:0] = [] if root in sys.path else [root]; "
+    "runpy.run_module('trioanubis.workers.worker', run_name='__main__', alter_sys=True)"
+)
+
+
+def worker_command() -> list[str]:
+    """The command line that starts a worker (its options follow)."""
+    return [sys.executable, "-c", _WORKER_START, PACKAGE_ROOT]
 
 
 @final
@@ -163,7 +187,7 @@ class WorkerSlot:
 
     def _spawn(self, control_fd: int) -> subprocess.Popen[bytes]:
         """Start the worker from this (the main) thread: PR_SET_PDEATHSIG follows the thread that forked."""
-        command = [sys.executable, "-m", "trioanubis.workers.worker", "--control-fd", str(control_fd),
+        command = [*worker_command(), "--control-fd", str(control_fd),
                    "--worker-id", str(self.id), "--parent-pid", str(os.getpid())]  # fmt: skip
         self.passed = self.supervisor.holds.inherited(self.id)
         fds = (control_fd, *self.passed.values())

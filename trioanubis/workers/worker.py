@@ -1,6 +1,6 @@
 """One worker process: today's balancer, fed its config, health state and commands by the supervisor.
 
-Theory of operation: the supervisor starts `python -m trioanubis.workers.worker`
+Theory of operation: the supervisor starts this module (slot.py's `worker_command`)
 with one end of a socketpair as `--control-fd`. The first message is the
 config (the TOML text the supervisor validated, with each listener's concrete
 address); the worker builds a `Balancer` from it whose health "checks" follow
