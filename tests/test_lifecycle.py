@@ -8,6 +8,7 @@ points, leave every counter at zero.
 
 from __future__ import annotations
 
+import _socket
 import contextlib
 import socket
 import ssl
@@ -39,6 +40,7 @@ from tests.tlscerts import Authority
 from trioanubis.app import Balancer
 from trioanubis.config import Address, parse_config
 from trioanubis.proxy import mirror, rates
+from trioanubis.proxy.connect import as_stdlib
 from trioanubis.tls.stream import TlsError, TlsStream
 
 HTTP_REQUEST = b"GET / HTTP/1.0\r\nHost: x\r\n\r\n"
@@ -542,3 +544,26 @@ async def test_every_way_a_connection_ends_gives_back_everything_it_took(
             assert not mirror.state_of(balancer.pools["mirrored"]).dropped["internal_error"]
         outer.cancel_scope.cancel()
     await wait_until(lambda: open_fds() <= before)
+
+
+async def test_a_data_path_socket_becomes_the_stdlib_type_trio_takes_with_its_connection() -> None:
+    """The data path's sockets are the C type (`_socket.socket`); a connection that goes to Trio's
+    streams (TLS, filters) turns each into the stdlib type, the same connection, the old object
+    detached so that closing it closes nothing."""
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        raw = _socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        raw.connect(listening.getsockname())
+        accepted, _ = listening.accept()
+        with accepted:
+            fd = raw.fileno()
+            converted = as_stdlib(raw)
+            assert type(converted) is socket.socket and converted.fileno() == fd
+            assert raw.fileno() == -1
+            raw.close()  # detached: the connection stays open
+            assert as_stdlib(converted) is converted
+            stream = trio.SocketStream(trio.socket.from_stdlib_socket(converted))
+            async with stream:
+                await stream.send_all(b"through Trio")
+                assert accepted.recv(100) == b"through Trio"

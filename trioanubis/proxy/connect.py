@@ -17,6 +17,7 @@ reason word (`reason_for`); nothing above it inspects errno values.
 
 from __future__ import annotations
 
+import _socket
 import contextlib
 import errno
 import math
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 AttemptEnd = Literal["", "timeout", "client_abort"]
 
 
-def close_socket(sock: socket.socket) -> None:
+def close_socket(sock: _socket.socket) -> None:
     """Close a socket, first waking any task that waits on it (Trio requires this)."""
     if sock.fileno() >= 0:
         trio.lowlevel.notify_closing(sock)
@@ -57,7 +58,7 @@ _NONBLOCKING_STREAM: Final = socket.SOCK_STREAM | _SOCK_NONBLOCK
 _TCP_QUICKACK: Final[int] = getattr(socket, "TCP_QUICKACK", 0)
 
 
-def new_socket(family: int, address: object, *, delay_ack: bool = False) -> socket.socket:
+def new_socket(family: int, address: object, *, delay_ack: bool = False) -> _socket.socket:
     """A non-blocking TCP socket; running out of descriptors is a ConnectFailed, not a crash.
 
     `delay_ack`: bytes go to the server as soon as it is connected, so the
@@ -66,7 +67,7 @@ def new_socket(family: int, address: object, *, delay_ack: bool = False) -> sock
     """
     try:
         # Created non-blocking: one system call instead of socket() + ioctl(FIONBIO).
-        sock = socket.socket(family, _NONBLOCKING_STREAM)
+        sock = _socket.socket(family, _NONBLOCKING_STREAM)  # the C type: see `as_stdlib`
     except OSError as exc:
         reason = reason_for(exc.errno or 0)
         message = f"connecting to {address}: cannot create a socket: {reason}"
@@ -81,7 +82,22 @@ def new_socket(family: int, address: object, *, delay_ack: bool = False) -> sock
     return sock
 
 
-def send_delayed_ack(sock: socket.socket) -> None:
+def as_stdlib(sock: _socket.socket) -> socket.socket:
+    """`sock` as the stdlib's `socket.socket`, the only type Trio's sockets take: itself when it is one,
+    else a new one owning its descriptor (`sock` is left detached, closing it closes nothing).
+
+    The data path's sockets are the C type the stdlib class derives from
+    (`_socket.socket`): made without that class's Python `__init__` and closed
+    without its Python `close` (0.5 and 0.2 µs a socket, two sockets a
+    connection); only a connection that goes to Trio's streams (TLS, filters)
+    pays for the stdlib object, once per socket.
+    """
+    if isinstance(sock, socket.socket):
+        return sock
+    return socket.socket(sock.family, sock.type, sock.proto, sock.detach())
+
+
+def send_delayed_ack(sock: _socket.socket) -> None:
     """Send the handshake's last ACK now, if `delay_ack` kept it for bytes that may be slow to come.
 
     Linux sends a pending ACK when TCP_QUICKACK is turned on; else the
@@ -135,7 +151,7 @@ class Connecting:
 
 
 async def connect_any(server: Server, connecting: Connecting | None = None, *, delay_ack: bool = False
-                      ) -> socket.socket:
+                      ) -> _socket.socket:
     """Connect to the first of `server`'s addresses that accepts; ConnectFailed otherwise.
 
     A client's connection passes its `connecting` state: the socket joins that
@@ -179,7 +195,7 @@ async def connect_any(server: Server, connecting: Connecting | None = None, *, d
     raise last or ConnectFailed(f"connecting to {server.address}: no address resolved", "unresolved")
 
 
-def _connected_at_once(sock: socket.socket, sockaddr: tuple[object, ...]) -> bool:
+def _connected_at_once(sock: _socket.socket, sockaddr: tuple[object, ...]) -> bool:
     """True when a loopback connect finished inside connect() itself, so nothing needs waiting for.
 
     Over loopback the kernel runs the whole handshake within the connect
@@ -199,7 +215,7 @@ def _connected_at_once(sock: socket.socket, sockaddr: tuple[object, ...]) -> boo
     return True
 
 
-def _connect_result(sock: socket.socket, fd: int, poller: Readiness) -> int:
+def _connect_result(sock: _socket.socket, fd: int, poller: Readiness) -> int:
     """How a connect that woke writable ended: 0, or the errno SO_ERROR holds.
 
     Where the poller reports errors and hang-ups (epoll), a socket that woke
@@ -210,7 +226,7 @@ def _connect_result(sock: socket.socket, fd: int, poller: Readiness) -> int:
     return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
 
 
-def _close_attempt(sock: socket.socket, poller: Readiness | None) -> None:
+def _close_attempt(sock: _socket.socket, poller: Readiness | None) -> None:
     if poller is not None:
         poller.close(sock)
     else:
@@ -222,9 +238,15 @@ def connect_timed_out(server: Server, timeout: float) -> ConnectFailed:
 
 
 async def open_server_socket(server: Server, timeout: float) -> socket.socket:
-    """Connect to one of `server`'s addresses within `timeout` (health checks use this)."""
+    """Connect to one of `server`'s addresses within `timeout` (health checks use this), as the stdlib
+    socket Trio's streams take."""
     with trio.move_on_after(timeout):
-        return await connect_any(server)
+        sock = await connect_any(server)
+        try:
+            return as_stdlib(sock)
+        except BaseException:
+            _socket.socket.close(sock)
+            raise
     raise connect_timed_out(server, timeout)
 
 
@@ -236,7 +258,7 @@ _TCP_INFO: int | None = getattr(socket, "TCP_INFO", None) if sys.platform.starts
 _TCP_CLOSE_WAIT: Final = 8
 
 
-def client_gone(client: socket.socket, *, fin_after_data: bool = False, read_early: bool = False) -> bool:
+def client_gone(client: _socket.socket, *, fin_after_data: bool = False, read_early: bool = False) -> bool:
     """True when the client has closed or reset (peeking consumes none of its bytes).
 
     A client that sent its request and then closed looks, from here, exactly
@@ -259,7 +281,7 @@ def client_gone(client: socket.socket, *, fin_after_data: bool = False, read_ear
     return fin_after_data and _fin_received(client)
 
 
-def _fin_received(sock: socket.socket) -> bool:
+def _fin_received(sock: _socket.socket) -> bool:
     if _TCP_INFO is None:
         return False
     try:
@@ -269,7 +291,7 @@ def _fin_received(sock: socket.socket) -> bool:
     return info[0] == _TCP_CLOSE_WAIT
 
 
-async def send_first(sock: socket.socket, data: bytes, connecting: Connecting) -> None:
+async def send_first(sock: _socket.socket, data: bytes, connecting: Connecting) -> None:
     """Send `data` on a just-connected server socket before the relay starts (a PROXY header, a prefix).
 
     Waits through the connection's poller, where the Timer can end the wait
@@ -297,7 +319,7 @@ async def send_first(sock: socket.socket, data: bytes, connecting: Connecting) -
             connecting.fd = -1
 
 
-def sock_peer(sock: socket.socket) -> str:
+def sock_peer(sock: _socket.socket) -> str:
     try:
         host, port = sock.getpeername()[:2]
     except OSError:

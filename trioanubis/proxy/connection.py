@@ -216,13 +216,13 @@ async def _relay_streams(conn: Connection, filters: tuple[Filters, Filters]) -> 
     assert conn.server_sock is not None
     extras = conn.more
     release_to_trio(conn)
-    client_stream = extras.client_tls or socket_stream(conn.client_sock)
+    client_stream = extras.client_tls or socket_stream(conn.trio_client())
     if conn.early:  # read before connecting: the stream gives them first
         client_stream, conn.early = Replayed(client_stream, conn.early), b""
         if filters[0] and extras.server_tls is None:
             # A fault or a rate limit may hold them back: the connect's ACK must not wait for them.
             send_delayed_ack(conn.server_sock)
     client = Side(client_stream, conn.client_sock)
-    server = Side(extras.server_tls or socket_stream(conn.server_sock), conn.server_sock)
+    server = Side(extras.server_tls or socket_stream(conn.trio_server()), conn.server_sock)
     stream_relay = conn.relay = StreamRelay(conn)
     await stream_relay.run(client, server, *filters)

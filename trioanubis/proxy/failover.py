@@ -183,7 +183,7 @@ async def _originate(conn: Connection, server: Server, tls: TlsClient, deadline:
     assert sock is not None
     conn.origin.poller.unregister(sock.fileno())  # Trio's own waits from now on
     conn.waited_by_trio()
-    stream = TlsStream(socket_stream(sock), tls.context, server_side=False,
+    stream = TlsStream(socket_stream(conn.trio_server()), tls.context, server_side=False,
                        server_hostname=tls.sni or server.address.host)  # fmt: skip
     with trio.move_on_at(deadline) as scope:
         try:

@@ -21,6 +21,7 @@ header sent byte by byte included.
 
 from __future__ import annotations
 
+import _socket
 import errno
 import socket
 from typing import TYPE_CHECKING, Final
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 _SINK_SIZE: Final = 4096
 
 
-def _peek(sock: socket.socket, size: int) -> bytes | None:
+def _peek(sock: _socket.socket, size: int) -> bytes | None:
     """Up to `size` bytes without consuming them; None when there is nothing yet (EAGAIN)."""
     try:
         return sock.recv(size, socket.MSG_PEEK)
@@ -51,7 +52,7 @@ def _peek(sock: socket.socket, size: int) -> bytes | None:
         raise ProxyHeaderError(f"reading the PROXY header: {reason}", "proxy_header") from None
 
 
-def _consume(sock: socket.socket, count: int, sink: memoryview) -> None:
+def _consume(sock: _socket.socket, count: int, sink: memoryview) -> None:
     """Consume `count` bytes already peeked (they are in the kernel's buffer) into `sink`, whose content
     nobody reads (the bytes are parsed already)."""
     while count:
@@ -65,7 +66,7 @@ def _consume(sock: socket.socket, count: int, sink: memoryview) -> None:
 
 
 async def read_proxy_header(
-    sock: socket.socket, timeout: float, sink: memoryview | None = None
+    sock: _socket.socket, timeout: float, sink: memoryview | None = None
 ) -> ProxyHeader:
     """Read one PROXY protocol header (v1 or v2) from non-blocking `sock`, within `timeout`.
 

@@ -47,6 +47,7 @@ as `ConnectionRecord`'s do (record.py).
 
 from __future__ import annotations
 
+import _socket
 import contextlib
 import ipaddress
 import logging
@@ -59,6 +60,8 @@ from typing import TYPE_CHECKING, Any, Final, Generic, Literal, Protocol, TypeVa
 
 import trio
 from mypy_extensions import mypyc_attr
+
+from trioanubis.proxy.connect import as_stdlib
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Mapping
@@ -322,7 +325,7 @@ class Connection:
         "holding", "origin", "peer", "picked", "pool", "relay", "seq", "server_sock", "started",
     )  # fmt: skip
 
-    def __init__(self, origin: Origin, client_sock: socket.socket, peer: tuple[object, ...],
+    def __init__(self, origin: Origin, client_sock: _socket.socket, peer: tuple[object, ...],
                  pool: Pool | None, counted: str | None = None) -> None:  # fmt: skip
         limits = origin.limits
         origin.active += 1
@@ -341,7 +344,7 @@ class Connection:
         self.ended = 0.0
         self.end: EndState | Literal[""] = ""
         self.picked: Server | None = None  # the server it was last sent to (the record's `server`)
-        self.server_sock: socket.socket | None = None
+        self.server_sock: _socket.socket | None = None
         self.connecting: Connecting | None = None  # while connecting or held (the Timer checks it)
         self.relay: Flow[Any] | None = None  # while relaying
         self.bytes_in = self.bytes_out = 0  # client → server, server → client: the relay's, once ended
@@ -480,6 +483,17 @@ class Connection:
     def waited_by_trio(self) -> None:
         """Trio's own waits saw this connection's sockets: they are announced before they are closed."""
         self.holding |= TRIO_WAITED
+
+    def trio_client(self) -> socket.socket:
+        """The client's socket as Trio's streams take it (`as_stdlib`), this connection's from now on."""
+        sock = self.client_sock = as_stdlib(self.client_sock)
+        return sock
+
+    def trio_server(self) -> socket.socket:
+        """The server's socket as Trio's streams take it (`as_stdlib`), this connection's from now on."""
+        assert self.server_sock is not None
+        sock = self.server_sock = as_stdlib(self.server_sock)
+        return sock
 
     def first_byte(self, seconds: float) -> None:
         """The server's first byte came `seconds` after the client's first (least_time's sample)."""

@@ -42,6 +42,7 @@ to `on_record` (app.py wires the access log in).
 
 from __future__ import annotations
 
+import _socket
 import logging
 import socket
 import sys
@@ -217,7 +218,7 @@ class Listener:
             except OSError as exc:
                 await backoff.back_off(exc)
                 continue
-            client = socket.socket(family, kind, proto, fd)
+            client = _socket.socket(family, kind, proto, fd)  # the C type: see connect.py's `as_stdlib`
             if backoff.overloaded:
                 backoff.recovered()
             self.accepted += 1

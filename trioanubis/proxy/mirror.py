@@ -61,6 +61,7 @@ bytes delivered to the mirror, drops by reason.
 
 from __future__ import annotations
 
+import _socket
 import contextlib
 import logging
 import random
@@ -243,7 +244,7 @@ class MirrorFilter(Filter):
         self.reset = False  # the primary was reset or stopped: so is the mirror
         self.dropped = ""  # why the copy was dropped ("": it was not)
         self.sent = self.received = 0
-        self.sock: socket.socket | None = None
+        self.sock: _socket.socket | None = None
         self.slot: tuple[Pool, Server] | None = None  # the mirror pool's server slot we hold
         self.lot = trio.lowlevel.ParkingLot()  # the writer, waiting for bytes
         self.scope = trio.CancelScope()  # the task's: a drop cancels it
@@ -316,7 +317,7 @@ class MirrorFilter(Filter):
         self.queue.append(bytes(data))  # a bytes object is kept as it is; the relay's buffer is copied
         self.held += len(data)
 
-    def _send_at_once(self, sock: socket.socket, data: bytes | memoryview) -> None:
+    def _send_at_once(self, sock: _socket.socket, data: bytes | memoryview) -> None:
         """What the socket takes now is sent from the relay's step (nothing queued or pending: the
         writer is idle); only the rest is copied, and the writer woken for it (a full socket) or a
         broken mirror: a task switch and a copy saved per chunk, as Trio's own sends try before
@@ -439,7 +440,7 @@ class MirrorFilter(Filter):
             else:
                 await self.lot.park()
 
-    async def _send_pending(self, sock: socket.socket) -> bool:
+    async def _send_pending(self, sock: _socket.socket) -> bool:
         while self.pending:
             sent = self._send_now(sock)
             if sent < 0:
@@ -449,7 +450,7 @@ class MirrorFilter(Filter):
                 await trio.lowlevel.wait_writable(sock)
         return True
 
-    def _send_now(self, sock: socket.socket) -> int:
+    def _send_now(self, sock: _socket.socket) -> int:
         """Send what the socket takes of `pending` without waiting: the count, 0 when full, -1 when broken."""
         sent = self._send_some(sock, self.pending)
         if sent > 0:
@@ -457,7 +458,7 @@ class MirrorFilter(Filter):
             self.held -= sent
         return sent
 
-    def _send_some(self, sock: socket.socket, data: bytes | memoryview) -> int:
+    def _send_some(self, sock: _socket.socket, data: bytes | memoryview) -> int:
         """Send what the socket takes of `data` without waiting, counted: 0 when full, -1 when broken."""
         try:
             sent = sock.send(data)
@@ -510,7 +511,7 @@ class MirrorFilter(Filter):
             if slot is not None:
                 slot[0].release(slot[1], self.sent, self.received)
 
-    def _flush(self, sock: socket.socket) -> None:
+    def _flush(self, sock: _socket.socket) -> None:
         """Send what is still queued, as far as the socket takes it without waiting."""
         while self.pending or self.queue:
             if not self.pending:
@@ -518,7 +519,7 @@ class MirrorFilter(Filter):
             if self._send_now(sock) <= 0:
                 return
 
-    def _say_goodbye(self, sock: socket.socket, clean: bool) -> None:
+    def _say_goodbye(self, sock: _socket.socket, clean: bool) -> None:
         """Before the close: FIN after the last byte (answers drained, or they would turn it into a
         reset), or a reset."""
         with contextlib.suppress(OSError):

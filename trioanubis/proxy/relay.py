@@ -79,6 +79,7 @@ backend stops driving it (`stopped`).
 
 from __future__ import annotations
 
+import _socket
 import os
 import socket
 from collections.abc import Awaitable
@@ -122,7 +123,7 @@ DONE: Final = 4  # EOF or an error; this direction is over (already handled)
 _NOTHING: Final = memoryview(b"")
 
 
-def _send(sock: socket.socket, data: memoryview) -> int:
+def _send(sock: _socket.socket, data: memoryview) -> int:
     """`sock.send(data)`, or 0 when the peer's buffer is full (EAGAIN).
 
     An exception raised through a coroutine's frame makes Python build a frame
@@ -184,7 +185,7 @@ class Direction:
                  "src_fd", "unsent", "wants", "way")  # fmt: skip
 
     def __init__(
-        self, way: Way, src: socket.socket, dst: socket.socket, src_fd: int, dst_fd: int, splice: bool
+        self, way: Way, src: _socket.socket, dst: _socket.socket, src_fd: int, dst_fd: int, splice: bool
     ) -> None:
         self.way = way
         self.src, self.dst = src, dst
@@ -210,7 +211,7 @@ class Relay(Flow[Direction]):
     __slots__ = ("client", "client_fd", "driver", "poller", "server", "server_fd", "spliced", "tap")
 
     def __init__(
-        self, conn: Connection, client: socket.socket, server: socket.socket, poller: Poller,
+        self, conn: Connection, client: _socket.socket, server: _socket.socket, poller: Poller,
         tap: Tap | None = None,
     ) -> None:
         super().__init__(conn)

@@ -44,6 +44,7 @@ connection announces them to Trio before it closes them.
 
 from __future__ import annotations
 
+import _socket
 import contextlib
 import socket
 import sys
@@ -113,7 +114,7 @@ class Side:
 
     __slots__ = ("sock", "stream")
 
-    def __init__(self, stream: trio.abc.HalfCloseableStream, sock: socket.socket) -> None:
+    def __init__(self, stream: trio.abc.HalfCloseableStream, sock: _socket.socket) -> None:
         self.stream = stream
         self.sock = sock
 
@@ -293,7 +294,7 @@ class StreamDirection:
         conn.end_with(end)
 
 
-def _unsent(sock: socket.socket) -> bool:
+def _unsent(sock: _socket.socket) -> bool:
     """Whether `sock` still holds bytes its peer has not acknowledged (Linux: SIOCOUTQ).
 
     Elsewhere there is no portable way to ask; False, and the reset may take

@@ -26,6 +26,7 @@ counted per listener (`Listener.tls_counts`, shown in /stats).
 
 from __future__ import annotations
 
+import _socket
 import logging
 from typing import TYPE_CHECKING, Final
 
@@ -36,7 +37,6 @@ from trioanubis.tls.hello import Hello, HelloReader
 from trioanubis.tls.stream import TlsError, TlsStream
 
 if TYPE_CHECKING:
-    import socket
 
     from trioanubis.pool import Pool
     from trioanubis.proxy.lifecycle import Connection
@@ -76,7 +76,7 @@ async def _open(conn: Connection) -> bool:
     if tls is None:
         return True
     prefix = conn.extras.prefix if conn.extras is not None else b""
-    stream = TlsStream(socket_stream(conn.client_sock), tls.context, server_side=True, received=prefix)
+    stream = TlsStream(socket_stream(conn.trio_client()), tls.context, server_side=True, received=prefix)
     try:
         await stream.do_handshake()
     except TlsError as exc:
@@ -113,7 +113,7 @@ async def _route(conn: Connection) -> tuple[Pool | None, bytes] | None:
     return origin.pool, bytes(reader.data)
 
 
-async def _read_hello(client: socket.socket, reader: HelloReader) -> Hello | None:
+async def _read_hello(client: _socket.socket, reader: HelloReader) -> Hello | None:
     """Read until the reader has a result; None when the client closed or failed first."""
     while True:
         try:

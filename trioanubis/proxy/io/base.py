@@ -12,7 +12,7 @@ reads.
 
 from __future__ import annotations
 
-import socket
+import _socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from time import perf_counter
@@ -154,7 +154,7 @@ class Readiness(Protocol):
     def forget(self, fd: int) -> None:
         """Wake whatever waits on `fd` with ClosedResourceError; call before closing it."""
 
-    def close(self, sock: socket.socket) -> None:
+    def close(self, sock: _socket.socket) -> None:
         """Wake the socket's waiters, then close it."""
 
     async def drive(self, relay: Driven) -> None:

@@ -73,7 +73,6 @@ from __future__ import annotations
 import _socket
 import os
 import select
-import socket
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Final, final
@@ -116,7 +115,7 @@ _SUCCEEDED = trio.lowlevel.Abort.SUCCEEDED
 
 # The socket's own close, without the stdlib wrapper's two Python calls (`close`, `_real_close`);
 # the relay's sockets never had a `makefile` whose references the wrapper would count.
-_close: Final[Callable[[socket.socket], None]] = _socket.socket.close
+_close: Final[Callable[[_socket.socket], None]] = _socket.socket.close
 
 
 def _socket_closed() -> trio.ClosedResourceError:
@@ -319,7 +318,7 @@ class Poller:
                 self._errors[relay] = exc
                 self.wake(relay)
 
-    def close(self, sock: socket.socket) -> None:
+    def close(self, sock: _socket.socket) -> None:
         """Close a socket that only this poller ever waited on, waking its waiters first.
 
         Trio's `notify_closing` is not needed (Trio's epoll never saw the

@@ -31,7 +31,7 @@ copied through user space.
 
 from __future__ import annotations
 
-import socket
+import _socket
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, final
 
@@ -149,7 +149,7 @@ class PortableReadiness:
     def forget(self, fd: int) -> None:
         trio.lowlevel.notify_closing(fd)  # stepped waits are Trio's own: not in our tables
 
-    def close(self, sock: socket.socket) -> None:
+    def close(self, sock: _socket.socket) -> None:
         if sock.fileno() >= 0:
             trio.lowlevel.notify_closing(sock)
         sock.close()
