@@ -20,6 +20,12 @@ head says 200. Both go through one loop (`_any`) over the endpoints:
   goes back to the idle list (at most `IDLE_KEPT`), the next call on the
   same endpoint takes it if it is still fresh. A call that fails or is
   cancelled closes its connection, whose state is then unknown.
+- Each connection has one owner at every moment: the call using it, or the
+  idle list. What takes from or closes the idle list does so without a
+  checkpoint (`HttpConnection.close` is synchronous), so no other task
+  sees the list half-changed, and a close that is cancelled (a fleet
+  stopping closes its client in a cancelled scope) still closes every
+  connection it took.
 - With a username, the token comes from `/v3/auth/authenticate` before the
   first call (one task authenticates, the others wait on the lock) and rides
   in the `Authorization` header. When etcd refuses it (a simple token
@@ -80,11 +86,12 @@ class Session:
         self._closed = False
 
     async def aclose(self) -> None:
-        """Close the idle connections; calls after this still work but keep none."""
+        """Close the idle connections (all, even when cancelled); calls after this work but keep none."""
         self._closed = True
         idle, self._idle = self._idle, []
         for conn in idle:
-            await conn.aclose()
+            conn.close()
+        await trio.lowlevel.checkpoint()
 
     async def call(self, call: Call) -> tuple[bytes, str]:
         """The body of etcd's 200 answer to a unary `call`, and the endpoint that gave it."""
@@ -149,7 +156,7 @@ class Session:
 
     async def _exchange(self, endpoint: Endpoint, call: Call, token: str | None) -> tuple[bytes, str]:
         deadline = trio.current_time() + self.limits.timeout
-        conn = await self._idle_connection(endpoint) or await self._connect(endpoint, deadline)
+        conn = self._take_idle(endpoint) or await self._connect(endpoint, deadline)
         reusable = False
         try:
             with trio.move_on_at(deadline):
@@ -162,7 +169,7 @@ class Session:
                 return body, str(endpoint)
             raise EtcdTimeout(f"{call.what} on {endpoint}: no answer within {self.limits.timeout:g} s")
         finally:
-            await self._release(conn, reusable)
+            self._release(conn, reusable)
 
     async def _start_stream(self, endpoint: Endpoint, call: Call, token: str | None
                             ) -> tuple[HttpConnection, str | None]:  # fmt: skip
@@ -178,7 +185,7 @@ class Session:
                 raise error_from(status, body, f"{call.what} on {endpoint}")
             raise EtcdTimeout(f"{call.what} on {endpoint}: no answer within {self.limits.timeout:g} s")
         except BaseException:
-            await conn.aclose()
+            conn.close()
             raise
 
     async def _connect(self, endpoint: Endpoint, deadline: float, *, keep_alive: bool = False
@@ -187,19 +194,24 @@ class Session:
             return await HttpConnection.open(endpoint, self._context, keep_alive=keep_alive)
         raise Unsent(f"{endpoint}: no connection within {self.limits.timeout:g} s")
 
-    async def _idle_connection(self, endpoint: Endpoint) -> HttpConnection | None:
-        """A kept connection to `endpoint` that can carry a request; stale ones are closed on the way."""
+    def _take_idle(self, endpoint: Endpoint) -> HttpConnection | None:
+        """A kept connection to `endpoint` that can carry a request; stale ones are closed on the way.
+
+        No checkpoint, so no other task takes from the list meanwhile (with one per stale connection
+        closed, two tasks could list the same connections, and the second `remove` raised ValueError)."""
         for conn in [c for c in self._idle if c.endpoint == endpoint]:
+            fresh = conn.fresh()  # before the list lets go of it: it stays owned if this raises
             self._idle.remove(conn)
-            if conn.fresh():
+            if fresh:
                 return conn
-            await conn.aclose()
+            conn.close()
         return None
 
-    async def _release(self, conn: HttpConnection, reusable: bool) -> None:
+    def _release(self, conn: HttpConnection, reusable: bool) -> None:
+        """Keep `conn` for the next call, or close it; the oldest kept beyond `IDLE_KEPT` is closed."""
         if not reusable or self._closed:
-            await conn.aclose()
+            conn.close()
             return
         self._idle.append(conn)
         if len(self._idle) > IDLE_KEPT:
-            await self._idle.pop(0).aclose()
+            self._idle.pop(0).close()

@@ -76,8 +76,8 @@ class Watch:
 
     async def aclose(self) -> None:
         """Close the stream's socket; the watch yields nothing more."""
-        self._closed = True
-        await self._drop()
+        self._close()
+        await trio.lowlevel.checkpoint()
 
     async def __anext__(self) -> Event:
         if self._closed:
@@ -86,7 +86,7 @@ class Watch:
             while not self._events:
                 await self._receive()
         except BaseException:
-            await self.aclose()
+            self._close()
             raise
         return self._pop()
 
@@ -104,7 +104,7 @@ class Watch:
             else:
                 self._take(await self._next_message())
         except (Broken, EtcdUnavailable, TokenRefused) as exc:
-            await self._drop()
+            self._drop()
             if isinstance(exc, TokenRefused):
                 self._session.forget(self._token)
             self._restarts += 1
@@ -154,7 +154,12 @@ class Watch:
     def _where(self) -> str:
         return f"{self._what} on {self._conn.endpoint}" if self._conn is not None else self._what
 
-    async def _drop(self) -> None:
+    def _close(self) -> None:
+        self._closed = True
+        self._drop()
+
+    def _drop(self) -> None:
+        """Close the current stream's socket (synchronous: nothing can interrupt it)."""
         conn, self._conn = self._conn, None
         if conn is not None:
-            await conn.aclose()
+            conn.close()
