@@ -448,6 +448,10 @@ async def test_an_ejection_seen_by_one_worker_reaches_every_worker(
         doc = await stats(admin_port)
         assert doc["pools"][0]["servers"][0]["connect_failures"] == failures
         assert all(w["accepted"] > 0 for w in doc["workers"])
+        # Ours are 41; another test's client that came to this port (free_port hands out ports the
+        # kernel may hand out again) would be one more, and has its line too.
+        accepted = sum(w["accepted"] for w in doc["workers"])
+        assert accepted >= 41
         process.send_signal(signal.SIGTERM)
         assert process.stderr is not None
         with trio.fail_after(EVENTUALLY):
@@ -457,7 +461,7 @@ async def test_an_ejection_seen_by_one_worker_reaches_every_worker(
             err += data
         lines = [json.loads(x) for x in err.splitlines() if x]
     access = [x for x in lines if x.get("logger") == "trioanubis.access"]
-    assert len(access) == 41  # one line per connection, whichever worker served it
+    assert len(access) == accepted  # one line per connection, whichever worker served it
     assert {x["worker"] for x in access} == {1, 2}
     assert any("ejected by worker" in x.get("message", "") for x in lines)
 
