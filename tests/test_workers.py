@@ -509,14 +509,17 @@ def test_a_port_in_use_is_reported_once_by_the_supervisor_before_any_worker(tmp_
 
 
 @pytest.mark.slow
-async def test_workers_run_the_supervisors_package_whatever_the_working_directory(
-    nursery: trio.Nursery, tmp_path: Path
+@pytest.mark.parametrize(("decoy_in", "flags"), [("cwd", []), ("PYTHONPATH", ["-I"]), ("PYTHONPATH", ["-E"])])
+async def test_workers_run_the_supervisors_package_wherever_another_one_is(
+    nursery: trio.Nursery, tmp_path: Path, decoy_in: str, flags: list[str]
 ) -> None:
-    """A `trioanubis` in the working directory (a checkout, another version) is not what the workers
-    import: they run the package the supervisor imported, here from a tree it put on its path at run
-    time (`python -m` in the workers' command once put the working directory first)."""
-    decoy = tmp_path / "trioanubis"
-    decoy.mkdir()
+    """A `trioanubis` the workers' path would find first is not what they import: not one in the
+    working directory (a checkout, another version; `python -m` in the workers' command once put it
+    first), nor one on a PYTHONPATH the supervisor ignores (`-I`, `-E`: the workers run with the
+    supervisor's flags). They run the package the supervisor imported, here from a tree it put on
+    its path at run time."""
+    decoy = tmp_path / "decoy" / "trioanubis"
+    decoy.mkdir(parents=True)
     (decoy / "__init__.py").write_text("raise SystemExit('the decoy trioanubis was imported')\n")
     backend = await start_backend(nursery, name_handler("real"))
     port, admin_port = free_port(), free_port()
@@ -524,10 +527,15 @@ async def test_workers_run_the_supervisors_package_whatever_the_working_director
     write_config(config, port, admin_port, [backend.address], access_log=False)
     start = (f"import sys, runpy; sys.path.insert(0, {str(ROOT)!r}); "
              "runpy.run_module('trioanubis', run_name='__main__')")  # fmt: skip
+    # The decoy first, then the supervisor's own tree: a path that holds the package, behind another.
+    path = os.pathsep.join([str(decoy.parent), str(ROOT)])
+    env = {**os.environ, "PYTHONPATH": path} if decoy_in == "PYTHONPATH" else None
+    cwd = decoy.parent if decoy_in == "cwd" else tmp_path
     log = tmp_path / "stderr.log"
     with log.open("wb") as err:
-        argv = [sys.executable, "-c", start, "run", "-c", str(config)]
-        process = await trio.lowlevel.open_process(argv, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err)
+        argv = [sys.executable, *flags, "-c", start, "run", "-c", str(config)]
+        process = await trio.lowlevel.open_process(argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                                                   stderr=err)  # fmt: skip
         try:
             try:
                 await all_serving(admin_port, 2)

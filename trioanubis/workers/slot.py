@@ -80,19 +80,25 @@ PACKAGE_ROOT: Final = os.path.dirname(os.path.dirname(os.path.dirname(os.path.ab
 # A worker's start: the package the supervisor runs, from where the supervisor imported it. With
 # `python -m` the working directory would come first on the worker's path, and a checkout there
 # would shadow the installed build (a compiled one, or another version); a tree the supervisor
-# had put on its path at run time would not be found at all. So the working directory is dropped
-# (as `python -P` does), and the supervisor's root goes first when the path lacks it.
+# had put on its path at run time would not be found at all. So the worker runs with the
+# supervisor's interpreter flags (`-I` or `-E` ignore PYTHONPATH in both, or in neither), drops the
+# working directory from its path (as `python -P` does), and puts the supervisor's root first when
+# its path would find the package anywhere else.
 _WORKER_START: Final = (
-    "import runpy, sys; root = sys.argv.pop(1); "
+    "import importlib.util, os, runpy, sys; root = sys.argv.pop(1); "
     "sys.path[:1] = [] if sys.path[:1] == [''] else sys.path[:1]; "
-    "sys.path[:0] = [] if root in sys.path else [root]; "
+    "spec = importlib.util.find_spec('trioanubis'); "
+    "found = os.path.abspath(spec.origin) if spec is not None and spec.origin else ''; "
+    "real = os.path.realpath; "
+    "sys.path[:0] = [] if real(os.path.dirname(os.path.dirname(found))) == real(root) else [root]; "
     "runpy.run_module('trioanubis.workers.worker', run_name='__main__', alter_sys=True)"
 )
 
 
 def worker_command() -> list[str]:
-    """The command line that starts a worker (its options follow)."""
-    return [sys.executable, "-c", _WORKER_START, PACKAGE_ROOT]
+    """The command line that starts a worker (its options follow): this interpreter, with its flags."""
+    flags: list[str] = subprocess._args_from_interpreter_flags()  # type: ignore[attr-defined]
+    return [sys.executable, *flags, "-c", _WORKER_START, PACKAGE_ROOT]
 
 
 @final
