@@ -14,7 +14,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -337,10 +337,12 @@ def run_cli(*args: str, memory: int | None = None) -> subprocess.CompletedProces
 
 
 @asynccontextmanager
-async def anubis(*args: str, cwd: Path = ROOT) -> AsyncIterator[trio.Process]:
-    """Start `anubis ARGS`, yield the process, SIGTERM it at the end and expect exit 0."""
+async def anubis(*args: str, cwd: Path = ROOT, command: Sequence[str] = tuple(ANUBIS),
+                 env: Mapping[str, str] | None = None) -> AsyncIterator[trio.Process]:  # fmt: skip
+    """Start `anubis ARGS` (`command` starts it: `python -m trioanubis` unless told), yield the
+    process, SIGTERM it at the end and expect exit 0."""
     process = await trio.lowlevel.open_process(
-        [*ANUBIS, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [*command, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     try:
         yield process

@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,18 @@ from tests.conftest import (
     start_backend,
     wait_until,
 )
-from tests.helpers import ANUBIS, ROOT, admin, all_serving, run_cli, stats, supervisor, write_config
+from tests.helpers import (
+    ANUBIS,
+    ROOT,
+    admin,
+    all_serving,
+    anubis,
+    process_stderr,
+    run_cli,
+    stats,
+    supervisor,
+    write_config,
+)
 from trioanubis.config import Address
 from trioanubis.errors import ChannelError
 from trioanubis.workers.channel import LineDecoder, encode
@@ -531,23 +541,11 @@ async def test_workers_run_the_supervisors_package_wherever_another_one_is(
     path = os.pathsep.join([str(decoy.parent), str(ROOT)])
     env = {**os.environ, "PYTHONPATH": path} if decoy_in == "PYTHONPATH" else None
     cwd = decoy.parent if decoy_in == "cwd" else tmp_path
-    log = tmp_path / "stderr.log"
-    with log.open("wb") as err:
-        argv = [sys.executable, *flags, "-c", start, "run", "-c", str(config)]
-        process = await trio.lowlevel.open_process(argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
-                                                   stderr=err)  # fmt: skip
-        try:
-            try:
-                await all_serving(admin_port, 2)
-            except trio.TooSlowError:
-                pytest.fail(f"the workers never served: {log.read_text()[-2000:]}")
-            assert await request(Address("127.0.0.1", port)) == b"real"
-        finally:
-            process.send_signal(signal.SIGTERM)
-            with trio.fail_after(30):
-                await process.wait()
-    assert process.returncode == 0, log.read_text()[-2000:]
-    assert "was imported" not in log.read_text()
+    supervisor_start = [sys.executable, *flags, "-c", start]
+    async with anubis("run", "-c", str(config), cwd=cwd, command=supervisor_start, env=env) as process:
+        await all_serving(admin_port, 2)
+        assert await request(Address("127.0.0.1", port)) == b"real"
+    assert "was imported" not in await process_stderr(process)
 
 
 @pytest.mark.slow

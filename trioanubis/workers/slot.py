@@ -73,7 +73,6 @@ class Owner(Protocol):
     def ejected(self, worker_id: int, message: Message) -> None: ...
 
 
-
 # Where this process imported the package from: the directory that holds `trioanubis/`.
 PACKAGE_ROOT: Final = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
