@@ -31,7 +31,7 @@ from trioanubis.errors import AttemptCancelled, ConnectFailed, OutOfResources
 
 if TYPE_CHECKING:
     from trioanubis.pool import Server
-    from trioanubis.proxy.io import Readiness
+    from trioanubis.proxy.io.base import Readiness
 
 
 # Why the Timer cancelled a connect attempt ("" while it has not).
@@ -56,6 +56,9 @@ _NONBLOCKING_STREAM: Final = socket.SOCK_STREAM | _SOCK_NONBLOCK
 
 # Linux's TCP_QUICKACK (0 where there is none: no TCP option has that number).
 _TCP_QUICKACK: Final[int] = getattr(socket, "TCP_QUICKACK", 0)
+# Read once: in the compiled build a module-level Final is a native load, `socket.X` a lookup by name.
+_IPPROTO_TCP: Final[int] = socket.IPPROTO_TCP
+_TCP_NODELAY: Final[int] = socket.TCP_NODELAY
 
 
 def new_socket(family: int, address: object, *, delay_ack: bool = False) -> _socket.socket:
@@ -76,9 +79,9 @@ def new_socket(family: int, address: object, *, delay_ack: bool = False) -> _soc
         raise ConnectFailed(message, reason) from exc
     if not _SOCK_NONBLOCK:
         sock.setblocking(False)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(_IPPROTO_TCP, _TCP_NODELAY, 1)
     if delay_ack and _TCP_QUICKACK:
-        sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 0)
+        sock.setsockopt(_IPPROTO_TCP, _TCP_QUICKACK, 0)
     return sock
 
 

@@ -86,12 +86,12 @@ from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Final, Protocol, final
 
 from trioanubis.proxy.io.base import AGAIN, CHUNK_SIZE, OVER, READ, WRITE
-from trioanubis.proxy.lifecycle import DOWN, UP, Flow, Way
+from trioanubis.proxy.lifecycle import DOWN, UP, Counted, Flow, Way
 
 if TYPE_CHECKING:
     import trio
 
-    from trioanubis.proxy.io import Readiness as Poller
+    from trioanubis.proxy.io.base import Readiness as Poller
     from trioanubis.proxy.lifecycle import Connection
 
 # A direction that never finds its socket empty stops (`AGAIN`) after this
@@ -178,19 +178,18 @@ class Tap(Protocol):
 
 
 @final
-class Direction:
+class Direction(Counted):
     """One direction of a relay: its sockets, what it waits for, what it holds, what it moved."""
 
-    __slots__ = ("bytes", "dst", "dst_fd", "pipe_in", "pipe_out", "pipe_size", "piped", "splice", "src",
-                 "src_fd", "unsent", "wants", "way")  # fmt: skip
+    __slots__ = ("dst", "dst_fd", "pipe_in", "pipe_out", "pipe_size", "piped", "splice", "src", "src_fd",
+                 "unsent", "wants")  # fmt: skip
 
     def __init__(
         self, way: Way, src: _socket.socket, dst: _socket.socket, src_fd: int, dst_fd: int, splice: bool
     ) -> None:
-        self.way = way
+        super().__init__(way)
         self.src, self.dst = src, dst
         self.src_fd, self.dst_fd = src_fd, dst_fd
-        self.bytes = 0  # moved this way
         self.wants = AGAIN  # nothing tried yet: the first `advance` reads
         self.unsent = _NOTHING  # what the peer did not take of the last chunk, until sent
         self.splice = splice  # may switch to splice once bulk

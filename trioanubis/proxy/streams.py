@@ -55,7 +55,7 @@ import trio
 
 from trioanubis.proxy.filters import Filters, any_delays
 from trioanubis.proxy.io.base import CHUNK_SIZE
-from trioanubis.proxy.lifecycle import DOWN, UP, Flow, Way
+from trioanubis.proxy.lifecycle import DOWN, UP, Counted, Flow, Way
 
 if TYPE_CHECKING:
     from trioanubis.proxy.lifecycle import Connection, EndState
@@ -147,19 +147,19 @@ class StreamRelay(Flow["StreamDirection"]):
 
 
 @final
-class StreamDirection:
-    """One direction of a stream relay: its sides, its filters, its FIFO and what it moved."""
+class StreamDirection(Counted):
+    """One direction of a stream relay: its sides, its filters, its FIFO and what it moved (`bytes`:
+    delivered this way)."""
 
-    __slots__ = ("_arrived", "_room", "bytes", "delayed", "delivered", "dst", "filters", "held", "queue",
-                 "relay", "src", "way")  # fmt: skip
+    __slots__ = ("_arrived", "_room", "delayed", "delivered", "dst", "filters", "held", "queue", "relay",
+                 "src")  # fmt: skip
 
     def __init__(self, relay: StreamRelay, way: Way, src: Side, dst: Side, filters: Filters) -> None:
+        super().__init__(way)
         self.relay = relay
-        self.way = way
         self.src, self.dst = src, dst
         self.filters = filters
         self.delayed = any_delays(filters)
-        self.bytes = 0  # delivered this way
         self.queue: deque[tuple[float, bytes]] = deque()  # (due, data); b"" is the EOF
         self.held = 0  # bytes queued or being sent: at most QUEUE_BOUND
         self.delivered = 0  # what the filters count (a cut after N bytes)
