@@ -27,7 +27,7 @@ from trioanubis.pool import Pool
 from trioanubis.proxy.admission import Admission
 from trioanubis.proxy.connection import Crew
 from trioanubis.proxy.io import Readiness, resolve_io
-from trioanubis.proxy.lifecycle import Connection, Limits
+from trioanubis.proxy.lifecycle import Connection, Limits, Origin
 from trioanubis.proxy.relay import Relay
 from trioanubis.proxy.sni_routes import RouteTable
 from trioanubis.proxy.timeouts import Timer
@@ -391,7 +391,7 @@ def _collect_garbage_after_each_test() -> Iterator[None]:
     gc.freeze()
 
 
-class StubOrigin:
+class StubOrigin(Origin):
     """What a connection needs from a listener, for tests that drive a relay or the Timer alone."""
 
     def __init__(self, poller: Readiness, timer: Timer, pool: Pool, listener: ListenerConfig) -> None:

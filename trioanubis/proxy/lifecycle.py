@@ -212,44 +212,28 @@ class Watcher(Protocol):
     def unwatch(self, conn: Connection) -> None: ...
 
 
-class Origin(Protocol):
-    """What a connection needs from the listener that accepted it (listener.py's `Listener` is one).
+@mypyc_attr(allow_interpreted_subclasses=True)  # tests/conftest.py's StubOrigin is not compiled
+class Origin:
+    """What a connection needs from the listener that accepted it: listener.py's `Listener` derives
+    from it (a class, not a protocol, so that the compiled connection reads these natively).
 
     Its config, pools, routes and counters are for the opening stages (header_io.py, tls_opening.py).
     """
 
-    @property
-    def name(self) -> str: ...
-    @property
-    def opening(self) -> tuple[Callable[[Connection], Awaitable[bool]], ...]:
-        """The stages before connecting (connection.py); empty for a plain listener."""
-        ...
-
-    @property
-    def pool(self) -> Pool | None: ...
-    @property
-    def config(self) -> ListenerConfig: ...
-    @property
-    def pools(self) -> Mapping[str, Pool]: ...
-    @property
-    def routes(self) -> RouteTable: ...
-    @property
-    def tls_counts(self) -> dict[str, int]: ...
-    @property
-    def poller(self) -> Readiness: ...
-    @property
-    def timer(self) -> Watcher: ...
-    @property
-    def limits(self) -> Limits: ...
-    @property
-    def admission(self) -> Admission: ...
-    @property
-    def on_record(self) -> RecordSink: ...
-    @property
-    def connections(self) -> trio.Nursery | None:
-        """Where connection tasks run: what may outlive a connection's relay (a mirror) runs there."""
-        ...
-
+    name: str
+    opening: tuple[Callable[[Connection], Awaitable[bool]], ...]  # the stages before connecting; () if none
+    pool: Pool | None
+    config: ListenerConfig
+    pools: Mapping[str, Pool]
+    routes: RouteTable
+    tls_counts: dict[str, int]
+    poller: Readiness
+    timer: Watcher
+    limits: Limits
+    admission: Admission
+    on_record: RecordSink
+    # Where connection tasks run: what may outlive a connection's relay (a mirror) runs there.
+    connections: trio.Nursery | None
     active: int
     internal_errors: int
 

@@ -59,7 +59,7 @@ from trioanubis.proxy.connect import LOCAL_SHORTAGE_ERRNOS, close_socket
 from trioanubis.proxy.connection import Crew, Stage
 from trioanubis.proxy.header_io import read_header
 from trioanubis.proxy.io import Readiness
-from trioanubis.proxy.lifecycle import Connection, Limits, normalise_peer
+from trioanubis.proxy.lifecycle import Connection, Limits, Origin, normalise_peer
 from trioanubis.proxy.record import RecordSink
 from trioanubis.proxy.sni_routes import RouteTable
 from trioanubis.proxy.timeouts import Timer
@@ -120,8 +120,8 @@ def somaxconn() -> int:
 
 
 @final
-class Listener:
-    """One bound socket and its counters."""
+class Listener(Origin):
+    """One bound socket and its counters (what its connections need of it: `Origin`)."""
 
     def __init__(
         self,

@@ -19,6 +19,7 @@ from time import perf_counter
 from typing import Any, Final, Protocol, final
 
 import trio
+from mypy_extensions import mypyc_attr
 
 # What a relay's direction waits for next (the relay's `advance` returns one):
 READ: Final = 0  # its source socket to become readable
@@ -114,8 +115,10 @@ class Driven(Protocol):
         """Pass on the first EOF `direction` read (a shutdown towards its destination), unless ended."""
 
 
-class Readiness(Protocol):
-    """What the relay and the connect path need from a readiness backend."""
+@mypyc_attr(allow_interpreted_subclasses=True)  # the portable backend is not compiled (setup.py)
+class Readiness:
+    """What the relay and the connect path need from a readiness backend: both derive from it (a
+    class, not a protocol, so that the compiled relay and connect path call the epoll backend natively)."""
 
     caps: Capabilities
     # Sockets whose peer sent FIN or failed, seen by an edge the relay may not
@@ -132,30 +135,35 @@ class Readiness(Protocol):
 
         `writable`: something will wait to write to it at once (a connect in progress).
         """
+        raise NotImplementedError
 
     def want_writable(self, fd: int) -> None:
         """A driven relay's direction waits to write to `fd` (its peer stopped taking bytes)."""
+        raise NotImplementedError
 
     def wait_readable(self, fd: int) -> Awaitable[object]:
         """Park until `fd` may have bytes, EOF or an error."""
-        ...
+        raise NotImplementedError
 
     def wait_writable(self, fd: int) -> Awaitable[object]:
         """Park until `fd` may take more bytes (or a connect finished)."""
-        ...
+        raise NotImplementedError
 
     def interrupt(self, fd: int, error: Callable[[], BaseException]) -> bool:
         """Wake a plain wait on `fd` (not a driven relay), raising `error()` in it; False when none waited."""
-        ...
+        raise NotImplementedError
 
     def unregister(self, fd: int) -> None:
         """Hand `fd` over to Trio's own waits (the stream relay's and the opening's sockets)."""
+        raise NotImplementedError
 
     def forget(self, fd: int) -> None:
         """Wake whatever waits on `fd` with ClosedResourceError; call before closing it."""
+        raise NotImplementedError
 
     def close(self, sock: _socket.socket) -> None:
         """Wake the socket's waiters, then close it."""
+        raise NotImplementedError
 
     async def drive(self, relay: Driven) -> None:
         """Run `relay` in the calling task until it is over; raise what a step raised.
@@ -164,16 +172,20 @@ class Readiness(Protocol):
         registers the client socket. Cancellation stops it; the caller closes the sockets.
         However it returns, it calls `relay.stopped()` last.
         """
+        raise NotImplementedError
 
     def wake(self, relay: Driven) -> None:
         """The relay ended from outside its task (the connection stopped it): let `drive` return."""
+        raise NotImplementedError
 
     def pass_eof(self, relay: Driven, direction: Any) -> None:
         """A direction of `relay` read the first EOF: call `relay.forward_eof(direction)`, at once or
         soon (epoll: after its next batch of events, unless it sleeps; never later than that)."""
+        raise NotImplementedError
 
     async def run(self) -> None:
         """The backend's task for the process's lifetime (the dispatcher, or nothing)."""
+        raise NotImplementedError
 
     def shut_down(self) -> None:
         """Release the backend's own resources, once nothing uses it (its balancer has stopped).
@@ -181,6 +193,7 @@ class Readiness(Protocol):
         Not at the end of `run`: when a whole tree is cancelled at once, a
         connection may still register a socket after the dispatcher stopped.
         """
+        raise NotImplementedError
 
 
 # One read's worth of bytes; also the most a relay's direction ever holds while

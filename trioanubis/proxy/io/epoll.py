@@ -80,7 +80,16 @@ from typing import TYPE_CHECKING, Any, Final, cast, final
 import outcome
 import trio
 
-from trioanubis.proxy.io.base import AGAIN, READ, WRITE, Capabilities, Driven, clock_reader, new_scratch
+from trioanubis.proxy.io.base import (
+    AGAIN,
+    READ,
+    WRITE,
+    Capabilities,
+    Driven,
+    Readiness,
+    clock_reader,
+    new_scratch,
+)
 
 if TYPE_CHECKING:
     # The one relay this backend drives. The interface takes any `Driven` (base.py); inside, the relay
@@ -139,7 +148,7 @@ def _abort_driven(_: object) -> trio.lowlevel.Abort:
 
 
 @final
-class Poller:
+class Poller(Readiness):
     """The `epoll` readiness backend (see trioanubis.proxy.io)."""
 
     def __init__(self) -> None:

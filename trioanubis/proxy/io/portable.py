@@ -37,7 +37,16 @@ from typing import Any, Final, final
 
 import trio
 
-from trioanubis.proxy.io.base import AGAIN, READ, WRITE, Capabilities, Driven, clock_reader, new_scratch
+from trioanubis.proxy.io.base import (
+    AGAIN,
+    READ,
+    WRITE,
+    Capabilities,
+    Driven,
+    Readiness,
+    clock_reader,
+    new_scratch,
+)
 
 
 @final
@@ -63,7 +72,7 @@ class _Drive:
 
 
 @final
-class PortableReadiness:
+class PortableReadiness(Readiness):
     """The `portable` readiness backend (see trioanubis.proxy.io)."""
 
     def __init__(self) -> None:
