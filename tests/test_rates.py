@@ -177,6 +177,23 @@ async def test_a_limited_download_delivers_every_byte_in_order_and_waits_for_the
     assert state.waited == [0.0, 0.0]
 
 
+async def test_a_limit_a_reload_adds_or_removes_applies_to_the_next_connection(nursery: trio.Nursery) -> None:
+    """The pool keeps whether it limits (`Pool.rate_limited`) in step with its config at each reload."""
+    backend = await start_backend(nursery, echo_handler)
+    plain, rated = limited(backend.address), limited(backend.address, download_rate="1MB/s")
+    async with running_balancer(plain) as (balancer, address):
+        pool = balancer.pools["test"]
+        assert await request(address, b"first") == b"first"
+        assert rates.state_of(pool).connections == 0
+        await balancer.apply_config(parse_config(rated, "rated.toml"))
+        assert balancer.pools["test"] is pool  # kept, reconfigured
+        assert await request(address, b"second") == b"second"
+        assert rates.state_of(pool).connections == 1
+        await balancer.apply_config(parse_config(plain, "plain.toml"))
+        assert await request(address, b"third") == b"third"
+        assert rates.state_of(pool).connections == 1
+
+
 async def test_past_the_burst_the_limit_asks_for_the_time_the_bytes_need(nursery: trio.Nursery) -> None:
     backend = await start_backend(nursery, echo_handler)
     payload = os.urandom(120_000)

@@ -185,7 +185,7 @@ class Pool:
     """The shared live view of one pool's servers."""
 
     def __init__(self, config: PoolConfig, *, initially_healthy: bool | None = None) -> None:
-        self.config = config
+        self.config = config  # and `rate_limited`
         self.name = config.name
         healthy = config.health.check == "none" if initially_healthy is None else initially_healthy
         self.servers: list[Server] = [Server(s, healthy=healthy) for s in config.servers]
@@ -211,6 +211,19 @@ class Pool:
         self.on_eject: Callable[[Server, str], None] | None = None
         self.kept: dict[object, object] = {}  # what features keep for this pool (PerPool)
         self._group()
+
+    @property
+    def config(self) -> PoolConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: PoolConfig) -> None:
+        """The pool's config, at start and at each reload."""
+        self._config = config
+        # Whether its connections' bandwidth is limited: proxy/rates.py asks this first, a native read
+        # in the compiled build where the config's four fields are four lookups by name.
+        self.rate_limited = bool(config.upload_rate or config.download_rate or config.upload_rate_per_client
+                                 or config.download_rate_per_client)  # fmt: skip
 
     @property
     def strategy(self) -> Strategy:

@@ -59,6 +59,7 @@ _TCP_QUICKACK: Final[int] = getattr(socket, "TCP_QUICKACK", 0)
 # Read once: in the compiled build a module-level Final is a native load, `socket.X` a lookup by name.
 _IPPROTO_TCP: Final[int] = socket.IPPROTO_TCP
 _TCP_NODELAY: Final[int] = socket.TCP_NODELAY
+_EINPROGRESS: Final[int] = errno.EINPROGRESS
 
 
 def new_socket(family: int, address: object, *, delay_ack: bool = False) -> _socket.socket:
@@ -172,11 +173,11 @@ async def connect_any(server: Server, connecting: Connecting | None = None, *, d
         sock = new_socket(family, server.address, delay_ack=delay_ack)
         try:
             code = sock.connect_ex(sockaddr)
-            if code == errno.EINPROGRESS and connecting is not None and _connected_at_once(sock, sockaddr):
+            if code == _EINPROGRESS and connecting is not None and _connected_at_once(sock, sockaddr):
                 code = 0
-            if poller is not None and code in (0, errno.EINPROGRESS):  # writable: to wait for the connect
+            if poller is not None and code in (0, _EINPROGRESS):  # writable: to wait for the connect
                 poller.register(sock.fileno(), writable=code != 0)
-            if code == errno.EINPROGRESS:
+            if code == _EINPROGRESS:
                 if connecting is not None:
                     fd = connecting.fd = sock.fileno()
                     try:

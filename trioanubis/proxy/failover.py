@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import math
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import trio
 
@@ -241,11 +241,16 @@ def _local(conn: Connection) -> tuple[str, int] | None:
     return _host_port(normalise_peer(local))
 
 
+# Read once: in the compiled build a module-level Final is a native load, `socket.X` a lookup by name.
+_AF_INET: Final[int] = socket.AF_INET
+_AF_INET6: Final[int] = socket.AF_INET6
+_inet_pton: Final = socket.inet_pton
+
+
 def client_key(addr: tuple[object, ...]) -> bytes:
     """What source_hash hashes: the client's address as packed bytes."""
     host = str(addr[0])
     try:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        return socket.inet_pton(family, host)
+        return _inet_pton(_AF_INET6 if ":" in host else _AF_INET, host)
     except OSError:
         return host.encode()

@@ -145,11 +145,10 @@ def rate_filters(conn: Connection) -> tuple[Filters, Filters] | None:
     """The maker (makers.py): this connection's limits as filters, or None when it has none."""
     pool = conn.pool
     assert pool is not None
-    config, listener = pool.config, conn.origin.config
-    if not (config.upload_rate or config.download_rate or config.upload_rate_per_client
-            or config.download_rate_per_client
-            or listener.upload_rate or listener.download_rate):  # fmt: skip
+    listener = conn.origin.config
+    if not (pool.rate_limited or listener.upload_rate or listener.download_rate):
         return None
+    config = pool.config
     state = state_of(pool)
     state.connections += 1
     up_shared, down_shared = config.upload_rate_per_client, config.download_rate_per_client
