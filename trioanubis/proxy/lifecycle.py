@@ -205,11 +205,15 @@ class Limits:
             await self._idle.park()
 
 
-class Watcher(Protocol):
-    """What keeps a connection's timeouts (timeouts.py's `Timer`)."""
+class Watcher:
+    """What keeps a connection's timeouts: timeouts.py's `Timer` derives from it (a class, not a
+    protocol, so that the compiled connection calls it natively)."""
 
-    def watch(self, conn: Connection) -> None: ...
-    def unwatch(self, conn: Connection) -> None: ...
+    def watch(self, conn: Connection) -> None:
+        raise NotImplementedError
+
+    def unwatch(self, conn: Connection) -> None:
+        raise NotImplementedError
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)  # tests/conftest.py's StubOrigin is not compiled

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Final, final
 import trio
 
 from trioanubis.proxy.connect import client_gone
+from trioanubis.proxy.lifecycle import Watcher
 
 if TYPE_CHECKING:
     from trioanubis.proxy.lifecycle import Connection
@@ -58,7 +59,7 @@ def tick_for(timeouts: Iterable[float]) -> float:
 
 
 @final
-class Timer:
+class Timer(Watcher):
     """The one task that enforces every connection's timeouts."""
 
     def __init__(self, tick: float = MAX_TICK) -> None:
