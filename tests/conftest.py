@@ -413,6 +413,12 @@ class StubOrigin(Origin):
         self.internal_errors = 0
 
 
+def drive_frame(backend: Readiness) -> str:
+    """The frame a driven relay's task waits in: epoll's `drive` returns its `_drive` (no frame of its
+    own), the portable backend's is one."""
+    return "_drive" if backend.caps.name == "epoll" else "drive"
+
+
 def standalone_connection(
     poller: Readiness, client: socket.socket, *, idle: float = 600.0, half_close: float = 60.0,
     timer: Timer | None = None,

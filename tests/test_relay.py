@@ -21,6 +21,7 @@ from tests.conftest import (
     closed_without_answer,
     config_for,
     connect,
+    drive_frame,
     echo_handler,
     ending,
     free_port,
@@ -326,7 +327,7 @@ async def test_an_idle_connection_is_parked_in_two_frames_of_ours(nursery: trio.
             assert await stream.receive_some(5) == b"hello"
             await trio.testing.wait_all_tasks_blocked()
             (task,) = connection_tasks()
-            drive = f"{type(balancer.poller).__qualname__}.drive"
+            drive = f"{type(balancer.poller).__qualname__}.{drive_frame(balancer.poller)}"
             frames = our_frames(task)
             assert frames[:2] == ["run_connections", drive]
             assert frames[2:] == ([] if IO_BACKEND == "epoll" else ["_direction"])

@@ -73,7 +73,7 @@ from __future__ import annotations
 import _socket
 import os
 import select
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final, cast, final
 
@@ -223,7 +223,7 @@ class Poller(Readiness):
         writers[fd] = _current_task()
         return _wait_task_rescheduled(partial(_abort, writers, fd))
 
-    async def drive(self, driven: Driven) -> None:
+    def drive(self, driven: Driven) -> Coroutine[Any, Any, None]:
         """Run `relay` in the calling task: the dispatcher advances it, the task waits for its end.
 
         Both sockets are the relay's in this poller while it runs: the
@@ -232,9 +232,14 @@ class Poller(Readiness):
         wakes for a direction that stopped for fairness (`AGAIN`: after a
         checkpoint it advances it itself), for the relay's end, or to raise
         what a step raised.
+
+        A plain function returning `_drive` itself, the relay typed as itself:
+        the frame an idle connection keeps holds no local more for the cast.
         """
+        return self._drive(cast("Relay", driven))
+
+    async def _drive(self, relay: Relay) -> None:
         # Few locals: an idle connection keeps this frame, 8 bytes a slot.
-        relay = cast("Relay", driven)
         self._owners[relay.client_fd] = self._owners[relay.server_fd] = relay
         errors = self._errors
         try:
