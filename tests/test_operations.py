@@ -145,7 +145,9 @@ async def test_sighup_adds_a_server_and_keeps_open_connections(nursery: trio.Nur
     write_config(config, port, [old.address], pid_file=str(pid_file))
     async with anubis("run", "-c", str(config)) as process:
         await wait_port(port)
-        assert pid_file.read_text().strip() == str(process.pid)
+        # The pid file names the process once it serves (after its listeners answer: app.py), so that
+        # an upgrade's new process takes it over only then; wait for it rather than race it.
+        await wait_until(lambda: pid_file.exists() and pid_file.read_text().strip() == str(process.pid))
         held = await connect(Address("127.0.0.1", port))
         await held.send_all(b"long-lived")
         assert await held.receive_some(10) == b"long-lived"

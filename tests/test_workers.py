@@ -170,7 +170,8 @@ async def test_sighup_adds_a_server_in_every_worker(nursery: trio.Nursery, tmp_p
     write_config(config, port, admin_port, [old.address], access_log=False, pid_file=str(pid_file))
     async with supervisor(config) as process:
         await all_serving(admin_port, 2)
-        assert pid_file.read_text().strip() == str(process.pid)  # the supervisor's
+        # The supervisor's, once it serves: waited for, as test_operations does (no race with its write).
+        await wait_until(lambda: pid_file.exists() and pid_file.read_text().strip() == str(process.pid))
         write_config(config, port, admin_port, [old.address, new.address], access_log=False,
                      pid_file=str(pid_file))  # fmt: skip
         result = await trio.to_thread.run_sync(run_cli, "reload", "-c", str(config))  # SIGHUP, by pid file
