@@ -27,7 +27,7 @@ from tests.helpers import BACKENDS, fill, running, socket_pair
 from trioanubis.config import parse_config
 from trioanubis.errors import AttemptCancelled, ConfigError
 from trioanubis.proxy.io import IO_CHOICES, WRITE, Readiness, epoll_available
-from trioanubis.proxy.io.base import SystemNow, clock_reader
+from trioanubis.proxy.io.portable import PortableReadiness
 from trioanubis.proxy.relay import CHUNK_SIZE, Relay
 
 KINDS = ["socketpair", "tcp"]
@@ -549,17 +549,21 @@ def test_settings_io_accepts_its_choices_and_names_the_key_otherwise(value: obje
 
 
 async def test_the_backends_read_trios_clock_as_trio_reads_it(backend_name: str) -> None:
-    """`now` reads Trio's own clock without its Python method (SystemNow), and reads the same."""
+    """`now` reads Trio's own clock without its Python method (`clock` None), and reads the same."""
     async with running(backend_name) as backend:
         await trio.testing.wait_all_tasks_blocked()  # the backend's task has taken the run's clock
         before, read, after = trio.current_time(), backend.now(), trio.current_time()
-        assert isinstance(backend.now, SystemNow)
+        assert backend.clock is None
         assert before <= read <= after
 
 
 def test_any_other_clock_is_read_through_its_own_method() -> None:
+    poller = PortableReadiness()
     mock = trio.testing.MockClock()
-    assert clock_reader(mock) == mock.current_time
+    mock.jump(7.0)
+    poller.take_clock(mock)
+    assert poller.clock == mock.current_time
+    assert poller.now() == mock.current_time()
 
     class SystemClock(trio.abc.Clock):  # named as Trio's, with an offset, but reading otherwise
         offset = 5.0
@@ -572,4 +576,6 @@ def test_any_other_clock_is_read_through_its_own_method() -> None:
             return 0.0
 
     other = SystemClock()
-    assert clock_reader(other) == other.current_time
+    poller.take_clock(other)
+    assert poller.clock == other.current_time
+    assert poller.now() == 0.0

@@ -46,12 +46,12 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TYPE_CHECKING, Final, final
 
-import outcome
 import trio
 
 from trioanubis.proxy.connect import send_delayed_ack
 from trioanubis.proxy.failover import connect
 from trioanubis.proxy.filters import Filters
+from trioanubis.proxy.io.woken import WOKEN, Woken
 from trioanubis.proxy.makers import filters_for
 from trioanubis.proxy.relay import Relay, Tap
 from trioanubis.proxy.streams import Replayed, Side, StreamRelay, release_to_trio, socket_stream
@@ -93,7 +93,7 @@ class Crew:
     def run(self, conn: Connection) -> None:
         """Run `conn` in the task that went idle last, else in a new task in `nursery`."""
         if self.idle:
-            _reschedule(self.idle.pop(), outcome.Value(conn))
+            _reschedule(self.idle.pop(), Woken(conn))
             return
         assert self.nursery is not None
         self.nursery.start_soon(run_connections, self, conn, name=CONNECTION_TASK_NAME)
@@ -112,7 +112,7 @@ class Crew:
         self.closed = True
         idle, self.idle = self.idle, []
         for task in idle:
-            _reschedule(task, outcome.Value(None))
+            _reschedule(task, WOKEN)
 
 
 def _leave(idle: list[trio.lowlevel.Task], task: trio.lowlevel.Task, _: object) -> trio.lowlevel.Abort:

@@ -29,33 +29,6 @@ OVER: Final = 3  # nothing ever: this direction is over
 
 
 @final
-class SystemNow:
-    """Trio's SystemClock read as it reads itself (its offset plus `perf_counter()`), without its
-    Python method: the compiled build (setup.py) then reads the clock with no Python call at all,
-    five times per connection."""
-
-    __slots__ = ("offset",)
-
-    def __init__(self, offset: float) -> None:
-        self.offset = offset
-
-    def __call__(self) -> float:
-        return self.offset + perf_counter()
-
-
-def clock_reader(clock: trio.abc.Clock) -> Callable[[], float]:
-    """What reads the run's clock: `SystemNow` for Trio's own clock when it reads the same (within a
-    millisecond: a Trio whose clock works otherwise gets its own method), else the clock's method (a
-    test's MockClock, say)."""
-    offset = getattr(clock, "offset", None)
-    if type(clock).__name__ == "SystemClock" and isinstance(offset, float):
-        now = SystemNow(offset)
-        if abs(now() - clock.current_time()) < 0.001:
-            return now
-    return clock.current_time
-
-
-@final
 @dataclass(frozen=True, slots=True)
 class Capabilities:
     """What a readiness backend offers, decided once when it is built."""
@@ -125,10 +98,32 @@ class Readiness:
     # have read to the end: after a short read on one of these the relay reads
     # again instead of waiting. Always empty on a level-triggered backend.
     hung_up: set[int]
-    # Trio's clock (connections stamp their times with it).
-    now: Callable[[], float]
+    # How `now` reads Trio's clock: through `clock` when it is set (before the run's clock is taken,
+    # or a clock other than Trio's own, such as a test's MockClock), else as Trio's SystemClock reads
+    # itself, its offset plus perf_counter(): in the compiled build a native call, not a Python one
+    # (five a connection).
+    clock: Callable[[], float] | None
+    clock_offset: float
     # The relays' read buffer: one per backend (so per balancer), safe because one task runs at a time.
     scratch: memoryview
+
+    def now(self) -> float:
+        """Trio's clock: connections stamp their times with it."""
+        clock = self.clock
+        if clock is None:
+            return self.clock_offset + perf_counter()
+        return clock()
+
+    def take_clock(self, clock: trio.abc.Clock) -> None:
+        """Read the run's `clock` from now on: without its Python method when it is Trio's own
+        SystemClock and reads the same that way (within a millisecond: a Trio whose clock works
+        otherwise keeps its method), else through its method."""
+        offset = getattr(clock, "offset", None)
+        self.clock = clock.current_time
+        if type(clock).__name__ == "SystemClock" and isinstance(offset, float):
+            self.clock, self.clock_offset = None, offset
+            if abs(self.now() - clock.current_time()) >= 0.001:
+                self.clock = clock.current_time
 
     def register(self, fd: int, *, writable: bool = False) -> None:
         """Make `fd` (a relay or connecting socket) waitable; once per socket.

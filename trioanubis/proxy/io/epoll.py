@@ -87,9 +87,9 @@ from trioanubis.proxy.io.base import (
     Capabilities,
     Driven,
     Readiness,
-    clock_reader,
     new_scratch,
 )
+from trioanubis.proxy.io.woken import WOKEN
 
 if TYPE_CHECKING:
     # The one relay this backend drives. The interface takes any `Driven` (base.py); inside, the relay
@@ -168,8 +168,8 @@ class Poller(Readiness):
         self.hung_up: set[int] = set()  # sockets whose peer sent FIN or failed
         self._unclaimed: set[int] = set()  # registered sockets whose read event found no one waiting
         self._writable: set[int] = set()  # registered sockets whose writability is reported too
-        # Trio's clock, read without trio.current_time()'s layers (the relay stamps every chunk).
-        self.now: Callable[[], float] = trio.current_time
+        self.clock: Callable[[], float] | None = trio.current_time  # until `run` takes the run's clock
+        self.clock_offset = 0.0
 
     def register(self, fd: int, *, writable: bool = False) -> None:
         """Let `fd` join the epoll, starting clean: what the sets knew of an earlier socket with its
@@ -316,7 +316,7 @@ class Poller(Readiness):
         task = relay.driver
         if task is not None and task.custom_sleep_data is relay:
             relay.driver = None
-            _reschedule(task)
+            _reschedule(task, WOKEN)
             self._woke = True
 
     def pass_eof(self, driven: Driven, direction: Any) -> None:
@@ -379,7 +379,7 @@ class Poller(Readiness):
         readers, writers, owners, hung_up = self._readers, self._writers, self._owners, self.hung_up
         unclaimed = self._unclaimed
         poll = self._epoll.poll
-        self.now = clock_reader(trio.lowlevel.current_clock())
+        self.take_clock(trio.lowlevel.current_clock())
         handled = 0  # events handled without waking a task, since the last checkpoint
         due: list[tuple[Relay, Direction]] = []  # first EOFs read before this batch: passed on after it
         while True:
@@ -414,12 +414,12 @@ class Poller(Readiness):
                     continue
                 if events & _READ_EVENTS:
                     if fd in readers:
-                        _reschedule(readers.pop(fd))
+                        _reschedule(readers.pop(fd), WOKEN)
                         woke = True
                     else:  # bytes or an EOF nobody waited for: a relay that takes this socket reads first
                         unclaimed.add(fd)
                 if events & _WRITE_EVENTS and fd in writers:
-                    _reschedule(writers.pop(fd))
+                    _reschedule(writers.pop(fd), WOKEN)
                     woke = True
             if due:
                 self._pass_eofs(due)

@@ -44,7 +44,6 @@ from trioanubis.proxy.io.base import (
     Capabilities,
     Driven,
     Readiness,
-    clock_reader,
     new_scratch,
 )
 
@@ -80,7 +79,8 @@ class PortableReadiness(Readiness):
         self.caps = Capabilities("portable", splice=False, reports_errors=False, edge_triggered=False)
         self.hung_up: set[int] = set()  # level-triggered: never needed, always empty
         self.scratch = new_scratch()
-        self.now: Callable[[], float] = trio.current_time
+        self.clock: Callable[[], float] | None = trio.current_time  # until `run` takes the run's clock
+        self.clock_offset = 0.0
         self._readers: dict[int, _Wait] = {}
         self._writers: dict[int, _Wait] = {}
 
@@ -168,7 +168,7 @@ class PortableReadiness(Readiness):
 
     async def run(self) -> None:
         """Nothing to dispatch; only take Trio's clock for `now`, then wait for the end."""
-        self.now = clock_reader(trio.lowlevel.current_clock())
+        self.take_clock(trio.lowlevel.current_clock())
         await trio.sleep_forever()
 
 
