@@ -5,8 +5,10 @@ file only adds `ext_modules`. `pip install .` (a wheel) compiles the modules a
 connection runs through (`COMPILED`, accept → pick → connect → relay) with
 mypyc: the code is already `mypy --strict`, and a compiled module is a C
 extension that imports and behaves as its source does, coroutines included
-(Trio runs them as it runs any). The `.py` files ship beside the extensions,
-and Python imports an extension first.
+(Trio runs them as it runs any). On POSIX the same build compiles
+proxy/io/_sockcalls.c, the relay's recv and send keeping the GIL
+(proxy/io/sockcalls.py). The `.py` files ship beside the extensions, and
+Python imports an extension first.
 
 Nothing here is required. The package is pure Python wherever a step is
 missing, and the same tests pass on both:
@@ -32,7 +34,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 # The modules every connection runs through on the epoll backend, compiled together (and mypyc's one
@@ -59,6 +61,9 @@ COMPILED = [
     "trioanubis/strategies/base.py",
     "trioanubis/strategies/round_robin.py",
 ]
+# The relay's recv and send keeping the GIL (proxy/io/sockcalls.py), in C, built with the modules
+# above: POSIX sockets only (Windows keeps the socket methods).
+SOCKCALLS = Extension("trioanubis.proxy.io._sockcalls", ["trioanubis/proxy/io/_sockcalls.c"])
 
 
 def warn(message: str) -> None:
@@ -103,12 +108,15 @@ def compiled_extensions() -> list[Any]:
     os.chdir(root)  # mypyc names modules by their path from the working directory
     try:
         version = f"--python-version={sys.version_info.major}.{sys.version_info.minor}"
-        return list(mypycify([version, *COMPILED], opt_level="3"))
+        extensions = list(mypycify([version, *COMPILED], opt_level="3"))
     except BaseException as exc:  # mypy's type check exits (SystemExit) when it finds an error
         warn(f"mypyc refused the modules ({exc!r}; pip install -v shows mypy's errors)")
         return []
     finally:
         os.chdir(here)
+    if os.name == "posix":
+        extensions.append(SOCKCALLS)
+    return extensions
 
 
 setup(ext_modules=compiled_extensions(), cmdclass={"build_ext": BuildOrPure})

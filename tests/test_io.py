@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import hypothesis
 import hypothesis.strategies as st
@@ -22,11 +24,11 @@ import pytest
 import trio
 import trio.testing
 
-from tests.conftest import awaited_frames, drive_frame, standalone_relay
+from tests.conftest import COMPILED_RUN, awaited_frames, drive_frame, standalone_relay
 from tests.helpers import BACKENDS, fill, running, socket_pair
 from trioanubis.config import parse_config
 from trioanubis.errors import AttemptCancelled, ConfigError
-from trioanubis.proxy.io import IO_CHOICES, WRITE, Readiness, epoll_available
+from trioanubis.proxy.io import IO_CHOICES, WRITE, Readiness, epoll_available, sockcalls
 from trioanubis.proxy.io.portable import PortableReadiness
 from trioanubis.proxy.relay import CHUNK_SIZE, Relay
 
@@ -579,3 +581,78 @@ def test_any_other_clock_is_read_through_its_own_method() -> None:
     poller.take_clock(other)
     assert poller.clock == other.current_time
     assert poller.now() == 0.0
+
+
+# ---------------------------------------------------------------- the relay's system calls (sockcalls.py)
+
+SOCKCALLS = [pytest.param((sockcalls._recv_into, sockcalls._send), id="socket-methods")]
+if sockcalls.BUILT:
+    from trioanubis.proxy.io import _sockcalls
+
+    SOCKCALLS.append(pytest.param((_sockcalls.recv_into, _sockcalls.send), id="c-helper"))
+
+
+def test_the_compiled_build_has_the_c_helper() -> None:
+    """Built with the compiled modules (setup.py), and the relay calls it."""
+    if not COMPILED_RUN:
+        pytest.skip("only the compiled build (ANUBIS_EXPECT_COMPILED=1) must have it")
+    assert sockcalls.BUILT
+    assert sockcalls.recv_into is _sockcalls.recv_into and sockcalls.send is _sockcalls.send
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("calls", SOCKCALLS)
+def test_sockcalls_answer_as_the_socket_methods_do(kind: str, calls: tuple[Any, Any]) -> None:
+    """Bytes, EAGAIN as a number (-1 reading, 0 sending), EOF as 0, and the socket module's errors."""
+    recv_into, send = calls
+    buffer = memoryview(bytearray(CHUNK_SIZE))
+    with socket_pair(kind) as (a, b):
+        assert recv_into(a, a.fileno(), buffer) == -1  # nothing yet
+        payload = memoryview(b"0123456789")
+        assert send(b, b.fileno(), payload, 4) == 4  # only buffer[:count]
+        assert wait_for_bytes(recv_into, a, buffer) == 4
+        assert bytes(buffer[:4]) == b"0123"
+        big = memoryview(b"x" * 65536)
+        while send(b, b.fileno(), big, len(big)):  # until the kernel's buffers are full: 0, not an exception
+            pass
+        b.shutdown(socket.SHUT_WR)
+        total = 0
+        while (got := recv_into(a, a.fileno(), buffer)) != 0:
+            total += max(got, 0)
+        assert total > 0  # everything fill() sent, then EOF as 0
+    with socket_pair(kind) as (a, b):
+        b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        b.close()  # a reset (a socketpair: a plain close)
+        if kind == "tcp":
+            with pytest.raises(ConnectionResetError):
+                wait_for_bytes(recv_into, a, buffer)
+            with pytest.raises((BrokenPipeError, ConnectionResetError)):
+                send(a, a.fileno(), payload, len(payload))
+        else:
+            assert wait_for_bytes(recv_into, a, buffer) == 0
+            with pytest.raises(BrokenPipeError):
+                send(a, a.fileno(), payload, len(payload))
+
+
+def wait_for_bytes(recv_into: Any, sock: socket.socket, buffer: memoryview) -> int:
+    """`recv_into` once the socket has something to say (bytes, EOF or an error): no timing."""
+    select.select([sock], [], [], 10)
+    return int(recv_into(sock, sock.fileno(), buffer))
+
+
+def test_the_c_helper_refuses_bad_arguments_cleanly() -> None:
+    if not sockcalls.BUILT:
+        pytest.skip("the C helper is built with the compiled modules only")
+    buffer = memoryview(bytearray(16))
+    with socket_pair("socketpair") as (a, _):
+        with pytest.raises(TypeError):
+            _sockcalls.recv_into(a, a.fileno())  # type: ignore[call-arg]
+        with pytest.raises(ValueError, match="non-negative"):
+            _sockcalls.recv_into(a, -1, buffer)
+        with pytest.raises(BufferError):
+            _sockcalls.recv_into(a, a.fileno(), memoryview(b"read-only"))
+        with pytest.raises(ValueError, match="within the buffer"):
+            _sockcalls.send(a, a.fileno(), buffer, 17)
+        with pytest.raises(OSError) as raised:
+            _sockcalls.recv_into(a, 1_000_000, buffer)  # no such descriptor
+        assert raised.value.errno == errno.EBADF

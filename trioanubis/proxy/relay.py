@@ -86,6 +86,7 @@ from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Final, Protocol, final
 
 from trioanubis.proxy.io.base import AGAIN, CHUNK_SIZE, OVER, READ, WRITE
+from trioanubis.proxy.io.sockcalls import recv_into, send
 from trioanubis.proxy.lifecycle import DOWN, UP, Counted, Flow, Way
 
 if TYPE_CHECKING:
@@ -123,17 +124,12 @@ DONE: Final = 4  # EOF or an error; this direction is over (already handled)
 _NOTHING: Final = memoryview(b"")
 
 
-def _send(sock: _socket.socket, data: memoryview) -> int:
-    """`sock.send(data)`, or 0 when the peer's buffer is full (EAGAIN).
-
-    An exception raised through a coroutine's frame makes Python build a frame
-    object that the coroutine then keeps (about 300 bytes per connection), so
-    coroutines meet EAGAIN as a return value of a plain function like this one.
-    """
-    try:
-        return sock.send(data)
-    except BlockingIOError:
-        return 0
+# The steps' system calls (proxy/io/sockcalls.py: the C helper where it was built, else the socket
+# methods), as module constants (in the compiled build a native load, not a lookup by name).
+# EAGAIN comes back as a number: an exception raised through a coroutine's frame would make Python
+# build a frame object that the coroutine then keeps (about 300 bytes per connection).
+_recv_into: Final = recv_into  # (sock, fd, buffer): bytes read, 0 at EOF, -1 for EAGAIN
+_send: Final = send  # (sock, fd, buffer, count): bytes sent, 0 for EAGAIN
 
 
 def open_pipe() -> tuple[int, int, int] | None:
@@ -357,28 +353,25 @@ class Relay(Flow[Direction]):
     def _move(self, direction: Direction) -> int:
         """Read one chunk from the direction's source and send it on; what happened.
 
-        A plain function, so EAGAIN raised here leaves nothing behind (see `_send`).
+        EAGAIN is a return value here (see `_recv_into`): an exception would leave a frame behind.
         """
         scratch = self.poller.scratch  # the backend's read buffer (one task runs at a time)
         try:
-            received = direction.src.recv_into(scratch)
-        except BlockingIOError:
-            return EMPTY
+            received = _recv_into(direction.src, direction.src_fd, scratch)
         except OSError:
             self.failed(direction.way, reading=True)
             return DONE
-        if not received:
+        if received <= 0:
+            if received:
+                return EMPTY
             self._on_eof(direction)
             return DONE
         self.moved(direction, received)
-        chunk = scratch[:received]
         tap = self.tap
-        if tap is not None and direction is self.up and not tap.tap(chunk):
+        if tap is not None and direction is self.up and not tap.tap(scratch[:received]):
             self._let_go(direction)
         try:
-            sent = direction.dst.send(chunk)
-        except BlockingIOError:
-            sent = 0
+            sent = _send(direction.dst, direction.dst_fd, scratch, received)
         except OSError:
             self.failed(direction.way, reading=False)
             return DONE
@@ -398,7 +391,7 @@ class Relay(Flow[Direction]):
         view = direction.unsent
         while view:
             try:
-                sent = _send(direction.dst, view)
+                sent = _send(direction.dst, direction.dst_fd, view, len(view))
             except OSError:
                 self.failed(direction.way, reading=False)
                 return False
