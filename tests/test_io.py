@@ -656,3 +656,50 @@ def test_the_c_helper_refuses_bad_arguments_cleanly() -> None:
         with pytest.raises(OSError) as raised:
             _sockcalls.recv_into(a, 1_000_000, buffer)  # no such descriptor
         assert raised.value.errno == errno.EBADF
+
+
+def test_the_c_helpers_accept_gives_a_non_blocking_socket_and_the_peer_as_the_socket_module_does() -> None:
+    if not sockcalls.BUILT or sockcalls.accept_inet is None:
+        pytest.skip("accept_inet is the C helper's, on Linux")
+    import fcntl
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            sockcalls.accept_inet(listener.fileno())
+        with socket.create_connection(listener.getsockname()) as client:
+            select.select([listener], [], [], 10)
+            fd, peer = sockcalls.accept_inet(listener.fileno())
+            try:
+                assert peer == client.getsockname()  # ("127.0.0.1", port), as accept() says it
+                flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+                assert flags & os.O_NONBLOCK
+                assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+            finally:
+                os.close(fd)
+        for host in ["127.0.0.1", "127.10.200.5", "127.255.255.254", "127.100.0.99"]:  # 1, 2, 3 digits
+            with socket.socket() as client:
+                client.bind((host, 0))
+                client.connect(listener.getsockname())
+                select.select([listener], [], [], 10)
+                fd, peer = sockcalls.accept_inet(listener.fileno())
+                os.close(fd)
+                assert peer == client.getsockname()
+
+
+def test_the_c_helpers_accept_refuses_an_ipv6_listener_without_leaking_the_client() -> None:
+    if not sockcalls.BUILT or sockcalls.accept_inet is None:
+        pytest.skip("accept_inet is the C helper's, on Linux")
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    with socket.socket(socket.AF_INET6) as listener:
+        listener.bind(("::1", 0))
+        listener.listen(8)
+        with socket.create_connection(listener.getsockname()[:2]):
+            select.select([listener], [], [], 10)
+            before = len(os.listdir("/proc/self/fd"))
+            with pytest.raises(ValueError, match="not an IPv4 socket"):
+                sockcalls.accept_inet(listener.fileno())
+            assert len(os.listdir("/proc/self/fd")) == before

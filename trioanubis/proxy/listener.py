@@ -47,7 +47,7 @@ import logging
 import socket
 import sys
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Final, final
+from typing import Any, Final, final
 
 import trio
 
@@ -58,7 +58,7 @@ from trioanubis.proxy.admission import Admission
 from trioanubis.proxy.connect import LOCAL_SHORTAGE_ERRNOS, close_socket
 from trioanubis.proxy.connection import Crew, Stage
 from trioanubis.proxy.header_io import read_header
-from trioanubis.proxy.io import Readiness
+from trioanubis.proxy.io import Readiness, sockcalls
 from trioanubis.proxy.lifecycle import Connection, Limits, Origin, normalise_peer
 from trioanubis.proxy.record import RecordSink
 from trioanubis.proxy.sni_routes import RouteTable
@@ -77,6 +77,7 @@ ACCEPTS_PER_CHECKPOINT: Final = 64
 # Linux copies the listening socket's TCP_NODELAY into each socket accept() returns
 # (the accepted socket is cloned from it); elsewhere each accepted socket is set itself.
 NODELAY_INHERITED: Final = sys.platform.startswith("linux")
+_SOCK_NONBLOCK: Final[int] = getattr(socket, "SOCK_NONBLOCK", 0)
 
 # How a listener gets its listening socket: bind address and backlog in, a
 # non-blocking listening socket out (workers share one bound by the supervisor).
@@ -208,9 +209,16 @@ class Listener(Origin):
         # The stdlib's accept() without its enum conversions: the descriptor, then the socket object.
         accept = sock._accept  # type: ignore[attr-defined]
         family, kind, proto = int(sock.family), int(sock.type), sock.proto
+        # Linux, IPv4, with the C helper (proxy/io/sockcalls.py): accept4 makes the client's socket
+        # non-blocking at once, and the socket object is told so by its type (no system call).
+        accept_inet = sockcalls.accept_inet if family == socket.AF_INET and not sock.getblocking() else None
+        listen_fd = sock.fileno()
+        if accept_inet is not None:
+            kind |= _SOCK_NONBLOCK
+        addr: tuple[Any, ...]
         while True:
             try:
-                fd, addr = accept()
+                fd, addr = accept() if accept_inet is None else accept_inet(listen_fd)
             except BlockingIOError:
                 in_a_row = 0
                 await trio.lowlevel.wait_readable(sock)
@@ -234,7 +242,8 @@ class Listener(Origin):
                 if counted is None:
                     client.close()
                     continue
-            client.setblocking(False)
+            if accept_inet is None:
+                client.setblocking(False)
             if nodelay:
                 client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = Connection(self, client, addr, self.pool, counted or None)  # holds its counts from now

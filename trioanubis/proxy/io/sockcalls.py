@@ -16,6 +16,10 @@ alike:
 
 Any other error raises the OSError subclass the socket module raises
 (ConnectionResetError, BrokenPipeError, ...). `BUILT` says which is in use.
+
+`accept_inet(fd)` (Linux, with the helper; None elsewhere) accepts on an IPv4
+listening socket with `accept4(SOCK_NONBLOCK)`: `(client_fd, (host, port))`,
+the client's socket non-blocking already (listener.py).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import contextlib
 from collections.abc import Callable
 from typing import Final
 
-__all__ = ["BUILT", "recv_into", "send"]
+__all__ = ["BUILT", "accept_inet", "recv_into", "send"]
 
 
 def _recv_into(sock: _socket.socket, fd: int, buffer: memoryview) -> int:
@@ -48,3 +52,6 @@ send: Callable[[_socket.socket, int, memoryview, int], int] = _send
 with contextlib.suppress(ImportError):
     from trioanubis.proxy.io._sockcalls import recv_into, send
 BUILT: Final = recv_into is not _recv_into
+accept_inet: Callable[[int], tuple[int, tuple[str, int]]] | None = None
+with contextlib.suppress(ImportError):
+    from trioanubis.proxy.io._sockcalls import accept_inet
