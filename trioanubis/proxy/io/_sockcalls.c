@@ -50,6 +50,24 @@ as_fd(PyObject *arg, int *fd)
     return 0;
 }
 
+/* What a recv or send that returned `result` (errno `error`) answers: the count; `again` for EAGAIN;
+   NULL when a signal handler raised (EINTR) or for the socket module's OSError subclass. */
+static PyObject *
+answer(ssize_t result, int error, long again)
+{
+    if (result >= 0) {
+        return PyLong_FromSsize_t(result);
+    }
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    if (error == EAGAIN || error == EWOULDBLOCK) {
+        return PyLong_FromLong(again);
+    }
+    errno = error;
+    return PyErr_SetFromErrno(PyExc_OSError);
+}
+
 /* recv_into(sock, fd, buffer) -> int: bytes read into `buffer`, 0 at EOF, -1 when none are there
    (EAGAIN). `sock` is the socket object `fd` belongs to: only the fallback uses it (sockcalls.py). */
 static PyObject *
@@ -74,17 +92,7 @@ recv_into(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     } while (received < 0 && errno == EINTR && PyErr_CheckSignals() == 0);
     error = errno;  /* before anything else may change it */
     PyBuffer_Release(&view);
-    if (received < 0) {
-        if (PyErr_Occurred()) {  /* a signal handler raised */
-            return NULL;
-        }
-        if (error == EAGAIN || error == EWOULDBLOCK) {
-            return PyLong_FromLong(-1);
-        }
-        errno = error;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    return PyLong_FromSsize_t(received);
+    return answer(received, error, -1);
 }
 
 /* send(sock, fd, buffer, count) -> int: bytes of buffer[:count] the socket took, 0 when it took none
@@ -121,17 +129,7 @@ send_(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     } while (sent < 0 && errno == EINTR && PyErr_CheckSignals() == 0);
     error = errno;
     PyBuffer_Release(&view);
-    if (sent < 0) {
-        if (PyErr_Occurred()) {
-            return NULL;
-        }
-        if (error == EAGAIN || error == EWOULDBLOCK) {
-            return PyLong_FromLong(0);
-        }
-        errno = error;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    return PyLong_FromSsize_t(sent);
+    return answer(sent, error, 0);
 }
 
 #ifdef __linux__
