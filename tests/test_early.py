@@ -53,15 +53,17 @@ def early_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 def delayed_acks(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """The `delay_ack` each data-path socket was made with."""
+    """The `delay_ack` each data-path socket was connected with."""
     asked: list[bool] = []
-    new_socket = connect_module.new_socket
+    connect_tcp = connect_module.connect_tcp
 
-    def recorded(family: int, address: object, *, delay_ack: bool = False) -> socket.socket:
+    def recorded(sock: socket.socket, fd: int, sockaddr: tuple[object, ...], delay_ack: bool, at_once: bool
+                 ) -> int:
         asked.append(delay_ack)
-        return new_socket(family, address, delay_ack=delay_ack)
+        return connect_tcp(sock, fd, sockaddr, delay_ack, at_once)
 
-    monkeypatch.setattr(connect_module, "new_socket", recorded)
+    monkeypatch.setattr(connect_module, "connect_inet", recorded)
+    monkeypatch.setattr(connect_module, "connect_tcp", recorded)
     return asked
 
 

@@ -598,6 +598,7 @@ def test_the_compiled_build_has_the_c_helper() -> None:
         pytest.skip("only the compiled build (ANUBIS_EXPECT_COMPILED=1) must have it")
     assert sockcalls.BUILT
     assert sockcalls.recv_into is _sockcalls.recv_into and sockcalls.send is _sockcalls.send
+    assert sockcalls.connect_inet is _sockcalls.connect_inet
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -656,6 +657,66 @@ def test_the_c_helper_refuses_bad_arguments_cleanly() -> None:
         with pytest.raises(OSError) as raised:
             _sockcalls.recv_into(a, 1_000_000, buffer)  # no such descriptor
         assert raised.value.errno == errno.EBADF
+
+
+CONNECTS = [pytest.param(sockcalls.connect_tcp, id="socket-methods")]
+if sockcalls.BUILT:
+    CONNECTS.append(pytest.param(_sockcalls.connect_inet, id="c-helper"))
+
+
+def new_nonblocking_socket() -> socket.socket:
+    sock = socket.socket()
+    sock.setblocking(False)
+    return sock
+
+
+@pytest.mark.parametrize("connect", CONNECTS)
+def test_connect_calls_answer_as_connect_ex_does(connect: Any) -> None:
+    """0 for a loopback connect finished inside the call (asked with `at_once`), EINPROGRESS while it
+    goes on, a refusal through SO_ERROR; TCP_NODELAY set either way."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        address = listener.getsockname()
+        with new_nonblocking_socket() as sock:
+            assert connect(sock, sock.fileno(), address, True, True) == 0  # the handshake ran in the call
+            assert sock.getpeername() == address
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        with new_nonblocking_socket() as sock:
+            assert connect(sock, sock.fileno(), address, False, False) == errno.EINPROGRESS  # not asked
+            select.select([], [sock], [], 10)
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    with new_nonblocking_socket() as sock:  # the listener is gone: refused
+        code = connect(sock, sock.fileno(), address, False, True)
+        if code == errno.EINPROGRESS:
+            select.select([], [sock], [], 10)
+            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        assert code == errno.ECONNREFUSED
+
+
+def test_the_c_helpers_connect_refuses_what_is_not_an_ipv4_address() -> None:
+    if not sockcalls.BUILT:
+        pytest.skip("the C helper is built with the compiled modules only")
+    with new_nonblocking_socket() as sock:
+        fd = sock.fileno()
+        for sockaddr, error, words in [
+            (("::1", 80, 0, 0), TypeError, "a .host, port. tuple"),
+            (("localhost", 80), ValueError, "not a dotted IPv4 address"),
+            (("127.0.0.1", 65536), OverflowError, "0-65535"),
+            ((b"127.0.0.1", 80), TypeError, None),
+            (("127.0.0.1", "80"), TypeError, None),
+        ]:
+            with pytest.raises(error, match=words):
+                _sockcalls.connect_inet(sock, fd, sockaddr, False, False)
+        with pytest.raises(ValueError, match="non-negative"):
+            _sockcalls.connect_inet(sock, -1, ("127.0.0.1", 80), False, False)
+        with pytest.raises(OSError) as raised:
+            _sockcalls.connect_inet(sock, 1_000_000, ("127.0.0.1", 80), False, False)  # no such descriptor
+        assert raised.value.errno == errno.EBADF
+        with pytest.raises(TypeError, match="5 arguments"):
+            _sockcalls.connect_inet(sock, fd, ("127.0.0.1", 80))  # type: ignore[call-arg]
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0  # nothing was attempted
 
 
 def test_the_c_helpers_accept_gives_a_non_blocking_socket_and_the_peer_as_the_socket_module_does() -> None:

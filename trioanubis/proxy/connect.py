@@ -1,7 +1,7 @@
 """Socket-level connecting: a non-blocking TCP socket to one of a server's addresses.
 
 Theory of operation: `connect_any` tries a server's resolved addresses in
-order with a non-blocking `connect_ex` and waits for writability only on
+order with a non-blocking connect and waits for writability only on
 EINPROGRESS. A client's connection passes its `Connecting` state: the
 socket then waits through the connection's readiness backend (and stays
 registered there for the relay), and `Connecting.fd` names it while the
@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Final, Literal, final
 import trio
 
 from trioanubis.errors import AttemptCancelled, ConnectFailed, OutOfResources
+from trioanubis.proxy.io.sockcalls import connect_inet, connect_tcp
 
 if TYPE_CHECKING:
     from trioanubis.pool import Server
@@ -57,18 +58,12 @@ _NONBLOCKING_STREAM: Final = socket.SOCK_STREAM | _SOCK_NONBLOCK
 # Linux's TCP_QUICKACK (0 where there is none: no TCP option has that number).
 _TCP_QUICKACK: Final[int] = getattr(socket, "TCP_QUICKACK", 0)
 # Read once: in the compiled build a module-level Final is a native load, `socket.X` a lookup by name.
-_IPPROTO_TCP: Final[int] = socket.IPPROTO_TCP
-_TCP_NODELAY: Final[int] = socket.TCP_NODELAY
+_AF_INET: Final[int] = socket.AF_INET
 _EINPROGRESS: Final[int] = errno.EINPROGRESS
 
 
-def new_socket(family: int, address: object, *, delay_ack: bool = False) -> _socket.socket:
-    """A non-blocking TCP socket; running out of descriptors is a ConnectFailed, not a crash.
-
-    `delay_ack`: bytes go to the server as soon as it is connected, so the
-    handshake's last ACK may wait for them (HAProxy's `tcp-smart-connect`;
-    see connection.py's `read_early`).
-    """
+def new_socket(family: int, address: object) -> _socket.socket:
+    """A non-blocking TCP socket; running out of descriptors is a ConnectFailed, not a crash."""
     try:
         # Created non-blocking: one system call instead of socket() + ioctl(FIONBIO).
         sock = _socket.socket(family, _NONBLOCKING_STREAM)  # the C type: see `as_stdlib`
@@ -80,9 +75,6 @@ def new_socket(family: int, address: object, *, delay_ack: bool = False) -> _soc
         raise ConnectFailed(message, reason) from exc
     if not _SOCK_NONBLOCK:
         sock.setblocking(False)
-    sock.setsockopt(_IPPROTO_TCP, _TCP_NODELAY, 1)
-    if delay_ack and _TCP_QUICKACK:
-        sock.setsockopt(_IPPROTO_TCP, _TCP_QUICKACK, 0)
     return sock
 
 
@@ -161,20 +153,29 @@ async def connect_any(server: Server, connecting: Connecting | None = None, *, d
     A client's connection passes its `connecting` state: the socket joins that
     poller before the wait and stays in it for the relay, so Trio's epoll never
     sees it, and `connecting.fd` names it while the Timer may cancel the
-    wait; a loopback connect that finished inside connect() is not waited
-    for (`_connected_at_once`). Health checks pass none and wait through Trio.
-    `delay_ack` when the caller sends as soon as it is connected (`new_socket`).
+    wait. Health checks pass none and wait through Trio.
+
+    The socket's options and its connect are one call (proxy/io/sockcalls.py:
+    the C helper's `connect_inet` for IPv4 where it was built). `delay_ack`
+    when the caller sends as soon as it is connected: bytes go to the server
+    at once, so the handshake's last ACK may wait for them (HAProxy's
+    `tcp-smart-connect`; see connection.py's `read_early`). For a client's
+    connection a loopback connect that finished inside connect() is not
+    waited for: over loopback the kernel runs the whole handshake within the
+    call when the server's accept queue has room, and one `getpeername` then
+    saves the task a park and a wake-up (about 4 µs of CPU per connection,
+    4.6 %, in an A/B of the connection-rate workload). A connect to another
+    host never finishes that fast, so it is not asked.
 
     Not bounded in time: the caller is (a deadline, or the Timer).
     """
     poller = connecting.poller if connecting is not None else None
     last: ConnectFailed | None = None
     for family, sockaddr in server.sockaddrs:
-        sock = new_socket(family, server.address, delay_ack=delay_ack)
+        sock = new_socket(family, server.address)
         try:
-            code = sock.connect_ex(sockaddr)
-            if code == _EINPROGRESS and connecting is not None and _connected_at_once(sock, sockaddr):
-                code = 0
+            connect = connect_inet if family == _AF_INET else connect_tcp
+            code = connect(sock, sock.fileno(), sockaddr, delay_ack, connecting is not None)
             if poller is not None and code in (0, _EINPROGRESS):  # writable: to wait for the connect
                 poller.register(sock.fileno(), writable=code != 0)
             if code == _EINPROGRESS:
@@ -197,26 +198,6 @@ async def connect_any(server: Server, connecting: Connecting | None = None, *, d
         reason = reason_for(code)
         last = ConnectFailed(f"connecting to {server.address}: {reason}", reason)
     raise last or ConnectFailed(f"connecting to {server.address}: no address resolved", "unresolved")
-
-
-def _connected_at_once(sock: _socket.socket, sockaddr: tuple[object, ...]) -> bool:
-    """True when a loopback connect finished inside connect() itself, so nothing needs waiting for.
-
-    Over loopback the kernel runs the whole handshake within the connect
-    call when the server's accept queue has room: the socket is established
-    before connect() returns EINPROGRESS. One `getpeername` then saves the
-    task a park and a wake-up (about 4 µs of CPU per connection, 4.6 %, in
-    an A/B of the connection-rate workload). A connect to another host never
-    finishes that fast, so it is not asked (the call would be wasted).
-    """
-    host = sockaddr[0]
-    if not (isinstance(host, str) and (host.startswith("127.") or host == "::1")):
-        return False
-    try:
-        sock.getpeername()
-    except OSError:  # not yet (ENOTCONN), or refused already: the wait tells which
-        return False
-    return True
 
 
 def _connect_result(sock: _socket.socket, fd: int, poller: Readiness) -> int:

@@ -51,6 +51,7 @@ import trio
 from trioanubis.proxy.connect import send_delayed_ack
 from trioanubis.proxy.failover import connect
 from trioanubis.proxy.filters import Filters
+from trioanubis.proxy.io.sockcalls import recv_into
 from trioanubis.proxy.io.woken import WOKEN, Woken
 from trioanubis.proxy.makers import filters_for
 from trioanubis.proxy.relay import Relay, Tap
@@ -167,14 +168,13 @@ def read_early(conn: Connection) -> bool:
     a read after it would find a plain EOF.
     """
     scratch = conn.origin.poller.scratch  # the backend's read buffer (one task runs at a time)
+    sock = conn.client_sock
     try:
-        received = conn.client_sock.recv_into(scratch, EARLY_READ)
-    except BlockingIOError:
-        return True
+        received = recv_into(sock, sock.fileno(), scratch[:EARLY_READ])  # -1: nothing there yet
     except OSError:
         conn.end_with("client_reset")
         return False
-    if received:
+    if received > 0:
         conn.early = bytes(scratch[:received])
     return True
 

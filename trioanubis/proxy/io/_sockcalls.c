@@ -1,5 +1,5 @@
 /* The data path's hottest system calls, without the socket module's wrapping: the relay's recv and
-   send, and (Linux) the listener's accept.
+   send, the connect to a server, and (Linux) the listener's accept.
 
 Theory of operation: the socket module's `recv_into` and `send` drop the GIL
 around every call (a blocking socket may wait in it), parse their arguments
@@ -15,6 +15,12 @@ socket module's accept gives a blocking socket, and making it non-blocking
 costs one system call more per connection. The listening socket is
 non-blocking (Trio waits for it), so this returns at once too.
 
+The connect to an IPv4 server (`connect_inet`) is the socket's options, its
+connect and, over loopback, the check that it finished inside connect, in
+one call: through the socket module those were four method calls, each
+parsing its arguments, `connect_ex` parsing the address and dropping the GIL,
+and `getpeername` formatting the peer's address only to be thrown away.
+
 Built with the compiled modules (setup.py) where there is a C compiler and
 POSIX sockets; trioanubis/proxy/io/sockcalls.py chooses it at import, and the
 socket methods everywhere else. Not a test of anything: what it returns is
@@ -25,8 +31,10 @@ tested against the socket module's behaviour (tests/test_io.py).
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <sys/types.h>
 #include <unistd.h>
@@ -132,6 +140,83 @@ send_(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return answer(sent, error, 0);
 }
 
+/* connect_inet(sock, fd, sockaddr, delay_ack, at_once) -> int: set TCP_NODELAY (and TCP_QUICKACK off
+   when `delay_ack`), then connect the non-blocking socket `fd` to `sockaddr`, an IPv4 (host, port)
+   with a dotted host. Answers as connect_ex: 0 when connected, EINPROGRESS while it goes on, else
+   the error's number; with `at_once`, a loopback connect that finished inside connect() answers 0
+   (one getpeername: the kernel runs a loopback handshake within the call when it can). A failed
+   option raises the socket module's OSError. */
+static PyObject *
+connect_inet(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    int fd, delay_ack, at_once, result, error, on = 1;
+    long port;
+    const char *host;
+    struct sockaddr_in addr;
+
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "connect_inet(sock, fd, sockaddr, delay_ack, at_once) takes 5 arguments");
+        return NULL;
+    }
+    if (as_fd(args[1], &fd) < 0) {
+        return NULL;
+    }
+    if (!PyTuple_Check(args[2]) || PyTuple_GET_SIZE(args[2]) != 2) {
+        PyErr_SetString(PyExc_TypeError, "connect_inet: sockaddr must be a (host, port) tuple");
+        return NULL;
+    }
+    host = PyUnicode_AsUTF8(PyTuple_GET_ITEM(args[2], 0));
+    if (host == NULL) {
+        return NULL;
+    }
+    port = PyLong_AsLong(PyTuple_GET_ITEM(args[2], 1));
+    if (port == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (port < 0 || port > 65535) {
+        PyErr_SetString(PyExc_OverflowError, "connect_inet: port must be 0-65535.");
+        return NULL;
+    }
+    memset(&addr, 0, sizeof(addr));
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons((unsigned short)port);
+    if (inet_pton(AF_INET, host, &addr.sin_addr) != 1) {
+        PyErr_Format(PyExc_ValueError, "connect_inet: %R is not a dotted IPv4 address", PyTuple_GET_ITEM(args[2], 0));
+        return NULL;
+    }
+    if ((delay_ack = PyObject_IsTrue(args[3])) < 0 || (at_once = PyObject_IsTrue(args[4])) < 0) {
+        return NULL;
+    }
+    if (setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof(on)) < 0) {
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+#ifdef TCP_QUICKACK
+    if (delay_ack) {
+        int off = 0;
+        if (setsockopt(fd, IPPROTO_TCP, TCP_QUICKACK, &off, sizeof(off)) < 0) {
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+    }
+#endif
+    result = connect(fd, (struct sockaddr *)&addr, sizeof(addr));
+    error = result < 0 ? errno : 0;
+    if (error == EINTR) {
+        /* A non-blocking connect interrupted goes on asynchronously (CPython's issue 23618). */
+        if (PyErr_CheckSignals() < 0) {
+            return NULL;
+        }
+        error = EINPROGRESS;
+    }
+    if (error == EINPROGRESS && at_once && (ntohl(addr.sin_addr.s_addr) >> 24) == 127) {
+        struct sockaddr_in peer;
+        socklen_t length = sizeof(peer);
+        if (getpeername(fd, (struct sockaddr *)&peer, &length) == 0) {
+            error = 0;
+        }
+    }
+    return PyLong_FromLong(error);
+}
+
 #ifdef __linux__
 /* Dotted decimal, as inet_ntop writes it (the socket module's accept uses inet_ntop, which formats
    with sprintf: a fifth of the cost of an accept's Python side). `out` holds at least 16 bytes. */
@@ -200,6 +285,8 @@ static PyMethodDef methods[] = {
      "recv_into(sock, fd, buffer) -> bytes read, 0 at EOF, -1 when none are there (EAGAIN)"},
     {"send", (PyCFunction)(void (*)(void))send_, METH_FASTCALL,
      "send(sock, fd, buffer, count) -> bytes of buffer[:count] sent, 0 when the socket took none (EAGAIN)"},
+    {"connect_inet", (PyCFunction)(void (*)(void))connect_inet, METH_FASTCALL,
+     "connect_inet(sock, fd, (host, port), delay_ack, at_once) -> 0, EINPROGRESS or the error's number"},
 #ifdef __linux__
     {"accept_inet", (PyCFunction)(void (*)(void))accept_inet, METH_FASTCALL,
      "accept_inet(fd) -> (client_fd, (host, port)), the client's socket non-blocking"},
@@ -210,7 +297,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "_sockcalls",
-    .m_doc = "The relay's recv and send on non-blocking sockets, keeping the GIL (see sockcalls.py).",
+    .m_doc = "The data path's socket calls on non-blocking sockets, keeping the GIL (see sockcalls.py).",
     .m_size = -1,
     .m_methods = methods,
 };

@@ -1,4 +1,4 @@
-"""The relay's `recv_into` and `send`: the C helper where it was built, the socket methods elsewhere.
+"""The data path's socket calls: the C helper where it was built, the socket methods elsewhere.
 
 Theory of operation: a relay step reads a chunk from one socket and sends it
 to the other, on non-blocking sockets that readiness said were ready. The
@@ -17,6 +17,13 @@ alike:
 Any other error raises the OSError subclass the socket module raises
 (ConnectionResetError, BrokenPipeError, ...). `BUILT` says which is in use.
 
+`connect_inet(sock, fd, sockaddr, delay_ack, at_once)` sets a new server
+socket's options (TCP_NODELAY; TCP_QUICKACK off with `delay_ack`) and
+connects it, answering as `connect_ex` does (0, EINPROGRESS, or the error's
+number); with `at_once`, a loopback connect the kernel finished inside the
+call answers 0 (connect.py). The C helper's takes IPv4 addresses only;
+`connect_tcp`, the socket methods, takes any family.
+
 `accept_inet(fd)` (Linux, with the helper; None elsewhere) accepts on an IPv4
 listening socket with `accept4(SOCK_NONBLOCK)`: `(client_fd, (host, port))`,
 the client's socket non-blocking already (listener.py).
@@ -26,10 +33,15 @@ from __future__ import annotations
 
 import _socket
 import contextlib
+import errno
+import socket
 from collections.abc import Callable
 from typing import Final
 
-__all__ = ["BUILT", "accept_inet", "recv_into", "send"]
+# Linux's TCP_QUICKACK (0 where there is none: no TCP option has that number).
+_TCP_QUICKACK: Final[int] = getattr(socket, "TCP_QUICKACK", 0)
+
+__all__ = ["BUILT", "accept_inet", "connect_inet", "connect_tcp", "recv_into", "send"]
 
 
 def _recv_into(sock: _socket.socket, fd: int, buffer: memoryview) -> int:
@@ -46,11 +58,31 @@ def _send(sock: _socket.socket, fd: int, buffer: memoryview, count: int) -> int:
         return 0
 
 
+def connect_tcp(sock: _socket.socket, fd: int, sockaddr: tuple[object, ...], delay_ack: bool, at_once: bool
+                ) -> int:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if delay_ack and _TCP_QUICKACK:
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 0)
+    code = sock.connect_ex(sockaddr)
+    if code == errno.EINPROGRESS and at_once and _loopback(sockaddr[0]):
+        try:
+            sock.getpeername()
+        except OSError:  # not yet (ENOTCONN), or refused already: the wait tells which
+            return code
+        return 0
+    return code
+
+
+def _loopback(host: object) -> bool:
+    return isinstance(host, str) and (host.startswith("127.") or host == "::1")
+
+
 recv_into: Callable[[_socket.socket, int, memoryview], int] = _recv_into
 send: Callable[[_socket.socket, int, memoryview, int], int] = _send
+connect_inet: Callable[[_socket.socket, int, tuple[object, ...], bool, bool], int] = connect_tcp
 # Not built here (an editable install, no compiler, Windows): the socket methods.
 with contextlib.suppress(ImportError):
-    from trioanubis.proxy.io._sockcalls import recv_into, send
+    from trioanubis.proxy.io._sockcalls import connect_inet, recv_into, send
 BUILT: Final = recv_into is not _recv_into
 accept_inet: Callable[[int], tuple[int, tuple[str, int]]] | None = None
 with contextlib.suppress(ImportError):
