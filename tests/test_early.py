@@ -30,6 +30,7 @@ from trioanubis.proxy import connect as connect_module
 from trioanubis.proxy import connection as connection_module
 from trioanubis.proxy.connect import client_gone
 from trioanubis.proxy.connection import EARLY_READ
+from trioanubis.proxy.io import sockcalls
 
 HEADER = b"PROXY TCP4 10.1.1.1 10.0.0.2 1111 80\r\n"
 PROXY_LISTENER = {"accept_proxy": True, "proxy_trusted": ["127.0.0.0/8"]}
@@ -55,7 +56,7 @@ def early_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def delayed_acks(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """The `delay_ack` each data-path socket was connected with."""
     asked: list[bool] = []
-    connect_tcp = connect_module.connect_tcp
+    connect_tcp = sockcalls.connect_tcp
 
     def recorded(sock: socket.socket, fd: int, sockaddr: tuple[object, ...], delay_ack: bool, at_once: bool
                  ) -> int:

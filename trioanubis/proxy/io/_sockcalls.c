@@ -152,6 +152,7 @@ connect_inet(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     int fd, delay_ack, at_once, result, error, on = 1;
     long port;
     const char *host;
+    Py_ssize_t host_length;
     struct sockaddr_in addr;
 
     if (nargs != 5) {
@@ -165,8 +166,12 @@ connect_inet(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "connect_inet: sockaddr must be a (host, port) tuple");
         return NULL;
     }
-    host = PyUnicode_AsUTF8(PyTuple_GET_ITEM(args[2], 0));
+    host = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(args[2], 0), &host_length);
     if (host == NULL) {
+        return NULL;
+    }
+    if ((size_t)host_length != strlen(host)) {
+        PyErr_SetString(PyExc_TypeError, "connect_inet: host name must not contain null character");
         return NULL;
     }
     port = PyLong_AsLong(PyTuple_GET_ITEM(args[2], 1));

@@ -21,8 +21,9 @@ Any other error raises the OSError subclass the socket module raises
 socket's options (TCP_NODELAY; TCP_QUICKACK off with `delay_ack`) and
 connects it, answering as `connect_ex` does (0, EINPROGRESS, or the error's
 number); with `at_once`, a loopback connect the kernel finished inside the
-call answers 0 (connect.py). The C helper's takes IPv4 addresses only;
-`connect_tcp`, the socket methods, takes any family.
+call answers 0 (connect.py). The C helper's takes IPv4 addresses only, in
+the dotted form the resolver gives (another raises ValueError); `connect_tcp`,
+the socket methods, takes any family.
 
 `accept_inet(fd)` (Linux, with the helper; None elsewhere) accepts on an IPv4
 listening socket with `accept4(SOCK_NONBLOCK)`: `(client_fd, (host, port))`,
