@@ -25,7 +25,7 @@ from tests.conftest import (
 from trioanubis.app import Balancer
 from trioanubis.config import parse_config
 from trioanubis.proxy import connection as connection_module
-from trioanubis.proxy.connection import CONNECTION_TASK_NAME
+from trioanubis.proxy.connection import CONNECTION_TASK_NAME, Crew
 
 
 def connection_tasks() -> list[trio.lowlevel.Task]:
@@ -158,11 +158,14 @@ async def test_a_connection_that_ends_with_a_bug_leaves_its_task_serving_the_nex
         assert crew.spawned == 1
 
 
-def test_an_idle_task_the_crew_no_longer_lists_leaves_quietly() -> None:
+async def test_an_idle_task_the_crew_no_longer_lists_leaves_quietly() -> None:
     """`run` took it and a KeyboardInterrupt came before it was handed on: cancelling it later must
     not raise inside Trio's cancel delivery."""
-    task: Any = object()
-    assert connection_module._leave([], task, None) == trio.lowlevel.Abort.SUCCEEDED
+    crew = Crew()
+    berth = connection_module.Berth(crew, trio.lowlevel.current_task())
+    assert berth.leave(None) == trio.lowlevel.Abort.SUCCEEDED
+    crew.idle.append(berth)
+    assert berth.leave(None) == trio.lowlevel.Abort.SUCCEEDED and crew.idle == []  # listed: it leaves
 
 
 # From the hostile review of recycled tasks: listeners that close, reloads, stops.

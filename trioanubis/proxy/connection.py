@@ -52,7 +52,7 @@ from trioanubis.proxy.connect import send_delayed_ack
 from trioanubis.proxy.failover import connect
 from trioanubis.proxy.filters import Filters
 from trioanubis.proxy.io.sockcalls import recv_into
-from trioanubis.proxy.io.woken import WOKEN, Woken
+from trioanubis.proxy.io.woken import WOKEN
 from trioanubis.proxy.makers import filters_for
 from trioanubis.proxy.relay import Relay, Tap
 from trioanubis.proxy.streams import Replayed, Side, StreamRelay, release_to_trio, socket_stream
@@ -85,7 +85,7 @@ class Crew:
     __slots__ = ("closed", "idle", "most", "nursery", "spawned")
 
     def __init__(self, most: int = IDLE_TASKS) -> None:
-        self.idle: list[trio.lowlevel.Task] = []  # parked in `wait`, the last one parked last
+        self.idle: list[Berth] = []  # the tasks parked in `wait`, the last one parked last
         self.most = most  # idle tasks kept; one that would be more ends
         self.closed = False  # the listener closed: a task that finishes its connection ends
         self.spawned = 0  # tasks started, ever (the rest of the connections ran in idle ones)
@@ -94,39 +94,60 @@ class Crew:
     def run(self, conn: Connection) -> None:
         """Run `conn` in the task that went idle last, else in a new task in `nursery`."""
         if self.idle:
-            _reschedule(self.idle.pop(), Woken(conn))
+            berth = self.idle.pop()
+            berth.conn = conn
+            _reschedule(berth.task, WOKEN)
             return
         assert self.nursery is not None
         self.nursery.start_soon(run_connections, self, conn, name=CONNECTION_TASK_NAME)
         self.spawned += 1
 
-    def wait(self) -> Awaitable[Connection | None]:
-        """Park the calling task until `run` hands it a connection (None: the crew closed);
-        `await crew.wait()` (a plain function: no frame of ours while parked)."""
-        task = _current_task()
-        task.custom_sleep_data = self  # what says "idle" to whoever looks (the tests)
-        self.idle.append(task)
-        return _wait_task_rescheduled(partial(_leave, self.idle, task))
+    def wait(self, berth: Berth) -> Awaitable[object]:
+        """Park `berth`'s task (the caller) until `run` hands it a connection (`berth.conn`; None: the
+        crew closed); `await crew.wait(berth)` (a plain function: no frame of ours while parked)."""
+        berth.task.custom_sleep_data = self  # what says "idle" to whoever looks (the tests)
+        self.idle.append(berth)
+        return _wait_task_rescheduled(berth.leave)
 
     def close(self) -> None:
         """The listener closed: its idle tasks end, and busy ones after their connection."""
         self.closed = True
         idle, self.idle = self.idle, []
-        for task in idle:
-            _reschedule(task, WOKEN)
+        for berth in idle:
+            _reschedule(berth.task, WOKEN)
 
 
-def _leave(idle: list[trio.lowlevel.Task], task: trio.lowlevel.Task, _: object) -> trio.lowlevel.Abort:
-    """An idle task cancelled (the connections nursery): it is no longer the crew's. It may be gone
-    from the list already: `run` took it, and a KeyboardInterrupt came before it was handed on."""
-    if task in idle:
-        idle.remove(task)
+@final
+class Berth:
+    """A connection task's place in its crew, made once per task: how `Crew.run` hands it a client.
+
+    The client goes in `conn` and the task is woken with the shared `WOKEN`,
+    so a hand-over makes no object (an `outcome` per wake-up, the task looked
+    up through Trio's run context, the abort callback) once the task exists.
+    """
+
+    __slots__ = ("conn", "crew", "leave", "task")
+
+    def __init__(self, crew: Crew, task: trio.lowlevel.Task) -> None:
+        self.crew = crew
+        self.task = task
+        self.conn: Connection | None = None  # handed by `Crew.run`, taken by the task when it wakes
+        # The abort callback of every wait (made once): the task, cancelled while idle, leaves the
+        # crew. It may be gone from the list already: `run` took it, and a KeyboardInterrupt came
+        # before it was handed on.
+        self.leave: Callable[[object], trio.lowlevel.Abort] = partial(_leave, crew, self)
+
+
+def _leave(crew: Crew, berth: Berth, _: object) -> trio.lowlevel.Abort:
+    if berth in crew.idle:
+        crew.idle.remove(berth)
     return _SUCCEEDED
 
 
 async def run_connections(crew: Crew, conn: Connection | None) -> None:
     """A connection task: the connection it was started for, then each one its crew hands it, from
     accept to close (see the module docstring), until the crew has enough idle tasks or closed."""
+    berth: Berth | None = None
     while conn is not None:
         with conn:
             opened = True
@@ -139,7 +160,10 @@ async def run_connections(crew: Crew, conn: Connection | None) -> None:
         conn = None  # nothing of the connection is kept while idle
         if crew.closed or len(crew.idle) >= crew.most:
             return
-        conn = await crew.wait()
+        if berth is None:
+            berth = Berth(crew, _current_task())
+        await crew.wait(berth)
+        conn, berth.conn = berth.conn, None
 
 
 # The most a connection reads of its client before connecting: held while it connects (and while
