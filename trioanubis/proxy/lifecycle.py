@@ -414,17 +414,22 @@ class Connection:
         return bool(holding & WATCHED)
 
     def _close_sockets(self, reset: bool) -> None:
-        poller = self.origin.poller
-        trio_waited = self.holding & TRIO_WAITED
-        for sock in (self.server_sock, self.client_sock):
-            if sock is None or sock.fileno() < 0:
-                continue
-            if reset:
-                with contextlib.suppress(OSError):  # already failed: the close that follows is all there is
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-            if trio_waited:
-                trio.lowlevel.notify_closing(sock)
-            poller.close(sock)
+        # The server's, then the client's (written out: a loop over the pair builds and iterates a
+        # tuple generically in the compiled build).
+        trio_waited = bool(self.holding & TRIO_WAITED)
+        if self.server_sock is not None:
+            self._close_socket(self.server_sock, reset, trio_waited)
+        self._close_socket(self.client_sock, reset, trio_waited)
+
+    def _close_socket(self, sock: _socket.socket, reset: bool, trio_waited: bool) -> None:
+        if sock.fileno() < 0:
+            return
+        if reset:
+            with contextlib.suppress(OSError):  # already failed: the close that follows is all there is
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        if trio_waited:
+            trio.lowlevel.notify_closing(sock)
+        self.origin.poller.close(sock)
 
     # ------------------------------------------------------- what it holds
 

@@ -304,15 +304,23 @@ class Relay(Flow[Direction]):
         """
         up, down = self.up, self.down
         assert up is not None and down is not None
-        for direction in (up, down):
-            if self.over:
-                return True
-            wants = direction.wants
-            if (wants == READ and readable and fd == direction.src_fd) or (
-                wants == WRITE and writable and fd == direction.dst_fd
-            ):
-                self.advance(direction)
+        if self.over:
+            return True
+        # Each direction in turn, written out: a loop over (up, down) builds and iterates a tuple
+        # generically in the compiled build, for every event.
+        if self._waits_for(up, fd, readable, writable):
+            self.advance(up)
+        if not self.over and self._waits_for(down, fd, readable, writable):
+            self.advance(down)
         return self.over or up.wants == AGAIN or down.wants == AGAIN
+
+    @staticmethod
+    def _waits_for(direction: Direction, fd: int, readable: bool, writable: bool) -> bool:
+        """`direction` waits for what `fd` reported: to read its source, or to write its destination."""
+        wants = direction.wants
+        return (wants == READ and readable and fd == direction.src_fd) or (
+            wants == WRITE and writable and fd == direction.dst_fd
+        )
 
     def resume(self) -> bool:
         """Advance the directions that stopped for fairness (both, at first); True if one stopped again."""
