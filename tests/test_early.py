@@ -63,8 +63,8 @@ def delayed_acks(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
         asked.append(delay_ack)
         return connect_tcp(sock, fd, sockaddr, delay_ack, at_once)
 
-    monkeypatch.setattr(connect_module, "connect_inet", recorded)
-    monkeypatch.setattr(connect_module, "connect_tcp", recorded)
+    monkeypatch.setattr(connect_module, "_connect_inet", recorded)
+    monkeypatch.setattr(connect_module, "_connect_tcp", recorded)
     return asked
 
 

@@ -747,6 +747,36 @@ def test_the_c_helpers_connect_refuses_what_is_not_an_ipv4_address() -> None:
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0  # nothing was attempted
 
 
+def test_the_c_helpers_epoll_ctl_registers_and_modifies_as_select_epoll_does() -> None:
+    """ADD and MOD with the event's data being the descriptor (what `poll` reports), select.epoll's
+    errors (EEXIST, ENOENT, EBADF), and no other operation."""
+    if sockcalls.epoll_ctl is None:
+        pytest.skip("epoll_ctl is the C helper's, on Linux")
+    epoll_ctl = sockcalls.epoll_ctl
+    add, modify = 1, 3
+    with select.epoll() as epoll, socket_pair("tcp") as (a, b):
+        epfd = epoll.fileno()
+        epoll_ctl(epfd, add, a.fileno(), select.EPOLLIN | select.EPOLLET)
+        assert epoll.poll(0) == []
+        b.send(b"x")
+        assert epoll.poll(10) == [(a.fileno(), select.EPOLLIN)]
+        with pytest.raises(FileExistsError):
+            epoll_ctl(epfd, add, a.fileno(), select.EPOLLIN)
+        epoll_ctl(epfd, modify, a.fileno(), select.EPOLLIN | select.EPOLLOUT | (1 << 31))  # EPOLLET
+        assert epoll.poll(10) == [(a.fileno(), select.EPOLLIN | select.EPOLLOUT)]  # as it is now
+        with pytest.raises(FileNotFoundError):
+            epoll_ctl(epfd, modify, b.fileno(), select.EPOLLIN)  # never added
+        with pytest.raises(OSError) as raised:
+            epoll_ctl(1_000_000, add, a.fileno(), select.EPOLLIN)
+        assert raised.value.errno == errno.EBADF
+        with pytest.raises(ValueError, match="EPOLL_CTL_ADD or EPOLL_CTL_MOD"):
+            epoll_ctl(epfd, 2, a.fileno(), 0)  # EPOLL_CTL_DEL: not this function's
+        with pytest.raises(OverflowError):
+            epoll_ctl(epfd, modify, a.fileno(), 1 << 32)
+        with pytest.raises(OverflowError):
+            epoll_ctl(epfd, modify, a.fileno(), -1)
+
+
 def test_the_c_helpers_accept_gives_a_non_blocking_socket_and_the_peer_as_the_socket_module_does() -> None:
     if not sockcalls.BUILT or sockcalls.accept_inet is None:
         pytest.skip("accept_inet is the C helper's, on Linux")

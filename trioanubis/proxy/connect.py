@@ -59,6 +59,8 @@ _NONBLOCKING_STREAM: Final = socket.SOCK_STREAM | _SOCK_NONBLOCK
 _TCP_QUICKACK: Final[int] = getattr(socket, "TCP_QUICKACK", 0)
 # Read once: in the compiled build a module-level Final is a native load, `socket.X` a lookup by name.
 _AF_INET: Final[int] = socket.AF_INET
+_connect_inet: Final = connect_inet
+_connect_tcp: Final = connect_tcp
 _EINPROGRESS: Final[int] = errno.EINPROGRESS
 
 
@@ -174,13 +176,14 @@ async def connect_any(server: Server, connecting: Connecting | None = None, *, d
     for family, sockaddr in server.sockaddrs:
         sock = new_socket(family, server.address)
         try:
-            connect = connect_inet if family == _AF_INET else connect_tcp
-            code = connect(sock, sock.fileno(), sockaddr, delay_ack, connecting is not None)
+            fd = sock.fileno()
+            connect = _connect_inet if family == _AF_INET else _connect_tcp
+            code = connect(sock, fd, sockaddr, delay_ack, connecting is not None)
             if poller is not None and code in (0, _EINPROGRESS):  # writable: to wait for the connect
-                poller.register(sock.fileno(), writable=code != 0)
+                poller.register(fd, writable=code != 0)
             if code == _EINPROGRESS:
                 if connecting is not None:
-                    fd = connecting.fd = sock.fileno()
+                    connecting.fd = fd
                     try:
                         await connecting.poller.wait_writable(fd)
                     finally:

@@ -71,9 +71,13 @@ Stage = Callable[["Connection"], Awaitable[bool]]
 # tracemalloc), so at most 0.7 MiB per listener.
 IDLE_TASKS: Final = 256
 
-_reschedule = trio.lowlevel.reschedule
-_current_task = trio.lowlevel.current_task
-_wait_task_rescheduled = trio.lowlevel.wait_task_rescheduled
+# Trio's calls, the shared wake-up and the early read's system call, read once: in the compiled
+# build a module-level Final is a static, a module global a lookup by name at every use.
+_reschedule: Final = trio.lowlevel.reschedule
+_current_task: Final = trio.lowlevel.current_task
+_wait_task_rescheduled: Final = trio.lowlevel.wait_task_rescheduled
+_WOKEN: Final = WOKEN
+_recv_into: Final = recv_into
 _SUCCEEDED = trio.lowlevel.Abort.SUCCEEDED
 
 
@@ -96,7 +100,7 @@ class Crew:
         if self.idle:
             berth = self.idle.pop()
             berth.conn = conn
-            _reschedule(berth.task, WOKEN)
+            _reschedule(berth.task, _WOKEN)
             return
         assert self.nursery is not None
         self.nursery.start_soon(run_connections, self, conn, name=CONNECTION_TASK_NAME)
@@ -114,7 +118,7 @@ class Crew:
         self.closed = True
         idle, self.idle = self.idle, []
         for berth in idle:
-            _reschedule(berth.task, WOKEN)
+            _reschedule(berth.task, _WOKEN)
 
 
 @final
@@ -194,7 +198,7 @@ def read_early(conn: Connection) -> bool:
     scratch = conn.origin.poller.scratch  # the backend's read buffer (one task runs at a time)
     sock = conn.client_sock
     try:
-        received = recv_into(sock, sock.fileno(), scratch[:EARLY_READ])  # -1: nothing there yet
+        received = _recv_into(sock, sock.fileno(), scratch[:EARLY_READ])  # -1: nothing there yet
     except OSError:
         conn.end_with("client_reset")
         return False

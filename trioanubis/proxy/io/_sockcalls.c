@@ -15,6 +15,10 @@ socket module's accept gives a blocking socket, and making it non-blocking
 costs one system call more per connection. The listening socket is
 non-blocking (Trio waits for it), so this returns at once too.
 
+The epoll backend's `epoll_ctl` (Linux) is the system call with its four
+numbers: `select.epoll`'s `register` and `modify` parse keyword arguments
+and are called as methods, twice a connection.
+
 The connect to an IPv4 server (`connect_inet`) is the socket's options, its
 connect and, over loopback, the check that it finished inside connect, in
 one call: through the socket module those were four method calls, each
@@ -38,6 +42,9 @@ tested against the socket module's behaviour (tests/test_io.py).
 #include <sys/socket.h>
 #include <sys/types.h>
 #include <unistd.h>
+#ifdef __linux__
+#include <sys/epoll.h>
+#endif
 
 #ifndef MSG_NOSIGNAL
 #define MSG_NOSIGNAL 0  /* macOS: Python ignores SIGPIPE anyway */
@@ -223,6 +230,48 @@ connect_inet(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 }
 
 #ifdef __linux__
+/* epoll_ctl(epfd, op, fd, events) -> None: the system call, for the epoll backend's `register` and
+   `modify` (the event's data is `fd`, as select.epoll gives it). Errors raise as select.epoll's do
+   (FileExistsError for EEXIST, ...). Linux only. */
+static PyObject *
+epoll_ctl_(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    int epfd, fd, op;
+    unsigned long events;
+    struct epoll_event event;
+
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "epoll_ctl(epfd, op, fd, events) takes 4 arguments");
+        return NULL;
+    }
+    if (as_fd(args[0], &epfd) < 0 || as_fd(args[2], &fd) < 0) {
+        return NULL;
+    }
+    op = (int)PyLong_AsLong(args[1]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    if (op != EPOLL_CTL_ADD && op != EPOLL_CTL_MOD) {
+        PyErr_SetString(PyExc_ValueError, "epoll_ctl: op must be EPOLL_CTL_ADD or EPOLL_CTL_MOD");
+        return NULL;
+    }
+    events = PyLong_AsUnsignedLong(args[3]);
+    if (events == (unsigned long)-1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (events > 0xffffffffUL) {
+        PyErr_SetString(PyExc_OverflowError, "epoll_ctl: events must fit in 32 bits");
+        return NULL;
+    }
+    event.events = (uint32_t)events;
+    event.data.u64 = 0;
+    event.data.fd = fd;
+    if (epoll_ctl(epfd, op, fd, &event) < 0) {
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
 /* Dotted decimal, as inet_ntop writes it (the socket module's accept uses inet_ntop, which formats
    with sprintf: a fifth of the cost of an accept's Python side). `out` holds at least 16 bytes. */
 static void
@@ -293,6 +342,8 @@ static PyMethodDef methods[] = {
     {"connect_inet", (PyCFunction)(void (*)(void))connect_inet, METH_FASTCALL,
      "connect_inet(sock, fd, (host, port), delay_ack, at_once) -> 0, EINPROGRESS or the error's number"},
 #ifdef __linux__
+    {"epoll_ctl", (PyCFunction)(void (*)(void))epoll_ctl_, METH_FASTCALL,
+     "epoll_ctl(epfd, op, fd, events) -> None: EPOLL_CTL_ADD (1) or EPOLL_CTL_MOD (3), data = fd"},
     {"accept_inet", (PyCFunction)(void (*)(void))accept_inet, METH_FASTCALL,
      "accept_inet(fd) -> (client_fd, (host, port)), the client's socket non-blocking"},
 #endif

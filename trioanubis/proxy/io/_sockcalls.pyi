@@ -5,4 +5,5 @@ def send(sock: _socket.socket, fd: int, buffer: memoryview, count: int, /) -> in
 def connect_inet(
     sock: _socket.socket, fd: int, sockaddr: tuple[object, ...], delay_ack: bool, at_once: bool, /
 ) -> int: ...
+def epoll_ctl(epfd: int, op: int, fd: int, events: int, /) -> None: ...  # Linux only
 def accept_inet(fd: int, /) -> tuple[int, tuple[str, int]]: ...  # Linux only

@@ -27,6 +27,9 @@ WRITE: Final = 1  # its destination socket to take more
 AGAIN: Final = 2  # nothing: it stopped for fairness with more to read; advance it after a checkpoint
 OVER: Final = 3  # nothing ever: this direction is over
 
+# Read once: in the compiled build a module-level Final is a static, a module global a lookup by name.
+_perf_counter: Final = perf_counter
+
 
 @final
 @dataclass(frozen=True, slots=True)
@@ -111,7 +114,7 @@ class Readiness:
         """Trio's clock: connections stamp their times with it."""
         clock = self.clock
         if clock is None:
-            return self.clock_offset + perf_counter()
+            return self.clock_offset + _perf_counter()
         return clock()
 
     def take_clock(self, clock: trio.abc.Clock) -> None:

@@ -89,6 +89,7 @@ from trioanubis.proxy.io.base import (
     Readiness,
     new_scratch,
 )
+from trioanubis.proxy.io.sockcalls import epoll_ctl
 from trioanubis.proxy.io.woken import WOKEN
 
 if TYPE_CHECKING:
@@ -122,9 +123,17 @@ _WRITE_EVENTS: Final = _EPOLLOUT | _EPOLLHUP | _EPOLLERR
 _REGISTER: Final = _EPOLLIN | _EPOLLRDHUP | _EPOLLET
 _REGISTER_WRITABLE: Final = _REGISTER | _EPOLLOUT
 
-_reschedule = trio.lowlevel.reschedule
-_current_task = trio.lowlevel.current_task
-_wait_task_rescheduled = trio.lowlevel.wait_task_rescheduled
+# Trio's calls and the shared wake-up, read once: in the compiled build a module-level Final is a
+# static, a module global a lookup by name at every use.
+_reschedule: Final = trio.lowlevel.reschedule
+_current_task: Final = trio.lowlevel.current_task
+_wait_task_rescheduled: Final = trio.lowlevel.wait_task_rescheduled
+_WOKEN: Final = WOKEN
+# The C helper's epoll_ctl (proxy/io/sockcalls.py; the compiled build on Linux), else None and the
+# epoll object's methods: registering is two system calls a connection.
+_EPOLL_CTL: Final = epoll_ctl
+_CTL_ADD: Final = 1  # Linux's EPOLL_CTL_ADD (the select module does not name it)
+_CTL_MOD: Final = 3  # EPOLL_CTL_MOD
 _SUCCEEDED = trio.lowlevel.Abort.SUCCEEDED
 
 
@@ -157,6 +166,7 @@ class Poller(Readiness):
                                  edge_triggered=True)  # fmt: skip
         self.scratch = new_scratch()
         self._epoll = select.epoll()
+        self._epfd = self._epoll.fileno()
         self._readers: dict[int, trio.lowlevel.Task] = {}
         self._writers: dict[int, trio.lowlevel.Task] = {}
         self._owners: dict[int, Relay] = {}  # both sockets of every relay being driven
@@ -180,11 +190,13 @@ class Poller(Readiness):
             self._unclaimed.remove(fd)
         if writable:
             self._writable.add(fd)
-            self._epoll.register(fd, _REGISTER_WRITABLE)
+        elif fd in self._writable:
+            self._writable.remove(fd)
+        events = _REGISTER_WRITABLE if writable else _REGISTER
+        if _EPOLL_CTL is not None:
+            _EPOLL_CTL(self._epfd, _CTL_ADD, fd, events)
         else:
-            if fd in self._writable:
-                self._writable.remove(fd)
-            self._epoll.register(fd, _REGISTER)
+            self._epoll.register(fd, events)
 
     def want_writable(self, fd: int) -> None:
         """Something waits to write to `fd`: report its writability from now on (one `epoll_ctl`, once).
@@ -194,7 +206,10 @@ class Poller(Readiness):
         """
         if fd not in self._writable:
             self._writable.add(fd)
-            self._epoll.modify(fd, _REGISTER_WRITABLE)
+            if _EPOLL_CTL is not None:
+                _EPOLL_CTL(self._epfd, _CTL_MOD, fd, _REGISTER_WRITABLE)
+            else:
+                self._epoll.modify(fd, _REGISTER_WRITABLE)
 
     def unregister(self, fd: int) -> None:
         """Leave this poller: the socket is handed to Trio's own waits (the stream relay, streams.py)."""
@@ -316,7 +331,7 @@ class Poller(Readiness):
         task = relay.driver
         if task is not None and task.custom_sleep_data is relay:
             relay.driver = None
-            _reschedule(task, WOKEN)
+            _reschedule(task, _WOKEN)
             self._woke = True
 
     def pass_eof(self, driven: Driven, direction: Any) -> None:
@@ -414,12 +429,12 @@ class Poller(Readiness):
                     continue
                 if events & _READ_EVENTS:
                     if fd in readers:
-                        _reschedule(readers.pop(fd), WOKEN)
+                        _reschedule(readers.pop(fd), _WOKEN)
                         woke = True
                     else:  # bytes or an EOF nobody waited for: a relay that takes this socket reads first
                         unclaimed.add(fd)
                 if events & _WRITE_EVENTS and fd in writers:
-                    _reschedule(writers.pop(fd), WOKEN)
+                    _reschedule(writers.pop(fd), _WOKEN)
                     woke = True
             if due:
                 self._pass_eofs(due)

@@ -25,6 +25,10 @@ call answers 0 (connect.py). The C helper's takes IPv4 addresses only, in
 the dotted form the resolver gives (another raises ValueError); `connect_tcp`,
 the socket methods, takes any family.
 
+`epoll_ctl(epfd, op, fd, events)` (Linux, with the helper; None elsewhere)
+is the system call for the epoll backend's register (EPOLL_CTL_ADD) and
+modify (EPOLL_CTL_MOD), the event's data being `fd` as `select.epoll` gives it.
+
 `accept_inet(fd)` (Linux, with the helper; None elsewhere) accepts on an IPv4
 listening socket with `accept4(SOCK_NONBLOCK)`: `(client_fd, (host, port))`,
 the client's socket non-blocking already (listener.py).
@@ -42,7 +46,7 @@ from typing import Final
 # Linux's TCP_QUICKACK (0 where there is none: no TCP option has that number).
 _TCP_QUICKACK: Final[int] = getattr(socket, "TCP_QUICKACK", 0)
 
-__all__ = ["BUILT", "accept_inet", "connect_inet", "connect_tcp", "recv_into", "send"]
+__all__ = ["BUILT", "accept_inet", "connect_inet", "connect_tcp", "epoll_ctl", "recv_into", "send"]
 
 
 def _recv_into(sock: _socket.socket, fd: int, buffer: memoryview) -> int:
@@ -88,3 +92,6 @@ BUILT: Final = recv_into is not _recv_into
 accept_inet: Callable[[int], tuple[int, tuple[str, int]]] | None = None
 with contextlib.suppress(ImportError):
     from trioanubis.proxy.io._sockcalls import accept_inet
+epoll_ctl: Callable[[int, int, int, int], None] | None = None
+with contextlib.suppress(ImportError):
+    from trioanubis.proxy.io._sockcalls import epoll_ctl
