@@ -771,6 +771,8 @@ def test_the_c_helpers_epoll_ctl_registers_and_modifies_as_select_epoll_does() -
         assert raised.value.errno == errno.EBADF
         with pytest.raises(ValueError, match="EPOLL_CTL_ADD or EPOLL_CTL_MOD"):
             epoll_ctl(epfd, 2, a.fileno(), 0)  # EPOLL_CTL_DEL: not this function's
+        with pytest.raises(ValueError, match="EPOLL_CTL_ADD or EPOLL_CTL_MOD"):
+            epoll_ctl(epfd, 2**32 + 3, a.fileno(), 0)  # MOD only in its low 32 bits
         with pytest.raises(OverflowError):
             epoll_ctl(epfd, modify, a.fileno(), 1 << 32)
         with pytest.raises(OverflowError):

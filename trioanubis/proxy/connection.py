@@ -43,7 +43,6 @@ tasks at once and its busy ones after their connection.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from functools import partial
 from typing import TYPE_CHECKING, Final, final
 
 import trio
@@ -126,26 +125,24 @@ class Berth:
     """A connection task's place in its crew, made once per task: how `Crew.run` hands it a client.
 
     The client goes in `conn` and the task is woken with the shared `WOKEN`,
-    so a hand-over makes no object (an `outcome` per wake-up, the task looked
-    up through Trio's run context, the abort callback) once the task exists.
+    so a hand-over makes no `outcome` and looks nothing up in Trio's run
+    context once the task exists (64 bytes a task, kept while it runs a connection).
     """
 
-    __slots__ = ("conn", "crew", "leave", "task")
+    __slots__ = ("conn", "crew", "task")
 
     def __init__(self, crew: Crew, task: trio.lowlevel.Task) -> None:
         self.crew = crew
         self.task = task
         self.conn: Connection | None = None  # handed by `Crew.run`, taken by the task when it wakes
-        # The abort callback of every wait (made once): the task, cancelled while idle, leaves the
-        # crew. It may be gone from the list already: `run` took it, and a KeyboardInterrupt came
-        # before it was handed on.
-        self.leave: Callable[[object], trio.lowlevel.Abort] = partial(_leave, crew, self)
 
-
-def _leave(crew: Crew, berth: Berth, _: object) -> trio.lowlevel.Abort:
-    if berth in crew.idle:
-        crew.idle.remove(berth)
-    return _SUCCEEDED
+    def leave(self, _: object) -> trio.lowlevel.Abort:
+        """The abort callback of each wait: the task, cancelled while idle, leaves the crew. It may be
+        gone from the list already: `run` took it, and a KeyboardInterrupt came before it was handed on."""
+        idle = self.crew.idle
+        if self in idle:
+            idle.remove(self)
+        return _SUCCEEDED
 
 
 async def run_connections(crew: Crew, conn: Connection | None) -> None:

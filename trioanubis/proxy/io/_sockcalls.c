@@ -237,6 +237,7 @@ static PyObject *
 epoll_ctl_(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     int epfd, fd, op;
+    long operation;
     unsigned long events;
     struct epoll_event event;
 
@@ -247,14 +248,15 @@ epoll_ctl_(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (as_fd(args[0], &epfd) < 0 || as_fd(args[2], &fd) < 0) {
         return NULL;
     }
-    op = (int)PyLong_AsLong(args[1]);
-    if (PyErr_Occurred()) {
+    operation = PyLong_AsLong(args[1]);
+    if (operation == -1 && PyErr_Occurred()) {
         return NULL;
     }
-    if (op != EPOLL_CTL_ADD && op != EPOLL_CTL_MOD) {
+    if (operation != EPOLL_CTL_ADD && operation != EPOLL_CTL_MOD) {
         PyErr_SetString(PyExc_ValueError, "epoll_ctl: op must be EPOLL_CTL_ADD or EPOLL_CTL_MOD");
         return NULL;
     }
+    op = (int)operation;
     events = PyLong_AsUnsignedLong(args[3]);
     if (events == (unsigned long)-1 && PyErr_Occurred()) {
         return NULL;

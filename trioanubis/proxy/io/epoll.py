@@ -453,3 +453,4 @@ class Poller(Readiness):
         if not self._epoll.closed:
             trio.lowlevel.notify_closing(self._epoll.fileno())
             self._epoll.close()
+            self._epfd = -1  # a register after this raises ValueError, as the closed epoll does
