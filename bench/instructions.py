@@ -18,8 +18,10 @@ closing (the connection-rate workload's unit), `--concurrency` of them at a
 time (1: the balancer wakes up for every connection, nothing is batched; 50,
 as wrk's: under valgrind the balancer is then always behind, as it is when
 saturated, and each wake-up finds many events; the thread scheduling varies,
-so this count moves by a per cent or two between runs); one connection carrying
-`--requests` exchanges of 100 bytes (keep-alive's unit). It prints the
+so this count moves by a per cent or two between runs); `--requests`
+exchanges of 100 bytes (keep-alive's unit) over one connection, or spread
+over `--concurrency` connections open at once (wrk's -c50: then each of the
+balancer's wake-ups finds several requests). It prints the
 instructions per connection and per request, each run's minus the baseline.
 The balancer's own instructions only: the backend and the clients run here.
 
@@ -115,9 +117,7 @@ def measure(args: argparse.Namespace, backend: int, drive: str) -> int:
         if drive == "connrate":
             connect_many(port, args.n, args.concurrency)
         elif drive == "keepalive":
-            with socket.create_connection(("127.0.0.1", port)) as sock:
-                for _ in range(args.requests):
-                    exchange(sock)
+            keep_alive_many(port, args.requests, args.concurrency)
         process.send_signal(signal.SIGTERM)
         _, err = process.communicate(timeout=600)
         match = re.search(rb"Collected : (\d+)", err) or re.search(rb"summary: (\d+)", out.read_bytes())
@@ -145,6 +145,22 @@ def connect_many(port: int, count: int, concurrency: int) -> None:
         thread.join()
 
 
+def keep_alive_many(port: int, requests: int, concurrency: int) -> None:
+    """`requests` exchanges over `concurrency` connections at once, each kept open for its share."""
+
+    def client(share: int) -> None:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            for _ in range(share):
+                exchange(sock)
+
+    shares = [requests // concurrency + (i < requests % concurrency) for i in range(concurrency)]
+    threads = [threading.Thread(target=client, args=(share,)) for share in shares if share]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 def wait_port(port: int, timeout: float = 300.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -161,7 +177,7 @@ def main() -> int:
     parser.add_argument("--io", default="auto", choices=("auto", "epoll", "portable"))
     parser.add_argument("-n", type=int, default=400, help="connections in the connection-rate run")
     parser.add_argument("--requests", type=int, default=2000, help="exchanges in the keep-alive run")
-    parser.add_argument("--concurrency", type=int, default=1, help="connections at a time (connection rate)")
+    parser.add_argument("--concurrency", type=int, default=1, help="connections at a time (both runs)")
     parser.add_argument("--keep", default="", metavar="DIR", help="keep callgrind's output files in DIR")
     parser.add_argument("--no-keepalive", action="store_true", help="skip the keep-alive run")
     parser.add_argument("--server-closes", action="store_true",
@@ -181,7 +197,8 @@ def main() -> int:
     closes = "; the server closes first" if args.server_closes else ""
     print(f"  per connection ({args.concurrency} at a time{closes}): {(connrate - base) / args.n:,.0f}")
     if keepalive:
-        print(f"  per keep-alive request: {(keepalive - base) / args.requests:,.0f}")
+        at_once = f" ({args.concurrency} connections at a time)" if args.concurrency > 1 else ""
+        print(f"  per keep-alive request{at_once}: {(keepalive - base) / args.requests:,.0f}")
     return 0
 
 
