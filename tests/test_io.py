@@ -494,6 +494,25 @@ async def test_a_step_that_raises_ends_only_its_own_relay(
             fine.conn.end_with("idle_timeout")
 
 
+async def test_a_relay_starts_knowing_of_a_hang_up_seen_before_it(backend_name: str) -> None:
+    """A server's bytes and FIN that came in one edge before the relay took its socket: the relay
+    reads on after the bytes (the direction knows of the hang-up from the start) and passes the EOF
+    on, with no new edge to wait for."""
+    async with running(backend_name) as backend, driven(backend) as (relay, client, server):
+        server.send(b"greeting")
+        server.shutdown(socket.SHUT_WR)
+        if backend.caps.name == "epoll":  # the dispatcher took the edge while nobody drove the socket
+            with trio.fail_after(10):
+                while relay.server_fd not in backend.hung_up:
+                    await trio.testing.wait_all_tasks_blocked(0.01)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relay.run)
+            assert await received(client, 8) == b"greeting"
+            await closed(client)
+            client.shutdown(socket.SHUT_WR)  # the second EOF: the relay ends
+        assert relay.over
+
+
 async def test_cancelling_a_relay_parked_on_both_sockets_closes_both(backend_name: str) -> None:
     async with running(backend_name) as backend, driven(backend) as (relay, client, server):
         scope = trio.CancelScope()
@@ -657,6 +676,83 @@ def test_the_c_helper_refuses_bad_arguments_cleanly() -> None:
         with pytest.raises(OSError) as raised:
             _sockcalls.recv_into(a, 1_000_000, buffer)  # no such descriptor
         assert raised.value.errno == errno.EBADF
+
+
+@pytest.mark.parametrize("calls", SOCKCALLS)
+def test_sockcalls_take_any_view_as_the_socket_methods_do(calls: tuple[Any, Any]) -> None:
+    """A slice reads and sends in place; bytes and bytearrays work too; a released or strided view,
+    or a read-only one to read into, raises what the socket module raises (the C helper reads a
+    memoryview's own view instead of asking it for a buffer: here is where that could go wrong)."""
+    recv_into, send = calls
+    storage = bytearray(16)
+    with socket_pair("tcp") as (a, b):
+        assert send(b, b.fileno(), memoryview(b"--abcd")[2:], 4) == 4
+        assert wait_for_bytes(recv_into, a, memoryview(storage)[5:]) == 4
+        assert bytes(storage) == bytes(5) + b"abcd" + bytes(7)
+        assert send(b, b.fileno(), b"plain bytes", 5) == 5  # not a view: the buffer protocol
+        assert wait_for_bytes(recv_into, a, bytearray(8)) == 5
+        released = memoryview(bytearray(8))
+        released.release()
+        with pytest.raises(ValueError, match="released"):
+            send(b, b.fileno(), released, 0)
+        with pytest.raises((ValueError, TypeError)):  # the socket method's error is a TypeError
+            recv_into(a, a.fileno(), released)
+        strided = memoryview(bytearray(16))[::2]
+        with pytest.raises(BufferError):
+            send(b, b.fileno(), strided, len(strided))
+        with pytest.raises((BufferError, TypeError)):
+            recv_into(a, a.fileno(), strided)
+        with pytest.raises((BufferError, TypeError)):
+            recv_into(a, a.fileno(), memoryview(b"read-only"))
+
+
+def test_the_packed_ready_list_says_what_select_epoll_says() -> None:
+    """`epoll_ready` (the C helper's) and `ready_from` (anywhere) pack each descriptor's events as
+    `fd << 3` and three bits: readable, writable, hung up; for bytes, space, a FIN and a reset."""
+    if not hasattr(select, "epoll"):
+        pytest.skip("epoll is Linux's")
+    read, write, hung_up, shift = (sockcalls.READY_READ, sockcalls.READY_WRITE, sockcalls.READY_HUNG_UP,
+                                   sockcalls.READY_SHIFT)  # fmt: skip
+    pairs = [(5, select.EPOLLIN), (6, select.EPOLLOUT), (7, select.EPOLLIN | select.EPOLLRDHUP),
+             (8, select.EPOLLERR | select.EPOLLHUP)]
+    assert sockcalls.ready_from(pairs) == [5 << shift | read, 6 << shift | write, 7 << shift | read | hung_up,
+                                           8 << shift | read | write | hung_up]  # fmt: skip
+    flags = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+
+    def packed(epoll: select.epoll) -> list[int]:
+        """The packed list, taken once: the C helper's where it was built, else `ready_from`'s."""
+        if sockcalls.epoll_ready is None:
+            return sockcalls.ready_from(epoll.poll(0))
+        return sockcalls.epoll_ready(epoll.fileno(), 1024)
+
+    with select.epoll() as epoll, socket_pair("tcp") as (a, b):
+        epoll.register(a.fileno(), flags)
+        assert packed(epoll) == [a.fileno() << shift | write]  # space to send: registering reports it
+        assert packed(epoll) == []  # edge-triggered: nothing new
+        b.send(b"x")
+        select.select([a], [], [], 10)
+        assert packed(epoll) == [a.fileno() << shift | read | write]
+        b.shutdown(socket.SHUT_WR)
+        select.select([a], [], [], 10)
+        assert packed(epoll) == [a.fileno() << shift | read | write | hung_up]
+    with select.epoll() as epoll, socket_pair("tcp") as (a, b):
+        epoll.register(a.fileno(), select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
+        b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        b.close()  # a reset: EPOLLERR and EPOLLHUP with EPOLLIN
+        select.select([a], [], [], 10)
+        assert packed(epoll) == [a.fileno() << shift | read | write | hung_up]
+    if sockcalls.epoll_ready is None:
+        return
+    with select.epoll() as epoll:
+        for maxevents in (0, 1025, -1):
+            with pytest.raises(ValueError, match="1 to 1024"):
+                sockcalls.epoll_ready(epoll.fileno(), maxevents)
+        with pytest.raises(OSError) as raised:
+            sockcalls.epoll_ready(1_000_000, 1)
+        assert raised.value.errno == errno.EBADF
+        with socket.socket() as plain, pytest.raises(OSError) as raised:
+            sockcalls.epoll_ready(plain.fileno(), 1)  # not an epoll
+        assert raised.value.errno == errno.EINVAL
 
 
 CONNECTS = [pytest.param(sockcalls.connect_tcp, id="socket-methods")]

@@ -373,6 +373,43 @@ async def test_data_and_fin_arriving_together_are_both_relayed(nursery: trio.Nur
             await wait_until(lambda: backend.active == 0)
 
 
+async def test_data_and_fin_from_a_client_or_a_greeting_server_are_relayed(nursery: trio.Nursery) -> None:
+    """The other two ways data and FIN come in one edge: from the client (its direction's short
+    read must read on), and from a server that greets and closes at once, before the relay took
+    its socket (the poller saw that hang-up while nobody drove the socket: the relay starts
+    knowing it)."""
+
+    async def read_all_then_answer(stream: trio.SocketStream) -> None:
+        question = await receive_all(stream)
+        await stream.send_all(b"got " + question)
+        await stream.aclose()
+
+    async def greet_and_close(stream: trio.SocketStream) -> None:
+        os.write(stream.socket.fileno(), b"hello and goodbye")
+        stream.socket.shutdown(socket.SHUT_WR)
+        await receive_all(stream)
+        await stream.aclose()
+
+    answering = await start_backend(nursery, read_all_then_answer)
+    greeting = await start_backend(nursery, greet_and_close)
+    async with running_balancer(config_for([answering.address])) as (_, address):
+        for _ in range(20):
+            stream = await connect(address)
+            async with stream:
+                os.write(stream.socket.fileno(), b"question")
+                stream.socket.shutdown(socket.SHUT_WR)  # data and FIN in one edge, from the client
+                with trio.fail_after(20):
+                    assert await receive_all(stream) == b"got question"
+            await wait_until(lambda: answering.active == 0)
+    async with running_balancer(config_for([greeting.address])) as (_, address):
+        for _ in range(20):
+            stream = await connect(address)
+            async with stream:
+                with trio.fail_after(20):
+                    assert await receive_all(stream) == b"hello and goodbye"
+            await wait_until(lambda: greeting.active == 0)
+
+
 def _has_ipv6_loopback() -> bool:
     try:
         with socket.socket(socket.AF_INET6) as s:

@@ -31,7 +31,7 @@ exception from a step is raised in that task and ends only its connection.
 - A direction calls the non-blocking `recv_into` / `send` first and waits
   for readiness only when the kernel says EAGAIN (or a short read shows the
   socket drained, unless the poller saw a FIN or error behind the data:
-  `hung_up`), so a busy connection costs one syscall per chunk.
+  `Direction.hung_up`), so a busy connection costs one syscall per chunk.
 - Every direction reads into its relay's scratch buffer (`Scratch`, one per
   readiness backend, so two balancers in one process share nothing) and
   sends from it before anything else runs, which is safe because Trio runs
@@ -177,8 +177,8 @@ class Tap(Protocol):
 class Direction(Counted):
     """One direction of a relay: its sockets, what it waits for, what it holds, what it moved."""
 
-    __slots__ = ("dst", "dst_fd", "pipe_in", "pipe_out", "pipe_size", "piped", "splice", "src", "src_fd",
-                 "unsent", "wants")  # fmt: skip
+    __slots__ = ("dst", "dst_fd", "hung_up", "pipe_in", "pipe_out", "pipe_size", "piped", "splice", "src",
+                 "src_fd", "unsent", "wants")  # fmt: skip
 
     def __init__(
         self, way: Way, src: _socket.socket, dst: _socket.socket, src_fd: int, dst_fd: int, splice: bool
@@ -189,6 +189,7 @@ class Direction(Counted):
         self.wants = AGAIN  # nothing tried yet: the first `advance` reads
         self.unsent = _NOTHING  # what the peer did not take of the last chunk, until sent
         self.splice = splice  # may switch to splice once bulk
+        self.hung_up = False  # the poller saw the source's FIN or error (`Relay.hang_up`)
         self.pipe_out = self.pipe_in = -1  # the splice pipe, once bulk
         self.pipe_size = 0
         self.piped = 0  # bytes in the pipe, not yet sent on
@@ -297,6 +298,18 @@ class Relay(Flow[Direction]):
         direction.wants = wants
         return wants
 
+    def hang_up(self, fd: int) -> None:
+        """The poller saw `fd`'s peer close or fail (epoll: EPOLLRDHUP, EPOLLHUP or EPOLLERR): a short
+        read from it is followed by another, which finds the EOF or the error queued behind the bytes.
+        Kept on the direction, where the copy reads it, instead of the poller's set (`hung_up`): a set
+        lookup at every short read was a twentieth of a keep-alive request's cost."""
+        up, down = self.up, self.down
+        assert up is not None and down is not None
+        if fd == up.src_fd:
+            up.hung_up = True
+        elif fd == down.src_fd:
+            down.hung_up = True
+
     def ready(self, fd: int, readable: bool, writable: bool) -> bool:
         """`fd` (one of ours) reported readiness: advance what waited for it; True to wake the task.
 
@@ -338,7 +351,6 @@ class Relay(Flow[Direction]):
     def _copy(self, direction: Direction) -> int:
         if direction.unsent and not self._send_rest(direction):
             return OVER if self.over else WRITE
-        hung_up = self.poller.hung_up
         full_reads = 0
         while True:
             state = self._move(direction)
@@ -349,7 +361,7 @@ class Relay(Flow[Direction]):
                 if full_reads >= FULL_READS_PER_CHECKPOINT:
                     return AGAIN
             elif state == DRAINED:
-                if direction.src_fd not in hung_up:  # a FIN or error may be queued behind: read on
+                if not direction.hung_up:  # else a FIN or error may be queued behind: read on
                     return READ
             elif state == EMPTY:
                 return READ

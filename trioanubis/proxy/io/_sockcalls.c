@@ -17,7 +17,8 @@ non-blocking (Trio waits for it), so this returns at once too.
 
 The epoll backend's `epoll_ctl` (Linux) is the system call with its four
 numbers: `select.epoll`'s `register` and `modify` parse keyword arguments
-and are called as methods, twice a connection.
+and are called as methods, twice a connection. Its `epoll_ready` takes the
+ready list as one int per descriptor, the descriptor and three bits.
 
 The connect to an IPv4 server (`connect_inet`) is the socket's options, its
 connect and, over loopback, the check that it finished inside connect, in
@@ -83,13 +84,46 @@ answer(ssize_t result, int error, long again)
     return PyErr_SetFromErrno(PyExc_OSError);
 }
 
+/* The bytes of `obj`, a contiguous buffer (writable for `writable`), as (*data, *length); *held tells
+   whether `view` must be released. A memoryview (the relay's scratch and unsent bytes) is read in
+   place: its own view is what a buffer request would copy out of it, and PyObject_GetBuffer and
+   PyBuffer_Release around each call cost more than a loopback recv's Python side (about 190
+   instructions a call). Anything else, and a released, strided or read-only-for-a-write view,
+   goes through the buffer protocol, which raises what the socket module's methods raise. The
+   GIL is held from here to the system call's end, so no other thread can release the view. */
+static int
+get_bytes(PyObject *obj, int writable, char **data, Py_ssize_t *length, Py_buffer *view, int *held)
+{
+#ifdef _Py_MEMORYVIEW_RELEASED
+    if (PyMemoryView_Check(obj)) {
+        PyMemoryViewObject *memory = (PyMemoryViewObject *)obj;
+        if (!(memory->flags & _Py_MEMORYVIEW_RELEASED) && (memory->flags & _Py_MEMORYVIEW_C)
+            && !(writable && memory->view.readonly)) {
+            *data = (char *)memory->view.buf;
+            *length = memory->view.len;
+            *held = 0;
+            return 0;
+        }
+    }
+#endif
+    if (PyObject_GetBuffer(obj, view, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0) {
+        return -1;
+    }
+    *data = (char *)view->buf;
+    *length = view->len;
+    *held = 1;
+    return 0;
+}
+
 /* recv_into(sock, fd, buffer) -> int: bytes read into `buffer`, 0 at EOF, -1 when none are there
    (EAGAIN). `sock` is the socket object `fd` belongs to: only the fallback uses it (sockcalls.py). */
 static PyObject *
 recv_into(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    int fd, error;
+    int fd, error, held;
     Py_buffer view;
+    char *data;
+    Py_ssize_t length;
     ssize_t received;
 
     if (nargs != 3) {
@@ -99,14 +133,16 @@ recv_into(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (as_fd(args[1], &fd) < 0) {
         return NULL;
     }
-    if (PyObject_GetBuffer(args[2], &view, PyBUF_WRITABLE) < 0) {
+    if (get_bytes(args[2], 1, &data, &length, &view, &held) < 0) {
         return NULL;
     }
     do {
-        received = recv(fd, view.buf, (size_t)view.len, MSG_DONTWAIT);
+        received = recv(fd, data, (size_t)length, MSG_DONTWAIT);
     } while (received < 0 && errno == EINTR && PyErr_CheckSignals() == 0);
     error = errno;  /* before anything else may change it */
-    PyBuffer_Release(&view);
+    if (held) {
+        PyBuffer_Release(&view);
+    }
     return answer(received, error, -1);
 }
 
@@ -115,9 +151,10 @@ recv_into(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 send_(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    int fd, error;
+    int fd, error, held;
     Py_buffer view;
-    Py_ssize_t count;
+    char *data;
+    Py_ssize_t length, count;
     ssize_t sent;
 
     if (nargs != 4) {
@@ -131,19 +168,23 @@ send_(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (count == -1 && PyErr_Occurred()) {
         return NULL;
     }
-    if (PyObject_GetBuffer(args[2], &view, PyBUF_SIMPLE) < 0) {
+    if (get_bytes(args[2], 0, &data, &length, &view, &held) < 0) {
         return NULL;
     }
-    if (count < 0 || count > view.len) {
-        PyBuffer_Release(&view);
+    if (count < 0 || count > length) {
+        if (held) {
+            PyBuffer_Release(&view);
+        }
         PyErr_SetString(PyExc_ValueError, "count must be within the buffer");
         return NULL;
     }
     do {
-        sent = send(fd, view.buf, (size_t)count, MSG_DONTWAIT | MSG_NOSIGNAL);
+        sent = send(fd, data, (size_t)count, MSG_DONTWAIT | MSG_NOSIGNAL);
     } while (sent < 0 && errno == EINTR && PyErr_CheckSignals() == 0);
     error = errno;
-    PyBuffer_Release(&view);
+    if (held) {
+        PyBuffer_Release(&view);
+    }
     return answer(sent, error, 0);
 }
 
@@ -274,6 +315,69 @@ epoll_ctl_(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/* What epoll_ready packs beside a descriptor, and the epoll events behind each: Linux's values. */
+#define READY_READ 1     /* EPOLLIN, EPOLLRDHUP, EPOLLHUP, EPOLLERR: a read will not wait */
+#define READY_WRITE 2    /* EPOLLOUT, EPOLLHUP, EPOLLERR: a send will not wait */
+#define READY_HUNG_UP 4  /* EPOLLRDHUP, EPOLLHUP, EPOLLERR: the peer closed or the socket failed */
+#define READY_SHIFT 3
+#define READY_MAX_EVENTS 1024
+
+/* epoll_ready(epfd, maxevents) -> list[int]: the ready list, taken without waiting (timeout 0), an
+   int per descriptor: fd << 3 | READY_READ | READY_WRITE | READY_HUNG_UP (the bits its events
+   set). select.epoll's poll builds a tuple of two ints per event with a format string, half of
+   the dispatcher's cost for a keep-alive request; one int per event is what the dispatcher
+   reads. `maxevents` is 1 to 1024. Errors raise as select.epoll's poll does. Linux only. */
+static PyObject *
+epoll_ready(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    int epfd, count, i;
+    long maxevents;
+    struct epoll_event events[READY_MAX_EVENTS];
+    PyObject *ready;
+
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "epoll_ready(epfd, maxevents) takes 2 arguments");
+        return NULL;
+    }
+    if (as_fd(args[0], &epfd) < 0) {
+        return NULL;
+    }
+    maxevents = PyLong_AsLong(args[1]);
+    if (maxevents == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (maxevents < 1 || maxevents > READY_MAX_EVENTS) {
+        PyErr_SetString(PyExc_ValueError, "epoll_ready: maxevents must be 1 to 1024");
+        return NULL;
+    }
+    do {
+        count = epoll_wait(epfd, events, (int)maxevents, 0);
+    } while (count < 0 && errno == EINTR && PyErr_CheckSignals() == 0);
+    if (count < 0) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    ready = PyList_New(count);
+    if (ready == NULL) {
+        return NULL;
+    }
+    for (i = 0; i < count; i++) {
+        uint32_t got = events[i].events;
+        long bits = ((got & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) ? READY_READ : 0)
+                    | ((got & (EPOLLOUT | EPOLLHUP | EPOLLERR)) ? READY_WRITE : 0)
+                    | ((got & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) ? READY_HUNG_UP : 0);
+        PyObject *entry = PyLong_FromLong(((long)events[i].data.fd << READY_SHIFT) | bits);
+        if (entry == NULL) {
+            Py_DECREF(ready);
+            return NULL;
+        }
+        PyList_SET_ITEM(ready, i, entry);
+    }
+    return ready;
+}
+
 /* Dotted decimal, as inet_ntop writes it (the socket module's accept uses inet_ntop, which formats
    with sprintf: a fifth of the cost of an accept's Python side). `out` holds at least 16 bytes. */
 static void
@@ -346,6 +450,8 @@ static PyMethodDef methods[] = {
 #ifdef __linux__
     {"epoll_ctl", (PyCFunction)(void (*)(void))epoll_ctl_, METH_FASTCALL,
      "epoll_ctl(epfd, op, fd, events) -> None: EPOLL_CTL_ADD (1) or EPOLL_CTL_MOD (3), data = fd"},
+    {"epoll_ready", (PyCFunction)(void (*)(void))epoll_ready, METH_FASTCALL,
+     "epoll_ready(epfd, maxevents) -> [fd << 3 | read 1 | write 2 | hung up 4, ...], without waiting"},
     {"accept_inet", (PyCFunction)(void (*)(void))accept_inet, METH_FASTCALL,
      "accept_inet(fd) -> (client_fd, (host, port)), the client's socket non-blocking"},
 #endif

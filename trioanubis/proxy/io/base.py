@@ -71,6 +71,10 @@ class Driven(Protocol):
         """Move one direction as far as it goes without waiting; what it waits for (READ, ...)."""
         ...
 
+    def hang_up(self, fd: int) -> None:
+        """`fd`'s peer closed or failed (an edge-triggered backend's hang-up): a short read from it
+        reads again instead of waiting."""
+
     def ready(self, fd: int, readable: bool, writable: bool) -> bool:
         """Advance what waited for `fd`; True when the relay's task is needed (ended, or AGAIN)."""
         ...
@@ -99,7 +103,8 @@ class Readiness:
     caps: Capabilities
     # Sockets whose peer sent FIN or failed, seen by an edge the relay may not
     # have read to the end: after a short read on one of these the relay reads
-    # again instead of waiting. Always empty on a level-triggered backend.
+    # again instead of waiting (a driven relay's directions are told too: `hang_up`).
+    # Always empty on a level-triggered backend.
     hung_up: set[int]
     # How `now` reads Trio's clock: through `clock` when it is set (before the run's clock is taken,
     # or a clock other than Trio's own, such as a test's MockClock), else as Trio's SystemClock reads

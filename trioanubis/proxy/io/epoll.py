@@ -30,8 +30,9 @@ which is what this poller is for avoiding. Here:
   a client's socket is read first on the event its registration reports.
 - A FIN or reset queued behind data arrives in the same edge as the data,
   and a short read returns only the data. The dispatcher therefore remembers
-  every socket whose peer closed or failed (`hung_up`), and the relay reads
-  again instead of waiting after a short read on those.
+  every socket whose peer closed or failed (`hung_up`; a driven relay's
+  direction too, `Relay.hang_up`), and the relay reads again instead of
+  waiting after a short read on those.
 - One thread and one dispatcher: an event can wake at most the one reader
   and the one writer a descriptor may have (a second is BusyResourceError).
 - Sockets are never duplicated, so closing one removes it from the epoll;
@@ -89,7 +90,15 @@ from trioanubis.proxy.io.base import (
     Readiness,
     new_scratch,
 )
-from trioanubis.proxy.io.sockcalls import epoll_ctl
+from trioanubis.proxy.io.sockcalls import (
+    READY_HUNG_UP,
+    READY_READ,
+    READY_SHIFT,
+    READY_WRITE,
+    epoll_ctl,
+    epoll_ready,
+    ready_from,
+)
 from trioanubis.proxy.io.woken import WOKEN
 
 if TYPE_CHECKING:
@@ -110,13 +119,8 @@ EVENTS_PER_CHECKPOINT: Final = 256
 # where epoll does not exist (only `Poller()` needs it).
 _EPOLLIN: Final[int] = getattr(select, "EPOLLIN", 0x001)
 _EPOLLOUT: Final[int] = getattr(select, "EPOLLOUT", 0x004)
-_EPOLLERR: Final[int] = getattr(select, "EPOLLERR", 0x008)
-_EPOLLHUP: Final[int] = getattr(select, "EPOLLHUP", 0x010)
 _EPOLLRDHUP: Final[int] = getattr(select, "EPOLLRDHUP", 0x2000)
 _EPOLLET: Final[int] = getattr(select, "EPOLLET", 1 << 31)
-_HANG_UP_EVENTS: Final = _EPOLLRDHUP | _EPOLLHUP | _EPOLLERR
-_READ_EVENTS: Final = _EPOLLIN | _HANG_UP_EVENTS
-_WRITE_EVENTS: Final = _EPOLLOUT | _EPOLLHUP | _EPOLLERR
 # A socket joins for reading only; EPOLLOUT is added once something waits to write to it
 # (a connect, a peer that stopped taking bytes): registering with it would report every
 # new socket writable at once, an event that wakes the dispatcher for nothing.
@@ -132,6 +136,8 @@ _WOKEN: Final = WOKEN
 # The C helper's epoll_ctl (proxy/io/sockcalls.py; the compiled build on Linux), else None and the
 # epoll object's methods: registering is two system calls a connection.
 _EPOLL_CTL: Final = epoll_ctl
+# Its epoll_ready, else None and `ready_from(epoll.poll(...))`: the ready list, an int per descriptor.
+_EPOLL_READY: Final = epoll_ready
 _CTL_ADD: Final = 1  # Linux's EPOLL_CTL_ADD (the select module does not name it)
 _CTL_MOD: Final = 3  # EPOLL_CTL_MOD
 _SUCCEEDED = trio.lowlevel.Abort.SUCCEEDED
@@ -169,7 +175,9 @@ class Poller(Readiness):
         self._epfd = self._epoll.fileno()
         self._readers: dict[int, trio.lowlevel.Task] = {}
         self._writers: dict[int, trio.lowlevel.Task] = {}
-        self._owners: dict[int, Relay] = {}  # both sockets of every relay being driven
+        # Both sockets of every relay being driven, by descriptor (None: no relay's): a list, as
+        # HAProxy's fdtab is an array, because a lookup by hash was a tenth of a request's cost.
+        self._owners: list[Relay | None] = []
         self._errors: dict[Relay, Exception] = {}  # what a step raised, until its relay's task raises it
         self._woke = False  # a relay's task was woken during this batch of events
         self._eofs: list[tuple[Relay, Direction]] = []  # first EOFs to pass on after the next batch
@@ -255,7 +263,8 @@ class Poller(Readiness):
 
     async def _drive(self, relay: Relay) -> None:
         # Few locals: an idle connection keeps this frame, 8 bytes a slot.
-        self._owners[relay.client_fd] = self._owners[relay.server_fd] = relay
+        self._own(relay.client_fd, relay)
+        self._own(relay.server_fd, relay)
         errors = self._errors
         try:
             self._start(relay)
@@ -273,8 +282,15 @@ class Poller(Readiness):
         finally:
             relay.driver = None
             errors.pop(relay, None)
-            del self._owners[relay.client_fd], self._owners[relay.server_fd]
+            self._owners[relay.client_fd] = self._owners[relay.server_fd] = None
             relay.stopped()
+
+    def _own(self, fd: int, relay: Relay) -> None:
+        """`relay` owns `fd` in this poller; the table grows (doubling) to the highest descriptor."""
+        owners = self._owners
+        if fd >= len(owners):
+            owners.extend([None] * max(fd + 1 - len(owners), len(owners)))
+        owners[fd] = relay
 
     def _start(self, relay: Relay) -> None:
         """The relay's first moves: the client's socket joins the epoll, and no socket is read here.
@@ -303,6 +319,7 @@ class Poller(Readiness):
         else:
             up.wants = WRITE  # what a writable server socket may send meanwhile, too
             self._held.append(relay)
+        down.hung_up = relay.server_fd in self.hung_up  # its FIN came before the relay took the socket
         unclaimed = self._unclaimed
         if relay.server_fd in unclaimed:
             unclaimed.remove(relay.server_fd)
@@ -394,6 +411,7 @@ class Poller(Readiness):
         readers, writers, owners, hung_up = self._readers, self._writers, self._owners, self.hung_up
         unclaimed = self._unclaimed
         poll = self._epoll.poll
+        epfd = self._epfd
         self.take_clock(trio.lowlevel.current_clock())
         handled = 0  # events handled without waking a task, since the last checkpoint
         due: list[tuple[Relay, Direction]] = []  # first EOFs read before this batch: passed on after it
@@ -401,39 +419,45 @@ class Poller(Readiness):
             if self._held:
                 held, self._held = self._held, []
                 self._send_held(held)
-            events_seen = poll(0, MAX_EVENTS)
-            if not events_seen:
+            if _EPOLL_READY is not None:
+                ready = _EPOLL_READY(epfd, MAX_EVENTS)
+            else:
+                ready = ready_from(poll(0, MAX_EVENTS))
+            if not ready:
                 if due or self._eofs:  # no batch to wait for: pass them on before sleeping
                     eofs, due, self._eofs = due + self._eofs, [], []
                     self._pass_eofs(eofs)
                 # Idle: sleep in Trio's epoll until ours has something (a task woken above runs first).
                 self._sleeping = True
                 try:
-                    await trio.lowlevel.wait_readable(self._epoll.fileno())
+                    await trio.lowlevel.wait_readable(epfd)
                 finally:
                     self._sleeping = False
                 continue
             woke = False
-            for fd, events in events_seen:
-                if events & _HANG_UP_EVENTS:
+            for entry in ready:  # fd << READY_SHIFT | what its events say (sockcalls.py)
+                fd = entry >> READY_SHIFT
+                if entry & READY_HUNG_UP:
                     hung_up.add(fd)
-                owner = owners.get(fd)
+                owner = owners[fd] if fd < len(owners) else None
                 if owner is not None:  # a driven relay's socket: advance it in its task's place
                     try:
-                        wake = owner.ready(fd, bool(events & _READ_EVENTS), bool(events & _WRITE_EVENTS))
+                        if entry & READY_HUNG_UP:
+                            owner.hang_up(fd)
+                        wake = owner.ready(fd, bool(entry & READY_READ), bool(entry & READY_WRITE))
                     except Exception as exc:  # a bug: raised in the relay's task, ends its connection
                         self._errors[owner] = exc
                         wake = True
                     if wake:
                         self.wake(owner)
                     continue
-                if events & _READ_EVENTS:
+                if entry & READY_READ:
                     if fd in readers:
                         _reschedule(readers.pop(fd), _WOKEN)
                         woke = True
                     else:  # bytes or an EOF nobody waited for: a relay that takes this socket reads first
                         unclaimed.add(fd)
-                if events & _WRITE_EVENTS and fd in writers:
+                if entry & READY_WRITE and fd in writers:
                     _reschedule(writers.pop(fd), _WOKEN)
                     woke = True
             if due:
@@ -441,7 +465,7 @@ class Poller(Readiness):
             due, self._eofs = self._eofs, []
             woke = woke or self._woke
             self._woke = False
-            handled += len(events_seen)
+            handled += len(ready)
             if woke or handled >= EVENTS_PER_CHECKPOINT:
                 # Let the woken tasks (and Trio's own I/O) run, then look again
                 # without re-arming Trio's epoll.
