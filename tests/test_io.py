@@ -12,10 +12,15 @@ from __future__ import annotations
 import errno
 import os
 import select
+import shutil
 import socket
 import struct
+import subprocess
+import sys
+import textwrap
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import hypothesis
@@ -704,6 +709,84 @@ def test_sockcalls_take_any_view_as_the_socket_methods_do(calls: tuple[Any, Any]
             recv_into(a, a.fileno(), strided)
         with pytest.raises((BufferError, TypeError)):
             recv_into(a, a.fileno(), memoryview(b"read-only"))
+
+
+# Makes the first recv and send on descriptor $EINTR_FD raise SIGUSR1 and fail with EINTR, as a
+# signal during a system call does: a non-blocking call almost never sees one on its own.
+_EINTR_SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+static int fired;
+static int interrupt(int fd) {
+    const char *target = getenv("EINTR_FD");
+    if (target == NULL || fired || atoi(target) != fd) return 0;
+    fired = 1;
+    raise(SIGUSR1);
+    errno = EINTR;
+    return 1;
+}
+ssize_t recv(int fd, void *buf, size_t len, int flags) {
+    ssize_t (*real)(int, void *, size_t, int) = dlsym(RTLD_NEXT, "recv");
+    return interrupt(fd) ? -1 : real(fd, buf, len, flags);
+}
+ssize_t send(int fd, const void *buf, size_t len, int flags) {
+    ssize_t (*real)(int, const void *, size_t, int) = dlsym(RTLD_NEXT, "send");
+    return interrupt(fd) ? -1 : real(fd, buf, len, flags);
+}
+"""
+
+_RELEASE_IN_A_HANDLER = textwrap.dedent("""
+    import os, signal, socket, sys
+    from trioanubis.proxy.io import sockcalls
+    assert sockcalls.BUILT
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    scratch = memoryview(bytearray(4096))
+    scratch[:] = b"S" * 4096
+    tried = []
+    def handler(signum, frame):
+        try:
+            scratch.release()  # would free the bytes the retried call uses
+        except BufferError:
+            tried.append("refused")
+        else:
+            tried.append("released")
+    signal.signal(signal.SIGUSR1, handler)
+    os.environ["EINTR_FD"] = str(a.fileno())
+    if sys.argv[1] == "recv":
+        b.send(b"X" * 100)
+        got = sockcalls.recv_into(a, a.fileno(), scratch)
+        print(tried, got, bytes(scratch[:100]) == b"X" * 100)
+    else:
+        got = sockcalls.send(a, a.fileno(), scratch, 64)
+        print(tried, got, b.recv(64) == b"S" * 64)
+""")
+
+
+@pytest.mark.parametrize("call", ["recv", "send"])
+def test_a_signal_handler_cannot_release_the_view_a_retried_call_uses(call: str, tmp_path: Path) -> None:
+    """The C helper reads a memoryview in place and retries after EINTR, running the signal
+    handlers first: one that releases the view (freeing its bytes) is refused, as while any buffer
+    of it is exported, and the retried call reads into and sends from the view's own bytes."""
+    if not sockcalls.BUILT:
+        pytest.skip("the C helper is built with the compiled modules only")
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler to build the EINTR shim with")
+    (tmp_path / "shim.c").write_text(_EINTR_SHIM)
+    shim = tmp_path / "shim.so"
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(shim), str(tmp_path / "shim.c"), "-ldl"],
+                   check=True)  # fmt: skip
+    env = {**os.environ, "LD_PRELOAD": str(shim), "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run([sys.executable, "-c", _RELEASE_IN_A_HANDLER, call], env=env,
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    expected = 100 if call == "recv" else 64
+    assert result.stdout.split("\n")[0] == f"['refused'] {expected} True"
 
 
 def test_the_packed_ready_list_says_what_select_epoll_says() -> None:

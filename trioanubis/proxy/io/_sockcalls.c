@@ -84,13 +84,15 @@ answer(ssize_t result, int error, long again)
     return PyErr_SetFromErrno(PyExc_OSError);
 }
 
-/* The bytes of `obj`, a contiguous buffer (writable for `writable`), as (*data, *length); *held tells
-   whether `view` must be released. A memoryview (the relay's scratch and unsent bytes) is read in
-   place: its own view is what a buffer request would copy out of it, and PyObject_GetBuffer and
-   PyBuffer_Release around each call cost more than a loopback recv's Python side (about 190
-   instructions a call). Anything else, and a released, strided or read-only-for-a-write view,
-   goes through the buffer protocol, which raises what the socket module's methods raise. The
-   GIL is held from here to the system call's end, so no other thread can release the view. */
+/* The bytes of `obj`, a contiguous buffer (writable for `writable`), as (*data, *length), held until
+   `put_bytes`. A memoryview (the relay's scratch and unsent bytes) is read in place: its own view
+   is what a buffer request would copy out of it, and PyObject_GetBuffer and PyBuffer_Release
+   around each call cost more than a loopback recv's Python side (about 190 instructions a call).
+   Held as memory_getbuf holds it, by counting an export, so that a signal handler run while the
+   call is retried after EINTR cannot release the view (and free its bytes) under it: release()
+   then raises BufferError, as it does while any buffer is exported. Anything else, and a
+   released, strided or read-only-for-a-write view, goes through the buffer protocol, which raises
+   what the socket module's methods raise. *held: 1 for `view`, 2 for the memoryview's export. */
 static int
 get_bytes(PyObject *obj, int writable, char **data, Py_ssize_t *length, Py_buffer *view, int *held)
 {
@@ -99,9 +101,10 @@ get_bytes(PyObject *obj, int writable, char **data, Py_ssize_t *length, Py_buffe
         PyMemoryViewObject *memory = (PyMemoryViewObject *)obj;
         if (!(memory->flags & _Py_MEMORYVIEW_RELEASED) && (memory->flags & _Py_MEMORYVIEW_C)
             && !(writable && memory->view.readonly)) {
+            memory->exports++;
             *data = (char *)memory->view.buf;
             *length = memory->view.len;
-            *held = 0;
+            *held = 2;
             return 0;
         }
     }
@@ -113,6 +116,19 @@ get_bytes(PyObject *obj, int writable, char **data, Py_ssize_t *length, Py_buffe
     *length = view->len;
     *held = 1;
     return 0;
+}
+
+/* Give back what get_bytes held. */
+static void
+put_bytes(PyObject *obj, Py_buffer *view, int held)
+{
+#ifdef _Py_MEMORYVIEW_RELEASED
+    if (held == 2) {
+        ((PyMemoryViewObject *)obj)->exports--;
+        return;
+    }
+#endif
+    PyBuffer_Release(view);
 }
 
 /* recv_into(sock, fd, buffer) -> int: bytes read into `buffer`, 0 at EOF, -1 when none are there
@@ -140,9 +156,7 @@ recv_into(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         received = recv(fd, data, (size_t)length, MSG_DONTWAIT);
     } while (received < 0 && errno == EINTR && PyErr_CheckSignals() == 0);
     error = errno;  /* before anything else may change it */
-    if (held) {
-        PyBuffer_Release(&view);
-    }
+    put_bytes(args[2], &view, held);
     return answer(received, error, -1);
 }
 
@@ -172,9 +186,7 @@ send_(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     if (count < 0 || count > length) {
-        if (held) {
-            PyBuffer_Release(&view);
-        }
+        put_bytes(args[2], &view, held);
         PyErr_SetString(PyExc_ValueError, "count must be within the buffer");
         return NULL;
     }
@@ -182,9 +194,7 @@ send_(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         sent = send(fd, data, (size_t)count, MSG_DONTWAIT | MSG_NOSIGNAL);
     } while (sent < 0 && errno == EINTR && PyErr_CheckSignals() == 0);
     error = errno;
-    if (held) {
-        PyBuffer_Release(&view);
-    }
+    put_bytes(args[2], &view, held);
     return answer(sent, error, 0);
 }
 

@@ -286,7 +286,10 @@ class Poller(Readiness):
             relay.stopped()
 
     def _own(self, fd: int, relay: Relay) -> None:
-        """`relay` owns `fd` in this poller; the table grows (doubling) to the highest descriptor."""
+        """`relay` owns `fd` in this poller; the table grows (doubling) to the highest descriptor, and
+        stays as large (8 bytes a descriptor: 8 MB at a million, as HAProxy's fdtab)."""
+        if fd < 0:  # a closed socket's -1 would index the table from its end
+            raise ValueError(f"a relay's socket is closed (descriptor {fd})")
         owners = self._owners
         if fd >= len(owners):
             owners.extend([None] * max(fd + 1 - len(owners), len(owners)))
