@@ -34,6 +34,7 @@ from tests.helpers import BACKENDS, fill, running, socket_pair
 from trioanubis.config import parse_config
 from trioanubis.errors import AttemptCancelled, ConfigError
 from trioanubis.proxy.io import IO_CHOICES, WRITE, Readiness, epoll_available, sockcalls
+from trioanubis.proxy.io.epoll import ready_from
 from trioanubis.proxy.io.portable import PortableReadiness
 from trioanubis.proxy.relay import CHUNK_SIZE, Relay
 
@@ -798,14 +799,14 @@ def test_the_packed_ready_list_says_what_select_epoll_says() -> None:
                                    sockcalls.READY_SHIFT)  # fmt: skip
     pairs = [(5, select.EPOLLIN), (6, select.EPOLLOUT), (7, select.EPOLLIN | select.EPOLLRDHUP),
              (8, select.EPOLLERR | select.EPOLLHUP)]
-    assert sockcalls.ready_from(pairs) == [5 << shift | read, 6 << shift | write, 7 << shift | read | hung_up,
+    assert ready_from(pairs) == [5 << shift | read, 6 << shift | write, 7 << shift | read | hung_up,
                                            8 << shift | read | write | hung_up]  # fmt: skip
     flags = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 
     def packed(epoll: select.epoll) -> list[int]:
         """The packed list, taken once: the C helper's where it was built, else `ready_from`'s."""
         if sockcalls.epoll_ready is None:
-            return sockcalls.ready_from(epoll.poll(0))
+            return ready_from(epoll.poll(0))
         return sockcalls.epoll_ready(epoll.fileno(), 1024)
 
     with select.epoll() as epoll, socket_pair("tcp") as (a, b):

@@ -97,7 +97,6 @@ from trioanubis.proxy.io.sockcalls import (
     READY_WRITE,
     epoll_ctl,
     epoll_ready,
-    ready_from,
 )
 from trioanubis.proxy.io.woken import WOKEN
 
@@ -119,8 +118,14 @@ EVENTS_PER_CHECKPOINT: Final = 256
 # where epoll does not exist (only `Poller()` needs it).
 _EPOLLIN: Final[int] = getattr(select, "EPOLLIN", 0x001)
 _EPOLLOUT: Final[int] = getattr(select, "EPOLLOUT", 0x004)
+_EPOLLERR: Final[int] = getattr(select, "EPOLLERR", 0x008)
+_EPOLLHUP: Final[int] = getattr(select, "EPOLLHUP", 0x010)
 _EPOLLRDHUP: Final[int] = getattr(select, "EPOLLRDHUP", 0x2000)
 _EPOLLET: Final[int] = getattr(select, "EPOLLET", 1 << 31)
+# What makes a descriptor readable, writable or hung up in the ready list (sockcalls.py's READY_*).
+_HANG_UP_EVENTS: Final = _EPOLLRDHUP | _EPOLLHUP | _EPOLLERR
+_READ_EVENTS: Final = _EPOLLIN | _HANG_UP_EVENTS
+_WRITE_EVENTS: Final = _EPOLLOUT | _EPOLLHUP | _EPOLLERR
 # A socket joins for reading only; EPOLLOUT is added once something waits to write to it
 # (a connect, a peer that stopped taking bytes): registering with it would report every
 # new socket writable at once, an event that wakes the dispatcher for nothing.
@@ -146,6 +151,15 @@ _SUCCEEDED = trio.lowlevel.Abort.SUCCEEDED
 # The socket's own close, without the stdlib wrapper's two Python calls (`close`, `_real_close`);
 # the relay's sockets never had a `makefile` whose references the wrapper would count.
 _close: Final[Callable[[_socket.socket], None]] = _socket.socket.close
+
+
+def ready_from(events: list[tuple[int, int]]) -> list[int]:
+    """`select.epoll.poll`'s (fd, events) pairs packed as the C helper's `epoll_ready` packs them."""
+    return [fd << READY_SHIFT
+            | (READY_READ if got & _READ_EVENTS else 0)
+            | (READY_WRITE if got & _WRITE_EVENTS else 0)
+            | (READY_HUNG_UP if got & _HANG_UP_EVENTS else 0)
+            for fd, got in events]  # fmt: skip
 
 
 def _socket_closed() -> trio.ClosedResourceError:

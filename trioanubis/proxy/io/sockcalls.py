@@ -33,8 +33,8 @@ modify (EPOLL_CTL_MOD), the event's data being `fd` as `select.epoll` gives it.
 the epoll's ready list without waiting, one int per descriptor: `fd << 3`
 with bit 1 for readable (EPOLLIN, EPOLLRDHUP, EPOLLHUP, EPOLLERR), 2 for
 writable (EPOLLOUT, EPOLLHUP, EPOLLERR) and 4 for hung up (EPOLLRDHUP,
-EPOLLHUP, EPOLLERR); the epoll backend packs `select.epoll.poll`'s pairs so
-where it is missing (`ready_from`).
+EPOLLHUP, EPOLLERR). Where it is missing, the epoll backend packs
+`select.epoll.poll`'s pairs the same way (epoll.py's `ready_from`).
 
 `accept_inet(fd)` (Linux, with the helper; None elsewhere) accepts on an IPv4
 listening socket with `accept4(SOCK_NONBLOCK)`: `(client_fd, (host, port))`,
@@ -54,21 +54,13 @@ from typing import Final
 _TCP_QUICKACK: Final[int] = getattr(socket, "TCP_QUICKACK", 0)
 
 __all__ = ["BUILT", "READY_HUNG_UP", "READY_READ", "READY_SHIFT", "READY_WRITE", "accept_inet",
-           "connect_inet", "connect_tcp", "epoll_ctl", "epoll_ready", "ready_from", "recv_into", "send"]
+           "connect_inet", "connect_tcp", "epoll_ctl", "epoll_ready", "recv_into", "send"]
 
 # What `epoll_ready` packs beside a descriptor (_sockcalls.c's values).
 READY_READ: Final = 1
 READY_WRITE: Final = 2
 READY_HUNG_UP: Final = 4
 READY_SHIFT: Final = 3
-_EPOLLIN: Final = 0x001  # Linux's epoll event bits, named here so that this imports anywhere
-_EPOLLOUT: Final = 0x004
-_EPOLLERR: Final = 0x008
-_EPOLLHUP: Final = 0x010
-_EPOLLRDHUP: Final = 0x2000
-_READ_EVENTS: Final = _EPOLLIN | _EPOLLRDHUP | _EPOLLHUP | _EPOLLERR
-_WRITE_EVENTS: Final = _EPOLLOUT | _EPOLLHUP | _EPOLLERR
-_HANG_UP_EVENTS: Final = _EPOLLRDHUP | _EPOLLHUP | _EPOLLERR
 
 
 def _recv_into(sock: _socket.socket, fd: int, buffer: memoryview) -> int:
@@ -98,15 +90,6 @@ def connect_tcp(sock: _socket.socket, fd: int, sockaddr: tuple[object, ...], del
             return code
         return 0
     return code
-
-
-def ready_from(events: list[tuple[int, int]]) -> list[int]:
-    """`select.epoll.poll`'s (fd, events) pairs packed as `epoll_ready` packs them."""
-    return [fd << READY_SHIFT
-            | (READY_READ if got & _READ_EVENTS else 0)
-            | (READY_WRITE if got & _WRITE_EVENTS else 0)
-            | (READY_HUNG_UP if got & _HANG_UP_EVENTS else 0)
-            for fd, got in events]  # fmt: skip
 
 
 def _loopback(host: object) -> bool:
