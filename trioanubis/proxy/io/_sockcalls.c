@@ -449,28 +449,26 @@ accept_inet(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (peer == NULL || result == NULL) {
         goto fail;
     }
-    PyTuple_SET_ITEM(result, 1, peer);  /* the result owns it from here */
+    PyTuple_SET_ITEM(result, 1, peer);  /* the result owns it from here: freeing the result frees it */
     item = PyUnicode_DecodeASCII(host, (Py_ssize_t)strlen(host), NULL);
     if (item == NULL) {
-        peer = NULL;
-        goto fail;
+        goto fail_result;
     }
     PyTuple_SET_ITEM(peer, 0, item);
     item = PyLong_FromLong((long)ntohs(addr.sin_port));
     if (item == NULL) {
-        peer = NULL;
-        goto fail;
+        goto fail_result;
     }
     PyTuple_SET_ITEM(peer, 1, item);
     item = PyLong_FromLong((long)client);
     if (item == NULL) {
-        peer = NULL;
-        goto fail;
+        goto fail_result;
     }
     PyTuple_SET_ITEM(result, 0, item);
     return result;
 fail:
-    Py_XDECREF(peer);  /* NULL once the result owns it */
+    Py_XDECREF(peer);
+fail_result:
     Py_XDECREF(result);
     close(client);
     return NULL;
