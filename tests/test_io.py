@@ -968,11 +968,12 @@ def test_the_c_helpers_accept_gives_a_non_blocking_socket_and_the_peer_as_the_so
         listener.bind(("127.0.0.1", 0))
         listener.listen(8)
         listener.setblocking(False)
-        with pytest.raises(BlockingIOError):
-            sockcalls.accept_inet(listener.fileno())
+        assert sockcalls.accept_inet(listener.fileno()) is None  # no client waiting: an answer
         with socket.create_connection(listener.getsockname()) as client:
             select.select([listener], [], [], 10)
-            fd, peer = sockcalls.accept_inet(listener.fileno())
+            accepted = sockcalls.accept_inet(listener.fileno())
+            assert accepted is not None
+            fd, peer = accepted
             try:
                 assert peer == client.getsockname()  # ("127.0.0.1", port), as accept() says it
                 flags = fcntl.fcntl(fd, fcntl.F_GETFL)
@@ -985,9 +986,17 @@ def test_the_c_helpers_accept_gives_a_non_blocking_socket_and_the_peer_as_the_so
                 client.bind((host, 0))
                 client.connect(listener.getsockname())
                 select.select([listener], [], [], 10)
-                fd, peer = sockcalls.accept_inet(listener.fileno())
+                accepted = sockcalls.accept_inet(listener.fileno())
+                assert accepted is not None
+                fd, peer = accepted
                 os.close(fd)
                 assert peer == client.getsockname()
+    closed = socket.socket()
+    closed_fd = closed.detach()
+    os.close(closed_fd)
+    with pytest.raises(OSError) as raised:  # any error but EAGAIN raises as the socket module's
+        sockcalls.accept_inet(closed_fd)
+    assert raised.value.errno == errno.EBADF
 
 
 def test_the_c_helpers_accept_refuses_an_ipv6_listener_without_leaking_the_client() -> None:

@@ -12,12 +12,11 @@ without touching the open ones. The listen socket is closed
 in `finally` the moment its accept loop is cancelled.
 
 Accepting drains the backlog (several connections per wake-up) and waits for
-readiness only on EAGAIN. What each accept costs is kept small: the socket
-object is made from the accepted descriptor with the listener's family and
-type as plain numbers (the stdlib's `accept` converts both to enums per
-call), and where the kernel copies the listening socket's TCP_NODELAY into
-the sockets it accepts (Linux), it is set once on the listening socket and
-not per connection. Errors that mean "out of resources" (EMFILE,
+readiness only when it is empty. Each accept is the socket's `Acceptor`'s
+(`next`: accept one, admit it, make its `Connection`), which the crew's
+tasks call too: a task that has just ended its connection takes a client
+that is waiting (`take`) instead of parking until the accept loop hands it
+one, a wake-up less. Errors that mean "out of resources" (EMFILE,
 ENFILE, ENOBUFS, ENOMEM) go to an `AcceptBackoff`: logged once per episode,
 without a traceback, and retried after a short sleep, like Trio's
 `serve_listeners`; any other error propagates. The admin endpoint's accept
@@ -112,6 +111,83 @@ class AcceptBackoff:
         self.log.info("%s: accepting again", self.what)
 
 
+@final
+class Acceptor:
+    """One listening socket's accept, a client at a time, admitted: what the listener's accept loop
+    calls, and what a connection task that has just ended its connection calls (`take`) to go on
+    with a client that is waiting instead of parking (connection.py).
+
+    What each accept costs is kept small: the socket object is made from the
+    accepted descriptor with the listener's family and type as plain numbers
+    (the stdlib's `accept` converts both to enums per call), with the C
+    helper's `accept4` on Linux and IPv4 the client's socket is non-blocking
+    from the start (its type says so: no system call), and where the kernel
+    copies the listening socket's TCP_NODELAY into the sockets it accepts
+    (Linux), it is set once on the listening socket.
+    """
+
+    __slots__ = ("accept", "accept_inet", "family", "kind", "listen_fd", "listener", "nodelay", "proto")
+
+    def __init__(self, listener: Listener, sock: socket.socket) -> None:
+        self.listener = listener
+        self.nodelay = not (NODELAY_INHERITED and set_nodelay(sock))  # per connection, unless inherited
+        # The stdlib's accept() without its enum conversions: the descriptor, then the socket object.
+        self.accept: Callable[[], tuple[int, Any]] = sock._accept  # type: ignore[attr-defined]
+        self.family, self.kind, self.proto = int(sock.family), int(sock.type), sock.proto
+        inet = self.family == socket.AF_INET and not sock.getblocking()
+        self.accept_inet = sockcalls.accept_inet if inet else None
+        if self.accept_inet is not None:
+            self.kind |= _SOCK_NONBLOCK
+        self.listen_fd = sock.fileno()
+
+    def next(self) -> Connection | None:
+        """The next waiting client that the listener admits, as its `Connection` (which holds its
+        counts from now); None when none is waiting. Raises the accept's OSError."""
+        listener = self.listener
+        addr: tuple[Any, ...]
+        while True:
+            if self.accept_inet is not None:
+                accepted = self.accept_inet(self.listen_fd)
+                if accepted is None:
+                    return None
+                fd, addr = accepted
+            else:
+                try:
+                    fd, addr = self.accept()
+                except BlockingIOError:
+                    return None
+            # The C type: see connect.py's `as_stdlib`.
+            client = _socket.socket(self.family, self.kind, self.proto, fd)
+            if listener.backoff.overloaded:
+                listener.backoff.recovered()
+            listener.accepted += 1
+            if listener.over_limit():
+                listener.rejected += 1
+                client.close()
+                continue
+            if ":" in addr[0]:  # IPv6, or IPv4 on a dual-stack listener: written as IPv4 when it is
+                addr = normalise_peer(addr)
+            counted: str | None = ""
+            if listener.screening:
+                counted = listener.admission.at_accept(str(addr[0]), listener.poller.now())
+                if counted is None:
+                    client.close()
+                    continue
+            if self.accept_inet is None:
+                client.setblocking(False)
+            if self.nodelay:
+                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return Connection(listener, client, addr, listener.pool, counted or None)
+
+    def take(self) -> Connection | None:
+        """`next` for a connection task between two connections: a shortage (EMFILE and the like) is
+        left to the accept loop, which backs off from it."""
+        try:
+            return self.next()
+        except OSError:
+            return None
+
+
 def somaxconn() -> int:
     try:
         with open("/proc/sys/net/core/somaxconn") as f:
@@ -204,49 +280,19 @@ class Listener(Origin):
 
     async def _accept_loop(self, sock: socket.socket) -> None:
         backoff, crew = self.backoff, self.crew
+        acceptor = Acceptor(self, sock)
+        crew.take = acceptor.take  # a task that ends its connection takes the next waiting client
         in_a_row = 0
-        nodelay = not (NODELAY_INHERITED and set_nodelay(sock))  # per connection, unless inherited
-        # The stdlib's accept() without its enum conversions: the descriptor, then the socket object.
-        accept = sock._accept  # type: ignore[attr-defined]
-        family, kind, proto = int(sock.family), int(sock.type), sock.proto
-        # Linux, IPv4, with the C helper (proxy/io/sockcalls.py): accept4 makes the client's socket
-        # non-blocking at once, and the socket object is told so by its type (no system call).
-        accept_inet = sockcalls.accept_inet if family == socket.AF_INET and not sock.getblocking() else None
-        listen_fd = sock.fileno()
-        if accept_inet is not None:
-            kind |= _SOCK_NONBLOCK
-        addr: tuple[Any, ...]
         while True:
             try:
-                fd, addr = accept() if accept_inet is None else accept_inet(listen_fd)
-            except BlockingIOError:
-                in_a_row = 0
-                await trio.lowlevel.wait_readable(sock)
-                continue
+                conn = acceptor.next()
             except OSError as exc:
                 await backoff.back_off(exc)
                 continue
-            client = _socket.socket(family, kind, proto, fd)  # the C type: see connect.py's `as_stdlib`
-            if backoff.overloaded:
-                backoff.recovered()
-            self.accepted += 1
-            if self._over_limit():
-                self.rejected += 1
-                client.close()
+            if conn is None:  # the backlog is empty: wait for the next client
+                in_a_row = 0
+                await trio.lowlevel.wait_readable(sock)
                 continue
-            if ":" in addr[0]:  # IPv6, or IPv4 on a dual-stack listener: written as IPv4 when it is
-                addr = normalise_peer(addr)
-            counted: str | None = ""
-            if self.screening:
-                counted = self.admission.at_accept(str(addr[0]), self.poller.now())
-                if counted is None:
-                    client.close()
-                    continue
-            if accept_inet is None:
-                client.setblocking(False)
-            if nodelay:
-                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = Connection(self, client, addr, self.pool, counted or None)  # holds its counts from now
             try:
                 crew.run(conn)
             except BaseException:  # no task to own it (the nursery is closing): give back at once
@@ -257,7 +303,7 @@ class Listener(Origin):
                 in_a_row = 0
                 await trio.lowlevel.checkpoint()
 
-    def _over_limit(self) -> bool:
+    def over_limit(self) -> bool:
         limits = self.limits
         if self.config.max_connections and self.active >= self.config.max_connections:
             return True

@@ -7,4 +7,4 @@ def connect_inet(
 ) -> int: ...
 def epoll_ctl(epfd: int, op: int, fd: int, events: int, /) -> None: ...  # Linux only
 def epoll_ready(epfd: int, maxevents: int, /) -> list[int]: ...  # Linux only
-def accept_inet(fd: int, /) -> tuple[int, tuple[str, int]]: ...  # Linux only
+def accept_inet(fd: int, /) -> tuple[int, tuple[str, int]] | None: ...  # Linux only

@@ -38,7 +38,8 @@ EPOLLHUP, EPOLLERR). Where it is missing, the epoll backend packs
 
 `accept_inet(fd)` (Linux, with the helper; None elsewhere) accepts on an IPv4
 listening socket with `accept4(SOCK_NONBLOCK)`: `(client_fd, (host, port))`,
-the client's socket non-blocking already (listener.py).
+the client's socket non-blocking already, or None when no client is waiting
+(EAGAIN: an answer at the end of every accept batch, not an exception; listener.py).
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ connect_inet: Callable[[_socket.socket, int, tuple[object, ...], bool, bool], in
 with contextlib.suppress(ImportError):
     from trioanubis.proxy.io._sockcalls import connect_inet, recv_into, send
 BUILT: Final = recv_into is not _recv_into
-accept_inet: Callable[[int], tuple[int, tuple[str, int]]] | None = None
+accept_inet: Callable[[int], tuple[int, tuple[str, int]] | None] | None = None
 with contextlib.suppress(ImportError):
     from trioanubis.proxy.io._sockcalls import accept_inet
 epoll_ctl: Callable[[int, int, int, int], None] | None = None
