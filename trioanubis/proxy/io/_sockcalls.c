@@ -38,6 +38,7 @@ tested against the socket module's behaviour (tests/test_io.py).
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <stddef.h>
 #include <string.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -478,6 +479,36 @@ fail_result:
     close(client);
     return NULL;
 }
+
+/* listen_backlog(sock, fd) -> the clients waiting in a TCP listening socket's accept queue, -1 when
+   `fd` is no TCP listening socket (or the kernel will not say). Linux's TCP_INFO on a listening
+   socket puts the queue's length in tcpi_unacked. The listener counts before it accepts, because
+   an accept into an empty queue is the dearest call it makes: the kernel makes the new socket's
+   file before it looks at the queue, and frees it again (3.8 us of system time here, against
+   0.5 for this). `sock` is the socket object `fd` belongs to: only the fallback uses it
+   (sockcalls.py). Linux only: elsewhere the module has no listen_backlog. */
+static PyObject *
+listen_backlog(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    int fd;
+    struct tcp_info info;
+    socklen_t length = sizeof(info);
+
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "listen_backlog(sock, fd) takes 2 arguments");
+        return NULL;
+    }
+    if (as_fd(args[1], &fd) < 0) {
+        return NULL;
+    }
+    memset(&info, 0, sizeof(info));
+    if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &length) < 0
+        || length < (socklen_t)(offsetof(struct tcp_info, tcpi_unacked) + sizeof(info.tcpi_unacked))
+        || info.tcpi_state != TCP_LISTEN) {
+        return PyLong_FromLong(-1);
+    }
+    return PyLong_FromUnsignedLong((unsigned long)info.tcpi_unacked);
+}
 #endif
 
 static PyMethodDef methods[] = {
@@ -494,6 +525,8 @@ static PyMethodDef methods[] = {
      "epoll_ready(epfd, maxevents) -> [fd << 3 | read 1 | write 2 | hung up 4, ...], without waiting"},
     {"accept_inet", (PyCFunction)(void (*)(void))accept_inet, METH_FASTCALL,
      "accept_inet(fd) -> (client_fd, (host, port)), the client's socket non-blocking; None: none waiting"},
+    {"listen_backlog", (PyCFunction)(void (*)(void))listen_backlog, METH_FASTCALL,
+     "listen_backlog(sock, fd) -> clients waiting in a TCP listening socket's accept queue, -1: no such socket"},
 #endif
     {NULL, NULL, 0, NULL},
 };

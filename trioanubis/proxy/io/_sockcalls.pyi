@@ -8,3 +8,4 @@ def connect_inet(
 def epoll_ctl(epfd: int, op: int, fd: int, events: int, /) -> None: ...  # Linux only
 def epoll_ready(epfd: int, maxevents: int, /) -> list[int]: ...  # Linux only
 def accept_inet(fd: int, /) -> tuple[int, tuple[str, int]] | None: ...  # Linux only
+def listen_backlog(sock: _socket.socket, fd: int, /) -> int: ...  # Linux only

@@ -114,6 +114,10 @@ class Readiness:
     clock_offset: float
     # The relays' read buffer: one per backend (so per balancer), safe because one task runs at a time.
     scratch: memoryview
+    # How many times the dispatcher has taken its ready list (0 on a backend without one): a count that
+    # moves when the world may have, which tells the listener's `Acceptor` when a count it read of its
+    # waiting clients is still this moment's.
+    looks: int
 
     def now(self) -> float:
         """Trio's clock: connections stamp their times with it."""

@@ -185,6 +185,7 @@ class Poller(Readiness):
         self.caps = Capabilities("epoll", splice=hasattr(os, "splice"), reports_errors=True,
                                  edge_triggered=True)  # fmt: skip
         self.scratch = new_scratch()
+        self.looks = 0  # ready lists taken, empty or not
         self._epoll = select.epoll()
         self._epfd = self._epoll.fileno()
         self._readers: dict[int, trio.lowlevel.Task] = {}
@@ -440,6 +441,7 @@ class Poller(Readiness):
                 ready = _EPOLL_READY(epfd, MAX_EVENTS)
             else:
                 ready = ready_from(poll(0, MAX_EVENTS))
+            self.looks += 1
             if not ready:
                 if due or self._eofs:  # no batch to wait for: pass them on before sleeping
                     eofs, due, self._eofs = due + self._eofs, [], []

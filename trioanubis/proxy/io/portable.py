@@ -79,6 +79,7 @@ class PortableReadiness(Readiness):
         self.caps = Capabilities("portable", splice=False, reports_errors=False, edge_triggered=False)
         self.hung_up: set[int] = set()  # level-triggered: never needed, always empty
         self.scratch = new_scratch()
+        self.looks = 0  # no dispatcher
         self.clock: Callable[[], float] | None = trio.current_time  # until `run` takes the run's clock
         self.clock_offset = 0.0
         self._readers: dict[int, _Wait] = {}

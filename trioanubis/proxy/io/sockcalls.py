@@ -40,6 +40,11 @@ EPOLLHUP, EPOLLERR). Where it is missing, the epoll backend packs
 listening socket with `accept4(SOCK_NONBLOCK)`: `(client_fd, (host, port))`,
 the client's socket non-blocking already, or None when no client is waiting
 (EAGAIN: an answer at the end of every accept batch, not an exception; listener.py).
+
+`listen_backlog(sock, fd)` (Linux; None elsewhere) is how many clients wait in
+a TCP listening socket's accept queue (TCP_INFO's tcpi_unacked), -1 for any
+other socket: the listener counts before it accepts, since an accept into an
+empty queue costs the kernel a socket file made and freed (listener.py).
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ import _socket
 import contextlib
 import errno
 import socket
+import sys
 from collections.abc import Callable
 from typing import Final
 
@@ -55,7 +61,7 @@ from typing import Final
 _TCP_QUICKACK: Final[int] = getattr(socket, "TCP_QUICKACK", 0)
 
 __all__ = ["BUILT", "READY_HUNG_UP", "READY_READ", "READY_SHIFT", "READY_WRITE", "accept_inet",
-           "connect_inet", "connect_tcp", "epoll_ctl", "epoll_ready", "recv_into", "send"]
+           "connect_inet", "connect_tcp", "epoll_ctl", "epoll_ready", "listen_backlog", "recv_into", "send"]
 
 # What `epoll_ready` packs beside a descriptor (_sockcalls.c's values).
 READY_READ: Final = 1
@@ -93,6 +99,22 @@ def connect_tcp(sock: _socket.socket, fd: int, sockaddr: tuple[object, ...], del
     return code
 
 
+# Linux's TCP_INFO, and where `struct tcp_info` keeps the state (a byte) and tcpi_unacked (a u32).
+_TCP_INFO: Final[int] = getattr(socket, "TCP_INFO", 0)
+_TCP_LISTEN: Final = 10
+_UNACKED_AT: Final = 24
+
+
+def _listen_backlog(sock: _socket.socket, fd: int) -> int:
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 104)
+    except OSError:
+        return -1
+    if len(info) < _UNACKED_AT + 4 or info[0] != _TCP_LISTEN:
+        return -1
+    return int.from_bytes(info[_UNACKED_AT:_UNACKED_AT + 4], sys.byteorder)
+
+
 def _loopback(host: object) -> bool:
     return isinstance(host, str) and (host.startswith("127.") or host == "::1")
 
@@ -107,6 +129,11 @@ BUILT: Final = recv_into is not _recv_into
 accept_inet: Callable[[int], tuple[int, tuple[str, int]] | None] | None = None
 with contextlib.suppress(ImportError):
     from trioanubis.proxy.io._sockcalls import accept_inet
+# Linux (TCP_INFO): the helper's, else the socket's getsockopt; None elsewhere.
+listen_backlog: Callable[[_socket.socket, int], int] | None = (
+    _listen_backlog if sys.platform.startswith("linux") and _TCP_INFO else None)
+with contextlib.suppress(ImportError):
+    from trioanubis.proxy.io._sockcalls import listen_backlog
 epoll_ctl: Callable[[int, int, int, int], None] | None = None
 with contextlib.suppress(ImportError):
     from trioanubis.proxy.io._sockcalls import epoll_ctl
