@@ -248,3 +248,154 @@ async def test_a_second_stop_while_clients_arrive_loses_no_connection(nursery: t
     assert sum(balancer.access.counts.values()) == balancer.limits.accepted
     assert not connection_tasks()
     assert open_fds() <= fds
+
+
+# A task that ends its connection takes a client waiting in the backlog itself (`Crew.take`, the
+# listener's `Acceptor`), and the listener counts its backlog before accepting (Linux).
+
+
+def queued_clients(sock: Any, count: int) -> list[Any]:
+    """`count` blocking clients connected to the listening `sock` (in its accept queue), each
+    having sent one byte."""
+    import socket
+
+    clients = []
+    for _ in range(count):
+        client = socket.create_connection(sock.getsockname())
+        client.sendall(b"q")
+        clients.append(client)
+    return clients
+
+
+def listening() -> Any:
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    sock.setblocking(False)
+    return sock
+
+
+def counting() -> bool:
+    from trioanubis.proxy.io import sockcalls
+
+    return sockcalls.listen_backlog is not None
+
+
+async def test_a_task_that_ends_its_connection_goes_on_with_the_clients_waiting(
+    nursery: trio.Nursery,
+) -> None:
+    if not counting():
+        pytest.skip("the backlog is counted on Linux only: elsewhere a task never takes a client")
+    from trioanubis.proxy.listener import Acceptor
+
+    backend = await start_backend(nursery, echo_handler)
+    async with running_balancer(config_for([backend.address])) as (balancer, _):
+        listener = balancer.listeners["test"]
+        with listening() as sock:
+            # A socket nobody accepts from but the one task below: each client it serves, it took.
+            acceptor = Acceptor(listener, sock)
+            crew = Crew()
+            crew.nursery = nursery
+            crew.take = acceptor.take
+            clients = queued_clients(sock, 3)
+            await wait_until(lambda: acceptor.count() == 3)
+            first = acceptor.next()
+            assert first is not None and acceptor.waiting == 2
+            tasks_before = len(connection_tasks())
+            nursery.start_soon(connection_module.run_connections, crew, first, name=CONNECTION_TASK_NAME)
+            for client in clients:
+                client.settimeout(30)
+                assert await trio.to_thread.run_sync(client.recv, 1) == b"q"  # served, in turn
+                client.close()
+            await wait_until(lambda: len(crew.idle) == 1)  # all three served, then it parked
+            assert len(connection_tasks()) == tasks_before + 1 and crew.spawned == 0
+            assert sock.getsockname() and acceptor.count() == 0
+            crew.close()
+        await wait_until(lambda: balancer.limits.active == 0)
+
+
+async def test_the_listener_accepts_only_counted_clients(nursery: trio.Nursery) -> None:
+    if not counting():
+        pytest.skip("the backlog is counted on Linux only")
+    from trioanubis.proxy.listener import Acceptor
+
+    backend = await start_backend(nursery, echo_handler)
+    async with running_balancer(config_for([backend.address])) as (balancer, address):
+        listener = balancer.listeners["test"]
+        with listening() as sock:
+            acceptor = Acceptor(listener, sock)
+            accepts = []
+
+            def recorded(call: Any) -> Any:
+                def accept(*args: Any) -> Any:
+                    try:
+                        result = call(*args)
+                    except BlockingIOError:
+                        result = None
+                        raise
+                    finally:
+                        accepts.append(result)
+                    return result
+
+                return accept
+
+            if acceptor.accept_inet is not None:
+                acceptor.accept_inet = recorded(acceptor.accept_inet)
+            acceptor.accept = recorded(acceptor.accept)
+            assert acceptor.next() is None and accepts == []  # none counted: no accept at all
+            clients = queued_clients(sock, 3)
+            await wait_until(lambda: acceptor.count() == 3)
+            conns = [acceptor.next() for _ in range(3)]
+            assert all(conn is not None for conn in conns)
+            assert acceptor.next() is None
+            assert len(accepts) == 3 and None not in accepts  # never one into an empty queue
+            # A count is a moment's: a client taken by another leaves the count, and ends it.
+            more = queued_clients(sock, 1)
+            await wait_until(lambda: acceptor.count() == 1)
+            other = acceptor.accept_inet or acceptor.accept
+            if acceptor.accept_inet is not None:
+                taken = other(acceptor.listen_fd)
+                os.close(taken[0])
+            else:
+                os.close(other()[0])
+            accepts.clear()
+            assert acceptor.next() is None and accepts == [None] and acceptor.waiting == 0
+            # A task counts at most once per look of the dispatcher at its ready list.
+            queued = queued_clients(sock, 1)
+            await wait_until(lambda: acceptor.count() == 1)
+            acceptor.waiting = 0  # as if counted empty just before the client came
+            looks = balancer.poller.looks
+            assert acceptor.take() is None  # counted at this look already
+            poke = await connect(address)  # events for the dispatcher: it looks at its ready list
+            await poke.send_all(b"p")
+            assert await poke.receive_some(1) == b"p"
+            await poke.aclose()
+            assert balancer.poller.looks != looks
+            taken_conn = acceptor.take()
+            assert taken_conn is not None
+            for conn in [*conns, taken_conn]:
+                conn.close()
+            for client in [*clients, *more, *queued]:
+                client.close()
+        await wait_until(lambda: balancer.limits.active == 0)
+
+
+async def test_a_count_that_says_none_while_a_client_waits_cannot_stall_the_listener(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wrong count (always 0) must not make the listener wait forever, nor spin: the next wake-up
+    after one that counted none accepts without counting."""
+    from trioanubis.proxy.io import sockcalls
+
+    monkeypatch.setattr(sockcalls, "listen_backlog", lambda sock, fd: 0)
+    backend = await start_backend(nursery, echo_handler)
+    async with running_balancer(config_for([backend.address])) as (balancer, address):
+        with trio.fail_after(30):
+            for _ in range(5):
+                stream = await connect(address)
+                await stream.send_all(b"x")
+                assert await stream.receive_some(1) == b"x"
+                await stream.aclose()
+        await wait_until(lambda: balancer.limits.active == 0)

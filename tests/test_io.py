@@ -18,6 +18,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -1013,3 +1014,34 @@ def test_the_c_helpers_accept_refuses_an_ipv6_listener_without_leaking_the_clien
             with pytest.raises(ValueError, match="not an IPv4 socket"):
                 sockcalls.accept_inet(listener.fileno())
             assert len(os.listdir("/proc/self/fd")) == before
+
+
+@pytest.mark.parametrize("form", ["helper", "pure"])
+def test_listen_backlog_counts_the_clients_waiting_and_refuses_other_sockets(form: str) -> None:
+    if sockcalls.listen_backlog is None:
+        pytest.skip("the backlog is counted on Linux only (TCP_INFO)")
+    if form == "helper" and not sockcalls.BUILT:
+        pytest.skip("the C helper is not built here")
+    count = sockcalls.listen_backlog if form == "helper" else sockcalls._listen_backlog
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        assert count(listener, listener.fileno()) == 0
+        clients = [socket.create_connection(listener.getsockname()) for _ in range(3)]
+        deadline = time.monotonic() + 30
+        while count(listener, listener.fileno()) != 3:  # the handshake's last ACK lands in the queue
+            assert time.monotonic() < deadline
+            select.select([], [], [], 0.01)
+        accepted, _ = listener.accept()
+        assert count(listener, listener.fileno()) == 2
+        for sock in [accepted, clients[0]]:  # connected TCP sockets: not listening
+            assert count(sock, sock.fileno()) == -1
+        for client in clients:
+            client.close()
+        accepted.close()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        assert count(udp, udp.fileno()) == -1
+    closed = socket.socket()
+    fd = closed.fileno()
+    closed.close()
+    assert count(closed, fd) == -1
