@@ -114,8 +114,8 @@ MAX_EVENTS: Final = 1024
 # Trio's own I/O (accepts, health checks) waits. Measured at wrk -c10 through
 # two nginx backends: added p99 1.1-1.3 ms with 8 batches (~40 events), 0.8 ms here.
 EVENTS_PER_CHECKPOINT: Final = 256
-# A batch this small that woke a task is a low rate: the dispatcher sleeps in Trio's epoll at once
-# instead of letting the woken tasks run and looking again (the look finds nothing at a low rate).
+# A batch this small, right after a sleep, that woke a task is a low rate: the dispatcher sleeps in
+# Trio's epoll at once instead of letting the woken tasks run and looking again (to find nothing).
 FEW_EVENTS: Final = 4
 # Linux's values, read with a default so that importing this module works
 # where epoll does not exist (only `Poller()` needs it).
@@ -436,6 +436,7 @@ class Poller(Readiness):
         self.take_clock(trio.lowlevel.current_clock())
         handled = 0  # events handled without waking a task, since the last checkpoint
         due: list[tuple[Relay, Direction]] = []  # first EOFs read before this batch: passed on after it
+        slept = False  # this batch woke the dispatcher from a sleep in Trio's epoll
         while True:
             if self._held:
                 held, self._held = self._held, []
@@ -455,7 +456,9 @@ class Poller(Readiness):
                     await trio.lowlevel.wait_readable(epfd)
                 finally:
                     self._sleeping = False
+                slept = True
                 continue
+            rested, slept = slept, False
             woke = False
             for entry in ready:  # fd << READY_SHIFT | what its events say (sockcalls.py)
                 fd = entry >> READY_SHIFT
@@ -490,10 +493,11 @@ class Poller(Readiness):
             handled += len(ready)
             if woke or handled >= EVENTS_PER_CHECKPOINT:
                 handled = 0
-                if woke and len(ready) <= FEW_EVENTS:
-                    # Few events: sleep in Trio's epoll at once. The woken tasks run first, and an
-                    # event that comes meanwhile wakes the dispatcher at the next turn; a checkpoint
-                    # and a look that finds nothing would be a step more per wake-up at a low rate.
+                if woke and rested and len(ready) <= FEW_EVENTS:
+                    # Woken from a sleep for a few events: a low rate, where a look after the woken
+                    # tasks ran would find nothing, a dispatcher step more per wake-up. Sleep in
+                    # Trio's epoll at once: the woken tasks run first, and an event that comes
+                    # meanwhile wakes the dispatcher at the next turn.
                     if due:
                         self._pass_eofs(due)
                         due = []
@@ -502,6 +506,7 @@ class Poller(Readiness):
                         await trio.lowlevel.wait_readable(epfd)
                     finally:
                         self._sleeping = False
+                    slept = True
                     continue
                 # Let the woken tasks (and Trio's own I/O) run, then look again
                 # without re-arming Trio's epoll.
