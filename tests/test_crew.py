@@ -386,7 +386,8 @@ async def test_a_count_that_says_none_while_a_client_waits_cannot_stall_the_list
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A wrong count (always 0) must not make the listener wait forever, nor spin: the next wake-up
-    after one that counted none accepts without counting."""
+    after one that counted none accepts all the same, and after three clients found where none were
+    counted, the listener stops counting."""
     from trioanubis.proxy.io import sockcalls
 
     monkeypatch.setattr(sockcalls, "listen_backlog", lambda sock, fd: 0)
@@ -399,3 +400,88 @@ async def test_a_count_that_says_none_while_a_client_waits_cannot_stall_the_list
                 assert await stream.receive_some(1) == b"x"
                 await stream.aclose()
         await wait_until(lambda: balancer.limits.active == 0)
+        take = balancer.listeners["test"].crew.take
+        assert take is not None and take.__self__.backlog is None  # no longer asked
+
+
+# From the hostile review of tasks that take clients: a burst whose connections end at once, and
+# a listener that stops.
+
+
+@pytest.mark.parametrize("io", ["epoll", "portable"])
+@pytest.mark.parametrize("why", ["no_server", "client_reset"])
+async def test_a_burst_of_clients_that_end_at_once_is_not_served_in_one_turn(
+    nursery: trio.Nursery, why: str, io: str
+) -> None:
+    """Clients whose connections end without waiting for anything, queued at once: every server
+    down, or each client reset before its task read it (anyone can send that). The accept loop and
+    the tasks that take clients share one allowance per step of the loop (ACCEPTS_PER_CHECKPOINT),
+    so the other tasks keep running: a heartbeat task counts the connections ended between two of
+    its own steps."""
+    import socket
+    import struct
+
+    backend = await start_backend(nursery, echo_handler)
+    count = 600
+    async with running_balancer(config_for([backend.address], settings={"io": io})) as (balancer, address):
+        pool = balancer.pools["test"]
+        if why == "no_server":
+            pool.mark_down(pool.servers[0], "test")
+
+        def ended_now() -> int:
+            return sum(balancer.access.counts.values())
+
+        most = 0
+        done = trio.Event()
+
+        async def heartbeat() -> None:
+            nonlocal most
+            last = ended_now()
+            while not done.is_set():
+                await trio.lowlevel.checkpoint()
+                now = ended_now()
+                most, last = max(most, now - last), now
+
+        nursery.start_soon(heartbeat)
+        await trio.lowlevel.checkpoint()
+        # Queued while this task holds the event loop: the kernel completes the handshakes.
+        clients = [socket.create_connection((address.host, address.port)) for _ in range(count)]
+        if why == "client_reset":
+            for client in clients:  # an RST each: the accepted socket's first read fails
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                client.close()
+        try:
+            await wait_until(lambda: ended_now() == count, timeout=60)
+        finally:
+            done.set()
+            for client in clients:
+                client.close()
+        assert balancer.access.counts == {why: count}
+        assert most <= 4 * 64, most
+
+
+async def test_a_listener_that_stops_lets_no_task_take_a_client(nursery: trio.Nursery) -> None:
+    """A reload that removes a listener, and a stop, stop it (`Listener.stop`); its socket closes
+    when its accept loop next runs. A connection task of that listener that ends in between must
+    not accept: the crew's `take` is gone at once."""
+    import socket
+
+    if not counting():
+        pytest.skip("the backlog is counted on Linux only")
+    backend = await start_backend(nursery, echo_handler)
+    async with running_balancer(config_for([backend.address])) as (balancer, address):
+        listener = balancer.listeners["test"]
+        accepted = listener.accepted
+        take = listener.crew.take
+        assert take is not None
+        acceptor = take.__self__
+        # Queued while this task holds the event loop: the accept loop cannot see it yet.
+        client = socket.create_connection((address.host, address.port))
+        deadline = trio.current_time() + 30
+        while acceptor.count() != 1:  # the handshake's last ACK lands in the queue
+            assert trio.current_time() < deadline
+        listener.stop()  # what a reload that removes it, and a stop, do
+        assert listener.crew.take is None  # what a task that ends now reads: it takes nothing
+        await listener.closed.wait()
+        assert listener.accepted == accepted  # the waiting client was never accepted
+        client.close()

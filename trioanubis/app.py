@@ -293,6 +293,8 @@ class Balancer:
                 await self._shutdown.wait()
                 await self._keep_accepting()
                 self.limits.draining = True
+                for listener in self.listeners.values():
+                    listener.stop()
                 accepting.cancel_scope.cancel()
             await self._drain()
             connections.cancel_scope.cancel()

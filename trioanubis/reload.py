@@ -230,7 +230,7 @@ async def apply_config(running: Running, new: Config) -> None:
     failed = [name for name in changes.listeners_bound
               if not await _bind_listener(running, name, new.listeners[name])]  # fmt: skip
     for name in changes.listeners_removed:
-        running.listeners.pop(name).scope.cancel()
+        running.listeners.pop(name).stop()
         log.info("reload: listener %s removed", name)
     _remove_pools(running, changes.pools_removed)
     running.access.enabled = new.settings.access_log
@@ -276,7 +276,7 @@ async def _bind_listener(running: Running, name: str, config: ListenerConfig) ->
             return False
         log.warning("reload: listener %s: %s is held by its own old socket; closing that one first "
                     "(connections arriving meanwhile are refused)", name, config.bind)  # fmt: skip
-        old.scope.cancel()
+        old.stop()
         await old.closed.wait()
         try:
             listener = await running.start_listener(config)
@@ -290,7 +290,7 @@ async def _bind_listener(running: Running, name: str, config: ListenerConfig) ->
             return False
     else:
         if old is not None:
-            old.scope.cancel()
+            old.stop()
     running.listeners[name] = listener
     log.info("reload: listener %s on %s", name, listener.bound)
     return True

@@ -70,11 +70,6 @@ CONNECTION_TASK_NAME: Final = "trioanubis.connection"
 Stage = Callable[["Connection"], Awaitable[bool]]
 
 
-# Clients a connection task takes from the backlog in a row (each after its last connection ended)
-# before it parks once: a connection that ends without waiting for anything (no server, refused at
-# once) would otherwise let one task drain the backlog in a single step. The accept loop's bound.
-TAKEN_IN_A_ROW: Final = 64
-
 # Idle tasks a listener's crew keeps for its next clients: each a parked task (2.5-2.8 KiB,
 # tracemalloc), so at most 0.7 MiB per listener.
 IDLE_TASKS: Final = 256
@@ -103,7 +98,8 @@ class Crew:
         self.spawned = 0  # tasks started, ever (the rest of the connections ran in idle ones)
         self.nursery: trio.Nursery | None = None  # where connection tasks run (outlives the listener)
         # The listener's accept, once it accepts (listener.py's `Acceptor.take`): a client waiting
-        # in the backlog, accepted and admitted now, or None.
+        # in the backlog, accepted and admitted now, or None (it bounds how many between two steps
+        # of its accept loop).
         self.take: Callable[[], Connection | None] | None = None
 
     def run(self, conn: Connection) -> None:
@@ -162,7 +158,6 @@ async def run_connections(crew: Crew, conn: Connection | None) -> None:
     """A connection task: the connection it was started for, then each one its crew hands it, from
     accept to close (see the module docstring), until the crew has enough idle tasks or closed."""
     berth: Berth | None = None
-    taken = 0  # clients taken in a row without parking idle
     while conn is not None:
         with conn:
             opened = True
@@ -175,12 +170,10 @@ async def run_connections(crew: Crew, conn: Connection | None) -> None:
         conn = None  # nothing of the connection is kept while idle
         if crew.closed:
             return
-        if crew.take is not None and taken < TAKEN_IN_A_ROW:
+        if crew.take is not None:
             conn = crew.take()  # a client waiting already: its connection, in this step
             if conn is not None:
-                taken += 1
                 continue
-        taken = 0
         if len(crew.idle) >= crew.most:
             return
         if berth is None:

@@ -127,6 +127,11 @@ class Acceptor:
     that finds none ends the count. A task counts again only after the
     dispatcher has looked at its ready list since the last count (`looks`):
     at most once per batch of events, not once per connection that ends.
+    The tasks take at most `allowance` clients between two steps of the
+    accept loop (which resets it to ACCEPTS_PER_CHECKPOINT), so a burst of
+    clients whose connections end at once (no server, a reset) is not served
+    in one turn of Trio's loop. A kernel whose count is wrong (a client
+    accepted where it counted none, three times) is no longer asked.
 
     What each accept costs is kept small: the socket object is made from the
     accepted descriptor with the listener's family and type as plain numbers
@@ -137,8 +142,9 @@ class Acceptor:
     (Linux), it is set once on the listening socket.
     """
 
-    __slots__ = ("accept", "accept_inet", "backlog", "family", "kind", "listen_fd", "listen_sock",
-                 "listener", "looked", "nodelay", "poller", "proto", "waiting")  # fmt: skip
+    __slots__ = ("accept", "accept_inet", "allowance", "backlog", "family", "kind", "listen_fd",
+                 "listen_sock", "listener", "looked", "miscounts", "nodelay", "poller", "proto",
+                 "waiting")  # fmt: skip
 
     def __init__(self, listener: Listener, sock: socket.socket) -> None:
         self.listener = listener
@@ -157,6 +163,8 @@ class Acceptor:
         self.backlog = backlog if backlog is not None and backlog(sock, self.listen_fd) >= 0 else None
         self.waiting = 0  # clients counted and not accepted since
         self.looked = -1  # the poller's `looks` at the last count
+        self.allowance = ACCEPTS_PER_CHECKPOINT  # takes left to the tasks until the loop's next step
+        self.miscounts = 0  # clients accepted where the kernel counted none
 
     def count(self) -> int:
         """Count the clients waiting now (`backlog` is set)."""
@@ -165,18 +173,22 @@ class Acceptor:
         self.waiting = max(self.backlog(self.listen_sock, self.listen_fd), 0)
         return self.waiting
 
-    def next(self, *, uncounted: bool = False) -> Connection | None:
+    def next(self, *, doubt: bool = False) -> Connection | None:
         """The next waiting client that the listener admits, as its `Connection` (which holds its
-        counts from now); None when none is waiting. `uncounted`: the first accept is made without
-        a count. Raises the accept's OSError."""
+        counts from now); None when none is waiting. `doubt`: the first accept is made even if the
+        count says none. Raises the accept's OSError."""
         listener = self.listener
         addr: tuple[Any, ...]
         while True:
-            if self.backlog is not None and not uncounted:
+            miscounted = False
+            if self.backlog is not None:
                 if self.waiting == 0 and self.count() == 0:
-                    return None
-                self.waiting -= 1
-            uncounted = False
+                    if not doubt:
+                        return None
+                    miscounted = True
+                else:
+                    self.waiting -= 1
+            doubt = False
             if self.accept_inet is not None:
                 accepted = self.accept_inet(self.listen_fd)
                 if accepted is None:  # another took it: the count is over
@@ -189,6 +201,8 @@ class Acceptor:
                 except BlockingIOError:
                     self.waiting = 0
                     return None
+            if miscounted:
+                self._miscounted()
             # The C type: see connect.py's `as_stdlib`.
             client = _socket.socket(self.family, self.kind, self.proto, fd)
             if listener.backoff.overloaded:
@@ -212,14 +226,26 @@ class Acceptor:
                 client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             return Connection(listener, client, addr, listener.pool, counted or None)
 
+    def _miscounted(self) -> None:
+        """A client was accepted where the kernel counted none: a count can miss one that arrived
+        between the count and the accept, but not three times; then stop asking."""
+        self.miscounts += 1
+        if self.miscounts >= 3:
+            self.backlog = None
+            self.waiting = 0
+            log.warning("listener %s: the kernel's count of waiting clients is wrong here; accepting "
+                        "until none is left instead", self.listener.name)  # fmt: skip
+
     def take(self) -> Connection | None:
         """A waiting client for a connection task between two connections, or None: only a counted
-        one (where nothing counts, none), and a count is made at most once per look of the
-        dispatcher. A shortage (EMFILE and the like) is left to the accept loop to back off from."""
-        if self.backlog is None:
+        one (where nothing counts, none), a count made at most once per look of the dispatcher, and
+        at most `allowance` between two steps of the accept loop. A shortage (EMFILE and the like)
+        is left to the accept loop to back off from."""
+        if self.backlog is None or self.allowance <= 0:
             return None
         if self.waiting == 0 and (self.looked == self.poller.looks or self.count() == 0):
             return None
+        self.allowance -= 1
         try:
             return self.next()
         except OSError:
@@ -295,8 +321,8 @@ class Listener(Origin):
                 task_status.started(self.bound)
                 await self._accept_loop(sock)
             finally:
+                self.crew.close()  # first: no task takes a client once the descriptor is closed
                 close_socket(sock)
-                self.crew.close()
                 self.closed.set()
 
     async def bind(self) -> None:
@@ -322,18 +348,21 @@ class Listener(Origin):
         crew.take = acceptor.take  # a task that ends its connection takes the next waiting client
         in_a_row = 0
         # Woken for a client and none counted (a task took it first): the count is trusted once; the
-        # next such wake-up accepts without counting, so a wrong count cannot make the wait a loop.
+        # next such wake-up accepts even when the count says none, so a wrong count cannot make the
+        # wait a loop.
         woke = doubt = False
         while True:
             try:
-                conn = acceptor.next(uncounted=doubt)
+                conn = acceptor.next(doubt=doubt)
             except OSError as exc:
                 await backoff.back_off(exc)
+                acceptor.allowance = ACCEPTS_PER_CHECKPOINT
                 continue
             if conn is None:  # none waiting: wait for the next client
                 doubt = woke and not doubt
                 in_a_row = 0
                 await trio.lowlevel.wait_readable(sock)
+                acceptor.allowance = ACCEPTS_PER_CHECKPOINT
                 woke = True
                 continue
             woke = doubt = False
@@ -346,6 +375,13 @@ class Listener(Origin):
             if in_a_row >= ACCEPTS_PER_CHECKPOINT:
                 in_a_row = 0
                 await trio.lowlevel.checkpoint()
+                acceptor.allowance = ACCEPTS_PER_CHECKPOINT
+
+    def stop(self) -> None:
+        """Stop accepting now: the accept loop is cancelled (the socket closes when it next runs),
+        and from this moment no connection task takes a client that is waiting (`Crew.take`)."""
+        self.crew.take = None
+        self.scope.cancel()
 
     def over_limit(self) -> bool:
         limits = self.limits
