@@ -508,9 +508,7 @@ async def test_accept_survives_running_out_of_file_descriptors(tmp_path: Path) -
         async with anubis("run", "-c", str(config)) as process:
             # Started, known from its log rather than by connecting: a probe connection would
             # still hold one or two descriptors while we count them (and descriptors opened
-            # during start-up would not be counted yet). The count must be exact: with an odd
-            # number of free slots every accept succeeds (each client is then closed for want
-            # of a server socket), so "accept failed" never comes.
+            # during start-up would not be counted yet).
             assert process.stderr is not None
             seen = b""
             with trio.fail_after(30):
@@ -519,16 +517,28 @@ async def test_accept_survives_running_out_of_file_descriptors(tmp_path: Path) -
                     assert data, seen.decode(errors="replace")  # it exited: say why
                     seen += data
             in_use = len(os.listdir(f"/proc/{process.pid}/fd"))
-            resource.prlimit(process.pid, resource.RLIMIT_NOFILE, (in_use + 6, in_use + 6))
             address = Address("127.0.0.1", port)
             held: list[trio.SocketStream] = []
             try:
-                for _ in range(6):  # 3 fit (2 fds each); the rest wait in the backlog
+                for _ in range(3):  # served: each holds a client's and a server's socket
+                    held.append(stream := await connect(address))
+                    await stream.send_all(b"x")
+                    assert await stream.receive_some(1) == b"x"
+                # Not one descriptor more (the limit at the lowest free number), so that every
+                # accept fails. A limit with a free slot or three would let accepts succeed and
+                # connects fail instead, as whoever accepts first and connects later decides, and
+                # "accept failed" might never come.
+                used = {int(name) for name in os.listdir(f"/proc/{process.pid}/fd")}
+                lowest_free = min(set(range(max(used) + 2)) - used)
+                soft, hard = resource.prlimit(process.pid, resource.RLIMIT_NOFILE)
+                resource.prlimit(process.pid, resource.RLIMIT_NOFILE, (lowest_free, hard))
+                for _ in range(3):  # these wait in the backlog
                     held.append(stream := await connect(address))
                     await stream.send_all(b"x")
                 with trio.fail_after(30):
                     while b"accept failed" not in seen:
                         seen += await process.stderr.receive_some()
+                resource.prlimit(process.pid, resource.RLIMIT_NOFILE, (soft, hard))
                 # That the loop backs off rather than spins is proved on Trio's MockClock below
                 # (test_accept_backs_off_between_retries_while_out_of_descriptors).
                 for stream in held[:3]:
