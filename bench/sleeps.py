@@ -11,7 +11,8 @@ that instruction counts do not, e.g. why two workers on two shared cores
 cost more per connection than one. Each contender of compare.py runs
 behind the same two nginx backends under `wrk -t1 -c50`; while it does,
 `perf stat` counts, in the balancer's processes only, the kernel's
-tracepoints for `epoll_wait`, `epoll_ctl` and `accept4` entries and for
+tracepoints for `epoll_wait`, `epoll_ctl`, `accept4` and `getsockopt` (the
+listener's count of its backlog) entries and for
 context switches (`sched:sched_switch`, the process switched out). Printed
 per unit, with the CPU per unit /proc gives, and the supervisor's share
 for a contender with workers.
@@ -38,6 +39,7 @@ EVENTS = {
     "syscalls:sys_enter_epoll_wait": "epoll_wait",
     "syscalls:sys_enter_epoll_ctl": "epoll_ctl",
     "syscalls:sys_enter_accept4": "accept4",
+    "syscalls:sys_enter_getsockopt": "getsockopt",
     "sched:sched_switch": "switched out",
 }
 
