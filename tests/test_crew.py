@@ -283,103 +283,101 @@ def counting() -> bool:
     return sockcalls.listen_backlog is not None
 
 
-async def test_a_task_that_ends_its_connection_goes_on_with_the_clients_waiting(
-    nursery: trio.Nursery,
-) -> None:
+@asynccontextmanager
+async def own_acceptor(nursery: trio.Nursery) -> AsyncIterator[tuple[Balancer, Any, Any]]:
+    """A running balancer, and an `Acceptor` of its listener on a listening socket of the test's own
+    that nobody else accepts from: yield the balancer, its address and the acceptor."""
     if not counting():
         pytest.skip("the backlog is counted on Linux only: elsewhere a task never takes a client")
     from trioanubis.proxy.listener import Acceptor
 
     backend = await start_backend(nursery, echo_handler)
-    async with running_balancer(config_for([backend.address])) as (balancer, _):
-        listener = balancer.listeners["test"]
+    async with running_balancer(config_for([backend.address])) as (balancer, address):
         with listening() as sock:
-            # A socket nobody accepts from but the one task below: each client it serves, it took.
-            acceptor = Acceptor(listener, sock)
-            crew = Crew()
-            crew.nursery = nursery
-            crew.take = acceptor.take
-            clients = queued_clients(sock, 3)
-            await wait_until(lambda: acceptor.count() == 3)
-            first = acceptor.next()
-            assert first is not None and acceptor.waiting == 2
-            tasks_before = len(connection_tasks())
-            nursery.start_soon(connection_module.run_connections, crew, first, name=CONNECTION_TASK_NAME)
-            for client in clients:
-                client.settimeout(30)
-                assert await trio.to_thread.run_sync(client.recv, 1) == b"q"  # served, in turn
-                client.close()
-            await wait_until(lambda: len(crew.idle) == 1)  # all three served, then it parked
-            assert len(connection_tasks()) == tasks_before + 1 and crew.spawned == 0
-            assert sock.getsockname() and acceptor.count() == 0
-            crew.close()
+            yield balancer, address, Acceptor(balancer.listeners["test"], sock)
         await wait_until(lambda: balancer.limits.active == 0)
+
+
+async def test_a_task_that_ends_its_connection_goes_on_with_the_clients_waiting(
+    nursery: trio.Nursery,
+) -> None:
+    async with own_acceptor(nursery) as (_, _, acceptor):
+        # Each client the one task below serves, it took: nobody else accepts from this socket.
+        crew = Crew()
+        crew.nursery = nursery
+        crew.take = acceptor.take
+        clients = queued_clients(acceptor.listen_sock, 3)
+        await wait_until(lambda: acceptor.count() == 3)
+        first = acceptor.next()
+        assert first is not None and acceptor.waiting == 2
+        tasks_before = len(connection_tasks())
+        nursery.start_soon(connection_module.run_connections, crew, first, name=CONNECTION_TASK_NAME)
+        for client in clients:
+            client.settimeout(30)
+            assert await trio.to_thread.run_sync(client.recv, 1) == b"q"  # served, in turn
+            client.close()
+        await wait_until(lambda: len(crew.idle) == 1)  # all three served, then it parked
+        assert len(connection_tasks()) == tasks_before + 1 and crew.spawned == 0
+        assert acceptor.count() == 0
+        crew.close()
 
 
 async def test_the_listener_accepts_only_counted_clients(nursery: trio.Nursery) -> None:
-    if not counting():
-        pytest.skip("the backlog is counted on Linux only")
-    from trioanubis.proxy.listener import Acceptor
+    async with own_acceptor(nursery) as (balancer, address, acceptor):
+        sock = acceptor.listen_sock
+        accepts = []
 
-    backend = await start_backend(nursery, echo_handler)
-    async with running_balancer(config_for([backend.address])) as (balancer, address):
-        listener = balancer.listeners["test"]
-        with listening() as sock:
-            acceptor = Acceptor(listener, sock)
-            accepts = []
+        def recorded(call: Any) -> Any:
+            def accept(*args: Any) -> Any:
+                try:
+                    result = call(*args)
+                except BlockingIOError:
+                    result = None
+                    raise
+                finally:
+                    accepts.append(result)
+                return result
 
-            def recorded(call: Any) -> Any:
-                def accept(*args: Any) -> Any:
-                    try:
-                        result = call(*args)
-                    except BlockingIOError:
-                        result = None
-                        raise
-                    finally:
-                        accepts.append(result)
-                    return result
+            return accept
 
-                return accept
-
-            if acceptor.accept_inet is not None:
-                acceptor.accept_inet = recorded(acceptor.accept_inet)
-            acceptor.accept = recorded(acceptor.accept)
-            assert acceptor.next() is None and accepts == []  # none counted: no accept at all
-            clients = queued_clients(sock, 3)
-            await wait_until(lambda: acceptor.count() == 3)
-            conns = [acceptor.next() for _ in range(3)]
-            assert all(conn is not None for conn in conns)
-            assert acceptor.next() is None
-            assert len(accepts) == 3 and None not in accepts  # never one into an empty queue
-            # A count is a moment's: a client taken by another leaves the count, and ends it.
-            more = queued_clients(sock, 1)
-            await wait_until(lambda: acceptor.count() == 1)
-            other = acceptor.accept_inet or acceptor.accept
-            if acceptor.accept_inet is not None:
-                taken = other(acceptor.listen_fd)
-                os.close(taken[0])
-            else:
-                os.close(other()[0])
-            accepts.clear()
-            assert acceptor.next() is None and accepts == [None] and acceptor.waiting == 0
-            # A task counts at most once per look of the dispatcher at its ready list.
-            queued = queued_clients(sock, 1)
-            await wait_until(lambda: acceptor.count() == 1)
-            acceptor.waiting = 0  # as if counted empty just before the client came
-            looks = balancer.poller.looks
-            assert acceptor.take() is None  # counted at this look already
-            poke = await connect(address)  # events for the dispatcher: it looks at its ready list
-            await poke.send_all(b"p")
-            assert await poke.receive_some(1) == b"p"
-            await poke.aclose()
-            assert balancer.poller.looks != looks
-            taken_conn = acceptor.take()
-            assert taken_conn is not None
-            for conn in [*conns, taken_conn]:
-                conn.close()
-            for client in [*clients, *more, *queued]:
-                client.close()
-        await wait_until(lambda: balancer.limits.active == 0)
+        if acceptor.accept_inet is not None:
+            acceptor.accept_inet = recorded(acceptor.accept_inet)
+        acceptor.accept = recorded(acceptor.accept)
+        assert acceptor.next() is None and accepts == []  # none counted: no accept at all
+        clients = queued_clients(sock, 3)
+        await wait_until(lambda: acceptor.count() == 3)
+        conns = [acceptor.next() for _ in range(3)]
+        assert all(conn is not None for conn in conns)
+        assert acceptor.next() is None
+        assert len(accepts) == 3 and None not in accepts  # never one into an empty queue
+        # A count is a moment's: a client taken by another leaves the count, and ends it.
+        more = queued_clients(sock, 1)
+        await wait_until(lambda: acceptor.count() == 1)
+        other = acceptor.accept_inet or acceptor.accept
+        if acceptor.accept_inet is not None:
+            taken = other(acceptor.listen_fd)
+            os.close(taken[0])
+        else:
+            os.close(other()[0])
+        accepts.clear()
+        assert acceptor.next() is None and accepts == [None] and acceptor.waiting == 0
+        # A task counts at most once per look of the dispatcher at its ready list.
+        queued = queued_clients(sock, 1)
+        await wait_until(lambda: acceptor.count() == 1)
+        acceptor.waiting = 0  # as if counted empty just before the client came
+        looks = balancer.poller.looks
+        assert acceptor.take() is None  # counted at this look already
+        poke = await connect(address)  # events for the dispatcher: it looks at its ready list
+        await poke.send_all(b"p")
+        assert await poke.receive_some(1) == b"p"
+        await poke.aclose()
+        assert balancer.poller.looks != looks
+        taken_conn = acceptor.take()
+        assert taken_conn is not None
+        for conn in [*conns, taken_conn]:
+            conn.close()
+        for client in [*clients, *more, *queued]:
+            client.close()
 
 
 async def test_a_count_that_says_none_while_a_client_waits_cannot_stall_the_listener(
