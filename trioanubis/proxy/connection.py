@@ -35,11 +35,11 @@ the listener hands it its next client (`Crew.run`), so a connection costs a
 park and a wake-up instead of a task's spawn and end (Trio's spawn alone was
 ~29,000 of a connection's ~172,000 instructions). Before parking, a task
 takes a client that is waiting in the listener's backlog already
-(`Crew.take`, the listener's `Acceptor`): under load the end of one
-connection and the start of the next are one step of one task, not two
-steps of two (a Trio task step is ~20,000 instructions in CPython 3.11). The tasks still live in the
-connections nursery: cancelling it ends the busy and the idle ones alike, and
-nothing of a connection outlives its `with conn:`. A crew keeps at most
+(`Crew.take`, the listener's `Acceptor`): where clients queue, the end of
+one connection and the start of the next are one step of one task, not two
+(a Trio task step is ~23,500 instructions on CPython 3.11). The tasks still
+live in the connections nursery: cancelling it ends the busy and the idle
+ones alike, and nothing of a connection outlives its `with conn:`. A crew keeps at most
 `IDLE_TASKS` idle tasks (more end), and a closed listener's crew ends its idle
 tasks at once and its busy ones after their connection.
 """

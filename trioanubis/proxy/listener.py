@@ -352,17 +352,17 @@ class Listener(Origin):
         # wait a loop.
         woke = doubt = False
         while True:
+            # The tasks' allowance, anew at each step of this loop (they run only while it awaits).
+            acceptor.allowance = ACCEPTS_PER_CHECKPOINT
             try:
                 conn = acceptor.next(doubt=doubt)
             except OSError as exc:
                 await backoff.back_off(exc)
-                acceptor.allowance = ACCEPTS_PER_CHECKPOINT
                 continue
             if conn is None:  # none waiting: wait for the next client
                 doubt = woke and not doubt
                 in_a_row = 0
                 await trio.lowlevel.wait_readable(sock)
-                acceptor.allowance = ACCEPTS_PER_CHECKPOINT
                 woke = True
                 continue
             woke = doubt = False
@@ -375,7 +375,6 @@ class Listener(Origin):
             if in_a_row >= ACCEPTS_PER_CHECKPOINT:
                 in_a_row = 0
                 await trio.lowlevel.checkpoint()
-                acceptor.allowance = ACCEPTS_PER_CHECKPOINT
 
     def stop(self) -> None:
         """Stop accepting now: the accept loop is cancelled (the socket closes when it next runs),

@@ -117,8 +117,8 @@ MAX_EVENTS: Final = 1024
 # Trio's own I/O (accepts, health checks) waits. Measured at wrk -c10 through
 # two nginx backends: added p99 1.1-1.3 ms with 8 batches (~40 events), 0.8 ms here.
 EVENTS_PER_CHECKPOINT: Final = 256
-# A batch this small, right after a sleep, that woke a task is a low rate: the dispatcher sleeps in
-# Trio's epoll at once instead of letting the woken tasks run and looking again (to find nothing).
+# A batch this small, right after a sleep, that woke a task is a low rate: the dispatcher looks
+# again at once (to find nothing, and sleep) instead of a checkpoint first, a step more.
 FEW_EVENTS: Final = 4
 # Linux's values, read with a default so that importing this module works
 # where epoll does not exist (only `Poller()` needs it).
