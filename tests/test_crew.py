@@ -371,8 +371,12 @@ async def test_the_listener_accepts_only_counted_clients(nursery: trio.Nursery) 
         await poke.send_all(b"p")
         assert await poke.receive_some(1) == b"p"
         await poke.aclose()
-        assert balancer.poller.looks != looks
-        taken_conn = acceptor.take()
+        if balancer.poller.caps.name == "portable":  # no dispatcher, no looks: no count again
+            assert balancer.poller.looks == looks == 0 and acceptor.take() is None
+            taken_conn = acceptor.next()
+        else:
+            assert balancer.poller.looks != looks
+            taken_conn = acceptor.take()
         assert taken_conn is not None
         for conn in [*conns, taken_conn]:
             conn.close()
