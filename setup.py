@@ -5,7 +5,8 @@ file only adds `ext_modules`. `pip install .` (a wheel) compiles the modules a
 connection runs through (`COMPILED`, accept → pick → connect → relay) with
 mypyc: the code is already `mypy --strict`, and a compiled module is a C
 extension that imports and behaves as its source does, coroutines included
-(Trio runs them as it runs any). On POSIX the same build compiles
+(Trio runs them as it runs any). The same build compiles
+proxy/io/_park.c, a parked task's await (proxy/io/woken.py), and on POSIX
 proxy/io/_sockcalls.c, the relay's recv and send keeping the GIL
 (proxy/io/sockcalls.py). The `.py` files ship beside the extensions, and
 Python imports an extension first.
@@ -64,6 +65,8 @@ COMPILED = [
 # The relay's recv and send keeping the GIL (proxy/io/sockcalls.py), in C, built with the modules
 # above: POSIX sockets only (Windows keeps the socket methods).
 SOCKCALLS = Extension("trioanubis.proxy.io._sockcalls", ["trioanubis/proxy/io/_sockcalls.c"])
+# A parked task's await without Trio's two Python frames (proxy/io/woken.py's `parking`): any CPython.
+PARK = Extension("trioanubis.proxy.io._park", ["trioanubis/proxy/io/_park.c"])
 
 
 def warn(message: str) -> None:
@@ -114,6 +117,7 @@ def compiled_extensions() -> list[Any]:
         return []
     finally:
         os.chdir(here)
+    extensions.append(PARK)
     if os.name == "posix":
         extensions.append(SOCKCALLS)
     return extensions

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -128,6 +129,31 @@ async def test_a_closed_listener_s_idle_tasks_end(nursery: trio.Nursery) -> None
         await listener.closed.wait()
         await wait_until(lambda: not connection_tasks())
         assert listener.crew.idle == [] and listener.crew.closed
+
+
+async def test_a_task_that_ends_leaves_nothing_to_the_garbage_collector(nursery: trio.Nursery) -> None:
+    """An idle task's berth and the await it parks with (`parking(berth.leave)`, which holds the
+    berth) go with the task, freed by their counts: kept on the berth they were a cycle, and a
+    cycle waits for a full collection (the balancer raises gen0's threshold)."""
+    backend = await start_backend(nursery, echo_handler)
+    gc.collect()
+    gc.disable()
+    try:
+        async with running_balancer(config_for([backend.address])) as (balancer, address):
+            listener = balancer.listeners["test"]
+            await burst(address, 5)
+            await wait_until(lambda: ended(balancer, 5) and len(listener.crew.idle) == 5)
+            assert count_alive(connection_module.Berth) == 5
+            listener.scope.cancel()
+            await listener.closed.wait()
+            await wait_until(lambda: not connection_tasks())
+            assert count_alive(connection_module.Berth) == 0
+    finally:
+        gc.enable()
+
+
+def count_alive(kind: type) -> int:
+    return sum(1 for each in gc.get_objects() if type(each) is kind)
 
 
 @pytest.mark.pure_python  # patches a module function, which the compiled modules call natively

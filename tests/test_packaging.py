@@ -58,7 +58,7 @@ def test_the_installed_package_imports_and_checks_the_reference_config(wheel: Pa
 def test_the_wheel_holds_extensions_only_when_compiled(wheel: Path) -> None:
     """`ANUBIS_COMPILE=0` (the fixture's, outside the compiled run) builds no extension at all; the
     compiled build has one per module setup.py names, the runtime library they share, and on POSIX
-    the relay's C helper (`SOCKCALLS`)."""
+    the relay's C helper (`SOCKCALLS`); everywhere the parked task's await (`PARK`)."""
     with zipfile.ZipFile(wheel) as archive:
         extensions = sorted(name for name in archive.namelist() if name.endswith(".so"))
     if not COMPILED_RUN:
@@ -67,7 +67,7 @@ def test_the_wheel_holds_extensions_only_when_compiled(wheel: Path) -> None:
     setup = ast.parse((ROOT / "setup.py").read_text())
     [compiled] = [ast.literal_eval(node.value) for node in setup.body if isinstance(node, ast.Assign)
                   and getattr(node.targets[0], "id", "") == "COMPILED"]  # fmt: skip
-    modules = sorted([name.removesuffix(".py") for name in compiled]
+    modules = sorted([name.removesuffix(".py") for name in compiled] + ["trioanubis/proxy/io/_park"]
                      + (["trioanubis/proxy/io/_sockcalls"] if os.name == "posix" else []))
     assert sorted(name.split(".")[0] for name in extensions if name.startswith("trioanubis/")) == modules
     assert len(extensions) == len(modules) + 1  # and mypyc's runtime library, at the top level

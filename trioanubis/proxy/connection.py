@@ -55,7 +55,7 @@ from trioanubis.proxy.connect import send_delayed_ack
 from trioanubis.proxy.failover import connect
 from trioanubis.proxy.filters import Filters
 from trioanubis.proxy.io.sockcalls import recv_into
-from trioanubis.proxy.io.woken import WOKEN
+from trioanubis.proxy.io.woken import WOKEN, parking
 from trioanubis.proxy.makers import filters_for
 from trioanubis.proxy.relay import Relay, Tap
 from trioanubis.proxy.streams import Replayed, Side, StreamRelay, release_to_trio, socket_stream
@@ -78,7 +78,6 @@ IDLE_TASKS: Final = 256
 # build a module-level Final is a static, a module global a lookup by name at every use.
 _reschedule: Final = trio.lowlevel.reschedule
 _current_task: Final = trio.lowlevel.current_task
-_wait_task_rescheduled: Final = trio.lowlevel.wait_task_rescheduled
 _WOKEN: Final = WOKEN
 _recv_into: Final = recv_into
 _SUCCEEDED = trio.lowlevel.Abort.SUCCEEDED
@@ -113,12 +112,13 @@ class Crew:
         self.nursery.start_soon(run_connections, self, conn, name=CONNECTION_TASK_NAME)
         self.spawned += 1
 
-    def wait(self, berth: Berth) -> Awaitable[object]:
+    def wait(self, berth: Berth, park: Awaitable[object]) -> Awaitable[object]:
         """Park `berth`'s task (the caller) until `run` hands it a connection (`berth.conn`; None: the
-        crew closed); `await crew.wait(berth)` (a plain function: no frame of ours while parked)."""
+        crew closed); `await crew.wait(berth, park)`, `park` its `parking(berth.leave)` (a plain
+        function: no frame of ours while parked)."""
         berth.task.custom_sleep_data = self  # what says "idle" to whoever looks (the tests)
         self.idle.append(berth)
-        return _wait_task_rescheduled(berth.leave)
+        return park
 
     def close(self) -> None:
         """The listener closed: its idle tasks end, and busy ones after their connection."""
@@ -158,6 +158,7 @@ async def run_connections(crew: Crew, conn: Connection | None) -> None:
     """A connection task: the connection it was started for, then each one its crew hands it, from
     accept to close (see the module docstring), until the crew has enough idle tasks or closed."""
     berth: Berth | None = None
+    park: Awaitable[object] | None = None
     while conn is not None:
         with conn:
             opened = True
@@ -176,9 +177,12 @@ async def run_connections(crew: Crew, conn: Connection | None) -> None:
                 continue
         if len(crew.idle) >= crew.most:
             return
-        if berth is None:
+        if berth is None or park is None:
             berth = Berth(crew, _current_task())
-        await crew.wait(berth)
+            # Each wait's await, made once (woken.py). A local, not the berth's: it holds the
+            # berth's `leave`, and on the berth it would be a cycle outliving the task.
+            park = parking(berth.leave)
+        await crew.wait(berth, park)
         conn, berth.conn = berth.conn, None
 
 

@@ -101,7 +101,7 @@ from trioanubis.proxy.io.sockcalls import (
     epoll_ctl,
     epoll_ready,
 )
-from trioanubis.proxy.io.woken import WOKEN
+from trioanubis.proxy.io.woken import WOKEN, parking
 
 if TYPE_CHECKING:
     # The one relay this backend drives. The interface takes any `Driven` (base.py); inside, the relay
@@ -180,6 +180,10 @@ def _abort(waiters: dict[int, trio.lowlevel.Task], fd: int, _: object) -> trio.l
 def _abort_driven(_: object) -> trio.lowlevel.Abort:
     """A driven relay's task, cancelled: Trio clears its `custom_sleep_data`, so nothing wakes it twice."""
     return _SUCCEEDED
+
+
+# A driven relay's task parks with this, one await for all of them (woken.py's `parking`).
+_DRIVEN: Final = parking(_abort_driven)
 
 
 @final
@@ -299,7 +303,7 @@ class Poller(Readiness):
                     return
                 relay.driver = _current_task()
                 relay.driver.custom_sleep_data = relay  # what `wake` checks: still parked for this relay
-                await _wait_task_rescheduled(_abort_driven)
+                await _DRIVEN
         finally:
             relay.driver = None
             errors.pop(relay, None)

@@ -1,4 +1,4 @@
-"""What a parked task is woken with, made cheaper than Trio's default.
+"""What a parked task is woken with, and the await that parks it, made cheaper than Trio's default.
 
 Not compiled (setup.py): it derives from `outcome.Outcome`, a Python class,
 and mypyc's build of such a class in a compiled module does not compile.
@@ -6,10 +6,12 @@ and mypyc's build of such a class in a compiled module does not compile.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Generator
+import contextlib
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator
 from typing import Any, Final, TypeVar, final
 
 import outcome
+import trio
 
 _T = TypeVar("_T")
 
@@ -45,3 +47,50 @@ class Woken(outcome.Outcome[Any]):
 
 # The plain wake-up ("go on"): one object for all of them.
 WOKEN: Final = Woken(None)
+
+
+# The abort callback of a wait (`trio.lowlevel.wait_task_rescheduled`'s).
+Abort = Callable[[Any], trio.lowlevel.Abort]
+
+
+@final
+class _Parking:
+    """`await trio.lowlevel.wait_task_rescheduled(abort)`, as one object awaited again and again."""
+
+    __slots__ = ("abort",)
+
+    def __init__(self, abort: Abort) -> None:
+        self.abort = abort
+
+    def __await__(self) -> Generator[Any, Any, object]:
+        return trio.lowlevel.wait_task_rescheduled(self.abort).__await__()
+
+
+def _parking(abort: Abort) -> Awaitable[object]:
+    return _Parking(abort)
+
+
+parking: Callable[[Abort], Awaitable[object]] = _parking
+"""`parking(abort)`: an awaitable made once and awaited at each wait, each `await` being
+`await trio.lowlevel.wait_task_rescheduled(abort)`.
+
+Where the C helper is built (`_park.c`) each await is one C object's two
+steps: it yields Trio's own trap message, made once (`WaitTaskRescheduled`,
+private to Trio but what its run loop has matched since 0.8), and returns
+what the wake-up sends, unwrapped (`WOKEN` without a call). Trio's function
+runs four Python calls a task step for the same: its coroutine and
+generator frames, the message made anew, and the unwrap. Without the helper,
+or a Trio that no longer has the message class, Trio's function itself.
+"""
+with contextlib.suppress(ImportError):
+    from trio._core._traps import WaitTaskRescheduled
+
+    from trioanubis.proxy.io._park import Park
+
+    def _parked(abort: Abort) -> Awaitable[object]:
+        return Park(WaitTaskRescheduled(abort), WOKEN)
+
+    parking = _parked
+
+# Which `parking` is in use: True for the C helper's.
+PARKED_IN_C: Final = parking is not _parking
