@@ -80,17 +80,33 @@ private to Trio but what its run loop has matched since 0.8), and returns
 what the wake-up sends, unwrapped (`WOKEN` without a call). Trio's function
 runs four Python calls a task step for the same: its coroutine and
 generator frames, the message made anew, and the unwrap. Without the helper,
-or a Trio that no longer has the message class, Trio's function itself.
+with a Trio newer than `PARKED_TRIO` (the newest checked against it) or one
+that no longer has the message class, Trio's function itself.
 """
-with contextlib.suppress(ImportError):
-    from trio._core._traps import WaitTaskRescheduled
 
-    from trioanubis.proxy.io._park import Park
 
-    def _parked(abort: Abort) -> Awaitable[object]:
-        return Park(WaitTaskRescheduled(abort), WOKEN)
+def trio_version(version: str) -> tuple[int, int]:
+    """(major, minor) of a Trio version string; (999, 0) when it does not read as one."""
+    try:
+        major, minor = version.split(".")[:2]
+        return int(major), int(minor)
+    except ValueError:
+        return 999, 0
 
-    parking = _parked
+
+# The newest Trio whose run loop the C helper's await was checked against (its `wait_task_rescheduled`
+# and the run loop's handling of its message). A newer Trio gets Trio's own function until checked.
+PARKED_TRIO: Final = (0, 35)
+if trio_version(trio.__version__) <= PARKED_TRIO:
+    with contextlib.suppress(ImportError):
+        from trio._core._traps import WaitTaskRescheduled
+
+        from trioanubis.proxy.io._park import Park
+
+        def _parked(abort: Abort) -> Awaitable[object]:
+            return Park(WaitTaskRescheduled(abort), WOKEN)
+
+        parking = _parked
 
 # Which `parking` is in use: True for the C helper's.
 PARKED_IN_C: Final = parking is not _parking
