@@ -21,7 +21,7 @@ from tests.conftest import COMPILED_RUN
 from trioanubis.proxy.io import woken
 from trioanubis.proxy.io.woken import WOKEN
 
-FORMS: list[Any] = [pytest.param(woken._parking, id="trio")]
+FORMS: list[Any] = [pytest.param(woken._Parking, id="trio")]
 if woken.PARKED_IN_C:
     FORMS.append(pytest.param(woken.parking, id="c-helper"))
 

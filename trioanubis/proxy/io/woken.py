@@ -66,11 +66,7 @@ class _Parking:
         return trio.lowlevel.wait_task_rescheduled(self.abort).__await__()
 
 
-def _parking(abort: Abort) -> Awaitable[object]:
-    return _Parking(abort)
-
-
-parking: Callable[[Abort], Awaitable[object]] = _parking
+parking: Callable[[Abort], Awaitable[object]] = _Parking
 """`parking(abort)`: an awaitable made once and awaited at each wait, each `await` being
 `await trio.lowlevel.wait_task_rescheduled(abort)`.
 
@@ -109,4 +105,4 @@ if trio_version(trio.__version__) <= PARKED_TRIO:
         parking = _parked
 
 # Which `parking` is in use: True for the C helper's.
-PARKED_IN_C: Final = parking is not _parking
+PARKED_IN_C: Final = parking is not _Parking
