@@ -44,6 +44,7 @@ from setuptools.command.build_ext import build_ext
 COMPILED = [
     "trioanubis/proxy/io/base.py",
     "trioanubis/proxy/io/epoll.py",
+    "trioanubis/proxy/io/readable.py",
     "trioanubis/proxy/listener.py",
     "trioanubis/proxy/admission.py",
     "trioanubis/proxy/lifecycle.py",

@@ -58,6 +58,7 @@ from trioanubis.proxy.connect import LOCAL_SHORTAGE_ERRNOS, close_socket
 from trioanubis.proxy.connection import Crew, Stage
 from trioanubis.proxy.header_io import read_header
 from trioanubis.proxy.io import Readiness, sockcalls
+from trioanubis.proxy.io.readable import ReadableWait
 from trioanubis.proxy.lifecycle import Connection, Limits, Origin, normalise_peer
 from trioanubis.proxy.record import RecordSink
 from trioanubis.proxy.sni_routes import RouteTable
@@ -345,6 +346,7 @@ class Listener(Origin):
     async def _accept_loop(self, sock: socket.socket) -> None:
         backoff, crew = self.backoff, self.crew
         acceptor = Acceptor(self, sock)
+        arrival = ReadableWait(sock.fileno())
         crew.take = acceptor.take  # a task that ends its connection takes the next waiting client
         in_a_row = 0
         # Woken for a client and none counted (a task took it first): the count is trusted once; the
@@ -362,7 +364,7 @@ class Listener(Origin):
             if conn is None:  # none waiting: wait for the next client
                 doubt = woke and not doubt
                 in_a_row = 0
-                await trio.lowlevel.wait_readable(sock)
+                await arrival.wait()
                 woke = True
                 continue
             woke = doubt = False

@@ -93,6 +93,7 @@ from trioanubis.proxy.io.base import (
     Readiness,
     new_scratch,
 )
+from trioanubis.proxy.io.readable import ReadableWait
 from trioanubis.proxy.io.sockcalls import (
     READY_HUNG_UP,
     READY_READ,
@@ -440,6 +441,7 @@ class Poller(Readiness):
         unclaimed = self._unclaimed
         poll = self._epoll.poll
         epfd = self._epfd
+        idle = ReadableWait(epfd)
         self.take_clock(trio.lowlevel.current_clock())
         handled = 0  # events handled without waking a task, since the last checkpoint
         due: list[tuple[Relay, Direction]] = []  # first EOFs read before this batch: passed on after it
@@ -460,7 +462,7 @@ class Poller(Readiness):
                 # Idle: sleep in Trio's epoll until ours has something (a task woken above runs first).
                 self._sleeping = True
                 try:
-                    await trio.lowlevel.wait_readable(epfd)
+                    await idle.wait()
                 finally:
                     self._sleeping = False
                 slept = True
