@@ -407,8 +407,13 @@ PIN_CONTENDER: list[str] = []
 PIN_BACKENDS: list[str] = []
 
 
+# wrk's connections open at once in the keep-alive and connection-rate workloads (`--connections`).
+WRK_CONNECTIONS: list[int] = [50]
+
+
 def wrk(port: int, duration: float, *extra: str) -> str:
-    command = [*PIN_LOAD, "wrk", "-t1", "-c50", f"-d{duration:g}s", *extra, f"http://127.0.0.1:{port}/"]
+    command = [*PIN_LOAD, "wrk", "-t1", f"-c{WRK_CONNECTIONS[0]}", f"-d{duration:g}s", *extra,
+               f"http://127.0.0.1:{port}/"]  # fmt: skip
     return subprocess.run(command, capture_output=True, text=True, timeout=duration + 60).stdout
 
 
@@ -761,7 +766,13 @@ def main() -> None:
     parser.add_argument("--pin", default="", metavar="C:L",
                         help="run each contender under taskset -c C, and the backends and wrk under "
                              "taskset -c L (e.g. 1:0): the contender gets a CPU of its own")  # fmt: skip
+    parser.add_argument("--connections", type=int, default=50, metavar="N",
+                        help="wrk's connections open at once in keepalive and connrate (50: each "
+                             "balancer saturated; a few: one that sleeps between connections)")  # fmt: skip
     args = parser.parse_args()
+    if not 1 <= args.connections <= 10_000:
+        parser.error(f"--connections {args.connections}: expected 1 to 10000")
+    WRK_CONNECTIONS[0] = args.connections
     if args.pin:
         contender_cpus, _, load_cpus = args.pin.partition(":")
         if not contender_cpus or not load_cpus:
@@ -790,6 +801,8 @@ def main() -> None:
                          f"the backends and wrk under taskset -c {args.pin_load}.")  # fmt: skip
     elif args.pin_load:
         report.insert(2, f"Load generator pinned: taskset -c {args.pin_load}.")
+    if args.connections != 50:
+        report.insert(2, f"wrk -c{args.connections} (keepalive, connrate).")
     report.insert(2, f"trioanubis: {tree_named(args.source)}"
                      + (f"; NAME@base: {tree_named(args.baseline)}" if args.baseline else "") + ".")
     if skipped:
