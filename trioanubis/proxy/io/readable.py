@@ -14,15 +14,20 @@ in the task that waits, does the same three steps on the same table with
 objects made once: its own `EpollWaiters` (put back in the table when Trio
 has dropped the entry), the re-arming `epoll_ctl`, and the C helper's park
 (woken.py `parking`). Anything else, a descriptor Trio's epoll does not hold
-yet, a failed `epoll_ctl`, another reader, goes to Trio's own function, which
-registers, raises or reports as it always does.
+yet, a failed `epoll_ctl`, another reader, a wait awaited in a task other
+than the one that made it, goes to Trio's own function, which registers,
+raises or reports as it always does.
 
 Used only where each step was checked: Trio's epoll manager of a Trio no
 newer than `PARKED_TRIO` (its table is private), the C park, and this module
 compiled. Trio protects its own wait from KeyboardInterrupt between taking
-its place in the table and parking (a task interrupted there would be
-rescheduled while running); compiled code runs no Python signal handler in
-between. Elsewhere `wait()` is `trio.lowlevel.wait_readable(fd)`.
+its place in the table and parking: a task interrupted there stays the
+table's reader, refused its next wait and rescheduled by the event wherever
+it runs. Compiled code runs no Python signal handler between `wait()`
+taking the place and its caller's `await` parking, so **every caller is a
+compiled module** (setup.py builds all of them or none; a test checks that
+each module using this one is among them). Elsewhere `wait()` is
+`trio.lowlevel.wait_readable(fd)`.
 """
 
 from __future__ import annotations
@@ -99,6 +104,7 @@ class ReadableWait:
         io = fast_trio_epoll() if trio_io is None else trio_io
         self.fast = io is not None
         self._task: Any = trio.lowlevel.current_task()
+        self._context: Any = None  # Trio's run context: its `task` is the running task
         # What the fast path uses (None, or empty, on the slow path).
         self._registered: dict[int, Any] = {}
         self._entry: Any = None
@@ -106,7 +112,9 @@ class ReadableWait:
         self._park: Awaitable[object] | None = None
         if io is not None:
             from trio._core._io_epoll import EpollWaiters
+            from trio._core._run import GLOBAL_RUN_CONTEXT
 
+            self._context = GLOBAL_RUN_CONTEXT
             self._registered = io._registered
             self._entry = EpollWaiters()
             self._modify = io._epoll.modify
@@ -116,7 +124,7 @@ class ReadableWait:
         """The wait: await it once, in the task that made this."""
         fd = self.fd
         park = self._park
-        if park is None:
+        if park is None or self._context.task is not self._task:  # not the task it was made in
             return _wait_readable(fd)
         registered = self._registered
         entry = registered.get(fd)
