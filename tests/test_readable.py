@@ -64,6 +64,33 @@ def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
         yield a, b
 
 
+def _fill(sock: socket.socket) -> None:
+    while True:
+        try:
+            sock.send(b"x" * 65536)
+        except BlockingIOError:
+            return
+
+
+def _drain(sock: socket.socket) -> None:
+    while True:
+        try:
+            if not sock.recv(1 << 20):
+                return
+        except BlockingIOError:
+            return
+
+
+async def _write(sock: socket.socket, woke: list[str]) -> None:
+    await trio.lowlevel.wait_writable(sock)
+    woke.append("writer")
+
+
+async def _read(sock: socket.socket, path: str, woke: list[str]) -> None:
+    await _wait_for(sock.fileno(), path).wait()
+    woke.append("reader")
+
+
 def _registered(fd: int) -> object:
     io = readable.trio_epoll()
     return None if io is None else io._registered.get(fd)
@@ -128,21 +155,6 @@ async def test_cancelled_then_waited_on_again_by_anyone(path: str, pair: Pair) -
 
 
 @pytest.mark.parametrize("path", PATHS)
-async def test_closed_under_the_wait(path: str, pair: Pair) -> None:
-    a, _ = pair
-    wait = _wait_for(a.fileno(), path)
-
-    async def close_it() -> None:
-        await trio.testing.wait_all_tasks_blocked()
-        trio.lowlevel.notify_closing(a)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(close_it)
-        with pytest.raises(trio.ClosedResourceError):
-            await wait.wait()
-
-
-@pytest.mark.parametrize("path", PATHS)
 async def test_a_second_reader_is_refused_as_trio_refuses_it(path: str, pair: Pair) -> None:
     a, b = pair
     wait = _wait_for(a.fileno(), path)
@@ -159,26 +171,14 @@ async def test_a_second_reader_is_refused_as_trio_refuses_it(path: str, pair: Pa
 @pytest.mark.parametrize("path", PATHS)
 async def test_beside_a_writer_of_the_same_descriptor(path: str, pair: Pair) -> None:
     a, b = pair
-    while True:  # fill a's send buffer so that its writer waits
-        try:
-            a.send(b"x" * 65536)
-        except BlockingIOError:
-            break
+    _fill(a)  # a's send buffer full: its writer waits
     woke: list[str] = []
-
-    async def write() -> None:
-        await trio.lowlevel.wait_writable(a)
-        woke.append("writer")
-
-    async def read() -> None:
-        await _wait_for(a.fileno(), path).wait()
-        woke.append("reader")
 
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(write)
+            nursery.start_soon(_write, a, woke)
             await trio.testing.wait_all_tasks_blocked()
-            nursery.start_soon(read)
+            nursery.start_soon(_read, a, path, woke)
             await trio.testing.wait_all_tasks_blocked()
             b.send(b"r")  # readable: the reader wakes, the writer still waits
             while "reader" not in woke:
@@ -221,29 +221,12 @@ async def test_the_pure_build_waits_with_trios_function(pair: Pair) -> None:
         await wait.wait()
 
 
-def _fill(sock: socket.socket) -> None:
-    while True:
-        try:
-            sock.send(b"x" * 65536)
-        except BlockingIOError:
-            return
-
-
-def _drain(sock: socket.socket) -> None:
-    while True:
-        try:
-            if not sock.recv(1 << 20):
-                return
-        except BlockingIOError:
-            return
-
-
 @pytest.mark.parametrize("path", PATHS)
 async def test_waits_again_after_notify_closing(path: str, pair: Pair) -> None:
-    """notify_closing drops the entry (and the kernel's registration) without zeroing its
-    current_flags: the next wait must still re-arm, not trust the reused entry's flags."""
+    """Closed under the wait (parked on the table's path): notify_closing drops the entry (and the
+    kernel's registration) without zeroing its current_flags; the next wait must still re-arm."""
     a, b = pair
-    wait = _wait_for(a.fileno(), path)
+    wait = await _prearmed(path, a, b)
 
     async def close_it() -> None:
         await trio.testing.wait_all_tasks_blocked()
@@ -307,19 +290,11 @@ async def test_hang_up_wakes_both_reader_and_writer(path: str, pair: Pair) -> No
     _fill(a)
     woke: list[str] = []
 
-    async def write() -> None:
-        await trio.lowlevel.wait_writable(a)
-        woke.append("writer")
-
-    async def read() -> None:
-        await _wait_for(a.fileno(), path).wait()
-        woke.append("reader")
-
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(read)
+            nursery.start_soon(_read, a, path, woke)
             await trio.testing.wait_all_tasks_blocked()
-            nursery.start_soon(write)
+            nursery.start_soon(_write, a, woke)
             await trio.testing.wait_all_tasks_blocked()
             b.close()
     assert sorted(woke) == ["reader", "writer"]

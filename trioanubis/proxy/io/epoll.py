@@ -10,7 +10,8 @@ Trio's bookkeeping around each wait) are the larger part, and the dispatcher's
 steps for driven relays below remove them. The relay's sockets join this poller's epoll once,
 edge-triggered, for both directions. A relay task that must wait parks
 itself here (`wait_task_rescheduled`); the dispatcher task sleeps on the
-epoll's own descriptor through Trio, and when it becomes readable it drains
+epoll's own descriptor in Trio's epoll (`readable.ReadableWait`: Trio's wait
+without its Python frames, in the compiled build), and when it becomes readable it drains
 the ready list, advances the relays that own the ready sockets and
 reschedules the tasks parked in plain waits (connects, a PROXY header sent).
 
