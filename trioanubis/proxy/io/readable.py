@@ -8,7 +8,7 @@ connection). `trio.lowlevel.wait_readable(fd)` on Linux is Trio's epoll
 manager putting the task in its table (`EpollIOManager._registered[fd]`, an
 `EpollWaiters`), re-arming the descriptor's one-shot registration
 (`epoll_ctl(EPOLL_CTL_MOD)`) and parking the task until its run loop sees
-the event: nine Python frames and three objects (the table's entry, the
+the event: nine Python calls and three objects (the table's entry, the
 abort closure, the trap message) at each wait. `ReadableWait(fd)`, made once
 in the task that waits, does the same three steps on the same table with
 objects made once: its own `EpollWaiters` (put back in the table when Trio
