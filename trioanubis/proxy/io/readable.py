@@ -95,14 +95,14 @@ class ReadableWait:
     """`await trio.lowlevel.wait_readable(fd)` for the task that made it, as `await wait.wait()`.
 
     Made in the task that will wait (it takes the running task and loop);
-    no other task may await it. `trio_io` is Trio's epoll manager to use
-    (`trio_epoll()`), None for what this build may use (`fast_trio_epoll()`).
+    awaited in another task, it is Trio's own wait. `trio_io` is Trio's epoll
+    manager to use (`trio_epoll()`), None for what this build may use
+    (`fast_trio_epoll()`).
     """
 
     def __init__(self, fd: int, trio_io: Any = None) -> None:
         self.fd = fd
         io = fast_trio_epoll() if trio_io is None else trio_io
-        self.fast = io is not None
         self._task: Any = trio.lowlevel.current_task()
         self._context: Any = None  # Trio's run context: its `task` is the running task
         # What the fast path uses (None, or empty, on the slow path).
@@ -119,6 +119,11 @@ class ReadableWait:
             self._entry = EpollWaiters()
             self._modify = io._epoll.modify
             self._park = parking(_aborting(self._registered, fd, io._update_registrations))
+
+    @property
+    def fast(self) -> bool:
+        """True where the waits take Trio's table's path (else they are Trio's function)."""
+        return self._park is not None
 
     def wait(self) -> Awaitable[object]:
         """The wait: await it once, in the task that made this."""
