@@ -14,7 +14,8 @@ from __future__ import annotations
 import os
 import random
 import socket
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from functools import partial
 from typing import Any
 
 import pytest
@@ -91,6 +92,20 @@ async def _read(sock: socket.socket, path: str, woke: list[str]) -> None:
     woke.append("reader")
 
 
+async def _cancelled(wait: Callable[[], Awaitable[object]]) -> bool:
+    """`await wait()`, cancelled once every task is blocked: True when it was."""
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+
+            async def cancel() -> None:
+                await trio.testing.wait_all_tasks_blocked()
+                scope.cancel()
+
+            nursery.start_soon(cancel)
+            await wait()
+    return scope.cancelled_caught
+
+
 def _registered(fd: int) -> object:
     io = readable.trio_epoll()
     return None if io is None else io._registered.get(fd)
@@ -136,22 +151,6 @@ async def test_a_wait_already_readable_returns_at_once(path: str, pair: Pair) ->
     with trio.fail_after(10):
         for _ in range(3):
             await wait.wait()  # level: still readable each time
-
-
-@pytest.mark.parametrize("path", PATHS)
-async def test_cancelled_then_waited_on_again_by_anyone(path: str, pair: Pair) -> None:
-    a, b = pair
-    wait = _wait_for(a.fileno(), path)
-    others = trio.lowlevel.current_statistics().io_statistics.tasks_waiting_read
-    with trio.move_on_after(0.01) as scope:
-        await wait.wait()
-    assert scope.cancelled_caught
-    assert _registered(a.fileno()) is None  # left the table on its abort
-    assert trio.lowlevel.current_statistics().io_statistics.tasks_waiting_read == others
-    b.send(b"y")
-    with trio.fail_after(10):
-        await trio.lowlevel.wait_readable(a)  # nobody else is counted as its reader
-        await wait.wait()  # and this one waits again
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -308,16 +307,11 @@ async def test_reader_cancelled_beside_a_writer_then_both_wait_again(path: str, 
     wait = _wait_for(a.fileno(), path)
     woke: list[str] = []
 
-    async def write() -> None:
-        await trio.lowlevel.wait_writable(a)
-        woke.append("writer")
-
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(write)
+            nursery.start_soon(_write, a, woke)
             await trio.testing.wait_all_tasks_blocked()
-            with trio.move_on_after(0.01):
-                await wait.wait()
+            assert await _cancelled(wait.wait)
             entry: Any = _registered(a.fileno())
             if entry is not None:  # the table's path: the writer's alone, armed for writing only
                 assert entry.read_task is None and entry.write_task is not None
@@ -338,8 +332,7 @@ async def test_writer_cancelled_beside_the_reader(path: str, pair: Pair) -> None
         async with trio.open_nursery() as nursery:
 
             async def write() -> None:
-                with trio.move_on_after(0.01):
-                    await trio.lowlevel.wait_writable(a)
+                assert await _cancelled(partial(trio.lowlevel.wait_writable, a))
                 await trio.testing.wait_all_tasks_blocked()
                 entry: Any = _registered(a.fileno())
                 if entry is not None:
@@ -459,13 +452,11 @@ async def test_cancelled_on_the_tables_path_then_woken_again(path: str, pair: Pa
     wait = await _prearmed(path, a, b)
     others = trio.lowlevel.current_statistics().io_statistics.tasks_waiting_read
     with trio.fail_after(5):
-        with trio.move_on_after(0.01) as scope:
-            await wait.wait()
-    assert scope.cancelled_caught
+        assert await _cancelled(wait.wait)
     assert _registered(a.fileno()) is None
     assert trio.lowlevel.current_statistics().io_statistics.tasks_waiting_read == others
     b.send(b"y")
-    await trio.sleep(0.01)  # the event, if still armed, is delivered to nobody
+    await trio.testing.wait_all_tasks_blocked()  # Trio polls its epoll: an event still armed goes to nobody
     with trio.fail_after(5):
         await trio.lowlevel.wait_readable(a)
         await wait.wait()
@@ -479,23 +470,19 @@ async def test_writer_woken_while_the_reader_still_waits(path: str, pair: Pair) 
     _fill(a)
     woke: list[str] = []
 
-    async def write() -> None:
-        await trio.lowlevel.wait_writable(a)
-        woke.append("writer")
-
     async def drive() -> None:
         await trio.testing.wait_all_tasks_blocked()
         entry: Any = _registered(a.fileno())
         assert entry.read_task is not None and entry.write_task is not None
         assert entry.current_flags == _EPOLLIN | _EPOLLOUT
         _drain(b)  # writable: the writer must wake while the reader still waits
-        while not woke:
-            await trio.sleep(0.001)
+        while not woke:  # a socketpair's: writable at once; Trio polls when every task is blocked
+            await trio.testing.wait_all_tasks_blocked()
         b.send(b"r")
 
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(write)
+            nursery.start_soon(_write, a, woke)
             await trio.testing.wait_all_tasks_blocked()
             nursery.start_soon(drive)
             await wait.wait()
