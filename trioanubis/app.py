@@ -34,6 +34,8 @@ built lives as long as the process, so it is frozen out of the cyclic
 collector's walks, and generation 0 is collected every `GC_GEN0_THRESHOLD`
 net allocations instead of 700: a connection's objects are acyclic and freed
 by reference counting, so frequent young collections found nothing to free.
+`settle()` does this and swaps Trio's instrument table for one whose checks
+are dict lookups (proxy/io/instruments.py).
 
 Runtime changes (`command`): every change an operator makes (drain, enable,
 weight, faults, a server added or removed) is a command (control.py) that
@@ -78,6 +80,7 @@ from trioanubis.ops.accesslog import AccessLog
 from trioanubis.ops.admin import Admin, AdminOpener
 from trioanubis.pool import Pool, Server
 from trioanubis.proxy.io import open_readiness
+from trioanubis.proxy.io.instruments import quicken_instruments
 from trioanubis.proxy.lifecycle import Limits
 from trioanubis.proxy.listener import Listener, SocketOpener
 from trioanubis.proxy.timeouts import Timer, tick_for
@@ -561,6 +564,13 @@ def settle_gc() -> None:
     gc.freeze()
     _, older, oldest = gc.get_threshold()
     gc.set_threshold(GC_GEN0_THRESHOLD, older, oldest)
+
+
+def settle() -> None:
+    """Once started, in the process that serves: `settle_gc`, and Trio's instrument checks as dict
+    lookups (proxy/io/instruments.py)."""
+    settle_gc()
+    quicken_instruments()
 
 
 async def run_until_signalled(

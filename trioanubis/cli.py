@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 
 from trioanubis import __version__, compiled
-from trioanubis.app import Balancer, run_until_signalled, settle_gc
+from trioanubis.app import Balancer, run_until_signalled, settle
 from trioanubis.config import Address, Config, load_config, parse_address, proxy_config
 from trioanubis.errors import AnubisError, ConfigError
 from trioanubis.hello import serve_hello
@@ -600,7 +600,7 @@ async def _serve(balancer: Balancer, demo: bool, status: bool = False, upgrader:
         )
         if demo:
             _print_demo_help(bound, balancer.admin_address, config)
-        settle_gc()
+        settle()
         log.info("ready\n%s", servers_up(balancer.pools))  # "ready" alone on its line, as before
         announce_ready(predecessor, "serving on " + ", ".join(f"{n} {a}" for n, a in bound.items()))
         if status:  # anubis proxy: a live line on a terminal, plain lines elsewhere

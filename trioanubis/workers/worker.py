@@ -46,7 +46,7 @@ from typing import Any, Final, final
 
 import trio
 
-from trioanubis.app import Balancer, settle_gc
+from trioanubis.app import Balancer, settle
 from trioanubis.children import set_death_signal
 from trioanubis.config import Config, parse_address, parse_config
 from trioanubis.control import CommandError, decode_command
@@ -301,7 +301,7 @@ async def run_worker(channel: Channel, worker_id: int, *, own_logging: bool = Tr
                 nursery.start_soon(worker.send_outgoing)
                 nursery.start_soon(_stop_on_signals, signals, worker)
                 await nursery.start(balancer.run)
-                settle_gc()
+                settle()
                 worker.post({"t": "ready", "pid": os.getpid()})
                 await balancer.stopped.wait()
                 nursery.cancel_scope.cancel()
