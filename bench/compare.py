@@ -709,7 +709,7 @@ def cpu_table(results: Results) -> str:
             cells.append(f"{user:.1f} + {system:.1f} = {statistics.median(totals):.1f} "
                          f"({min(totals):.1f}–{max(totals):.1f})")  # fmt: skip
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + cpu_ratios(results)
+    return "\n".join(lines) + cpu_ratios(results) + cpu_pairs(results)
 
 
 def cpu_ratios(results: Results) -> str:
@@ -721,6 +721,31 @@ def cpu_ratios(results: Results) -> str:
         if ours:
             lines.append(f"| {workload} | {f'{ours / theirs:.2f}×' if theirs else '–'} | "
                          f"{f'{logged / ours:.2f}×' if logged else '–'} |")  # fmt: skip
+    return "\n".join(lines) if len(lines) > 4 else ""
+
+
+# (more cores, one core): contenders run next to each other in every round, compared round by round.
+CPU_PAIRS = (("trioanubis-w2", "trioanubis"), ("trioanubis-w2@base", "trioanubis@base"),
+             ("haproxy-t2", "haproxy"))  # fmt: skip
+
+
+def cpu_pairs(results: Results) -> str:
+    """Two workers' (threads') CPU per unit against one's, round by round: each round's two runs are
+    neighbours, so what drifts over the whole run (the machine's other load) cancels out of the
+    ratio. Median (min–max) over the rounds."""
+    lines = ["", "", "| CPU per unit, round by round | " + " | ".join(PROFILED) + " |",
+             "|---|" + "---|" * len(PROFILED)]  # fmt: skip
+    for more, one in CPU_PAIRS:
+        cells = []
+        for workload in PROFILED:
+            theirs, ours = cpu_values(results, workload, one), cpu_values(results, workload, more)
+            if not ours or len(ours) != len(theirs):
+                cells.append("–")
+                continue
+            each = [(u + s) / (u1 + s1) for (u, s), (u1, s1) in zip(ours, theirs, strict=True)]
+            cells.append(f"{statistics.median(each):.2f}× ({min(each):.2f}–{max(each):.2f})")
+        if any(cell != "–" for cell in cells):
+            lines.append(f"| {more} ÷ {one} | " + " | ".join(cells) + " |")
     return "\n".join(lines) if len(lines) > 4 else ""
 
 
