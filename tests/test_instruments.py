@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import gc
 import logging
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -126,7 +129,7 @@ def test_outside_trio_nothing_happens() -> None:
 
 
 def test_without_trios_class_nothing_happens(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(instruments, "Instruments", None)
+    monkeypatch.setattr(instruments, "DictInstruments", None)
 
     async def main() -> bool:
         return quicken_instruments()
@@ -145,3 +148,52 @@ async def test_the_serving_process_settles_with_the_quick_table() -> None:
         gc.unfreeze()
         gc.set_threshold(*threshold)
     assert type(GLOBAL_RUN_CONTEXT.runner.instruments) is DictInstruments
+
+
+def test_the_checks_are_the_dicts_own() -> None:
+    """What the swap is for: `in` and `[]` without a Python call."""
+    assert DictInstruments.__contains__ is dict.__contains__
+    assert DictInstruments.__getitem__ is dict.__getitem__
+
+
+async def test_an_instrument_given_to_trio_run_can_be_removed_after_the_swap() -> None:
+    early = Recorder()
+
+    async def main() -> dict[str, int]:
+        assert quicken_instruments()
+        trio.lowlevel.remove_instrument(early)  # a KeyError if the swap lost Trio's registry
+        seen = dict(early.seen)
+        await _workload()
+        assert dict(early.seen) == seen
+        trio.lowlevel.add_instrument(early)
+        trio.lowlevel.add_instrument(early)  # twice: once, as Trio does
+        await trio.lowlevel.checkpoint()
+        table = GLOBAL_RUN_CONTEXT.runner.instruments
+        return {hook: len(table[hook]) for hook in table}
+
+    counts = await trio.to_thread.run_sync(lambda: trio.run(main, instruments=[early]))
+    assert counts == {hook: 1 for hook in ("_all", *HOOKS)}
+
+
+OLD_TRIO = """
+import trio._core._instrumentation as place
+
+class Instruments(dict):  # Trio 0.25-0.29's
+    __slots__ = ()
+
+place.Instruments = Instruments
+import trio
+from trioanubis.proxy.io import instruments
+
+async def main():
+    return instruments.quicken_instruments()
+
+print(instruments.DictInstruments, trio.run(main))
+"""
+
+
+def test_a_trio_whose_table_is_a_dict_imports_and_keeps_its_own() -> None:
+    done = subprocess.run([sys.executable, "-c", OLD_TRIO], capture_output=True, text=True, timeout=60,
+                          cwd=Path(instruments.__file__).parents[3])  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["None", "False"]

@@ -17,8 +17,8 @@ reach it as before, and an instrument sees every hook it did.
 
 The run loop's `instruments` attribute is private to Trio, so the swap is
 made only with a Trio no newer than `PARKED_TRIO` (the newest it was checked
-against) whose `Instruments` is still the `UserDict` it replaces; otherwise
-Trio's object stays.
+against) whose `Instruments` is still the `UserDict` it replaces (from Trio
+0.30; before, it was a dict itself); otherwise Trio's object stays.
 """
 
 from __future__ import annotations
@@ -36,25 +36,33 @@ try:
 except ImportError:  # Trio moved them: nothing to quicken
     Instruments = None  # type: ignore[assignment,misc]
 
+# The class is made only over the UserDict it replaces: Trio 0.25-0.29's `Instruments` is a dict
+# itself (its `in` is C already, and `dict, Instruments` has no method order), and a layout that does
+# not combine with dict leaves Trio's in place. Either way the import never fails.
+DictInstruments: Any = None
+if Instruments is not None and issubclass(Instruments, UserDict) and not issubclass(Instruments, dict):
+    try:
 
-if Instruments is not None:
+        @final
+        class _DictInstruments(dict[str, dict[Any, None]], Instruments):  # type: ignore[misc]
+            """Trio's `Instruments` whose `in`, `[]` and `get` are the dict's own (C). What differs from
+            a UserDict (`copy`, `|`, `fromkeys`: the mypy ignore above) Trio never uses."""
 
-    @final
-    class DictInstruments(dict[str, dict[Any, None]], Instruments):  # type: ignore[misc]
-        """Trio's `Instruments` whose `in`, `[]` and `get` are the dict's own (C)."""
+            @property
+            def data(self) -> dict[str, dict[Any, None]]:  # type: ignore[override]  # Trio never sets it
+                # What Trio's methods work on: this dict.
+                return self
 
-        __slots__ = ()
-
-        @property
-        def data(self) -> dict[str, dict[Any, None]]:  # type: ignore[override]  # Trio never sets it
-            # What Trio's methods work on: this dict.
-            return self
+    except TypeError:
+        pass
+    else:
+        DictInstruments = _DictInstruments
 
 
 def quicken_instruments() -> bool:
     """Replace the running loop's `Instruments` by a `DictInstruments` holding the same; True if done
     (or already done). Call it inside `trio.run`."""
-    if Instruments is None or trio_version(trio.__version__) > PARKED_TRIO:
+    if DictInstruments is None or trio_version(trio.__version__) > PARKED_TRIO:
         return False
     try:
         runner = GLOBAL_RUN_CONTEXT.runner
