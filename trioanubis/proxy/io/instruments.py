@@ -71,7 +71,7 @@ def quicken_instruments() -> bool:
     current = getattr(runner, "instruments", None)
     if type(current) is DictInstruments:
         return True
-    if type(current) is not Instruments or not isinstance(current, UserDict):
+    if type(current) is not Instruments:  # a table of another kind: Trio's own, or someone else's
         return False
     quick = DictInstruments(current.data)
     runner.instruments = quick
