@@ -485,7 +485,11 @@ async def test_a_burst_of_clients_that_end_at_once_is_not_served_in_one_turn(
             for client in clients:
                 client.close()
         assert balancer.access.counts == {why: count}
-        assert most <= 4 * 64, most
+        # Between two heartbeat steps run at most two batches of Trio's loop (the heartbeat first in
+        # one, last in the next), so at most two steps of the accept loop: their hand-overs (64 each)
+        # and the tasks' takes in the three windows around them (an allowance each). Trio shuffles
+        # each batch, so the worst order is rare but possible (a CI run saw 301).
+        assert most <= 5 * 64 < count, most
 
 
 async def test_a_listener_that_stops_lets_no_task_take_a_client(nursery: trio.Nursery) -> None:
