@@ -139,6 +139,7 @@ class Backend:
         self.active = 0
         self.port = 0
         self.scope = trio.CancelScope()
+        self.stopped = trio.Event()  # its listener and connections closed (`stop`, then the task ran)
 
     @property
     def address(self) -> str:
@@ -153,13 +154,18 @@ class Backend:
             self.active -= 1
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED, port: int = 0) -> None:
-        with self.scope:
-            listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
-            self.port = listeners[0].socket.getsockname()[1]
-            task_status.started(self)
-            await trio.serve_listeners(self._handle, listeners)
+        try:
+            with self.scope:
+                listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
+                self.port = listeners[0].socket.getsockname()[1]
+                task_status.started(self)
+                await trio.serve_listeners(self._handle, listeners)
+        finally:
+            self.stopped.set()
 
     def stop(self) -> None:
+        """Cancel the server; its listening socket closes when its task next runs (`stopped`): until
+        then the kernel still completes handshakes to it, and resets them at the close."""
         self.scope.cancel()
 
 

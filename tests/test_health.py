@@ -72,6 +72,9 @@ async def test_killed_backend_costs_no_request_and_returns_after_restart(nursery
         for i in range(300):
             if i == 50:
                 victim.stop()
+                # Closed before the next request: a connect the kernel completed to the closing
+                # listener would be reset with the request sent (the client reset, as it must be).
+                await victim.stopped.wait()
             if i == 150:
                 await wait_until(lambda: not record.healthy)
                 failures_when_marked_down = record.connect_failures
