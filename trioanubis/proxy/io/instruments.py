@@ -26,9 +26,7 @@ from __future__ import annotations
 from collections import UserDict
 from typing import Any, final
 
-import trio
-
-from trioanubis.proxy.io.woken import PARKED_TRIO, trio_version
+from trioanubis.proxy.io.woken import trio_checked
 
 try:
     from trio._core._instrumentation import Instruments
@@ -62,7 +60,7 @@ if Instruments is not None and issubclass(Instruments, UserDict) and not issubcl
 def quicken_instruments() -> bool:
     """Replace the running loop's `Instruments` by a `DictInstruments` holding the same; True if done
     (or already done). Call it inside `trio.run`."""
-    if DictInstruments is None or trio_version(trio.__version__) > PARKED_TRIO:
+    if DictInstruments is None or not trio_checked():
         return False
     try:
         runner = GLOBAL_RUN_CONTEXT.runner

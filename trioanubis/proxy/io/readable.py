@@ -38,7 +38,7 @@ from typing import Any, Final, final
 
 import trio
 
-from trioanubis.proxy.io.woken import PARKED_IN_C, PARKED_TRIO, parking, trio_version
+from trioanubis.proxy.io.woken import PARKED_IN_C, parking, trio_checked
 
 _EPOLLIN: Final[int] = getattr(select, "EPOLLIN", 0x001)
 _EPOLLOUT: Final[int] = getattr(select, "EPOLLOUT", 0x004)
@@ -53,7 +53,7 @@ COMPILED: Final = not __file__.endswith((".py", ".pyc"))
 def trio_epoll() -> Any:
     """The running loop's epoll manager, if its table is the one `ReadableWait` was checked against
     (Trio no newer than `PARKED_TRIO`), else None."""
-    if trio_version(trio.__version__) > PARKED_TRIO:
+    if not trio_checked():
         return None
     try:
         from trio._core._io_epoll import EpollIOManager, EpollWaiters

@@ -93,7 +93,15 @@ def trio_version(version: str) -> tuple[int, int]:
 # The newest Trio whose run loop the C helper's await was checked against (its `wait_task_rescheduled`
 # and the run loop's handling of its message). A newer Trio gets Trio's own function until checked.
 PARKED_TRIO: Final = (0, 35)
-if trio_version(trio.__version__) <= PARKED_TRIO:
+
+
+def trio_checked() -> bool:
+    """The running Trio is no newer than `PARKED_TRIO`: what uses Trio's private parts here was checked
+    against it (the park, readable.py's table, instruments.py's)."""
+    return trio_version(trio.__version__) <= PARKED_TRIO
+
+
+if trio_checked():
     with contextlib.suppress(ImportError):
         from trio._core._traps import WaitTaskRescheduled
 
