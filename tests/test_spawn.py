@@ -57,6 +57,15 @@ async def get(address: Address, path: str = "/") -> bytes:
         return await receive_all(stream)
 
 
+def free_port_range(count: int) -> tuple[int, int]:
+    """The first and last of `count` consecutive ports of this xdist worker's own (`free_port`)."""
+    run: list[int] = []
+    while len(run) < count:
+        port = free_port()
+        run = [*run, port] if run and port == run[-1] + 1 else [port]
+    return run[0], run[-1]
+
+
 def spawner_of(balancer: Balancer) -> Spawner:
     return balancer.spawners["app"]
 
@@ -180,11 +189,17 @@ async def test_a_replica_that_cannot_start_is_retried_and_the_rest_serve() -> No
 
 
 async def _start_proxy(port: int, *extra: str) -> tuple[trio.Process, list[int], bytearray]:
-    """`anubis proxy` with 3 hello replicas; returns once all three started, with their pids."""
+    """`anubis proxy` with 3 hello replicas; returns once all three started, with their pids.
+
+    Their ports come from this xdist worker's own (`--ports`): a port the system picks for a
+    replica can be given to another test between the probe and the replica's bind (a CI run saw
+    a fourth replica start in a roll of three)."""
     command = " ".join([*HELLO])
+    first, last = free_port_range(5)
     process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "trioanubis", "proxy", f"127.0.0.1:{port}", "--spawn", command,
-         "--replicas", "3", *extra], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+         "--replicas", "3", "--ports", f"{first}-{last}", *extra], cwd=ROOT, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )  # fmt: skip
     output = bytearray()
     assert process.stderr is not None
@@ -258,11 +273,12 @@ def test_a_missing_program_is_named_at_check_time() -> None:
 
 
 spawn_values = st.one_of(st.none(), st.integers(-3, 100), st.text(max_size=6), st.booleans(),
+                         st.builds("{}-{}".format, st.integers(-2, 70000), st.integers(-2, 70000)),
                          st.lists(st.text(max_size=4), max_size=3),
                          st.dictionaries(st.text(max_size=4), st.text(max_size=4), max_size=2))  # fmt: skip
 
 
-@given(key=st.sampled_from(["command", "replicas", "cwd", "env", "watch", "host", "start_timeout",
+@given(key=st.sampled_from(["command", "replicas", "cwd", "env", "watch", "host", "ports", "start_timeout",
                             "stop_grace", "comand"]), value=spawn_values)  # fmt: skip
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_fuzzed_spawn_keys_are_accepted_or_named_in_the_error(key: str, value: object) -> None:
@@ -279,6 +295,103 @@ def test_fuzzed_spawn_keys_are_accepted_or_named_in_the_error(key: str, value: o
         return
     spawn = config.pools["app"].spawn
     assert spawn is not None and spawn.command and spawn.replicas >= 1
+    if spawn.ports is not None:
+        first, last = spawn.ports
+        assert 1 <= first <= last <= 65535 and last - first >= spawn.replicas
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("4000-4099", None),
+    ("4000-4003", None),  # replicas 3, and one more for a roll
+    ("4000-4002", "must hold at least 4 ports (replicas, and one more for a rolling restart's new "
+                  'replica), got "4000-4002"'),
+    ("4000", 'must be a range of ports, "FIRST-LAST" (e.g. "4000-4099"), got "4000"'),
+    (4000, 'must be a range of ports, "FIRST-LAST" (e.g. "4000-4099"), got 4000'),
+    ("4000-", 'must be a range of ports, "FIRST-LAST" (e.g. "4000-4099"), got "4000-"'),
+    (" 1-9", 'must be a range of ports, "FIRST-LAST" (e.g. "4000-4099"), got " 1-9"'),
+    ("0-9", 'must be ports 1 to 65535, the first no higher than the last, got "0-9"'),
+    ("9-1", 'must be ports 1 to 65535, the first no higher than the last, got "9-1"'),
+    ("65530-65536", 'must be ports 1 to 65535, the first no higher than the last, got "65530-65536"'),
+    ("1-999999", 'must be a range of ports, "FIRST-LAST" (e.g. "4000-4099"), got "1-999999"'),
+])  # fmt: skip
+def test_ports_is_a_range_with_room_for_a_roll_or_the_error_names_it(
+    value: object, message: str | None,
+) -> None:
+    data = spawn_config(HELLO, ports=value)
+    if message is None:
+        spawn = parse_config(data, "t.toml").pools["app"].spawn
+        assert spawn is not None and spawn.ports == tuple(int(p) for p in str(value).split("-"))
+        return
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data, "t.toml")
+    assert str(caught.value) == f"t.toml: pools.app.spawn.ports: {message}"
+
+
+@pytest.mark.slow
+async def test_replicas_take_the_lowest_free_ports_of_the_range_and_a_roll_moves_them_within_it() -> None:
+    first, last = free_port_range(5)
+    with socket.socket() as other:  # another program listens on the range's first port
+        other.bind(("127.0.0.1", first))
+        other.listen()
+        async with running_balancer(spawn_config(HELLO, replicas=2, ports=f"{first}-{last}")) as (
+            balancer, address,
+        ):  # fmt: skip
+            spawner = spawner_of(balancer)
+            assert [r.port for r in spawner.replicas] == [first + 1, first + 2]
+            await wait_until(lambda: all(r.server.healthy for r in spawner.replicas))
+            assert {(await get(address)).rsplit(b" ", 1)[1].strip() for _ in range(4)} == {
+                str(first + 1).encode(), str(first + 2).encode()}  # fmt: skip
+            spawner.request_roll("a test")
+            await wait_until(lambda: spawner.rolls == 1, timeout=EVENTUALLY * 3)
+            # The first new replica starts beside both old ones (first + 3); the second once the
+            # first old one has stopped for good and given its port back (first + 1).
+            assert [r.port for r in spawner.replicas] == [first + 3, first + 1]
+            assert document_ports(balancer) == [first + 3, first + 1]
+            await wait_until(lambda: all(r.server.healthy for r in spawner.replicas))
+            assert (await get(address)).startswith(b"HTTP/1.1 200 ")
+
+
+def document_ports(balancer: Balancer) -> list[int]:
+    return [int(r["port"]) for r in stats(balancer)["replicas"]["app"]["replicas"]]
+
+
+@pytest.mark.slow
+async def test_a_range_with_no_free_port_gives_one_in_use_and_the_replica_starts_once_it_is_freed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    first, last = free_port_range(2)
+    others = [socket.socket(), socket.socket()]
+    for sock, port in zip(others, (first, last), strict=True):
+        sock.bind(("127.0.0.1", port))
+        sock.listen()
+    try:
+        config = spawn_config(HELLO, replicas=1, ports=f"{first}-{last}", start_timeout="100ms")
+        async with running_balancer(config) as (balancer, address):
+            replica = spawner_of(balancer).replicas[0]
+            assert replica.port == first
+            assert f"no port in {first}-{last} is free; replica app-1 is given {first}, in use" in caplog.text
+            await wait_until(lambda: replica.restarts >= 1)  # its bind failed: it exited
+            others.pop(0).close()
+            await wait_until(lambda: replica.server.healthy, timeout=EVENTUALLY * 2)
+            assert (await get(address)).rsplit(b" ", 1)[1].strip() == str(first).encode()
+    finally:
+        for sock in others:
+            sock.close()
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--spawn", "true {port}", "--ports", "9-3"],
+     'anubis proxy: --ports "9-3": must be ports 1 to 65535, the first no higher than the last'),
+    (["--spawn", "true {port}", "--replicas", "2", "--ports", "4000-4001"],
+     'anubis proxy: --ports "4000-4001": must hold at least 3 ports (--replicas 2, and one more for a '
+     "rolling restart's new replica)"),
+    (["127.0.0.1:9", "--ports", "4000-4099"],
+     "anubis proxy: --ports gives spawned replicas their ports: it needs --spawn"),
+])  # fmt: skip
+def test_proxy_ports_errors_name_the_argument(argv: list[str], message: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "trioanubis", "proxy", "127.0.0.1:0", *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode != 0 and done.stderr.strip() == f"anubis: {message}", done.stderr
 
 
 # ----------------------------------------------------------------- rolling restarts
@@ -375,7 +488,7 @@ async def test_proxy_watch_rolls_the_replicas_when_a_file_changes(tmp_path: Path
 
 
 NEW_REFERENCE_KEYS = ("queue_timeout", "max_queued", "[pools.web.spawn]", "command", "replicas", "cwd", "env",
-                      "watch", "host", "start_timeout", "stop_grace")  # fmt: skip
+                      "watch", "host", "ports", "start_timeout", "stop_grace")  # fmt: skip
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ import trio
 
 from trioanubis import __version__, compiled
 from trioanubis.app import Balancer, run_until_signalled, settle
-from trioanubis.config import Address, Config, load_config, parse_address, proxy_config
+from trioanubis.config import Address, Config, load_config, parse_address, port_range, proxy_config
 from trioanubis.errors import AnubisError, ConfigError
 from trioanubis.hello import serve_hello
 from trioanubis.ops import systemd
@@ -269,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help='run the servers: a command line with {port}, e.g. '
                             '"python -m http.server {port}"')  # fmt: skip
     proxy.add_argument("--replicas", type=int, default=1, help="how many --spawn replicas (default: 1)")
+    proxy.add_argument("--ports", metavar="FIRST-LAST",
+                       help="the --spawn replicas' ports, from this range (e.g. 4000-4099; default: "
+                            "free ports the system picks)")  # fmt: skip
     proxy.add_argument("--watch", nargs="+", metavar="PATH", default=[],
                        help="files, directories or glob patterns: a change restarts the replicas, one "
                             "at a time")  # fmt: skip
@@ -422,12 +425,24 @@ def _proxy_config(args: argparse.Namespace) -> Config:
             raise ConfigError(f"anubis proxy: --spawn: {exc}: {args.spawn!r}") from None
     elif not args.servers:
         raise ConfigError(f"anubis proxy: give at least one SERVER, or --spawn COMMAND. {PROXY_EXAMPLE}")
+    if args.ports is not None and spawn is not None:
+        _check_ports(args.ports, args.replicas)
     queue_timeout: str | float = args.queue_timeout
     with contextlib.suppress(ValueError):
         queue_timeout = float(queue_timeout)  # "0" or "2.5": seconds, as in a config file
     return proxy_config(args.listen, args.servers, args.strategy, queue_timeout=queue_timeout,
-                        spawn=spawn, replicas=args.replicas, watch=args.watch,
+                        spawn=spawn, replicas=args.replicas, watch=args.watch, ports=args.ports,
                         tls=_dev_certificate(args.tls))  # fmt: skip
+
+
+def _check_ports(value: str, replicas: int) -> None:
+    try:
+        first, last = port_range(value)
+    except ValueError as exc:
+        raise ConfigError(f'anubis proxy: --ports "{value}": {exc}') from None
+    if last - first + 1 < replicas + 1:
+        raise ConfigError(f'anubis proxy: --ports "{value}": must hold at least {replicas + 1} ports '
+                          f"(--replicas {replicas}, and one more for a rolling restart's new replica)")
 
 
 def _check_argument(name: str, value: str, *, listen: bool) -> None:

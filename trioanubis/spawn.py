@@ -3,8 +3,11 @@
 Theory of operation: a pool with a `[pools.NAME.spawn]` table gets a
 `Spawner`, run in a scope of its own under the root nursery (apart from the
 pool's health checks, so a reload that changes the checks does not restart
-the replicas). Each replica is a child process on a free port of its own,
-and a `Server` of the pool at that address, health-checked like any other:
+the replicas). Each replica is a child process on a free port of its own
+(with `ports`, as a process manager's port base: the lowest port of that
+range that no other replica holds and nothing listens on; else one the
+kernel picks), and a `Server` of the pool at that address, health-checked
+like any other:
 
 - A supervisor task per replica starts the process, forwards its output
   (stdout and stderr, one pipe) line by line to the log prefixed with its
@@ -122,6 +125,7 @@ class Spawner:
         self.last_roll_seconds = 0.0
         self.rolling = False
         self._serial = 0
+        self._held: set[int] = set()  # the ports of replicas not yet stopped for good
         self._requests, self._queue = trio.open_memory_channel[str](1)
         self._nursery: trio.Nursery | None = None
 
@@ -157,14 +161,34 @@ class Spawner:
         """A new replica on a free port, its supervisor started; not in the pool yet."""
         assert self._nursery is not None
         self._serial += 1
-        host, port = self.config.host, free_port(self.config.host)
         name = f"{self.pool.name}-{self._serial}"
+        host, port = self.config.host, self._port_for(name)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         server = Server(ServerConfig(Address(host, port), name), source=SPAWN_SOURCE,
                         healthy=self.pool.config.health.check == "none", sockaddrs=[(family, (host, port))])
         replica = Replica(name, port, server)
+        self._held.add(port)
         self._nursery.start_soon(self._supervise, replica, self.config)
         return replica
+
+    def _port_for(self, name: str) -> int:
+        """The port of a new replica: the kernel's choice, or the lowest in `ports` that no other
+        replica holds and nothing listens on now. With none free there, the lowest no replica
+        holds: the replica's own output then says why it cannot listen, and it is restarted."""
+        host, ports = self.config.host, self.config.ports
+        if ports is None:
+            return free_port(host)
+        ours = [port for port in range(ports[0], ports[1] + 1) if port not in self._held]
+        for port in ours:
+            if port_is_free(host, port):
+                return port
+        if ours:
+            log.warning("pool %s: no port in %d-%d is free; replica %s is given %d, in use",
+                        self.pool.name, ports[0], ports[1], name, ours[0])  # fmt: skip
+            return ours[0]
+        log.warning("pool %s: the other replicas hold every port in %d-%d; replica %s is given one "
+                    "the system picks", self.pool.name, ports[0], ports[1], name)  # fmt: skip
+        return free_port(host)
 
     def _join(self, replicas: list[Replica]) -> None:
         self.replicas.extend(replicas)
@@ -188,6 +212,7 @@ class Spawner:
                     backoff = min(MAX_BACKOFF, backoff * 2)
             finally:
                 replica.pid = 0
+                self._held.discard(replica.port)
                 replica.ended.set()
 
     def _take_out(self, replica: Replica, code: int | None) -> None:
@@ -314,6 +339,19 @@ def free_port(host: str) -> int:
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.bind((host, 0))
         return int(probe.getsockname()[1])
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """True if a server could listen on `port` at `host` now (bound as servers bind, with
+    SO_REUSEADDR: a port whose last connections linger in TIME_WAIT is free)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+        return True
 
 
 # ------------------------------------------------------------------ processes

@@ -83,6 +83,7 @@ from trioanubis.config.ranges import (
     range_of,
 )
 from trioanubis.config.settings import MAX_TOKEN_BYTES, epoll_available
+from trioanubis.config.spawn import port_range
 from trioanubis.config.values import (
     DAY,
     DNS_PORT,
@@ -177,6 +178,7 @@ __all__ = [
     "parse_resolver",
     "parse_server",
     "parse_size",
+    "port_range",
     "proxy_config",
     "range_of",
     "read_config_file",

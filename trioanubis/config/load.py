@@ -196,6 +196,7 @@ def proxy_config(
     spawn: list[str] | None = None,
     replicas: int = 1,
     watch: list[str] | None = None,
+    ports: str | None = None,
     tls: tuple[str, str] | None = None,
 ) -> Config:
     """The config `anubis proxy LISTEN SERVER...` stands for; errors name the argument.
@@ -208,9 +209,12 @@ def proxy_config(
         "queue_timeout": queue_timeout,
     }  # fmt: skip
     if spawn is not None:
-        pool["spawn"] = {"command": spawn, "replicas": replicas, "watch": watch or []}
+        pool["spawn"] = {"command": spawn, "replicas": replicas, "watch": watch or [],
+                         **({"ports": ports} if ports is not None else {})}  # fmt: skip
     elif watch:
         raise ConfigError("anubis proxy: --watch restarts spawned replicas: it needs --spawn")
+    elif ports is not None:
+        raise ConfigError("anubis proxy: --ports gives spawned replicas their ports: it needs --spawn")
     listener: dict[str, Any] = {"bind": listen, "pool": "proxy"}
     if tls is not None:  # --tls: clients speak TLS to a certificate made for localhost
         listener["tls"] = {"cert": tls[0], "key": tls[1]}

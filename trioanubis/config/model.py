@@ -160,6 +160,7 @@ class SpawnConfig:
     env: tuple[tuple[str, str], ...] = ()
     watch: tuple[str, ...] = ()  # glob patterns (absolute): a change rolls the replicas
     host: str = "127.0.0.1"
+    ports: tuple[int, int] | None = None  # replicas' ports from first to last; None: the kernel picks
     start_timeout: float = 30.0  # for a new replica to listen (and, in a roll, to pass its check)
     stop_grace: float = 5.0  # SIGTERM, then SIGKILL after this long
 

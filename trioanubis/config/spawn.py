@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import shutil
 
 from trioanubis.config.model import SpawnConfig
 from trioanubis.config.node import Node
 
-_SPAWN_KEYS = ("command", "replicas", "cwd", "env", "watch", "host", "start_timeout", "stop_grace")
+_SPAWN_KEYS = ("command", "replicas", "cwd", "env", "watch", "host", "ports", "start_timeout", "stop_grace")
+_PORT_RANGE = re.compile(r"([0-9]{1,5})-([0-9]{1,5})")
 
 
 def parse_spawn(node: Node) -> SpawnConfig:
@@ -26,13 +28,15 @@ def parse_spawn(node: Node) -> SpawnConfig:
     if not os.path.isdir(cwd):
         raise node.error("must name an existing directory", node.data.get("cwd", "."), "cwd")
     env = _string_table(node, "env")
+    replicas = node.integer("replicas", 1)
     return SpawnConfig(
         command=_command(node, cwd, dict(env)),
-        replicas=node.integer("replicas", 1),
+        replicas=replicas,
         cwd=cwd,
         env=env,
         watch=tuple(str(base / pattern) for pattern in _string_list(node, "watch")),
         host=_loopback_host(node),
+        ports=_port_range(node, replicas),
         start_timeout=node.duration("start_timeout", 30.0),
         stop_grace=node.duration("stop_grace", 5.0),
     )
@@ -69,6 +73,35 @@ def _command(node: Node, cwd: str, env: dict[str, str]) -> tuple[str, ...]:
     if found is None:
         raise node.error("names no executable program (looked in PATH and cwd)", command[0], "command[0]")
     return command
+
+
+def port_range(text: str) -> tuple[int, int]:
+    """ "FIRST-LAST" (1 to 65535, FIRST <= LAST) as the pair; ValueError naming what is wrong."""
+    match = _PORT_RANGE.fullmatch(text)
+    if match is None:
+        raise ValueError('must be a range of ports, "FIRST-LAST" (e.g. "4000-4099")')
+    first, last = int(match[1]), int(match[2])
+    if not 1 <= first <= last <= 65535:
+        raise ValueError("must be ports 1 to 65535, the first no higher than the last")
+    return first, last
+
+
+def _port_range(node: Node, replicas: int) -> tuple[int, int] | None:
+    """`ports`: where the replicas' ports are taken from. A rolling restart runs one replica more
+    than `replicas` (the new one starts before the old one stops), so the range holds that many."""
+    value = node.data.get("ports")
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise node.error('must be a range of ports, "FIRST-LAST" (e.g. "4000-4099")', value, "ports")
+    try:
+        first, last = port_range(value)
+    except ValueError as exc:
+        raise node.error(str(exc), value, "ports") from None
+    if last - first + 1 < replicas + 1:
+        raise node.error(f"must hold at least {replicas + 1} ports (replicas, and one more for a "
+                         "rolling restart's new replica)", value, "ports")  # fmt: skip
+    return first, last
 
 
 def _loopback_host(node: Node) -> str:
