@@ -13,7 +13,10 @@ behind the same two nginx backends under `wrk -t1 -c50`; while it does,
 `perf stat` counts, in the balancer's processes only, the kernel's
 tracepoints for `epoll_wait`, `epoll_ctl`, `accept4` and `getsockopt` (the
 listener's count of its backlog) entries and for
-context switches (`sched:sched_switch`, the process switched out). Printed
+context switches (`sched:sched_switch`, the process switched out), and
+from /proc/PID/task/*/sched, in the processes that serve (the workers, where
+there are workers), the switches split into sleeps and preemptions, and
+the moves to another core. Printed
 per unit, with the CPU per unit /proc gives, and the supervisor's share
 for a contender with workers.
 
@@ -42,6 +45,30 @@ EVENTS = {
     "syscalls:sys_enter_getsockopt": "getsockopt",
     "sched:sched_switch": "switched out",
 }
+
+
+SCHED = {
+    "nr_voluntary_switches": "slept",
+    "nr_involuntary_switches": "preempted",
+    "se.nr_migrations": "moved core",
+}
+
+
+def sched_counts(pids: list[int]) -> dict[str, float]:
+    """/proc/PID/task/TID/sched's switch and migration counts, summed over every thread of `pids`
+    (HAProxy's threads each count their own; a file gone meanwhile counts none)."""
+    counts = dict.fromkeys(SCHED.values(), 0.0)
+    for pid in pids:
+        for path in Path(f"/proc/{pid}/task").glob("*/sched"):
+            try:
+                text = path.read_text()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                key, _, value = line.partition(":")
+                if key.strip() in SCHED:
+                    counts[SCHED[key.strip()]] += float(value)
+    return counts
 
 
 def counted(pids: list[int], run: Callable[[], float]) -> tuple[dict[str, float], float]:
@@ -83,8 +110,11 @@ def main() -> int:
                 workers = compare.children(process.pid)
                 pids = [process.pid, *workers]
                 before = {pid: compare.cpu_times(pid) for pid in pids}
+                switches = sched_counts(workers or pids)
                 counts, units = counted(pids, lambda: workload(port, args.duration) * args.duration)
                 after = {pid: compare.cpu_times(pid) for pid in pids}
+                for name, value in sched_counts(workers or pids).items():
+                    counts[name] = value - switches[name]
             units = max(units, 1.0)
             user = (after[process.pid][0] - before[process.pid][0]) * 1e6 / units
             system = (after[process.pid][1] - before[process.pid][1]) * 1e6 / units
@@ -94,7 +124,7 @@ def main() -> int:
                 supervisor = (after[process.pid][0] + after[process.pid][1] - before[process.pid][0]
                               - before[process.pid][1] - sum(own))  # fmt: skip
                 print(f"  supervisor       {supervisor * 1e6 / units:6.2f} µs per {unit}")
-            for name in EVENTS.values():
+            for name in (*EVENTS.values(), *SCHED.values()):
                 print(f"  {name:16} {counts.get(name, 0.0) / units:6.3f} per {unit}")
     return 0
 
