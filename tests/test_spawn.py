@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import signal
@@ -353,6 +354,49 @@ async def test_replicas_take_the_lowest_free_ports_of_the_range_and_a_roll_moves
 
 def document_ports(balancer: Balancer) -> list[int]:
     return [int(r["port"]) for r in stats(balancer)["replicas"]["app"]["replicas"]]
+
+
+def rolled(spawners: list[Spawner], times: int) -> bool:
+    return all(s.rolls + s.roll_failures >= times for s in spawners)
+
+
+def named_hello(name: str) -> list[str]:
+    """HELLO answering "hello from NAME@PORT"."""
+    command = list(HELLO)
+    command[command.index("--name") + 1] = f"{name}@{{port}}"
+    return command
+
+
+@pytest.mark.slow
+async def test_two_pools_given_one_range_never_share_a_port_even_rolling_at_once() -> None:
+    """A probe cannot see a port the other pool's new replica is about to bind: without a registry
+    of every pool's ports, both took it, one replica could never listen, and its pool (its checks
+    passing on the other app) sent its clients to the other pool's app."""
+    first, last = free_port_range(6)
+    ports = {"web": free_port(), "api": free_port()}
+
+    def config(generation: int) -> dict[str, Any]:
+        data = spawn_config(HELLO, replicas=2, ports=f"{first}-{last}", env={"GEN": str(generation)})
+        data["listeners"] = {name: {"bind": f"127.0.0.1:{port}", "pool": name}
+                             for name, port in ports.items()}  # fmt: skip
+        app = data["pools"].pop("app")
+        data["pools"] = {name: {**app, "spawn": {**app["spawn"], "command": named_hello(name)}}
+                         for name in ports}  # fmt: skip
+        return data
+
+    async with running_balancer(config(0)) as (balancer, _):
+        spawners = [spawner_of_pool(balancer, name) for name in ports]
+        for generation in (1, 2):  # one reload changes both tables: both pools roll at once
+            await balancer.apply_config(parse_config(config(generation), "t.toml"))
+            await wait_until(functools.partial(rolled, spawners, generation), timeout=EVENTUALLY * 4)
+            taken = [r.port for s in spawners for r in s.replicas]
+            assert len(taken) == len(set(taken)) == 4 and all(first <= p <= last for p in taken), taken
+        await wait_until(lambda: all(r.server.healthy for s in spawners for r in s.replicas))
+        assert [r.restarts for s in spawners for r in s.replicas] == [0, 0, 0, 0]
+        for name, port in ports.items():
+            for _ in range(4):
+                answer = await get(Address("127.0.0.1", port))
+                assert answer.rsplit(b" ", 1)[1].startswith(f"{name}@".encode()), answer
 
 
 @pytest.mark.slow

@@ -92,6 +92,13 @@ WATCH_SETTLE: Final = 0.3
 DRAIN_SETTLE: Final = 0.2
 # Directories never worth watching.
 SKIPPED_DIRS: Final = frozenset({".git", "__pycache__", ".venv", "node_modules", ".mypy_cache"})
+# The ports of every replica not yet stopped for good, whatever its pool (and balancer) in this
+# process: two pools given overlapping ranges must not be given one port. A probe cannot tell: the
+# other pool's replica may not listen yet (a roll of both) or be between restarts, and a pool whose
+# replica cannot bind would then send its clients to the other pool's app, which passes its checks.
+HELD_PORTS: Final[set[int]] = set()
+# How many ports the system picks before giving up on one no replica holds.
+PICK_TRIES: Final = 16
 
 
 
@@ -125,7 +132,6 @@ class Spawner:
         self.last_roll_seconds = 0.0
         self.rolling = False
         self._serial = 0
-        self._held: set[int] = set()  # the ports of replicas not yet stopped for good
         self._requests, self._queue = trio.open_memory_channel[str](1)
         self._nursery: trio.Nursery | None = None
 
@@ -167,7 +173,7 @@ class Spawner:
         server = Server(ServerConfig(Address(host, port), name), source=SPAWN_SOURCE,
                         healthy=self.pool.config.health.check == "none", sockaddrs=[(family, (host, port))])
         replica = Replica(name, port, server)
-        self._held.add(port)
+        HELD_PORTS.add(port)
         self._nursery.start_soon(self._supervise, replica, self.config)
         return replica
 
@@ -177,8 +183,8 @@ class Spawner:
         holds: the replica's own output then says why it cannot listen, and it is restarted."""
         host, ports = self.config.host, self.config.ports
         if ports is None:
-            return free_port(host)
-        ours = [port for port in range(ports[0], ports[1] + 1) if port not in self._held]
+            return _unheld_free_port(host)
+        ours = [port for port in range(ports[0], ports[1] + 1) if port not in HELD_PORTS]
         for port in ours:
             if port_is_free(host, port):
                 return port
@@ -188,7 +194,7 @@ class Spawner:
             return ours[0]
         log.warning("pool %s: the other replicas hold every port in %d-%d; replica %s is given one "
                     "the system picks", self.pool.name, ports[0], ports[1], name)  # fmt: skip
-        return free_port(host)
+        return _unheld_free_port(host)
 
     def _join(self, replicas: list[Replica]) -> None:
         self.replicas.extend(replicas)
@@ -212,7 +218,7 @@ class Spawner:
                     backoff = min(MAX_BACKOFF, backoff * 2)
             finally:
                 replica.pid = 0
-                self._held.discard(replica.port)
+                HELD_PORTS.discard(replica.port)
                 replica.ended.set()
 
     def _take_out(self, replica: Replica, code: int | None) -> None:
@@ -339,6 +345,16 @@ def free_port(host: str) -> int:
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.bind((host, 0))
         return int(probe.getsockname()[1])
+
+
+def _unheld_free_port(host: str) -> int:
+    """A free port the system picks that no replica holds (one between restarts is not bound)."""
+    port = free_port(host)
+    for _ in range(PICK_TRIES):
+        if port not in HELD_PORTS:
+            break
+        port = free_port(host)
+    return port
 
 
 def port_is_free(host: str, port: int) -> bool:
