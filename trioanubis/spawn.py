@@ -178,22 +178,19 @@ class Spawner:
         return replica
 
     def _port_for(self, name: str) -> int:
-        """The port of a new replica: the kernel's choice, or the lowest in `ports` that no other
-        replica holds and nothing listens on now. With none free there, the lowest no replica
-        holds: the replica's own output then says why it cannot listen, and it is restarted."""
+        """The port of a new replica: the kernel's choice, or the lowest in `ports` that no replica
+        holds and nothing listens on now. With none such, one the system picks (a warning): never a
+        port something listens on, since the replica's checks would pass on that program and the
+        pool would send its clients there."""
         host, ports = self.config.host, self.config.ports
         if ports is None:
             return _unheld_free_port(host)
-        ours = [port for port in range(ports[0], ports[1] + 1) if port not in HELD_PORTS]
-        for port in ours:
-            if port_is_free(host, port):
+        for port in range(ports[0], ports[1] + 1):
+            if port not in HELD_PORTS and port_is_free(host, port):
                 return port
-        if ours:
-            log.warning("pool %s: no port in %d-%d is free; replica %s is given %d, in use",
-                        self.pool.name, ports[0], ports[1], name, ours[0])  # fmt: skip
-            return ours[0]
-        log.warning("pool %s: the other replicas hold every port in %d-%d; replica %s is given one "
-                    "the system picks", self.pool.name, ports[0], ports[1], name)  # fmt: skip
+        log.warning("pool %s: no port in %d-%d is free (replicas hold or programs listen on every "
+                    "one); replica %s is given one the system picks", self.pool.name, ports[0],
+                    ports[1], name)  # fmt: skip
         return _unheld_free_port(host)
 
     def _join(self, replicas: list[Replica]) -> None:
