@@ -352,6 +352,22 @@ async def test_replicas_take_the_lowest_free_ports_of_the_range_and_a_roll_moves
             assert (await get(address)).startswith(b"HTTP/1.1 200 ")
 
 
+@pytest.mark.slow
+async def test_a_reload_to_fewer_replicas_in_a_smaller_range_keeps_them_in_it() -> None:
+    """The surplus is retired before the roll: replacing all 3 first left the new range (room for
+    1 + 1) full of old replicas, the first new one was given a port the system picks, and it was
+    the one kept."""
+    first, _ = free_port_range(4)
+    async with running_balancer(spawn_config(HELLO, replicas=3, ports=f"{first}-{first + 3}")) as (
+        balancer, _,
+    ):  # fmt: skip
+        spawner = spawner_of(balancer)
+        fewer = spawn_config(HELLO, replicas=1, ports=f"{first}-{first + 1}")
+        await balancer.apply_config(parse_config(fewer, "t.toml"))
+        await wait_until(lambda: rolled([spawner], 1), timeout=EVENTUALLY * 3)
+        assert spawner.rolls == 1 and [r.port for r in spawner.replicas] == [first + 1]
+
+
 def document_ports(balancer: Balancer) -> list[int]:
     return [int(r["port"]) for r in stats(balancer)["replicas"]["app"]["replicas"]]
 

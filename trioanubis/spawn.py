@@ -270,12 +270,12 @@ class Spawner:
         started = trio.current_time()
         log.info("pool %s: rolling restart of %d replicas (%s)", self.pool.name,
                  len(self.replicas), reason)  # fmt: skip
+        while len(self.replicas) > self.config.replicas:  # the table asked for fewer: first, so the
+            await self._retire(self.replicas[-1])  # new range (room for replicas + 1) fits the rest
         for old in list(self.replicas):
             if not await self._replace(old):
                 self.roll_failures += 1
                 return False
-        while len(self.replicas) > self.config.replicas:  # the table asked for fewer
-            await self._retire(self.replicas[-1])
         while len(self.replicas) < self.config.replicas:
             if not await self._add_healthy():
                 self.roll_failures += 1
