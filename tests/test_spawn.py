@@ -448,6 +448,9 @@ async def test_a_range_with_no_free_port_gives_one_the_system_picks_never_one_in
      "rolling restart's new replica)"),
     (["127.0.0.1:9", "--ports", "4000-4099"],
      "anubis proxy: --ports gives spawned replicas their ports: it needs --spawn"),
+    (["--spawn", "true {port}", "--ports", "4000\nanubis: forged-4001"],  # one line, escaped
+     'anubis proxy: --ports "4000\\nanubis: forged-4001": must be a range of ports, "FIRST-LAST" (e.g. '
+     '"4000-4099")'),
 ])  # fmt: skip
 def test_proxy_ports_errors_name_the_argument(argv: list[str], message: str) -> None:
     done = subprocess.run([sys.executable, "-m", "trioanubis", "proxy", "127.0.0.1:0", *argv], cwd=ROOT,

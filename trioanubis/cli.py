@@ -26,6 +26,7 @@ import trio
 from trioanubis import __version__, compiled
 from trioanubis.app import Balancer, run_until_signalled, settle
 from trioanubis.config import Address, Config, load_config, parse_address, port_range, proxy_config
+from trioanubis.config.node import show_value
 from trioanubis.errors import AnubisError, ConfigError
 from trioanubis.hello import serve_hello
 from trioanubis.ops import systemd
@@ -439,10 +440,10 @@ def _check_ports(value: str, replicas: int) -> None:
     try:
         first, last = port_range(value)
     except ValueError as exc:
-        raise ConfigError(f'anubis proxy: --ports "{value}": {exc}') from None
+        raise ConfigError(f"anubis proxy: --ports {show_value(value)}: {exc}") from None
     if last - first + 1 < replicas + 1:
-        raise ConfigError(f'anubis proxy: --ports "{value}": must hold at least {replicas + 1} ports '
-                          f"(--replicas {replicas}, and one more for a rolling restart's new replica)")
+        raise ConfigError(f"anubis proxy: --ports {show_value(value)}: must hold at least {replicas + 1} "
+                          f"ports (--replicas {replicas}, and one more for a rolling restart's new replica)")
 
 
 def _check_argument(name: str, value: str, *, listen: bool) -> None:
