@@ -235,6 +235,9 @@ def test_proxy_argument_errors_name_the_argument_and_show_an_example() -> None:
     assert example in server.stderr
     port = run_cli("proxy", ":8000", "localhost:0")
     assert port.stderr.startswith('anubis: SERVER "localhost:0": the port must be a number from 1 to 65535')
+    forged = run_cli("proxy", ":8000", "localhost:1\nanubis: forged")  # one line, escaped
+    assert forged.returncode != 0 and forged.stderr.count("\n") == 1, forged.stderr
+    assert forged.stderr.startswith('anubis: SERVER "localhost:1\\nanubis: forged": '), forged.stderr
     for result in (listen, server, port):
         assert "listeners.proxy" not in result.stderr and "pools.proxy" not in result.stderr
         assert "Traceback" not in result.stderr

@@ -451,7 +451,7 @@ def _check_argument(name: str, value: str, *, listen: bool) -> None:
         parse_address(value, allow_any_host=listen)
     except ValueError as exc:
         hint = f' Did you mean ":{value}" (every interface)?' if listen and value.isdigit() else ""
-        raise ConfigError(f'{name} "{value}": {exc}.{hint} {PROXY_EXAMPLE}') from None
+        raise ConfigError(f"{name} {show_value(value)}: {exc}.{hint} {PROXY_EXAMPLE}") from None
 
 
 def _top_admin(args: argparse.Namespace) -> Admin:
