@@ -368,6 +368,50 @@ async def test_a_reload_to_fewer_replicas_in_a_smaller_range_keeps_them_in_it() 
         assert spawner.rolls == 1 and [r.port for r in spawner.replicas] == [first + 1]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("ranged", [True, False])
+async def test_a_port_taken_while_the_replica_was_down_moves_it_and_no_client_reaches_the_taker(
+    ranged: bool, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Between an exit and the restart nothing listens on the replica's port. Another program that
+    binds it there would keep the replica from listening, and pass the replica's checks (a TCP
+    check only connects): the replica restarts on another port, with a new server in the pool."""
+    first, last = free_port_range(3)
+    extra = {"ports": f"{first}-{last}"} if ranged else {}
+    async with running_balancer(spawn_config(HELLO, replicas=1, **extra)) as (balancer, address):
+        spawner = spawner_of(balancer)
+        victim = spawner.replicas[0]
+        await wait_until(lambda: victim.server.healthy)
+        old_port, old_server = victim.port, victim.server
+        with socket.socket() as taker:  # another program: it accepts and never answers
+            taker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            for kills in range(1, 5):  # the port is taken in the backoff (0.5 s, then doubling)
+                old_pid = victim.pid
+                os.kill(old_pid, signal.SIGKILL)
+                await wait_until(lambda n=kills: victim.restarts == n)  # exited, waiting to restart
+                try:
+                    taker.bind(("127.0.0.1", old_port))
+                    break
+                except OSError:  # restarted already (a slow machine): again, with a longer backoff
+                    await wait_until(lambda gone=old_pid: victim.pid not in (0, gone))
+                    await (await connect_when_listening(old_port)).aclose()
+            taker.listen()
+            await wait_until(lambda: victim.pid not in (0, old_pid), timeout=EVENTUALLY)
+            assert victim.port != old_port and victim.server is not old_server
+            assert not ranged or first <= victim.port <= last
+            assert f"another program listens on its port {old_port} now; it restarts on {victim.port}" \
+                in caplog.text  # fmt: skip
+            assert balancer.pools["app"].servers == [victim.server] and old_server.removed
+            await wait_until(lambda: victim.server.healthy, timeout=EVENTUALLY)
+            for _ in range(3):
+                with trio.fail_after(EVENTUALLY):
+                    answer = await get(address)
+                assert answer.rsplit(b" ", 1)[1].strip() == str(victim.port).encode()
+            assert document_ports(balancer) == [victim.port]
+        assert old_port not in spawn.HELD_PORTS and victim.port in spawn.HELD_PORTS
+    assert victim.port not in spawn.HELD_PORTS
+
+
 def document_ports(balancer: Balancer) -> list[int]:
     return [int(r["port"]) for r in stats(balancer)["replicas"]["app"]["replicas"]]
 

@@ -14,7 +14,9 @@ like any other:
   name (a reader task; a line is cut at `MAX_LINE` bytes), waits for it to
   exit and starts it again on the same port after a backoff that doubles
   from `FIRST_BACKOFF` to `MAX_BACKOFF` (back to the first after a run of
-  `STABLE_RUN`). The moment it sees the process exit it marks the server
+  `STABLE_RUN`); on a new port, with a new server in the pool, if another
+  program has bound that port meanwhile (its checks would pass there). The
+  moment it sees the process exit it marks the server
   down through the pool, so no client is sent to a port nobody listens on
   (rather than waiting for `eject_after` refused connects); the server's
   health check brings it back once the new process answers (with
@@ -168,14 +170,35 @@ class Spawner:
         assert self._nursery is not None
         self._serial += 1
         name = f"{self.pool.name}-{self._serial}"
-        host, port = self.config.host, self._port_for(name)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        server = Server(ServerConfig(Address(host, port), name), source=SPAWN_SOURCE,
-                        healthy=self.pool.config.health.check == "none", sockaddrs=[(family, (host, port))])
-        replica = Replica(name, port, server)
+        port = self._port_for(name)
+        replica = Replica(name, port, self._server_at(name, port))
         HELD_PORTS.add(port)
         self._nursery.start_soon(self._supervise, replica, self.config)
         return replica
+
+    def _server_at(self, name: str, port: int) -> Server:
+        """The pool's server for replica `name` on `port` (up from the start only without checks)."""
+        host = self.config.host
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return Server(ServerConfig(Address(host, port), name), source=SPAWN_SOURCE,
+                      healthy=self.pool.config.health.check == "none", sockaddrs=[(family, (host, port))])
+
+    def _move_if_taken(self, replica: Replica) -> None:
+        """Before a restart: another program may have bound the replica's port while nothing
+        listened there. The replica could not bind it, and its checks would pass on that program,
+        sending it the pool's clients; so the replica moves to a new port, with a new server."""
+        if port_is_free(self.config.host, replica.port):
+            return
+        old_port, old_server = replica.port, replica.server
+        replica.port = self._port_for(replica.name)
+        HELD_PORTS.discard(old_port)
+        HELD_PORTS.add(replica.port)
+        replica.server = self._server_at(replica.name, replica.port)
+        if old_server in self.pool.servers:
+            self.pool.remove(old_server)
+            self.pool.add([replica.server])
+        log.warning("replica %s: another program listens on its port %d now; it restarts on %d",
+                    replica.name, old_port, replica.port)  # fmt: skip
 
     def _port_for(self, name: str) -> int:
         """The port of a new replica: the kernel's choice, or the lowest in `ports` that no replica
@@ -213,6 +236,7 @@ class Spawner:
                     replica.restarts += 1
                     await trio.sleep(backoff)
                     backoff = min(MAX_BACKOFF, backoff * 2)
+                    self._move_if_taken(replica)
             finally:
                 replica.pid = 0
                 HELD_PORTS.discard(replica.port)
