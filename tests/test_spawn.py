@@ -369,20 +369,31 @@ async def test_a_reload_to_fewer_replicas_in_a_smaller_range_keeps_them_in_it() 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ranged", [True, False])
+@pytest.mark.parametrize(("ranged", "check"), [(True, "tcp"), (False, "tcp"), (True, "none")])
 async def test_a_port_taken_while_the_replica_was_down_moves_it_and_no_client_reaches_the_taker(
-    ranged: bool, caplog: pytest.LogCaptureFixture,
+    ranged: bool, check: str, caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Between an exit and the restart nothing listens on the replica's port. Another program that
     binds it there would keep the replica from listening, and pass the replica's checks (a TCP
     check only connects): the replica restarts on another port, with a new server in the pool."""
     first, last = free_port_range(3)
     extra = {"ports": f"{first}-{last}"} if ranged else {}
-    async with running_balancer(spawn_config(HELLO, replicas=1, **extra)) as (balancer, address):
+    config = spawn_config(HELLO, replicas=1, **extra)
+    config["pools"]["app"]["health"]["check"] = check
+    async with running_balancer(config) as (balancer, address):
         spawner = spawner_of(balancer)
         victim = spawner.replicas[0]
         await wait_until(lambda: victim.server.healthy)
         old_port, old_server = victim.port, victim.server
+        pool, added = balancer.pools["app"], []
+        pool_add = pool.add
+
+        def add(servers: Any) -> None:  # what the move puts in the pool, and whether it is up then
+            servers = list(servers)
+            added.extend((server.address.port, server.healthy) for server in servers)
+            pool_add(servers)
+
+        pool.add = add  # type: ignore[method-assign]
         with socket.socket() as taker:  # another program: it accepts and never answers
             taker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             for kills in range(1, 5):  # the port is taken in the backoff (0.5 s, then doubling)
@@ -402,6 +413,7 @@ async def test_a_port_taken_while_the_replica_was_down_moves_it_and_no_client_re
             assert f"another program listens on its port {old_port} now; it restarts on {victim.port}" \
                 in caplog.text  # fmt: skip
             assert balancer.pools["app"].servers == [victim.server] and old_server.removed
+            assert added == [(victim.port, False)]  # down until checked, or (none) until it listens
             await wait_until(lambda: victim.server.healthy, timeout=EVENTUALLY)
             for _ in range(3):
                 with trio.fail_after(EVENTUALLY):

@@ -176,12 +176,15 @@ class Spawner:
         self._nursery.start_soon(self._supervise, replica, self.config)
         return replica
 
-    def _server_at(self, name: str, port: int) -> Server:
-        """The pool's server for replica `name` on `port` (up from the start only without checks)."""
+    def _server_at(self, name: str, port: int, *, moved: bool = False) -> Server:
+        """The pool's server for replica `name` on `port`: up from the start only without checks,
+        and then only for a new replica (joined once it listens); a moved one is put back once its
+        restarted process listens (`_readmit_when_listening`), as after any restart."""
         host = self.config.host
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         return Server(ServerConfig(Address(host, port), name), source=SPAWN_SOURCE,
-                      healthy=self.pool.config.health.check == "none", sockaddrs=[(family, (host, port))])
+                      healthy=self.pool.config.health.check == "none" and not moved,
+                      sockaddrs=[(family, (host, port))])  # fmt: skip
 
     def _move_if_taken(self, replica: Replica) -> None:
         """Before a restart: another program may have bound the replica's port while nothing
@@ -193,7 +196,7 @@ class Spawner:
         replica.port = self._port_for(replica.name)
         HELD_PORTS.discard(old_port)
         HELD_PORTS.add(replica.port)
-        replica.server = self._server_at(replica.name, replica.port)
+        replica.server = self._server_at(replica.name, replica.port, moved=True)
         if old_server in self.pool.servers:
             self.pool.remove(old_server)
             self.pool.add([replica.server])
