@@ -181,10 +181,9 @@ class Spawner:
         and then only for a new replica (joined once it listens); a moved one is put back once its
         restarted process listens (`_readmit_when_listening`), as after any restart."""
         host = self.config.host
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
         return Server(ServerConfig(Address(host, port), name), source=SPAWN_SOURCE,
                       healthy=self.pool.config.health.check == "none" and not moved,
-                      sockaddrs=[(family, (host, port))])  # fmt: skip
+                      sockaddrs=[(_family(host), (host, port))])  # fmt: skip
 
     def _move_if_taken(self, replica: Replica) -> None:
         """Before a restart: another program may have bound the replica's port while nothing
@@ -363,10 +362,13 @@ async def _wait_listening(replica: Replica) -> None:
         return
 
 
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 def free_port(host: str) -> int:
     """A port nothing listens on now (the replica binds it a moment later)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
+    with socket.socket(_family(host), socket.SOCK_STREAM) as probe:
         probe.bind((host, 0))
         return int(probe.getsockname()[1])
 
@@ -384,8 +386,7 @@ def _unheld_free_port(host: str) -> int:
 def port_is_free(host: str, port: int) -> bool:
     """True if a server could listen on `port` at `host` now (bound as servers bind, with
     SO_REUSEADDR: a port whose last connections linger in TIME_WAIT is free)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
+    with socket.socket(_family(host), socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
