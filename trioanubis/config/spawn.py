@@ -19,6 +19,7 @@ from trioanubis.config.node import Node
 
 _SPAWN_KEYS = ("command", "replicas", "cwd", "env", "watch", "host", "ports", "start_timeout", "stop_grace")
 _PORT_RANGE = re.compile(r"([0-9]{1,5})-([0-9]{1,5})")
+_NOT_A_RANGE = 'must be a range of ports, "FIRST-LAST" (e.g. "4000-4099")'
 
 
 def parse_spawn(node: Node) -> SpawnConfig:
@@ -75,14 +76,19 @@ def _command(node: Node, cwd: str, env: dict[str, str]) -> tuple[str, ...]:
     return command
 
 
-def port_range(text: str) -> tuple[int, int]:
-    """ "FIRST-LAST" (1 to 65535, FIRST <= LAST) as the pair; ValueError naming what is wrong."""
+def port_range(text: str, replicas: int, replicas_named: str = "replicas") -> tuple[int, int]:
+    """ "FIRST-LAST" (1 to 65535, FIRST <= LAST) as the pair, with room for `replicas` and a
+    rolling restart's new replica; ValueError naming what is wrong (`replicas_named`: how the
+    count was given, e.g. "--replicas 3")."""
     match = _PORT_RANGE.fullmatch(text)
     if match is None:
-        raise ValueError('must be a range of ports, "FIRST-LAST" (e.g. "4000-4099")')
+        raise ValueError(_NOT_A_RANGE)
     first, last = int(match[1]), int(match[2])
     if not 1 <= first <= last <= 65535:
         raise ValueError("must be ports 1 to 65535, the first no higher than the last")
+    if last - first + 1 < replicas + 1:
+        raise ValueError(f"must hold at least {replicas + 1} ports ({replicas_named}, and one more for "
+                         "a rolling restart's new replica)")  # fmt: skip
     return first, last
 
 
@@ -93,15 +99,11 @@ def _port_range(node: Node, replicas: int) -> tuple[int, int] | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise node.error('must be a range of ports, "FIRST-LAST" (e.g. "4000-4099")', value, "ports")
+        raise node.error(_NOT_A_RANGE, value, "ports")
     try:
-        first, last = port_range(value)
+        return port_range(value, replicas)
     except ValueError as exc:
         raise node.error(str(exc), value, "ports") from None
-    if last - first + 1 < replicas + 1:
-        raise node.error(f"must hold at least {replicas + 1} ports (replicas, and one more for a "
-                         "rolling restart's new replica)", value, "ports")  # fmt: skip
-    return first, last
 
 
 def _loopback_host(node: Node) -> str:
