@@ -365,6 +365,29 @@ def test_an_extreme_is_refused_on_one_line_or_runs_and_reloads(case: Case) -> No
         trio.run(run_and_reload, case.table, case.key, [case.value])
 
 
+@example(first=1, width=1, again=65530, shape="{}-{}")  # the ends of the port numbers
+@example(first=65534, width=1, again=1, shape="{}-{}")
+@given(first=st.one_of(st.integers(1, 65531), st.integers(-1, 65536)),
+       width=st.sampled_from([1, 2, 4, 0, -1]), again=st.integers(1, 65530),
+       shape=st.sampled_from(["{}-{}"] * 6 + ["{}", " {}-{}", "{}-{}\n", "{}–{}", "{}-{}-{}"]))  # fmt: skip
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_a_spawn_port_range_is_refused_on_one_line_or_runs_and_reloads(
+    first: int, width: int, again: int, shape: str,
+) -> None:
+    """`ports` is a range in a string, not a number of ranges.py: refused on one line naming it, or
+    run, reloaded to another range (a roll) and to none and back, the balancer still relaying."""
+    value = shape.format(first, first + width, first)
+    data, path = place("pools.*.spawn", "ports", value)
+    try:
+        parse_config(data, SOURCE)
+    except ConfigError as exc:
+        assert "\n" not in str(exc) and str(exc).startswith(f"{SOURCE}: {path}: "), exc
+        event("refused")
+        return
+    event("accepted")
+    trio.run(run_and_reload, "pools.*.spawn", "ports", [value, f"{again}-{again + 5}"])
+
+
 SIZED = [(table, key) for table, key in KEYS if RANGES[table][key].kind in ("size", "bandwidth")]
 
 
