@@ -118,8 +118,8 @@ class Server:
         "active", "address", "agent", "bytes_in", "bytes_out", "checks_failed", "checks_passed",
         "checks_skipped", "config_faults", "config_weight", "connect_failures", "consecutive_failures",
         "draining", "effective_weight", "ewma", "fault_override", "faults", "faults_applied", "healthy",
-        "last_check", "max_connections", "name", "priority", "removed", "send_proxy", "sockaddrs", "source",
-        "total", "weight",
+        "last_check", "max_connections", "name", "priority", "process_down", "removed", "send_proxy",
+        "sockaddrs", "source", "total", "weight",
     )  # fmt: skip
 
     def __init__(self, config: ServerConfig, *, healthy: bool = True, source: str = "",
@@ -135,6 +135,9 @@ class Server:
         self.healthy = healthy
         self.draining = False
         self.removed = False
+        # Its process is known not to run (a spawned replica between an exit and its restart): what
+        # answers on its port is not it, so no check brings it up meanwhile (health/checker.py).
+        self.process_down = False
         self.effective_weight = float(config.weight)
         self.sockaddrs: list[tuple[int, tuple[object, ...]]] = sockaddrs or []  # (family, sockaddr)
         self.active = 0

@@ -245,9 +245,11 @@ class Spawner:
                 replica.ended.set()
 
     def _take_out(self, replica: Replica, code: int | None) -> None:
-        """The process is gone: no new connection is sent to its port from now on. Its health
-        check brings it back once the restarted process answers (with check = "none", the
+        """The process is gone: no new connection is sent to its port from now on, and until it
+        restarts no check brings the server back (another program may answer on the port). Its
+        health check brings it back once the restarted process answers (with check = "none", the
         restarted process listening does, `_readmit_when_listening`)."""
+        replica.server.process_down = True
         if replica.server in self.pool.servers:
             self.pool.mark_down(replica.server, f"its process exited ({_describe_exit(code)})")
 
@@ -272,6 +274,7 @@ class Spawner:
                       exc.strerror or exc)  # fmt: skip
             return None
         replica.pid = popen.pid
+        replica.server.process_down = False
         log.info("replica %s started: pid %d, port %d", replica.name, popen.pid, replica.port)
         self._nursery.start_soon(forward_output, replica.name, output)
         if not replica.server.healthy and self.pool.config.health.check == "none":

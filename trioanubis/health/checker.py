@@ -116,8 +116,10 @@ class ServerHealth:
 
     @property
     def held_down(self) -> bool:
-        """Whether the server's agent holds it down (it said down, fail or stopped)."""
-        return self.server.agent is not None and bool(self.server.agent.down)
+        """Whether the server is held down whatever its checks say: its agent said down, fail or
+        stopped, or its process is known not to run (a spawned replica restarting)."""
+        server = self.server
+        return server.process_down or (server.agent is not None and bool(server.agent.down))
 
     def checks_say(self, state: Hysteresis, ok: bool, reason: str, *, first_check: bool) -> None:
         """Fold one check result in; only transitions reach the pool."""
