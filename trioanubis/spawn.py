@@ -16,11 +16,13 @@ like any other:
   from `FIRST_BACKOFF` to `MAX_BACKOFF` (back to the first after a run of
   `STABLE_RUN`); on a new port, with a new server in the pool, if another
   program has bound that port meanwhile (its checks would pass there). The
-  moment it sees the process exit it marks the server
-  down through the pool, so no client is sent to a port nobody listens on
-  (rather than waiting for `eject_after` refused connects); the server's
-  health check brings it back once the new process answers (with
-  `check = "none"`, the new process accepting a connection does).
+  moment it sees the process exit it marks the server down through the
+  pool, so no client is sent to a port nobody listens on (rather than
+  waiting for `eject_after` refused connects), and holds it down until the
+  restart (`Server.process_down`: whatever answers on the port meanwhile is
+  not the replica); the server's health check brings it back once the new
+  process answers (with `check = "none"`, the new process accepting a
+  connection does).
 - Logging: what needs attention is a WARNING (a replica that exited, one
   that ignored SIGTERM) or an ERROR (a roll stopped); a rolling restart's
   routine steps are INFO.
